@@ -1,0 +1,355 @@
+//! What each `redstream` command does, on top of the library.
+//!
+//! Owns loading the config once per command, picking the identity a command acts as, and formatting
+//! output. Every stream operation goes through [`crate::client::Client`], so the CLI can do nothing the
+//! identity's roles do not allow.
+
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use super::{Cli, Command, Exit, Failure, TokenCommand};
+use crate::auth::apikey;
+use crate::auth::{Identity, Roles};
+use crate::client::{Client, PendingQuery, PublishOptions, ReadOptions};
+use crate::config::{self, Settings};
+use crate::conn::{Redis, redact_url};
+use crate::envelope::Fields;
+
+type Result<T = ()> = std::result::Result<T, Failure>;
+
+pub async fn run(cli: Cli) -> Result {
+    let config = cli.config.as_deref();
+    match cli.command {
+        Command::Check { redis } => check(config, redis).await,
+        Command::Publish {
+            stream,
+            fields,
+            json,
+            maxlen,
+            auth,
+        } => {
+            let client = connect(config, auth.token.as_deref()).await?;
+            let mut all = match json {
+                Some(path) => json_fields(&path)?,
+                None => Fields::new(),
+            };
+            for (name, value) in fields {
+                all.set(&name, value);
+            }
+            let id = client
+                .publish(&stream, all, PublishOptions { maxlen })
+                .await?;
+            println!("{id}");
+            Ok(())
+        }
+        Command::Read {
+            stream,
+            count,
+            start,
+            end,
+            reverse,
+            auth,
+        } => {
+            let client = connect(config, auth.token.as_deref()).await?;
+            let opts = ReadOptions {
+                count: Some(count),
+                start,
+                end,
+                reverse,
+            };
+            let entries = client.read(&stream, &opts).await?;
+            let mut out = std::io::stdout().lock();
+            for e in entries {
+                writeln!(out, "{}", e.to_json(&stream)).map_err(io_failure)?;
+            }
+            Ok(())
+        }
+        Command::Groups { stream, json, auth } => {
+            let client = connect(config, auth.token.as_deref()).await?;
+            let groups = client.groups(&stream).await?;
+            if json {
+                for g in &groups {
+                    println!(
+                        "{}",
+                        serde_json::to_string(g).expect("plain struct serializes")
+                    );
+                }
+            } else if groups.is_empty() {
+                println!("{stream} has no consumer groups");
+            } else {
+                println!(
+                    "{:<24} {:>9} {:>8} {:>6}  LAST-DELIVERED",
+                    "GROUP", "CONSUMERS", "PENDING", "LAG"
+                );
+                for g in &groups {
+                    let lag = g.lag.map_or("?".to_string(), |l| l.to_string());
+                    println!(
+                        "{:<24} {:>9} {:>8} {:>6}  {}",
+                        g.name, g.consumers, g.pending, lag, g.last_delivered_id
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Pending {
+            stream,
+            group,
+            detail,
+            count,
+            consumer,
+            json,
+            auth,
+        } => {
+            let client = connect(config, auth.token.as_deref()).await?;
+            if detail {
+                let q = PendingQuery {
+                    count,
+                    consumer,
+                    ..PendingQuery::default()
+                };
+                let rows = client.pending(&stream, &group, &q).await?;
+                if json {
+                    for r in &rows {
+                        println!(
+                            "{}",
+                            serde_json::to_string(r).expect("plain struct serializes")
+                        );
+                    }
+                } else {
+                    println!(
+                        "{:<22} {:<28} {:>12} {:>10}",
+                        "ID", "CONSUMER", "IDLE", "DELIVERIES"
+                    );
+                    for r in &rows {
+                        let idle =
+                            humantime::format_duration(Duration::from_secs(r.idle_ms / 1000));
+                        println!(
+                            "{:<22} {:<28} {:>12} {:>10}",
+                            r.id,
+                            r.consumer,
+                            idle.to_string(),
+                            r.deliveries
+                        );
+                    }
+                }
+            } else {
+                let s = client.pending_summary(&stream, &group).await?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&s).expect("plain struct serializes")
+                    );
+                } else if s.count == 0 {
+                    println!("{stream} {group}: nothing pending");
+                } else {
+                    println!(
+                        "{stream} {group}: {} pending ({} .. {})",
+                        s.count,
+                        s.min_id.as_deref().unwrap_or("?"),
+                        s.max_id.as_deref().unwrap_or("?")
+                    );
+                    for (c, n) in &s.consumers {
+                        println!("  {c:<28} {n:>8}");
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Streams { pattern, auth } => {
+            let client = connect(config, auth.token.as_deref()).await?;
+            for s in client.list_streams(&pattern).await? {
+                println!("{s}");
+            }
+            Ok(())
+        }
+        Command::Token(cmd) => token(config, cmd),
+    }
+}
+
+async fn check(config: Option<&Path>, ping: bool) -> Result {
+    let settings = config::load(config)?;
+    let file = settings
+        .file
+        .as_ref()
+        .map_or("(no file; defaults and environment)".to_string(), |p| {
+            p.display().to_string()
+        });
+    println!("config ok: {file}");
+    match &settings.identity {
+        Some(d) => println!(
+            "  identity: {} with roles {} (token expires in {})",
+            d.identity.subject,
+            d.identity.roles,
+            until(d.expires_at)
+        ),
+        None => println!(
+            "  identity: none (stream commands need --token; run needs identity.token or identity.roles)"
+        ),
+    }
+    println!("  domains: {}", settings.naming.domains().join(", "));
+    println!("  redis: {}", redact_url(&settings.redis.url));
+    if ping {
+        let redis =
+            Redis::open(settings.redis.clone()).map_err(|m| Failure::new(Exit::Config, m))?;
+        redis.wait_ready(settings.startup_wait).await?;
+        println!("  redis answered PING");
+    }
+    Ok(())
+}
+
+/// Loads the config, picks the identity and waits (once) for Redis.
+async fn connect(config: Option<&Path>, token: Option<&str>) -> Result<Client> {
+    let settings = config::load(config)?;
+    let identity = acting_identity(&settings, token)?;
+    let redis = Redis::open(settings.redis.clone())
+        .map_err(|m| Failure::new(Exit::Config, format!("redis.url: {m}")))?;
+    redis.ping().await?;
+    Ok(Client::new(redis, settings.naming.clone(), identity))
+}
+
+/// `--token` if given (verified), else the daemon's identity from the config.
+fn acting_identity(settings: &Settings, token: Option<&str>) -> Result<Identity> {
+    if let Some(t) = token {
+        return settings
+            .auth
+            .keys
+            .verify(t.trim())
+            .map(|v| v.identity)
+            .map_err(|e| Failure::new(Exit::Failure, format!("--token: {e}")));
+    }
+    settings
+        .identity
+        .as_ref()
+        .map(|d| d.identity.clone())
+        .ok_or_else(|| {
+            Failure::new(
+                Exit::Config,
+                "identity: no identity to act as; pass --token (or $REDSTREAM_TOKEN), or configure \
+             identity.token, or identity.roles with auth.signing_key",
+            )
+        })
+}
+
+fn token(config: Option<&Path>, cmd: TokenCommand) -> Result {
+    match cmd {
+        TokenCommand::Issue {
+            api_key,
+            ttl,
+            roles,
+        } => {
+            let settings = config::load(config)?;
+            let auth = &settings.auth;
+            let key = auth
+                .api_keys
+                .authenticate(&api_key)
+                .map_err(crate::error::Error::from)?;
+            let wanted = if roles.is_empty() {
+                key.roles.clone()
+            } else {
+                Roles::parse(&roles)
+                    .map_err(|m| Failure::new(Exit::Failure, format!("--role: {m}")))?
+            };
+            if !key.roles.covers(&wanted) {
+                return Err(Failure::new(
+                    Exit::Failure,
+                    format!(
+                        "API key {:?} may be issued {}, not {}",
+                        key.name, key.roles, wanted
+                    ),
+                ));
+            }
+            let ttl = ttl.unwrap_or(auth.token_ttl);
+            if ttl > auth.max_token_ttl {
+                return Err(Failure::new(
+                    Exit::Failure,
+                    format!(
+                        "--ttl {} is above auth.max_token_ttl ({})",
+                        humantime::format_duration(ttl),
+                        humantime::format_duration(auth.max_token_ttl)
+                    ),
+                ));
+            }
+            let (token, _) = auth
+                .keys
+                .issue(&key.identity, &wanted, ttl)
+                .map_err(crate::error::Error::from)?;
+            println!("{token}");
+            Ok(())
+        }
+        TokenCommand::Verify { token } => {
+            let settings = config::load(config)?;
+            let v = settings
+                .auth
+                .keys
+                .verify(token.trim())
+                .map_err(crate::error::Error::from)?;
+            let out = json!({
+                "subject": v.identity.subject,
+                "roles": v.identity.roles.to_strings(),
+                "key_id": v.key_id,
+                "expires_at": v.expires_at,
+            });
+            println!("{out}");
+            Ok(())
+        }
+        TokenCommand::NewApiKey {
+            name,
+            identity,
+            roles,
+        } => {
+            let parsed = Roles::parse(&roles)
+                .map_err(|m| Failure::new(Exit::Failure, format!("--role: {m}")))?;
+            let key = apikey::generate().map_err(|m| Failure::new(Exit::Failure, m))?;
+            let roles_toml: Vec<Value> =
+                parsed.to_strings().into_iter().map(Value::String).collect();
+            println!("# API key (shown once; hand it to its owner, do not store it):");
+            println!("#   {key}");
+            println!("# config entry, storing only its hash:");
+            println!("[[auth.api_keys]]");
+            println!("name = {}", Value::String(name));
+            println!("hash = \"{}\"", apikey::hash(&key));
+            println!("identity = {}", Value::String(identity));
+            println!("roles = {}", Value::Array(roles_toml));
+            Ok(())
+        }
+    }
+}
+
+fn json_fields(path: &Path) -> Result<Fields> {
+    let mut text = String::new();
+    let read = if path == Path::new("-") {
+        std::io::stdin().read_to_string(&mut text).map(|_| ())
+    } else {
+        std::fs::read_to_string(path).map(|t| text = t)
+    };
+    read.map_err(|e| Failure::new(Exit::Failure, format!("--json {}: {e}", path.display())))?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(map)) => Ok(Fields::from_json_object(&map)),
+        Ok(_) => Err(Failure::new(
+            Exit::Failure,
+            format!(
+                "--json {}: expected a JSON object of fields",
+                path.display()
+            ),
+        )),
+        Err(e) => Err(Failure::new(
+            Exit::Failure,
+            format!("--json {}: {e}", path.display()),
+        )),
+    }
+}
+
+fn until(epoch_secs: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    humantime::format_duration(Duration::from_secs(epoch_secs.saturating_sub(now))).to_string()
+}
+
+fn io_failure(e: std::io::Error) -> Failure {
+    Failure::new(Exit::Failure, format!("writing output: {e}"))
+}

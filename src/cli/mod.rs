@@ -1,0 +1,256 @@
+//! The `redstream` command line: arguments, logging set-up, and exit codes (DESIGN §6).
+//!
+//! Owns what an operator types and what a script reads back: JSON lines where output feeds a program,
+//! aligned text where a person reads it, and exit codes 0 (done), 1 (failed), 69 (Redis unavailable),
+//! 78 (config error). The commands themselves are in [`commands`]; nothing here talks to Redis.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::ConfigError;
+use crate::error::Error;
+
+/// Exit codes, from sysexits.h where one fits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Ok = 0,
+    Failure = 1,
+    /// EX_UNAVAILABLE: Redis could not be reached.
+    Unavailable = 69,
+    /// EX_CONFIG: the config is invalid; systemd's RestartPreventExitStatus=78 stops restart loops.
+    Config = 78,
+}
+
+/// A failed command: what to print, and how to exit.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        Failure {
+            exit,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::new(Exit::Config, e.to_string())
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        let exit = match e {
+            Error::Connection { .. } | Error::Timeout { .. } => Exit::Unavailable,
+            _ => Exit::Failure,
+        };
+        Failure::new(exit, e.to_string())
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "redstream",
+    version,
+    about = "Turns Redis Streams into work: consumer groups, sandboxed handlers, authorized replies.",
+    long_about = "Turns Redis Streams into work: consumer groups, sandboxed handlers, authorized replies.\n\n\
+        Config is read from --config, else $REDSTREAM_CONFIG, else /etc/redstream/redstream.toml, and \
+        REDSTREAM_* environment variables override it (REDSTREAM_REDIS__URL=redis://host:6379 sets \
+        redis.url). Every stream operation runs as a verified identity: --token, else the daemon's own \
+        identity from the config.\n\n\
+        Exit codes: 0 done, 1 failed, 69 Redis unavailable, 78 config error.",
+    after_help = "Stream names: nova:{domain}:{entity}:{function} (e.g. nova:task:boomerang:tasks) or the \
+        legacy {service}.{name}.direct."
+)]
+pub struct Cli {
+    /// Config file (default: $REDSTREAM_CONFIG, else /etc/redstream/redstream.toml).
+    #[arg(short, long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the config: every key, secret and token key; exit 0 if usable, 78 naming each problem.
+    Check {
+        /// Also connect to Redis and PING it (exit 69 if it does not answer).
+        #[arg(long)]
+        redis: bool,
+    },
+    /// Publish one message; prints its entry id.
+    #[command(
+        after_help = "Examples:\n  redstream publish nova:task:boomerang:tasks type=task_created task_id=42\n  \
+        echo '{\"task\":{\"id\":42}}' | redstream publish nova:task:boomerang:tasks --json -\n\n\
+        Objects, arrays and null are stored as JSON text, other values as text; _timestamp, _source \
+        and _trace_id are added (a given _trace_id is kept)."
+    )]
+    Publish {
+        /// Stream to publish to.
+        stream: String,
+        /// Fields as NAME=VALUE; applied after --json, so they win.
+        #[arg(value_name = "NAME=VALUE", value_parser = parse_field)]
+        fields: Vec<(String, String)>,
+        /// Read fields from a JSON object in FILE ("-" for standard input).
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Trim the stream to about N entries (MAXLEN ~ N) in the same command.
+        #[arg(long, value_name = "N")]
+        maxlen: Option<u64>,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Read entries of a stream as JSON lines: {"id", "stream", "fields", "binary"}.
+    Read {
+        stream: String,
+        /// How many entries at most.
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        /// Lowest id to include ("-" = the oldest; "(ID" excludes ID).
+        #[arg(long, default_value = "-")]
+        start: String,
+        /// Highest id to include ("+" = the newest).
+        #[arg(long, default_value = "+")]
+        end: String,
+        /// Newest first.
+        #[arg(long)]
+        reverse: bool,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// List the consumer groups of a stream.
+    Groups {
+        stream: String,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Show what a group has delivered but not acknowledged.
+    Pending {
+        stream: String,
+        group: String,
+        /// List entries (id, consumer, idle time, deliveries) instead of the summary.
+        #[arg(long)]
+        detail: bool,
+        /// With --detail: how many entries at most.
+        #[arg(long, default_value_t = 100)]
+        count: u64,
+        /// With --detail: only this consumer's entries.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// List the streams you may read (SCAN … TYPE stream).
+    Streams {
+        /// Glob pattern of keys.
+        #[arg(default_value = "*")]
+        pattern: String,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Issue, verify and provision tokens and API keys.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Exchange an API key for a signed JWT; prints the token.
+    Issue {
+        /// The API key (better: $REDSTREAM_API_KEY, which stays out of shell history and ps).
+        #[arg(long, env = "REDSTREAM_API_KEY", hide_env_values = true)]
+        api_key: String,
+        /// Lifetime, e.g. 15m or 8h (default auth.token_ttl, at most auth.max_token_ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// Ask for only these roles (default: all the key may have).
+        #[arg(long = "role", value_name = "ROLE")]
+        roles: Vec<String>,
+    },
+    /// Verify a token against the configured keys; prints its identity and roles as JSON.
+    Verify { token: String },
+    /// Generate a new API key; prints it once, with the config entry that stores only its hash.
+    NewApiKey {
+        /// Name of the config entry, for logs.
+        #[arg(long)]
+        name: String,
+        /// The identity tokens for this key will carry.
+        #[arg(long)]
+        identity: String,
+        /// Roles this key may be issued.
+        #[arg(long = "role", value_name = "ROLE")]
+        roles: Vec<String>,
+    },
+}
+
+/// Who performs a stream operation.
+#[derive(Debug, Args)]
+pub struct AuthArgs {
+    /// Act as the identity in this JWT instead of the daemon's own.
+    #[arg(
+        long,
+        env = "REDSTREAM_TOKEN",
+        hide_env_values = true,
+        value_name = "JWT"
+    )]
+    pub token: Option<String>,
+}
+
+fn parse_field(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("expected NAME=VALUE, found {s:?}")),
+    }
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("redstream: cannot start the async runtime: {e}");
+            return ExitCode::from(Exit::Failure as u8);
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("redstream: {}", f.message);
+            ExitCode::from(f.exit as u8)
+        }
+    }
+}
+
+/// One-shot commands log warnings and errors to stderr; `RUST_LOG` raises that. No colour unless
+/// stderr is a terminal.
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}

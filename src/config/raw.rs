@@ -1,0 +1,212 @@
+//! The config as written: serde structs that mirror `config/redstream.toml`, with every default in one
+//! place (the `Default` impls below) and unknown keys rejected.
+//!
+//! Scalars are [`Loose`]: a value of the wrong type does not stop deserialization but is kept as what was
+//! found, so the validate step can report it together with every other problem, with its key path and
+//! where it came from. Nothing here is interpreted (durations, names, keys); that is [`super::validate`].
+
+use figment::value::{Tag, Value};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+/// A scalar as found: the value if it had the right type, else how what was there looks; and the tag
+/// figment gave it, which tells which file or environment variable it came from.
+#[derive(Clone, Debug)]
+pub struct Loose<T> {
+    pub value: Result<T, String>,
+    pub tag: Tag,
+}
+
+impl<T> Loose<T> {
+    /// A built-in default.
+    pub fn ok(v: T) -> Self {
+        Loose {
+            value: Ok(v),
+            tag: Tag::Default,
+        }
+    }
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Loose<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let found = <Value as Deserialize>::deserialize(d)?;
+        Ok(Loose {
+            value: T::deserialize(&found).map_err(|_| show(&found)),
+            tag: found.tag(),
+        })
+    }
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::String(_, s) => format!("{s:?}"),
+        Value::Char(_, c) => format!("{c:?}"),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Num(_, n) => match n.to_i128() {
+            Some(i) => i.to_string(),
+            None => n
+                .to_f64()
+                .map(|f| f.to_string())
+                .unwrap_or_else(|| "a number".into()),
+        },
+        Value::Empty(..) => "nothing".into(),
+        Value::Dict(..) => "a table".into(),
+        Value::Array(..) => "an array".into(),
+    }
+}
+
+/// A secret: inline text, or where to read it. Inline secrets are fine for development; in production
+/// point at a file or a systemd credential so the config file itself holds nothing sensitive.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSecret {
+    /// `password = "…"`
+    Inline(String),
+    /// `password = { file = "/path" }`, `{ credential = "name" }` (read from `$CREDENTIALS_DIRECTORY`,
+    /// which systemd's `LoadCredential=` fills), or `{ env = "VAR" }`.
+    From(SecretFrom),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretFrom {
+    pub file: Option<String>,
+    pub credential: Option<String>,
+    pub env: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Default)]
+pub struct RawConfig {
+    pub identity: RawIdentity,
+    pub naming: RawNaming,
+    pub redis: RawRedis,
+    pub auth: RawAuth,
+    pub log: RawLog,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[derive(Default)]
+pub struct RawIdentity {
+    pub name: Option<Loose<String>>,
+    pub token: Option<RawSecret>,
+    pub roles: Vec<Loose<String>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawNaming {
+    pub domains: Vec<Loose<String>>,
+}
+
+impl Default for RawNaming {
+    fn default() -> Self {
+        RawNaming {
+            domains: crate::naming::DEFAULT_DOMAINS
+                .iter()
+                .map(|d| Loose::ok(d.to_string()))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Loose<String>,
+    pub username: Option<Loose<String>>,
+    pub password: Option<RawSecret>,
+    pub tls_ca: Option<RawSecret>,
+    pub tls_cert: Option<RawSecret>,
+    pub tls_key: Option<RawSecret>,
+    pub connect_timeout: Loose<String>,
+    pub command_timeout: Loose<String>,
+    pub reconnect_min_delay: Loose<String>,
+    pub reconnect_max_delay: Loose<String>,
+    pub reconnect_attempts: Loose<u32>,
+    pub startup_wait: Loose<String>,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        RawRedis {
+            url: Loose::ok("redis://127.0.0.1:6379/0".into()),
+            username: None,
+            password: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            connect_timeout: Loose::ok("5s".into()),
+            command_timeout: Loose::ok("2s".into()),
+            reconnect_min_delay: Loose::ok("100ms".into()),
+            reconnect_max_delay: Loose::ok("5s".into()),
+            reconnect_attempts: Loose::ok(3),
+            startup_wait: Loose::ok("30s".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAuth {
+    pub issuer: Loose<String>,
+    pub audience: Loose<String>,
+    pub leeway: Loose<String>,
+    pub signing_key: Option<Loose<String>>,
+    pub token_ttl: Loose<String>,
+    pub max_token_ttl: Loose<String>,
+    pub keys: Vec<RawKey>,
+    pub api_keys: Vec<RawApiKey>,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        RawAuth {
+            issuer: Loose::ok("redstream".into()),
+            audience: Loose::ok("redstream".into()),
+            leeway: Loose::ok("30s".into()),
+            signing_key: None,
+            token_ttl: Loose::ok("1h".into()),
+            max_token_ttl: Loose::ok("24h".into()),
+            keys: Vec::new(),
+            api_keys: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub id: Loose<String>,
+    pub algorithm: Loose<String>,
+    pub secret: Option<RawSecret>,
+    pub public_key: Option<RawSecret>,
+    pub private_key: Option<RawSecret>,
+    pub retire_after: Option<Loose<String>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKey {
+    pub name: Loose<String>,
+    pub hash: RawSecret,
+    pub identity: Loose<String>,
+    #[serde(default)]
+    pub roles: Vec<Loose<String>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Loose<String>,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: Loose::ok("info".into()),
+        }
+    }
+}

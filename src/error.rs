@@ -1,0 +1,111 @@
+//! The error type of the authorized client, typed where callers branch.
+//!
+//! Owns the classification of everything that can go wrong between a caller and Redis: bad names,
+//! refused identities, missing permissions, and the Redis failures a consumer loop must tell apart
+//! (transient connection trouble, a missing group, a server-side ACL denial). Config errors live in
+//! [`crate::config`]; exit codes in [`crate::cli`].
+
+use std::time::Duration;
+
+use crate::auth::apikey::InvalidApiKey;
+use crate::auth::jwt::TokenError;
+use crate::auth::{Op, Role};
+use crate::naming::{InvalidName, InvalidStreamName};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    InvalidStreamName(#[from] InvalidStreamName),
+
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
+
+    #[error("invalid token: {0}")]
+    InvalidToken(#[from] TokenError),
+
+    #[error(transparent)]
+    InvalidApiKey(#[from] InvalidApiKey),
+
+    /// RedStream's own check refused the operation before it reached Redis.
+    #[error("{identity} may not {op} on {stream:?}: that needs role {needed} or admin")]
+    Unauthorized {
+        op: Op,
+        stream: String,
+        identity: String,
+        needed: Role,
+    },
+
+    /// Redis could not be reached, or the connection broke.
+    #[error("redis at {addr} is unavailable during {command}: {source}")]
+    Connection {
+        addr: String,
+        command: &'static str,
+        source: redis::RedisError,
+    },
+
+    /// Redis did not answer within the command timeout (a stopped or overloaded server).
+    #[error("{command} on {key:?} timed out after {after:?}")]
+    Timeout {
+        command: &'static str,
+        key: String,
+        after: Duration,
+    },
+
+    /// Redis refused the configured user or password: a config problem, not worth retrying.
+    #[error(
+        "redis at {addr} refused the credentials of user {user}: {detail} (check redis.username and redis.password)"
+    )]
+    RedisAuth {
+        addr: String,
+        user: String,
+        detail: String,
+    },
+
+    /// Redis's own ACL refused the command (NOPERM): the Redis user lacks a key or command permission.
+    #[error(
+        "redis refused {command} on {key:?} for redis user {user}: {detail} \
+         (the ACL of that user does not cover this key or command)"
+    )]
+    RedisDenied {
+        command: &'static str,
+        key: String,
+        user: String,
+        detail: String,
+    },
+
+    /// The consumer group does not exist (deleted, or the server lost its data).
+    #[error("consumer group {group:?} does not exist on stream {stream:?}")]
+    NoGroup { stream: String, group: String },
+
+    /// Any other error Redis returned.
+    #[error("{command} on {key:?} failed: {source}")]
+    Redis {
+        command: &'static str,
+        key: String,
+        source: redis::RedisError,
+    },
+
+    /// Redis answered with a shape we do not understand.
+    #[error("unexpected reply to {command} on {key:?}: {detail}")]
+    Protocol {
+        command: &'static str,
+        key: String,
+        detail: String,
+    },
+}
+
+impl Error {
+    /// Whether retrying later may succeed without anyone changing anything: the connection or server
+    /// trouble a loop backs off from, as opposed to a permission or naming problem.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Connection { .. } | Error::Timeout { .. } | Error::NoGroup { .. }
+        ) || matches!(self, Error::Redis { source, .. } if source.is_unrecoverable_error()
+            || source.code() == Some("LOADING")
+            || source.code() == Some("BUSY")
+            || source.code() == Some("MASTERDOWN"))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,32 @@
+//! RedStream turns Redis Streams into work: it reads consumer groups declared in config, routes each
+//! message to a handler, and commits the handler's replies together with the ack — every Redis operation
+//! checked against the JWT-verified roles of whoever performs it.
+//!
+//! This crate is the library the `redstream` binary is built from; `src/main.rs` only calls [`cli::main`].
+//! DESIGN.md in the README's terms: config → validated settings → authorized client → (engine, handlers).
+//!
+//! # Layout
+//! - [`naming`]: stream names (ADAPT `nova:{domain}:{entity}:{function}` and legacy `*.direct`), their
+//!   domain, and group/consumer name rules.
+//! - [`envelope`]: the wire format of a message — flat fields, `_timestamp`/`_source`/`_trace_id`, JSON view.
+//! - [`auth`]: roles and the permission rule; [`auth::jwt`] token issue/verify with key rotation;
+//!   [`auth::apikey`] hashed API keys.
+//! - [`config`]: figment layers (defaults → TOML → `REDSTREAM_*` env), secrets, validation into
+//!   [`config::Settings`] with every problem reported by key path.
+//! - [`conn`]: Redis connections (TLS, ACL user, timeouts, reconnect) and error classification.
+//! - [`reply`]: decoding stream replies from raw RESP values.
+//! - [`client`]: the authorized client — every stream operation, checked before it is sent.
+//! - [`error`]: the client's typed [`Error`].
+//! - [`cli`]: the `redstream` command line and its exit codes.
+
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod conn;
+pub mod envelope;
+pub mod error;
+pub mod naming;
+pub mod reply;
+
+pub use error::{Error, Result};

@@ -1,0 +1,153 @@
+//! Config validation: every problem at once with its key path, secrets from files, identities.
+
+use redstream::config::{self, Problem};
+
+use crate::util::{TEST_SECRET, settings_from};
+
+fn problems(toml: &str) -> Vec<Problem> {
+    settings_from(toml)
+        .expect_err("config should be refused")
+        .problems
+}
+
+fn paths(p: &[Problem]) -> Vec<&str> {
+    p.iter().map(|p| p.path.as_str()).collect()
+}
+
+#[test]
+fn reports_every_problem_at_once_with_key_paths() {
+    let toml = format!(
+        r#"
+[identity]
+roles = ["root", "nosuchdomain_read", "task_write"]
+[redis]
+url = "http://localhost"
+command_timeout = "abc"
+reconnect_attempts = "x"
+reconnect_min_delay = "10s"
+reconnect_max_delay = "1s"
+[auth]
+leeway = 5
+signing_key = "k1"
+[[auth.keys]]
+id = "k1"
+algorithm = "HS256"
+secret = "{TEST_SECRET}"
+[[auth.keys]]
+id = "k2"
+algorithm = "HS999"
+[[auth.api_keys]]
+name = "ops"
+hash = "plaintext-key"
+identity = "ops"
+[log]
+level = "loud=="
+"#
+    );
+    let p = problems(&toml);
+    let text: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+    for expected in [
+        "identity.roles[0]",
+        "identity.roles[1]",
+        "redis.url",
+        "redis.command_timeout",
+        "redis.reconnect_attempts",
+        "redis.reconnect_min_delay",
+        "auth.leeway",
+        "auth.keys[1].algorithm",
+        "auth.api_keys[0].hash",
+        "log.level",
+    ] {
+        assert!(
+            paths(&p).contains(&expected),
+            "{expected} missing from {text:#?}"
+        );
+    }
+    let attempts = p
+        .iter()
+        .find(|p| p.path == "redis.reconnect_attempts")
+        .unwrap();
+    assert_eq!(
+        attempts.message,
+        r#"expected a positive integer, found "x""#
+    );
+    let leeway = p.iter().find(|p| p.path == "auth.leeway").unwrap();
+    assert!(leeway.message.contains("found 5"), "{leeway}");
+    let role = p.iter().find(|p| p.path == "identity.roles[1]").unwrap();
+    assert!(role.message.contains("nosuchdomain"), "{role}");
+}
+
+#[test]
+fn unknown_keys_are_refused_with_their_path() {
+    let p = problems("[redis]\nurll = \"redis://x\"\n");
+    assert_eq!(paths(&p), ["redis.urll"], "{p:?}");
+    assert!(p[0].message.contains("unknown key"), "{}", p[0]);
+}
+
+#[test]
+fn secrets_come_from_files_relative_to_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwt.secret"), format!("{TEST_SECRET}\n")).unwrap();
+    std::fs::write(dir.path().join("redis.pw"), "pw\n").unwrap();
+    let file = dir.path().join("redstream.toml");
+    std::fs::write(
+        &file,
+        r#"
+[identity]
+roles = ["task_write"]
+[redis]
+password = { file = "redis.pw" }
+[auth]
+signing_key = "k"
+[[auth.keys]]
+id = "k"
+algorithm = "HS256"
+secret = { file = "jwt.secret" }
+"#,
+    )
+    .unwrap();
+    let settings = config::load(Some(&file)).unwrap();
+    assert_eq!(settings.redis.password.as_deref(), Some("pw"));
+    let me = settings.identity.unwrap();
+    assert_eq!(me.identity.roles.to_string(), "task_write");
+    assert!(
+        me.identity.subject.starts_with("redstream@"),
+        "default name: {}",
+        me.identity.subject
+    );
+
+    std::fs::remove_file(dir.path().join("redis.pw")).unwrap();
+    let err = config::load(Some(&file)).unwrap_err();
+    assert_eq!(paths(&err.problems), ["redis.password"]);
+    assert!(
+        err.problems[0].message.contains("redis.pw"),
+        "names the file: {}",
+        err.problems[0]
+    );
+}
+
+#[test]
+fn daemon_token_is_verified_at_load() {
+    let base = |identity: &str| {
+        format!(
+            "[identity]\n{identity}\n[auth]\nsigning_key = \"k\"\n[[auth.keys]]\nid = \"k\"\nalgorithm = \"HS256\"\nsecret = \"{TEST_SECRET}\"\n"
+        )
+    };
+    let p = problems(&base("token = \"not-a-jwt\""));
+    assert_eq!(paths(&p), ["identity.token"]);
+    assert!(p[0].message.contains("malformed"), "{}", p[0]);
+
+    let signer = settings_from(&base("roles = [\"task_read\"]\nname = \"svc\"")).unwrap();
+    let token = signer.identity.unwrap().token;
+    let from_token = settings_from(&base(&format!("token = \"{token}\""))).unwrap();
+    assert_eq!(from_token.identity.unwrap().identity.subject, "svc");
+    let p = problems(&base(&format!("token = \"{token}\"\nname = \"other\"")));
+    assert_eq!(paths(&p), ["identity.name"]);
+
+    let p = problems("[identity]\nroles = [\"admin\"]\n");
+    assert_eq!(
+        paths(&p),
+        ["identity.roles"],
+        "self-issuing needs a signing key"
+    );
+}

@@ -1,0 +1,21 @@
+//! Integration tests, one binary. Each test that needs Redis starts its own redis-server on a free
+//! loopback port (util/redis_server.rs) and kills it by pid when done.
+
+mod util;
+
+// Stream, group and consumer name tables.
+mod naming;
+// The wire envelope against Redis: round trips, binary values, the `id` field.
+mod envelope;
+// The authorized client: ranges, groups, pending, claims, blocking reads, listing.
+mod client;
+// JWTs: every acceptance and refusal, rotation.
+mod jwt;
+// Every operation × every role.
+mod rbac;
+// A Redis ACL user confined to its keys.
+mod acl;
+// Config validation: every problem at once, secrets, identities.
+mod config;
+// The binary: exit codes, output, config layering, tokens.
+mod cli;

@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests: a private redis-server, settings built through the real
+//! config path, clients acting as a given identity, and polling with deadlines instead of sleeps.
+
+pub mod redis_server;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use redstream::auth::Roles;
+use redstream::client::Client;
+use redstream::config::{self, Settings};
+use redstream::conn::Redis;
+
+pub use redis_server::RedisServer;
+
+/// The HS256 secret of the test configs (32+ bytes).
+pub const TEST_SECRET: &str = "test-secret-that-is-long-enough-for-hs256";
+
+/// A config for tests: an HS256 signing key and an admin daemon identity, pointed at `url`,
+/// followed by `extra` TOML (which may add tables or keys).
+pub fn config_toml(url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[identity]
+name = "test-daemon"
+roles = ["admin"]
+
+[redis]
+url = "{url}"
+command_timeout = "2s"
+connect_timeout = "2s"
+
+[auth]
+signing_key = "k1"
+
+[[auth.keys]]
+id = "k1"
+algorithm = "HS256"
+secret = "{TEST_SECRET}"
+{extra}
+"#
+    )
+}
+
+/// Settings from TOML text, through the same validation as a config file.
+pub fn settings_from(toml: &str) -> Result<Settings, config::ConfigError> {
+    config::from_figment(&Figment::from(Toml::string(toml)), None, None)
+}
+
+pub fn settings(url: &str) -> Settings {
+    settings_from(&config_toml(url, "")).expect("test config is valid")
+}
+
+/// A client acting as `subject` with `roles`, proven the real way: a token issued and verified.
+pub fn client_as(server: &RedisServer, subject: &str, roles: &[&str]) -> Client {
+    let settings = settings(&server.url());
+    let roles = Roles::parse(roles).expect("valid roles");
+    let (token, _) = settings
+        .auth
+        .keys
+        .issue(subject, &roles, Duration::from_secs(60))
+        .expect("issue");
+    let verified = settings.auth.keys.verify(&token).expect("verify");
+    let redis = Redis::open(settings.redis.clone()).expect("open");
+    Client::new(redis, settings.naming.clone(), verified.identity)
+}
+
+pub fn admin(server: &RedisServer) -> Client {
+    client_as(server, "test-admin", &["admin"])
+}
+
+/// The `redstream` binary built for these tests.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_redstream"))
+}
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A test fixture file's path.
+pub fn fixture(rel: &str) -> PathBuf {
+    root().join("tests/fixtures").join(rel)
+}
