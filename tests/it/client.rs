@@ -386,3 +386,46 @@ async fn unreachable_redis_is_a_transient_connection_error() {
     assert!(err.is_transient(), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn reconnects_after_redis_restarts_on_the_same_address() {
+    let mut server = RedisServer::start();
+    let client = admin(&server);
+    let s = "nova:task:client:reconnect";
+    publish_n(&client, s, 1).await;
+    server.restart();
+    // The first command may meet the dead connection; a reconnect follows without any help.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut failures = 0;
+    loop {
+        match client
+            .publish(
+                s,
+                Fields::from_iter([("n", "after")]),
+                PublishOptions::default(),
+            )
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(e.is_transient(), "{e}");
+                failures += 1;
+                assert!(
+                    Instant::now() < deadline,
+                    "no reconnect within 10 s ({failures} failures): {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(
+        failures <= 2,
+        "reconnected promptly: {failures} failed attempts"
+    );
+    let got = client.read(s, &ReadOptions::default()).await.unwrap();
+    assert_eq!(
+        numbers(&got),
+        ["after"],
+        "the restarted server kept nothing; the new entry is there"
+    );
+}

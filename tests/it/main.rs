@@ -17,5 +17,7 @@ mod rbac;
 mod acl;
 // Config validation: every problem at once, secrets, identities.
 mod config;
+// rediss:// and mutual TLS.
+mod tls;
 // The binary: exit codes, output, config layering, tokens.
 mod cli;

@@ -1,0 +1,89 @@
+//! `rediss://` with a private CA, and mutual TLS with a client certificate, against redis-server's own TLS.
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use redstream::client::{Client, PublishOptions, ReadOptions};
+use redstream::config;
+use redstream::conn::Redis;
+use redstream::envelope::Fields;
+
+use crate::util::redis_server::free_port;
+use crate::util::{RedisServer, config_toml, fixture};
+
+fn tls_server(require_client_cert: bool) -> (RedisServer, u16) {
+    let port = free_port();
+    let (p, cert, key, ca) = (
+        port.to_string(),
+        fixture("tls/server.pem"),
+        fixture("tls/server.key"),
+        fixture("tls/ca.pem"),
+    );
+    let server = RedisServer::start_with(&[
+        "--tls-port",
+        &p,
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-ca-cert-file",
+        ca.to_str().unwrap(),
+        "--tls-auth-clients",
+        if require_client_cert { "yes" } else { "no" },
+    ]);
+    (server, port)
+}
+
+fn client(port: u16, tls_keys: &str) -> Client {
+    let url = format!("rediss://127.0.0.1:{port}/0");
+    let toml = config_toml(&url, "").replace("[redis]\n", &format!("[redis]\n{tls_keys}\n"));
+    let settings = config::from_figment(&Figment::from(Toml::string(&toml)), None, None).unwrap();
+    let redis = Redis::open(settings.redis.clone()).unwrap();
+    let me = settings.identity.unwrap().identity;
+    Client::new(redis, settings.naming.clone(), me)
+}
+
+fn file_key(key: &str, rel: &str) -> String {
+    format!("{key} = {{ file = \"{}\" }}", fixture(rel).display())
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    let (_server, port) = tls_server(false);
+    let c = client(port, &file_key("tls_ca", "tls/ca.pem"));
+    c.publish(
+        "nova:task:tls:x",
+        Fields::from_iter([("a", "1")]),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        c.read("nova:task:tls:x", &ReadOptions::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Without our CA the server's certificate is not trusted: an error, not a silent plaintext fallback.
+    let untrusted = client(port, "");
+    assert!(untrusted.redis().ping().await.is_err());
+}
+
+#[tokio::test]
+async fn mutual_tls_with_a_client_certificate() {
+    let (_server, port) = tls_server(true);
+    let keys = [
+        file_key("tls_ca", "tls/ca.pem"),
+        file_key("tls_cert", "tls/client.pem"),
+        file_key("tls_key", "tls/client.key"),
+    ]
+    .join("\n");
+    let c = client(port, &keys);
+    c.redis().ping().await.unwrap();
+    let no_cert = client(port, &file_key("tls_ca", "tls/ca.pem"));
+    assert!(
+        no_cert.redis().ping().await.is_err(),
+        "the server requires a client certificate"
+    );
+}
