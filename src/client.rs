@@ -259,6 +259,20 @@ impl Client {
             .await
     }
 
+    /// XDEL of entries. Returns how many existed.
+    pub async fn delete<S: AsRef<str>>(&self, stream: &str, ids: &[S]) -> Result<u64> {
+        self.authorize(Op::Delete, stream)?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut cmd = redis::cmd("XDEL");
+        cmd.arg(stream);
+        for id in ids {
+            cmd.arg(id.as_ref());
+        }
+        self.redis.query(&cmd, Ctx::new("XDEL", stream)).await
+    }
+
     /// XCLAIM of specific ids idle at least `min_idle`; bumps their delivery counts.
     pub async fn claim<S: AsRef<str>>(
         &self,
@@ -529,6 +543,18 @@ impl GroupReader {
         count: u64,
         block: Option<Duration>,
     ) -> Result<Entries> {
+        self.round(None, from, count, block).await?.read
+    }
+
+    /// One round trip: `before` (typically the commit of the previous batch), then the read. Both travel
+    /// in one pipeline on this reader's connection; each has its own result.
+    pub async fn round(
+        &mut self,
+        before: Option<&Cmd>,
+        from: ReadFrom<'_>,
+        count: u64,
+        block: Option<Duration>,
+    ) -> Result<Round> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.group)
@@ -547,9 +573,44 @@ impl GroupReader {
         };
         cmd.arg("STREAMS").arg(&self.stream).arg(id);
         let ctx = Ctx::new("XREADGROUP", &self.stream).group(&self.group);
-        let value = self.redis.query_value(&cmd, ctx).await?;
-        reply::read_one_stream(value).map_err(|d| protocol("XREADGROUP", &self.stream, d))
+        let Some(before) = before else {
+            let read = self.redis.query_value(&cmd, ctx).await.and_then(|v| {
+                reply::read_one_stream(v).map_err(|d| protocol("XREADGROUP", &self.stream, d))
+            });
+            return Ok(Round { before: None, read });
+        };
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors()
+            .add_command(before.clone())
+            .add_command(cmd);
+        let mut replies = self.redis.query_pipe(&pipe, ctx).await?.into_iter();
+        let (Some(first), Some(second)) = (replies.next(), replies.next()) else {
+            return Err(protocol(
+                "XREADGROUP",
+                &self.stream,
+                "pipeline returned too few replies".into(),
+            ));
+        };
+        let before = Some(first.extract_error().map_err(|e| {
+            self.redis
+                .classify(e, Ctx::new("EVALSHA", &self.stream).group(&self.group))
+        }));
+        let read = second
+            .extract_error()
+            .map_err(|e| self.redis.classify(e, ctx))
+            .and_then(|v| {
+                reply::read_one_stream(v).map_err(|d| protocol("XREADGROUP", &self.stream, d))
+            });
+        Ok(Round { before, read })
     }
+}
+
+/// What one [`GroupReader::round`] brought back.
+#[derive(Debug)]
+pub struct Round {
+    /// The reply to the command sent before the read, if one was.
+    pub before: Option<Result<Value>>,
+    pub read: Result<Entries>,
 }
 
 fn protocol(command: &'static str, key: &str, detail: String) -> Error {

@@ -336,7 +336,7 @@ impl Redis {
                     detail: e.detail().unwrap_or("no permission").to_owned(),
                 };
             }
-            Some("NOGROUP") => {
+            Some("NOGROUP") | Some("UNBLOCKED") => {
                 return Error::NoGroup {
                     stream: key,
                     group: ctx.group.unwrap_or("").to_owned(),

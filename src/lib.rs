@@ -17,16 +17,24 @@
 //! - [`reply`]: decoding stream replies from raw RESP values.
 //! - [`client`]: the authorized client — every stream operation, checked before it is sent.
 //! - [`error`]: the client's typed [`Error`].
+//! - [`dlq`]: the dead-letter format, listing and replay.
+//! - [`engine`]: the daemon — supervisor, consumer loops, the handler seam, atomic commits.
+//! - [`shutdown`]: OS signals as one enum, and the shutdown fan-out.
+//! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`cli`]: the `redstream` command line and its exit codes.
 
 pub mod auth;
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod conn;
+pub mod dlq;
+pub mod engine;
 pub mod envelope;
 pub mod error;
 pub mod naming;
 pub mod reply;
+pub mod shutdown;
 
 pub use error::{Error, Result};

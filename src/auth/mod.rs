@@ -1,7 +1,7 @@
 //! Who may do what: roles, the operations they cover, and the identities that carry them.
 //!
 //! Owns the permission rule of DESIGN §4 — `{domain}_read` covers read, read-group, ack, claim, pending and
-//! info; `{domain}_write` covers publish and group creation; `admin` covers everything — and the two ways
+//! info; `{domain}_write` covers publish, group creation and deleting entries; `admin` covers everything — and the two ways
 //! an identity is proven: JWTs ([`jwt`]) and hashed API keys ([`apikey`]). Applying the rule to each
 //! Redis call is [`crate::client`]'s job.
 
@@ -80,6 +80,8 @@ pub enum Op {
     CreateGroup,
     /// XINFO on a stream or its groups and consumers.
     Info,
+    /// XDEL of entries (dead-letter replay removes what it replayed).
+    Delete,
 }
 
 /// Which half of a domain's roles an operation needs.
@@ -90,7 +92,7 @@ pub enum Access {
 }
 
 impl Op {
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 9] = [
         Op::Publish,
         Op::Read,
         Op::ReadGroup,
@@ -99,11 +101,12 @@ impl Op {
         Op::Pending,
         Op::CreateGroup,
         Op::Info,
+        Op::Delete,
     ];
 
     pub fn access(self) -> Access {
         match self {
-            Op::Publish | Op::CreateGroup => Access::Write,
+            Op::Publish | Op::CreateGroup | Op::Delete => Access::Write,
             Op::Read | Op::ReadGroup | Op::Ack | Op::Claim | Op::Pending | Op::Info => Access::Read,
         }
     }
@@ -120,6 +123,7 @@ impl fmt::Display for Op {
             Op::Pending => "pending",
             Op::CreateGroup => "create-group",
             Op::Info => "info",
+            Op::Delete => "delete",
         })
     }
 }

@@ -10,12 +10,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use super::{Cli, Command, Exit, Failure, TokenCommand};
+use super::{Cli, Command, DlqCommand, Exit, Failure, TokenCommand};
 use crate::auth::apikey;
 use crate::auth::{Identity, Roles};
 use crate::client::{Client, PendingQuery, PublishOptions, ReadOptions};
 use crate::config::{self, Settings};
 use crate::conn::{Redis, redact_url};
+use crate::dlq;
 use crate::envelope::Fields;
 
 type Result<T = ()> = std::result::Result<T, Failure>;
@@ -166,6 +167,53 @@ pub async fn run(cli: Cli) -> Result {
             Ok(())
         }
         Command::Token(cmd) => token(config, cmd),
+        Command::Dlq(DlqCommand::List {
+            stream,
+            count,
+            auth,
+        }) => {
+            let client = connect(config, auth.token.as_deref()).await?;
+            let opts = ReadOptions {
+                count: Some(count),
+                ..ReadOptions::default()
+            };
+            let mut out = std::io::stdout().lock();
+            for e in client.read(&stream, &opts).await? {
+                writeln!(out, "{}", dlq::describe(&stream, &e)).map_err(io_failure)?;
+            }
+            Ok(())
+        }
+        Command::Dlq(DlqCommand::Replay {
+            stream,
+            ids,
+            all,
+            auth,
+        }) => {
+            let client = connect(config, auth.token.as_deref()).await?;
+            let ids = if all {
+                let opts = ReadOptions {
+                    count: None,
+                    ..ReadOptions::default()
+                };
+                client
+                    .read(&stream, &opts)
+                    .await?
+                    .into_iter()
+                    .map(|e| e.id)
+                    .collect()
+            } else {
+                ids
+            };
+            for id in ids {
+                let (source, new_id) = dlq::replay(&client, &stream, &id).await?;
+                println!(
+                    "{}",
+                    json!({"dead_letter": id, "stream": source, "id": new_id})
+                );
+            }
+            Ok(())
+        }
+        Command::Run => unreachable!("`run` is dispatched before the one-shot runtime starts"),
     }
 }
 
@@ -190,6 +238,12 @@ async fn check(config: Option<&Path>, ping: bool) -> Result {
         ),
     }
     println!("  domains: {}", settings.naming.domains().join(", "));
+    for c in &settings.consumers {
+        println!(
+            "  consumer: {} group {} as {}: {} (dead letters to {})",
+            c.stream, c.group, c.consumer, c.handler, c.dead_letter
+        );
+    }
     println!("  redis: {}", redact_url(&settings.redis.url));
     if ping {
         let redis =

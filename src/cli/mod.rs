@@ -82,6 +82,20 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: consume every [[consumers]] group of the config until SIGTERM/SIGINT.
+    #[command(
+        long_about = "Run the daemon: consume every [[consumers]] group of the config until SIGTERM or \
+        SIGINT.\n\nEach group gets one loop: it re-reads its own pending entries, then new ones; claims entries \
+        idle longer than claim_min_idle from dead consumers; runs the handler; and commits the handler's \
+        replies together with the ack, atomically. A stop signal ends reading and waits (up to \
+        daemon.drain_timeout) for messages in flight to finish and commit; a second one exits at once. \
+        Unfinished messages stay pending and are picked up at the next start.\n\nExit codes: 0 drained, \
+        1 failed or stopped before draining, 69 Redis unavailable at start, 78 config error."
+    )]
+    Run,
+    /// Inspect and replay dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Validate the config: every key, secret and token key; exit 0 if usable, 78 naming each problem.
     Check {
         /// Also connect to Redis and PING it (exit 69 if it does not answer).
@@ -170,6 +184,32 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters as JSON lines: id, source (stream/id), reason, deliveries, handler, fields.
+    List {
+        /// The dead-letter stream (by default `<stream>-dlq` of the consumed stream).
+        stream: String,
+        #[arg(long, default_value_t = 100)]
+        count: u64,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Publish dead letters again to the stream they came from (with new ids, and
+    /// _dlq_replayed_from), and remove them from the dead-letter stream.
+    Replay {
+        stream: String,
+        /// Dead-letter ids to replay.
+        #[arg(long = "id", value_name = "ID", required_unless_present = "all")]
+        ids: Vec<String>,
+        /// Replay every dead letter of the stream.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Exchange an API key for a signed JWT; prints the token.
     Issue {
@@ -222,7 +262,10 @@ fn parse_field(s: &str) -> Result<(String, String), String> {
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    if let Command::Run = cli.command {
+        return daemon(cli.config.as_deref());
+    }
+    init_logging("warn");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -242,12 +285,54 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// One-shot commands log warnings and errors to stderr; `RUST_LOG` raises that. No colour unless
-/// stderr is a terminal.
-fn init_logging() {
+/// `redstream run`: config, logging at the configured level, a multi-threaded runtime, the engine.
+fn daemon(config: Option<&std::path::Path>) -> ExitCode {
+    let settings = match crate::config::load(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("redstream: {e}");
+            return ExitCode::from(Exit::Config as u8);
+        }
+    };
+    if settings.consumers.is_empty() {
+        eprintln!("redstream: consumers: nothing to run; declare at least one [[consumers]] entry");
+        return ExitCode::from(Exit::Config as u8);
+    }
+    init_logging(&settings.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("redstream: cannot start the async runtime: {e}");
+            return ExitCode::from(Exit::Failure as u8);
+        }
+    };
+    let result = runtime.block_on(crate::engine::run(&settings));
+    // Handler tasks still running after a forced stop are abandoned, not awaited.
+    runtime.shutdown_background();
+    let exit = match result {
+        Ok(crate::engine::Stopped::Drained) => Exit::Ok,
+        Ok(_) => Exit::Failure,
+        Err(crate::engine::RunError::Unavailable(e)) => {
+            tracing::error!(error = %e, "redis unavailable at start");
+            Exit::Unavailable
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot run");
+            Exit::Failure
+        }
+    };
+    ExitCode::from(exit as u8)
+}
+
+/// Logs to stderr at `default` (a level or filter); `RUST_LOG` overrides it. No colour unless stderr
+/// is a terminal.
+fn init_logging(default: &str) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

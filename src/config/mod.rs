@@ -22,6 +22,7 @@ use crate::auth::Identity;
 use crate::auth::apikey::ApiKeys;
 use crate::auth::jwt::KeySet;
 use crate::conn::RedisSettings;
+use crate::engine::{ConsumerSettings, DaemonSettings};
 use crate::naming::Naming;
 
 pub use validate::default_name;
@@ -47,6 +48,9 @@ pub struct Settings {
     pub log_level: String,
     /// The config file that was read, if any.
     pub file: Option<PathBuf>,
+    pub daemon: DaemonSettings,
+    /// The groups `redstream run` consumes.
+    pub consumers: Vec<ConsumerSettings>,
 }
 
 /// The daemon's verified identity and the token proving it.

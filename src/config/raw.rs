@@ -30,8 +30,16 @@ impl<T> Loose<T> {
 impl<'de, T: DeserializeOwned> Deserialize<'de> for Loose<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let found = <Value as Deserialize>::deserialize(d)?;
+        // Environment variables are typed by their look: INSTANCE=2 arrives as a number. Where a
+        // string is expected, take its text.
+        let value = T::deserialize(&found).ok().or_else(|| match &found {
+            Value::Num(tag, _) | Value::Bool(tag, _) => {
+                T::deserialize(&Value::String(*tag, show(&found))).ok()
+            }
+            _ => None,
+        });
         Ok(Loose {
-            value: T::deserialize(&found).map_err(|_| show(&found)),
+            value: value.ok_or_else(|| show(&found)),
             tag: found.tag(),
         })
     }
@@ -42,13 +50,12 @@ fn show(v: &Value) -> String {
         Value::String(_, s) => format!("{s:?}"),
         Value::Char(_, c) => format!("{c:?}"),
         Value::Bool(_, b) => b.to_string(),
-        Value::Num(_, n) => match n.to_i128() {
-            Some(i) => i.to_string(),
-            None => n
-                .to_f64()
-                .map(|f| f.to_string())
-                .unwrap_or_else(|| "a number".into()),
-        },
+        Value::Num(_, n) => n
+            .to_u128()
+            .map(|u| u.to_string())
+            .or_else(|| n.to_i128().map(|i| i.to_string()))
+            .or_else(|| n.to_f64().map(|f| f.to_string()))
+            .unwrap_or_else(|| "a number".into()),
         Value::Empty(..) => "nothing".into(),
         Value::Dict(..) => "a table".into(),
         Value::Array(..) => "an array".into(),
@@ -79,6 +86,8 @@ pub struct SecretFrom {
 #[serde(default, deny_unknown_fields)]
 #[derive(Default)]
 pub struct RawConfig {
+    pub daemon: RawDaemon,
+    pub consumers: Vec<RawConsumer>,
     pub identity: RawIdentity,
     pub naming: RawNaming,
     pub redis: RawRedis,
@@ -209,4 +218,75 @@ impl Default for RawLog {
             level: Loose::ok("info".into()),
         }
     }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawDaemon {
+    pub instance: Option<Loose<String>>,
+    pub drain_timeout: Loose<String>,
+}
+
+impl Default for RawDaemon {
+    fn default() -> Self {
+        RawDaemon {
+            instance: None,
+            drain_timeout: Loose::ok("30s".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConsumer {
+    pub stream: Option<Loose<String>>,
+    pub group: Option<Loose<String>>,
+    pub consumer: Option<Loose<String>>,
+    pub start: Loose<String>,
+    pub batch_size: Loose<u32>,
+    pub block: Loose<String>,
+    pub claim_min_idle: Loose<String>,
+    pub claim_interval: Loose<String>,
+    pub max_deliveries: Loose<u32>,
+    pub dead_letter: Option<Loose<String>>,
+    pub in_flight: Loose<u32>,
+    pub order_by: Option<Loose<String>>,
+    pub handler: Option<Loose<String>>,
+    pub handler_timeout: Loose<String>,
+    pub forward_to: Option<Loose<String>>,
+    /// Options of the `faults` test handler (only in builds with the `fault-injection` feature).
+    pub faults: Option<RawFaults>,
+}
+
+impl Default for RawConsumer {
+    fn default() -> Self {
+        RawConsumer {
+            stream: None,
+            group: None,
+            consumer: None,
+            start: Loose::ok("$".into()),
+            batch_size: Loose::ok(100),
+            block: Loose::ok("5s".into()),
+            claim_min_idle: Loose::ok("60s".into()),
+            claim_interval: Loose::ok("10s".into()),
+            max_deliveries: Loose::ok(5),
+            dead_letter: None,
+            in_flight: Loose::ok(64),
+            order_by: None,
+            handler: None,
+            handler_timeout: Loose::ok("30s".into()),
+            forward_to: None,
+            faults: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawFaults {
+    pub reply_to: Option<Loose<String>>,
+    pub fail_field: Option<Loose<String>>,
+    pub fail_deliveries: Option<Loose<u32>>,
+    pub fail_every: Option<Loose<u32>>,
+    pub sleep: Option<Loose<String>>,
 }

@@ -11,13 +11,14 @@ use std::time::Duration;
 use figment::Figment;
 use figment::value::Tag;
 
-use super::raw::{Loose, RawConfig, RawSecret};
+use super::raw::{Loose, RawConfig, RawConsumer, RawSecret};
 use super::{AuthSettings, DaemonIdentity, Problem, Settings, origin_of, secret};
 use crate::auth::apikey::{ApiKey, ApiKeys};
 use crate::auth::jwt::{Key, KeyAlgorithm, KeySet};
-use crate::auth::{Identity, Role, Roles};
+use crate::auth::{Identity, Op, Role, Roles};
 use crate::conn::{RedisSettings, TlsFiles};
-use crate::naming::Naming;
+use crate::engine::{ConsumerSettings, DaemonSettings, HandlerSpec};
+use crate::naming::{NameKind, Naming, StreamName, validate_name};
 
 /// Collects problems while reading values out of the raw config.
 pub(super) struct Checker<'a> {
@@ -223,10 +224,18 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
         .as_ref()
         .and_then(|auth| daemon_identity(raw, c, name, roles, auth));
 
+    let daemon = daemon_settings(raw, c);
+    let consumers = match (&identity, &daemon) {
+        (Some(id), Some(d)) => consumers(raw, c, &naming, id.as_ref(), d),
+        _ => Vec::new(),
+    };
+
     if !c.problems.is_empty() {
         return None;
     }
     Some(Settings {
+        daemon: daemon?,
+        consumers,
         identity: identity?,
         naming: Arc::new(naming),
         redis: redis?,
@@ -510,4 +519,379 @@ pub fn default_name() -> String {
 
 fn fmt_d(d: Duration) -> String {
     humantime::format_duration(d).to_string()
+}
+
+fn daemon_settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<DaemonSettings> {
+    let d = &raw.daemon;
+    let instance = d.instance.as_ref().and_then(|i| {
+        let s = c.text("daemon.instance", i)?;
+        match validate_name(NameKind::Consumer, &s) {
+            Ok(()) => Some(s),
+            Err(e) => {
+                c.problem("daemon.instance", e.to_string());
+                None
+            }
+        }
+    });
+    let drain_timeout = c.positive_duration("daemon.drain_timeout", &d.drain_timeout)?;
+    Some(DaemonSettings {
+        instance,
+        drain_timeout,
+    })
+}
+
+/// The consumer name used when a consumer entry names none: stable across restarts (never random),
+/// distinct per host and per instance.
+pub fn default_consumer(subject: &str, instance: Option<&str>) -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let mut name = if subject.contains('@') {
+        subject.to_owned()
+    } else {
+        format!("{subject}@{host}")
+    };
+    if let Some(i) = instance {
+        name.push('#');
+        name.push_str(i);
+    }
+    name
+}
+
+/// The dead-letter stream used when a consumer entry names none: `<stream>-dlq` for ADAPT names.
+pub fn default_dead_letter(name: &StreamName<'_>) -> String {
+    match name {
+        StreamName::Adapt {
+            domain,
+            entity,
+            function,
+        } => format!("nova:{domain}:{entity}:{function}-dlq"),
+        StreamName::Legacy { service, name } => format!("nova:task:{service}-{name}:dlq"),
+    }
+}
+
+fn consumers(
+    raw: &RawConfig,
+    c: &mut Checker<'_>,
+    naming: &Naming,
+    identity: Option<&DaemonIdentity>,
+    daemon: &DaemonSettings,
+) -> Vec<ConsumerSettings> {
+    let mut out = Vec::new();
+    if !raw.consumers.is_empty() && identity.is_none() {
+        c.problem(
+            "identity",
+            "consumers need an identity to act as: give identity.token, or identity.roles with auth.signing_key",
+        );
+    }
+    let mut seen: Vec<(String, String, usize)> = Vec::new();
+    for (i, rc) in raw.consumers.iter().enumerate() {
+        let p = |k: &str| format!("consumers[{i}].{k}");
+        let stream = match &rc.stream {
+            Some(s) => c.parse(&p("stream"), s, "a stream name", |s| {
+                naming
+                    .parse(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            }),
+            None => {
+                c.problem(&p("stream"), "missing: the stream to consume");
+                None
+            }
+        };
+        let group = match &rc.group {
+            Some(g) => c.parse(&p("group"), g, "a group name", |s| {
+                validate_name(NameKind::Group, s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            }),
+            None => {
+                c.problem(&p("group"), "missing: the consumer group to read as");
+                None
+            }
+        };
+        let consumer = match &rc.consumer {
+            Some(n) => c.parse(&p("consumer"), n, "a consumer name", |s| {
+                validate_name(NameKind::Consumer, s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            }),
+            None => identity
+                .map(|id| default_consumer(&id.identity.subject, daemon.instance.as_deref())),
+        };
+        let start = c.parse(&p("start"), &rc.start, "\"$\", \"0\" or an entry id", |s| {
+            if s == "$" || is_entry_id(s) {
+                Ok(s.to_owned())
+            } else {
+                Err("not an id".into())
+            }
+        });
+        let batch_size = positive(c, &p("batch_size"), &rc.batch_size);
+        let block = c.positive_duration(&p("block"), &rc.block);
+        let claim_min_idle = c.positive_duration(&p("claim_min_idle"), &rc.claim_min_idle);
+        let claim_interval = c.positive_duration(&p("claim_interval"), &rc.claim_interval);
+        let max_deliveries = positive(c, &p("max_deliveries"), &rc.max_deliveries);
+        let in_flight = positive(c, &p("in_flight"), &rc.in_flight);
+        let handler_timeout = c.positive_duration(&p("handler_timeout"), &rc.handler_timeout);
+        let order_by = rc.order_by.as_ref().and_then(|o| c.text(&p("order_by"), o));
+        if let (Some(idle), Some(timeout)) = (claim_min_idle, handler_timeout)
+            && idle <= timeout
+        {
+            c.problem(
+                    &p("claim_min_idle"),
+                    format!(
+                        "{} is not longer than {} ({}): another consumer would claim messages still being handled",
+                        fmt_d(idle),
+                        p("handler_timeout"),
+                        fmt_d(timeout)
+                    ),
+                );
+        }
+        if let Some(b) = block
+            && b > Duration::from_secs(300)
+        {
+            c.problem(
+                &p("block"),
+                format!("{} is above the 5 min limit", fmt_d(b)),
+            );
+        }
+        let dead_letter = match (&rc.dead_letter, &stream) {
+            (Some(d), _) => c.parse(&p("dead_letter"), d, "a stream name", |s| {
+                naming
+                    .parse(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            }),
+            (None, Some(s)) => naming.parse(s).ok().map(|n| default_dead_letter(&n)),
+            (None, None) => None,
+        };
+        if let (Some(d), Some(s)) = (&dead_letter, &stream)
+            && d == s
+        {
+            c.problem(
+                &p("dead_letter"),
+                "the dead-letter stream must differ from the stream consumed",
+            );
+        }
+        let handler = handler_spec(c, i, rc, naming);
+
+        if let (Some(s), Some(g)) = (&stream, &group) {
+            if let Some((_, _, j)) = seen.iter().find(|(ss, gg, _)| ss == s && gg == g) {
+                c.problem(
+                    &p("group"),
+                    format!("stream {s:?} group {g:?} is already consumed by consumers[{j}]"),
+                );
+            }
+            seen.push((s.clone(), g.clone(), i));
+        }
+        // Resolve everything before starting anything: the identity must be allowed every operation
+        // this consumer will perform.
+        if let (Some(id), Some(s)) = (identity, &stream) {
+            for op in [
+                Op::ReadGroup,
+                Op::Ack,
+                Op::Claim,
+                Op::Pending,
+                Op::CreateGroup,
+            ] {
+                if let Err(e) = crate::client::check(naming, &id.identity, op, s) {
+                    c.problem(&p("stream"), e.to_string());
+                    break;
+                }
+            }
+            let writes = dead_letter
+                .iter()
+                .map(|d| (p("dead_letter"), d.as_str()))
+                .chain(
+                    handler
+                        .iter()
+                        .flat_map(|h| h.writes())
+                        .map(|w| (p("handler"), w)),
+                );
+            for (path, w) in writes.collect::<Vec<_>>() {
+                if let Err(e) = crate::client::check(naming, &id.identity, Op::Publish, w) {
+                    c.problem(&path, e.to_string());
+                }
+            }
+        }
+        if let (
+            Some(stream),
+            Some(group),
+            Some(consumer),
+            Some(start),
+            Some(batch_size),
+            Some(block),
+        ) = (stream, group, consumer, start, batch_size, block)
+            && let (
+                Some(claim_min_idle),
+                Some(claim_interval),
+                Some(max_deliveries),
+                Some(dead_letter),
+                Some(in_flight),
+                Some(handler),
+                Some(handler_timeout),
+            ) = (
+                claim_min_idle,
+                claim_interval,
+                max_deliveries,
+                dead_letter,
+                in_flight,
+                handler,
+                handler_timeout,
+            )
+        {
+            out.push(ConsumerSettings {
+                stream: stream.into(),
+                group,
+                consumer,
+                start,
+                batch_size: batch_size as usize,
+                block,
+                claim_min_idle,
+                claim_interval,
+                max_deliveries,
+                dead_letter,
+                in_flight: in_flight as usize,
+                order_by,
+                handler,
+                handler_timeout,
+            });
+        }
+    }
+    out
+}
+
+fn positive(c: &mut Checker<'_>, path: &str, v: &Loose<u32>) -> Option<u32> {
+    let n = c.get(path, v, "a positive integer")?;
+    if n == 0 {
+        c.problem(path, "expected a positive integer, found 0");
+        return None;
+    }
+    Some(n)
+}
+
+fn is_entry_id(s: &str) -> bool {
+    let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+    !ms.is_empty()
+        && ms.bytes().all(|b| b.is_ascii_digit())
+        && !seq.is_empty()
+        && seq.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn handler_spec(
+    c: &mut Checker<'_>,
+    i: usize,
+    rc: &RawConsumer,
+    naming: &Naming,
+) -> Option<HandlerSpec> {
+    let path = format!("consumers[{i}].handler");
+    let Some(name) = &rc.handler else {
+        c.problem(&path, "missing: \"drop\" or \"forward\" (with forward_to)");
+        return None;
+    };
+    let name = c.text(&path, name)?;
+    let forward_to = rc.forward_to.as_ref().and_then(|f| {
+        c.parse(
+            &format!("consumers[{i}].forward_to"),
+            f,
+            "a stream name",
+            |s| {
+                naming
+                    .parse(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            },
+        )
+    });
+    if name != "forward" && rc.forward_to.is_some() {
+        c.problem(
+            &format!("consumers[{i}].forward_to"),
+            format!("only the forward handler takes forward_to, not {name:?}"),
+        );
+    }
+    if name != "faults" && rc.faults.is_some() {
+        c.problem(
+            &format!("consumers[{i}].faults"),
+            format!("only the faults handler takes faults options, not {name:?}"),
+        );
+    }
+    match name.as_str() {
+        "drop" => Some(HandlerSpec::Drop),
+        "forward" => match (forward_to, &rc.forward_to) {
+            (Some(to), _) => Some(HandlerSpec::Forward { to }),
+            (None, None) => {
+                c.problem(
+                    &format!("consumers[{i}].forward_to"),
+                    "missing: the stream the forward handler copies to",
+                );
+                None
+            }
+            (None, Some(_)) => None,
+        },
+        "faults" => faults_spec(c, i, rc, naming),
+        other => {
+            c.problem(
+                &path,
+                format!("unknown handler {other:?}: expected \"drop\" or \"forward\""),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+fn faults_spec(
+    c: &mut Checker<'_>,
+    i: usize,
+    rc: &RawConsumer,
+    naming: &Naming,
+) -> Option<HandlerSpec> {
+    let f = rc.faults.clone().unwrap_or_default();
+    let p = |k: &str| format!("consumers[{i}].faults.{k}");
+    let reply_to = f.reply_to.as_ref().and_then(|r| {
+        c.parse(&p("reply_to"), r, "a stream name", |s| {
+            naming
+                .parse(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| e.to_string())
+        })
+    });
+    let fail_field = f
+        .fail_field
+        .as_ref()
+        .and_then(|x| c.text(&p("fail_field"), x));
+    let fail_deliveries = f
+        .fail_deliveries
+        .as_ref()
+        .and_then(|x| c.get(&p("fail_deliveries"), x, "an integer"))
+        .unwrap_or(0);
+    let fail_every = f
+        .fail_every
+        .as_ref()
+        .and_then(|x| c.get(&p("fail_every"), x, "an integer"))
+        .unwrap_or(0);
+    let sleep = f
+        .sleep
+        .as_ref()
+        .and_then(|x| c.duration(&p("sleep"), x))
+        .unwrap_or_default();
+    Some(HandlerSpec::Faults(crate::engine::FaultSpec {
+        reply_to,
+        fail_field,
+        fail_deliveries: u64::from(fail_deliveries),
+        fail_every: u64::from(fail_every),
+        sleep,
+    }))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn faults_spec(
+    c: &mut Checker<'_>,
+    i: usize,
+    _rc: &RawConsumer,
+    _naming: &Naming,
+) -> Option<HandlerSpec> {
+    c.problem(
+        &format!("consumers[{i}].handler"),
+        "the faults test handler exists only in builds with the fault-injection feature",
+    );
+    None
 }

@@ -72,7 +72,10 @@ level = "loud=="
         r#"expected a positive integer, found "x""#
     );
     let leeway = p.iter().find(|p| p.path == "auth.leeway").unwrap();
-    assert!(leeway.message.contains("found 5"), "{leeway}");
+    assert!(
+        leeway.message.contains("found \"5\"") && leeway.message.contains("time unit"),
+        "{leeway}"
+    );
     let role = p.iter().find(|p| p.path == "identity.roles[1]").unwrap();
     assert!(role.message.contains("nosuchdomain"), "{role}");
 }
@@ -149,5 +152,101 @@ fn daemon_token_is_verified_at_load() {
         paths(&p),
         ["identity.roles"],
         "self-issuing needs a signing key"
+    );
+}
+
+fn with_consumers(consumers: &str) -> String {
+    crate::util::daemon_toml("redis://127.0.0.1:1", consumers)
+}
+
+#[test]
+fn consumer_entries_are_validated_together() {
+    let p = problems(&with_consumers(
+        r#"
+[[consumers]]
+stream = "nova:task:a:b"
+group = "g"
+handler = "drop"
+claim_min_idle = "10s"
+handler_timeout = "30s"
+
+[[consumers]]
+stream = "nova:devops:general"
+group = "two words"
+handler = "forward"
+max_deliveries = "x"
+batch_size = 0
+start = "yesterday"
+
+[[consumers]]
+handler = "wasm-thing"
+"#,
+    ));
+    let text: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+    for expected in [
+        "consumers[0].claim_min_idle",
+        "consumers[1].stream",
+        "consumers[1].group",
+        "consumers[1].max_deliveries",
+        "consumers[1].batch_size",
+        "consumers[1].start",
+        "consumers[1].forward_to",
+        "consumers[2].stream",
+        "consumers[2].group",
+        "consumers[2].handler",
+    ] {
+        assert!(
+            paths(&p).contains(&expected),
+            "{expected} missing from {text:#?}"
+        );
+    }
+    let max = p
+        .iter()
+        .find(|p| p.path == "consumers[1].max_deliveries")
+        .unwrap();
+    assert_eq!(max.message, r#"expected a positive integer, found "x""#);
+    let idle = p
+        .iter()
+        .find(|p| p.path == "consumers[0].claim_min_idle")
+        .unwrap();
+    assert!(idle.message.contains("handler_timeout"), "{idle}");
+}
+
+#[test]
+fn consumers_need_permissions_for_everything_they_will_do() {
+    let base = with_consumers(
+        "[[consumers]]\nstream = \"nova:task:a:b\"\ngroup = \"g\"\nhandler = \"forward\"\nforward_to = \"nova:agent:x:y\"\n",
+    );
+    // The daemon may only touch the task domain: forwarding to agent is refused at load.
+    let p = problems(&base.replace(
+        "roles = [\"admin\"]",
+        "roles = [\"task_read\", \"task_write\"]",
+    ));
+    assert_eq!(paths(&p), ["consumers[0].handler"], "{p:?}");
+    assert!(p[0].message.contains("agent_write"), "{}", p[0]);
+    let p = problems(&base.replace(
+        "roles = [\"admin\"]",
+        "roles = [\"agent_write\", \"task_write\"]",
+    ));
+    assert_eq!(
+        paths(&p),
+        ["consumers[0].stream"],
+        "reading needs task_read: {p:?}"
+    );
+
+    let ok = settings_from(&base).unwrap();
+    let c = &ok.consumers[0];
+    assert_eq!(
+        c.dead_letter, "nova:task:a:b-dlq",
+        "default dead-letter stream"
+    );
+    assert!(
+        c.consumer.starts_with("test-daemon@"),
+        "default consumer name: {}",
+        c.consumer
+    );
+    assert_eq!(
+        (c.start.as_str(), c.batch_size, c.max_deliveries),
+        ("$", 100, 5)
     );
 }

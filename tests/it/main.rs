@@ -19,5 +19,9 @@ mod acl;
 mod config;
 // rediss:// and mutual TLS.
 mod tls;
+// The daemon as a process: delivery, drains, crashes, Redis faults, poison, claims, ordering.
+mod engine;
+// Dead letters: list and replay.
+mod dlq;
 // The binary: exit codes, output, config layering, tokens.
 mod cli;

@@ -62,6 +62,7 @@ async fn attempt(client: &Client, op: Op, stream: &str) -> Vec<Result<(), Error>
             client.groups(stream).await.map(drop),
             client.consumers(stream, "g").await.map(drop),
         ],
+        Op::Delete => vec![client.delete(stream, &["0-1"]).await.map(drop)],
     }
 }
 
@@ -86,7 +87,7 @@ async fn every_operation_times_every_role() {
             &["task_read"],
             &[Read, ReadGroup, Ack, Claim, Pending, Info],
         ),
-        (&["task_write"], &[Publish, CreateGroup]),
+        (&["task_write"], &[Publish, CreateGroup, Delete]),
         (&["task_read", "task_write"], &Op::ALL),
         (&["agent_read", "agent_write"], &[]),
         (&["system_write", "devops_read"], &[]),

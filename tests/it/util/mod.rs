@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: a private redis-server, settings built through the real
 //! config path, clients acting as a given identity, and polling with deadlines instead of sleeps.
 
+pub mod daemon;
 pub mod redis_server;
 
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use redstream::client::Client;
 use redstream::config::{self, Settings};
 use redstream::conn::Redis;
 
+pub use daemon::Daemon;
 pub use redis_server::RedisServer;
 
 /// The HS256 secret of the test configs (32+ bytes).
@@ -84,4 +86,27 @@ pub fn root() -> PathBuf {
 /// A test fixture file's path.
 pub fn fixture(rel: &str) -> PathBuf {
     root().join("tests/fixtures").join(rel)
+}
+
+/// Polls `check` every 20 ms until it returns Some, or panics with `what` after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A daemon config: the test identity (admin) against `url`, plus consumer entries in `consumers`.
+pub fn daemon_toml(url: &str, consumers: &str) -> String {
+    config_toml(
+        url,
+        &format!("[daemon]\ndrain_timeout = \"10s\"\n{consumers}"),
+    )
 }

@@ -92,6 +92,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// The server's pid, for SIGSTOP/SIGCONT.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
     /// SIGKILL by pid, and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -119,6 +124,72 @@ impl RedisServer {
             .expect("valid url")
             .get_connection_with_timeout(Duration::from_secs(5))
             .expect("connect to the test redis")
+    }
+}
+
+/// Inspection helpers, on a fresh synchronous connection each.
+impl RedisServer {
+    pub fn xadd(&self, stream: &str, fields: &[(&str, &str)]) -> String {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream).arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        cmd.query(&mut self.conn()).expect("XADD")
+    }
+
+    pub fn xlen(&self, stream: &str) -> u64 {
+        redis::cmd("XLEN")
+            .arg(stream)
+            .query(&mut self.conn())
+            .expect("XLEN")
+    }
+
+    /// Every entry of a stream, decoded by the library's own decoder.
+    pub fn entries(&self, stream: &str) -> Vec<redstream::envelope::Entry> {
+        let v: redis::Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query(&mut self.conn())
+            .expect("XRANGE");
+        redstream::reply::entries(v).expect("decodable").entries
+    }
+
+    /// How many entries the group has pending (0 if the group does not exist).
+    pub fn pending(&self, stream: &str, group: &str) -> u64 {
+        let v: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .query(&mut self.conn());
+        match v {
+            Ok(redis::Value::Array(parts)) => {
+                parts.first().and_then(redstream::reply::int).unwrap_or(0) as u64
+            }
+            _ => 0,
+        }
+    }
+
+    /// Pending entries of one consumer.
+    pub fn pending_of(&self, stream: &str, group: &str, consumer: &str) -> u64 {
+        let v: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XPENDING")
+            .arg(&[stream, group, "-", "+", "100000", consumer])
+            .query(&mut self.conn());
+        v.map(|rows| rows.len() as u64).unwrap_or(0)
+    }
+
+    /// Names of the group's consumers (XINFO CONSUMERS).
+    pub fn consumers(&self, stream: &str, group: &str) -> Vec<String> {
+        let rows: Vec<redis::Value> = redis::cmd("XINFO")
+            .arg(&["CONSUMERS", stream, group])
+            .query(&mut self.conn())
+            .expect("XINFO CONSUMERS");
+        rows.into_iter()
+            .filter_map(|row| {
+                let mut p = redstream::reply::pairs(row).ok()?;
+                redstream::reply::string(redstream::reply::take(&mut p, "name"))
+            })
+            .collect()
     }
 }
 

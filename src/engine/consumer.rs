@@ -1,0 +1,683 @@
+//! One consumer of one group: the read / claim / ack loop (DESIGN §1–§2).
+//!
+//! Owns the life of a message from delivery to commit: it re-reads this consumer's own pending entries
+//! at start (and after a read whose reply was lost), then reads new ones; claims entries that other
+//! (dead) consumers left idle; dead-letters what was delivered too often; runs the handler with a
+//! deadline, contained panics and per-key ordering; and commits outcomes in batches — the commit of
+//! batch N travels in the same round trip as the read of batch N+1, or alone over the shared connection
+//! when the read is blocked. It recovers from every Redis fault it can name (lost connections, timeouts,
+//! a lost group) with backoff, and returns only on drain or on an error no retry can fix.
+//!
+//! Why nothing is lost: an entry is acked only by the commit script, after its handler succeeded, in
+//! the same atomic step as its replies. Everything else — a crash, a cancelled read, a drain that runs
+//! out of time, a handler that fails — leaves the entry pending in Redis, where this consumer's PEL
+//! re-read or another consumer's XAUTOCLAIM finds it again. Only *waits* are cancelled on shutdown (the
+//! blocking read, backoff sleeps); handler calls and commits run to completion.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, error, info, warn};
+
+use super::ConsumerSettings;
+use super::commit::{self, Committed, Committer, Effect, Finished};
+use super::handler::{Handler, Message, Outcome};
+use crate::auth::Op;
+use crate::backoff::Backoff;
+use crate::client::{Client, GroupReader, PendingQuery, ReadFrom, Round, check};
+use crate::envelope::Entry;
+use crate::error::Error;
+use crate::reply::Entries;
+use crate::shutdown::Shutdown;
+
+/// Counters of one loop, for logs, tests and (later) metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Committed after the handler succeeded.
+    pub processed: AtomicU64,
+    /// Left pending by a failed handler (retry later).
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Entries deleted or trimmed while pending: acked, never dispatched.
+    pub vanished: AtomicU64,
+    /// Commits skipped because another consumer owned the entry by then.
+    pub not_ours: AtomicU64,
+}
+
+/// Everything a loop needs; cheap to clone for a restart.
+#[derive(Clone)]
+pub struct Consumer {
+    pub cfg: Arc<ConsumerSettings>,
+    pub client: Client,
+    pub handler: Arc<dyn Handler>,
+    pub stats: Arc<Stats>,
+    /// Backoff bounds for Redis trouble.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+/// A message that left its handler: what to commit, or None to leave it pending.
+struct Done {
+    msg: Message,
+    effect: Option<Effect>,
+}
+
+/// What the round task hands back.
+type RoundResult = (GroupReader, Result<(Round, HashMap<String, u64>), Error>);
+
+/// The loop's bookkeeping.
+struct State {
+    limit: usize,
+    /// Ids delivered to us and not yet committed or released: running, queued, finished, or committing.
+    in_flight: HashSet<String>,
+    running: usize,
+    /// order_by keys with a message running, and the messages waiting behind each.
+    busy: HashSet<Vec<u8>>,
+    waiting: HashMap<Vec<u8>, VecDeque<Message>>,
+    /// Decided, waiting to be committed.
+    finished: Vec<Finished>,
+    /// The batch travelling with the round in progress.
+    in_round: Vec<Finished>,
+    /// While re-reading our own pending entries: the id to continue after.
+    recover: Option<String>,
+    /// The highest id a `>` read gave us; a lost read's entries are pending after it.
+    last_new: String,
+    claim_cursor: String,
+    /// How many entries the round in progress asked for.
+    round_count: usize,
+}
+
+impl State {
+    fn free(&self) -> usize {
+        self.limit.saturating_sub(self.in_flight.len())
+    }
+}
+
+impl Consumer {
+    /// Runs until `shutdown` has drained the loop (Ok) or an error no retry can fix (Err).
+    pub async fn run(&self, mut shutdown: Shutdown) -> Result<(), Error> {
+        let cfg = &*self.cfg;
+        let sha = commit::script().get_hash().to_owned();
+        self.load_script().await?;
+        let committer = Committer {
+            stream: cfg.stream.clone(),
+            group: cfg.group.clone(),
+            consumer: cfg.consumer.clone(),
+            source: self.client.identity().subject.clone(),
+            dead_letter: cfg.dead_letter.clone(),
+            handler: self.handler.name().to_owned(),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
+        let mut reader = Some(self.new_reader()?);
+        let mut round: Option<JoinHandle<RoundResult>> = None;
+        let mut st = State {
+            limit: cfg.in_flight,
+            in_flight: HashSet::new(),
+            running: 0,
+            busy: HashSet::new(),
+            waiting: HashMap::new(),
+            finished: Vec::new(),
+            in_round: Vec::new(),
+            recover: Some("0".into()),
+            last_new: "0".into(),
+            claim_cursor: "0-0".into(),
+            round_count: 0,
+        };
+        let mut claim_tick =
+            tokio::time::interval_at(Instant::now() + cfg.claim_interval, cfg.claim_interval);
+        claim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = Backoff::new(self.retry_min, self.retry_max);
+        let mut retry_at: Option<Instant> = None;
+        let mut draining = false;
+
+        loop {
+            // Commit now what cannot wait for the next round: the read is out (and may block), or no
+            // round can start. (Before starting a round: a commit that frees room must be followed by
+            // one, or the loop would wait for an event that never comes.)
+            if !st.finished.is_empty()
+                && retry_at.is_none()
+                && (round.is_some() || draining || st.free() == 0)
+            {
+                let batch = take_sorted(&mut st.finished);
+                let cmd = committer.command(&sha, &batch);
+                let result = self
+                    .client
+                    .redis()
+                    .query_value(&cmd, self.ctx("EVALSHA"))
+                    .await;
+                if !self.apply_commit(batch, result, &mut st).await? {
+                    retry_at = Some(Instant::now() + backoff.fail());
+                }
+            }
+
+            // Start the next round — read, with the commit of what finished — when there is room.
+            if round.is_none() && !draining && retry_at.is_none() && st.free() > 0 {
+                let mut r = match reader.take() {
+                    Some(r) => r,
+                    None => self.new_reader()?,
+                };
+                let batch = take_sorted(&mut st.finished);
+                let cmd = (!batch.is_empty()).then(|| committer.command(&sha, &batch));
+                st.in_round = batch;
+                let from = st.recover.clone();
+                let count = st.free().min(cfg.batch_size);
+                st.round_count = count;
+                let count = count as u64;
+                let block = from.is_none().then_some(cfg.block);
+                let client = self.client.clone();
+                let cfg = self.cfg.clone();
+                debug!(from = ?from, count, commits = st.in_round.len(), "round");
+                round = Some(tokio::spawn(async move {
+                    let read_from = from.as_deref().map_or(ReadFrom::New, ReadFrom::Pending);
+                    let result = match r.round(cmd.as_ref(), read_from, count, block).await {
+                        Ok(round) => deliveries(&client, &cfg, from.is_some(), &round)
+                            .await
+                            .map(|d| (round, d)),
+                        Err(e) => Err(e),
+                    };
+                    (r, result)
+                }));
+            }
+
+            if draining && st.running == 0 && st.finished.is_empty() && st.in_flight.is_empty() {
+                return Ok(());
+            }
+
+            tokio::select! {
+                // Only waits are cancelled: the round (a blocking read) is aborted, and the commit it
+                // carried is redone over the shared connection — the ownership check makes that safe.
+                _ = shutdown.wait(), if !draining => {
+                    draining = true;
+                    if let Some(r) = round.take() {
+                        r.abort();
+                        st.finished.append(&mut st.in_round);
+                    }
+                    // Queued messages never started: release them; they stay pending for the next start.
+                    for (_, q) in st.waiting.drain() {
+                        for m in q {
+                            st.in_flight.remove(&m.id);
+                        }
+                    }
+                    info!(running = st.running, "draining: reads stopped, finishing messages in flight");
+                }
+                Some(done) = rx.recv() => {
+                    self.finish(done, &mut st, &tx);
+                    while let Ok(done) = rx.try_recv() {
+                        self.finish(done, &mut st, &tx);
+                    }
+                }
+                joined = async { round.as_mut().expect("guarded").await }, if round.is_some() => {
+                    round = None;
+                    let batch = std::mem::take(&mut st.in_round);
+                    match joined {
+                        Ok((r, result)) => {
+                            reader = Some(r);
+                            match result {
+                                Ok((rd, counts)) => {
+                                    if let Some(before) = rd.before {
+                                        self.apply_commit(batch, before, &mut st).await?;
+                                    }
+                                    let asked = st.round_count;
+                                    match rd.read {
+                                        Ok(entries) => {
+                                            debug!(entries = entries.entries.len(), deleted = entries.deleted.len(), "read");
+                                            let failures = backoff.succeed();
+                                            if failures > 0 {
+                                                info!(failures, "reading again after Redis trouble");
+                                            }
+                                            self.delivered(entries, counts, asked, &mut st, &tx);
+                                        }
+                                        Err(e) => retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?),
+                                    }
+                                }
+                                Err(e) => {
+                                    // Neither the commit's nor the read's fate is known: commit again
+                                    // later, and look for entries a lost reply delivered to us.
+                                    st.finished.extend(batch);
+                                    retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?);
+                                }
+                            }
+                        }
+                        Err(join) => {
+                            st.finished.extend(batch);
+                            let e = Error::Protocol { command: "XREADGROUP", key: cfg.stream.to_string(), detail: join.to_string() };
+                            retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?);
+                        }
+                    }
+                }
+                _ = claim_tick.tick(), if !draining && st.recover.is_none() && retry_at.is_none() => {
+                    if let Err(e) = self.claim(&mut st, &tx).await {
+                        retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?);
+                    }
+                }
+                _ = sleep_until(retry_at), if retry_at.is_some() => {
+                    retry_at = None;
+                }
+            }
+        }
+    }
+
+    fn ctx(&self, command: &'static str) -> crate::conn::Ctx<'_> {
+        crate::conn::Ctx::new(command, &self.cfg.stream).group(&self.cfg.group)
+    }
+
+    fn new_reader(&self) -> Result<GroupReader, Error> {
+        let c = &self.cfg;
+        self.client
+            .group_reader(&c.stream, &c.group, &c.consumer, c.block)
+    }
+
+    async fn load_script(&self) -> Result<(), Error> {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD").arg(commit::SOURCE);
+        self.client
+            .redis()
+            .query_value(&cmd, self.ctx("SCRIPT LOAD"))
+            .await
+            .map(drop)
+    }
+
+    /// Handles a read or claim failure: returns when to try again, or the error if retrying cannot
+    /// help. Logs the first failure of a streak loudly and the rest quietly.
+    async fn trouble(
+        &self,
+        e: Error,
+        st: &mut State,
+        backoff: &mut Backoff,
+    ) -> Result<Instant, Error> {
+        let delay = backoff.fail();
+        if let Error::NoGroup { .. } = e {
+            warn!(error = %e, start = %self.cfg.start, "group is gone; re-creating it");
+            match self
+                .client
+                .create_group(&self.cfg.stream, &self.cfg.group, &self.cfg.start)
+                .await
+            {
+                // A new group has an empty PEL: nothing of ours to recover.
+                Ok(_) => {
+                    info!(start = %self.cfg.start, "re-created the group");
+                    st.recover = None;
+                    st.last_new = "0".into();
+                    st.claim_cursor = "0-0".into();
+                    return Ok(Instant::now() + delay.min(Duration::from_millis(50)));
+                }
+                Err(e) if e.is_transient() => {
+                    debug!(error = %e, "re-creating the group failed; will retry")
+                }
+                Err(e) => return Err(e),
+            }
+        } else if !e.is_transient() {
+            return Err(e);
+        } else if backoff.failures() == 1 {
+            warn!(error = %e, retry_in = ?delay, "Redis trouble; retrying with backoff");
+        } else {
+            debug!(error = %e, failures = backoff.failures(), retry_in = ?delay, "Redis still in trouble");
+        }
+        // A read whose reply was lost may have delivered entries to us: find them in our PEL.
+        if st.recover.is_none() {
+            st.recover = Some(st.last_new.clone());
+        }
+        Ok(Instant::now() + delay)
+    }
+
+    /// Applies the script's verdicts to a committed batch. On a transient failure the batch waits for
+    /// the next try and this returns false.
+    async fn apply_commit(
+        &self,
+        batch: Vec<Finished>,
+        result: Result<redis::Value, Error>,
+        st: &mut State,
+    ) -> Result<bool, Error> {
+        let n = batch.len();
+        let verdicts = match result.and_then(|v| {
+            commit::decode(v, n).map_err(|detail| Error::Protocol {
+                command: "EVALSHA",
+                key: self.cfg.stream.to_string(),
+                detail,
+            })
+        }) {
+            Ok(v) => v,
+            Err(e) => {
+                if matches!(&e, Error::Redis { source, .. } if source.code() == Some("NOSCRIPT")) {
+                    self.load_script().await?;
+                } else if !e.is_transient() {
+                    return Err(e);
+                } else {
+                    debug!(error = %e, messages = n, "commit failed; will retry");
+                }
+                st.finished.extend(batch);
+                return Ok(false);
+            }
+        };
+        for (f, verdict) in batch.into_iter().zip(verdicts) {
+            let id = &f.msg.id;
+            match (verdict, &f.effect) {
+                (Committed::Yes, Effect::Replies(r)) => {
+                    debug!(id = %id, replies = r.len(), "committed");
+                    self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                }
+                (Committed::Yes, Effect::DeadLetter(reason)) => {
+                    warn!(id = %id, reason = %reason, dead_letter = %self.cfg.dead_letter, "dead-lettered");
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                }
+                (Committed::Yes, Effect::Vanished) => {
+                    self.stats.vanished.fetch_add(1, Ordering::Relaxed);
+                }
+                (Committed::NotOurs, _) => {
+                    info!(id = %id, "another consumer owned the entry by commit time; this result was discarded");
+                    self.stats.not_ours.fetch_add(1, Ordering::Relaxed);
+                }
+                (Committed::Denied, _) => {
+                    error!(id = %id, "Redis's ACL refused a write of this commit; the entry stays pending");
+                }
+            }
+            st.in_flight.remove(id);
+        }
+        Ok(true)
+    }
+
+    /// Dispatches what a round read.
+    fn delivered(
+        &self,
+        got: Entries,
+        counts: HashMap<String, u64>,
+        asked: usize,
+        st: &mut State,
+        tx: &mpsc::UnboundedSender<Done>,
+    ) {
+        let full = got.entries.len() + got.deleted.len() >= asked.max(1);
+        match &mut st.recover {
+            Some(after) => {
+                // Re-reading our own PEL: page on, or switch to new entries when it is exhausted.
+                let last = got
+                    .entries
+                    .iter()
+                    .map(|e| &e.id)
+                    .chain(got.deleted.iter())
+                    .max_by(|a, b| cmp_ids(a, b));
+                match last {
+                    Some(last) if full => *after = last.clone(),
+                    _ => st.recover = None,
+                }
+                // Entries deleted while pending come back with no fields: ack them, never dispatch them.
+                for id in got.deleted {
+                    if st.in_flight.insert(id.clone()) {
+                        st.finished.push(Finished {
+                            msg: self.message(id, Default::default(), 0),
+                            effect: Effect::Vanished,
+                        });
+                    }
+                }
+            }
+            None => {
+                if let Some(last) = got.entries.last() {
+                    st.last_new = last.id.clone();
+                }
+            }
+        }
+        for entry in got.entries {
+            let n = counts.get(&entry.id).copied().unwrap_or(1);
+            self.dispatch(entry, n, st, tx);
+        }
+    }
+
+    /// XAUTOCLAIM of entries idle at least `claim_min_idle` — from dead consumers, or our own failures.
+    /// Scans on while claims come back full and there is room, a bounded number of times.
+    async fn claim(&self, st: &mut State, tx: &mpsc::UnboundedSender<Done>) -> Result<(), Error> {
+        let c = &*self.cfg;
+        for _ in 0..8 {
+            let count = st.free().min(c.batch_size);
+            if count == 0 {
+                return Ok(());
+            }
+            let got = self
+                .client
+                .autoclaim(
+                    &c.stream,
+                    &c.group,
+                    &c.consumer,
+                    c.claim_min_idle,
+                    &st.claim_cursor,
+                    count as u64,
+                )
+                .await?;
+            st.claim_cursor = got.next;
+            let seen = got.entries.len() + got.deleted.len();
+            if !got.deleted.is_empty() {
+                debug!(
+                    count = got.deleted.len(),
+                    "claimed entries had been deleted; Redis dropped them from the PEL"
+                );
+                self.stats
+                    .vanished
+                    .fetch_add(got.deleted.len() as u64, Ordering::Relaxed);
+            }
+            let fresh: Vec<Entry> = got
+                .entries
+                .into_iter()
+                .filter(|e| !st.in_flight.contains(&e.id))
+                .collect();
+            if !fresh.is_empty() {
+                let counts = pending_counts(&self.client, c, &fresh).await?;
+                info!(count = fresh.len(), "claimed idle entries");
+                for entry in fresh {
+                    let n = counts.get(&entry.id).copied().unwrap_or(2);
+                    self.dispatch(entry, n, st, tx);
+                }
+            }
+            if st.claim_cursor == "0-0" || seen < count {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn message(&self, id: String, fields: crate::envelope::Fields, deliveries: u64) -> Message {
+        Message {
+            stream: self.cfg.stream.clone(),
+            id,
+            fields,
+            deliveries,
+        }
+    }
+
+    /// Takes a delivered entry into flight: dead-letter it if it was delivered too often, queue it behind
+    /// its order_by key, or start its handler.
+    fn dispatch(
+        &self,
+        entry: Entry,
+        deliveries: u64,
+        st: &mut State,
+        tx: &mpsc::UnboundedSender<Done>,
+    ) {
+        if !st.in_flight.insert(entry.id.clone()) {
+            return; // already ours and in flight
+        }
+        let msg = self.message(entry.id, entry.fields, deliveries);
+        if deliveries > u64::from(self.cfg.max_deliveries) {
+            let reason = format!(
+                "delivered {deliveries} times, more than max_deliveries ({})",
+                self.cfg.max_deliveries
+            );
+            st.finished.push(Finished {
+                msg,
+                effect: Effect::DeadLetter(reason),
+            });
+            return;
+        }
+        if let Some(key) = self.order_key(&msg)
+            && !st.busy.insert(key.clone())
+        {
+            st.waiting.entry(key).or_default().push_back(msg);
+            return;
+        }
+        self.start(msg, st, tx);
+    }
+
+    fn order_key(&self, msg: &Message) -> Option<Vec<u8>> {
+        let field = self.cfg.order_by.as_deref()?;
+        msg.fields.get(field).map(<[u8]>::to_vec)
+    }
+
+    /// Runs the handler on its own task, with the deadline, and with panics contained.
+    fn start(&self, msg: Message, st: &mut State, tx: &mpsc::UnboundedSender<Done>) {
+        st.running += 1;
+        let handler = self.handler.clone();
+        let client = self.client.clone();
+        let timeout = self.cfg.handler_timeout;
+        let max = u64::from(self.cfg.max_deliveries);
+        let tx = tx.clone();
+        let span = tracing::debug_span!("message", id = %msg.id, deliveries = msg.deliveries, handler = handler.name());
+        tokio::spawn(
+            async move {
+                let call = tokio::time::timeout(timeout, handler.handle(&msg));
+                let outcome = match AssertUnwindSafe(call).catch_unwind().await {
+                    Ok(Ok(outcome)) => outcome,
+                    Ok(Err(_)) => Outcome::Retry(format!(
+                        "handler timed out after {}",
+                        humantime::format_duration(timeout)
+                    )),
+                    Err(_) => Outcome::Retry("handler panicked".into()),
+                };
+                let effect = decide(outcome, &msg, max, &client);
+                // The loop outlives its handler tasks except at an immediate exit, when this is moot.
+                let _ = tx.send(Done { msg, effect });
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Takes a finished handler's result into the commit queue and lets the next message of its key run.
+    fn finish(&self, done: Done, st: &mut State, tx: &mpsc::UnboundedSender<Done>) {
+        st.running -= 1;
+        if let Some(key) = self.order_key(&done.msg) {
+            match st.waiting.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(next) => self.start(next, st, tx),
+                None => {
+                    st.waiting.remove(&key);
+                    st.busy.remove(&key);
+                }
+            }
+        }
+        match done.effect {
+            Some(effect) => st.finished.push(Finished {
+                msg: done.msg,
+                effect,
+            }),
+            None => {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                st.in_flight.remove(&done.msg.id);
+            }
+        }
+    }
+}
+
+/// Turns a handler outcome into what to commit: None leaves the entry pending for a retry.
+fn decide(outcome: Outcome, msg: &Message, max: u64, client: &Client) -> Option<Effect> {
+    match outcome {
+        Outcome::Success(replies) => {
+            // Handlers may only reply where their identity may publish; WASM handlers are checked at
+            // publish time too, this is the last line.
+            for r in &replies {
+                if let Err(e) = check(client.naming(), client.identity(), Op::Publish, &r.stream) {
+                    return Some(Effect::DeadLetter(format!("reply refused: {e}")));
+                }
+            }
+            Some(Effect::Replies(replies))
+        }
+        Outcome::Retry(reason) if msg.deliveries >= max => Some(Effect::DeadLetter(format!(
+            "{reason} (gave up after {} deliveries)",
+            msg.deliveries
+        ))),
+        Outcome::Retry(reason) => {
+            debug!(reason = %reason, "handler asked for a retry; the entry stays pending");
+            None
+        }
+        Outcome::Reject(reason) => Some(Effect::DeadLetter(reason)),
+    }
+}
+
+/// Delivery counts for a round's entries: 1 for new ones; from XPENDING for re-read pending ones.
+async fn deliveries(
+    client: &Client,
+    cfg: &ConsumerSettings,
+    pending: bool,
+    round: &Round,
+) -> Result<HashMap<String, u64>, Error> {
+    match (&round.read, pending) {
+        (Ok(got), true) if !got.entries.is_empty() => {
+            pending_counts(client, cfg, &got.entries).await
+        }
+        _ => Ok(HashMap::new()),
+    }
+}
+
+/// XPENDING over the id range of `entries`, for this consumer.
+async fn pending_counts(
+    client: &Client,
+    cfg: &ConsumerSettings,
+    entries: &[Entry],
+) -> Result<HashMap<String, u64>, Error> {
+    let (Some(first), Some(last)) = (
+        entries.iter().map(|e| &e.id).min_by(|a, b| cmp_ids(a, b)),
+        entries.iter().map(|e| &e.id).max_by(|a, b| cmp_ids(a, b)),
+    ) else {
+        return Ok(HashMap::new());
+    };
+    let q = PendingQuery {
+        start: first.clone(),
+        end: last.clone(),
+        count: entries.len() as u64 * 2 + 16,
+        consumer: Some(cfg.consumer.clone()),
+        min_idle: None,
+    };
+    let rows = client.pending(&cfg.stream, &cfg.group, &q).await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.deliveries)).collect())
+}
+
+/// The finished messages in stream order, so replies of one batch are written in the order their
+/// sources were.
+fn take_sorted(finished: &mut Vec<Finished>) -> Vec<Finished> {
+    let mut batch = std::mem::take(finished);
+    batch.sort_by(|a, b| cmp_ids(&a.msg.id, &b.msg.id));
+    batch
+}
+
+/// Orders stream ids (`ms-seq`) numerically.
+fn cmp_ids(a: &str, b: &str) -> std::cmp::Ordering {
+    let parse = |s: &str| {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
+    };
+    parse(a).cmp(&parse(b))
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cmp_ids;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn ids_compare_numerically() {
+        assert_eq!(cmp_ids("10-0", "9-5"), Greater);
+        assert_eq!(cmp_ids("5-10", "5-9"), Greater);
+        assert_eq!(cmp_ids("5-1", "5-1"), Equal);
+    }
+}

@@ -1,0 +1,267 @@
+//! The daemon: a supervisor running one consumer loop per configured group.
+//!
+//! Owns start-up (Redis reachable, groups created), the supervision of loops (a loop that fails is
+//! logged loudly and restarted with capped backoff; one that panics likewise), and the stop sequence:
+//! the first SIGTERM/SIGINT stops reading and drains in-flight messages within `drain_timeout`; a second
+//! one exits at once, leaving unfinished entries pending for the next start. What a loop does is
+//! [`consumer`]'s; what a message does is [`handler`]'s; how results reach Redis is [`commit`]'s.
+
+pub mod commit;
+pub mod consumer;
+pub mod handler;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::task::JoinSet;
+use tracing::{Instrument, error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::client::Client;
+use crate::config::Settings;
+use crate::conn::Redis;
+use crate::error::Error;
+use crate::shutdown::{self, Shutdown, Signal};
+use consumer::{Consumer, Stats};
+use handler::Handler;
+
+/// One consumer group to consume, validated.
+#[derive(Clone, Debug)]
+pub struct ConsumerSettings {
+    pub stream: Arc<str>,
+    pub group: String,
+    /// Stable across restarts: derived from the daemon identity, host and instance unless configured.
+    pub consumer: String,
+    /// Where a newly created group starts: `$` (new entries only), `0` (the whole stream) or an id.
+    pub start: String,
+    pub batch_size: usize,
+    pub block: Duration,
+    pub claim_min_idle: Duration,
+    pub claim_interval: Duration,
+    pub max_deliveries: u32,
+    pub dead_letter: String,
+    pub in_flight: usize,
+    pub order_by: Option<String>,
+    pub handler: HandlerSpec,
+    pub handler_timeout: Duration,
+}
+
+/// Which handler a consumer runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandlerSpec {
+    Drop,
+    Forward {
+        to: String,
+    },
+    #[cfg(feature = "fault-injection")]
+    Faults(FaultSpec),
+}
+
+/// Options of the `faults` test handler.
+#[cfg(feature = "fault-injection")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultSpec {
+    pub reply_to: Option<String>,
+    pub fail_field: Option<String>,
+    pub fail_deliveries: u64,
+    pub fail_every: u64,
+    pub sleep: Duration,
+}
+
+impl std::fmt::Display for HandlerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandlerSpec::Drop => f.write_str("drop"),
+            HandlerSpec::Forward { to } => write!(f, "forward to {to}"),
+            #[cfg(feature = "fault-injection")]
+            HandlerSpec::Faults(_) => f.write_str("faults (test handler)"),
+        }
+    }
+}
+
+impl HandlerSpec {
+    pub fn build(&self) -> Arc<dyn Handler> {
+        match self {
+            HandlerSpec::Drop => Arc::new(handler::Drop),
+            HandlerSpec::Forward { to } => Arc::new(handler::Forward { to: to.clone() }),
+            #[cfg(feature = "fault-injection")]
+            HandlerSpec::Faults(f) => Arc::new(handler::Faults {
+                reply_to: f.reply_to.clone(),
+                fail_field: f.fail_field.clone(),
+                fail_deliveries: f.fail_deliveries,
+                fail_every: f.fail_every,
+                sleep: f.sleep,
+                calls: Default::default(),
+            }),
+        }
+    }
+
+    /// Streams this handler writes to, for the start-up permission check.
+    pub fn writes(&self) -> Vec<&str> {
+        match self {
+            HandlerSpec::Drop => Vec::new(),
+            HandlerSpec::Forward { to } => vec![to.as_str()],
+            #[cfg(feature = "fault-injection")]
+            HandlerSpec::Faults(f) => f.reply_to.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// Daemon-wide settings.
+#[derive(Clone, Debug)]
+pub struct DaemonSettings {
+    /// Distinguishes several daemons on one host in default consumer names.
+    pub instance: Option<String>,
+    /// How long a stop may take to finish and commit messages in flight.
+    pub drain_timeout: Duration,
+}
+
+/// How the daemon stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every message in flight was finished and committed.
+    Drained,
+    /// `drain_timeout` passed first; unfinished entries stay pending.
+    DrainTimedOut,
+    /// A second stop signal: exited at once; unfinished entries stay pending.
+    Forced,
+}
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Redis did not answer within `redis.startup_wait`.
+    #[error("redis unavailable at start: {0}")]
+    Unavailable(Error),
+    #[error("{0}")]
+    Failed(Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the daemon until it is stopped by a signal.
+pub async fn run(settings: &Settings) -> Result<Stopped, RunError> {
+    let identity = settings
+        .identity
+        .as_ref()
+        .expect("config validation requires an identity when consumers are configured")
+        .identity
+        .clone();
+    let redis = Redis::open(settings.redis.clone()).map_err(|detail| {
+        RunError::Failed(Error::Protocol {
+            command: "CONNECT",
+            key: String::new(),
+            detail,
+        })
+    })?;
+    // Signals are registered before anything slow, so a stop during start-up is not lost.
+    let mut signals = shutdown::signals()?;
+    redis.wait_ready(settings.startup_wait).await.map_err(|e| {
+        if e.is_transient() {
+            RunError::Unavailable(e)
+        } else {
+            RunError::Failed(e)
+        }
+    })?;
+    let client = Client::new(redis, settings.naming.clone(), identity);
+    for c in &settings.consumers {
+        let created = client
+            .create_group(&c.stream, &c.group, &c.start)
+            .await
+            .map_err(RunError::Failed)?;
+        if created {
+            info!(stream = %c.stream, group = %c.group, start = %c.start, "created consumer group");
+        }
+    }
+
+    let (trigger, shutdown) = shutdown::channel();
+    let mut tasks = JoinSet::new();
+    for c in &settings.consumers {
+        let consumer = Consumer {
+            cfg: Arc::new(c.clone()),
+            client: client.clone(),
+            handler: c.handler.build(),
+            stats: Arc::new(Stats::default()),
+            retry_min: settings.redis.reconnect_min_delay,
+            retry_max: settings.redis.reconnect_max_delay,
+        };
+        let span = tracing::info_span!("consumer", stream = %c.stream, group = %c.group, consumer = %c.consumer);
+        tasks.spawn(supervise(consumer, shutdown.clone()).instrument(span));
+    }
+    info!(
+        consumers = settings.consumers.len(),
+        identity = %client.identity().subject,
+        "redstream running"
+    );
+
+    loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Some(Signal::Stop) | None => break,
+                Some(Signal::Reload) => warn!("SIGHUP: reloading is not supported yet; the running config stays"),
+            },
+            Some(_) = tasks.join_next() => {
+                error!("a consumer supervisor ended before shutdown; this is a bug");
+            }
+        }
+    }
+
+    info!(drain_timeout = ?settings.daemon.drain_timeout, "stopping: no new reads; finishing messages in flight");
+    trigger.trigger();
+    let deadline = tokio::time::sleep(settings.daemon.drain_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                warn!("drain timed out; unfinished messages stay pending for the next start");
+                tasks.abort_all();
+                return Ok(Stopped::DrainTimedOut);
+            }
+            signal = signals.next() => if let Some(Signal::Stop) = signal {
+                warn!("second stop signal: exiting now; unfinished messages stay pending");
+                tasks.abort_all();
+                return Ok(Stopped::Forced);
+            },
+            joined = tasks.join_next() => if joined.is_none() {
+                info!("drained; every message in flight was committed");
+                return Ok(Stopped::Drained);
+            },
+        }
+    }
+}
+
+/// Keeps one consumer loop running: restarts it with capped backoff when it fails or panics, and
+/// returns once it has drained after shutdown.
+async fn supervise(consumer: Consumer, mut shutdown: Shutdown) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        let c = consumer.clone();
+        let s = shutdown.clone();
+        let span = tracing::Span::current();
+        let started = tokio::time::Instant::now();
+        let result = tokio::spawn(async move { c.run(s).await }.instrument(span)).await;
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff.succeed(); // it ran well for a while: start the backoff over
+        }
+        match result {
+            Ok(Ok(())) if shutdown.is_triggered() => return,
+            Ok(Ok(())) => {
+                error!("consumer loop returned without being asked to stop; restarting it")
+            }
+            Ok(Err(e)) => error!(error = %e, "consumer loop failed; restarting it"),
+            Err(join) if join.is_panic() => {
+                error!(panic = ?join, "consumer loop panicked; restarting it")
+            }
+            Err(_) => return, // aborted: the daemon is exiting
+        }
+        if shutdown.is_triggered() {
+            return;
+        }
+        let delay = backoff.fail();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait() => return,
+        }
+    }
+}

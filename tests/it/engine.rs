@@ -1,0 +1,708 @@
+//! The daemon as a process against a real redis-server: delivery, draining, crashes, Redis faults,
+//! poison messages, claims, ordering — and effectively-once replies under repeated SIGKILLs.
+//! Handlers are the built-in `forward` and the test-only `faults` (cargo feature `fault-injection`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::util::{Daemon, RedisServer, daemon_toml, wait_for};
+
+const IN: &str = "nova:task:engine:in";
+const OUT: &str = "nova:task:engine:out";
+const DLQ: &str = "nova:task:engine:in-dlq";
+
+/// A `[[consumers]]` entry with test-friendly timings; `opts` are raw TOML values that override them.
+fn consumer(group: &str, opts: &[(&str, &str)]) -> String {
+    let mut kv: Vec<(&str, String)> = vec![
+        ("stream", format!("\"{IN}\"")),
+        ("group", format!("\"{group}\"")),
+        ("start", "\"0\"".into()),
+        ("block", "\"1s\"".into()),
+        ("claim_min_idle", "\"1s\"".into()),
+        ("claim_interval", "\"200ms\"".into()),
+        ("handler_timeout", "\"500ms\"".into()),
+    ];
+    for (k, v) in opts {
+        match kv.iter_mut().find(|(key, _)| key == k) {
+            Some(slot) => slot.1 = v.to_string(),
+            None => kv.push((k, v.to_string())),
+        }
+    }
+    let mut out = String::from("[[consumers]]\n");
+    for (k, v) in kv {
+        out.push_str(&format!("{k} = {v}\n"));
+    }
+    out
+}
+
+fn forward(group: &str, opts: &[(&str, &str)]) -> String {
+    let mut all = vec![
+        ("handler", "\"forward\""),
+        ("forward_to", "\"nova:task:engine:out\""),
+    ];
+    all.extend_from_slice(opts);
+    consumer(group, &all)
+}
+
+fn publish(server: &RedisServer, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| server.xadd(IN, &[("n", &i.to_string())]))
+        .collect()
+}
+
+/// Source ids named by the `_cause` of each reply, counted.
+fn causes(server: &RedisServer) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for e in server.entries(OUT) {
+        let cause = e
+            .fields
+            .get_str("_cause")
+            .expect("every reply has _cause")
+            .to_owned();
+        let id = cause
+            .strip_prefix(&format!("{IN}/"))
+            .expect("cause names the source stream")
+            .to_owned();
+        *seen.entry(id).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// Every source id exactly once, nothing else.
+fn assert_exactly_once(server: &RedisServer, ids: &[String]) {
+    let seen = causes(server);
+    let lost = ids.iter().filter(|id| !seen.contains_key(*id)).count();
+    let duplicates: usize = seen.values().map(|n| n.saturating_sub(1)).sum();
+    let strangers = seen.keys().filter(|id| !ids.contains(id)).count();
+    println!("lost={lost} duplicates={duplicates}");
+    assert_eq!(
+        (lost, duplicates, strangers),
+        (0, 0, 0),
+        "lost, duplicated, unknown replies"
+    );
+}
+
+fn wait_replies(server: &RedisServer, n: u64, limit: Duration) {
+    wait_for(&format!("{n} replies"), limit, || {
+        (server.xlen(OUT) >= n).then_some(())
+    });
+}
+
+#[test]
+fn forwards_with_envelope_and_drains_on_sigterm() {
+    let server = RedisServer::start();
+    let ids = publish(&server, 5);
+    let mut d = Daemon::running(&daemon_toml(&server.url(), &forward("fwd", &[])), &[]);
+    wait_replies(&server, 5, Duration::from_secs(10));
+    let live = server.xadd(IN, &[("n", "live")]);
+    wait_replies(&server, 6, Duration::from_secs(5));
+    assert_eq!(
+        d.stop(Duration::from_secs(10)),
+        0,
+        "SIGTERM with nothing in flight exits 0"
+    );
+    let mut all = ids.clone();
+    all.push(live.clone());
+    assert_exactly_once(&server, &all);
+    assert_eq!(server.pending(IN, "fwd"), 0);
+    let replies = server.entries(OUT);
+    let last = replies.last().unwrap();
+    assert_eq!(last.fields.get_str("_source"), Some("test-daemon"));
+    assert_eq!(
+        last.fields.get_str("_cause"),
+        Some(format!("{IN}/{live}").as_str())
+    );
+    assert!(last.fields.get_str("_trace_id").is_some());
+}
+
+#[test]
+fn sigterm_finishes_in_flight_messages_and_a_second_signal_exits_at_once() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            "slow",
+            &[
+                ("handler", "\"faults\""),
+                ("handler_timeout", "\"5s\""),
+                ("claim_min_idle", "\"10s\""),
+                (
+                    "faults",
+                    "{ reply_to = \"nova:task:engine:out\", sleep = \"1500ms\" }",
+                ),
+            ],
+        ),
+    );
+    let ids = publish(&server, 4);
+    let mut d = Daemon::running(&toml, &[]);
+    wait_for("4 in flight", Duration::from_secs(5), || {
+        (server.pending(IN, "slow") == 4).then_some(())
+    });
+    let started = Instant::now();
+    assert_eq!(d.stop(Duration::from_secs(10)), 0, "drained");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "it waited for the handlers"
+    );
+    assert_exactly_once(&server, &ids);
+    assert_eq!(server.pending(IN, "slow"), 0);
+
+    // Now with a second signal during the drain: out at once, the rest stays pending.
+    let more = publish(&server, 3);
+    let mut d = Daemon::running(
+        &toml
+            .replace("1500ms", "20s")
+            .replace("\"5s\"", "\"30s\"")
+            .replace("\"10s\"", "\"60s\""),
+        &[],
+    );
+    wait_for("3 in flight", Duration::from_secs(5), || {
+        (server.pending(IN, "slow") == 3).then_some(())
+    });
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_log("stopping", Duration::from_secs(5)));
+    let started = Instant::now();
+    d.signal(libc::SIGTERM);
+    let code = d
+        .wait_exit(Duration::from_secs(5))
+        .expect("exits at once on the second signal");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(code, 1, "a forced stop is not a clean one");
+    assert_eq!(
+        server.pending(IN, "slow"),
+        3,
+        "unfinished entries stay pending: {more:?}"
+    );
+}
+
+#[test]
+fn kill_9_mid_batch_then_restart_handles_everything() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            "crash",
+            &[
+                ("handler", "\"faults\""),
+                ("in_flight", "16"),
+                ("batch_size", "16"),
+                (
+                    "faults",
+                    "{ reply_to = \"nova:task:engine:out\", sleep = \"30ms\" }",
+                ),
+            ],
+        ),
+    );
+    let ids = publish(&server, 200);
+    let mut d = Daemon::running(&toml, &[]);
+    wait_replies(&server, 20, Duration::from_secs(10));
+    d.kill9();
+    assert!(
+        server.pending(IN, "crash") > 0,
+        "the crash left entries pending"
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    wait_replies(&server, 200, Duration::from_secs(30));
+    wait_for("nothing pending", Duration::from_secs(5), || {
+        (server.pending(IN, "crash") == 0).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_exactly_once(&server, &ids);
+}
+
+#[test]
+fn a_second_instance_claims_a_dead_instances_entries() {
+    let server = RedisServer::start();
+    let slow = consumer(
+        "pair",
+        &[
+            ("consumer", "\"alpha\""),
+            ("handler", "\"faults\""),
+            ("handler_timeout", "\"5s\""),
+            ("claim_min_idle", "\"30s\""),
+            (
+                "faults",
+                "{ reply_to = \"nova:task:engine:out\", sleep = \"10s\" }",
+            ),
+        ],
+    );
+    let fast = consumer(
+        "pair",
+        &[
+            ("consumer", "\"beta\""),
+            ("handler", "\"faults\""),
+            ("claim_min_idle", "\"1s\""),
+            ("faults", "{ reply_to = \"nova:task:engine:out\" }"),
+        ],
+    );
+    let ids = publish(&server, 10);
+    let mut alpha = Daemon::running(&daemon_toml(&server.url(), &slow), &[]);
+    wait_for("alpha holds 10", Duration::from_secs(5), || {
+        (server.pending_of(IN, "pair", "alpha") == 10).then_some(())
+    });
+    alpha.kill9();
+    let started = Instant::now();
+    let mut beta = Daemon::running(&daemon_toml(&server.url(), &fast), &[]);
+    wait_replies(&server, 10, Duration::from_secs(15));
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "claimed only after claim_min_idle"
+    );
+    wait_for("nothing pending", Duration::from_secs(5), || {
+        (server.pending(IN, "pair") == 0).then_some(())
+    });
+    assert!(beta.wait_log("claimed idle entries", Duration::from_secs(1)));
+    assert_eq!(beta.stop(Duration::from_secs(10)), 0);
+    assert_exactly_once(&server, &ids);
+}
+
+#[test]
+fn redis_restart_without_persistence_recreates_the_group_without_a_hot_loop() {
+    let mut server = RedisServer::start();
+    let mut d = Daemon::running(&daemon_toml(&server.url(), &forward("phoenix", &[])), &[]);
+    let before = publish(&server, 3);
+    wait_replies(&server, 3, Duration::from_secs(10));
+    let _ = before;
+
+    server.kill();
+    let lines_before = d.logs().len();
+    // Redis stays down for a while: the daemon must back off, not spin.
+    std::thread::sleep(Duration::from_secs(3));
+    let outage_lines = d.logs().len() - lines_before;
+    server.restart();
+    let after = publish(&server, 5);
+    wait_replies(&server, 5, Duration::from_secs(20));
+    assert_exactly_once(&server, &after);
+    assert!(d.count_log("re-creating") >= 1, "{}", d.logs().join("\n"));
+    assert!(
+        outage_lines <= 15,
+        "{outage_lines} log lines in a 3 s outage:\n{}",
+        d.logs()[lines_before..].join("\n")
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn group_destroyed_or_stream_deleted_during_a_blocked_read_and_killed_clients() {
+    let server = RedisServer::start();
+    // start = "$": a re-created group starts at the end (with "0" it would re-read the whole stream).
+    let toml = daemon_toml(
+        &server.url(),
+        &forward("vanishing", &[("block", "\"5s\""), ("start", "\"$\"")]),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let first = publish(&server, 1);
+    wait_replies(&server, 1, Duration::from_secs(10));
+    let mut conn = server.conn();
+
+    // The reader is blocked (5 s); destroy its group under it.
+    let _: i64 = redis::cmd("XGROUP")
+        .arg(&["DESTROY", IN, "vanishing"])
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        d.wait_log("re-created the group", Duration::from_secs(10)),
+        "{}",
+        d.logs().join("\n")
+    );
+    let a = server.xadd(IN, &[("n", "after-destroy")]);
+    wait_replies(&server, 2, Duration::from_secs(10));
+
+    // Delete the whole stream under a blocked read.
+    let _: i64 = redis::cmd("DEL").arg(IN).query(&mut conn).unwrap();
+    wait_for("a second re-creation", Duration::from_secs(10), || {
+        (d.count_log("re-created the group") >= 2).then_some(())
+    });
+    let b = server.xadd(IN, &[("n", "after-del")]);
+    wait_replies(&server, 3, Duration::from_secs(10));
+
+    // Every normal client connection dropped at once.
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal"])
+        .query(&mut conn)
+        .unwrap();
+    let c = server.xadd(IN, &[("n", "after-kill")]);
+    wait_replies(&server, 4, Duration::from_secs(15));
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_exactly_once(&server, &[first[0].clone(), a, b, c]);
+}
+
+#[test]
+fn redis_stopped_for_10_seconds_then_continued() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(&server.url(), &forward("frozen", &[]))
+        .replace("command_timeout = \"2s\"", "command_timeout = \"1s\"");
+    let mut d = Daemon::running(&toml, &[]);
+    let first = publish(&server, 1);
+    wait_replies(&server, 1, Duration::from_secs(10));
+    let pid = server.pid();
+    // SAFETY: signals to the redis-server process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(10));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let after = server.xadd(IN, &[("n", "after-stop")]);
+    wait_replies(&server, 2, Duration::from_secs(20));
+    assert!(
+        d.count_log("timed out") >= 1,
+        "commands timed out while Redis was stopped:\n{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_exactly_once(&server, &[first[0].clone(), after]);
+}
+
+#[test]
+fn poison_message_is_dead_lettered_while_the_others_flow() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            "poison",
+            &[
+                ("handler", "\"faults\""),
+                ("max_deliveries", "3"),
+                ("claim_min_idle", "\"700ms\""),
+                ("handler_timeout", "\"300ms\""),
+                (
+                    "faults",
+                    "{ reply_to = \"nova:task:engine:out\", fail_field = \"poison\" }",
+                ),
+            ],
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let bad = server.xadd(IN, &[("poison", "yes"), ("n", "bad")]);
+    let good = publish(&server, 50);
+    let started = Instant::now();
+    wait_replies(&server, 50, Duration::from_secs(10));
+    let flowed = started.elapsed();
+    assert_eq!(
+        server.xlen(DLQ),
+        0,
+        "the good ones were done before the poison ran out of deliveries"
+    );
+    assert!(
+        flowed < Duration::from_secs(2),
+        "the others flowed without delay: {flowed:?}"
+    );
+
+    let dead = wait_for("a dead letter", Duration::from_secs(15), || {
+        server.entries(DLQ).pop()
+    });
+    assert_eq!(
+        dead.fields.get_str("n"),
+        Some("bad"),
+        "original fields kept"
+    );
+    assert_eq!(
+        dead.fields.get_str("_dlq_source"),
+        Some(format!("{IN}/{bad}").as_str())
+    );
+    assert_eq!(dead.fields.get_str("_dlq_deliveries"), Some("3"));
+    assert_eq!(dead.fields.get_str("_dlq_handler"), Some("faults"));
+    assert!(
+        dead.fields
+            .get_str("_dlq_reason")
+            .unwrap()
+            .contains("poison"),
+        "{:?}",
+        dead.fields.get_str("_dlq_reason")
+    );
+    wait_for("nothing pending", Duration::from_secs(5), || {
+        (server.pending(IN, "poison") == 0).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_exactly_once(&server, &good);
+}
+
+#[test]
+fn transient_failures_are_all_eventually_acked_and_none_dead_lettered() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            "flaky",
+            &[
+                ("handler", "\"faults\""),
+                ("max_deliveries", "10"),
+                ("claim_min_idle", "\"600ms\""),
+                ("handler_timeout", "\"300ms\""),
+                ("claim_interval", "\"100ms\""),
+                (
+                    "faults",
+                    "{ reply_to = \"nova:task:engine:out\", fail_deliveries = 2, fail_every = 5 }",
+                ),
+            ],
+        ),
+    );
+    let ids = publish(&server, 50);
+    let mut d = Daemon::running(&toml, &[]);
+    wait_replies(&server, 50, Duration::from_secs(30));
+    wait_for("nothing pending", Duration::from_secs(5), || {
+        (server.pending(IN, "flaky") == 0).then_some(())
+    });
+    assert_eq!(server.xlen(DLQ), 0);
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_exactly_once(&server, &ids);
+}
+
+#[test]
+fn entries_trimmed_while_pending_are_acked_never_dispatched() {
+    let server = RedisServer::start();
+    let slow = consumer(
+        "trim",
+        &[
+            ("consumer", "\"owner\""),
+            ("handler", "\"faults\""),
+            ("handler_timeout", "\"5s\""),
+            ("claim_min_idle", "\"30s\""),
+            (
+                "faults",
+                "{ reply_to = \"nova:task:engine:out\", sleep = \"10s\" }",
+            ),
+        ],
+    );
+    let ids = publish(&server, 10);
+    let mut d = Daemon::running(&daemon_toml(&server.url(), &slow), &[]);
+    wait_for("10 pending", Duration::from_secs(5), || {
+        (server.pending(IN, "trim") == 10).then_some(())
+    });
+    d.kill9();
+    let mut conn = server.conn();
+    // Trim the first four away, delete two more by id.
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(&[IN, "MINID", &ids[4]])
+        .query(&mut conn)
+        .unwrap();
+    let _: i64 = redis::cmd("XDEL")
+        .arg(IN)
+        .arg(&ids[8])
+        .arg(&ids[9])
+        .query(&mut conn)
+        .unwrap();
+
+    // The same consumer restarts: its PEL re-read finds the gaps (own-PEL path).
+    let fast = slow.replace("sleep = \"10s\"", "sleep = \"0s\"");
+    let mut d = Daemon::running(&daemon_toml(&server.url(), &fast), &[]);
+    wait_for("nothing pending", Duration::from_secs(10), || {
+        (server.pending(IN, "trim") == 0).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_exactly_once(&server, &ids[4..8]);
+    assert!(
+        server
+            .entries(OUT)
+            .iter()
+            .all(|e| e.fields.get("n").is_some()),
+        "no empty-bodied dispatch"
+    );
+
+    // And through XAUTOCLAIM by another consumer (claim path).
+    let more = publish(&server, 4);
+    let mut d = Daemon::running(&daemon_toml(&server.url(), &slow), &[]);
+    wait_for("4 pending", Duration::from_secs(5), || {
+        (server.pending(IN, "trim") == 4).then_some(())
+    });
+    d.kill9();
+    let _: i64 = redis::cmd("XDEL")
+        .arg(IN)
+        .arg(&more[0])
+        .query(&mut conn)
+        .unwrap();
+    let other = consumer(
+        "trim",
+        &[
+            ("consumer", "\"other\""),
+            ("handler", "\"faults\""),
+            ("faults", "{ reply_to = \"nova:task:engine:out\" }"),
+        ],
+    );
+    let mut d = Daemon::running(&daemon_toml(&server.url(), &other), &[]);
+    wait_for("nothing pending", Duration::from_secs(10), || {
+        (server.pending(IN, "trim") == 0).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    let mut expected: Vec<String> = ids[4..8].to_vec();
+    expected.extend_from_slice(&more[1..]);
+    assert_exactly_once(&server, &expected);
+}
+
+#[test]
+fn consumer_names_are_stable_across_restarts() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(&server.url(), &forward("stable", &[]));
+    for _ in 0..20 {
+        let mut d = Daemon::running(&toml, &[]);
+        assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    }
+    let mut d = Daemon::running(&toml, &[("REDSTREAM_DAEMON__INSTANCE", "2")]);
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    let mut names = server.consumers(IN, "stable");
+    names.sort();
+    assert_eq!(
+        names.len(),
+        2,
+        "one consumer per instance, whatever the restarts: {names:?}"
+    );
+    assert!(names[0].starts_with("test-daemon@"), "{names:?}");
+    assert_eq!(names[1], format!("{}#2", names[0]));
+}
+
+#[test]
+fn claim_race_yields_exactly_one_set_of_replies() {
+    let server = RedisServer::start();
+    // alpha is slow (3 s, within its own timeout); beta claims anything idle for 500 ms.
+    let alpha = daemon_toml(
+        &server.url(),
+        &consumer(
+            "race",
+            &[
+                ("consumer", "\"alpha\""),
+                ("handler", "\"faults\""),
+                ("handler_timeout", "\"5s\""),
+                ("claim_min_idle", "\"30s\""),
+                (
+                    "faults",
+                    "{ reply_to = \"nova:task:engine:out\", sleep = \"3s\" }",
+                ),
+            ],
+        ),
+    )
+    .replace("name = \"test-daemon\"", "name = \"alpha-daemon\"");
+    let beta = daemon_toml(
+        &server.url(),
+        &consumer(
+            "race",
+            &[
+                ("consumer", "\"beta\""),
+                ("handler", "\"faults\""),
+                ("handler_timeout", "\"300ms\""),
+                ("claim_min_idle", "\"500ms\""),
+                ("claim_interval", "\"100ms\""),
+                ("faults", "{ reply_to = \"nova:task:engine:out\" }"),
+            ],
+        ),
+    )
+    .replace("name = \"test-daemon\"", "name = \"beta-daemon\"");
+    let mut a = Daemon::running(&alpha, &[]);
+    let id = server.xadd(IN, &[("n", "contested")]);
+    wait_for("alpha holds it", Duration::from_secs(5), || {
+        (server.pending_of(IN, "race", "alpha") == 1).then_some(())
+    });
+    let mut b = Daemon::running(&beta, &[]);
+    assert!(
+        a.wait_log("another consumer owned the entry", Duration::from_secs(10)),
+        "{}",
+        a.logs().join("\n")
+    );
+    assert_eq!(a.stop(Duration::from_secs(10)), 0);
+    assert_eq!(b.stop(Duration::from_secs(10)), 0);
+    assert_exactly_once(&server, std::slice::from_ref(&id));
+    assert_eq!(
+        server.entries(OUT)[0].fields.get_str("_source"),
+        Some("beta-daemon"),
+        "the claimer's commit won"
+    );
+}
+
+#[test]
+fn order_by_keeps_each_key_in_order_while_keys_run_in_parallel() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            "ordered",
+            &[
+                ("handler", "\"faults\""),
+                ("order_by", "\"k\""),
+                ("in_flight", "8"),
+                (
+                    "faults",
+                    "{ reply_to = \"nova:task:engine:out\", sleep = \"40ms\" }",
+                ),
+            ],
+        ),
+    );
+    for i in 0..10 {
+        for k in ["a", "b", "c", "d"] {
+            server.xadd(IN, &[("k", k), ("n", &i.to_string())]);
+        }
+    }
+    let mut d = Daemon::running(&toml, &[]);
+    wait_replies(&server, 40, Duration::from_secs(20));
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    let mut runs: Vec<(String, u64, u64)> = server
+        .entries(OUT)
+        .iter()
+        .map(|e| {
+            let k = e.fields.get_str("k").unwrap().to_owned();
+            let n = e.fields.get_str("n").unwrap().parse().unwrap();
+            let t = e
+                .fields
+                .get_str("faults_started_us")
+                .unwrap()
+                .parse()
+                .unwrap();
+            (k, n, t)
+        })
+        .collect();
+    runs.sort_by_key(|r| r.2);
+    for k in ["a", "b", "c", "d"] {
+        let order: Vec<u64> = runs.iter().filter(|r| r.0 == k).map(|r| r.1).collect();
+        assert_eq!(order, (0..10).collect::<Vec<_>>(), "key {k} ran in order");
+    }
+    // Different keys overlapped: at some moment more than one key was running.
+    let busy = runs
+        .windows(2)
+        .filter(|w| w[1].2 < w[0].2 + 40_000 && w[0].0 != w[1].0)
+        .count();
+    assert!(busy >= 10, "keys ran in parallel ({busy} overlaps)");
+}
+
+#[test]
+fn effectively_once_under_repeated_sigkill() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        &forward("crashy", &[("in_flight", "64"), ("batch_size", "100")]),
+    );
+    let ids: Vec<String> = {
+        let mut conn = server.conn();
+        let mut pipe = redis::pipe();
+        for i in 0..10_000 {
+            pipe.cmd("XADD").arg(IN).arg("*").arg("n").arg(i);
+        }
+        pipe.query(&mut conn).unwrap()
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut rng = seed;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    println!("kill schedule seed {seed}");
+    for kill in 0..5 {
+        let d = Daemon::running(&toml, &[]);
+        // A random moment while work remains: after a random share of what is left is done.
+        let done = server.xlen(OUT);
+        let target = done + 1 + next() % (10_000 - done).max(1) / 2;
+        wait_for("progress before the kill", Duration::from_secs(30), || {
+            (server.xlen(OUT) >= target.min(9_999)).then_some(())
+        });
+        let mut d = d;
+        d.kill9();
+        println!("kill {kill}: at {} replies", server.xlen(OUT));
+    }
+    let mut d = Daemon::running(&toml, &[]);
+    wait_replies(&server, 10_000, Duration::from_secs(60));
+    wait_for("nothing pending", Duration::from_secs(10), || {
+        (server.pending(IN, "crashy") == 0).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_exactly_once(&server, &ids);
+}

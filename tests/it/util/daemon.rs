@@ -1,0 +1,148 @@
+//! The real `redstream run` as a child process: its config in a temp file, its log lines captured,
+//! signals sent by pid (SIGTERM, SIGKILL), and its exit awaited with a deadline.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::bin;
+
+pub struct Daemon {
+    child: Option<Child>,
+    logs: Arc<Mutex<Vec<String>>>,
+    _config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `redstream run` on `toml`, with `env` added to its environment.
+    pub fn start(toml: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("redstream.toml");
+        std::fs::write(&config, toml).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("run").arg("--config").arg(&config);
+        cmd.env_remove("REDSTREAM_CONFIG")
+            .env("RUST_LOG", "info,redstream=debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn redstream run");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Daemon {
+            child: Some(child),
+            logs,
+            _config: config,
+            _dir: dir,
+        }
+    }
+
+    /// Starts it and waits until it says it is running (groups created, loops started).
+    pub fn running(toml: &str, env: &[(&str, &str)]) -> Daemon {
+        let d = Daemon::start(toml, env);
+        assert!(
+            d.wait_log("redstream running", Duration::from_secs(20)),
+            "daemon did not start:\n{}",
+            d.logs().join("\n")
+        );
+        d
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.count_log(needle) > 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the pid of our own child.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
+    }
+
+    /// SIGKILL: no drain, no cleanup — a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit; its code, or None if it did not exit in time.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// SIGTERM, then the exit code (panics if it does not exit within `limit`).
+    pub fn stop(&mut self, limit: Duration) -> i32 {
+        self.signal(libc::SIGTERM);
+        match self.wait_exit(limit) {
+            Some(code) => code,
+            None => panic!(
+                "daemon did not exit within {limit:?}:\n{}",
+                self.logs().join("\n")
+            ),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- redstream log (pid gone) ----\n{}\n----",
+                self.logs().join("\n")
+            );
+        }
+    }
+}
