@@ -706,3 +706,32 @@ fn effectively_once_under_repeated_sigkill() {
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
     assert_exactly_once(&server, &ids);
 }
+
+#[test]
+fn run_exits_69_when_redis_stays_away_and_78_on_a_bad_consumer() {
+    let url = crate::util::UNREACHABLE.to_string();
+    let toml = daemon_toml(&url, &forward("nobody", &[]))
+        .replace("[redis]\n", "[redis]\nstartup_wait = \"1s\"\n");
+    let mut d = Daemon::start(&toml, &[]);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(15)),
+        Some(69),
+        "{}",
+        d.logs().join("\n")
+    );
+
+    let bad = daemon_toml(
+        &url,
+        &forward(
+            "bad",
+            &[("claim_min_idle", "\"1s\""), ("handler_timeout", "\"2s\"")],
+        ),
+    );
+    let mut d = Daemon::start(&bad, &[]);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(78));
+    assert!(
+        d.logs().join("\n").contains("consumers[0].claim_min_idle"),
+        "{}",
+        d.logs().join("\n")
+    );
+}

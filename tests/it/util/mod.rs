@@ -17,6 +17,10 @@ use redstream::conn::Redis;
 pub use daemon::Daemon;
 pub use redis_server::RedisServer;
 
+/// A Redis URL where nothing listens: port 1 (tcpmux) is privileged and unused. (A port freed by a
+/// stopped test server could be taken by another test's server meanwhile.)
+pub const UNREACHABLE: &str = "redis://127.0.0.1:1/0";
+
 /// The HS256 secret of the test configs (32+ bytes).
 pub const TEST_SECRET: &str = "test-secret-that-is-long-enough-for-hs256";
 
