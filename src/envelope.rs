@@ -46,6 +46,11 @@ impl Fields {
         }
     }
 
+    /// Removes every field called `name`.
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|(n, _)| n != name.as_bytes());
+    }
+
     /// The raw value of the first field called `name`.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.0

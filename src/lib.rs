@@ -19,6 +19,7 @@
 //! - [`error`]: the client's typed [`Error`].
 //! - [`dlq`]: the dead-letter format, listing and replay.
 //! - [`engine`]: the daemon — supervisor, consumer loops, the handler seam, atomic commits.
+//! - [`wasm`]: WASM handlers — the wasmtime engine, artifact cache, sandboxed calls on worker threads.
 //! - [`shutdown`]: OS signals as one enum, and the shutdown fan-out.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`cli`]: the `redstream` command line and its exit codes.
@@ -36,5 +37,6 @@ pub mod error;
 pub mod naming;
 pub mod reply;
 pub mod shutdown;
+pub mod wasm;
 
 pub use error::{Error, Result};

@@ -181,6 +181,56 @@ pub enum Command {
     /// Issue, verify and provision tokens and API keys.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Try and measure WASM handlers locally, without Redis.
+    #[command(subcommand)]
+    Handler(HandlerCommand),
+}
+
+/// A handler call without Redis: the component, a message, and the handler's settings.
+#[derive(Debug, Args)]
+pub struct LocalCall {
+    /// The handler component (.wasm).
+    pub file: PathBuf,
+    /// The message's fields as a JSON object (objects and arrays become JSON text, as on publish).
+    #[arg(long, value_name = "JSON")]
+    pub message: String,
+    /// The stream the message pretends to come from.
+    #[arg(long, default_value = "nova:task:local:test")]
+    pub stream: String,
+    /// The handler's roles (repeatable); by default admin, so every publish is allowed.
+    #[arg(long = "role", value_name = "ROLE")]
+    pub roles: Vec<String>,
+    /// A value of the handler's config table, as KEY=VALUE (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_field)]
+    pub set: Vec<(String, String)>,
+    /// The delivery count the handler sees.
+    #[arg(long, default_value_t = 1)]
+    pub deliveries: u64,
+    /// The handler's memory limit.
+    #[arg(long, default_value = "64MiB")]
+    pub memory: String,
+    /// The handler's deadline.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HandlerCommand {
+    /// Call a handler once, in the same sandbox as `run`; print the outcome and the replies it would
+    /// commit as JSON. Exit 0 when it succeeded, 1 when it asked for a retry, rejected, or trapped.
+    #[command(
+        after_help = "Example:\n  redstream handler run handlers/target/wasm32-wasip2/release/echo.wasm \\\n    \
+        --message '{\"_reply_to\":\"nova:task:demo:replies\",\"text\":\"hi\"}'"
+    )]
+    Run(LocalCall),
+    /// Measure the cost of one call with a fresh instance per message and with a reused instance.
+    Bench {
+        #[command(flatten)]
+        call: LocalCall,
+        /// Calls per mode.
+        #[arg(long, default_value_t = 20_000)]
+        n: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -266,6 +316,16 @@ pub fn main() -> ExitCode {
         return daemon(cli.config.as_deref());
     }
     init_logging("warn");
+    // Handler calls use WASI's synchronous bindings, which must not run inside an async runtime.
+    if let Command::Handler(cmd) = cli.command {
+        return match commands::handler(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(f) => {
+                eprintln!("redstream: {}", f.message);
+                ExitCode::from(f.exit as u8)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -299,6 +359,13 @@ fn daemon(config: Option<&std::path::Path>) -> ExitCode {
         return ExitCode::from(Exit::Config as u8);
     }
     init_logging(&settings.log_level);
+    let prepared = match crate::engine::prepare(&settings) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("redstream: {e}");
+            return ExitCode::from(Exit::Config as u8);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -309,7 +376,7 @@ fn daemon(config: Option<&std::path::Path>) -> ExitCode {
             return ExitCode::from(Exit::Failure as u8);
         }
     };
-    let result = runtime.block_on(crate::engine::run(&settings));
+    let result = runtime.block_on(crate::engine::run(&settings, &prepared));
     // Handler tasks still running after a forced stop are abandoned, not awaited.
     runtime.shutdown_background();
     let exit = match result {

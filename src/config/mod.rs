@@ -6,6 +6,7 @@
 //! never sees raw config, and a broken config yields one [`ConfigError`] listing every problem with its
 //! key path — which the CLI turns into exit code 78.
 
+mod handlers;
 pub mod raw;
 mod secret;
 mod validate;
@@ -22,9 +23,12 @@ use crate::auth::Identity;
 use crate::auth::apikey::ApiKeys;
 use crate::auth::jwt::KeySet;
 use crate::conn::RedisSettings;
+use crate::engine::router::RouteSpec;
 use crate::engine::{ConsumerSettings, DaemonSettings};
 use crate::naming::Naming;
+use crate::wasm::{RuntimeSettings, WasmSpec};
 
+pub use handlers::parse_size;
 pub use validate::default_name;
 
 /// Where the config file is looked for when neither `--config` nor `$REDSTREAM_CONFIG` names one.
@@ -51,6 +55,9 @@ pub struct Settings {
     pub daemon: DaemonSettings,
     /// The groups `redstream run` consumes.
     pub consumers: Vec<ConsumerSettings>,
+    pub wasm: RuntimeSettings,
+    pub handlers: Vec<WasmSpec>,
+    pub routes: Vec<RouteSpec>,
 }
 
 /// The daemon's verified identity and the token proving it.
@@ -65,7 +72,7 @@ pub struct DaemonIdentity {
 /// Token keys and the API keys that may obtain tokens.
 #[derive(Debug)]
 pub struct AuthSettings {
-    pub keys: KeySet,
+    pub keys: Arc<KeySet>,
     pub api_keys: ApiKeys,
     /// Lifetime of issued tokens when the caller names none.
     pub token_ttl: Duration,

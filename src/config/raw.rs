@@ -88,6 +88,9 @@ pub struct SecretFrom {
 pub struct RawConfig {
     pub daemon: RawDaemon,
     pub consumers: Vec<RawConsumer>,
+    pub wasm: RawWasm,
+    pub handlers: Vec<RawHandler>,
+    pub routes: Vec<RawRoute>,
     pub identity: RawIdentity,
     pub naming: RawNaming,
     pub redis: RawRedis,
@@ -254,6 +257,7 @@ pub struct RawConsumer {
     pub handler: Option<Loose<String>>,
     pub handler_timeout: Loose<String>,
     pub forward_to: Option<Loose<String>>,
+    pub unmatched: Loose<String>,
     /// Options of the `faults` test handler (only in builds with the `fault-injection` feature).
     pub faults: Option<RawFaults>,
 }
@@ -276,6 +280,7 @@ impl Default for RawConsumer {
             handler: None,
             handler_timeout: Loose::ok("30s".into()),
             forward_to: None,
+            unmatched: Loose::ok("dead-letter".into()),
             faults: None,
         }
     }
@@ -289,4 +294,64 @@ pub struct RawFaults {
     pub fail_deliveries: Option<Loose<u32>>,
     pub fail_every: Option<Loose<u32>>,
     pub sleep: Option<Loose<String>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawWasm {
+    pub cache_dir: Option<Loose<String>>,
+    pub workers: Option<Loose<u32>>,
+    pub max_stack: Loose<String>,
+}
+
+impl Default for RawWasm {
+    fn default() -> Self {
+        RawWasm {
+            cache_dir: None,
+            workers: None,
+            max_stack: Loose::ok("512KiB".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawHandler {
+    pub name: Option<Loose<String>>,
+    pub file: Option<Loose<String>>,
+    pub roles: Vec<Loose<String>>,
+    pub memory: Loose<String>,
+    pub timeout: Loose<String>,
+    pub instance: Loose<String>,
+    pub reuse_limit: Loose<u32>,
+    pub require_sender_token: Loose<bool>,
+    pub config: std::collections::BTreeMap<String, Loose<String>>,
+}
+
+impl Default for RawHandler {
+    fn default() -> Self {
+        RawHandler {
+            name: None,
+            file: None,
+            roles: Vec::new(),
+            memory: Loose::ok("64MiB".into()),
+            timeout: Loose::ok("5s".into()),
+            instance: Loose::ok("fresh".into()),
+            reuse_limit: Loose::ok(10_000),
+            require_sender_token: Loose::ok(false),
+            config: Default::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRoute {
+    pub stream: Option<Loose<String>>,
+    pub equals: std::collections::BTreeMap<String, Loose<String>>,
+    pub exists: Vec<Loose<String>>,
+    pub absent: Vec<Loose<String>>,
+    pub handler: Option<Loose<String>>,
+    pub forward: Option<Loose<String>>,
+    pub drop: Option<Loose<bool>>,
 }

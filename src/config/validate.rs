@@ -17,14 +17,16 @@ use crate::auth::apikey::{ApiKey, ApiKeys};
 use crate::auth::jwt::{Key, KeyAlgorithm, KeySet};
 use crate::auth::{Identity, Op, Role, Roles};
 use crate::conn::{RedisSettings, TlsFiles};
+use crate::engine::router::{Action, RouteSpec, Unmatched};
 use crate::engine::{ConsumerSettings, DaemonSettings, HandlerSpec};
 use crate::naming::{NameKind, Naming, StreamName, validate_name};
+use crate::wasm::WasmSpec;
 
 /// Collects problems while reading values out of the raw config.
 pub(super) struct Checker<'a> {
     figment: &'a Figment,
-    /// Directory that relative secret file paths are resolved against.
-    base_dir: Option<&'a Path>,
+    /// Directory that relative secret and handler file paths are resolved against.
+    pub base_dir: Option<&'a Path>,
     credentials_dir: Option<&'a Path>,
     pub problems: Vec<Problem>,
 }
@@ -225,8 +227,12 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
         .and_then(|auth| daemon_identity(raw, c, name, roles, auth));
 
     let daemon = daemon_settings(raw, c);
+    let id_ref = identity.as_ref().and_then(Option::as_ref);
+    let handlers = super::handlers::handlers(raw, c, &naming, id_ref, c.base_dir);
+    let wasm = super::handlers::wasm_settings(raw, c, &handlers);
+    let routes = super::handlers::routes(raw, c, &naming, id_ref, &handlers);
     let consumers = match (&identity, &daemon) {
-        (Some(id), Some(d)) => consumers(raw, c, &naming, id.as_ref(), d),
+        (Some(id), Some(d)) => consumers(raw, c, &naming, id.as_ref(), d, &handlers, &routes),
         _ => Vec::new(),
     };
 
@@ -236,6 +242,9 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
     Some(Settings {
         daemon: daemon?,
         consumers,
+        wasm: wasm?,
+        handlers,
+        routes,
         identity: identity?,
         naming: Arc::new(naming),
         redis: redis?,
@@ -440,7 +449,7 @@ fn auth_settings(raw: &RawConfig, c: &mut Checker<'_>, naming: &Naming) -> Optio
         }
     };
     Some(AuthSettings {
-        keys,
+        keys: Arc::new(keys),
         api_keys: ApiKeys::new(api_keys),
         token_ttl: token_ttl?,
         max_token_ttl: max_token_ttl?,
@@ -574,6 +583,8 @@ fn consumers(
     naming: &Naming,
     identity: Option<&DaemonIdentity>,
     daemon: &DaemonSettings,
+    handlers: &[WasmSpec],
+    routes: &[RouteSpec],
 ) -> Vec<ConsumerSettings> {
     let mut out = Vec::new();
     if !raw.consumers.is_empty() && identity.is_none() {
@@ -671,7 +682,45 @@ fn consumers(
                 "the dead-letter stream must differ from the stream consumed",
             );
         }
-        let handler = handler_spec(c, i, rc, naming);
+        let handler = handler_spec(c, i, rc, naming, handlers);
+        let unmatched = c.parse(
+            &p("unmatched"),
+            &rc.unmatched,
+            "\"ack\" or \"dead-letter\"",
+            |s| match s {
+                "ack" => Ok(Unmatched::Ack),
+                "dead-letter" => Ok(Unmatched::DeadLetter),
+                _ => Err("unknown policy".into()),
+            },
+        );
+        if let (Some(None), Some(s)) = (&handler, &stream)
+            && !routes.iter().any(|r| r.stream.matches(s))
+        {
+            c.problem(
+                &p("handler"),
+                format!("missing, and no [[routes]] entry matches stream {s:?}: give a handler or add a route"),
+            );
+        }
+        // A WASM handler's own deadline must fit in the consumer's.
+        if let (Some(h), Some(s), Some(outer)) = (&handler, &stream, handler_timeout) {
+            let reachable: Vec<String> = match h {
+                Some(HandlerSpec::Wasm(name)) => vec![name.clone()],
+                Some(_) => Vec::new(),
+                None => routes
+                    .iter()
+                    .filter(|r| r.stream.matches(s))
+                    .filter_map(|r| match &r.action {
+                        Action::Handler(n) => Some(n.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            };
+            let timeouts = handlers
+                .iter()
+                .filter(|w| reachable.contains(&w.name))
+                .map(|w| (w.name.clone(), w.timeout));
+            super::handlers::timeouts_fit(c, &p("handler_timeout"), outer, timeouts);
+        }
 
         if let (Some(s), Some(g)) = (&stream, &group) {
             if let Some((_, _, j)) = seen.iter().find(|(ss, gg, _)| ss == s && gg == g) {
@@ -703,6 +752,7 @@ fn consumers(
                 .chain(
                     handler
                         .iter()
+                        .flatten()
                         .flat_map(|h| h.writes())
                         .map(|w| (p("handler"), w)),
                 );
@@ -728,6 +778,7 @@ fn consumers(
                 Some(in_flight),
                 Some(handler),
                 Some(handler_timeout),
+                Some(unmatched),
             ) = (
                 claim_min_idle,
                 claim_interval,
@@ -736,6 +787,7 @@ fn consumers(
                 in_flight,
                 handler,
                 handler_timeout,
+                unmatched,
             )
         {
             out.push(ConsumerSettings {
@@ -752,6 +804,7 @@ fn consumers(
                 in_flight: in_flight as usize,
                 order_by,
                 handler,
+                unmatched,
                 handler_timeout,
             });
         }
@@ -776,34 +829,34 @@ fn is_entry_id(s: &str) -> bool {
         && seq.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// The consumer's handler: Some(None) when it routes with [[routes]], None after a problem.
 fn handler_spec(
     c: &mut Checker<'_>,
     i: usize,
     rc: &RawConsumer,
     naming: &Naming,
-) -> Option<HandlerSpec> {
+    handlers: &[WasmSpec],
+) -> Option<Option<HandlerSpec>> {
     let path = format!("consumers[{i}].handler");
+    let fpath = format!("consumers[{i}].forward_to");
     let Some(name) = &rc.handler else {
-        c.problem(&path, "missing: \"drop\" or \"forward\" (with forward_to)");
-        return None;
+        if rc.forward_to.is_some() {
+            c.problem(&fpath, "forward_to needs handler = \"forward\"");
+        }
+        return Some(None);
     };
     let name = c.text(&path, name)?;
     let forward_to = rc.forward_to.as_ref().and_then(|f| {
-        c.parse(
-            &format!("consumers[{i}].forward_to"),
-            f,
-            "a stream name",
-            |s| {
-                naming
-                    .parse(s)
-                    .map(|_| s.to_owned())
-                    .map_err(|e| e.to_string())
-            },
-        )
+        c.parse(&fpath, f, "a stream name", |s| {
+            naming
+                .parse(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| e.to_string())
+        })
     });
     if name != "forward" && rc.forward_to.is_some() {
         c.problem(
-            &format!("consumers[{i}].forward_to"),
+            &fpath,
             format!("only the forward handler takes forward_to, not {name:?}"),
         );
     }
@@ -813,28 +866,32 @@ fn handler_spec(
             format!("only the faults handler takes faults options, not {name:?}"),
         );
     }
-    match name.as_str() {
-        "drop" => Some(HandlerSpec::Drop),
+    let spec = match name.as_str() {
+        "drop" => HandlerSpec::Drop,
         "forward" => match (forward_to, &rc.forward_to) {
-            (Some(to), _) => Some(HandlerSpec::Forward { to }),
+            (Some(to), _) => HandlerSpec::Forward { to },
             (None, None) => {
-                c.problem(
-                    &format!("consumers[{i}].forward_to"),
-                    "missing: the stream the forward handler copies to",
-                );
-                None
+                c.problem(&fpath, "missing: the stream the forward handler copies to");
+                return None;
             }
-            (None, Some(_)) => None,
+            (None, Some(_)) => return None,
         },
-        "faults" => faults_spec(c, i, rc, naming),
+        "faults" => faults_spec(c, i, rc, naming)?,
+        other if handlers.iter().any(|h| h.name == other) => HandlerSpec::Wasm(other.to_owned()),
         other => {
+            let mut known: Vec<String> = vec!["drop".into(), "forward".into()];
+            known.extend(handlers.iter().map(|h| h.name.clone()));
             c.problem(
                 &path,
-                format!("unknown handler {other:?}: expected \"drop\" or \"forward\""),
+                format!(
+                    "unknown handler {other:?}: expected one of {}",
+                    known.join(", ")
+                ),
             );
-            None
+            return None;
         }
-    }
+    };
+    Some(Some(spec))
 }
 
 #[cfg(feature = "fault-injection")]

@@ -31,6 +31,8 @@ pub enum Effect {
 pub struct Finished {
     pub msg: Message,
     pub effect: Effect,
+    /// The handler that decided, for `_dlq_handler`.
+    pub handler: Arc<str>,
 }
 
 /// Builds commit script calls for one consumer of one group.
@@ -41,8 +43,6 @@ pub struct Committer {
     /// `_source` of replies: the daemon's identity.
     pub source: String,
     pub dead_letter: String,
-    /// `_dlq_handler` of dead letters.
-    pub handler: String,
 }
 
 /// How the script reports each message.
@@ -132,7 +132,7 @@ impl Committer {
                 Effect::DeadLetter(reason) => {
                     vec![(
                         index(&self.dead_letter),
-                        self.dead_letter_fields(&f.msg, reason, &now),
+                        self.dead_letter_fields(f, reason, &now),
                     )]
                 }
                 Effect::Vanished => Vec::new(),
@@ -162,12 +162,13 @@ impl Committer {
         fields
     }
 
-    fn dead_letter_fields(&self, msg: &Message, reason: &str, now: &str) -> Fields {
+    fn dead_letter_fields(&self, f: &Finished, reason: &str, now: &str) -> Fields {
+        let msg = &f.msg;
         let mut fields = msg.fields.clone();
         fields.set(dlq::REASON, reason);
         fields.set(dlq::SOURCE, format!("{}/{}", self.stream, msg.id));
         fields.set(dlq::DELIVERIES, msg.deliveries.to_string());
-        fields.set(dlq::HANDLER, self.handler.as_str());
+        fields.set(dlq::HANDLER, f.handler.as_bytes().to_vec());
         fields.set(dlq::TIMESTAMP, now);
         fields
     }

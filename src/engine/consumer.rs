@@ -29,7 +29,9 @@ use tracing::{Instrument, debug, error, info, warn};
 use super::ConsumerSettings;
 use super::commit::{self, Committed, Committer, Effect, Finished};
 use super::handler::{Handler, Message, Outcome};
+use super::router::{Router, Selection, Unmatched};
 use crate::auth::Op;
+use crate::auth::jwt::KeySet;
 use crate::backoff::Backoff;
 use crate::client::{Client, GroupReader, PendingQuery, ReadFrom, Round, check};
 use crate::envelope::Entry;
@@ -56,7 +58,9 @@ pub struct Stats {
 pub struct Consumer {
     pub cfg: Arc<ConsumerSettings>,
     pub client: Client,
-    pub handler: Arc<dyn Handler>,
+    pub router: Arc<Router>,
+    /// Verifies `_token` on routes that require a signed sender.
+    pub keys: Arc<KeySet>,
     pub stats: Arc<Stats>,
     /// Backoff bounds for Redis trouble.
     pub retry_min: Duration,
@@ -67,7 +71,17 @@ pub struct Consumer {
 struct Done {
     msg: Message,
     effect: Option<Effect>,
+    handler: Arc<str>,
 }
+
+/// A routed message waiting to run (behind its order_by key) or running.
+struct Job {
+    msg: Message,
+    handler: Arc<dyn Handler>,
+}
+
+/// The field carrying a sender's JWT, checked on routes that require one.
+pub const TOKEN_FIELD: &str = "_token";
 
 /// What the round task hands back.
 type RoundResult = (GroupReader, Result<(Round, HashMap<String, u64>), Error>);
@@ -80,7 +94,7 @@ struct State {
     running: usize,
     /// order_by keys with a message running, and the messages waiting behind each.
     busy: HashSet<Vec<u8>>,
-    waiting: HashMap<Vec<u8>, VecDeque<Message>>,
+    waiting: HashMap<Vec<u8>, VecDeque<Job>>,
     /// Decided, waiting to be committed.
     finished: Vec<Finished>,
     /// The batch travelling with the round in progress.
@@ -112,7 +126,6 @@ impl Consumer {
             consumer: cfg.consumer.clone(),
             source: self.client.identity().subject.clone(),
             dead_letter: cfg.dead_letter.clone(),
-            handler: self.handler.name().to_owned(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
         let mut reader = Some(self.new_reader()?);
@@ -201,8 +214,8 @@ impl Consumer {
                     }
                     // Queued messages never started: release them; they stay pending for the next start.
                     for (_, q) in st.waiting.drain() {
-                        for m in q {
-                            st.in_flight.remove(&m.id);
+                        for job in q {
+                            st.in_flight.remove(&job.msg.id);
                         }
                     }
                     info!(running = st.running, "draining: reads stopped, finishing messages in flight");
@@ -412,6 +425,7 @@ impl Consumer {
                         st.finished.push(Finished {
                             msg: self.message(id, Default::default(), 0),
                             effect: Effect::Vanished,
+                            handler: "redstream".into(),
                         });
                     }
                 }
@@ -485,11 +499,12 @@ impl Consumer {
             id,
             fields,
             deliveries,
+            sender: None,
         }
     }
 
-    /// Takes a delivered entry into flight: dead-letter it if it was delivered too often, queue it behind
-    /// its order_by key, or start its handler.
+    /// Takes a delivered entry into flight: dead-letter it if it was delivered too often, route it,
+    /// check its sender token if its route wants one, queue it behind its order_by key, or start it.
     fn dispatch(
         &self,
         entry: Entry,
@@ -500,25 +515,64 @@ impl Consumer {
         if !st.in_flight.insert(entry.id.clone()) {
             return; // already ours and in flight
         }
-        let msg = self.message(entry.id, entry.fields, deliveries);
+        let mut msg = self.message(entry.id, entry.fields, deliveries);
+        let settle = |st: &mut State, msg: Message, effect: Effect, handler: &str| {
+            st.finished.push(Finished {
+                msg,
+                effect,
+                handler: handler.into(),
+            });
+        };
         if deliveries > u64::from(self.cfg.max_deliveries) {
             let reason = format!(
                 "delivered {deliveries} times, more than max_deliveries ({})",
                 self.cfg.max_deliveries
             );
-            st.finished.push(Finished {
-                msg,
-                effect: Effect::DeadLetter(reason),
-            });
-            return;
+            return settle(st, msg, Effect::DeadLetter(reason), "redstream");
         }
-        if let Some(key) = self.order_key(&msg)
+        let (handler, require_sender_token) = match self.router.select(&msg) {
+            Selection::Run {
+                handler,
+                require_sender_token,
+            } => (handler.clone(), require_sender_token),
+            Selection::Drop => return settle(st, msg, Effect::Replies(Vec::new()), "drop"),
+            Selection::Unmatched(Unmatched::Ack) => {
+                return settle(st, msg, Effect::Replies(Vec::new()), "unmatched");
+            }
+            Selection::Unmatched(Unmatched::DeadLetter) => {
+                let reason = "unmatched: no route matches this message".to_string();
+                return settle(st, msg, Effect::DeadLetter(reason), "router");
+            }
+        };
+        if require_sender_token {
+            match self.sender(&mut msg) {
+                Ok(()) => {}
+                Err(reason) => return settle(st, msg, Effect::DeadLetter(reason), handler.name()),
+            }
+        }
+        let job = Job { msg, handler };
+        if let Some(key) = self.order_key(&job.msg)
             && !st.busy.insert(key.clone())
         {
-            st.waiting.entry(key).or_default().push_back(msg);
+            st.waiting.entry(key).or_default().push_back(job);
             return;
         }
-        self.start(msg, st, tx);
+        self.start(job, st, tx);
+    }
+
+    /// Verifies the message's `_token` and moves its claims into `sender`. The token itself is not
+    /// passed on: the handler gets the verified claims, never a credential it could replay.
+    fn sender(&self, msg: &mut Message) -> Result<(), String> {
+        let token = msg.fields.get_str(TOKEN_FIELD).ok_or_else(|| {
+            "unauthenticated: the route requires a signed _token and there is none".to_string()
+        })?;
+        let verified = self
+            .keys
+            .verify(token)
+            .map_err(|e| format!("unauthenticated: {e}"))?;
+        msg.fields.remove(TOKEN_FIELD);
+        msg.sender = Some(Arc::new(verified.identity));
+        Ok(())
     }
 
     fn order_key(&self, msg: &Message) -> Option<Vec<u8>> {
@@ -527,9 +581,9 @@ impl Consumer {
     }
 
     /// Runs the handler on its own task, with the deadline, and with panics contained.
-    fn start(&self, msg: Message, st: &mut State, tx: &mpsc::UnboundedSender<Done>) {
+    fn start(&self, job: Job, st: &mut State, tx: &mpsc::UnboundedSender<Done>) {
         st.running += 1;
-        let handler = self.handler.clone();
+        let Job { msg, handler } = job;
         let client = self.client.clone();
         let timeout = self.cfg.handler_timeout;
         let max = u64::from(self.cfg.max_deliveries);
@@ -548,7 +602,11 @@ impl Consumer {
                 };
                 let effect = decide(outcome, &msg, max, &client);
                 // The loop outlives its handler tasks except at an immediate exit, when this is moot.
-                let _ = tx.send(Done { msg, effect });
+                let _ = tx.send(Done {
+                    msg,
+                    effect,
+                    handler: handler.name().into(),
+                });
             }
             .instrument(span),
         );
@@ -570,6 +628,7 @@ impl Consumer {
             Some(effect) => st.finished.push(Finished {
                 msg: done.msg,
                 effect,
+                handler: done.handler,
             }),
             None => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);

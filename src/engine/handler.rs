@@ -22,6 +22,8 @@ pub struct Message {
     pub fields: Fields,
     /// 1 on first delivery; counts every delivery to any consumer of the group.
     pub deliveries: u64,
+    /// The verified claims of the message's `_token`, when its route requires one.
+    pub sender: Option<Arc<crate::auth::Identity>>,
 }
 
 /// A reply a handler wants published. The engine stamps the envelope (`_timestamp`, `_source`,

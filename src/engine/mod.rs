@@ -9,6 +9,7 @@
 pub mod commit;
 pub mod consumer;
 pub mod handler;
+pub mod router;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,12 +20,15 @@ use tracing::{Instrument, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::client::Client;
-use crate::config::Settings;
+use crate::config::{ConfigError, Problem, Settings};
 use crate::conn::Redis;
 use crate::error::Error;
 use crate::shutdown::{self, Shutdown, Signal};
+use crate::wasm::{Runtime, WasmHandler};
 use consumer::{Consumer, Stats};
 use handler::Handler;
+use router::{Action, Route, Router, Target};
+use std::collections::HashMap;
 
 /// One consumer group to consume, validated.
 #[derive(Clone, Debug)]
@@ -43,7 +47,10 @@ pub struct ConsumerSettings {
     pub dead_letter: String,
     pub in_flight: usize,
     pub order_by: Option<String>,
-    pub handler: HandlerSpec,
+    /// The one handler of every message; None routes them with `[[routes]]`.
+    pub handler: Option<HandlerSpec>,
+    /// What to do with a message no route matches.
+    pub unmatched: router::Unmatched,
     pub handler_timeout: Duration,
 }
 
@@ -54,6 +61,8 @@ pub enum HandlerSpec {
     Forward {
         to: String,
     },
+    /// A `[[handlers]]` entry by name.
+    Wasm(String),
     #[cfg(feature = "fault-injection")]
     Faults(FaultSpec),
 }
@@ -74,6 +83,7 @@ impl std::fmt::Display for HandlerSpec {
         match self {
             HandlerSpec::Drop => f.write_str("drop"),
             HandlerSpec::Forward { to } => write!(f, "forward to {to}"),
+            HandlerSpec::Wasm(name) => write!(f, "handler {name}"),
             #[cfg(feature = "fault-injection")]
             HandlerSpec::Faults(_) => f.write_str("faults (test handler)"),
         }
@@ -81,10 +91,12 @@ impl std::fmt::Display for HandlerSpec {
 }
 
 impl HandlerSpec {
-    pub fn build(&self) -> Arc<dyn Handler> {
+    /// The handler, with WASM handlers taken from `wasm` (validation made sure the name is there).
+    fn build(&self, wasm: &HashMap<String, WasmHandler>) -> Arc<dyn Handler> {
         match self {
             HandlerSpec::Drop => Arc::new(handler::Drop),
             HandlerSpec::Forward { to } => Arc::new(handler::Forward { to: to.clone() }),
+            HandlerSpec::Wasm(name) => Arc::new(wasm[name].clone()),
             #[cfg(feature = "fault-injection")]
             HandlerSpec::Faults(f) => Arc::new(handler::Faults {
                 reply_to: f.reply_to.clone(),
@@ -102,6 +114,8 @@ impl HandlerSpec {
         match self {
             HandlerSpec::Drop => Vec::new(),
             HandlerSpec::Forward { to } => vec![to.as_str()],
+            // A WASM handler's replies are checked against its roles when it publishes.
+            HandlerSpec::Wasm(_) => Vec::new(),
             #[cfg(feature = "fault-injection")]
             HandlerSpec::Faults(f) => f.reply_to.iter().map(String::as_str).collect(),
         }
@@ -140,8 +154,83 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// What the config needs built before anything runs: the WASM runtime with every handler compiled and
+/// pre-linked, and one router per consumer.
+pub struct Prepared {
+    /// Kept alive for as long as handlers run (it drives their deadlines).
+    pub runtime: Option<Runtime>,
+    pub handlers: HashMap<String, WasmHandler>,
+    /// One per `settings.consumers` entry, in order.
+    pub routers: Vec<Arc<Router>>,
+}
+
+/// Compiles every handler and resolves every route. A handler that does not compile or link is a
+/// config error naming its key path.
+pub fn prepare(settings: &Settings) -> Result<Prepared, ConfigError> {
+    let fail = |path: String, message: String| ConfigError {
+        file: settings.file.clone(),
+        problems: vec![Problem {
+            path,
+            message,
+            origin: None,
+        }],
+    };
+    let mut handlers = HashMap::new();
+    let runtime = if settings.handlers.is_empty() {
+        None
+    } else {
+        let rt = Runtime::new(&settings.wasm, settings.naming.clone())
+            .map_err(|m| fail("wasm".into(), m))?;
+        for (i, spec) in settings.handlers.iter().enumerate() {
+            let h = rt
+                .load(spec)
+                .map_err(|m| fail(format!("handlers[{i}].file"), m))?;
+            handlers.insert(spec.name.clone(), h);
+        }
+        Some(rt)
+    };
+    let routes: Vec<Route> = settings
+        .routes
+        .iter()
+        .map(|r| Route {
+            stream: r.stream.clone(),
+            when: r.when.clone(),
+            target: match &r.action {
+                Action::Handler(name) => Target::Handler {
+                    handler: Arc::new(handlers[name].clone()),
+                    require_sender_token: handlers[name].require_sender_token,
+                },
+                Action::Forward(to) => Target::Handler {
+                    handler: Arc::new(handler::Forward { to: to.clone() }),
+                    require_sender_token: false,
+                },
+                Action::Drop => Target::Drop,
+            },
+        })
+        .collect();
+    let routers = settings
+        .consumers
+        .iter()
+        .map(|c| {
+            Arc::new(match &c.handler {
+                Some(spec) => {
+                    let require =
+                        matches!(spec, HandlerSpec::Wasm(n) if handlers[n].require_sender_token);
+                    Router::single(spec.build(&handlers), require)
+                }
+                None => Router::new(&c.stream, &routes, c.unmatched),
+            })
+        })
+        .collect();
+    Ok(Prepared {
+        runtime,
+        handlers,
+        routers,
+    })
+}
+
 /// Runs the daemon until it is stopped by a signal.
-pub async fn run(settings: &Settings) -> Result<Stopped, RunError> {
+pub async fn run(settings: &Settings, prepared: &Prepared) -> Result<Stopped, RunError> {
     let identity = settings
         .identity
         .as_ref()
@@ -177,11 +266,12 @@ pub async fn run(settings: &Settings) -> Result<Stopped, RunError> {
 
     let (trigger, shutdown) = shutdown::channel();
     let mut tasks = JoinSet::new();
-    for c in &settings.consumers {
+    for (c, router) in settings.consumers.iter().zip(&prepared.routers) {
         let consumer = Consumer {
             cfg: Arc::new(c.clone()),
             client: client.clone(),
-            handler: c.handler.build(),
+            router: router.clone(),
+            keys: settings.auth.keys.clone(),
             stats: Arc::new(Stats::default()),
             retry_min: settings.redis.reconnect_min_delay,
             retry_max: settings.redis.reconnect_max_delay,

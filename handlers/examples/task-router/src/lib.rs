@@ -1,0 +1,45 @@
+//! `task-router`: reads task snapshots (the boomerang MCP server's `nova:task:boomerang:tasks`) and emits
+//! one event per snapshot on `nova:task:boomerang:events` (or the configured `events`):
+//!
+//! - `task_completed` when the task's status is done/completed/closed;
+//! - `task_created` when it is the task's first revision (`revision` absent or 1);
+//! - `task_updated` otherwise.
+//!
+//! A snapshot carries the task as JSON in its `task` field, with at least `id` and `status`. A snapshot
+//! that is not valid JSON, or has no id, is rejected (dead-lettered) — it would never succeed.
+
+use redstream_guest::{Guest, HandlerError, Message, Reply, export_handler};
+use serde_json::Value;
+
+struct TaskRouter;
+
+impl Guest for TaskRouter {
+    fn handle(msg: Message) -> Result<(), HandlerError> {
+        let raw = msg.field("task").ok_or_else(|| HandlerError::Reject("no `task` field".into()))?;
+        let task: Value = serde_json::from_slice(raw)
+            .map_err(|e| HandlerError::Reject(format!("`task` is not JSON: {e}")))?;
+        let id = match &task["id"] {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return Err(HandlerError::Reject("the task has no id".into())),
+        };
+        let status = task["status"].as_str().unwrap_or("unknown");
+        let revision = task["revision"].as_u64().unwrap_or(1);
+        let event = match status {
+            "done" | "completed" | "closed" => "task_completed",
+            _ if revision <= 1 => "task_created",
+            _ => "task_updated",
+        };
+        let to = redstream_guest::config("events").unwrap_or_else(|| "nova:task:boomerang:events".into());
+        Reply::new()
+            .text("type", event)
+            .text("task_id", &id)
+            .text("status", status)
+            .text("revision", &revision.to_string())
+            .bytes("task", raw)
+            .send(&to)
+            .map_err(|e| HandlerError::Reject(format!("cannot publish to {to}: {e:?}")))
+    }
+}
+
+export_handler!(TaskRouter);

@@ -1,0 +1,352 @@
+//! Validation of `[wasm]`, `[[handlers]]` and `[[routes]]`: files, limits, roles within the daemon's,
+//! route patterns, predicates and actions — every problem with its key path.
+//!
+//! Compiling the handler files is left to [`crate::engine::prepare`], which `check` and `run` call right
+//! after loading the config, so a broken component is a config error too.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use super::DaemonIdentity;
+use super::raw::RawConfig;
+use super::validate::Checker;
+use crate::auth::Op;
+use crate::engine::router::{Action, Predicates, RouteSpec, StreamPattern};
+use crate::naming::Naming;
+use crate::wasm::{RuntimeSettings, WasmSpec};
+
+/// Names a `[[handlers]]` entry may not take: the built-in handlers.
+pub const BUILT_IN: [&str; 3] = ["drop", "forward", "faults"];
+
+/// Largest memory limit a handler may have.
+const MAX_MEMORY: usize = 4 << 30;
+
+pub(super) fn handlers(
+    raw: &RawConfig,
+    c: &mut Checker<'_>,
+    naming: &Naming,
+    identity: Option<&DaemonIdentity>,
+    base_dir: Option<&Path>,
+) -> Vec<WasmSpec> {
+    let mut out: Vec<WasmSpec> = Vec::new();
+    for (i, h) in raw.handlers.iter().enumerate() {
+        let p = |k: &str| format!("handlers[{i}].{k}");
+        let name = match &h.name {
+            Some(n) => c.parse(&p("name"), n, "a handler name", |s| {
+                if s.is_empty() || s.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                    Err("it must be non-empty, without whitespace".into())
+                } else if BUILT_IN.contains(&s) {
+                    Err(format!("{s:?} is a built-in handler"))
+                } else {
+                    Ok(s.to_owned())
+                }
+            }),
+            None => {
+                c.problem(&p("name"), "missing: the name routes and consumers use");
+                None
+            }
+        };
+        if let Some(n) = &name
+            && out.iter().any(|o| &o.name == n)
+        {
+            c.problem(&p("name"), format!("handler {n:?} is defined twice"));
+        }
+        let file = match &h.file {
+            Some(f) => c.parse(&p("file"), f, "a .wasm component file", |s| {
+                let path = match base_dir {
+                    Some(base) if Path::new(s).is_relative() => base.join(s),
+                    _ => Path::new(s).to_path_buf(),
+                };
+                if path.is_file() {
+                    Ok(path)
+                } else {
+                    Err(format!(
+                        "{} does not exist (build handlers with scripts/build-handlers)",
+                        path.display()
+                    ))
+                }
+            }),
+            None => {
+                c.problem(&p("file"), "missing: the component file");
+                None
+            }
+        };
+        let roles = c.roles(&p("roles"), &h.roles, naming);
+        if let Some(id) = identity
+            && !id.identity.roles.covers(&roles)
+        {
+            c.problem(
+                &p("roles"),
+                format!(
+                    "{roles} is more than the daemon holds ({}); a handler never gets more than the daemon",
+                    id.identity.roles
+                ),
+            );
+        }
+        let memory = c.parse(&p("memory"), &h.memory, "a size like \"64MiB\"", parse_size);
+        if let Some(m) = memory
+            && !(1 << 16..=MAX_MEMORY).contains(&m)
+        {
+            c.problem(&p("memory"), format!("{m} bytes is outside 64KiB..4GiB"));
+        }
+        let timeout = c.positive_duration(&p("timeout"), &h.timeout);
+        let reuse_limit = c.get(&p("reuse_limit"), &h.reuse_limit, "a positive integer");
+        let reuse = c.parse(
+            &p("instance"),
+            &h.instance,
+            "\"fresh\" or \"reuse\"",
+            |s| match s {
+                "fresh" => Ok(None),
+                "reuse" => Ok(Some(())),
+                _ => Err("unknown instance mode".into()),
+            },
+        );
+        let require = c.get(
+            &p("require_sender_token"),
+            &h.require_sender_token,
+            "true or false",
+        );
+        let mut config = BTreeMap::new();
+        for (k, v) in &h.config {
+            if let Some(v) = c.get(&p(&format!("config.{k}")), v, "a string") {
+                config.insert(k.clone(), v);
+            }
+        }
+        if let (
+            Some(name),
+            Some(file),
+            Some(memory),
+            Some(timeout),
+            Some(reuse),
+            Some(limit),
+            Some(require),
+        ) = (name, file, memory, timeout, reuse, reuse_limit, require)
+        {
+            out.push(WasmSpec {
+                name,
+                file,
+                roles,
+                memory,
+                timeout,
+                reuse: reuse.map(|()| u64::from(limit.max(1))),
+                require_sender_token: require,
+                config,
+            });
+        }
+    }
+    out
+}
+
+pub(super) fn wasm_settings(
+    raw: &RawConfig,
+    c: &mut Checker<'_>,
+    handlers: &[WasmSpec],
+) -> Option<RuntimeSettings> {
+    let w = &raw.wasm;
+    let cache_dir = match &w.cache_dir {
+        Some(d) => c.text("wasm.cache_dir", d).map(Into::into),
+        None => crate::wasm::default_cache_dir(),
+    };
+    let workers = match &w.workers {
+        Some(n) => c.get("wasm.workers", n, "a positive integer")? as usize,
+        None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+    };
+    let max_stack = c.parse(
+        "wasm.max_stack",
+        &w.max_stack,
+        "a size like \"512KiB\"",
+        parse_size,
+    )?;
+    if !(16 << 10..=64 << 20).contains(&max_stack) {
+        c.problem(
+            "wasm.max_stack",
+            format!("{max_stack} bytes is outside 16KiB..64MiB"),
+        );
+    }
+    Some(RuntimeSettings {
+        cache_dir,
+        workers: workers.max(1),
+        max_stack,
+        max_memory: handlers.iter().map(|h| h.memory).max().unwrap_or(64 << 20),
+        reused: handlers.iter().filter(|h| h.reuse.is_some()).count(),
+    })
+}
+
+pub(super) fn routes(
+    raw: &RawConfig,
+    c: &mut Checker<'_>,
+    naming: &Naming,
+    identity: Option<&DaemonIdentity>,
+    handlers: &[WasmSpec],
+) -> Vec<RouteSpec> {
+    let mut out = Vec::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let p = |k: &str| format!("routes[{i}].{k}");
+        let stream = match &r.stream {
+            Some(s) => c.parse(
+                &p("stream"),
+                s,
+                "a stream name or pattern like nova:task:*:tasks",
+                |s| {
+                    // A pattern is valid when every name it can match is: check it with `*` as a segment.
+                    let probe = s.replace('*', "x");
+                    if s.contains('*') && !s.starts_with("nova:") {
+                        return Err("only ADAPT names take * segments".into());
+                    }
+                    if s.split(':').any(|seg| seg.contains('*') && seg != "*") {
+                        return Err("* stands for a whole segment".into());
+                    }
+                    if s.starts_with("nova:*:") {
+                        Ok(StreamPattern::new(s))
+                    } else {
+                        naming
+                            .parse(&probe)
+                            .map(|_| StreamPattern::new(s))
+                            .map_err(|e| e.to_string())
+                    }
+                },
+            ),
+            None => {
+                c.problem(
+                    &p("stream"),
+                    "missing: the stream (or pattern) this route applies to",
+                );
+                None
+            }
+        };
+        let mut when = Predicates::default();
+        for (field, v) in &r.equals {
+            if let Some(v) = c.get(&p(&format!("equals.{field}")), v, "a string") {
+                when.equals.push((field.clone(), v.into_bytes()));
+            }
+        }
+        for (j, f) in r.exists.iter().enumerate() {
+            when.exists.extend(c.text(&p(&format!("exists[{j}]")), f));
+        }
+        for (j, f) in r.absent.iter().enumerate() {
+            when.absent.extend(c.text(&p(&format!("absent[{j}]")), f));
+        }
+        let action = route_action(c, i, r, naming, identity, handlers);
+        if let (Some(stream), Some(action)) = (stream, action) {
+            out.push(RouteSpec {
+                stream,
+                when,
+                action,
+            });
+        }
+    }
+    out
+}
+
+fn route_action(
+    c: &mut Checker<'_>,
+    i: usize,
+    r: &super::raw::RawRoute,
+    naming: &Naming,
+    identity: Option<&DaemonIdentity>,
+    handlers: &[WasmSpec],
+) -> Option<Action> {
+    let p = |k: &str| format!("routes[{i}].{k}");
+    let drop = match &r.drop {
+        Some(d) => c.get(&p("drop"), d, "true")?,
+        None => false,
+    };
+    match (&r.handler, &r.forward, drop) {
+        (Some(h), None, false) => {
+            let name = c.text(&p("handler"), h)?;
+            if handlers.iter().any(|x| x.name == name) || name == "drop" {
+                Some(if name == "drop" {
+                    Action::Drop
+                } else {
+                    Action::Handler(name)
+                })
+            } else {
+                c.problem(
+                    &p("handler"),
+                    format!("no [[handlers]] entry is named {name:?}"),
+                );
+                None
+            }
+        }
+        (None, Some(f), false) => {
+            let to = c.parse(&p("forward"), f, "a stream name", |s| {
+                naming
+                    .parse(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            })?;
+            if let Some(id) = identity
+                && let Err(e) = crate::client::check(naming, &id.identity, Op::Publish, &to)
+            {
+                c.problem(&p("forward"), e.to_string());
+            }
+            Some(Action::Forward(to))
+        }
+        (None, None, true) => Some(Action::Drop),
+        _ => {
+            c.problem(
+                &format!("routes[{i}]"),
+                "give exactly one action: handler = NAME, forward = STREAM, or drop = true",
+            );
+            None
+        }
+    }
+}
+
+/// `"64MiB"`, `"512 KiB"`, `"1GiB"`, `"4096"` (bytes); also KB/MB/GB as powers of 1000.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| "expected a number of bytes with an optional unit".to_string())?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => return Err(format!("unknown unit {other:?} (use B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| "too large".into())
+}
+
+/// Names of handlers reachable from a consumer, to check their timeouts against its handler_timeout.
+pub(super) fn timeouts_fit(
+    c: &mut Checker<'_>,
+    path: &str,
+    outer: Duration,
+    reachable: impl Iterator<Item = (String, Duration)>,
+) {
+    for (name, t) in reachable {
+        if t > outer {
+            c.problem(
+                path,
+                format!(
+                    "handler {name:?} may run {} but this consumer's handler_timeout is {}",
+                    humantime::format_duration(t),
+                    humantime::format_duration(outer)
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
+}

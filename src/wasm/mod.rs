@@ -1,0 +1,418 @@
+//! WASM handlers: one engine, every handler compiled and pre-linked at start, calls on worker threads.
+//!
+//! Owns the wasmtime side of DESIGN §3: the engine (component model, epoch interruption with one ticker
+//! thread, a bounded wasm stack, the pooling allocator sized to what can be live at once), the on-disk
+//! cache of compiled artifacts (keyed by the module's SHA-256 and the engine's compatibility hash, so a
+//! restart does not recompile), the linker (our `host` interface plus WASI preview 2 with every
+//! capability denied — a component importing anything else is refused with the import's name), and
+//! the worker threads that run calls with the synchronous API (replies are buffered, so host calls never
+//! wait for Redis; the sync API measured faster than the async one). One call's sandbox is
+//! [`sandbox`]'s business; which handler a message goes to is the router's.
+
+mod output;
+pub mod sandbox;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+use crate::auth::{Identity, Roles};
+use crate::engine::handler::{BoxFuture, Handler, Message, Outcome};
+use crate::naming::Naming;
+use sandbox::{Host, Meta};
+
+/// Host bindings of `handlers/wit`.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "handlers/wit",
+        world: "handler",
+    });
+}
+
+/// How often the epoch ticks; deadlines are rounded up to it.
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// Engine-wide settings.
+#[derive(Clone, Debug)]
+pub struct RuntimeSettings {
+    /// Where compiled artifacts are kept; None disables the cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Threads running handler calls.
+    pub workers: usize,
+    /// The most stack a guest may use.
+    pub max_stack: usize,
+    /// The largest memory limit of any handler.
+    pub max_memory: usize,
+    /// Handlers configured with instance reuse (each keeps one warm instance per worker).
+    pub reused: usize,
+}
+
+/// One configured handler.
+#[derive(Clone, Debug)]
+pub struct WasmSpec {
+    pub name: String,
+    pub file: PathBuf,
+    pub roles: Roles,
+    pub memory: usize,
+    pub timeout: Duration,
+    /// Keep a warm instance per worker and retire it after this many messages; None = a fresh
+    /// instance per message.
+    pub reuse: Option<u64>,
+    pub require_sender_token: bool,
+    pub config: BTreeMap<String, String>,
+}
+
+/// The engine, the linker and the workers; handlers are loaded from it.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<Host>,
+    naming: Arc<Naming>,
+    cache_dir: Option<PathBuf>,
+    pool: Pool,
+    stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    pub fn new(s: &RuntimeSettings, naming: Arc<Naming>) -> Result<Runtime, String> {
+        let workers = s.workers.max(1);
+        // At most one fresh instance per worker is live at once, plus the warm ones of reused handlers.
+        let instances = (workers * (1 + s.reused) + 2) as u32;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(instances)
+            .total_core_instances(instances * 16)
+            .max_memories_per_component(8)
+            .total_memories(instances * 4)
+            .max_tables_per_component(16)
+            .total_tables(instances * 16)
+            .total_stacks(instances)
+            .max_memory_size(s.max_memory)
+            .linear_memory_keep_resident(128 * 1024)
+            .decommit_batch_size(32);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(s.max_stack)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine =
+            Engine::new(&config).map_err(|e| format!("cannot configure wasmtime: {e:#}"))?;
+        let mut linker = Linker::<Host>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| format!("cannot link WASI: {e:#}"))?;
+        bindings::Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |h| h)
+            .map_err(|e| format!("cannot link the host interface: {e:#}"))?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ticker_engine, ticker_stop) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("redstream-epoch".into())
+            .spawn(move || {
+                while !ticker_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| format!("cannot start the epoch ticker: {e}"))?;
+        // Guests run on the workers' native stacks: leave room above the wasm stack bound.
+        let pool = Pool::new(workers, s.max_stack + 4 * 1024 * 1024)
+            .map_err(|e| format!("cannot start workers: {e}"))?;
+        Ok(Runtime {
+            engine,
+            linker,
+            naming,
+            cache_dir: s.cache_dir.clone(),
+            pool,
+            stop,
+        })
+    }
+
+    /// Compiles (or loads from the cache) and pre-links a handler. The error names the file and, for
+    /// a missing import, the import.
+    pub fn load(&self, spec: &WasmSpec) -> Result<WasmHandler, String> {
+        let bytes = std::fs::read(&spec.file)
+            .map_err(|e| format!("cannot read {}: {e}", spec.file.display()))?;
+        let component = self.compile(&bytes, &spec.file)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            format!(
+                "{} cannot be linked: {e:#} (handlers may import only redstream:handler/host and WASI, which is denied)",
+                spec.file.display()
+            )
+        })?;
+        let pre = bindings::HandlerPre::new(pre).map_err(|e| {
+            format!("{} is not a RedStream handler (it must export `handle` of redstream:handler@0.1.0): {e:#}", spec.file.display())
+        })?;
+        static IDS: AtomicU64 = AtomicU64::new(1);
+        Ok(WasmHandler {
+            inner: Arc::new(Inner {
+                meta: Arc::new(Meta {
+                    name: spec.name.clone(),
+                    roles: spec.roles.clone(),
+                    naming: self.naming.clone(),
+                    config: spec.config.clone(),
+                    memory: spec.memory,
+                    timeout: spec.timeout,
+                }),
+                pre,
+                engine: self.engine.clone(),
+                ticks: (spec.timeout.as_nanos() / TICK.as_nanos()) as u64 + 1,
+                reuse: spec.reuse,
+                id: IDS.fetch_add(1, Ordering::Relaxed),
+            }),
+            pool: self.pool.clone(),
+            require_sender_token: spec.require_sender_token,
+        })
+    }
+
+    fn compile(&self, bytes: &[u8], file: &Path) -> Result<Component, String> {
+        let cached = self.cache_dir.as_ref().map(|dir| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.engine.precompile_compatibility_hash().hash(&mut h);
+            dir.join(format!(
+                "{}-{:016x}.cwasm",
+                hex::encode(Sha256::digest(bytes)),
+                h.finish()
+            ))
+        });
+        if let Some(path) = cached.as_ref().filter(|p| p.is_file()) {
+            // SAFETY: the cache directory is RedStream's own (created 0700), entries are written by
+            // `serialize` below and named by the hash of their source and of this engine's settings.
+            match unsafe { Component::deserialize_file(&self.engine, path) } {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "unusable cached artifact; recompiling");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| {
+            format!(
+                "{} is not a valid WebAssembly component: {e:#}",
+                file.display()
+            )
+        })?;
+        if let Some(path) = cached
+            && let Err(e) = store_artifact(&component, &path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot cache the compiled handler");
+            }
+        Ok(component)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn store_artifact(component: &Component, path: &Path) -> Result<(), String> {
+    let dir = path.parent().ok_or("no parent directory")?;
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let bytes = component.serialize().map_err(|e| e.to_string())?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+}
+
+/// The default artifact cache: systemd's `$CACHE_DIRECTORY`, else `$XDG_CACHE_HOME/redstream`, else
+/// `~/.cache/redstream`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("CACHE_DIRECTORY") {
+        return std::env::split_paths(&d).next();
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("redstream"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/redstream"))
+}
+
+struct Inner {
+    meta: Arc<Meta>,
+    pre: bindings::HandlerPre<Host>,
+    engine: Engine,
+    /// The deadline in epoch ticks.
+    ticks: u64,
+    reuse: Option<u64>,
+    /// Distinguishes handlers in the workers' warm-instance caches.
+    id: u64,
+}
+
+/// A loaded handler. Cheap to clone.
+#[derive(Clone)]
+pub struct WasmHandler {
+    inner: Arc<Inner>,
+    pool: Pool,
+    pub require_sender_token: bool,
+}
+
+/// A warm instance kept by a worker for a reused handler.
+struct Warm {
+    store: Store<Host>,
+    bindings: bindings::Handler,
+    uses: u64,
+}
+
+thread_local! {
+    static WARM: RefCell<HashMap<u64, Warm>> = RefCell::new(HashMap::new());
+}
+
+impl Inner {
+    fn new_store(&self) -> Store<Host> {
+        let mut store = Store::new(&self.engine, Host::new(self.meta.clone()));
+        store.limiter(|h| &mut h.limits);
+        store
+    }
+
+    /// Runs one call on this thread.
+    fn call(&self, msg: &bindings::redstream::handler::types::Message) -> Outcome {
+        match self.reuse {
+            None => {
+                let mut store = self.new_store();
+                store.data_mut().begin(&msg.id);
+                store.set_epoch_deadline(self.ticks);
+                let result = self
+                    .pre
+                    .instantiate(&mut store)
+                    .and_then(|bindings| bindings.call_handle(&mut store, msg));
+                sandbox::outcome(result, &mut store)
+            }
+            Some(limit) => WARM.with(|warm| {
+                let mut warm = warm.borrow_mut();
+                let entry = match warm.remove(&self.id) {
+                    Some(w) => w,
+                    None => {
+                        let mut store = self.new_store();
+                        store.set_epoch_deadline(self.ticks);
+                        match self.pre.instantiate(&mut store) {
+                            Ok(bindings) => Warm {
+                                store,
+                                bindings,
+                                uses: 0,
+                            },
+                            Err(e) => return sandbox::outcome(Err(e), &mut store),
+                        }
+                    }
+                };
+                let Warm {
+                    mut store,
+                    bindings,
+                    uses,
+                } = entry;
+                store.data_mut().begin(&msg.id);
+                // Deadlines count from the current epoch: re-arm before every call.
+                store.set_epoch_deadline(self.ticks);
+                let result = bindings.call_handle(&mut store, msg);
+                let trapped = result.is_err();
+                let outcome = sandbox::outcome(result, &mut store);
+                // After a trap an instance refuses further calls: retire it, as after `limit` uses.
+                if !trapped && uses + 1 < limit {
+                    warm.insert(
+                        self.id,
+                        Warm {
+                            store,
+                            bindings,
+                            uses: uses + 1,
+                        },
+                    );
+                }
+                outcome
+            }),
+        }
+    }
+}
+
+impl WasmHandler {
+    pub fn name(&self) -> &str {
+        &self.inner.meta.name
+    }
+
+    /// One call without the worker pool, on this thread (for `redstream handler run` and benchmarks).
+    pub fn call_here(&self, msg: &Message, sender: Option<&Identity>) -> Outcome {
+        match sandbox::wit_message(msg, sender) {
+            Ok(m) => self.inner.call(&m),
+            Err(reason) => Outcome::Reject(reason),
+        }
+    }
+
+    /// One call on a worker thread.
+    pub async fn call(&self, msg: &Message, sender: Option<&Identity>) -> Outcome {
+        let m = match sandbox::wit_message(msg, sender) {
+            Ok(m) => m,
+            Err(reason) => return Outcome::Reject(reason),
+        };
+        let inner = self.inner.clone();
+        match self.pool.run(move || inner.call(&m)).await {
+            Some(outcome) => outcome,
+            None => Outcome::Retry(
+                "the handler call failed in the host (workers stopping, or a host panic)".into(),
+            ),
+        }
+    }
+}
+
+impl Handler for WasmHandler {
+    fn name(&self) -> &str {
+        &self.inner.meta.name
+    }
+
+    fn handle<'a>(&'a self, msg: &'a Message) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.call(msg, msg.sender.as_deref()))
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Worker threads running handler calls, fed from one queue.
+#[derive(Clone)]
+struct Pool {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Pool {
+    fn new(workers: usize, stack: usize) -> std::io::Result<Pool> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("redstream-wasm-{i}"))
+                .stack_size(stack)
+                .spawn(move || {
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return, // every sender is gone
+                        }
+                    }
+                })?;
+        }
+        Ok(Pool { tx })
+    }
+
+    /// Runs `f` on a worker; None if the pool is gone or `f` panicked.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(result.ok());
+        });
+        self.tx.send(job).ok()?;
+        rx.await.ok().flatten()
+    }
+}

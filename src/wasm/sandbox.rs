@@ -1,0 +1,280 @@
+//! One handler call in its sandbox: the store, its limits and deadline, the host functions, and what
+//! comes out.
+//!
+//! Owns the store's data ([`Host`]): the WASI context with every capability denied, the memory/table/
+//! instance limits, the buffered replies (`publish` checks stream name and the handler's roles at call
+//! time and returns a typed error to the guest, never a trap), the rate-limited `log`, the handler's
+//! `config`. Also the mapping of a call's result — return value or trap — to an [`Outcome`]. Compiling,
+//! linking and scheduling calls is [`super`]'s business.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::redstream::handler::{host, types};
+use super::output::Capture;
+use crate::auth::{Identity, Op, Roles};
+use crate::engine::handler::{Outcome, Reply};
+use crate::envelope::Fields;
+use crate::naming::Naming;
+
+/// Replies one message may buffer.
+pub const MAX_REPLIES: usize = 100;
+/// Bytes (names and values) of all replies of one message.
+pub const MAX_REPLY_BYTES: usize = 1 << 20;
+/// Log lines one message may write through `log` (more are counted and dropped).
+pub const MAX_LOG_LINES: u32 = 50;
+/// Longest logged line; longer ones are cut.
+pub const MAX_LOG_LINE: usize = 1024;
+/// Bytes of stdout and of stderr kept per message.
+pub const MAX_STDIO: usize = 8 * 1024;
+
+/// What every call of one handler shares.
+#[derive(Debug)]
+pub struct Meta {
+    pub name: String,
+    pub roles: Roles,
+    pub naming: Arc<Naming>,
+    pub config: BTreeMap<String, String>,
+    pub memory: usize,
+    pub timeout: Duration,
+}
+
+/// The data of a handler's store.
+pub struct Host {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub limits: StoreLimits,
+    meta: Arc<Meta>,
+    /// Replies buffered by this call.
+    outbox: Vec<Reply>,
+    outbox_bytes: usize,
+    /// The message being handled, for logs.
+    msg_id: String,
+    log_lines: u32,
+    log_dropped: u32,
+    denied: u32,
+    stdout: Capture,
+    stderr: Capture,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl Host {
+    pub fn new(meta: Arc<Meta>) -> Self {
+        let stdout = Capture::new(MAX_STDIO);
+        let stderr = Capture::new(MAX_STDIO);
+        // Every capability denied: no preopens, no environment, no arguments, closed stdin, no network.
+        // Clocks and random numbers stay: guests' standard libraries need them to start.
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(meta.memory)
+            .table_elements(100_000)
+            .instances(32)
+            .tables(32)
+            .memories(8)
+            .trap_on_grow_failure(true)
+            .build();
+        Host {
+            wasi,
+            table: ResourceTable::new(),
+            limits,
+            meta,
+            outbox: Vec::new(),
+            outbox_bytes: 0,
+            msg_id: String::new(),
+            log_lines: 0,
+            log_dropped: 0,
+            denied: 0,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Readies the store data for a call (a reused instance keeps its store across calls).
+    pub fn begin(&mut self, msg_id: &str) {
+        self.outbox.clear();
+        self.outbox_bytes = 0;
+        self.msg_id.clear();
+        self.msg_id.push_str(msg_id);
+        self.log_lines = 0;
+        self.log_dropped = 0;
+        self.denied = 0;
+    }
+
+    /// Logs what the call wrote to stdout/stderr and what was dropped, and returns its replies.
+    pub fn finish(&mut self) -> Vec<Reply> {
+        let name = &self.meta.name;
+        for (stream, capture) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+            let (bytes, dropped) = capture.take();
+            if !bytes.is_empty() {
+                let text = escape(&bytes, MAX_STDIO);
+                tracing::info!(handler = %name, id = %self.msg_id, stream, dropped, output = %text, "guest output");
+            }
+        }
+        if self.log_dropped > 0 {
+            tracing::warn!(handler = %name, id = %self.msg_id, dropped = self.log_dropped, "guest log lines over the per-message limit were dropped");
+        }
+        if self.denied > 0 {
+            tracing::warn!(handler = %name, id = %self.msg_id, denied = self.denied, "guest publishes were denied");
+        }
+        std::mem::take(&mut self.outbox)
+    }
+}
+
+impl types::Host for Host {}
+
+impl host::Host for Host {
+    fn publish(
+        &mut self,
+        stream: String,
+        fields: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), types::PublishError> {
+        let domain = match self.meta.naming.domain_of(&stream) {
+            Ok(d) => d,
+            Err(e) => {
+                self.denied += 1;
+                return Err(types::PublishError::InvalidStream(e.to_string()));
+            }
+        };
+        if !self.meta.roles.allows(Op::Publish, domain) {
+            self.denied += 1;
+            return Err(types::PublishError::Denied(format!(
+                "handler {} may not publish to {stream}: that needs role {} or admin",
+                self.meta.name,
+                Roles::needed(Op::Publish, domain)
+            )));
+        }
+        let size: usize =
+            stream.len() + fields.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+        if self.outbox.len() >= MAX_REPLIES || self.outbox_bytes + size > MAX_REPLY_BYTES {
+            return Err(types::PublishError::TooLarge(format!(
+                "a message may cause at most {MAX_REPLIES} replies of {MAX_REPLY_BYTES} bytes in all"
+            )));
+        }
+        self.outbox_bytes += size;
+        self.outbox.push(Reply {
+            stream,
+            fields: Fields::from(
+                fields
+                    .into_iter()
+                    .map(|(n, v)| (n.into_bytes(), v))
+                    .collect::<Vec<_>>(),
+            ),
+        });
+        Ok(())
+    }
+
+    fn log(&mut self, level: types::Level, text: String) {
+        if self.log_lines >= MAX_LOG_LINES {
+            self.log_dropped += 1;
+            return;
+        }
+        self.log_lines += 1;
+        let text = escape(text.as_bytes(), MAX_LOG_LINE);
+        let (name, id) = (&self.meta.name, &self.msg_id);
+        match level {
+            types::Level::Trace => tracing::trace!(handler = %name, id = %id, "{text}"),
+            types::Level::Debug => tracing::debug!(handler = %name, id = %id, "{text}"),
+            types::Level::Info => tracing::info!(handler = %name, id = %id, "{text}"),
+            types::Level::Warn => tracing::warn!(handler = %name, id = %id, "{text}"),
+            types::Level::Error => tracing::error!(handler = %name, id = %id, "{text}"),
+        }
+    }
+
+    fn config(&mut self, key: String) -> Option<String> {
+        self.meta.config.get(&key).cloned()
+    }
+}
+
+/// Text a guest wrote, made safe for a log line: control characters escaped, cut at `max` bytes.
+pub fn escape(bytes: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(max)]);
+    let mut out: String = text.chars().flat_map(char::escape_debug).collect();
+    if bytes.len() > max {
+        out.push('…');
+    }
+    out
+}
+
+/// The WIT view of a message. Field names must be UTF-8 (values may be anything).
+pub fn wit_message(
+    msg: &crate::engine::handler::Message,
+    sender: Option<&Identity>,
+) -> Result<types::Message, String> {
+    let mut fields = Vec::with_capacity(msg.fields.len());
+    for (name, value) in msg.fields.iter() {
+        let name = std::str::from_utf8(name)
+            .map_err(|_| format!("malformed message: field name {name:?} is not UTF-8"))?;
+        fields.push((name.to_owned(), value.to_vec()));
+    }
+    Ok(types::Message {
+        stream: msg.stream.to_string(),
+        id: msg.id.clone(),
+        fields,
+        delivery_count: u32::try_from(msg.deliveries).unwrap_or(u32::MAX),
+        trace_id: msg
+            .fields
+            .get_str(crate::envelope::TRACE_ID)
+            .map(str::to_owned),
+        sender: sender.map(|s| types::Sender {
+            subject: s.subject.clone(),
+            roles: s.roles.to_strings(),
+        }),
+    })
+}
+
+/// What a finished call means for its message. A trap — deadline, memory limit, stack overflow, a
+/// guest panic — is a retry, counted against max_deliveries; it never harms the daemon.
+pub fn outcome(
+    result: wasmtime::Result<Result<(), types::HandlerError>>,
+    store: &mut Store<Host>,
+) -> Outcome {
+    let replies = store.data_mut().finish();
+    match result {
+        Ok(Ok(())) => Outcome::Success(replies),
+        Ok(Err(types::HandlerError::Retry(reason))) => Outcome::Retry(reason),
+        Ok(Err(types::HandlerError::Reject(reason))) => Outcome::Reject(reason),
+        Err(e) => Outcome::Retry(trap_reason(&e, store.data().meta.as_ref())),
+    }
+}
+
+/// A trap in words an operator can act on.
+pub fn trap_reason(e: &wasmtime::Error, meta: &Meta) -> String {
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => format!(
+            "trap: handler ran past its deadline of {}",
+            humantime::format_duration(meta.timeout)
+        ),
+        Some(Trap::StackOverflow) => "trap: stack overflow".into(),
+        Some(t) => format!("trap: {t}"),
+        None => {
+            let text = format!("{e:#}");
+            if text.contains("memory") && (text.contains("grow") || text.contains("limit")) {
+                format!(
+                    "trap: memory limit of {} bytes reached ({text})",
+                    meta.memory
+                )
+            } else {
+                format!("trap: {text}")
+            }
+        }
+    }
+}
