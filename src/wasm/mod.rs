@@ -199,9 +199,10 @@ impl Runtime {
             )
         })?;
         if let Some(path) = cached
-            && let Err(e) = store_artifact(&component, &path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot cache the compiled handler");
-            }
+            && let Err(e) = store_artifact(&component, &path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot cache the compiled handler");
+        }
         Ok(component)
     }
 }

@@ -23,5 +23,7 @@ mod tls;
 mod engine;
 // Dead letters: list and replay.
 mod dlq;
+// WASM handlers: sandbox, routing, sender tokens, reuse, check.
+mod wasm;
 // The binary: exit codes, output, config layering, tokens.
 mod cli;

@@ -1,0 +1,522 @@
+//! WASM handlers in the real daemon: every hostile fixture contained while a neighbour keeps working,
+//! denied publishes, routing, sender tokens, instance reuse, and `check` refusing foreign imports.
+//! Components come from handlers/build (scripts/build-handlers; scripts/test builds them first).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use redstream::auth::Roles;
+
+use crate::util::{Daemon, RedisServer, bin, daemon_toml, root, settings, wait_for};
+
+const REPORT: &str = "nova:task:wasm:report";
+const ECHOED: &str = "nova:task:wasm:echoed";
+
+fn component(name: &str) -> PathBuf {
+    let path = root().join("handlers/build").join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/build-handlers",
+        path.display()
+    );
+    path
+}
+
+/// A `[[handlers]]` entry; its deadline (500 ms unless `extra` sets one) fits the consumers' 900 ms.
+fn handler(name: &str, file: &str, extra: &str) -> String {
+    let timeout = if extra.contains("timeout") {
+        ""
+    } else {
+        "timeout = \"500ms\"\n"
+    };
+    format!(
+        "[[handlers]]\nname = \"{name}\"\nfile = \"{}\"\n{timeout}{extra}\n",
+        component(file).display()
+    )
+}
+
+fn consumer(stream: &str, handler: Option<&str>, extra: &str) -> String {
+    let handler = handler.map_or(String::new(), |h| format!("handler = \"{h}\"\n"));
+    format!(
+        "[[consumers]]\nstream = \"{stream}\"\ngroup = \"g\"\nstart = \"0\"\n{handler}\
+         claim_min_idle = \"1s\"\nclaim_interval = \"200ms\"\nhandler_timeout = \"900ms\"\nblock = \"1s\"\n{extra}\n"
+    )
+}
+
+/// The `what`/`detail` pairs reported by the hostile fixture.
+fn reports(server: &RedisServer) -> Vec<(String, String)> {
+    server
+        .entries(REPORT)
+        .iter()
+        .map(|e| {
+            (
+                e.fields.get_str("what").unwrap_or("").to_owned(),
+                e.fields.get_str("detail").unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn wasm_section(cache: &std::path::Path, workers: u32) -> String {
+    format!(
+        "[wasm]\nworkers = {workers}\ncache_dir = \"{}\"\n",
+        cache.display()
+    )
+}
+
+#[test]
+fn hostile_handlers_are_contained_while_a_neighbour_keeps_working() {
+    let server = RedisServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let hostile_stream = "nova:task:wasm:hostile";
+    let echo_stream = "nova:task:wasm:echo";
+    let toml = daemon_toml(
+        &server.url(),
+        &[
+            wasm_section(cache.path(), 2),
+            handler(
+                "hostile",
+                "hostile",
+                &format!("roles = [\"task_write\"]\nmemory = \"16MiB\"\ntimeout = \"300ms\"\nconfig = {{ report = \"{REPORT}\" }}"),
+            ),
+            handler("echo", "echo", &format!("roles = [\"task_write\"]\nconfig = {{ reply_to = \"{ECHOED}\" }}")),
+            consumer(hostile_stream, Some("hostile"), "max_deliveries = 2"),
+            consumer(echo_stream, Some("echo"), ""),
+        ]
+        .concat(),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+
+    // The neighbour alone.
+    let started = Instant::now();
+    for i in 0..300 {
+        server.xadd(echo_stream, &[("n", &i.to_string())]);
+    }
+    wait_for("300 echoes", Duration::from_secs(30), || {
+        (server.xlen(ECHOED) >= 300).then_some(())
+    });
+    let alone = started.elapsed();
+
+    // Every kind of misbehaviour at once, then the neighbour again.
+    let addr = format!("127.0.0.1:{}", server.port);
+    for fields in [
+        vec![("do", "loop")],
+        vec![("do", "loop")],
+        vec![("do", "membomb")],
+        vec![("do", "recurse")],
+        vec![("marker", "1")],
+        vec![
+            ("do", "publish-denied"),
+            ("target", "nova:system:mcp:control"),
+        ],
+        vec![("do", "snoop"), ("addr", addr.as_str())],
+        vec![("do", "logflood")],
+    ] {
+        server.xadd(hostile_stream, &fields);
+    }
+    let started = Instant::now();
+    for i in 0..300 {
+        server.xadd(echo_stream, &[("n", &i.to_string())]);
+    }
+    wait_for("300 more echoes", Duration::from_secs(30), || {
+        (server.xlen(ECHOED) >= 600).then_some(())
+    });
+    let beside = started.elapsed();
+    println!(
+        "echo alone: {:.0} msg/s; beside hostile handlers: {:.0} msg/s",
+        300.0 / alone.as_secs_f64(),
+        300.0 / beside.as_secs_f64()
+    );
+    assert!(
+        beside <= (alone * 4).max(alone + Duration::from_secs(3)),
+        "the neighbour's rate collapsed: {alone:?} alone, {beside:?} beside the hostile handlers"
+    );
+
+    // Traps (deadline, memory, stack, unreachable) are retries, dead-lettered after max_deliveries.
+    let dlq = "nova:task:wasm:hostile-dlq";
+    wait_for("5 dead letters", Duration::from_secs(20), || {
+        (server.xlen(dlq) >= 5).then_some(())
+    });
+    let reasons: Vec<String> = server
+        .entries(dlq)
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e.fields.get_str("do").unwrap_or("marker"),
+                e.fields.get_str("_dlq_reason").unwrap()
+            )
+        })
+        .collect();
+    for (what, why) in [
+        ("loop", "deadline of 300ms"),
+        ("membomb", "memory limit"),
+        ("recurse", "trap"),
+        ("marker", "unreachable"),
+    ] {
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with(what) && r.contains(why)),
+            "{what} should be dead-lettered for {why:?}: {reasons:#?}"
+        );
+    }
+    assert!(
+        server
+            .entries(dlq)
+            .iter()
+            .all(|e| e.fields.get_str("_dlq_deliveries") == Some("2"))
+    );
+
+    // What the sandbox let through: nothing.
+    wait_for("3 reports", Duration::from_secs(10), || {
+        (reports(&server).len() >= 3).then_some(())
+    });
+    let reports = reports(&server);
+    let detail = |what: &str| {
+        reports
+            .iter()
+            .find(|r| r.0 == what)
+            .map(|r| r.1.clone())
+            .unwrap_or_default()
+    };
+    assert!(detail("publish-denied").contains("Denied"), "{reports:?}");
+    let snoop = detail("snoop");
+    assert!(
+        snoop.contains("file=Err") && snoop.contains("env=0") && snoop.contains("socket=Err"),
+        "{snoop}"
+    );
+    assert_eq!(detail("logflood"), "done");
+    let mut conn = server.conn();
+    let written: i64 = redis::cmd("EXISTS")
+        .arg("nova:system:mcp:control")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        written, 0,
+        "nothing written where the handler may not write"
+    );
+
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    let floods = d.count_log("flood ");
+    assert!(floods <= 60, "the log flood was capped: {floods} lines");
+    assert!(d.count_log("dropped") >= 1);
+    assert!(
+        d.logs().iter().all(|l| !l.contains('\u{1b}')),
+        "guest text is escaped"
+    );
+    assert_eq!(
+        server.pending(hostile_stream, "g") + server.pending(echo_stream, "g"),
+        0
+    );
+}
+
+#[test]
+fn routes_match_stream_patterns_and_fields_first_match_wins() {
+    let server = RedisServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let routes = r#"
+[[routes]]
+stream = "nova:task:*:inbox"
+equals = { type = "ping" }
+handler = "echo"
+
+[[routes]]
+stream = "nova:task:*:inbox"
+exists = ["archive"]
+forward = "nova:task:routes:archive"
+
+[[routes]]
+stream = "nova:task:*:inbox"
+absent = ["keep"]
+drop = true
+"#;
+    let toml = daemon_toml(
+        &server.url(),
+        &[
+            wasm_section(cache.path(), 1),
+            handler(
+                "echo",
+                "echo",
+                &format!("roles = [\"task_write\"]\nconfig = {{ reply_to = \"{ECHOED}\" }}"),
+            ),
+            routes.to_string(),
+            consumer("nova:task:a:inbox", None, "unmatched = \"dead-letter\""),
+            consumer("nova:task:b:inbox", None, "unmatched = \"ack\""),
+        ]
+        .concat(),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    server.xadd("nova:task:a:inbox", &[("type", "ping"), ("archive", "1")]); // first route wins: echo only
+    server.xadd("nova:task:a:inbox", &[("archive", "1"), ("keep", "1")]); // forwarded
+    server.xadd("nova:task:a:inbox", &[("x", "1")]); // no `keep`: dropped
+    server.xadd("nova:task:a:inbox", &[("keep", "1")]); // nothing matches: dead-lettered
+    server.xadd("nova:task:b:inbox", &[("keep", "1")]); // nothing matches: acked
+    wait_for("everything settled", Duration::from_secs(10), || {
+        (server.pending("nova:task:a:inbox", "g") == 0
+            && server.pending("nova:task:b:inbox", "g") == 0
+            && server.xlen("nova:task:a:inbox-dlq") == 1)
+            .then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_eq!(server.xlen(ECHOED), 1);
+    let archived = server.entries("nova:task:routes:archive");
+    assert_eq!(archived.len(), 1);
+    assert_eq!(archived[0].fields.get_str("keep"), Some("1"));
+    let dead = server.entries("nova:task:a:inbox-dlq");
+    assert!(
+        dead[0]
+            .fields
+            .get_str("_dlq_reason")
+            .unwrap()
+            .contains("unmatched")
+    );
+    assert_eq!(server.xlen("nova:task:b:inbox-dlq"), 0);
+}
+
+#[test]
+fn routes_that_require_a_sender_token_verify_it_and_hide_it() {
+    let server = RedisServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let stream = "nova:task:wasm:signed";
+    let toml = daemon_toml(
+        &server.url(),
+        &[
+            wasm_section(cache.path(), 1),
+            handler(
+                "whoami",
+                "hostile",
+                &format!("roles = [\"task_write\"]\nrequire_sender_token = true\nconfig = {{ report = \"{REPORT}\" }}"),
+            ),
+            consumer(stream, Some("whoami"), "max_deliveries = 1"),
+        ]
+        .concat(),
+    );
+    let keys = settings(&server.url()).auth.keys;
+    let (good, _) = keys
+        .issue(
+            "agent-7",
+            &Roles::parse(&["task_read"]).unwrap(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    // The same token with its payload swapped for one claiming admin: the signature no longer matches.
+    let parts: Vec<&str> = good.split('.').collect();
+    let payload = serde_json::json!({"sub": "agent-7", "roles": ["admin"], "iss": "redstream", "aud": "redstream",
+        "exp": 4_000_000_000u64});
+    use base64::Engine as _;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload.to_string());
+    let forged = format!("{}.{payload}.{}", parts[0], parts[2]);
+    let mut d = Daemon::running(&toml, &[]);
+    server.xadd(stream, &[("do", "whoami"), ("_token", &good)]);
+    server.xadd(stream, &[("do", "whoami")]);
+    server.xadd(stream, &[("do", "whoami"), ("_token", &forged)]);
+    server.xadd(stream, &[("do", "whoami"), ("_token", "not.a.jwt")]);
+    let dlq = format!("{stream}-dlq");
+    wait_for(
+        "1 report and 3 dead letters",
+        Duration::from_secs(10),
+        || (server.xlen(REPORT) == 1 && server.xlen(&dlq) == 3).then_some(()),
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_eq!(
+        reports(&server),
+        [(
+            "whoami".to_string(),
+            "agent-7 task_read; token visible: false".to_string()
+        )]
+    );
+    let reasons: Vec<String> = server
+        .entries(&dlq)
+        .iter()
+        .map(|e| e.fields.get_str("_dlq_reason").unwrap().to_owned())
+        .collect();
+    assert!(
+        reasons.iter().all(|r| r.starts_with("unauthenticated")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("no _token") || r.contains("there is none")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("bad signature")),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn reused_instances_keep_state_until_retired_fresh_ones_never_do() {
+    let server = RedisServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let stream = "nova:task:wasm:count";
+    let fresh_stream = "nova:task:wasm:countfresh";
+    let toml = daemon_toml(
+        &server.url(),
+        &[
+            wasm_section(cache.path(), 1),
+            handler("warm", "hostile", &format!("roles = [\"task_write\"]\ninstance = \"reuse\"\nreuse_limit = 3\nconfig = {{ report = \"{REPORT}\" }}")),
+            handler("cold", "hostile", &format!("roles = [\"task_write\"]\nconfig = {{ report = \"{REPORT}\" }}")),
+            consumer(stream, Some("warm"), "in_flight = 1\nmax_deliveries = 1"),
+            consumer(fresh_stream, Some("cold"), "in_flight = 1"),
+        ]
+        .concat(),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    for fields in [
+        &[("do", "count")][..],
+        &[("do", "count")],
+        &[("do", "count")],
+        &[("do", "count")],
+        &[("marker", "1")],
+        &[("do", "count")],
+    ] {
+        server.xadd(stream, fields);
+    }
+    wait_for("5 counts", Duration::from_secs(10), || {
+        (server.xlen(REPORT) >= 5).then_some(())
+    });
+    let counts: Vec<String> = reports(&server).into_iter().map(|r| r.1).collect();
+    // 3 calls, retired; a new instance counts again; a trap retires it too.
+    assert_eq!(counts, ["1", "2", "3", "1", "1"]);
+    for _ in 0..3 {
+        server.xadd(fresh_stream, &[("do", "count")]);
+    }
+    wait_for("8 counts", Duration::from_secs(10), || {
+        (server.xlen(REPORT) >= 8).then_some(())
+    });
+    let counts: Vec<String> = reports(&server).into_iter().map(|r| r.1).skip(5).collect();
+    assert_eq!(
+        counts,
+        ["1", "1", "1"],
+        "a fresh instance per message keeps nothing"
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+fn check(config: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, config).unwrap();
+    let out = Command::new(bin())
+        .arg("check")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn check_compiles_every_handler_caches_it_and_refuses_foreign_imports() {
+    let cache = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let base = |handler_toml: &str| {
+        daemon_toml(
+            crate::util::UNREACHABLE,
+            &[wasm_section(cache.path(), 1), handler_toml.to_string()].concat(),
+        )
+    };
+    let (code, out) = check(&base(&handler("echo", "echo", "roles = [\"task_write\"]")));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("handler: echo"), "{out}");
+    let cached: Vec<_> = std::fs::read_dir(cache.path()).unwrap().flatten().collect();
+    assert_eq!(cached.len(), 1, "one compiled artifact in the cache");
+    // A damaged cache entry is recompiled, not trusted.
+    std::fs::write(cached[0].path(), b"garbage").unwrap();
+    let (code, out) = check(&base(&handler("echo", "echo", "roles = [\"task_write\"]")));
+    assert_eq!(code, 0, "{out}");
+
+    let evil = files.path().join("evil.wasm");
+    let text =
+        r#"(component (import "evil:net/socket@0.1.0" (instance (export "connect" (func)))))"#;
+    std::fs::write(&evil, wat::parse_str(text).unwrap()).unwrap();
+    let entry = format!(
+        "[[handlers]]\nname = \"evil\"\nfile = \"{}\"\n",
+        evil.display()
+    );
+    let (code, out) = check(&base(&entry));
+    assert_eq!(code, 78, "{out}");
+    assert!(
+        out.contains("handlers[0].file") && out.contains("evil:net/socket"),
+        "{out}"
+    );
+
+    let junk = files.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm not really").unwrap();
+    let (code, out) = check(&base(&format!(
+        "[[handlers]]\nname = \"junk\"\nfile = \"{}\"\n",
+        junk.display()
+    )));
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("not a valid WebAssembly component"), "{out}");
+
+    // Roles beyond the daemon's, a missing file, an unknown route target: config errors too.
+    let toml = base(&handler("echo", "echo", "roles = [\"admin\"]")).replace(
+        "roles = [\"admin\"]\n\n[redis]",
+        "roles = [\"task_write\", \"task_read\"]\n\n[redis]",
+    ) + "[[handlers]]\nname = \"gone\"\nfile = \"/nonexistent.wasm\"\n[[routes]]\nstream = \"nova:task:x:y\"\nhandler = \"nobody\"\n";
+    let (code, out) = check(&toml);
+    assert_eq!(code, 78, "{out}");
+    for path in ["handlers[0].roles", "handlers[1].file", "routes[0].handler"] {
+        assert!(out.contains(path), "{path} missing: {out}");
+    }
+}
+
+#[test]
+fn handler_run_and_bench_work_without_redis() {
+    let echo = component("echo");
+    let out = Command::new(bin())
+        .args(["handler", "run"])
+        .arg(&echo)
+        .args([
+            "--message",
+            r#"{"_reply_to":"nova:task:demo:replies","text":"hi","obj":{"a":1}}"#,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "success");
+    assert_eq!(v["replies"][0]["stream"], "nova:task:demo:replies");
+    assert_eq!(v["replies"][0]["fields"]["obj"]["a"], 1);
+
+    let out = Command::new(bin())
+        .args(["handler", "run"])
+        .arg(component("hostile"))
+        .args(["--message", r#"{"do":"loop"}"#, "--timeout", "100ms"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "retry");
+    assert!(v["reason"].as_str().unwrap().contains("deadline"), "{v}");
+
+    let out = Command::new(bin())
+        .args(["handler", "bench"])
+        .arg(&echo)
+        .args([
+            "--message",
+            r#"{"_reply_to":"nova:task:demo:replies"}"#,
+            "--n",
+            "200",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("fresh") && text.contains("reused"), "{text}");
+}
