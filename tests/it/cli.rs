@@ -325,7 +325,10 @@ fn tokens_from_api_keys_act_with_their_roles() {
     let cfg = dir.path().join("c.toml");
     let dev_toml = std::fs::read_to_string(root().join("config/dev.toml"))
         .unwrap()
-        .replace("\"../handlers/", &format!("\"{}/handlers/", root().display()));
+        .replace(
+            "\"../handlers/",
+            &format!("\"{}/handlers/", root().display()),
+        );
     std::fs::write(&cfg, format!("{dev_toml}\n{entry}\n")).unwrap();
     let issued = run(
         &["token", "issue", "--config", cfg.to_str().unwrap()],
