@@ -20,6 +20,7 @@
 //! - [`dlq`]: the dead-letter format, listing and replay.
 //! - [`engine`]: the daemon — supervisor, consumer loops, the handler seam, atomic commits.
 //! - [`wasm`]: WASM handlers — the wasmtime engine, artifact cache, sandboxed calls on worker threads.
+//! - [`notify`]: systemd's notify protocol, and the loops' liveness behind the watchdog.
 //! - [`shutdown`]: OS signals as one enum, and the shutdown fan-out.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`cli`]: the `redstream` command line and its exit codes.
@@ -35,6 +36,7 @@ pub mod engine;
 pub mod envelope;
 pub mod error;
 pub mod naming;
+pub mod notify;
 pub mod reply;
 pub mod shutdown;
 pub mod wasm;

@@ -36,6 +36,7 @@ use crate::backoff::Backoff;
 use crate::client::{Client, GroupReader, PendingQuery, ReadFrom, Round, check};
 use crate::envelope::Entry;
 use crate::error::Error;
+use crate::notify::Liveness;
 use crate::reply::Entries;
 use crate::shutdown::Shutdown;
 
@@ -62,6 +63,8 @@ pub struct Consumer {
     /// Verifies `_token` on routes that require a signed sender.
     pub keys: Arc<KeySet>,
     pub stats: Arc<Stats>,
+    /// Where this loop reports until when it is healthy, for the watchdog.
+    pub liveness: Arc<Liveness>,
     /// Backoff bounds for Redis trouble.
     pub retry_min: Duration,
     pub retry_max: Duration,
@@ -149,6 +152,15 @@ impl Consumer {
         let mut backoff = Backoff::new(self.retry_min, self.retry_max);
         let mut retry_at: Option<Instant> = None;
         let mut draining = false;
+        // Liveness: the loop turns at least once a second, and says until when its state is healthy.
+        let mut pulse = tokio::time::interval(Duration::from_secs(1));
+        let slack = Duration::from_secs(5);
+        let redis = self.client.redis().settings();
+        let read_bound = cfg.block + redis.command_timeout + redis.connect_timeout;
+        let mut last_progress = Instant::now();
+        let mut round_started: Option<Instant> = None;
+        #[cfg(feature = "fault-injection")]
+        let wedge = std::env::var("RSFAULT_WEDGE_GROUP").is_ok_and(|g| g == cfg.group);
 
         loop {
             // Commit now what cannot wait for the next round: the read is out (and may block), or no
@@ -187,6 +199,7 @@ impl Consumer {
                 let client = self.client.clone();
                 let cfg = self.cfg.clone();
                 debug!(from = ?from, count, commits = st.in_round.len(), "round");
+                round_started = Some(Instant::now());
                 round = Some(tokio::spawn(async move {
                     let read_from = from.as_deref().map_or(ReadFrom::New, ReadFrom::Pending);
                     let result = match r.round(cmd.as_ref(), read_from, count, block).await {
@@ -203,7 +216,21 @@ impl Consumer {
                 return Ok(());
             }
 
+            let until = if draining {
+                Instant::now() + slack
+            } else if let Some(t) = retry_at {
+                t + slack
+            } else if let Some(t) = round_started {
+                t + read_bound + slack
+            } else if st.running > 0 {
+                last_progress + cfg.handler_timeout + slack
+            } else {
+                last_progress + slack
+            };
+            self.liveness.healthy_until(until.into_std());
+
             tokio::select! {
+                _ = pulse.tick() => {}
                 // Only waits are cancelled: the round (a blocking read) is aborted, and the commit it
                 // carried is redone over the shared connection — the ownership check makes that safe.
                 _ = shutdown.wait(), if !draining => {
@@ -221,6 +248,7 @@ impl Consumer {
                     info!(running = st.running, "draining: reads stopped, finishing messages in flight");
                 }
                 Some(done) = rx.recv() => {
+                    last_progress = Instant::now();
                     self.finish(done, &mut st, &tx);
                     while let Ok(done) = rx.try_recv() {
                         self.finish(done, &mut st, &tx);
@@ -228,6 +256,8 @@ impl Consumer {
                 }
                 joined = async { round.as_mut().expect("guarded").await }, if round.is_some() => {
                     round = None;
+                    round_started = None;
+                    last_progress = Instant::now();
                     let batch = std::mem::take(&mut st.in_round);
                     match joined {
                         Ok((r, result)) => {
@@ -244,6 +274,12 @@ impl Consumer {
                                             let failures = backoff.succeed();
                                             if failures > 0 {
                                                 info!(failures, "reading again after Redis trouble");
+                                            }
+                                            #[cfg(feature = "fault-injection")]
+                                            if wedge && !entries.entries.is_empty() {
+                                                // A failpoint for the watchdog test: this loop hangs
+                                                // the way a blocking call in it would.
+                                                std::thread::sleep(Duration::from_secs(3600));
                                             }
                                             self.delivered(entries, counts, asked, &mut st, &tx);
                                         }

@@ -23,6 +23,7 @@ use crate::client::Client;
 use crate::config::{ConfigError, Problem, Settings};
 use crate::conn::Redis;
 use crate::error::Error;
+use crate::notify::{Health, Notifier};
 use crate::shutdown::{self, Shutdown, Signal};
 use crate::wasm::{Runtime, WasmHandler};
 use consumer::{Consumer, Stats};
@@ -265,6 +266,8 @@ pub async fn run(settings: &Settings, prepared: &Prepared) -> Result<Stopped, Ru
     }
 
     let (trigger, shutdown) = shutdown::channel();
+    let health = Health::default();
+    let mut stats = Vec::new();
     let mut tasks = JoinSet::new();
     for (c, router) in settings.consumers.iter().zip(&prepared.routers) {
         let consumer = Consumer {
@@ -273,9 +276,14 @@ pub async fn run(settings: &Settings, prepared: &Prepared) -> Result<Stopped, Ru
             router: router.clone(),
             keys: settings.auth.keys.clone(),
             stats: Arc::new(Stats::default()),
+            liveness: health.register(
+                &format!("{}/{}", c.stream, c.group),
+                Duration::from_secs(30),
+            ),
             retry_min: settings.redis.reconnect_min_delay,
             retry_max: settings.redis.reconnect_max_delay,
         };
+        stats.push(consumer.stats.clone());
         let span = tracing::info_span!("consumer", stream = %c.stream, group = %c.group, consumer = %c.consumer);
         tasks.spawn(supervise(consumer, shutdown.clone()).instrument(span));
     }
@@ -284,7 +292,16 @@ pub async fn run(settings: &Settings, prepared: &Prepared) -> Result<Stopped, Ru
         identity = %client.identity().subject,
         "redstream running"
     );
+    // Redis answered, every group exists, every handler is loaded.
+    let notify = Notifier;
+    let mut status = Status::new(stats);
+    notify.ready(&status.line());
 
+    // Pings at half the interval systemd expects, only while every loop is healthy.
+    let watchdog_every = Notifier::watchdog_interval().map(|d| d / 2);
+    let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+    let mut status_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut withheld = false;
     loop {
         tokio::select! {
             signal = signals.next() => match signal {
@@ -294,15 +311,33 @@ pub async fn run(settings: &Settings, prepared: &Prepared) -> Result<Stopped, Ru
             Some(_) = tasks.join_next() => {
                 error!("a consumer supervisor ended before shutdown; this is a bug");
             }
+            _ = watchdog.tick(), if watchdog_every.is_some() => {
+                let stuck = health.unhealthy();
+                if stuck.is_empty() {
+                    notify.watchdog();
+                    withheld = false;
+                } else if !withheld {
+                    error!(loops = ?stuck, "consumer loops are not making progress; withholding the watchdog ping");
+                    withheld = true;
+                }
+            }
+            _ = status_tick.tick() => notify.status(&status.line()),
         }
     }
 
     info!(drain_timeout = ?settings.daemon.drain_timeout, "stopping: no new reads; finishing messages in flight");
+    notify.stopping();
     trigger.trigger();
-    let deadline = tokio::time::sleep(settings.daemon.drain_timeout);
+    let drain_end = tokio::time::Instant::now() + settings.daemon.drain_timeout;
+    let deadline = tokio::time::sleep_until(drain_end);
     tokio::pin!(deadline);
+    // While draining, keep telling systemd how much longer this may take.
+    let mut extend = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
+            _ = extend.tick() => {
+                notify.extend_timeout(drain_end.saturating_duration_since(tokio::time::Instant::now()) + Duration::from_secs(5));
+            }
             _ = &mut deadline => {
                 warn!("drain timed out; unfinished messages stay pending for the next start");
                 tasks.abort_all();
@@ -318,6 +353,39 @@ pub async fn run(settings: &Settings, prepared: &Prepared) -> Result<Stopped, Ru
                 return Ok(Stopped::Drained);
             },
         }
+    }
+}
+
+/// The STATUS= line: what the loops did, and at what rate since the last line.
+struct Status {
+    stats: Vec<Arc<Stats>>,
+    last: (u64, tokio::time::Instant),
+}
+
+impl Status {
+    fn new(stats: Vec<Arc<Stats>>) -> Self {
+        Status {
+            stats,
+            last: (0, tokio::time::Instant::now()),
+        }
+    }
+
+    fn line(&mut self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sum = |f: fn(&Stats) -> &std::sync::atomic::AtomicU64| -> u64 {
+            self.stats.iter().map(|s| f(s).load(Relaxed)).sum()
+        };
+        let processed = sum(|s| &s.processed);
+        let now = tokio::time::Instant::now();
+        let secs = now.duration_since(self.last.1).as_secs_f64().max(0.001);
+        let rate = (processed - self.last.0) as f64 / secs;
+        self.last = (processed, now);
+        format!(
+            "{} consumers; processed {processed} ({rate:.1}/s); retried {}; dead-lettered {}",
+            self.stats.len(),
+            sum(|s| &s.retried),
+            sum(|s| &s.dead_lettered)
+        )
     }
 }
 

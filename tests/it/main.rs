@@ -25,5 +25,9 @@ mod engine;
 mod dlq;
 // WASM handlers: sandbox, routing, sender tokens, reuse, check.
 mod wasm;
+// systemd notify: READY, STATUS, WATCHDOG, STOPPING, EXTEND_TIMEOUT.
+mod notify;
+// The systemd units: verify and security exposure.
+mod systemd;
 // The binary: exit codes, output, config layering, tokens.
 mod cli;

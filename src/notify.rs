@@ -1,0 +1,138 @@
+//! systemd's notify protocol, and the liveness of the consumer loops that the watchdog reports.
+//!
+//! Owns a thin wrapper over `sd-notify` (a no-op when `NOTIFY_SOCKET` is unset) and [`Health`]: each loop
+//! publishes until when it is healthy — progressing, blocked in a read that will return, backing off, or
+//! waiting for handlers within their deadline — and the daemon sends WATCHDOG=1 only while every loop is.
+//! A wedged loop therefore stops the pings and systemd restarts the service; a Redis outage does not.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use sd_notify::NotifyState;
+
+/// Sends notifications to the service manager, if there is one.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Notifier;
+
+impl Notifier {
+    fn send(&self, states: &[NotifyState<'_>]) {
+        if let Err(e) = sd_notify::notify(states) {
+            tracing::warn!(error = %e, "cannot notify the service manager");
+        }
+    }
+
+    /// READY=1 with a first status line.
+    pub fn ready(&self, status: &str) {
+        self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    }
+
+    pub fn status(&self, status: &str) {
+        self.send(&[NotifyState::Status(status)]);
+    }
+
+    pub fn watchdog(&self) {
+        self.send(&[NotifyState::Watchdog]);
+    }
+
+    /// STOPPING=1.
+    pub fn stopping(&self) {
+        self.send(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+    }
+
+    /// Asks for `more` time to finish stopping (EXTEND_TIMEOUT_USEC).
+    pub fn extend_timeout(&self, more: Duration) {
+        let usec = u32::try_from(more.as_micros()).unwrap_or(u32::MAX);
+        self.send(&[NotifyState::ExtendTimeoutUsec(usec)]);
+    }
+
+    /// RELOADING=1 with MONOTONIC_USEC (required by systemd ≥ 253).
+    pub fn reloading(&self) {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => self.send(&[NotifyState::Reloading, now]),
+            Err(_) => self.send(&[NotifyState::Reloading]),
+        }
+    }
+
+    /// The watchdog interval systemd expects pings within, if it set one.
+    pub fn watchdog_interval() -> Option<Duration> {
+        sd_notify::watchdog_enabled()
+    }
+}
+
+fn epoch() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+fn millis(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_millis() as u64
+}
+
+/// One loop's liveness: until when it counts as healthy.
+#[derive(Debug)]
+pub struct Liveness {
+    pub name: String,
+    until_ms: AtomicU64,
+}
+
+impl Liveness {
+    /// Healthy until `until` (set on every turn of the loop).
+    pub fn healthy_until(&self, until: Instant) {
+        self.until_ms.store(millis(until), Ordering::Relaxed);
+    }
+
+    fn is_healthy(&self, now: Instant) -> bool {
+        self.until_ms.load(Ordering::Relaxed) > millis(now)
+    }
+}
+
+/// The liveness of every loop.
+#[derive(Debug, Default)]
+pub struct Health {
+    loops: Mutex<Vec<Arc<Liveness>>>,
+}
+
+impl Health {
+    /// Registers a loop, healthy for `grace` from now.
+    pub fn register(&self, name: &str, grace: Duration) -> Arc<Liveness> {
+        let l = Arc::new(Liveness {
+            name: name.to_owned(),
+            until_ms: AtomicU64::new(millis(Instant::now() + grace)),
+        });
+        self.loops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(l.clone());
+        l
+    }
+
+    /// Names of the loops that are not healthy now (empty when all are).
+    pub fn unhealthy(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.loops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| !l.is_healthy(now))
+            .map(|l| l.name.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_that_stops_reporting_becomes_unhealthy() {
+        let h = Health::default();
+        let a = h.register("a", Duration::from_secs(60));
+        let b = h.register("b", Duration::from_secs(60));
+        assert!(h.unhealthy().is_empty());
+        b.healthy_until(Instant::now() - Duration::from_secs(1));
+        assert_eq!(h.unhealthy(), ["b"]);
+        a.healthy_until(Instant::now() - Duration::from_secs(1));
+        assert_eq!(h.unhealthy().len(), 2);
+    }
+}
