@@ -23,6 +23,7 @@
 //! - [`notify`]: systemd's notify protocol, and the loops' liveness behind the watchdog.
 //! - [`shutdown`]: OS signals as one enum, and the shutdown fan-out.
 //! - [`backoff`]: capped exponential backoff with jitter.
+//! - [`logging`]: journald fields under systemd, stderr otherwise, an optional rolling file.
 //! - [`cli`]: the `redstream` command line and its exit codes.
 
 pub mod auth;
@@ -35,6 +36,7 @@ pub mod dlq;
 pub mod engine;
 pub mod envelope;
 pub mod error;
+pub mod logging;
 pub mod naming;
 pub mod notify;
 pub mod reply;

@@ -358,7 +358,13 @@ fn daemon(config: Option<&std::path::Path>) -> ExitCode {
         eprintln!("redstream: consumers: nothing to run; declare at least one [[consumers]] entry");
         return ExitCode::from(Exit::Config as u8);
     }
-    init_logging(&settings.log_level);
+    let _log = match crate::logging::init(&settings.log) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("redstream: {e}");
+            return ExitCode::from(Exit::Config as u8);
+        }
+    };
     let prepared = match crate::engine::prepare(&settings) {
         Ok(p) => p,
         Err(e) => {

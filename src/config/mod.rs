@@ -48,8 +48,8 @@ pub struct Settings {
     /// How long `run` and the CLI wait for Redis at start before giving up with exit code 69.
     pub startup_wait: Duration,
     pub auth: AuthSettings,
-    /// A tracing filter such as `info` or `redstream=debug`; `RUST_LOG` overrides it.
-    pub log_level: String,
+    /// Level and destinations of the daemon's log.
+    pub log: crate::logging::LogSettings,
     /// The config file that was read, if any.
     pub file: Option<PathBuf>,
     pub daemon: DaemonSettings,

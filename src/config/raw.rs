@@ -213,12 +213,18 @@ pub struct RawApiKey {
 #[serde(default, deny_unknown_fields)]
 pub struct RawLog {
     pub level: Loose<String>,
+    pub dir: Option<Loose<String>>,
+    pub rotation: Loose<String>,
+    pub keep: Loose<u32>,
 }
 
 impl Default for RawLog {
     fn default() -> Self {
         RawLog {
             level: Loose::ok("info".into()),
+            dir: None,
+            rotation: Loose::ok("daily".into()),
+            keep: Loose::ok(7),
         }
     }
 }

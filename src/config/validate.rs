@@ -19,6 +19,7 @@ use crate::auth::{Identity, Op, Role, Roles};
 use crate::conn::{RedisSettings, TlsFiles};
 use crate::engine::router::{Action, RouteSpec, Unmatched};
 use crate::engine::{ConsumerSettings, DaemonSettings, HandlerSpec};
+use crate::logging::LogSettings;
 use crate::naming::{NameKind, Naming, StreamName, validate_name};
 use crate::wasm::WasmSpec;
 
@@ -208,6 +209,22 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
     let startup_wait = c.duration("redis.startup_wait", &raw.redis.startup_wait);
     let auth = auth_settings(raw, c, &naming);
     let log_level = c.text("log.level", &raw.log.level);
+    let log_dir = raw
+        .log
+        .dir
+        .as_ref()
+        .and_then(|d| c.text("log.dir", d))
+        .map(std::path::PathBuf::from);
+    let log_rotation = c.parse(
+        "log.rotation",
+        &raw.log.rotation,
+        "daily, hourly or never",
+        |s| match s {
+            "daily" | "hourly" | "never" => Ok(s.to_owned()),
+            _ => Err("unknown rotation".into()),
+        },
+    );
+    let log_keep = c.get("log.keep", &raw.log.keep, "a positive integer");
     if let Some(level) = &log_level
         && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
     {
@@ -250,7 +267,12 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
         redis: redis?,
         startup_wait: startup_wait?,
         auth: auth?,
-        log_level: log_level?,
+        log: LogSettings {
+            level: log_level?,
+            dir: log_dir,
+            rotation: log_rotation?,
+            keep: log_keep? as usize,
+        },
         file: None,
     })
 }

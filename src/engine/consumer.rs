@@ -409,22 +409,22 @@ impl Consumer {
             let id = &f.msg.id;
             match (verdict, &f.effect) {
                 (Committed::Yes, Effect::Replies(r)) => {
-                    debug!(id = %id, replies = r.len(), "committed");
+                    debug!(message_id = %id, handler = %f.handler, outcome = "committed", replies = r.len(), "committed");
                     self.stats.processed.fetch_add(1, Ordering::Relaxed);
                 }
                 (Committed::Yes, Effect::DeadLetter(reason)) => {
-                    warn!(id = %id, reason = %reason, dead_letter = %self.cfg.dead_letter, "dead-lettered");
+                    warn!(message_id = %id, handler = %f.handler, outcome = "dead-lettered", reason = %reason, dead_letter = %self.cfg.dead_letter, "dead-lettered");
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 }
                 (Committed::Yes, Effect::Vanished) => {
                     self.stats.vanished.fetch_add(1, Ordering::Relaxed);
                 }
                 (Committed::NotOurs, _) => {
-                    info!(id = %id, "another consumer owned the entry by commit time; this result was discarded");
+                    info!(message_id = %id, handler = %f.handler, outcome = "not-ours", "another consumer owned the entry by commit time; this result was discarded");
                     self.stats.not_ours.fetch_add(1, Ordering::Relaxed);
                 }
                 (Committed::Denied, _) => {
-                    error!(id = %id, "Redis's ACL refused a write of this commit; the entry stays pending");
+                    error!(message_id = %id, handler = %f.handler, outcome = "denied", "Redis's ACL refused a write of this commit; the entry stays pending");
                 }
             }
             st.in_flight.remove(id);
@@ -624,7 +624,13 @@ impl Consumer {
         let timeout = self.cfg.handler_timeout;
         let max = u64::from(self.cfg.max_deliveries);
         let tx = tx.clone();
-        let span = tracing::debug_span!("message", id = %msg.id, deliveries = msg.deliveries, handler = handler.name());
+        let span = tracing::debug_span!(
+            "message",
+            message_id = %msg.id,
+            deliveries = msg.deliveries,
+            handler = handler.name(),
+            trace_id = msg.fields.get_str(crate::envelope::TRACE_ID).unwrap_or("")
+        );
         tokio::spawn(
             async move {
                 let call = tokio::time::timeout(timeout, handler.handle(&msg));
@@ -692,7 +698,7 @@ fn decide(outcome: Outcome, msg: &Message, max: u64, client: &Client) -> Option<
             msg.deliveries
         ))),
         Outcome::Retry(reason) => {
-            debug!(reason = %reason, "handler asked for a retry; the entry stays pending");
+            debug!(outcome = "retry", reason = %reason, "handler asked for a retry; the entry stays pending");
             None
         }
         Outcome::Reject(reason) => Some(Effect::DeadLetter(reason)),

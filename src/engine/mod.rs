@@ -321,7 +321,14 @@ pub async fn run(settings: &Settings, prepared: &Prepared) -> Result<Stopped, Ru
                     withheld = true;
                 }
             }
-            _ = status_tick.tick() => notify.status(&status.line()),
+            _ = status_tick.tick() => {
+                notify.status(&status.line());
+                let dropped = crate::logging::dropped_lines();
+                if dropped > status.log_dropped {
+                    warn!(dropped = dropped - status.log_dropped, "the log file writer could not keep up and dropped lines");
+                    status.log_dropped = dropped;
+                }
+            }
         }
     }
 
@@ -360,6 +367,8 @@ pub async fn run(settings: &Settings, prepared: &Prepared) -> Result<Stopped, Ru
 struct Status {
     stats: Vec<Arc<Stats>>,
     last: (u64, tokio::time::Instant),
+    /// Log lines the file writer had dropped at the last report.
+    log_dropped: usize,
 }
 
 impl Status {
@@ -367,6 +376,7 @@ impl Status {
         Status {
             stats,
             last: (0, tokio::time::Instant::now()),
+            log_dropped: 0,
         }
     }
 

@@ -126,14 +126,14 @@ impl Host {
             let (bytes, dropped) = capture.take();
             if !bytes.is_empty() {
                 let text = escape(&bytes, MAX_STDIO);
-                tracing::info!(handler = %name, id = %self.msg_id, stream, dropped, output = %text, "guest output");
+                tracing::info!(handler = %name, message_id = %self.msg_id, stream, dropped, output = %text, "guest output");
             }
         }
         if self.log_dropped > 0 {
-            tracing::warn!(handler = %name, id = %self.msg_id, dropped = self.log_dropped, "guest log lines over the per-message limit were dropped");
+            tracing::warn!(handler = %name, message_id = %self.msg_id, dropped = self.log_dropped, "guest log lines over the per-message limit were dropped");
         }
         if self.denied > 0 {
-            tracing::warn!(handler = %name, id = %self.msg_id, denied = self.denied, "guest publishes were denied");
+            tracing::warn!(handler = %name, message_id = %self.msg_id, denied = self.denied, "guest publishes were denied");
         }
         std::mem::take(&mut self.outbox)
     }
@@ -191,11 +191,11 @@ impl host::Host for Host {
         let text = escape(text.as_bytes(), MAX_LOG_LINE);
         let (name, id) = (&self.meta.name, &self.msg_id);
         match level {
-            types::Level::Trace => tracing::trace!(handler = %name, id = %id, "{text}"),
-            types::Level::Debug => tracing::debug!(handler = %name, id = %id, "{text}"),
-            types::Level::Info => tracing::info!(handler = %name, id = %id, "{text}"),
-            types::Level::Warn => tracing::warn!(handler = %name, id = %id, "{text}"),
-            types::Level::Error => tracing::error!(handler = %name, id = %id, "{text}"),
+            types::Level::Trace => tracing::trace!(handler = %name, message_id = %id, "{text}"),
+            types::Level::Debug => tracing::debug!(handler = %name, message_id = %id, "{text}"),
+            types::Level::Info => tracing::info!(handler = %name, message_id = %id, "{text}"),
+            types::Level::Warn => tracing::warn!(handler = %name, message_id = %id, "{text}"),
+            types::Level::Error => tracing::error!(handler = %name, message_id = %id, "{text}"),
         }
     }
 

@@ -29,5 +29,7 @@ mod wasm;
 mod notify;
 // The systemd units: verify and security exposure.
 mod systemd;
+// Log destinations.
+mod logging;
 // The binary: exit codes, output, config layering, tokens.
 mod cli;

@@ -1,0 +1,55 @@
+//! Log destinations: a rolling file written in the background, and the fallback to stderr when
+//! JOURNAL_STREAM is set but journald is not there to take the lines.
+
+use std::time::Duration;
+
+use crate::util::{Daemon, RedisServer, daemon_toml};
+
+const CONSUMER: &str =
+    "[[consumers]]\nstream = \"nova:task:log:in\"\ngroup = \"g\"\nhandler = \"drop\"\n";
+
+#[test]
+fn a_rolling_log_file_receives_the_log() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = daemon_toml(&server.url(), CONSUMER).replace(
+        "[redis]\n",
+        &format!(
+            "[log]\ndir = \"{}\"\nrotation = \"daily\"\nkeep = 3\n\n[redis]\n",
+            dir.path().display()
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[("RUST_LOG", "info")]);
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with("redstream.") && name.ends_with(".log"),
+        "{name}"
+    );
+    let text = std::fs::read_to_string(files[0].path()).unwrap();
+    assert!(
+        text.contains("redstream running") && text.contains("drained"),
+        "flushed at exit:\n{text}"
+    );
+    assert!(!text.contains('\u{1b}'), "no colour codes in files");
+}
+
+#[test]
+fn without_journald_the_log_stays_on_stderr() {
+    if std::path::Path::new("/run/systemd/journal/socket").exists() {
+        return; // a real journald would take the lines; this test is about its absence
+    }
+    let server = RedisServer::start();
+    let mut d = Daemon::running(
+        &daemon_toml(&server.url(), CONSUMER),
+        &[("JOURNAL_STREAM", "8:12345")],
+    );
+    assert!(
+        d.wait_log("journald is unreachable", Duration::from_secs(1)),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
