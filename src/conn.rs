@@ -282,7 +282,10 @@ impl Redis {
         // The connection's own response timeout covers a sent command; this outer bound also covers
         // waiting for a reconnect in progress.
         let limit = self.response_timeout + self.shared.settings.connect_timeout;
-        match tokio::time::timeout(limit, cmd.query_async::<Value>(&mut conn)).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(limit, cmd.query_async::<Value>(&mut conn)).await;
+        observe(ctx.command, started);
+        match result {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.classify(e, ctx)),
             Err(_) => Err(Error::Timeout {
@@ -297,7 +300,10 @@ impl Redis {
     pub async fn query_pipe(&self, pipe: &Pipeline, ctx: Ctx<'_>) -> Result<Vec<Value>> {
         let mut conn = self.manager.clone();
         let limit = self.response_timeout + self.shared.settings.connect_timeout;
-        match tokio::time::timeout(limit, pipe.query_async::<Vec<Value>>(&mut conn)).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(limit, pipe.query_async::<Vec<Value>>(&mut conn)).await;
+        observe(ctx.command, started);
+        match result {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.classify(e, ctx)),
             Err(_) => Err(Error::Timeout {
@@ -357,6 +363,17 @@ impl Redis {
             source: e,
         }
     }
+}
+
+/// Records a round trip's latency by operation.
+fn observe(command: &'static str, started: std::time::Instant) {
+    let op = crate::metrics::OpLabels {
+        op: crate::metrics::op_of(command).to_owned(),
+    };
+    crate::metrics::global()
+        .redis_seconds
+        .get_or_create(&op)
+        .observe(started.elapsed().as_secs_f64());
 }
 
 #[cfg(test)]

@@ -95,6 +95,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// A short label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidStreamName(_) | Error::InvalidName(_) => "invalid_name",
+            Error::InvalidToken(_) | Error::InvalidApiKey(_) => "unauthenticated",
+            Error::Unauthorized { .. } => "unauthorized",
+            Error::Connection { .. } => "connection",
+            Error::Timeout { .. } => "timeout",
+            Error::RedisAuth { .. } => "redis_auth",
+            Error::RedisDenied { .. } => "redis_denied",
+            Error::NoGroup { .. } => "no_group",
+            Error::Redis { .. } => "redis",
+            Error::Protocol { .. } => "protocol",
+        }
+    }
+
     /// Whether retrying later may succeed without anyone changing anything: the connection or server
     /// trouble a loop backs off from, as opposed to a permission or naming problem.
     pub fn is_transient(&self) -> bool {

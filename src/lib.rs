@@ -20,6 +20,7 @@
 //! - [`dlq`]: the dead-letter format, listing and replay.
 //! - [`engine`]: the daemon — supervisor, consumer loops, the handler seam, atomic commits.
 //! - [`wasm`]: WASM handlers — the wasmtime engine, artifact cache, sandboxed calls on worker threads.
+//! - [`metrics`]: Prometheus metrics and their loopback HTTP endpoint.
 //! - [`notify`]: systemd's notify protocol, and the loops' liveness behind the watchdog.
 //! - [`shutdown`]: OS signals as one enum, and the shutdown fan-out.
 //! - [`backoff`]: capped exponential backoff with jitter.
@@ -37,6 +38,7 @@ pub mod engine;
 pub mod envelope;
 pub mod error;
 pub mod logging;
+pub mod metrics;
 pub mod naming;
 pub mod notify;
 pub mod reply;

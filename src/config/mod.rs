@@ -56,6 +56,10 @@ pub struct Settings {
     /// The groups `redstream run` consumes.
     pub consumers: Vec<ConsumerSettings>,
     pub wasm: RuntimeSettings,
+    /// Where Prometheus metrics are served (a loopback address), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often pending, lag and stream lengths are polled for metrics and the status line.
+    pub metrics_poll: Duration,
     pub handlers: Vec<WasmSpec>,
     pub routes: Vec<RouteSpec>,
 }

@@ -89,6 +89,7 @@ pub struct RawConfig {
     pub daemon: RawDaemon,
     pub consumers: Vec<RawConsumer>,
     pub wasm: RawWasm,
+    pub metrics: RawMetrics,
     pub handlers: Vec<RawHandler>,
     pub routes: Vec<RawRoute>,
     pub identity: RawIdentity,
@@ -360,4 +361,20 @@ pub struct RawRoute {
     pub handler: Option<Loose<String>>,
     pub forward: Option<Loose<String>>,
     pub drop: Option<Loose<bool>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<Loose<String>>,
+    pub poll_interval: Loose<String>,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            listen: None,
+            poll_interval: Loose::ok("10s".into()),
+        }
+    }
 }

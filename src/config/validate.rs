@@ -253,10 +253,32 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
         _ => Vec::new(),
     };
 
+    let metrics_listen = raw.metrics.listen.as_ref().and_then(|l| {
+        c.parse(
+            "metrics.listen",
+            l,
+            "a loopback address like \"127.0.0.1:9464\"",
+            |s| {
+                let addr: std::net::SocketAddr = s.parse().map_err(|e| format!("{e}"))?;
+                if addr.ip().is_loopback() {
+                    Ok(addr)
+                } else {
+                    Err(
+                        "metrics are served on loopback only; put a proxy in front to expose them"
+                            .into(),
+                    )
+                }
+            },
+        )
+    });
+    let metrics_poll = c.positive_duration("metrics.poll_interval", &raw.metrics.poll_interval);
+
     if !c.problems.is_empty() {
         return None;
     }
     Some(Settings {
+        metrics_listen,
+        metrics_poll: metrics_poll?,
         daemon: daemon?,
         consumers,
         wasm: wasm?,

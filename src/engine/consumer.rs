@@ -36,9 +36,12 @@ use crate::backoff::Backoff;
 use crate::client::{Client, GroupReader, PendingQuery, ReadFrom, Round, check};
 use crate::envelope::Entry;
 use crate::error::Error;
+use crate::metrics::{self, GroupLabels, HandlerLabels, MessageLabels};
 use crate::notify::Liveness;
 use crate::reply::Entries;
 use crate::shutdown::Shutdown;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Counters of one loop, for logs, tests and (later) metrics.
 #[derive(Debug, Default)]
@@ -109,6 +112,66 @@ struct State {
     claim_cursor: String,
     /// How many entries the round in progress asked for.
     round_count: usize,
+    meters: Meters,
+}
+
+/// The loop's metrics, looked up once per handler and outcome rather than per message.
+struct Meters {
+    stream: String,
+    group: String,
+    counters: HashMap<(Arc<str>, &'static str), Counter>,
+    durations: HashMap<Arc<str>, Histogram>,
+    dead_lettered: Counter,
+}
+
+impl Meters {
+    fn new(stream: &str, group: &str) -> Self {
+        let labels = GroupLabels {
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+        };
+        Meters {
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+            counters: HashMap::new(),
+            durations: HashMap::new(),
+            dead_lettered: metrics::global()
+                .dead_lettered
+                .get_or_create(&labels)
+                .clone(),
+        }
+    }
+
+    fn count(&mut self, handler: &Arc<str>, outcome: &'static str) {
+        let (stream, group) = (&self.stream, &self.group);
+        self.counters
+            .entry((handler.clone(), outcome))
+            .or_insert_with(|| {
+                let labels = MessageLabels {
+                    stream: stream.clone(),
+                    group: group.clone(),
+                    handler: handler.to_string(),
+                    outcome: outcome.to_owned(),
+                };
+                metrics::global().messages.get_or_create(&labels).clone()
+            })
+            .inc();
+    }
+
+    fn duration(&mut self, handler: &Arc<str>) -> Histogram {
+        self.durations
+            .entry(handler.clone())
+            .or_insert_with(|| {
+                let labels = HandlerLabels {
+                    handler: handler.to_string(),
+                };
+                metrics::global()
+                    .handler_seconds
+                    .get_or_create(&labels)
+                    .clone()
+            })
+            .clone()
+    }
 }
 
 impl State {
@@ -145,6 +208,7 @@ impl Consumer {
             last_new: "0".into(),
             claim_cursor: "0-0".into(),
             round_count: 0,
+            meters: Meters::new(&cfg.stream, &cfg.group),
         };
         let mut claim_tick =
             tokio::time::interval_at(Instant::now() + cfg.claim_interval, cfg.claim_interval);
@@ -274,6 +338,7 @@ impl Consumer {
                                             let failures = backoff.succeed();
                                             if failures > 0 {
                                                 info!(failures, "reading again after Redis trouble");
+                                                metrics::global().reconnects.inc();
                                             }
                                             #[cfg(feature = "fault-injection")]
                                             if wedge && !entries.entries.is_empty() {
@@ -407,6 +472,17 @@ impl Consumer {
         };
         for (f, verdict) in batch.into_iter().zip(verdicts) {
             let id = &f.msg.id;
+            let outcome = match (verdict, &f.effect) {
+                (Committed::Yes, Effect::Replies(_)) => "success",
+                (Committed::Yes, Effect::DeadLetter(_)) => "dead_lettered",
+                (Committed::Yes, Effect::Vanished) => "vanished",
+                (Committed::NotOurs, _) => "not_ours",
+                (Committed::Denied, _) => "denied",
+            };
+            st.meters.count(&f.handler, outcome);
+            if outcome == "dead_lettered" {
+                st.meters.dead_lettered.inc();
+            }
             match (verdict, &f.effect) {
                 (Committed::Yes, Effect::Replies(r)) => {
                     debug!(message_id = %id, handler = %f.handler, outcome = "committed", replies = r.len(), "committed");
@@ -620,6 +696,8 @@ impl Consumer {
     fn start(&self, job: Job, st: &mut State, tx: &mpsc::UnboundedSender<Done>) {
         st.running += 1;
         let Job { msg, handler } = job;
+        let name: Arc<str> = handler.name().into();
+        let duration = st.meters.duration(&name);
         let client = self.client.clone();
         let timeout = self.cfg.handler_timeout;
         let max = u64::from(self.cfg.max_deliveries);
@@ -634,7 +712,10 @@ impl Consumer {
         tokio::spawn(
             async move {
                 let call = tokio::time::timeout(timeout, handler.handle(&msg));
-                let outcome = match AssertUnwindSafe(call).catch_unwind().await {
+                let started = std::time::Instant::now();
+                let result = AssertUnwindSafe(call).catch_unwind().await;
+                duration.observe(started.elapsed().as_secs_f64());
+                let outcome = match result {
                     Ok(Ok(outcome)) => outcome,
                     Ok(Err(_)) => Outcome::Retry(format!(
                         "handler timed out after {}",
@@ -674,6 +755,7 @@ impl Consumer {
             }),
             None => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                st.meters.count(&done.handler, "retry");
                 st.in_flight.remove(&done.msg.id);
             }
         }

@@ -292,6 +292,28 @@ pub async fn run(settings: &Settings, prepared: &Prepared) -> Result<Stopped, Ru
         identity = %client.identity().subject,
         "redstream running"
     );
+    if let Some(addr) = settings.metrics_listen {
+        let listener = crate::metrics::bind(addr).await.map_err(|e| {
+            RunError::Failed(Error::Protocol {
+                command: "LISTEN",
+                key: addr.to_string(),
+                detail: format!("cannot serve metrics on {addr}: {e}"),
+            })
+        })?;
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, s).await {
+                error!(error = %e, "the metrics endpoint stopped");
+            }
+        });
+    }
+    tokio::spawn(poll_streams(
+        client.clone(),
+        settings.consumers.clone(),
+        settings.metrics_poll,
+        shutdown.clone(),
+    ));
+
     // Redis answered, every group exists, every handler is loaded.
     let notify = Notifier;
     let mut status = Status::new(stats);
@@ -359,6 +381,52 @@ pub async fn run(settings: &Settings, prepared: &Prepared) -> Result<Stopped, Ru
                 info!("drained; every message in flight was committed");
                 return Ok(Stopped::Drained);
             },
+        }
+    }
+}
+
+/// Polls pending entries, lag and length of every consumed stream into the metrics.
+async fn poll_streams(
+    client: Client,
+    consumers: Vec<ConsumerSettings>,
+    every: Duration,
+    mut shutdown: Shutdown,
+) {
+    use crate::metrics::{GroupLabels, StreamLabels, global};
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait() => return,
+        }
+        for c in &consumers {
+            let labels = GroupLabels {
+                stream: c.stream.to_string(),
+                group: c.group.clone(),
+            };
+            match client.groups(&c.stream).await {
+                Ok(groups) => {
+                    if let Some(g) = groups.iter().find(|g| g.name == c.group) {
+                        global()
+                            .pending
+                            .get_or_create(&labels)
+                            .set(g.pending as i64);
+                        global()
+                            .lag
+                            .get_or_create(&labels)
+                            .set(g.lag.map_or(-1, |l| l as i64));
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, stream = %c.stream, "cannot poll the group"),
+            }
+            if let Ok(info) = client.stream_info(&c.stream).await {
+                global()
+                    .stream_length
+                    .get_or_create(&StreamLabels {
+                        stream: c.stream.to_string(),
+                    })
+                    .set(info.length as i64);
+            }
         }
     }
 }

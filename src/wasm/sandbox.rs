@@ -44,11 +44,61 @@ pub struct Meta {
     pub timeout: Duration,
 }
 
+/// The store's limits, remembering the most memory an instance asked for (for the peak-memory metric).
+pub struct Limits {
+    inner: StoreLimits,
+    pub peak_memory: usize,
+}
+
+impl wasmtime::ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.inner.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.peak_memory = self.peak_memory.max(desired);
+        }
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
+}
+
 /// The data of a handler's store.
 pub struct Host {
     wasi: WasiCtx,
     table: ResourceTable,
-    pub limits: StoreLimits,
+    pub limits: Limits,
     meta: Arc<Meta>,
     /// Replies buffered by this call.
     outbox: Vec<Reply>,
@@ -92,6 +142,10 @@ impl Host {
             .memories(8)
             .trap_on_grow_failure(true)
             .build();
+        let limits = Limits {
+            inner: limits,
+            peak_memory: 0,
+        };
         Host {
             wasi,
             table: ResourceTable::new(),
@@ -132,8 +186,22 @@ impl Host {
         if self.log_dropped > 0 {
             tracing::warn!(handler = %name, message_id = %self.msg_id, dropped = self.log_dropped, "guest log lines over the per-message limit were dropped");
         }
+        let labels = crate::metrics::HandlerLabels {
+            handler: name.clone(),
+        };
         if self.denied > 0 {
             tracing::warn!(handler = %name, message_id = %self.msg_id, denied = self.denied, "guest publishes were denied");
+            crate::metrics::global()
+                .publish_denied
+                .get_or_create(&labels)
+                .inc_by(u64::from(self.denied));
+        }
+        let peak = crate::metrics::global()
+            .handler_peak_memory
+            .get_or_create(&labels);
+        let seen = i64::try_from(self.limits.peak_memory).unwrap_or(i64::MAX);
+        if seen > peak.get() {
+            peak.set(seen);
         }
         std::mem::take(&mut self.outbox)
     }

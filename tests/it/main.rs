@@ -31,5 +31,7 @@ mod notify;
 mod systemd;
 // Log destinations.
 mod logging;
+// The Prometheus endpoint.
+mod metrics;
 // The binary: exit codes, output, config layering, tokens.
 mod cli;

@@ -1,0 +1,231 @@
+//! Metrics: what the daemon counts and measures, served as Prometheus text on a loopback address.
+//!
+//! Owns the metric families (one process-wide registry, [`global`]) and the HTTP endpoint. Code that
+//! does the work records into the families; the consumer loops cache their counters so the hot path
+//! does no label lookups. Stream-side numbers (pending, lag, length) are polled by the engine.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::shutdown::Shutdown;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabels {
+    pub stream: String,
+    pub group: String,
+    pub handler: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub stream: String,
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    pub stream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandlerLabels {
+    pub handler: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Messages by outcome: success, retry, dead_lettered, vanished, not_ours, denied, dropped.
+    pub messages: Family<MessageLabels, Counter>,
+    pub handler_seconds: HistogramFamily<HandlerLabels>,
+    /// Redis round trips by operation: publish, read, create_group, read_group, ack, claim, other.
+    pub redis_seconds: HistogramFamily<OpLabels>,
+    pub errors: Family<KindLabels, Counter>,
+    pub pending: Family<GroupLabels, Gauge>,
+    pub lag: Family<GroupLabels, Gauge>,
+    pub stream_length: Family<StreamLabels, Gauge>,
+    pub dead_lettered: Family<GroupLabels, Counter>,
+    pub publish_denied: Family<HandlerLabels, Counter>,
+    /// Times a loop got Redis back after losing it.
+    pub reconnects: Counter,
+    pub handler_peak_memory: Family<HandlerLabels, Gauge>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs … ~13 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 19))
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("redstream");
+        let m = Metrics {
+            messages: Family::default(),
+            handler_seconds: Family::new_with_constructor(latency_histogram),
+            redis_seconds: Family::new_with_constructor(latency_histogram),
+            errors: Family::default(),
+            pending: Family::default(),
+            lag: Family::default(),
+            stream_length: Family::default(),
+            dead_lettered: Family::default(),
+            publish_denied: Family::default(),
+            reconnects: Counter::default(),
+            handler_peak_memory: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "messages",
+            "Messages handled, by outcome",
+            m.messages.clone(),
+        );
+        registry.register(
+            "handler_duration_seconds",
+            "Time in a handler per message",
+            m.handler_seconds.clone(),
+        );
+        registry.register(
+            "redis_duration_seconds",
+            "Redis round trips, by operation",
+            m.redis_seconds.clone(),
+        );
+        registry.register("errors", "Errors, by kind", m.errors.clone());
+        registry.register(
+            "pending_entries",
+            "Entries delivered to a group and not yet acked",
+            m.pending.clone(),
+        );
+        registry.register(
+            "group_lag",
+            "Entries not yet delivered to a group",
+            m.lag.clone(),
+        );
+        registry.register(
+            "stream_length",
+            "Entries in a consumed stream",
+            m.stream_length.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Messages moved to a dead-letter stream",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "publish_denied",
+            "Handler publishes refused by their roles",
+            m.publish_denied.clone(),
+        );
+        registry.register(
+            "redis_reconnects",
+            "Times a consumer loop got Redis back",
+            m.reconnects.clone(),
+        );
+        registry.register(
+            "handler_peak_memory_bytes",
+            "The most linear memory a handler instance asked for",
+            m.handler_peak_memory.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Counts an error of `kind`.
+    pub fn error(&self, kind: &str) {
+        self.errors
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// The operation label of a Redis command, for `redis_duration_seconds`.
+pub fn op_of(command: &str) -> &'static str {
+    match command {
+        "XADD" => "publish",
+        "XRANGE" | "XREVRANGE" => "read",
+        "XGROUP CREATE" => "create_group",
+        "XREADGROUP" => "read_group",
+        "XACK" | "EVALSHA" => "ack",
+        "XCLAIM" | "XAUTOCLAIM" => "claim",
+        _ => "other",
+    }
+}
+
+/// Binds the metrics address (at start, so a taken port is an error before READY).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves `GET /metrics` until `shutdown`. Anything else is a 404.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    mut shutdown: Shutdown,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            _ = shutdown.wait() => return Ok(()),
+        };
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let response = if req.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(Full::new(Bytes::from(global().encode())))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(b"not found\n")))
+                    };
+                    response.map_err(std::io::Error::other)
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
