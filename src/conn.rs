@@ -18,7 +18,7 @@ use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, Value
 use crate::error::{Error, Result};
 
 /// Certificates for `rediss://`, PEM bytes. Without a CA the system trust store is used.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct TlsFiles {
     pub ca: Option<Vec<u8>>,
     pub client_cert: Option<Vec<u8>>,
@@ -26,7 +26,7 @@ pub struct TlsFiles {
 }
 
 /// Where Redis is and how patiently to talk to it.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisSettings {
     /// `redis://[user[:pass]@]host:port/db` or `rediss://…` for TLS.
     pub url: String,

@@ -107,6 +107,14 @@ impl Health {
         l
     }
 
+    /// Stops watching a loop (it was stopped on purpose).
+    pub fn forget(&self, name: &str) {
+        self.loops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|l| l.name != name);
+    }
+
     /// Names of the loops that are not healthy now (empty when all are).
     pub fn unhealthy(&self) -> Vec<String> {
         let now = Instant::now();

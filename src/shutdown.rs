@@ -59,6 +59,24 @@ impl Shutdown {
     pub async fn wait(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
+
+    /// A shutdown that follows whichever of `a` and `b` comes first (a consumer's own stop, used by
+    /// reload, and the daemon's).
+    pub fn either(mut a: Shutdown, mut b: Shutdown) -> Shutdown {
+        let (trigger, both) = channel();
+        if a.is_triggered() || b.is_triggered() {
+            trigger.trigger();
+            return both;
+        }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = a.wait() => {}
+                _ = b.wait() => {}
+            }
+            trigger.trigger();
+        });
+        both
+    }
 }
 
 #[cfg(test)]

@@ -382,7 +382,7 @@ fn daemon(config: Option<&std::path::Path>) -> ExitCode {
             return ExitCode::from(Exit::Failure as u8);
         }
     };
-    let result = runtime.block_on(crate::engine::run(&settings, &prepared));
+    let result = runtime.block_on(crate::engine::run(settings, prepared));
     // Handler tasks still running after a forced stop are abandoned, not awaited.
     runtime.shutdown_background();
     let exit = match result {

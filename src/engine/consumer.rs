@@ -40,6 +40,7 @@ use crate::metrics::{self, GroupLabels, HandlerLabels, MessageLabels};
 use crate::notify::Liveness;
 use crate::reply::Entries;
 use crate::shutdown::Shutdown;
+use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -62,7 +63,9 @@ pub struct Stats {
 pub struct Consumer {
     pub cfg: Arc<ConsumerSettings>,
     pub client: Client,
-    pub router: Arc<Router>,
+    /// Swapped whole on reload: new messages take the new routes and handlers, messages in flight
+    /// finish with the ones they started with.
+    pub router: Arc<ArcSwap<Router>>,
     /// Verifies `_token` on routes that require a signed sender.
     pub keys: Arc<KeySet>,
     pub stats: Arc<Stats>,
@@ -642,7 +645,8 @@ impl Consumer {
             );
             return settle(st, msg, Effect::DeadLetter(reason), "redstream");
         }
-        let (handler, require_sender_token) = match self.router.select(&msg) {
+        let router = self.router.load();
+        let (handler, require_sender_token) = match router.select(&msg) {
             Selection::Run {
                 handler,
                 require_sender_token,

@@ -33,5 +33,7 @@ mod systemd;
 mod logging;
 // The Prometheus endpoint.
 mod metrics;
+// Hot reload under traffic.
+mod reload;
 // The binary: exit codes, output, config layering, tokens.
 mod cli;

@@ -6,14 +6,14 @@ use std::time::{Duration, Instant};
 
 use crate::util::{Daemon, RedisServer, daemon_toml};
 
-struct Socket {
+pub struct Socket {
     sock: UnixDatagram,
-    path: String,
+    pub path: String,
     _dir: tempfile::TempDir,
 }
 
 impl Socket {
-    fn bind() -> Socket {
+    pub fn bind() -> Socket {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
@@ -42,7 +42,7 @@ impl Socket {
     }
 
     /// Waits for a state starting with `prefix`; returns everything received up to it.
-    fn until(&self, prefix: &str, limit: Duration) -> Vec<String> {
+    pub fn until(&self, prefix: &str, limit: Duration) -> Vec<String> {
         let deadline = Instant::now() + limit;
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];

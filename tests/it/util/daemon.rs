@@ -62,6 +62,11 @@ impl Daemon {
         d
     }
 
+    /// The config file the daemon runs with (rewrite it, then SIGHUP, to reload).
+    pub fn config_path(&self) -> PathBuf {
+        self._config.clone()
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("running").id() as i32
     }

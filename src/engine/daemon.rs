@@ -1,0 +1,496 @@
+//! The running daemon: start-up, the set of consumer loops, reload, and the stop sequence.
+//!
+//! Owns what happens between READY=1 and exit: one supervised task per consumer group (a loop that
+//! fails is logged loudly and restarted with capped backoff), systemd notifications (STATUS, the
+//! watchdog from the loops' liveness, STOPPING and EXTEND_TIMEOUT while draining), the metrics endpoint
+//! and pollers, and hot reload: SIGHUP (or a control message) re-reads and validates the config,
+//! recompiles handlers, swaps every unchanged consumer's routes atomically (messages in flight finish
+//! on the old handlers), stops removed or changed consumers after they drain, and starts new ones — an
+//! invalid config is refused and the running one stays. Stop: the first SIGTERM/SIGINT drains within
+//! `drain_timeout`, a second one exits at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{Instrument, error, info, warn};
+
+use super::consumer::{Consumer, Stats};
+use super::router::Router;
+use super::{ConsumerSettings, Prepared, RunError, Stopped, prepare_with};
+use crate::backoff::Backoff;
+use crate::client::Client;
+use crate::config::{self, Settings};
+use crate::conn::Redis;
+use crate::error::Error;
+use crate::notify::{Health, Notifier};
+use crate::shutdown::{self, Shutdown, Signal, Trigger};
+
+/// What control messages (and signals) ask the daemon to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Reload,
+    Shutdown,
+}
+
+/// A consumer group is identified by its stream and group.
+type Key = (Arc<str>, String);
+
+fn key(c: &ConsumerSettings) -> Key {
+    (c.stream.clone(), c.group.clone())
+}
+
+/// One running consumer loop.
+struct Running {
+    cfg: ConsumerSettings,
+    router: Arc<ArcSwap<Router>>,
+    trigger: Trigger,
+    stats: Arc<Stats>,
+}
+
+struct Daemon {
+    settings: Settings,
+    prepared: Prepared,
+    client: Client,
+    health: Arc<Health>,
+    running: HashMap<Key, Running>,
+    /// Consumers waiting for their predecessor (same group, changed settings) to drain.
+    waiting: HashMap<Key, (ConsumerSettings, Arc<Router>)>,
+    tasks: JoinSet<Key>,
+    /// Every consumer's shutdown also follows this one (the daemon's stop).
+    stop: Shutdown,
+}
+
+/// Runs the daemon until it is stopped by a signal or a control message.
+pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunError> {
+    let identity = settings
+        .identity
+        .as_ref()
+        .expect("config validation requires an identity when consumers are configured")
+        .identity
+        .clone();
+    let redis = Redis::open(settings.redis.clone()).map_err(|detail| {
+        RunError::Failed(Error::Protocol {
+            command: "CONNECT",
+            key: String::new(),
+            detail,
+        })
+    })?;
+    // Signals are registered before anything slow, so a stop during start-up is not lost.
+    let mut signals = shutdown::signals()?;
+    redis.wait_ready(settings.startup_wait).await.map_err(|e| {
+        if e.is_transient() {
+            RunError::Unavailable(e)
+        } else {
+            RunError::Failed(e)
+        }
+    })?;
+    let client = Client::new(redis, settings.naming.clone(), identity);
+    let (stop_trigger, stop) = shutdown::channel();
+    let (_commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
+
+    if let Some(addr) = settings.metrics_listen {
+        let listener = crate::metrics::bind(addr).await.map_err(|e| {
+            RunError::Failed(Error::Protocol {
+                command: "LISTEN",
+                key: addr.to_string(),
+                detail: format!("cannot serve metrics on {addr}: {e}"),
+            })
+        })?;
+        let s = stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, s).await {
+                error!(error = %e, "the metrics endpoint stopped");
+            }
+        });
+    }
+
+    let mut d = Daemon {
+        settings,
+        prepared,
+        client,
+        health: Arc::new(Health::default()),
+        running: HashMap::new(),
+        waiting: HashMap::new(),
+        tasks: JoinSet::new(),
+        stop,
+    };
+    let consumers: Vec<(ConsumerSettings, Arc<Router>)> = d
+        .settings
+        .consumers
+        .iter()
+        .cloned()
+        .zip(d.prepared.routers.iter().cloned())
+        .collect();
+    for (c, router) in consumers {
+        d.start(c, router).await.map_err(RunError::Failed)?;
+    }
+    let poller = tokio::spawn(poll_streams(
+        d.client.clone(),
+        d.settings.consumers.clone(),
+        d.settings.metrics_poll,
+        d.stop.clone(),
+    ));
+    info!(
+        consumers = d.running.len(),
+        identity = %d.client.identity().subject,
+        "redstream running"
+    );
+    // Redis answered, every group exists, every handler is loaded.
+    let notify = Notifier;
+    let mut status = Status::default();
+    notify.ready(&status.line(&d.all_stats()));
+
+    // Pings at half the interval systemd expects, only while every loop is healthy.
+    let watchdog_every = Notifier::watchdog_interval().map(|d| d / 2);
+    let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+    let mut status_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut withheld = false;
+    loop {
+        let command = tokio::select! {
+            signal = signals.next() => match signal {
+                Some(Signal::Stop) | None => Command::Shutdown,
+                Some(Signal::Reload) => Command::Reload,
+            },
+            Some(command) = commands.recv() => command,
+            Some(joined) = d.tasks.join_next() => {
+                d.ended(joined).await;
+                continue;
+            }
+            _ = watchdog.tick(), if watchdog_every.is_some() => {
+                let stuck = d.health.unhealthy();
+                if stuck.is_empty() {
+                    notify.watchdog();
+                    withheld = false;
+                } else if !withheld {
+                    error!(loops = ?stuck, "consumer loops are not making progress; withholding the watchdog ping");
+                    withheld = true;
+                }
+                continue;
+            }
+            _ = status_tick.tick() => {
+                notify.status(&status.line(&d.all_stats()));
+                let dropped = crate::logging::dropped_lines();
+                if dropped > status.log_dropped {
+                    warn!(dropped = dropped - status.log_dropped, "the log file writer could not keep up and dropped lines");
+                    status.log_dropped = dropped;
+                }
+                continue;
+            }
+        };
+        match command {
+            Command::Shutdown => break,
+            Command::Reload => {
+                notify.reloading();
+                d.reload().await;
+                notify.ready(&status.line(&d.all_stats()));
+            }
+        }
+    }
+
+    let drain_timeout = d.settings.daemon.drain_timeout;
+    info!(drain_timeout = ?drain_timeout, "stopping: no new reads; finishing messages in flight");
+    notify.stopping();
+    stop_trigger.trigger();
+    for r in d.running.values() {
+        r.trigger.trigger();
+    }
+    d.waiting.clear();
+    let drain_end = tokio::time::Instant::now() + drain_timeout;
+    let deadline = tokio::time::sleep_until(drain_end);
+    tokio::pin!(deadline);
+    // While draining, keep telling systemd how much longer this may take.
+    let mut extend = tokio::time::interval(Duration::from_secs(2));
+    let stopped = loop {
+        tokio::select! {
+            _ = extend.tick() => {
+                notify.extend_timeout(drain_end.saturating_duration_since(tokio::time::Instant::now()) + Duration::from_secs(5));
+            }
+            _ = &mut deadline => {
+                warn!("drain timed out; unfinished messages stay pending for the next start");
+                d.tasks.abort_all();
+                break Stopped::DrainTimedOut;
+            }
+            signal = signals.next() => if let Some(Signal::Stop) = signal {
+                warn!("second stop signal: exiting now; unfinished messages stay pending");
+                d.tasks.abort_all();
+                break Stopped::Forced;
+            },
+            joined = d.tasks.join_next() => if joined.is_none() {
+                info!("drained; every message in flight was committed");
+                break Stopped::Drained;
+            },
+        }
+    };
+    poller.abort();
+    Ok(stopped)
+}
+
+impl Daemon {
+    fn all_stats(&self) -> Vec<Arc<Stats>> {
+        self.running.values().map(|r| r.stats.clone()).collect()
+    }
+
+    /// Creates the group if needed and starts a supervised loop for it.
+    async fn start(&mut self, cfg: ConsumerSettings, router: Arc<Router>) -> Result<(), Error> {
+        if self
+            .client
+            .create_group(&cfg.stream, &cfg.group, &cfg.start)
+            .await?
+        {
+            info!(stream = %cfg.stream, group = %cfg.group, start = %cfg.start, "created consumer group");
+        }
+        let (trigger, own) = shutdown::channel();
+        let router = Arc::new(ArcSwap::new(router));
+        let consumer = Consumer {
+            cfg: Arc::new(cfg.clone()),
+            client: self.client.clone(),
+            router: router.clone(),
+            keys: self.settings.auth.keys.clone(),
+            stats: Arc::new(Stats::default()),
+            liveness: self.health.register(
+                &format!("{}/{}", cfg.stream, cfg.group),
+                Duration::from_secs(30),
+            ),
+            retry_min: self.settings.redis.reconnect_min_delay,
+            retry_max: self.settings.redis.reconnect_max_delay,
+        };
+        let stats = consumer.stats.clone();
+        let span = tracing::info_span!("consumer", stream = %cfg.stream, group = %cfg.group, consumer = %cfg.consumer);
+        let k = key(&cfg);
+        let stop = self.stop.clone();
+        let task_key = k.clone();
+        self.tasks.spawn(
+            async move {
+                supervise(consumer, own, stop).await;
+                task_key
+            }
+            .instrument(span),
+        );
+        self.running.insert(
+            k,
+            Running {
+                cfg,
+                router,
+                trigger,
+                stats,
+            },
+        );
+        Ok(())
+    }
+
+    /// A supervised loop ended: after a reload stopped it (its successor may start now), or unexpectedly.
+    async fn ended(&mut self, joined: Result<Key, tokio::task::JoinError>) {
+        let Ok(k) = joined else {
+            error!("a consumer supervisor panicked; this is a bug");
+            return;
+        };
+        let Some(old) = self.running.remove(&k) else {
+            return;
+        };
+        self.health
+            .forget(&format!("{}/{}", old.cfg.stream, old.cfg.group));
+        match self.waiting.remove(&k) {
+            Some((cfg, router)) => {
+                info!(stream = %cfg.stream, group = %cfg.group, "restarting the consumer with its new settings");
+                if let Err(e) = self.start(cfg, router).await {
+                    error!(error = %e, "cannot start the reloaded consumer");
+                }
+            }
+            None => info!(stream = %old.cfg.stream, group = %old.cfg.group, "consumer stopped"),
+        }
+    }
+
+    /// Re-reads the config and applies it, or refuses it and keeps the running one.
+    async fn reload(&mut self) {
+        let path = self.settings.file.clone();
+        let new = match config::load(path.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "reload refused: the running config stays");
+                return;
+            }
+        };
+        if new.consumers.is_empty() {
+            error!("reload refused: the new config has no [[consumers]]; the running config stays");
+            return;
+        }
+        if new.redis != self.settings.redis
+            || new.identity.as_ref().map(|i| &i.identity)
+                != self.settings.identity.as_ref().map(|i| &i.identity)
+        {
+            warn!("changes to [redis] and [identity] take effect at the next restart");
+        }
+        let prepared = match prepare_with(&new, self.prepared.runtime.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                error!(error = %e, "reload refused: the running config stays");
+                return;
+            }
+        };
+        let wanted: HashMap<Key, (ConsumerSettings, Arc<Router>)> = new
+            .consumers
+            .iter()
+            .cloned()
+            .zip(prepared.routers.iter().cloned())
+            .map(|(c, r)| (key(&c), (c, r)))
+            .collect();
+        let (mut swapped, mut restarted, mut stopped, mut started) = (0, 0, 0, 0);
+        for (k, run) in &self.running {
+            match wanted.get(k) {
+                // Same consumer: swap its routes and handlers; messages in flight keep theirs.
+                Some((cfg, router)) if *cfg == run.cfg => {
+                    run.router.store(router.clone());
+                    swapped += 1;
+                }
+                // Changed settings: drain it, then start its successor (never two loops on one PEL).
+                Some((cfg, router)) => {
+                    run.trigger.trigger();
+                    self.waiting
+                        .insert(k.clone(), (cfg.clone(), router.clone()));
+                    restarted += 1;
+                }
+                None => {
+                    run.trigger.trigger();
+                    stopped += 1;
+                }
+            }
+        }
+        for (k, (cfg, router)) in wanted {
+            if !self.running.contains_key(&k) {
+                match self.start(cfg, router).await {
+                    Ok(()) => started += 1,
+                    Err(e) => error!(error = %e, "cannot start a consumer added by the reload"),
+                }
+            }
+        }
+        info!(swapped, restarted, stopped, started, "reloaded the config");
+        let runtime = self.prepared.runtime.clone().or(prepared.runtime.clone());
+        self.prepared = Prepared {
+            runtime,
+            ..prepared
+        };
+        let file = self.settings.file.clone();
+        self.settings = Settings { file, ..new };
+    }
+}
+
+/// Keeps one consumer loop running: restarts it with capped backoff when it fails or panics, and
+/// returns once it has drained after its own or the daemon's shutdown.
+async fn supervise(consumer: Consumer, own: Shutdown, daemon: Shutdown) {
+    let shutdown = Shutdown::either(own, daemon);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        let c = consumer.clone();
+        let s = shutdown.clone();
+        let span = tracing::Span::current();
+        let started = tokio::time::Instant::now();
+        let result = tokio::spawn(async move { c.run(s).await }.instrument(span)).await;
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff.succeed(); // it ran well for a while: start the backoff over
+        }
+        match result {
+            Ok(Ok(())) if shutdown.is_triggered() => return,
+            Ok(Ok(())) => {
+                error!("consumer loop returned without being asked to stop; restarting it")
+            }
+            Ok(Err(e)) => error!(error = %e, "consumer loop failed; restarting it"),
+            Err(join) if join.is_panic() => {
+                error!(panic = ?join, "consumer loop panicked; restarting it")
+            }
+            Err(_) => return, // aborted: the daemon is exiting
+        }
+        if shutdown.is_triggered() {
+            return;
+        }
+        let delay = backoff.fail();
+        let mut s = shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = s.wait() => return,
+        }
+    }
+}
+
+/// Polls pending entries, lag and length of every consumed stream into the metrics.
+async fn poll_streams(
+    client: Client,
+    consumers: Vec<ConsumerSettings>,
+    every: Duration,
+    mut shutdown: Shutdown,
+) {
+    use crate::metrics::{GroupLabels, StreamLabels, global};
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait() => return,
+        }
+        for c in &consumers {
+            let labels = GroupLabels {
+                stream: c.stream.to_string(),
+                group: c.group.clone(),
+            };
+            match client.groups(&c.stream).await {
+                Ok(groups) => {
+                    if let Some(g) = groups.iter().find(|g| g.name == c.group) {
+                        global()
+                            .pending
+                            .get_or_create(&labels)
+                            .set(g.pending as i64);
+                        global()
+                            .lag
+                            .get_or_create(&labels)
+                            .set(g.lag.map_or(-1, |l| l as i64));
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, stream = %c.stream, "cannot poll the group"),
+            }
+            if let Ok(info) = client.stream_info(&c.stream).await {
+                global()
+                    .stream_length
+                    .get_or_create(&StreamLabels {
+                        stream: c.stream.to_string(),
+                    })
+                    .set(info.length as i64);
+            }
+        }
+    }
+}
+
+/// The STATUS= line: what the loops did, and at what rate since the last line.
+#[derive(Default)]
+struct Status {
+    last: Option<(u64, tokio::time::Instant)>,
+    /// Log lines the file writer had dropped at the last report.
+    log_dropped: usize,
+}
+
+impl Status {
+    fn line(&mut self, stats: &[Arc<Stats>]) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sum = |f: fn(&Stats) -> &std::sync::atomic::AtomicU64| -> u64 {
+            stats.iter().map(|s| f(s).load(Relaxed)).sum()
+        };
+        let processed = sum(|s| &s.processed);
+        let now = tokio::time::Instant::now();
+        let rate = match self.last {
+            Some((before, at)) => {
+                processed.saturating_sub(before) as f64
+                    / now.duration_since(at).as_secs_f64().max(0.001)
+            }
+            None => 0.0,
+        };
+        self.last = Some((processed, now));
+        format!(
+            "{} consumers; processed {processed} ({rate:.1}/s); retried {}; dead-lettered {}",
+            stats.len(),
+            sum(|s| &s.retried),
+            sum(|s| &s.dead_lettered)
+        )
+    }
+}
