@@ -29,7 +29,7 @@ use crate::naming::Naming;
 use crate::wasm::{RuntimeSettings, WasmSpec};
 
 pub use handlers::parse_size;
-pub use validate::default_name;
+pub use validate::{default_consumer, default_name};
 
 /// Where the config file is looked for when neither `--config` nor `$REDSTREAM_CONFIG` names one.
 pub const DEFAULT_PATH: &str = "/etc/redstream/redstream.toml";
@@ -60,6 +60,10 @@ pub struct Settings {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How often pending, lag and stream lengths are polled for metrics and the status line.
     pub metrics_poll: Duration,
+    /// The periodic heartbeat entry, if enabled.
+    pub heartbeat: Option<HeartbeatSettings>,
+    /// The control stream this daemon obeys, if enabled.
+    pub control: Option<ControlSettings>,
     pub handlers: Vec<WasmSpec>,
     pub routes: Vec<RouteSpec>,
 }
@@ -71,6 +75,23 @@ pub struct DaemonIdentity {
     pub token: String,
     /// Seconds since the epoch.
     pub expires_at: u64,
+}
+
+/// `[heartbeat]`: an entry every `interval` on `stream`, trimmed to about `max_len`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeartbeatSettings {
+    pub stream: String,
+    pub interval: Duration,
+    pub max_len: u64,
+}
+
+/// `[control]`: signed commands on `stream`, read by a group of this instance's own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlSettings {
+    pub stream: String,
+    pub dead_letter: String,
+    /// Where status replies go: the heartbeat stream.
+    pub reply_to: String,
 }
 
 /// Token keys and the API keys that may obtain tokens.

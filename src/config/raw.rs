@@ -90,6 +90,8 @@ pub struct RawConfig {
     pub consumers: Vec<RawConsumer>,
     pub wasm: RawWasm,
     pub metrics: RawMetrics,
+    pub heartbeat: RawHeartbeat,
+    pub control: RawControl,
     pub handlers: Vec<RawHandler>,
     pub routes: Vec<RawRoute>,
     pub identity: RawIdentity,
@@ -375,6 +377,44 @@ impl Default for RawMetrics {
         RawMetrics {
             listen: None,
             poll_interval: Loose::ok("10s".into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawHeartbeat {
+    pub enabled: Loose<bool>,
+    pub stream: Loose<String>,
+    pub interval: Loose<String>,
+    pub max_len: Loose<u32>,
+}
+
+impl Default for RawHeartbeat {
+    fn default() -> Self {
+        RawHeartbeat {
+            enabled: Loose::ok(true),
+            stream: Loose::ok("nova:system:mcp:heartbeat".into()),
+            interval: Loose::ok("30s".into()),
+            max_len: Loose::ok(1000),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawControl {
+    pub enabled: Loose<bool>,
+    pub stream: Loose<String>,
+    pub dead_letter: Loose<String>,
+}
+
+impl Default for RawControl {
+    fn default() -> Self {
+        RawControl {
+            enabled: Loose::ok(true),
+            stream: Loose::ok("nova:system:mcp:control".into()),
+            dead_letter: Loose::ok("nova:system:mcp:control-dlq".into()),
         }
     }
 }

@@ -272,11 +272,16 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
         )
     });
     let metrics_poll = c.positive_duration("metrics.poll_interval", &raw.metrics.poll_interval);
+    let daemon_runs = !raw.consumers.is_empty();
+    let heartbeat = heartbeat_settings(raw, c, &naming, id_ref.filter(|_| daemon_runs));
+    let control = control_settings(raw, c, &naming, id_ref.filter(|_| daemon_runs));
 
     if !c.problems.is_empty() {
         return None;
     }
     Some(Settings {
+        heartbeat: heartbeat?,
+        control: control?,
         metrics_listen,
         metrics_poll: metrics_poll?,
         daemon: daemon?,
@@ -995,4 +1000,116 @@ fn faults_spec(
         "the faults test handler exists only in builds with the fault-injection feature",
     );
     None
+}
+
+/// A stream name for `path`, and (when the daemon will run) a check that its identity may `ops` on it.
+fn system_stream(
+    c: &mut Checker<'_>,
+    path: &str,
+    v: &Loose<String>,
+    naming: &Naming,
+    identity: Option<&DaemonIdentity>,
+    ops: &[Op],
+    disable_hint: &str,
+) -> Option<String> {
+    let stream = c.parse(path, v, "a stream name", |s| {
+        naming
+            .parse(s)
+            .map(|_| s.to_owned())
+            .map_err(|e| e.to_string())
+    })?;
+    if let Some(id) = identity {
+        for op in ops {
+            if let Err(e) = crate::client::check(naming, &id.identity, *op, &stream) {
+                c.problem(path, format!("{e} ({disable_hint})"));
+                break;
+            }
+        }
+    }
+    Some(stream)
+}
+
+fn heartbeat_settings(
+    raw: &RawConfig,
+    c: &mut Checker<'_>,
+    naming: &Naming,
+    identity: Option<&DaemonIdentity>,
+) -> Option<Option<super::HeartbeatSettings>> {
+    let h = &raw.heartbeat;
+    let enabled = c.get("heartbeat.enabled", &h.enabled, "true or false")?;
+    let interval = c.positive_duration("heartbeat.interval", &h.interval);
+    let max_len = c.get("heartbeat.max_len", &h.max_len, "a positive integer");
+    if !enabled {
+        return Some(None);
+    }
+    let stream = system_stream(
+        c,
+        "heartbeat.stream",
+        &h.stream,
+        naming,
+        identity,
+        &[Op::Publish],
+        "or set heartbeat.enabled = false",
+    );
+    Some(Some(super::HeartbeatSettings {
+        stream: stream?,
+        interval: interval?,
+        max_len: u64::from(max_len?.max(1)),
+    }))
+}
+
+fn control_settings(
+    raw: &RawConfig,
+    c: &mut Checker<'_>,
+    naming: &Naming,
+    identity: Option<&DaemonIdentity>,
+) -> Option<Option<super::ControlSettings>> {
+    let k = &raw.control;
+    if !c.get("control.enabled", &k.enabled, "true or false")? {
+        return Some(None);
+    }
+    let hint = "or set control.enabled = false";
+    let reads = [
+        Op::CreateGroup,
+        Op::ReadGroup,
+        Op::Ack,
+        Op::Claim,
+        Op::Pending,
+    ];
+    let stream = system_stream(
+        c,
+        "control.stream",
+        &k.stream,
+        naming,
+        identity,
+        &reads,
+        hint,
+    );
+    let dead_letter = system_stream(
+        c,
+        "control.dead_letter",
+        &k.dead_letter,
+        naming,
+        identity,
+        &[Op::Publish],
+        hint,
+    );
+    if raw.heartbeat.enabled.value.as_ref().is_ok_and(|e| !e) {
+        // Status replies go to the heartbeat stream: it must be writable even if beats are off.
+        system_stream(
+            c,
+            "heartbeat.stream",
+            &raw.heartbeat.stream,
+            naming,
+            identity,
+            &[Op::Publish],
+            hint,
+        );
+    }
+    let reply_to = raw.heartbeat.stream.value.clone().ok()?;
+    Some(Some(super::ControlSettings {
+        stream: stream?,
+        dead_letter: dead_letter?,
+        reply_to,
+    }))
 }

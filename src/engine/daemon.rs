@@ -20,11 +20,12 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, warn};
 
 use super::consumer::{Consumer, Stats};
+use super::control::{self, Vitals};
 use super::router::Router;
 use super::{ConsumerSettings, Prepared, RunError, Stopped, prepare_with};
 use crate::backoff::Backoff;
 use crate::client::Client;
-use crate::config::{self, Settings};
+use crate::config::{self, ControlSettings, Settings};
 use crate::conn::Redis;
 use crate::error::Error;
 use crate::notify::{Health, Notifier};
@@ -63,6 +64,9 @@ struct Daemon {
     tasks: JoinSet<Key>,
     /// Every consumer's shutdown also follows this one (the daemon's stop).
     stop: Shutdown,
+    vitals: Arc<Vitals>,
+    /// The control stream's consumer: not part of the config's consumers, untouched by reload.
+    control: Option<Running>,
 }
 
 /// Runs the daemon until it is stopped by a signal or a control message.
@@ -91,7 +95,7 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     })?;
     let client = Client::new(redis, settings.naming.clone(), identity);
     let (stop_trigger, stop) = shutdown::channel();
-    let (_commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
+    let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
 
     if let Some(addr) = settings.metrics_listen {
         let listener = crate::metrics::bind(addr).await.map_err(|e| {
@@ -109,15 +113,23 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         });
     }
 
+    let health = Arc::new(Health::default());
+    let server_id = config::default_consumer(
+        &client.identity().subject,
+        settings.daemon.instance.as_deref(),
+    );
+    let vitals = Arc::new(Vitals::new(server_id, health.clone()));
     let mut d = Daemon {
         settings,
         prepared,
         client,
-        health: Arc::new(Health::default()),
+        health,
         running: HashMap::new(),
         waiting: HashMap::new(),
         tasks: JoinSet::new(),
         stop,
+        vitals,
+        control: None,
     };
     let consumers: Vec<(ConsumerSettings, Arc<Router>)> = d
         .settings
@@ -129,6 +141,20 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     for (c, router) in consumers {
         d.start(c, router).await.map_err(RunError::Failed)?;
     }
+    if let Some(c) = d.settings.control.clone() {
+        d.start_control(c, commands_tx.clone())
+            .await
+            .map_err(RunError::Failed)?;
+    }
+    d.vitals.set_stats(d.all_stats());
+    let heartbeat = d.settings.heartbeat.clone().map(|h| {
+        tokio::spawn(control::heartbeat(
+            d.client.clone(),
+            h,
+            d.vitals.clone(),
+            d.stop.clone(),
+        ))
+    });
     let poller = tokio::spawn(poll_streams(
         d.client.clone(),
         d.settings.consumers.clone(),
@@ -195,8 +221,9 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     let drain_timeout = d.settings.daemon.drain_timeout;
     info!(drain_timeout = ?drain_timeout, "stopping: no new reads; finishing messages in flight");
     notify.stopping();
+    d.vitals.stopping();
     stop_trigger.trigger();
-    for r in d.running.values() {
+    for r in d.running.values().chain(d.control.as_ref()) {
         r.trigger.trigger();
     }
     d.waiting.clear();
@@ -227,6 +254,10 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         }
     };
     poller.abort();
+    if let Some(h) = heartbeat {
+        // Its last beat says "stopping"; give it a moment, not the whole drain.
+        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+    }
     Ok(stopped)
 }
 
@@ -237,6 +268,53 @@ impl Daemon {
 
     /// Creates the group if needed and starts a supervised loop for it.
     async fn start(&mut self, cfg: ConsumerSettings, router: Arc<Router>) -> Result<(), Error> {
+        let k = key(&cfg);
+        let running = self.spawn(cfg, router).await?;
+        self.running.insert(k, running);
+        self.vitals.set_stats(self.all_stats());
+        Ok(())
+    }
+
+    /// The consumer of this instance's control group: only new commands (`$`), one at a time, signed.
+    async fn start_control(
+        &mut self,
+        c: ControlSettings,
+        commands: mpsc::UnboundedSender<Command>,
+    ) -> Result<(), Error> {
+        let id = self.vitals.server_id.clone();
+        let cfg = ConsumerSettings {
+            stream: c.stream.as_str().into(),
+            group: id.clone(),
+            consumer: id,
+            start: "$".into(),
+            batch_size: 10,
+            block: Duration::from_secs(5),
+            claim_min_idle: Duration::from_secs(60),
+            claim_interval: Duration::from_secs(30),
+            max_deliveries: 1,
+            dead_letter: c.dead_letter.clone(),
+            in_flight: 1,
+            order_by: None,
+            handler: None,
+            unmatched: super::router::Unmatched::DeadLetter,
+            handler_timeout: Duration::from_secs(5),
+        };
+        let handler = control::Control {
+            commands,
+            vitals: self.vitals.clone(),
+            reply_to: c.reply_to,
+        };
+        let router = Arc::new(Router::single(Arc::new(handler), true));
+        self.control = Some(self.spawn(cfg, router).await?);
+        Ok(())
+    }
+
+    /// Creates the group if needed and starts its supervised loop.
+    async fn spawn(
+        &mut self,
+        cfg: ConsumerSettings,
+        router: Arc<Router>,
+    ) -> Result<Running, Error> {
         if self
             .client
             .create_group(&cfg.stream, &cfg.group, &cfg.start)
@@ -261,9 +339,8 @@ impl Daemon {
         };
         let stats = consumer.stats.clone();
         let span = tracing::info_span!("consumer", stream = %cfg.stream, group = %cfg.group, consumer = %cfg.consumer);
-        let k = key(&cfg);
         let stop = self.stop.clone();
-        let task_key = k.clone();
+        let task_key = key(&cfg);
         self.tasks.spawn(
             async move {
                 supervise(consumer, own, stop).await;
@@ -271,16 +348,12 @@ impl Daemon {
             }
             .instrument(span),
         );
-        self.running.insert(
-            k,
-            Running {
-                cfg,
-                router,
-                trigger,
-                stats,
-            },
-        );
-        Ok(())
+        Ok(Running {
+            cfg,
+            router,
+            trigger,
+            stats,
+        })
     }
 
     /// A supervised loop ended: after a reload stopped it (its successor may start now), or unexpectedly.
@@ -292,6 +365,7 @@ impl Daemon {
         let Some(old) = self.running.remove(&k) else {
             return;
         };
+        self.vitals.set_stats(self.all_stats());
         self.health
             .forget(&format!("{}/{}", old.cfg.stream, old.cfg.group));
         match self.waiting.remove(&k) {

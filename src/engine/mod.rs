@@ -8,11 +8,12 @@
 
 pub mod commit;
 pub mod consumer;
+pub mod control;
 mod daemon;
 pub mod handler;
 pub mod router;
 
-pub use daemon::run;
+pub use daemon::{Command, run};
 
 use std::sync::Arc;
 use std::time::Duration;

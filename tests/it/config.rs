@@ -215,7 +215,8 @@ handler = "wasm-thing"
 #[test]
 fn consumers_need_permissions_for_everything_they_will_do() {
     let base = with_consumers(
-        "[[consumers]]\nstream = \"nova:task:a:b\"\ngroup = \"g\"\nhandler = \"forward\"\nforward_to = \"nova:agent:x:y\"\n",
+        "[[consumers]]\nstream = \"nova:task:a:b\"\ngroup = \"g\"\nhandler = \"forward\"\nforward_to = \"nova:agent:x:y\"\n\
+         [heartbeat]\nenabled = false\n[control]\nenabled = false\n",
     );
     // The daemon may only touch the task domain: forwarding to agent is refused at load.
     let p = problems(&base.replace(
@@ -232,6 +233,22 @@ fn consumers_need_permissions_for_everything_they_will_do() {
         paths(&p),
         ["consumers[0].stream"],
         "reading needs task_read: {p:?}"
+    );
+
+    // The heartbeat and control streams are in the system domain: without it, say how to turn them off.
+    let p = problems(&base.replace("enabled = false", "enabled = true").replace(
+        "roles = [\"admin\"]",
+        "roles = [\"task_read\", \"task_write\", \"agent_write\"]",
+    ));
+    assert_eq!(
+        paths(&p),
+        ["heartbeat.stream", "control.stream", "control.dead_letter"],
+        "{p:?}"
+    );
+    assert!(
+        p[0].message.contains("system_write") && p[0].message.contains("heartbeat.enabled = false"),
+        "{}",
+        p[0]
     );
 
     let ok = settings_from(&base).unwrap();

@@ -35,5 +35,7 @@ mod logging;
 mod metrics;
 // Hot reload under traffic.
 mod reload;
+// Heartbeat and control streams.
+mod control;
 // The binary: exit codes, output, config layering, tokens.
 mod cli;

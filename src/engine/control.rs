@@ -1,0 +1,190 @@
+//! The origin's operational conventions: a heartbeat entry every interval, and a control stream of
+//! signed commands.
+//!
+//! Owns [`Vitals`] (what a heartbeat or a status reply says: `server_id`, `timestamp`, `status`,
+//! `memory_usage`, `uptime` and counters), the heartbeat task (XADD with `MAXLEN ~`), and the [`Control`]
+//! handler. Control messages arrive on a group of this instance's own (every instance sees every
+//! command); their route requires a verified `_token` — an unsigned or forged one is dead-lettered and
+//! logged by the consumer loop, never obeyed — and the token's roles must include `system_write` or
+//! `admin`. `status_request` is answered on the heartbeat stream with `is_response` and `request_id`;
+//! `reload_config` and `shutdown` are handed to the daemon, as SIGHUP and SIGTERM would be.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::consumer::Stats;
+use super::daemon::Command;
+use super::handler::{BoxFuture, Handler, Message, Outcome, Reply};
+use crate::auth::Op;
+use crate::client::{Client, PublishOptions};
+use crate::config::HeartbeatSettings;
+use crate::envelope::{self, Fields};
+use crate::notify::Health;
+use crate::shutdown::Shutdown;
+
+/// What the daemon reports about itself.
+pub struct Vitals {
+    pub server_id: String,
+    started: Instant,
+    stats: Mutex<Vec<Arc<Stats>>>,
+    health: Arc<Health>,
+    stopping: AtomicBool,
+}
+
+impl Vitals {
+    pub fn new(server_id: String, health: Arc<Health>) -> Self {
+        Vitals {
+            server_id,
+            started: Instant::now(),
+            stats: Mutex::new(Vec::new()),
+            health,
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// The loops whose counters are reported (replaced when reload changes them).
+    pub fn set_stats(&self, stats: Vec<Arc<Stats>>) {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+    }
+
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// `healthy`, `degraded` (a loop is not making progress) or `stopping`.
+    fn status(&self) -> &'static str {
+        if self.stopping.load(Ordering::Relaxed) {
+            "stopping"
+        } else if self.health.unhealthy().is_empty() {
+            "healthy"
+        } else {
+            "degraded"
+        }
+    }
+
+    /// The heartbeat fields.
+    pub fn fields(&self) -> Fields {
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let sum = |f: fn(&Stats) -> u64| -> u64 { stats.iter().map(|s| f(s)).sum() };
+        let mut fields = Fields::with_capacity(10);
+        fields.push("server_id", self.server_id.as_str());
+        fields.push("timestamp", envelope::now_ms().to_string());
+        fields.push("status", self.status());
+        fields.push("memory_usage", resident_bytes().to_string());
+        fields.push("uptime", self.started.elapsed().as_secs().to_string());
+        fields.push("consumers", stats.len().to_string());
+        fields.push(
+            "processed",
+            sum(|s| s.processed.load(Ordering::Relaxed)).to_string(),
+        );
+        fields.push(
+            "retried",
+            sum(|s| s.retried.load(Ordering::Relaxed)).to_string(),
+        );
+        fields.push(
+            "dead_lettered",
+            sum(|s| s.dead_lettered.load(Ordering::Relaxed)).to_string(),
+        );
+        fields
+    }
+}
+
+/// Resident memory of this process in bytes (VmRSS), 0 where /proc is not there.
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Publishes a heartbeat every interval until shutdown, and a last one saying `stopping`.
+pub async fn heartbeat(
+    client: Client,
+    settings: HeartbeatSettings,
+    vitals: Arc<Vitals>,
+    mut shutdown: Shutdown,
+) {
+    let opts = PublishOptions {
+        maxlen: Some(settings.max_len),
+    };
+    let mut tick = tokio::time::interval(settings.interval);
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = shutdown.wait() => true,
+        };
+        if let Err(e) = client
+            .publish(&settings.stream, vitals.fields(), opts)
+            .await
+        {
+            tracing::debug!(error = %e, "heartbeat not published");
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// The handler of control messages.
+pub struct Control {
+    pub commands: mpsc::UnboundedSender<Command>,
+    pub vitals: Arc<Vitals>,
+    pub reply_to: String,
+}
+
+impl Handler for Control {
+    fn name(&self) -> &str {
+        "control"
+    }
+
+    fn handle<'a>(&'a self, msg: &'a Message) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            // The route required a verified token; its roles must cover the system domain.
+            let Some(sender) = &msg.sender else {
+                return Outcome::Reject("unauthenticated: control messages must be signed".into());
+            };
+            if !sender.roles.allows(Op::Publish, "system") {
+                return Outcome::Reject(format!(
+                    "unauthorized: {} has {}, control needs system_write or admin",
+                    sender.subject, sender.roles
+                ));
+            }
+            let kind = msg.fields.get_str("type").unwrap_or("");
+            tracing::info!(sender = %sender.subject, command = kind, message_id = %msg.id, "control command");
+            match kind {
+                "status_request" => {
+                    let mut fields = self.vitals.fields();
+                    fields.push("is_response", "true");
+                    fields.push(
+                        "request_id",
+                        msg.fields.get("request_id").unwrap_or_default().to_vec(),
+                    );
+                    Outcome::Success(vec![Reply {
+                        stream: self.reply_to.clone(),
+                        fields,
+                    }])
+                }
+                "reload_config" => self.obey(Command::Reload),
+                "shutdown" => self.obey(Command::Shutdown),
+                other => Outcome::Reject(format!(
+                    "unknown control command {other:?}: expected status_request, reload_config or shutdown"
+                )),
+            }
+        })
+    }
+}
+
+impl Control {
+    fn obey(&self, command: Command) -> Outcome {
+        match self.commands.send(command) {
+            Ok(()) => Outcome::Success(Vec::new()),
+            Err(_) => Outcome::Retry("the daemon is not taking commands".into()),
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The heartbeat stream and the signed control stream of the origin's conventions.
+
+use std::time::Duration;
+
+use redstream::auth::Roles;
+
+use crate::util::{Daemon, RedisServer, daemon_toml, settings, wait_for};
+
+const HEARTBEAT: &str = "nova:system:mcp:heartbeat";
+const CONTROL: &str = "nova:system:mcp:control";
+const CONTROL_DLQ: &str = "nova:system:mcp:control-dlq";
+
+fn toml(server: &RedisServer, interval: &str) -> String {
+    daemon_toml(
+        &server.url(),
+        &format!(
+            "[heartbeat]\ninterval = \"{interval}\"\nmax_len = 10\n\
+             [[consumers]]\nstream = \"nova:task:control:in\"\ngroup = \"g\"\nhandler = \"drop\"\n"
+        ),
+    )
+}
+
+fn token(server: &RedisServer, roles: &[&str]) -> String {
+    let keys = settings(&server.url()).auth.keys;
+    keys.issue(
+        "operator",
+        &Roles::parse(roles).unwrap(),
+        Duration::from_secs(60),
+    )
+    .unwrap()
+    .0
+}
+
+#[test]
+fn heartbeats_are_published_and_trimmed() {
+    let server = RedisServer::start();
+    let mut d = Daemon::running(&toml(&server, "20ms"), &[]);
+    wait_for("many heartbeats", Duration::from_secs(20), || {
+        let total: i64 = redis::cmd("XINFO")
+            .arg(&["STREAM", HEARTBEAT])
+            .query::<redis::Value>(&mut server.conn())
+            .ok()
+            .and_then(|v| {
+                let mut p = redstream::reply::pairs(v).ok()?;
+                redstream::reply::int(&redstream::reply::take(&mut p, "entries-added"))
+            })?;
+        (total >= 250).then_some(())
+    });
+    let beats = server.entries(HEARTBEAT);
+    assert!(
+        beats.len() < 250,
+        "MAXLEN ~ trims the stream: {} entries",
+        beats.len()
+    );
+    let beat = beats.last().unwrap();
+    for field in [
+        "server_id",
+        "timestamp",
+        "status",
+        "memory_usage",
+        "uptime",
+        "processed",
+        "dead_lettered",
+    ] {
+        assert!(beat.fields.get(field).is_some(), "heartbeat lacks {field}");
+    }
+    assert!(
+        beat.fields
+            .get_str("server_id")
+            .unwrap()
+            .starts_with("test-daemon@")
+    );
+    assert_eq!(beat.fields.get_str("status"), Some("healthy"));
+    assert!(
+        beat.fields
+            .get_str("memory_usage")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 1 << 20
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    let last = server.entries(HEARTBEAT).pop().unwrap();
+    assert_eq!(
+        last.fields.get_str("status"),
+        Some("stopping"),
+        "a last beat on the way out"
+    );
+}
+
+#[test]
+fn signed_control_commands_are_obeyed_and_unsigned_ones_dead_lettered() {
+    let server = RedisServer::start();
+    let mut d = Daemon::running(&toml(&server, "1h"), &[]);
+    let operator = token(&server, &["system_write"]);
+    let stranger = token(&server, &["task_write"]);
+
+    // Unsigned, forged and under-privileged commands are never obeyed.
+    server.xadd(CONTROL, &[("type", "shutdown")]);
+    server.xadd(
+        CONTROL,
+        &[("type", "shutdown"), ("_token", "forged.token.here")],
+    );
+    server.xadd(CONTROL, &[("type", "shutdown"), ("_token", &stranger)]);
+    wait_for("3 dead letters", Duration::from_secs(10), || {
+        (server.xlen(CONTROL_DLQ) == 3).then_some(())
+    });
+    let reasons: Vec<String> = server
+        .entries(CONTROL_DLQ)
+        .iter()
+        .map(|e| e.fields.get_str("_dlq_reason").unwrap().to_owned())
+        .collect();
+    assert!(
+        reasons[0].starts_with("unauthenticated") && reasons[1].starts_with("unauthenticated"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].starts_with("unauthorized"), "{reasons:?}");
+    assert_eq!(
+        d.wait_exit(Duration::from_millis(500)),
+        None,
+        "still running"
+    );
+
+    // status_request is answered on the heartbeat stream.
+    server.xadd(
+        CONTROL,
+        &[
+            ("type", "status_request"),
+            ("request_id", "r-42"),
+            ("_token", &operator),
+        ],
+    );
+    let reply = wait_for("a status reply", Duration::from_secs(10), || {
+        server
+            .entries(HEARTBEAT)
+            .into_iter()
+            .find(|e| e.fields.get_str("request_id") == Some("r-42"))
+    });
+    assert_eq!(reply.fields.get_str("is_response"), Some("true"));
+    assert_eq!(reply.fields.get_str("status"), Some("healthy"));
+
+    // reload_config acts like SIGHUP.
+    server.xadd(CONTROL, &[("type", "reload_config"), ("_token", &operator)]);
+    assert!(
+        d.wait_log("reloaded the config", Duration::from_secs(10)),
+        "{}",
+        d.logs().join("\n")
+    );
+
+    // shutdown drains and exits 0.
+    server.xadd(CONTROL, &[("type", "shutdown"), ("_token", &operator)]);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(server.xlen(CONTROL_DLQ), 3);
+}
