@@ -273,6 +273,14 @@ impl Client {
         self.redis.query(&cmd, Ctx::new("XDEL", stream)).await
     }
 
+    /// XTRIM … MINID `min_id`: removes entries older than `min_id`. Returns how many were removed.
+    pub async fn trim_before(&self, stream: &str, min_id: &str) -> Result<u64> {
+        self.authorize(Op::Delete, stream)?;
+        let mut cmd = redis::cmd("XTRIM");
+        cmd.arg(stream).arg("MINID").arg(min_id);
+        self.redis.query(&cmd, Ctx::new("XTRIM", stream)).await
+    }
+
     /// XCLAIM of specific ids idle at least `min_idle`; bumps their delivery counts.
     pub async fn claim<S: AsRef<str>>(
         &self,

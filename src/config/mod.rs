@@ -64,6 +64,9 @@ pub struct Settings {
     pub heartbeat: Option<HeartbeatSettings>,
     /// The control stream this daemon obeys, if enabled.
     pub control: Option<ControlSettings>,
+    /// How often the retention janitor runs, and what it trims.
+    pub retention_interval: Duration,
+    pub retention: Vec<crate::engine::janitor::Retention>,
     pub handlers: Vec<WasmSpec>,
     pub routes: Vec<RouteSpec>,
 }

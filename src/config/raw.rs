@@ -91,6 +91,7 @@ pub struct RawConfig {
     pub wasm: RawWasm,
     pub metrics: RawMetrics,
     pub heartbeat: RawHeartbeat,
+    pub retention: RawRetention,
     pub control: RawControl,
     pub handlers: Vec<RawHandler>,
     pub routes: Vec<RawRoute>,
@@ -417,4 +418,28 @@ impl Default for RawControl {
             dead_letter: Loose::ok("nova:system:mcp:control-dlq".into()),
         }
     }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRetention {
+    pub interval: Loose<String>,
+    pub streams: Vec<RawRetained>,
+}
+
+impl Default for RawRetention {
+    fn default() -> Self {
+        RawRetention {
+            interval: Loose::ok("1m".into()),
+            streams: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRetained {
+    pub stream: Option<Loose<String>>,
+    pub max_len: Option<Loose<u64>>,
+    pub max_age: Option<Loose<String>>,
 }

@@ -275,11 +275,15 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
     let daemon_runs = !raw.consumers.is_empty();
     let heartbeat = heartbeat_settings(raw, c, &naming, id_ref.filter(|_| daemon_runs));
     let control = control_settings(raw, c, &naming, id_ref.filter(|_| daemon_runs));
+    let retention_interval = c.positive_duration("retention.interval", &raw.retention.interval);
+    let retention = retention(raw, c, &naming, id_ref);
 
     if !c.problems.is_empty() {
         return None;
     }
     Some(Settings {
+        retention_interval: retention_interval?,
+        retention,
         heartbeat: heartbeat?,
         control: control?,
         metrics_listen,
@@ -1112,4 +1116,56 @@ fn control_settings(
         dead_letter: dead_letter?,
         reply_to,
     }))
+}
+
+fn retention(
+    raw: &RawConfig,
+    c: &mut Checker<'_>,
+    naming: &Naming,
+    identity: Option<&DaemonIdentity>,
+) -> Vec<crate::engine::janitor::Retention> {
+    let mut out = Vec::new();
+    for (i, r) in raw.retention.streams.iter().enumerate() {
+        let p = |k: &str| format!("retention.streams[{i}].{k}");
+        let stream = match &r.stream {
+            Some(s) => system_stream(
+                c,
+                &p("stream"),
+                s,
+                naming,
+                identity,
+                &[Op::Delete, Op::Info, Op::Pending],
+                "the janitor trims it",
+            ),
+            None => {
+                c.problem(&p("stream"), "missing: the stream to trim");
+                None
+            }
+        };
+        let max_len = r
+            .max_len
+            .as_ref()
+            .and_then(|m| c.get(&p("max_len"), m, "a positive integer"));
+        if max_len == Some(0) {
+            c.problem(&p("max_len"), "expected a positive integer, found 0");
+        }
+        let max_age = r
+            .max_age
+            .as_ref()
+            .and_then(|a| c.positive_duration(&p("max_age"), a));
+        if r.max_len.is_none() && r.max_age.is_none() {
+            c.problem(
+                &format!("retention.streams[{i}]"),
+                "give max_len, max_age or both",
+            );
+        }
+        if let Some(stream) = stream {
+            out.push(crate::engine::janitor::Retention {
+                stream,
+                max_len: max_len.filter(|n| *n > 0),
+                max_age,
+            });
+        }
+    }
+    out
 }

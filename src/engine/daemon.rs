@@ -155,6 +155,14 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
             d.stop.clone(),
         ))
     });
+    let janitor = (!d.settings.retention.is_empty()).then(|| {
+        tokio::spawn(super::janitor::run(
+            d.client.clone(),
+            d.settings.retention.clone(),
+            d.settings.retention_interval,
+            d.stop.clone(),
+        ))
+    });
     let poller = tokio::spawn(poll_streams(
         d.client.clone(),
         d.settings.consumers.clone(),
@@ -254,6 +262,9 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         }
     };
     poller.abort();
+    if let Some(j) = janitor {
+        j.abort();
+    }
     if let Some(h) = heartbeat {
         // Its last beat says "stopping"; give it a moment, not the whole drain.
         let _ = tokio::time::timeout(Duration::from_secs(2), h).await;

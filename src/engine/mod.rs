@@ -11,6 +11,7 @@ pub mod consumer;
 pub mod control;
 mod daemon;
 pub mod handler;
+pub mod janitor;
 pub mod router;
 
 pub use daemon::{Command, run};

@@ -37,5 +37,7 @@ mod metrics;
 mod reload;
 // Heartbeat and control streams.
 mod control;
+// Retention: trimming that spares lagging groups.
+mod retention;
 // The binary: exit codes, output, config layering, tokens.
 mod cli;
