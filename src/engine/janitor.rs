@@ -73,10 +73,10 @@ pub async fn trim(client: &Client, r: &Retention) -> crate::Result<u64> {
                 },
             )
             .await?;
-        if newest.len() as u64 == n {
-            if let Some(oldest_kept) = newest.last().and_then(|e| parse(&e.id)) {
-                wanted = Some(wanted.map_or(oldest_kept, |w| w.max(oldest_kept)));
-            }
+        if newest.len() as u64 == n
+            && let Some(oldest_kept) = newest.last().and_then(|e| parse(&e.id))
+        {
+            wanted = Some(wanted.map_or(oldest_kept, |w| w.max(oldest_kept)));
         }
     }
     let Some(mut min_id) = wanted else {
