@@ -163,10 +163,12 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
             d.stop.clone(),
         ))
     });
+    let pending = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let poller = tokio::spawn(poll_streams(
         d.client.clone(),
         d.settings.consumers.clone(),
         d.settings.metrics_poll,
+        pending.clone(),
         d.stop.clone(),
     ));
     info!(
@@ -176,7 +178,10 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     );
     // Redis answered, every group exists, every handler is loaded.
     let notify = Notifier;
-    let mut status = Status::default();
+    let mut status = Status {
+        pending,
+        ..Status::default()
+    };
     notify.ready(&status.line(&d.all_stats()));
 
     // Pings at half the interval systemd expects, only while every loop is healthy.
@@ -501,11 +506,13 @@ async fn supervise(consumer: Consumer, own: Shutdown, daemon: Shutdown) {
     }
 }
 
-/// Polls pending entries, lag and length of every consumed stream into the metrics.
+/// Polls pending entries, lag and length of every consumed stream into the metrics (and the total
+/// pending count into `pending`, for the status line).
 async fn poll_streams(
     client: Client,
     consumers: Vec<ConsumerSettings>,
     every: Duration,
+    pending: Arc<std::sync::atomic::AtomicU64>,
     mut shutdown: Shutdown,
 ) {
     use crate::metrics::{GroupLabels, StreamLabels, global};
@@ -515,6 +522,7 @@ async fn poll_streams(
             _ = tick.tick() => {}
             _ = shutdown.wait() => return,
         }
+        let mut total = 0;
         for c in &consumers {
             let labels = GroupLabels {
                 stream: c.stream.to_string(),
@@ -523,6 +531,7 @@ async fn poll_streams(
             match client.groups(&c.stream).await {
                 Ok(groups) => {
                     if let Some(g) = groups.iter().find(|g| g.name == c.group) {
+                        total += g.pending;
                         global()
                             .pending
                             .get_or_create(&labels)
@@ -544,6 +553,7 @@ async fn poll_streams(
                     .set(info.length as i64);
             }
         }
+        pending.store(total, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -551,6 +561,8 @@ async fn poll_streams(
 #[derive(Default)]
 struct Status {
     last: Option<(u64, tokio::time::Instant)>,
+    /// Entries pending across the groups, as last polled.
+    pending: Arc<std::sync::atomic::AtomicU64>,
     /// Log lines the file writer had dropped at the last report.
     log_dropped: usize,
 }
@@ -572,8 +584,9 @@ impl Status {
         };
         self.last = Some((processed, now));
         format!(
-            "{} consumers; processed {processed} ({rate:.1}/s); retried {}; dead-lettered {}",
+            "{} consumers; processed {processed} ({rate:.1}/s); pending {}; retried {}; dead-lettered {}",
             stats.len(),
+            self.pending.load(Relaxed),
             sum(|s| &s.retried),
             sum(|s| &s.dead_lettered)
         )

@@ -88,7 +88,9 @@ fn ready_after_groups_exist_watchdog_while_healthy_even_through_a_redis_outage_a
         "no ping before READY: {before:?}"
     );
     assert!(
-        before.iter().any(|s| s.starts_with("STATUS=")),
+        before
+            .iter()
+            .any(|s| s.starts_with("STATUS=") && s.contains("/s)") && s.contains("pending")),
         "{before:?}"
     );
     let mut conn = server.conn();
