@@ -346,8 +346,8 @@ impl Consumer {
                                             #[cfg(feature = "fault-injection")]
                                             if wedge && !entries.entries.is_empty() {
                                                 // A failpoint for the watchdog test: this loop hangs
-                                                // the way a blocking call in it would.
-                                                std::thread::sleep(Duration::from_secs(3600));
+                                                // the way an await that never completes would.
+                                                std::future::pending::<()>().await;
                                             }
                                             self.delivered(entries, counts, asked, &mut st, &tx);
                                         }

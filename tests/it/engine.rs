@@ -662,9 +662,21 @@ fn order_by_keeps_each_key_in_order_while_keys_run_in_parallel() {
 #[test]
 fn effectively_once_under_repeated_sigkill() {
     let server = RedisServer::start();
+    // Each message takes its handler ~2 ms, so the whole run spans the five kills.
     let toml = daemon_toml(
         &server.url(),
-        &forward("crashy", &[("in_flight", "64"), ("batch_size", "100")]),
+        &consumer(
+            "crashy",
+            &[
+                ("handler", "\"faults\""),
+                ("in_flight", "32"),
+                ("batch_size", "100"),
+                (
+                    "faults",
+                    "{ reply_to = \"nova:task:engine:out\", sleep = \"2ms\" }",
+                ),
+            ],
+        ),
     );
     let ids: Vec<String> = {
         let mut conn = server.conn();

@@ -1,0 +1,603 @@
+//! The side-by-side benchmark: RedStream against the redis-rs loops a user could write by hand, in one
+//! run, against a private redis-server this benchmark starts and stops itself.
+//!
+//!   scripts/bench            (or: cargo bench --bench pipeline; BENCH_N, BENCH_REPEATS, BENCH_LAT_SECS)
+//!
+//! Cases, interleaved and repeated so machine noise hits all of them; medians are reported:
+//!   a  raw redis-rs loop: XREADGROUP COUNT 500, then one XACK per batch
+//!   b  the daemon, no-op WASM handler, a fresh instance per message
+//!   c  the daemon, no-op WASM handler, a reused instance
+//!   d  the daemon, echo WASM handler (one reply per message, committed atomically with the ack)
+//!   e  raw counterpart of d: XREADGROUP, then XADD per message and one XACK, pipelined
+//! then end-to-end latency (XADD time → handler) at a steady rate, for the daemon and the raw loop.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redis::Value;
+
+const STREAM: &str = "nova:task:bench:tasks";
+const OUT: &str = "nova:task:bench:out";
+const GROUP: &str = "bench";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+// ---------------------------------------------------------------------------------------------------
+// A private redis-server.
+
+struct Server {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/setup installs it)");
+        let s = Server {
+            child,
+            port,
+            _dir: dir,
+        };
+        for _ in 0..500 {
+            if s.conn_opt().is_some() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn conn_opt(&self) -> Option<redis::Connection> {
+        let mut c = redis::Client::open(self.url())
+            .ok()?
+            .get_connection()
+            .ok()?;
+        redis::cmd("PING").query::<String>(&mut c).ok()?;
+        Some(c)
+    }
+
+    fn conn(&self) -> redis::Connection {
+        self.conn_opt().expect("connect")
+    }
+
+    /// Empties the server and loads `n` task messages of about 200 bytes, with a group at 0.
+    fn preload(&self, n: usize) {
+        let mut c = self.conn();
+        let _: () = redis::cmd("FLUSHALL").query(&mut c).unwrap();
+        let pad = "x".repeat(60);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+            let mut pipe = redis::pipe();
+            for i in chunk {
+                let task = format!(
+                    r#"{{"id":"t{i}","title":"benchmark task {pad}","status":"open","revision":1}}"#
+                );
+                pipe.cmd("XADD")
+                    .arg(STREAM)
+                    .arg("*")
+                    .arg("type")
+                    .arg("task_snapshot")
+                    .arg("task")
+                    .arg(task)
+                    .ignore();
+            }
+            let _: () = pipe.query(&mut c).unwrap();
+        }
+        let _: () = redis::cmd("XGROUP")
+            .arg(&["CREATE", STREAM, GROUP, "0"])
+            .query(&mut c)
+            .unwrap();
+    }
+
+    /// Entries read by the group and entries pending, from XINFO GROUPS.
+    fn progress(&self, c: &mut redis::Connection) -> (u64, u64) {
+        let rows: Vec<Value> = redis::cmd("XINFO")
+            .arg(&["GROUPS", STREAM])
+            .query(c)
+            .unwrap_or_default();
+        for row in rows {
+            let mut p = redstream::reply::pairs(row).unwrap();
+            if redstream::reply::string(redstream::reply::take(&mut p, "name")).as_deref()
+                == Some(GROUP)
+            {
+                let read = redstream::reply::int(&redstream::reply::take(&mut p, "entries-read"))
+                    .unwrap_or(0);
+                let pending =
+                    redstream::reply::int(&redstream::reply::take(&mut p, "pending")).unwrap_or(0);
+                return (read.max(0) as u64, pending.max(0) as u64);
+            }
+        }
+        (0, 0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Process accounting from /proc.
+
+/// CPU time (user + system) of a process, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks * 10_000 // USER_HZ = 100
+}
+
+/// Peak resident memory (VmHWM) of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The daemon as a process.
+
+struct Daemon {
+    child: Child,
+    notify: UnixDatagram,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(server: &Server, handler: &Path, mode: &str, reuse: bool) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("bench.toml");
+        let instance = if reuse { "reuse" } else { "fresh" };
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[identity]
+name = "bench"
+roles = ["admin"]
+[redis]
+url = "{url}"
+[auth]
+signing_key = "k"
+[[auth.keys]]
+id = "k"
+algorithm = "HS256"
+secret = "benchmark-secret-benchmark-secret-0123456789"
+[log]
+level = "warn"
+[heartbeat]
+enabled = false
+[control]
+enabled = false
+[wasm]
+cache_dir = "{cache}"
+[[handlers]]
+name = "bench"
+file = "{file}"
+roles = ["task_write"]
+instance = "{instance}"
+config = {{ mode = "{mode}", reply_to = "{OUT}" }}
+[[consumers]]
+stream = "{STREAM}"
+group = "{GROUP}"
+consumer = "daemon"
+start = "0"
+handler = "bench"
+batch_size = 500
+in_flight = 2000
+block = "1s"
+"#,
+                url = server.url(),
+                cache = dir.path().join("cache").display(),
+                file = handler.display(),
+            ),
+        )
+        .unwrap();
+        let sock_path = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&sock_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_redstream"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child,
+            notify,
+            _dir: dir,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut err = String::new();
+                if let Some(e) = self.child.stderr.take() {
+                    for l in BufReader::new(e).lines().map_while(Result::ok) {
+                        err.push_str(&l);
+                        err.push('\n');
+                    }
+                }
+                panic!("the daemon exited with {status}:\n{err}");
+            }
+        }
+        panic!("the daemon did not become ready");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(mut self) {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Cases.
+
+/// One measured drain.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    rate: f64,
+    cpu_us_per_msg: f64,
+    rss: u64,
+}
+
+/// Drains `n` preloaded messages with the daemon.
+fn daemon_drain(server: &Server, handler: &Path, mode: &str, reuse: bool, n: usize) -> Sample {
+    server.preload(n);
+    let mut c = server.conn();
+    let d = Daemon::start(server, handler, mode, reuse);
+    let (cpu0, t0) = (cpu_us(d.pid()), Instant::now());
+    loop {
+        let (read, pending) = server.progress(&mut c);
+        if read >= n as u64 && pending == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let elapsed = t0.elapsed();
+    let sample = Sample {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        cpu_us_per_msg: (cpu_us(d.pid()) - cpu0) as f64 / n as f64,
+        rss: peak_rss(d.pid()),
+    };
+    if mode == "echo" {
+        assert_eq!(
+            redis::cmd("XLEN").arg(OUT).query::<u64>(&mut c).unwrap(),
+            n as u64,
+            "one reply per message"
+        );
+    }
+    d.stop();
+    sample
+}
+
+/// Raw loop (a) or (e), in this process.
+fn raw_drain(server: &Server, echo: bool, n: usize) -> Sample {
+    server.preload(n);
+    let mut c = server.conn();
+    let me = std::process::id();
+    let (cpu0, t0) = (cpu_us(me), Instant::now());
+    let opts = redis::streams::StreamReadOptions::default()
+        .group(GROUP, "raw")
+        .count(500);
+    let mut done = 0;
+    while done < n {
+        let reply: redis::streams::StreamReadReply =
+            redis::Commands::xread_options(&mut c, &[STREAM], &[">"], &opts).unwrap();
+        let ids: Vec<String> = reply
+            .keys
+            .iter()
+            .flat_map(|k| k.ids.iter().map(|e| e.id.clone()))
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        if echo {
+            let mut pipe = redis::pipe();
+            for key in &reply.keys {
+                for e in &key.ids {
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(OUT).arg("*");
+                    for (k, v) in &e.map {
+                        if let Value::BulkString(bytes) = v {
+                            cmd.arg(k).arg(bytes);
+                        }
+                    }
+                    pipe.add_command(cmd).ignore();
+                }
+            }
+            pipe.cmd("XACK").arg(STREAM).arg(GROUP).arg(&ids).ignore();
+            let _: () = pipe.query(&mut c).unwrap();
+        } else {
+            let _: u64 = redis::cmd("XACK")
+                .arg(STREAM)
+                .arg(GROUP)
+                .arg(&ids)
+                .query(&mut c)
+                .unwrap();
+        }
+        done += ids.len();
+    }
+    let elapsed = t0.elapsed();
+    Sample {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        cpu_us_per_msg: (cpu_us(me) - cpu0) as f64 / n as f64,
+        rss: peak_rss(me),
+    }
+}
+
+/// Publishes `rate` messages per second for `secs`, each with `sent_us`.
+fn publish_steady(server: &Server, rate: u64, secs: u64) -> u64 {
+    let mut c = server.conn();
+    let total = rate * secs;
+    let start = Instant::now();
+    for i in 0..total {
+        let due = start + Duration::from_micros(i * 1_000_000 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let _: String = redis::cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("sent_us")
+            .arg(now_us())
+            .arg("n")
+            .arg(i)
+            .query(&mut c)
+            .unwrap();
+    }
+    total
+}
+
+fn percentiles(mut v: Vec<u64>) -> (f64, f64) {
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
+    (at(0.50), at(0.99))
+}
+
+/// End-to-end latency through the daemon (stamp handler), p50/p99 in ms.
+fn daemon_latency(server: &Server, handler: &Path, rate: u64, secs: u64) -> (f64, f64) {
+    server.preload(0);
+    let d = Daemon::start(server, handler, "stamp", true);
+    let total = publish_steady(server, rate, secs);
+    let mut c = server.conn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while redis::cmd("XLEN").arg(OUT).query::<u64>(&mut c).unwrap() < total
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.stop();
+    let replies: Vec<HashMap<String, String>> = {
+        let v: Value = redis::cmd("XRANGE")
+            .arg(OUT)
+            .arg("-")
+            .arg("+")
+            .query(&mut c)
+            .unwrap();
+        redstream::reply::entries(v)
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|e| {
+                e.fields
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            String::from_utf8_lossy(k).into(),
+                            String::from_utf8_lossy(v).into(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let lat: Vec<u64> = replies
+        .iter()
+        .filter_map(|r| {
+            Some(
+                r.get("recv_us")?
+                    .parse::<u64>()
+                    .ok()?
+                    .saturating_sub(r.get("sent_us")?.parse().ok()?),
+            )
+        })
+        .collect();
+    percentiles(lat)
+}
+
+/// End-to-end latency through a raw blocking loop, p50/p99 in ms.
+fn raw_latency(server: &Server, rate: u64, secs: u64) -> (f64, f64) {
+    server.preload(0);
+    let url = server.url();
+    let total = rate * secs;
+    let reader = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let opts = redis::streams::StreamReadOptions::default()
+            .group(GROUP, "raw")
+            .count(500)
+            .block(1000);
+        let mut lat = Vec::with_capacity(total as usize);
+        while (lat.len() as u64) < total {
+            let reply: redis::streams::StreamReadReply =
+                redis::Commands::xread_options(&mut c, &[STREAM], &[">"], &opts).unwrap();
+            let now = now_us();
+            let mut ids = Vec::new();
+            for key in &reply.keys {
+                for e in &key.ids {
+                    let sent: u64 = e.get("sent_us").unwrap_or(0);
+                    lat.push(now.saturating_sub(sent));
+                    ids.push(e.id.clone());
+                }
+            }
+            if !ids.is_empty() {
+                let _: u64 = redis::cmd("XACK")
+                    .arg(STREAM)
+                    .arg(GROUP)
+                    .arg(&ids)
+                    .query(&mut c)
+                    .unwrap();
+            }
+        }
+        lat
+    });
+    publish_steady(server, rate, secs);
+    percentiles(reader.join().unwrap())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    let n: usize = env_or("BENCH_N", 200_000);
+    let repeats: usize = env_or("BENCH_REPEATS", 3);
+    let lat_secs: u64 = env_or("BENCH_LAT_SECS", 10);
+    let lat_rate: u64 = env_or("BENCH_LAT_RATE", 5000);
+    let handler: PathBuf =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("handlers/build/bench.wasm");
+    assert!(
+        handler.is_file(),
+        "{} is missing: run scripts/build-handlers",
+        handler.display()
+    );
+
+    let server = Server::start();
+    let cases: [(&str, &str); 5] = [
+        ("a", "raw redis-rs: XREADGROUP 500 + XACK per batch"),
+        ("b", "daemon, no-op handler, fresh instance"),
+        ("c", "daemon, no-op handler, reused instance"),
+        ("d", "daemon, echo handler (reply + ack, atomic)"),
+        ("e", "raw redis-rs echo: XADD per message + XACK, pipelined"),
+    ];
+    let mut samples: HashMap<&str, Vec<Sample>> = HashMap::new();
+    eprintln!(
+        "benchmark: {n} messages of ~200 bytes per case, {repeats} rounds, cases interleaved"
+    );
+    for round in 0..repeats {
+        for (case, _) in cases {
+            let s = match case {
+                "a" => raw_drain(&server, false, n),
+                "b" => daemon_drain(&server, &handler, "noop", false, n),
+                "c" => daemon_drain(&server, &handler, "noop", true, n),
+                "d" => daemon_drain(&server, &handler, "echo", true, n),
+                _ => raw_drain(&server, true, n),
+            };
+            eprintln!(
+                "round {round} case {case}: {:.0} msg/s, {:.2} µs CPU/msg",
+                s.rate, s.cpu_us_per_msg
+            );
+            samples.entry(case).or_default().push(s);
+        }
+    }
+    eprintln!("latency: {lat_rate} msg/s for {lat_secs} s, daemon and raw loop");
+    let (d50, d99) = daemon_latency(&server, &handler, lat_rate, lat_secs);
+    let (r50, r99) = raw_latency(&server, lat_rate, lat_secs);
+
+    let med = |case: &str, f: fn(&Sample) -> f64| median(samples[case].iter().map(f).collect());
+    let rate = |case: &str| med(case, |s| s.rate);
+    println!();
+    println!("| case | what | msgs/s | ratio | CPU µs/msg | peak RSS MiB |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (case, what) in cases {
+        let base = if case == "d" { rate("e") } else { rate("a") };
+        let ratio = if case == "a" || case == "e" {
+            "1.00 (base)".to_string()
+        } else {
+            format!("{:.2}", rate(case) / base)
+        };
+        println!(
+            "| {case} | {what} | {:.0} | {ratio} | {:.2} | {:.1} |",
+            rate(case),
+            med(case, |s| s.cpu_us_per_msg),
+            med(case, |s| s.rss as f64) / (1024.0 * 1024.0)
+        );
+    }
+    println!();
+    println!("| latency at {lat_rate} msg/s, {lat_secs} s | p50 ms | p99 ms |");
+    println!("|---|---:|---:|");
+    println!("| daemon (XADD → handler) | {d50:.2} | {d99:.2} |");
+    println!("| raw redis-rs loop (XADD → read) | {r50:.2} | {r99:.2} |");
+    println!();
+    println!(
+        "targets: c/a {:.2} (≥ 1.10), b/a {:.2} (≥ 0.50), d/e {:.2} (≥ 0.80), p99 {:.2} ms vs raw {:.2} + 1 ms",
+        rate("c") / rate("a"),
+        rate("b") / rate("a"),
+        rate("d") / rate("e"),
+        d99,
+        r99
+    );
+}
