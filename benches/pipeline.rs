@@ -125,7 +125,7 @@ impl Server {
             let _: () = pipe.query(&mut c).unwrap();
         }
         let _: () = redis::cmd("XGROUP")
-            .arg(&["CREATE", STREAM, GROUP, "0"])
+            .arg(&["CREATE", STREAM, GROUP, "0", "MKSTREAM"])
             .query(&mut c)
             .unwrap();
     }

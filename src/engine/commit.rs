@@ -59,38 +59,52 @@ pub enum Committed {
 
 /// KEYS[1] source stream, KEYS[2..] streams written. ARGV: group, consumer, message count, then per
 /// message: id, write count, then per write: key index, field count, name, value, …
-/// Returns one integer per message: 1 committed, 0 not ours, -1 a write the ACL forbids. Scripts are
-/// atomic but not rolled back, so every write is checked against the ACL before any is made.
+/// Returns one integer per message: 1 committed, 0 not ours, -1 a write the ACL forbids.
+///
+/// A message with writes is committed only while it is pending for this consumer, and every write is
+/// checked against the ACL before any is made (scripts are atomic but not rolled back). A message
+/// without writes (a handler that published nothing, an entry that vanished) is simply acked, in one
+/// XACK for the batch: whoever commits it first decides its effects, and "none" is a complete set.
 pub const SOURCE: &str = r#"
 local src, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local n = tonumber(ARGV[3])
 local i = 4
 local out = {}
+local plain = {}
 for m = 1, n do
   local id, writes = ARGV[i], tonumber(ARGV[i + 1])
   local first = i + 2
-  local p = redis.call('XPENDING', src, group, id, id, 1)
-  local verdict = 0
-  if #p == 1 and p[1][2] == consumer then verdict = 1 end
-  i = first
-  for w = 1, writes do
-    local key, nf = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1])
-    if verdict == 1 and not redis.acl_check_cmd('XADD', key, '*', 'f', 'v') then verdict = -1 end
-    i = i + 2 + 2 * nf
-  end
-  if verdict == 1 then
+  if writes == 0 then
+    plain[#plain + 1] = id
+    out[m] = 1
+    i = first
+  else
+    local p = redis.call('XPENDING', src, group, id, id, 1)
+    local verdict = 0
+    if #p == 1 and p[1][2] == consumer then verdict = 1 end
     i = first
     for w = 1, writes do
       local key, nf = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1])
-      i = i + 2
-      local args = {key, '*'}
-      for f = i, i + 2 * nf - 1 do args[#args + 1] = ARGV[f] end
-      redis.call('XADD', unpack(args))
-      i = i + 2 * nf
+      if verdict == 1 and not redis.acl_check_cmd('XADD', key, '*', 'f', 'v') then verdict = -1 end
+      i = i + 2 + 2 * nf
     end
-    redis.call('XACK', src, group, id)
+    if verdict == 1 then
+      i = first
+      for w = 1, writes do
+        local key, nf = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1])
+        i = i + 2
+        local args = {key, '*'}
+        for f = i, i + 2 * nf - 1 do args[#args + 1] = ARGV[f] end
+        redis.call('XADD', unpack(args))
+        i = i + 2 * nf
+      end
+      redis.call('XACK', src, group, id)
+    end
+    out[m] = verdict
   end
-  out[m] = verdict
+end
+for c = 1, #plain, 1000 do
+  redis.call('XACK', src, group, unpack(plain, c, math.min(c + 999, #plain)))
 end
 return out
 "#;

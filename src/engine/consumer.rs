@@ -833,20 +833,24 @@ async fn pending_counts(
 /// sources were.
 fn take_sorted(finished: &mut Vec<Finished>) -> Vec<Finished> {
     let mut batch = std::mem::take(finished);
-    batch.sort_by(|a, b| cmp_ids(&a.msg.id, &b.msg.id));
+    if batch
+        .iter()
+        .any(|f| matches!(&f.effect, Effect::Replies(r) if !r.is_empty()))
+    {
+        batch.sort_by_cached_key(|f| parse_id(&f.msg.id));
+    }
     batch
 }
 
-/// Orders stream ids (`ms-seq`) numerically.
+/// A stream id (`ms-seq`) as numbers, for ordering.
+fn parse_id(s: &str) -> (u64, u64) {
+    let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// Orders stream ids numerically.
 fn cmp_ids(a: &str, b: &str) -> std::cmp::Ordering {
-    let parse = |s: &str| {
-        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
-        (
-            ms.parse::<u64>().unwrap_or(0),
-            seq.parse::<u64>().unwrap_or(0),
-        )
-    };
-    parse(a).cmp(&parse(b))
+    parse_id(a).cmp(&parse_id(b))
 }
 
 async fn sleep_until(at: Option<Instant>) {
