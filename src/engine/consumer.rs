@@ -108,6 +108,8 @@ struct State {
     finished: Vec<Finished>,
     /// The batch travelling with the round in progress.
     in_round: Vec<Finished>,
+    /// Routed and free to run: handed to the handlers at the top of the next turn.
+    ready: Vec<Job>,
     /// While re-reading our own pending entries: the id to continue after.
     recover: Option<String>,
     /// The highest id a `>` read gave us; a lost read's entries are pending after it.
@@ -196,7 +198,7 @@ impl Consumer {
             source: self.client.identity().subject.clone(),
             dead_letter: cfg.dead_letter.clone(),
         };
-        let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Done>>();
         let mut reader = Some(self.new_reader()?);
         let mut round: Option<JoinHandle<RoundResult>> = None;
         let mut st = State {
@@ -207,6 +209,7 @@ impl Consumer {
             waiting: HashMap::new(),
             finished: Vec::new(),
             in_round: Vec::new(),
+            ready: Vec::new(),
             recover: Some("0".into()),
             last_new: "0".into(),
             claim_cursor: "0-0".into(),
@@ -230,6 +233,9 @@ impl Consumer {
         let wedge = std::env::var("RSFAULT_WEDGE_GROUP").is_ok_and(|g| g == cfg.group);
 
         loop {
+            // Hand what was routed (and what its order_by key let go) to the handlers.
+            self.launch(&mut st, &tx);
+
             // Commit now what cannot wait for the next round: the read is out (and may block), or no
             // round can start. (Before starting a round: a commit that frees room must be followed by
             // one, or the loop would wait for an event that never comes.)
@@ -314,11 +320,15 @@ impl Consumer {
                     }
                     info!(running = st.running, "draining: reads stopped, finishing messages in flight");
                 }
-                Some(done) = rx.recv() => {
+                Some(batch) = rx.recv() => {
                     last_progress = Instant::now();
-                    self.finish(done, &mut st, &tx);
-                    while let Ok(done) = rx.try_recv() {
-                        self.finish(done, &mut st, &tx);
+                    for done in batch {
+                        self.finish(done, &mut st);
+                    }
+                    while let Ok(batch) = rx.try_recv() {
+                        for done in batch {
+                            self.finish(done, &mut st);
+                        }
                     }
                 }
                 joined = async { round.as_mut().expect("guarded").await }, if round.is_some() => {
@@ -349,7 +359,7 @@ impl Consumer {
                                                 // the way an await that never completes would.
                                                 std::future::pending::<()>().await;
                                             }
-                                            self.delivered(entries, counts, asked, &mut st, &tx);
+                                            self.delivered(entries, counts, asked, &mut st);
                                         }
                                         Err(e) => retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?),
                                     }
@@ -370,7 +380,7 @@ impl Consumer {
                     }
                 }
                 _ = claim_tick.tick(), if !draining && st.recover.is_none() && retry_at.is_none() => {
-                    if let Err(e) = self.claim(&mut st, &tx).await {
+                    if let Err(e) = self.claim(&mut st).await {
                         retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?);
                     }
                 }
@@ -512,14 +522,7 @@ impl Consumer {
     }
 
     /// Dispatches what a round read.
-    fn delivered(
-        &self,
-        got: Entries,
-        counts: HashMap<String, u64>,
-        asked: usize,
-        st: &mut State,
-        tx: &mpsc::UnboundedSender<Done>,
-    ) {
+    fn delivered(&self, got: Entries, counts: HashMap<String, u64>, asked: usize, st: &mut State) {
         let full = got.entries.len() + got.deleted.len() >= asked.max(1);
         match &mut st.recover {
             Some(after) => {
@@ -553,13 +556,13 @@ impl Consumer {
         }
         for entry in got.entries {
             let n = counts.get(&entry.id).copied().unwrap_or(1);
-            self.dispatch(entry, n, st, tx);
+            self.dispatch(entry, n, st);
         }
     }
 
     /// XAUTOCLAIM of entries idle at least `claim_min_idle` — from dead consumers, or our own failures.
     /// Scans on while claims come back full and there is room, a bounded number of times.
-    async fn claim(&self, st: &mut State, tx: &mpsc::UnboundedSender<Done>) -> Result<(), Error> {
+    async fn claim(&self, st: &mut State) -> Result<(), Error> {
         let c = &*self.cfg;
         for _ in 0..8 {
             let count = st.free().min(c.batch_size);
@@ -598,7 +601,7 @@ impl Consumer {
                 info!(count = fresh.len(), "claimed idle entries");
                 for entry in fresh {
                     let n = counts.get(&entry.id).copied().unwrap_or(2);
-                    self.dispatch(entry, n, st, tx);
+                    self.dispatch(entry, n, st);
                 }
             }
             if st.claim_cursor == "0-0" || seen < count {
@@ -620,13 +623,7 @@ impl Consumer {
 
     /// Takes a delivered entry into flight: dead-letter it if it was delivered too often, route it,
     /// check its sender token if its route wants one, queue it behind its order_by key, or start it.
-    fn dispatch(
-        &self,
-        entry: Entry,
-        deliveries: u64,
-        st: &mut State,
-        tx: &mpsc::UnboundedSender<Done>,
-    ) {
+    fn dispatch(&self, entry: Entry, deliveries: u64, st: &mut State) {
         if !st.in_flight.insert(entry.id.clone()) {
             return; // already ours and in flight
         }
@@ -673,7 +670,7 @@ impl Consumer {
             st.waiting.entry(key).or_default().push_back(job);
             return;
         }
-        self.start(job, st, tx);
+        st.ready.push(job);
     }
 
     /// Verifies the message's `_token` and moves its claims into `sender`. The token itself is not
@@ -696,8 +693,57 @@ impl Consumer {
         msg.fields.get(field).map(<[u8]>::to_vec)
     }
 
+    /// Starts every ready job: batch-capable handlers get their messages in one hand-off (per handler),
+    /// the others one task per message.
+    fn launch(&self, st: &mut State, tx: &mpsc::UnboundedSender<Vec<Done>>) {
+        if st.ready.is_empty() {
+            return;
+        }
+        let mut batches: Vec<(Arc<dyn Handler>, Vec<Message>)> = Vec::new();
+        for job in std::mem::take(&mut st.ready) {
+            if job.handler.batch().is_none() {
+                self.start(job, st, tx);
+                continue;
+            }
+            st.running += 1;
+            match batches
+                .iter_mut()
+                .find(|(h, _)| Arc::ptr_eq(h, &job.handler))
+            {
+                Some((_, msgs)) => msgs.push(job.msg),
+                None => batches.push((job.handler, vec![job.msg])),
+            }
+        }
+        for (handler, msgs) in batches {
+            let name: Arc<str> = handler.name().into();
+            let duration = st.meters.duration(&name);
+            let client = self.client.clone();
+            let max = u64::from(self.cfg.max_deliveries);
+            let tx = tx.clone();
+            let done: super::handler::BatchDone = Arc::new(move |results| {
+                let batch = results
+                    .into_iter()
+                    .map(|(msg, outcome, took): super::handler::Handled| {
+                        duration.observe(took.as_secs_f64());
+                        let effect = decide(outcome, &msg, max, &client);
+                        Done {
+                            msg,
+                            effect,
+                            handler: name.clone(),
+                        }
+                    })
+                    .collect();
+                let _ = tx.send(batch);
+            });
+            handler
+                .batch()
+                .expect("checked above")
+                .run_batch(msgs, done);
+        }
+    }
+
     /// Runs the handler on its own task, with the deadline, and with panics contained.
-    fn start(&self, job: Job, st: &mut State, tx: &mpsc::UnboundedSender<Done>) {
+    fn start(&self, job: Job, st: &mut State, tx: &mpsc::UnboundedSender<Vec<Done>>) {
         st.running += 1;
         let Job { msg, handler } = job;
         let name: Arc<str> = handler.name().into();
@@ -729,22 +775,22 @@ impl Consumer {
                 };
                 let effect = decide(outcome, &msg, max, &client);
                 // The loop outlives its handler tasks except at an immediate exit, when this is moot.
-                let _ = tx.send(Done {
+                let _ = tx.send(vec![Done {
                     msg,
                     effect,
                     handler: handler.name().into(),
-                });
+                }]);
             }
             .instrument(span),
         );
     }
 
     /// Takes a finished handler's result into the commit queue and lets the next message of its key run.
-    fn finish(&self, done: Done, st: &mut State, tx: &mpsc::UnboundedSender<Done>) {
+    fn finish(&self, done: Done, st: &mut State) {
         st.running -= 1;
         if let Some(key) = self.order_key(&done.msg) {
             match st.waiting.get_mut(&key).and_then(VecDeque::pop_front) {
-                Some(next) => self.start(next, st, tx),
+                Some(next) => st.ready.push(next),
                 None => {
                     st.waiting.remove(&key);
                     st.busy.remove(&key);

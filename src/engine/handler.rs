@@ -52,6 +52,24 @@ pub trait Handler: Send + Sync + 'static {
     /// The name used in logs, metrics and `_dlq_handler`.
     fn name(&self) -> &str;
     fn handle<'a>(&'a self, msg: &'a Message) -> BoxFuture<'a, Outcome>;
+
+    /// Handlers whose calls run on worker threads can take many messages in one hand-off. Without
+    /// this, messages are handed over one by one through [`Handler::handle`].
+    fn batch(&self) -> Option<&dyn BatchHandler> {
+        None
+    }
+}
+
+/// One message's result from a batch: the message (handed back), its outcome, and the call's duration.
+pub type Handled = (Message, Outcome, std::time::Duration);
+
+/// Where a batch's results go, called from worker threads, possibly several times (once per chunk).
+pub type BatchDone = Arc<dyn Fn(Vec<Handled>) + Send + Sync>;
+
+/// A handler taking batches: it calls every message with its own deadline and reports the results
+/// through `done`, in one or more chunks, each message exactly once.
+pub trait BatchHandler: Send + Sync {
+    fn run_batch(&self, msgs: Vec<Message>, done: BatchDone);
 }
 
 /// `drop`: acknowledge and do nothing — for streams whose messages only need consuming.

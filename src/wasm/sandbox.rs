@@ -18,6 +18,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::redstream::handler::{host, types};
 use super::output::Capture;
 use crate::auth::{Identity, Op, Roles};
+
 use crate::engine::handler::{Outcome, Reply};
 use crate::envelope::Fields;
 use crate::naming::Naming;
@@ -280,6 +281,85 @@ pub fn escape(bytes: &[u8], max: usize) -> String {
         out.push('…');
     }
     out
+}
+
+/// What a message keeps while its fields are lent to the guest.
+pub struct Lent {
+    stream: Arc<str>,
+    deliveries: u64,
+    sender: Option<Arc<Identity>>,
+}
+
+/// Moves a message into its WIT form without copying its fields; [`give_back`] restores it. Fails
+/// (handing the message back) when a field name is not UTF-8.
+pub fn lend(
+    msg: crate::engine::handler::Message,
+) -> Result<(types::Message, Lent), (crate::engine::handler::Message, String)> {
+    let crate::engine::handler::Message {
+        stream,
+        id,
+        fields,
+        deliveries,
+        sender,
+    } = msg;
+    let bad = fields
+        .iter()
+        .find(|(n, _)| std::str::from_utf8(n).is_err())
+        .map(|(n, _)| String::from_utf8_lossy(n).into_owned());
+    if let Some(name) = bad {
+        let reason = format!("malformed message: field name {name:?} is not UTF-8");
+        return Err((
+            crate::engine::handler::Message {
+                stream,
+                id,
+                fields,
+                deliveries,
+                sender,
+            },
+            reason,
+        ));
+    }
+    let trace_id = fields.get_str(crate::envelope::TRACE_ID).map(str::to_owned);
+    let wit_fields = fields
+        .into_vec()
+        .into_iter()
+        .map(|(n, v)| (String::from_utf8(n).expect("checked above"), v))
+        .collect();
+    let wit = types::Message {
+        stream: stream.to_string(),
+        id,
+        fields: wit_fields,
+        delivery_count: u32::try_from(deliveries).unwrap_or(u32::MAX),
+        trace_id,
+        sender: sender.as_deref().map(|s| types::Sender {
+            subject: s.subject.clone(),
+            roles: s.roles.to_strings(),
+        }),
+    };
+    Ok((
+        wit,
+        Lent {
+            stream,
+            deliveries,
+            sender,
+        },
+    ))
+}
+
+/// The message back from its WIT form.
+pub fn give_back(wit: types::Message, lent: Lent) -> crate::engine::handler::Message {
+    crate::engine::handler::Message {
+        stream: lent.stream,
+        id: wit.id,
+        fields: Fields::from(
+            wit.fields
+                .into_iter()
+                .map(|(n, v)| (n.into_bytes(), v))
+                .collect::<Vec<_>>(),
+        ),
+        deliveries: lent.deliveries,
+        sender: lent.sender,
+    }
 }
 
 /// The WIT view of a message. Field names must be UTF-8 (values may be anything).
