@@ -61,31 +61,58 @@ pub enum Committed {
 /// message: id, write count, then per write: key index, field count, name, value, …
 /// Returns one integer per message: 1 committed, 0 not ours, -1 a write the ACL forbids.
 ///
-/// A message with writes is committed only while it is pending for this consumer, and every write is
-/// checked against the ACL before any is made (scripts are atomic but not rolled back). A message
-/// without writes (a handler that published nothing, an entry that vanished) is simply acked, in one
-/// XACK for the batch: whoever commits it first decides its effects, and "none" is a complete set.
+/// A message with writes is committed only while it is pending for this consumer (one XPENDING over
+/// the batch's range answers that for all of them), and every write is checked against the ACL before
+/// any is made (scripts are atomic but not rolled back). A message without writes (a handler that
+/// published nothing, an entry that vanished) is simply acked: whoever commits it first decides its
+/// effects, and "none" is a complete set. All acks of the batch go in one XACK.
 pub const SOURCE: &str = r#"
 local src, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local n = tonumber(ARGV[3])
-local i = 4
-local out = {}
-local plain = {}
+-- First pass: which messages write, and the id range they span.
+local i, lo, hi = 4, nil, nil
+local writers = 0
+for m = 1, n do
+  local id, writes = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  if writes > 0 then
+    writers = writers + 1
+    if lo == nil then lo = id end
+    hi = id
+  end
+  for w = 1, writes do
+    i = i + 2 + 2 * tonumber(ARGV[i + 1])
+  end
+end
+-- This consumer's pending entries in that range, in one XPENDING.
+local mine = {}
+if writers > 0 then
+  for _, p in ipairs(redis.call('XPENDING', src, group, lo, hi, writers * 2 + 16, consumer)) do
+    mine[p[1]] = true
+  end
+end
+local allowed = {}
+local function may_write(key)
+  local ok = allowed[key]
+  if ok == nil then
+    ok = redis.acl_check_cmd('XADD', key, '*', 'f', 'v') and true or false
+    allowed[key] = ok
+  end
+  return ok
+end
+-- Second pass: write and collect what to ack.
+local out, ack = {}, {}
+i = 4
 for m = 1, n do
   local id, writes = ARGV[i], tonumber(ARGV[i + 1])
   local first = i + 2
-  if writes == 0 then
-    plain[#plain + 1] = id
-    out[m] = 1
-    i = first
-  else
-    local p = redis.call('XPENDING', src, group, id, id, 1)
-    local verdict = 0
-    if #p == 1 and p[1][2] == consumer then verdict = 1 end
+  local verdict = 1
+  if writes > 0 then
+    verdict = mine[id] and 1 or 0
     i = first
     for w = 1, writes do
       local key, nf = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1])
-      if verdict == 1 and not redis.acl_check_cmd('XADD', key, '*', 'f', 'v') then verdict = -1 end
+      if verdict == 1 and not may_write(key) then verdict = -1 end
       i = i + 2 + 2 * nf
     end
     if verdict == 1 then
@@ -93,18 +120,20 @@ for m = 1, n do
       for w = 1, writes do
         local key, nf = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1])
         i = i + 2
-        local args = {key, '*'}
-        for f = i, i + 2 * nf - 1 do args[#args + 1] = ARGV[f] end
-        redis.call('XADD', unpack(args))
+        redis.call('XADD', key, '*', unpack(ARGV, i, i + 2 * nf - 1))
         i = i + 2 * nf
       end
-      redis.call('XACK', src, group, id)
     end
-    out[m] = verdict
   end
+  i = first
+  for w = 1, writes do
+    i = i + 2 + 2 * tonumber(ARGV[i + 1])
+  end
+  if verdict == 1 then ack[#ack + 1] = id end
+  out[m] = verdict
 end
-for c = 1, #plain, 1000 do
-  redis.call('XACK', src, group, unpack(plain, c, math.min(c + 999, #plain)))
+for c = 1, #ack, 1000 do
+  redis.call('XACK', src, group, unpack(ack, c, math.min(c + 999, #ack)))
 end
 return out
 "#;
@@ -115,7 +144,8 @@ pub fn script() -> redis::Script {
 }
 
 impl Committer {
-    /// The EVALSHA command committing `batch`, in order. `sha` is [`script`]'s hash.
+    /// The EVALSHA command committing `batch`, in order. `sha` is [`script`]'s hash. Messages that write
+    /// (replies or a dead letter) must be in stream-id order: the script checks ownership over their range.
     pub fn command(&self, sha: &str, batch: &[Finished]) -> Cmd {
         // Keys must precede arguments, so collect the streams written first.
         let mut keys: Vec<&str> = vec![&self.stream];
