@@ -881,12 +881,7 @@ fn take_sorted(finished: &mut Vec<Finished>) -> Vec<Finished> {
     let mut batch = std::mem::take(finished);
     // The commit script checks ownership over the id range of the messages that write: they must be
     // in order (and replies are then written in source order too).
-    let writes = |f: &Finished| match &f.effect {
-        Effect::Replies(r) => !r.is_empty(),
-        Effect::DeadLetter(_) => true,
-        Effect::Vanished => false,
-    };
-    if batch.iter().any(writes) {
+    if batch.iter().any(commit::writes) {
         batch.sort_by_cached_key(|f| parse_id(&f.msg.id));
     }
     batch
