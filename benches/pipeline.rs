@@ -193,9 +193,23 @@ struct Daemon {
 
 impl Daemon {
     fn start(server: &Server, handler: &Path, mode: &str, reuse: bool) -> Daemon {
+        Self::start_with(server, handler, mode, reuse, 0)
+    }
+
+    /// With `extra` more handlers loaded (and routed to nothing), to measure what handlers cost at rest.
+    fn start_with(server: &Server, handler: &Path, mode: &str, reuse: bool, extra: usize) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("bench.toml");
         let instance = if reuse { "reuse" } else { "fresh" };
+        let extra_handlers: String = (0..extra)
+            .map(|i| {
+                format!(
+                    "[[handlers]]\nname = \"extra{i}\"\nfile = \"{}\"\nroles = [\"task_write\"]\ninstance = \"reuse\"\n\
+                     config = {{ mode = \"noop\" }}\n",
+                    handler.display()
+                )
+            })
+            .collect();
         std::fs::write(
             &config,
             format!(
@@ -225,6 +239,7 @@ file = "{file}"
 roles = ["task_write"]
 instance = "{instance}"
 config = {{ mode = "{mode}", reply_to = "{OUT}" }}
+{extra_handlers}
 [[consumers]]
 stream = "{STREAM}"
 group = "{GROUP}"
@@ -516,6 +531,64 @@ fn raw_latency(server: &Server, rate: u64, secs: u64) -> (f64, f64) {
     percentiles(reader.join().unwrap())
 }
 
+/// Resident memory (VmRSS) of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// RSS of a daemon with 8 handlers loaded, after it handled a first batch.
+fn rss_with_8_handlers(server: &Server, handler: &Path) -> u64 {
+    server.preload(10_000);
+    let d = Daemon::start_with(server, handler, "noop", true, 7);
+    let mut c = server.conn();
+    while server.progress(&mut c) != (10_000, 0) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = rss(d.pid());
+    d.stop();
+    r
+}
+
+/// RSS after 1/10 of `n` messages and after all of them, streamed through the daemon (reused no-op).
+fn soak(server: &Server, handler: &Path, n: u64) -> (u64, u64, f64) {
+    server.preload(0);
+    let d = Daemon::start(server, handler, "noop", true);
+    let mut c = server.conn();
+    let mut published = 0u64;
+    let mut early = 0;
+    let started = Instant::now();
+    let payload = format!(r#"{{"id":"t","title":"soak task {}","status":"open","revision":1}}"#, "x".repeat(90));
+    while published < n {
+        // Keep the backlog bounded: publish a batch only when the daemon has caught up.
+        let (read, _) = server.progress(&mut c);
+        if published - read > 50_000 {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        for _ in 0..5_000 {
+            pipe.cmd("XADD").arg(STREAM).arg("MAXLEN").arg("~").arg(200_000).arg("*").arg("type").arg("task_snapshot").arg("task").arg(&payload).ignore();
+        }
+        let _: () = pipe.query(&mut c).unwrap();
+        published += 5_000;
+        if early == 0 && read >= n / 10 {
+            early = rss(d.pid());
+        }
+    }
+    while server.progress(&mut c).0 < n {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let late = rss(d.pid());
+    d.stop();
+    (early, late, rate)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -563,6 +636,10 @@ fn main() {
             samples.entry(case).or_default().push(s);
         }
     }
+    let soak_n: u64 = env_or("BENCH_SOAK_N", 10_000_000);
+    eprintln!("memory: 8 handlers loaded; then {soak_n} messages streamed through");
+    let rss8 = rss_with_8_handlers(&server, &handler);
+    let (rss_early, rss_late, soak_rate) = soak(&server, &handler, soak_n);
     eprintln!("latency: {lat_rate} msg/s for {lat_secs} s, daemon and raw loop");
     let (d50, d99) = daemon_latency(&server, &handler, lat_rate, lat_secs);
     let (r50, r99) = raw_latency(&server, lat_rate, lat_secs);
@@ -592,6 +669,17 @@ fn main() {
     println!("| daemon (XADD → handler) | {d50:.2} | {d99:.2} |");
     println!("| raw redis-rs loop (XADD → read) | {r50:.2} | {r99:.2} |");
     println!();
+    println!("| memory | MiB |");
+    println!("|---|---:|");
+    println!("| daemon RSS with 8 handlers loaded | {:.1} |", rss8 as f64 / 1048576.0);
+    println!("| daemon RSS after {} messages | {:.1} |", soak_n / 10, rss_early as f64 / 1048576.0);
+    println!("| daemon RSS after {soak_n} messages ({soak_rate:.0} msg/s) | {:.1} |", rss_late as f64 / 1048576.0);
+    println!();
+    println!(
+        "RSS with 8 handlers {:.1} MiB (≤ 64); RSS drift over the soak {:+.1}% (within ±10%)",
+        rss8 as f64 / 1048576.0,
+        (rss_late as f64 / rss_early.max(1) as f64 - 1.0) * 100.0
+    );
     println!(
         "targets: c/a {:.2} (≥ 1.10), b/a {:.2} (≥ 0.50), d/e {:.2} (≥ 0.80), p99 {:.2} ms vs raw {:.2} + 1 ms",
         rate("c") / rate("a"),
