@@ -172,14 +172,19 @@ fn cpu_us(pid: u32) -> u64 {
     ticks * 10_000 // USER_HZ = 100
 }
 
-/// Peak resident memory (VmHWM) of a process, in bytes.
-fn peak_rss(pid: u32) -> u64 {
+/// A memory figure (`VmHWM:`, `VmRSS:` …) of a process from /proc, in bytes.
+fn proc_memory(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Peak resident memory (VmHWM) of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    proc_memory(pid, "VmHWM:")
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -197,7 +202,13 @@ impl Daemon {
     }
 
     /// With `extra` more handlers loaded (and routed to nothing), to measure what handlers cost at rest.
-    fn start_with(server: &Server, handler: &Path, mode: &str, reuse: bool, extra: usize) -> Daemon {
+    fn start_with(
+        server: &Server,
+        handler: &Path,
+        mode: &str,
+        reuse: bool,
+        extra: usize,
+    ) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("bench.toml");
         let instance = if reuse { "reuse" } else { "fresh" };
@@ -533,12 +544,7 @@ fn raw_latency(server: &Server, rate: u64, secs: u64) -> (f64, f64) {
 
 /// Resident memory (VmRSS) of a process, in bytes.
 fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    proc_memory(pid, "VmRSS:")
 }
 
 /// RSS of a daemon with 8 handlers loaded, after it handled a first batch.
@@ -562,7 +568,10 @@ fn soak(server: &Server, handler: &Path, n: u64) -> (u64, u64, f64) {
     let mut published = 0u64;
     let mut early = 0;
     let started = Instant::now();
-    let payload = format!(r#"{{"id":"t","title":"soak task {}","status":"open","revision":1}}"#, "x".repeat(90));
+    let payload = format!(
+        r#"{{"id":"t","title":"soak task {}","status":"open","revision":1}}"#,
+        "x".repeat(90)
+    );
     while published < n {
         // Keep the backlog bounded: publish a batch only when the daemon has caught up.
         let (read, _) = server.progress(&mut c);
@@ -572,7 +581,17 @@ fn soak(server: &Server, handler: &Path, n: u64) -> (u64, u64, f64) {
         }
         let mut pipe = redis::pipe();
         for _ in 0..5_000 {
-            pipe.cmd("XADD").arg(STREAM).arg("MAXLEN").arg("~").arg(200_000).arg("*").arg("type").arg("task_snapshot").arg("task").arg(&payload).ignore();
+            pipe.cmd("XADD")
+                .arg(STREAM)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(200_000)
+                .arg("*")
+                .arg("type")
+                .arg("task_snapshot")
+                .arg("task")
+                .arg(&payload)
+                .ignore();
         }
         let _: () = pipe.query(&mut c).unwrap();
         published += 5_000;
@@ -671,9 +690,19 @@ fn main() {
     println!();
     println!("| memory | MiB |");
     println!("|---|---:|");
-    println!("| daemon RSS with 8 handlers loaded | {:.1} |", rss8 as f64 / 1048576.0);
-    println!("| daemon RSS after {} messages | {:.1} |", soak_n / 10, rss_early as f64 / 1048576.0);
-    println!("| daemon RSS after {soak_n} messages ({soak_rate:.0} msg/s) | {:.1} |", rss_late as f64 / 1048576.0);
+    println!(
+        "| daemon RSS with 8 handlers loaded | {:.1} |",
+        rss8 as f64 / 1048576.0
+    );
+    println!(
+        "| daemon RSS after {} messages | {:.1} |",
+        soak_n / 10,
+        rss_early as f64 / 1048576.0
+    );
+    println!(
+        "| daemon RSS after {soak_n} messages ({soak_rate:.0} msg/s) | {:.1} |",
+        rss_late as f64 / 1048576.0
+    );
     println!();
     println!(
         "RSS with 8 handlers {:.1} MiB (≤ 64); RSS drift over the soak {:+.1}% (within ±10%)",

@@ -279,29 +279,27 @@ impl Redis {
     /// Runs one command and returns the raw reply, for callers that decode it themselves.
     pub async fn query_value(&self, cmd: &Cmd, ctx: Ctx<'_>) -> Result<Value> {
         let mut conn = self.manager.clone();
-        // The connection's own response timeout covers a sent command; this outer bound also covers
-        // waiting for a reconnect in progress.
-        let limit = self.response_timeout + self.shared.settings.connect_timeout;
-        let started = std::time::Instant::now();
-        let result = tokio::time::timeout(limit, cmd.query_async::<Value>(&mut conn)).await;
-        observe(ctx.command, started);
-        match result {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.classify(e, ctx)),
-            Err(_) => Err(Error::Timeout {
-                command: ctx.command,
-                key: ctx.key.to_owned(),
-                after: limit,
-            }),
-        }
+        self.timed(ctx, cmd.query_async::<Value>(&mut conn)).await
     }
 
     /// Runs a pipeline (or MULTI/EXEC transaction) and returns one reply per command.
     pub async fn query_pipe(&self, pipe: &Pipeline, ctx: Ctx<'_>) -> Result<Vec<Value>> {
         let mut conn = self.manager.clone();
+        self.timed(ctx, pipe.query_async::<Vec<Value>>(&mut conn))
+            .await
+    }
+
+    /// Awaits one round trip with the outer time bound, records its latency, classifies its error.
+    async fn timed<T>(
+        &self,
+        ctx: Ctx<'_>,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        // The connection's own response timeout covers a sent command; this outer bound also covers
+        // waiting for a reconnect in progress.
         let limit = self.response_timeout + self.shared.settings.connect_timeout;
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(limit, pipe.query_async::<Vec<Value>>(&mut conn)).await;
+        let result = tokio::time::timeout(limit, call).await;
         observe(ctx.command, started);
         match result {
             Ok(Ok(v)) => Ok(v),

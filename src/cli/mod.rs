@@ -326,15 +326,9 @@ pub fn main() -> ExitCode {
             }
         };
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("redstream: cannot start the async runtime: {e}");
-            return ExitCode::from(Exit::Failure as u8);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -372,15 +366,9 @@ fn daemon(config: Option<&std::path::Path>) -> ExitCode {
             return ExitCode::from(Exit::Config as u8);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("redstream: cannot start the async runtime: {e}");
-            return ExitCode::from(Exit::Failure as u8);
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(crate::engine::run(settings, prepared));
     // Handler tasks still running after a forced stop are abandoned, not awaited.
@@ -398,6 +386,14 @@ fn daemon(config: Option<&std::path::Path>) -> ExitCode {
         }
     };
     ExitCode::from(exit as u8)
+}
+
+/// Builds an async runtime, or says why not.
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("redstream: cannot start the async runtime: {e}");
+        ExitCode::from(Exit::Failure as u8)
+    })
 }
 
 /// Logs to stderr at `default` (a level or filter); `RUST_LOG` overrides it. No colour unless stderr
