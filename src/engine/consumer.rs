@@ -98,8 +98,9 @@ type RoundResult = (GroupReader, Result<(Round, HashMap<String, u64>), Error>);
 /// The loop's bookkeeping.
 struct State {
     limit: usize,
-    /// Ids delivered to us and not yet committed or released: running, queued, finished, or committing.
-    in_flight: HashSet<String>,
+    /// Ids delivered to us (parsed) and not yet committed or released: running, queued, finished, or
+    /// committing.
+    in_flight: HashSet<(u64, u64)>,
     running: usize,
     /// order_by keys with a message running, and the messages waiting behind each.
     busy: HashSet<Vec<u8>>,
@@ -125,6 +126,7 @@ struct Meters {
     stream: String,
     group: String,
     counters: HashMap<(Arc<str>, &'static str), Counter>,
+    last: Option<(Arc<str>, &'static str, Counter)>,
     durations: HashMap<Arc<str>, Histogram>,
     dead_lettered: Counter,
 }
@@ -139,6 +141,7 @@ impl Meters {
             stream: stream.to_owned(),
             group: group.to_owned(),
             counters: HashMap::new(),
+            last: None,
             durations: HashMap::new(),
             dead_lettered: metrics::global()
                 .dead_lettered
@@ -148,8 +151,17 @@ impl Meters {
     }
 
     fn count(&mut self, handler: &Arc<str>, outcome: &'static str) {
+        // Batches are mostly one handler and one outcome: skip the map for a repeat.
+        if let Some((h, o, c)) = &self.last
+            && Arc::ptr_eq(h, handler)
+            && *o == outcome
+        {
+            c.inc();
+            return;
+        }
         let (stream, group) = (&self.stream, &self.group);
-        self.counters
+        let counter = self
+            .counters
             .entry((handler.clone(), outcome))
             .or_insert_with(|| {
                 let labels = MessageLabels {
@@ -160,7 +172,9 @@ impl Meters {
                 };
                 metrics::global().messages.get_or_create(&labels).clone()
             })
-            .inc();
+            .clone();
+        counter.inc();
+        self.last = Some((handler.clone(), outcome, counter));
     }
 
     fn duration(&mut self, handler: &Arc<str>) -> Histogram {
@@ -315,7 +329,7 @@ impl Consumer {
                     // Queued messages never started: release them; they stay pending for the next start.
                     for (_, q) in st.waiting.drain() {
                         for job in q {
-                            st.in_flight.remove(&job.msg.id);
+                            st.in_flight.remove(&parse_id(&job.msg.id));
                         }
                     }
                     info!(running = st.running, "draining: reads stopped, finishing messages in flight");
@@ -516,7 +530,7 @@ impl Consumer {
                     error!(message_id = %id, handler = %f.handler, outcome = "denied", "Redis's ACL refused a write of this commit; the entry stays pending");
                 }
             }
-            st.in_flight.remove(id);
+            st.in_flight.remove(&parse_id(id));
         }
         Ok(true)
     }
@@ -539,7 +553,7 @@ impl Consumer {
                 }
                 // Entries deleted while pending come back with no fields: ack them, never dispatch them.
                 for id in got.deleted {
-                    if st.in_flight.insert(id.clone()) {
+                    if st.in_flight.insert(parse_id(&id)) {
                         st.finished.push(Finished {
                             msg: self.message(id, Default::default(), 0),
                             effect: Effect::Vanished,
@@ -594,7 +608,7 @@ impl Consumer {
             let fresh: Vec<Entry> = got
                 .entries
                 .into_iter()
-                .filter(|e| !st.in_flight.contains(&e.id))
+                .filter(|e| !st.in_flight.contains(&parse_id(&e.id)))
                 .collect();
             if !fresh.is_empty() {
                 let counts = pending_counts(&self.client, c, &fresh).await?;
@@ -624,7 +638,7 @@ impl Consumer {
     /// Takes a delivered entry into flight: dead-letter it if it was delivered too often, route it,
     /// check its sender token if its route wants one, queue it behind its order_by key, or start it.
     fn dispatch(&self, entry: Entry, deliveries: u64, st: &mut State) {
-        if !st.in_flight.insert(entry.id.clone()) {
+        if !st.in_flight.insert(parse_id(&entry.id)) {
             return; // already ours and in flight
         }
         let mut msg = self.message(entry.id, entry.fields, deliveries);
@@ -806,7 +820,7 @@ impl Consumer {
             None => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 st.meters.count(&done.handler, "retry");
-                st.in_flight.remove(&done.msg.id);
+                st.in_flight.remove(&parse_id(&done.msg.id));
             }
         }
     }
