@@ -1,7 +1,8 @@
 //! The side-by-side benchmark: RedStream against the redis-rs loops a user could write by hand, in one
 //! run, against a private redis-server this benchmark starts and stops itself.
 //!
-//!   scripts/bench            (or: cargo bench --bench pipeline; BENCH_N, BENCH_REPEATS, BENCH_LAT_SECS)
+//!   scripts/bench            (or: cargo bench --bench pipeline; BENCH_N, BENCH_REPEATS, BENCH_LAT_SECS,
+//!                             BENCH_CASES=cd to measure only those cases)
 //!
 //! Cases, interleaved and repeated so machine noise hits all of them; medians are reported:
 //!   a  raw redis-rs loop: XREADGROUP COUNT 500, then one XACK per batch
@@ -83,6 +84,10 @@ impl Server {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("redis-server did not start");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn url(&self) -> String {
@@ -335,6 +340,8 @@ block = "1s"
 struct Sample {
     rate: f64,
     cpu_us_per_msg: f64,
+    /// redis-server's CPU per message in the same drain: what the consumer costs the server.
+    redis_us_per_msg: f64,
     rss: u64,
 }
 
@@ -343,7 +350,7 @@ fn daemon_drain(server: &Server, handler: &Path, mode: &str, reuse: bool, n: usi
     server.preload(n);
     let mut c = server.conn();
     let d = Daemon::start(server, handler, mode, reuse);
-    let (cpu0, t0) = (cpu_us(d.pid()), Instant::now());
+    let (cpu0, redis0, t0) = (cpu_us(d.pid()), cpu_us(server.pid()), Instant::now());
     loop {
         let (read, pending) = server.progress(&mut c);
         if read >= n as u64 && pending == 0 {
@@ -355,6 +362,7 @@ fn daemon_drain(server: &Server, handler: &Path, mode: &str, reuse: bool, n: usi
     let sample = Sample {
         rate: n as f64 / elapsed.as_secs_f64(),
         cpu_us_per_msg: (cpu_us(d.pid()) - cpu0) as f64 / n as f64,
+        redis_us_per_msg: (cpu_us(server.pid()) - redis0) as f64 / n as f64,
         rss: peak_rss(d.pid()),
     };
     if mode == "echo" {
@@ -373,7 +381,7 @@ fn raw_drain(server: &Server, echo: bool, n: usize) -> Sample {
     server.preload(n);
     let mut c = server.conn();
     let me = std::process::id();
-    let (cpu0, t0) = (cpu_us(me), Instant::now());
+    let (cpu0, redis0, t0) = (cpu_us(me), cpu_us(server.pid()), Instant::now());
     let opts = redis::streams::StreamReadOptions::default()
         .group(GROUP, "raw")
         .count(500);
@@ -419,6 +427,7 @@ fn raw_drain(server: &Server, echo: bool, n: usize) -> Sample {
     Sample {
         rate: n as f64 / elapsed.as_secs_f64(),
         cpu_us_per_msg: (cpu_us(me) - cpu0) as f64 / n as f64,
+        redis_us_per_msg: (cpu_us(server.pid()) - redis0) as f64 / n as f64,
         rss: peak_rss(me),
     }
 }
@@ -635,12 +644,19 @@ fn main() {
         ("d", "daemon, echo handler (reply + ack, atomic)"),
         ("e", "raw redis-rs echo: XADD per message + XACK, pipelined"),
     ];
+    // BENCH_CASES (e.g. "ce") measures only those cases and skips memory and latency: for iterating.
+    let only: String = env_or("BENCH_CASES", String::new());
+    let partial = !only.is_empty();
+    let cases: Vec<(&str, &str)> = cases
+        .into_iter()
+        .filter(|(c, _)| !partial || only.contains(c))
+        .collect();
     let mut samples: HashMap<&str, Vec<Sample>> = HashMap::new();
     eprintln!(
         "benchmark: {n} messages of ~200 bytes per case, {repeats} rounds, cases interleaved"
     );
     for round in 0..repeats {
-        for (case, _) in cases {
+        for &(case, _) in &cases {
             let s = match case {
                 "a" => raw_drain(&server, false, n),
                 "b" => daemon_drain(&server, &handler, "noop", false, n),
@@ -649,11 +665,38 @@ fn main() {
                 _ => raw_drain(&server, true, n),
             };
             eprintln!(
-                "round {round} case {case}: {:.0} msg/s, {:.2} µs CPU/msg",
-                s.rate, s.cpu_us_per_msg
+                "round {round} case {case}: {:.0} msg/s, {:.2} µs CPU/msg, redis {:.2} µs CPU/msg",
+                s.rate, s.cpu_us_per_msg, s.redis_us_per_msg
             );
             samples.entry(case).or_default().push(s);
         }
+    }
+    let med = |case: &str, f: fn(&Sample) -> f64| median(samples[case].iter().map(f).collect());
+    let rate = |case: &str| med(case, |s| s.rate);
+    println!();
+    println!(
+        "| case | what | msgs/s | ratio | CPU µs/msg | redis-server CPU µs/msg | peak RSS MiB |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for &(case, what) in &cases {
+        let base = if case == "d" { "e" } else { "a" };
+        let ratio = if case == "a" || case == "e" {
+            "1.00 (base)".to_string()
+        } else if samples.contains_key(base) {
+            format!("{:.2}", rate(case) / rate(base))
+        } else {
+            "—".to_string()
+        };
+        println!(
+            "| {case} | {what} | {:.0} | {ratio} | {:.2} | {:.2} | {:.1} |",
+            rate(case),
+            med(case, |s| s.cpu_us_per_msg),
+            med(case, |s| s.redis_us_per_msg),
+            med(case, |s| s.rss as f64) / (1024.0 * 1024.0)
+        );
+    }
+    if partial {
+        return;
     }
     let soak_n: u64 = env_or("BENCH_SOAK_N", 10_000_000);
     eprintln!("memory: 8 handlers loaded; then {soak_n} messages streamed through");
@@ -662,26 +705,6 @@ fn main() {
     eprintln!("latency: {lat_rate} msg/s for {lat_secs} s, daemon and raw loop");
     let (d50, d99) = daemon_latency(&server, &handler, lat_rate, lat_secs);
     let (r50, r99) = raw_latency(&server, lat_rate, lat_secs);
-
-    let med = |case: &str, f: fn(&Sample) -> f64| median(samples[case].iter().map(f).collect());
-    let rate = |case: &str| med(case, |s| s.rate);
-    println!();
-    println!("| case | what | msgs/s | ratio | CPU µs/msg | peak RSS MiB |");
-    println!("|---|---|---:|---:|---:|---:|");
-    for (case, what) in cases {
-        let base = if case == "d" { rate("e") } else { rate("a") };
-        let ratio = if case == "a" || case == "e" {
-            "1.00 (base)".to_string()
-        } else {
-            format!("{:.2}", rate(case) / base)
-        };
-        println!(
-            "| {case} | {what} | {:.0} | {ratio} | {:.2} | {:.1} |",
-            rate(case),
-            med(case, |s| s.cpu_us_per_msg),
-            med(case, |s| s.rss as f64) / (1024.0 * 1024.0)
-        );
-    }
     println!();
     println!("| latency at {lat_rate} msg/s, {lat_secs} s | p50 ms | p99 ms |");
     println!("|---|---:|---:|");

@@ -558,7 +558,7 @@ impl GroupReader {
     /// in one pipeline on this reader's connection; each has its own result.
     pub async fn round(
         &mut self,
-        before: Option<&Cmd>,
+        before: Option<Cmd>,
         from: ReadFrom<'_>,
         count: u64,
         block: Option<Duration>,
@@ -588,9 +588,7 @@ impl GroupReader {
             return Ok(Round { before: None, read });
         };
         let mut pipe = redis::pipe();
-        pipe.ignore_errors()
-            .add_command(before.clone())
-            .add_command(cmd);
+        pipe.ignore_errors().add_command(before).add_command(cmd);
         let mut replies = self.redis.query_pipe(&pipe, ctx).await?.into_iter();
         let (Some(first), Some(second)) = (replies.next(), replies.next()) else {
             return Err(protocol(

@@ -57,8 +57,13 @@ pub enum Committed {
     Denied,
 }
 
-/// KEYS[1] source stream, KEYS[2..] streams written. ARGV: group, consumer, message count, then per
-/// message: id, write count, then per write: key index, field count, name, value, …
+/// KEYS[1] source stream, KEYS[2..] streams written. ARGV: group, consumer, message count, layout,
+/// first and last id of the messages that write, XPENDING count, `_timestamp`, `_source`; then per
+/// message its id followed by the field names and values of each of its writes.
+/// The layout says how those arguments divide, two bytes per number (big-endian), so the script never
+/// parses numbers from text: per message its write count, then per write the key index, the number
+/// of field pairs, and one byte: 1 if the script puts `_timestamp` and `_source` first (replies), 0
+/// if the fields are complete (dead letters). The envelope values shared by the batch travel once.
 /// Returns one integer per message: 1 committed, 0 not ours, -1 a write the ACL forbids.
 ///
 /// A message with writes is committed only while it is pending for this consumer (one XPENDING over
@@ -68,26 +73,17 @@ pub enum Committed {
 /// effects, and "none" is a complete set. All acks of the batch go in one XACK.
 pub const SOURCE: &str = r#"
 local src, group, consumer = KEYS[1], ARGV[1], ARGV[2]
-local n = tonumber(ARGV[3])
--- First pass: which messages write, and the id range they span.
-local i, lo, hi = 4, nil, nil
-local writers = 0
-for m = 1, n do
-  local id, writes = ARGV[i], tonumber(ARGV[i + 1])
-  i = i + 2
-  if writes > 0 then
-    writers = writers + 1
-    if lo == nil then lo = id end
-    hi = id
-  end
-  for w = 1, writes do
-    i = i + 2 + 2 * tonumber(ARGV[i + 1])
-  end
+local n, layout = tonumber(ARGV[3]), ARGV[4]
+local ts, source = ARGV[8], ARGV[9]
+local byte = string.byte
+local function num(at)
+  local hi, lo = byte(layout, at, at + 1)
+  return hi * 256 + lo
 end
--- This consumer's pending entries in that range, in one XPENDING.
+-- This consumer's pending entries in the writers' range, in one XPENDING.
 local mine = {}
-if writers > 0 then
-  for _, p in ipairs(redis.call('XPENDING', src, group, lo, hi, writers * 2 + 16, consumer)) do
+if ARGV[5] ~= '' then
+  for _, p in ipairs(redis.call('XPENDING', src, group, ARGV[5], ARGV[6], ARGV[7], consumer)) do
     mine[p[1]] = true
   end
 end
@@ -100,34 +96,32 @@ local function may_write(key)
   end
   return ok
 end
--- Second pass: write and collect what to ack.
 local out, ack = {}, {}
-i = 4
+local a, l = 10, 1
 for m = 1, n do
-  local id, writes = ARGV[i], tonumber(ARGV[i + 1])
-  local first = i + 2
+  local id = ARGV[a]
+  local writes = num(l)
+  a, l = a + 1, l + 2
   local verdict = 1
   if writes > 0 then
-    verdict = mine[id] and 1 or 0
-    i = first
-    for w = 1, writes do
-      local key, nf = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1])
-      if verdict == 1 and not may_write(key) then verdict = -1 end
-      i = i + 2 + 2 * nf
-    end
-    if verdict == 1 then
-      i = first
-      for w = 1, writes do
-        local key, nf = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1])
-        i = i + 2
-        redis.call('XADD', key, '*', unpack(ARGV, i, i + 2 * nf - 1))
-        i = i + 2 * nf
+    if not mine[id] then
+      verdict = 0
+    else
+      for w = 0, writes - 1 do
+        if not may_write(KEYS[num(l + 5 * w)]) then verdict = -1 end
       end
     end
-  end
-  i = first
-  for w = 1, writes do
-    i = i + 2 + 2 * tonumber(ARGV[i + 1])
+    for w = 1, writes do
+      local key, last = KEYS[num(l)], a + 2 * num(l + 2) - 1
+      if verdict == 1 then
+        if byte(layout, l + 4) == 1 then
+          redis.call('XADD', key, '*', '_timestamp', ts, '_source', source, unpack(ARGV, a, last))
+        else
+          redis.call('XADD', key, '*', unpack(ARGV, a, last))
+        end
+      end
+      a, l = last + 1, l + 5
+    end
   end
   if verdict == 1 then ack[#ack + 1] = id end
   out[m] = verdict
@@ -145,17 +139,20 @@ pub fn script() -> redis::Script {
 
 impl Committer {
     /// The EVALSHA command committing `batch`, in order. `sha` is [`script`]'s hash. Messages that write
-    /// (replies or a dead letter) must be in stream-id order: the script checks ownership over their range.
-    pub fn command(&self, sha: &str, batch: &[Finished]) -> Cmd {
+    /// (replies or a dead letter) must be in stream-id order: the script checks ownership over their
+    /// range. `in_flight` bounds how many of this consumer's entries that range may hold.
+    pub fn command(&self, sha: &str, batch: &[Finished], in_flight: usize) -> Cmd {
         // Nothing to write: a plain XACK is all it takes, and much cheaper for Redis than the script.
-        if batch.iter().all(|f| !writes(f)) {
+        let mut writers = batch.iter().filter(|f| writes(f));
+        let Some(first) = writers.next() else {
             let mut cmd = redis::cmd("XACK");
             cmd.arg(&*self.stream).arg(&self.group);
             for f in batch {
                 cmd.arg(&f.msg.id);
             }
             return cmd;
-        }
+        };
+        let last = writers.next_back().unwrap_or(first);
         // Keys must precede arguments, so collect the streams written first.
         let mut keys: Vec<&str> = vec![&self.stream];
         for f in batch {
@@ -172,59 +169,127 @@ impl Committer {
         }
         let index = |k: &str| keys.iter().position(|x| *x == k).map_or(1, |i| i + 1);
 
+        // The layout first (it precedes the per-message arguments), then the arguments.
+        let mut layout: Vec<u8> = Vec::with_capacity(batch.len() * 7);
+        for f in batch {
+            match &f.effect {
+                Effect::Replies(replies) => {
+                    put(&mut layout, replies.len());
+                    for r in replies {
+                        put(&mut layout, index(&r.stream));
+                        put(&mut layout, reply_pairs(r));
+                        layout.push(1);
+                    }
+                }
+                Effect::DeadLetter(_) => {
+                    put(&mut layout, 1);
+                    put(&mut layout, index(&self.dead_letter));
+                    put(&mut layout, dead_letter_fields(f, "", "").len() + 1);
+                    layout.push(0);
+                }
+                Effect::Vanished => put(&mut layout, 0),
+            }
+        }
+
         let now = envelope::now_ms().to_string();
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(sha).arg(keys.len()).arg(&keys);
-        cmd.arg(&self.group).arg(&self.consumer).arg(batch.len());
+        cmd.arg(&self.group)
+            .arg(&self.consumer)
+            .arg(batch.len())
+            .arg(layout)
+            .arg(&first.msg.id)
+            .arg(&last.msg.id)
+            .arg(in_flight + batch.len() + 16)
+            .arg(&now)
+            .arg(&self.source);
         for f in batch {
-            let writes: Vec<(usize, Fields)> = match &f.effect {
-                Effect::Replies(replies) => replies
-                    .iter()
-                    .map(|r| (index(&r.stream), self.stamp_reply(&f.msg, r, &now)))
-                    .collect(),
-                Effect::DeadLetter(reason) => {
-                    vec![(
-                        index(&self.dead_letter),
-                        self.dead_letter_fields(f, reason, &now),
-                    )]
+            cmd.arg(&f.msg.id);
+            match &f.effect {
+                Effect::Replies(replies) => {
+                    for r in replies {
+                        self.reply_args(&mut cmd, &f.msg, r);
+                    }
                 }
-                Effect::Vanished => Vec::new(),
-            };
-            cmd.arg(&f.msg.id).arg(writes.len());
-            for (i, fields) in &writes {
-                cmd.arg(*i).arg(fields.len());
-                for (name, value) in fields.iter() {
-                    cmd.arg(name).arg(value);
-                }
+                Effect::DeadLetter(reason) => self.dead_letter_args(&mut cmd, f, reason, &now),
+                Effect::Vanished => {}
             }
         }
         cmd
     }
 
-    fn stamp_reply(&self, msg: &Message, reply: &Reply, now: &str) -> Fields {
-        let mut fields = reply.fields.clone();
-        fields.set(envelope::TIMESTAMP, now);
-        fields.set(envelope::SOURCE, self.source.as_str());
-        if fields.get(envelope::TRACE_ID).is_none() {
-            match msg.fields.get(envelope::TRACE_ID) {
-                Some(t) => fields.set(envelope::TRACE_ID, t.to_vec()),
-                None => fields.set(envelope::TRACE_ID, envelope::new_trace_id()),
+    /// A reply's fields, minus the envelope the script and this add: `_trace_id` (the handler's, else
+    /// the source's, else a new one) and `_cause`. Writes [`reply_pairs`] pairs.
+    fn reply_args(&self, cmd: &mut Cmd, msg: &Message, reply: &Reply) {
+        let mut trace: Option<&[u8]> = None;
+        for (name, value) in reply.fields.iter() {
+            match envelope_field(name) {
+                Some(envelope::TRACE_ID) => trace = Some(value).filter(|v| !v.is_empty()),
+                Some(_) => {}
+                None => {
+                    cmd.arg(name).arg(value);
+                }
             }
         }
-        fields.set(envelope::CAUSE, format!("{}/{}", self.stream, msg.id));
-        fields
+        cmd.arg(envelope::TRACE_ID);
+        match trace.or_else(|| msg.fields.get(envelope::TRACE_ID).filter(|v| !v.is_empty())) {
+            Some(t) => cmd.arg(t),
+            None => cmd.arg(envelope::new_trace_id()),
+        };
+        cmd.arg(envelope::CAUSE)
+            .arg(format!("{}/{}", self.stream, msg.id));
     }
 
-    fn dead_letter_fields(&self, f: &Finished, reason: &str, now: &str) -> Fields {
-        let msg = &f.msg;
-        let mut fields = msg.fields.clone();
-        fields.set(dlq::REASON, reason);
-        fields.set(dlq::SOURCE, format!("{}/{}", self.stream, msg.id));
-        fields.set(dlq::DELIVERIES, msg.deliveries.to_string());
-        fields.set(dlq::HANDLER, f.handler.as_bytes().to_vec());
-        fields.set(dlq::TIMESTAMP, now);
-        fields
+    /// The dead-letter entry: the original fields and the `_dlq_*` record.
+    fn dead_letter_args(&self, cmd: &mut Cmd, f: &Finished, reason: &str, now: &str) {
+        let cause = format!("{}/{}", self.stream, f.msg.id);
+        for (name, value) in dead_letter_fields(f, reason, &cause).iter() {
+            cmd.arg(name).arg(value);
+        }
+        cmd.arg(dlq::TIMESTAMP).arg(now);
     }
+}
+
+/// Appends `n` to a layout as two big-endian bytes. (The limits on replies per message and fields per
+/// reply keep every count far below 65536.)
+fn put(layout: &mut Vec<u8>, n: usize) {
+    layout.extend_from_slice(&u16::try_from(n).unwrap_or(u16::MAX).to_be_bytes());
+}
+
+/// The envelope field `name` is, if it is one: the commit writes those itself.
+fn envelope_field(name: &[u8]) -> Option<&'static str> {
+    [
+        envelope::TIMESTAMP,
+        envelope::SOURCE,
+        envelope::TRACE_ID,
+        envelope::CAUSE,
+    ]
+    .into_iter()
+    .find(|e| e.as_bytes() == name)
+}
+
+/// How many field pairs [`Committer::reply_args`] writes for `reply`: its own fields without the
+/// envelope, then `_trace_id` and `_cause`.
+fn reply_pairs(reply: &Reply) -> usize {
+    reply
+        .fields
+        .iter()
+        .filter(|(n, _)| envelope_field(n).is_none())
+        .count()
+        + 2
+}
+
+/// A dead letter's fields but `_dlq_timestamp` (which the caller appends): the original fields and
+/// the `_dlq_*` record, with `cause` as `_dlq_source`. Counting them needs no real values.
+fn dead_letter_fields(f: &Finished, reason: &str, cause: &str) -> Fields {
+    let msg = &f.msg;
+    let mut fields = msg.fields.clone();
+    fields.set(dlq::REASON, reason);
+    fields.set(dlq::SOURCE, cause);
+    fields.set(dlq::DELIVERIES, msg.deliveries.to_string());
+    fields.set(dlq::HANDLER, f.handler.as_bytes().to_vec());
+    fields.remove(dlq::TIMESTAMP);
+    fields
 }
 
 /// Whether committing this message writes anything (replies or a dead letter).

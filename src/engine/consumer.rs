@@ -95,6 +95,9 @@ pub const TOKEN_FIELD: &str = "_token";
 /// What the round task hands back.
 type RoundResult = (GroupReader, Result<(Round, HashMap<String, u64>), Error>);
 
+/// What a commit task hands back: the script's reply.
+type CommitResult = Result<redis::Value, Error>;
+
 /// The loop's bookkeeping.
 struct State {
     limit: usize,
@@ -109,6 +112,8 @@ struct State {
     finished: Vec<Finished>,
     /// The batch travelling with the round in progress.
     in_round: Vec<Finished>,
+    /// The batch of the commit task in progress.
+    committing: Vec<Finished>,
     /// Routed and free to run: handed to the handlers at the top of the next turn.
     ready: Vec<Job>,
     /// While re-reading our own pending entries: the id to continue after.
@@ -215,6 +220,8 @@ impl Consumer {
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Done>>();
         let mut reader = Some(self.new_reader()?);
         let mut round: Option<JoinHandle<RoundResult>> = None;
+        let mut commit: Option<JoinHandle<CommitResult>> = None;
+        let mut commit_started: Option<Instant> = None;
         let mut st = State {
             limit: cfg.in_flight,
             in_flight: HashSet::new(),
@@ -223,6 +230,7 @@ impl Consumer {
             waiting: HashMap::new(),
             finished: Vec::new(),
             in_round: Vec::new(),
+            committing: Vec::new(),
             ready: Vec::new(),
             recover: Some("0".into()),
             last_new: "0".into(),
@@ -252,21 +260,23 @@ impl Consumer {
 
             // Commit now what cannot wait for the next round: the read is out (and may block), or no
             // round can start. (Before starting a round: a commit that frees room must be followed by
-            // one, or the loop would wait for an event that never comes.)
+            // one, or the loop would wait for an event that never comes.) The commit travels on its
+            // own task, so messages keep flowing to the handlers while Redis runs it; one at a time.
             if !st.finished.is_empty()
+                && commit.is_none()
                 && retry_at.is_none()
                 && (round.is_some() || draining || st.free() == 0)
             {
                 let batch = take_sorted(&mut st.finished);
-                let cmd = committer.command(&sha, &batch);
-                let result = self
-                    .client
-                    .redis()
-                    .query_value(&cmd, self.ctx("EVALSHA"))
-                    .await;
-                if !self.apply_commit(batch, result, &mut st).await? {
-                    retry_at = Some(Instant::now() + backoff.fail());
-                }
+                let cmd = committer.command(&sha, &batch, st.in_flight.len());
+                let client = self.client.clone();
+                let cfg = self.cfg.clone();
+                commit_started = Some(Instant::now());
+                st.committing = batch;
+                commit = Some(tokio::spawn(async move {
+                    let ctx = crate::conn::Ctx::new("EVALSHA", &cfg.stream).group(&cfg.group);
+                    client.redis().query_value(&cmd, ctx).await
+                }));
             }
 
             // Start the next round — read, with the commit of what finished — when there is room.
@@ -276,7 +286,8 @@ impl Consumer {
                     None => self.new_reader()?,
                 };
                 let batch = take_sorted(&mut st.finished);
-                let cmd = (!batch.is_empty()).then(|| committer.command(&sha, &batch));
+                let cmd = (!batch.is_empty())
+                    .then(|| committer.command(&sha, &batch, st.in_flight.len()));
                 st.in_round = batch;
                 let from = st.recover.clone();
                 let count = st.free().min(cfg.batch_size);
@@ -289,7 +300,7 @@ impl Consumer {
                 round_started = Some(Instant::now());
                 round = Some(tokio::spawn(async move {
                     let read_from = from.as_deref().map_or(ReadFrom::New, ReadFrom::Pending);
-                    let result = match r.round(cmd.as_ref(), read_from, count, block).await {
+                    let result = match r.round(cmd, read_from, count, block).await {
                         Ok(round) => deliveries(&client, &cfg, from.is_some(), &round)
                             .await
                             .map(|d| (round, d)),
@@ -299,7 +310,12 @@ impl Consumer {
                 }));
             }
 
-            if draining && st.running == 0 && st.finished.is_empty() && st.in_flight.is_empty() {
+            if draining
+                && st.running == 0
+                && commit.is_none()
+                && st.finished.is_empty()
+                && st.in_flight.is_empty()
+            {
                 return Ok(());
             }
 
@@ -307,7 +323,7 @@ impl Consumer {
                 Instant::now() + slack
             } else if let Some(t) = retry_at {
                 t + slack
-            } else if let Some(t) = round_started {
+            } else if let Some(t) = round_started.or(commit_started) {
                 t + read_bound + slack
             } else if st.running > 0 {
                 last_progress + cfg.handler_timeout + slack
@@ -391,6 +407,21 @@ impl Consumer {
                             let e = Error::Protocol { command: "XREADGROUP", key: cfg.stream.to_string(), detail: join.to_string() };
                             retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?);
                         }
+                    }
+                }
+                // Commits run to completion even while draining: they are what drains.
+                joined = async { commit.as_mut().expect("guarded").await }, if commit.is_some() => {
+                    commit = None;
+                    commit_started = None;
+                    last_progress = Instant::now();
+                    let batch = std::mem::take(&mut st.committing);
+                    let result = joined.unwrap_or_else(|join| Err(Error::Protocol {
+                        command: "EVALSHA",
+                        key: cfg.stream.to_string(),
+                        detail: join.to_string(),
+                    }));
+                    if !self.apply_commit(batch, result, &mut st).await? {
+                        retry_at = Some(Instant::now() + backoff.fail());
                     }
                 }
                 _ = claim_tick.tick(), if !draining && st.recover.is_none() && retry_at.is_none() => {
