@@ -16,6 +16,7 @@ use crate::envelope::{self, Entry, Fields};
 use crate::error::{Error, Result};
 use crate::naming::{NameKind, Naming, validate_name};
 use crate::reply::{self, Entries};
+use crate::wire;
 
 /// Options of [`Client::publish`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -235,6 +236,7 @@ impl Client {
         validate_name(NameKind::Group, group)?;
         validate_name(NameKind::Consumer, consumer)?;
         Ok(GroupReader {
+            wire: self.redis.plain_target().map(|t| (t, None)),
             redis: self.redis.dedicated(max_block)?,
             stream: stream.to_owned(),
             group: group.to_owned(),
@@ -516,8 +518,12 @@ pub fn xadd(stream: &str, fields: &Fields, maxlen: Option<u64>) -> Cmd {
     cmd
 }
 
-/// Reads one consumer's share of a group, on its own connection.
+/// Reads one consumer's share of a group, on its own connection: a [`crate::wire`] connection
+/// where Redis is reached without TLS, else a dedicated connection of the `redis` crate.
 pub struct GroupReader {
+    /// The plain connection's target, and the connection while it is up.
+    wire: Option<(wire::Target, Option<wire::Conn>)>,
+    /// The dedicated connection (used under TLS), and what classifies errors either way.
     redis: Redis,
     stream: String,
     group: String,
@@ -581,6 +587,9 @@ impl GroupReader {
         };
         cmd.arg("STREAMS").arg(&self.stream).arg(id);
         let ctx = Ctx::new("XREADGROUP", &self.stream).group(&self.group);
+        if self.wire.is_some() {
+            return self.round_on_wire(before, cmd).await;
+        }
         let Some(before) = before else {
             let read = self.redis.query_value(&cmd, ctx).await.and_then(|v| {
                 reply::read_one_stream(v).map_err(|d| protocol("XREADGROUP", &self.stream, d))
@@ -607,6 +616,69 @@ impl GroupReader {
             .and_then(|v| {
                 reply::read_one_stream(v).map_err(|d| protocol("XREADGROUP", &self.stream, d))
             });
+        Ok(Round { before, read })
+    }
+}
+
+impl GroupReader {
+    /// [`GroupReader::round`] over the plain connection, connecting first if it is down. Any failure
+    /// but a server's error reply drops the connection: the next round starts on a new one.
+    async fn round_on_wire(&mut self, before: Option<Cmd>, read: Cmd) -> Result<Round> {
+        let ctx = Ctx::new("XREADGROUP", &self.stream).group(&self.group);
+        let settings = self.redis.settings();
+        let limit = self.redis.response_timeout() + settings.connect_timeout;
+        let connect_timeout = settings.connect_timeout;
+        let Some((target, conn)) = &mut self.wire else {
+            unreachable!("checked by the caller");
+        };
+        let started = std::time::Instant::now();
+        let exchange = async {
+            if conn.is_none() {
+                *conn = Some(wire::Conn::connect(target, connect_timeout).await?);
+            }
+            let c = conn.as_mut().expect("connected above");
+            let mut packed = Vec::new();
+            if let Some(b) = &before {
+                b.write_packed_command(&mut packed);
+            }
+            read.write_packed_command(&mut packed);
+            let frames = c
+                .request(&packed, 1 + usize::from(before.is_some()))
+                .await?;
+            redis::RedisResult::Ok((frames, c))
+        };
+        let result = tokio::time::timeout(limit, exchange).await;
+        crate::conn::observe(ctx.command, started);
+        let (mut frames, c) = match result {
+            Ok(Ok(got)) => got,
+            Ok(Err(e)) => {
+                *conn = None;
+                return Err(self.redis.classify(e, ctx));
+            }
+            Err(_) => {
+                *conn = None;
+                return Err(Error::Timeout {
+                    command: ctx.command,
+                    key: self.stream.clone(),
+                    after: limit,
+                });
+            }
+        };
+        let read_frame = c.frame(frames.pop().expect("one frame per command"));
+        let read = if read_frame.first() == Some(&b'-') {
+            match wire::value(read_frame) {
+                Err(e) => Err(self.redis.classify(e, ctx)),
+                Ok(v) => Err(protocol("XREADGROUP", &self.stream, format!("{v:?}"))),
+            }
+        } else {
+            wire::read_reply(read_frame).map_err(|d| protocol("XREADGROUP", &self.stream, d))
+        };
+        let before = frames.pop().map(|f| {
+            wire::value(c.frame(f)).map_err(|e| {
+                self.redis
+                    .classify(e, Ctx::new("EVALSHA", &self.stream).group(&self.group))
+            })
+        });
         Ok(Round { before, read })
     }
 }

@@ -6,8 +6,9 @@
 //! longest BLOCK plus the command timeout — the crate's default of 500 ms would cut a `BLOCK 5000` read,
 //! and a blocking read on the shared connection would stall every other command. Both reconnect on their
 //! own with capped exponential backoff (the crate's `ConnectionManager`); a command that meets a broken
-//! connection fails once with a transient error and the next one uses the new connection. What a command
-//! means is [`crate::client`]'s business.
+//! connection fails once with a transient error and the next one uses the new connection. Without TLS a
+//! group reader talks over [`crate::wire`] instead (same target, login and timeouts, errors classified
+//! here), and its loop's backoff paces reconnects. What a command means is [`crate::client`]'s business.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,6 +215,24 @@ impl Redis {
         })
     }
 
+    /// Where a plain (not TLS) connection of [`crate::wire`] would go, with this client's login; None
+    /// for TLS, which only the crate's connections speak.
+    pub fn plain_target(&self) -> Option<crate::wire::Target> {
+        let info = self.shared.client.get_connection_info();
+        let addr = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => crate::wire::Addr::Tcp(host.clone(), *port),
+            redis::ConnectionAddr::Unix(path) => crate::wire::Addr::Unix(path.clone()),
+            _ => return None,
+        };
+        let login = info.redis_settings();
+        Some(crate::wire::Target {
+            addr,
+            username: login.username().map(str::to_owned),
+            password: login.password().map(str::to_owned),
+            db: login.db(),
+        })
+    }
+
     /// host:port of the server.
     pub fn addr(&self) -> &str {
         &self.shared.addr
@@ -364,7 +383,7 @@ impl Redis {
 }
 
 /// Records a round trip's latency by operation.
-fn observe(command: &'static str, started: std::time::Instant) {
+pub(crate) fn observe(command: &'static str, started: std::time::Instant) {
     let op = crate::metrics::OpLabels {
         op: crate::metrics::op_of(command).to_owned(),
     };

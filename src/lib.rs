@@ -15,6 +15,7 @@
 //!   [`config::Settings`] with every problem reported by key path.
 //! - [`conn`]: Redis connections (TLS, ACL user, timeouts, reconnect) and error classification.
 //! - [`reply`]: decoding stream replies from raw RESP values.
+//! - [`wire`]: the group reader's plain RESP connection; read replies decoded straight into entries.
 //! - [`client`]: the authorized client — every stream operation, checked before it is sent.
 //! - [`error`]: the client's typed [`Error`].
 //! - [`dlq`]: the dead-letter format, listing and replay.
@@ -44,5 +45,6 @@ pub mod notify;
 pub mod reply;
 pub mod shutdown;
 pub mod wasm;
+pub mod wire;
 
 pub use error::{Error, Result};

@@ -24,7 +24,7 @@ use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, trace, warn};
 
 use super::ConsumerSettings;
 use super::commit::{self, Committed, Committer, Effect, Finished};
@@ -296,7 +296,7 @@ impl Consumer {
                 let block = from.is_none().then_some(cfg.block);
                 let client = self.client.clone();
                 let cfg = self.cfg.clone();
-                debug!(from = ?from, count, commits = st.in_round.len(), "round");
+                trace!(from = ?from, count, commits = st.in_round.len(), "round");
                 round_started = Some(Instant::now());
                 round = Some(tokio::spawn(async move {
                     let read_from = from.as_deref().map_or(ReadFrom::New, ReadFrom::Pending);
@@ -377,7 +377,7 @@ impl Consumer {
                                     let asked = st.round_count;
                                     match rd.read {
                                         Ok(entries) => {
-                                            debug!(entries = entries.entries.len(), deleted = entries.deleted.len(), "read");
+                                            trace!(entries = entries.entries.len(), deleted = entries.deleted.len(), "read");
                                             let failures = backoff.succeed();
                                             if failures > 0 {
                                                 info!(failures, "reading again after Redis trouble");

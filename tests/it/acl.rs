@@ -6,7 +6,7 @@ use figment::Figment;
 use figment::providers::{Format, Toml};
 use redstream::Error;
 use redstream::auth::{Identity, Roles};
-use redstream::client::{Client, PublishOptions, ReadOptions};
+use redstream::client::{Client, PublishOptions, ReadFrom, ReadOptions};
 use redstream::config;
 use redstream::conn::Redis;
 use redstream::envelope::Fields;
@@ -14,8 +14,13 @@ use redstream::envelope::Fields;
 use crate::util::{RedisServer, config_toml};
 
 fn client_for(server: &RedisServer, user: &str, credentials: &std::path::Path) -> Client {
+    client_on_db(server, 0, user, credentials)
+}
+
+fn client_on_db(server: &RedisServer, db: u8, user: &str, credentials: &std::path::Path) -> Client {
     let extra = "";
-    let toml = config_toml(&server.url(), extra).replace(
+    let url = server.url().replace("/0", &format!("/{db}"));
+    let toml = config_toml(&url, extra).replace(
         "[redis]\n",
         &format!(
             "[redis]\nusername = \"{user}\"\npassword = {{ credential = \"redis-password\" }}\n"
@@ -143,4 +148,83 @@ async fn wrong_redis_password_is_reported_not_retried_forever() {
         text.contains("wrongpass") || text.contains("auth") || text.contains("password"),
         "{text}"
     );
+}
+
+/// Group reads have their own connection (plain RESP, `redstream::wire`): it logs in as the ACL user,
+/// selects the configured database, and reports a wrong password or a denied key as the shared
+/// connection does.
+#[tokio::test]
+async fn group_reads_log_in_as_the_acl_user_on_the_configured_db() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let _: String = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "taskbot",
+            "on",
+            ">s3cret-pw",
+            "~nova:task:*",
+            "+@all",
+        ])
+        .query(&mut conn)
+        .unwrap();
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join("redis-password"), "s3cret-pw").unwrap();
+    let client = client_on_db(&server, 3, "taskbot", creds.path());
+    let stream = "nova:task:acl:work";
+    client.create_group(stream, "g", "0").await.unwrap();
+    client
+        .publish(
+            stream,
+            Fields::from_iter([("a", "1")]),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    let block = std::time::Duration::from_millis(200);
+    let mut reader = client.group_reader(stream, "g", "c1", block).unwrap();
+    let got = reader.read(ReadFrom::New, 10, Some(block)).await.unwrap();
+    assert_eq!(got.entries.len(), 1);
+    assert_eq!(got.entries[0].fields.get("a"), Some(&b"1"[..]));
+    // It really is database 3, as the ACL user.
+    let _: () = redis::cmd("SELECT").arg(3).query(&mut conn).unwrap();
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(&[stream, "g"])
+        .query(&mut conn)
+        .unwrap();
+    assert!(format!("{pending:?}").contains("c1"), "{pending:?}");
+
+    // The key taken out of the user's ACL: refused, typed, not retried.
+    let _: String = redis::cmd("ACL")
+        .arg(&["SETUSER", "taskbot", "resetkeys", "~nova:task:other:*"])
+        .query(&mut conn)
+        .unwrap();
+    let err = reader
+        .read(ReadFrom::New, 10, Some(block))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::RedisDenied {
+                command: "XREADGROUP",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // A wrong password: an authentication error naming the user.
+    std::fs::write(creds.path().join("redis-password"), "wrong").unwrap();
+    let wrong = client_on_db(&server, 3, "taskbot", creds.path());
+    let mut reader = wrong.group_reader(stream, "g", "c1", block).unwrap();
+    let err = reader
+        .read(ReadFrom::New, 10, Some(block))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::RedisAuth { user, .. } if user == "taskbot"),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
 }

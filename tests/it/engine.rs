@@ -269,6 +269,7 @@ fn redis_restart_without_persistence_recreates_the_group_without_a_hot_loop() {
     // Redis stays down for a while: the daemon must back off, not spin.
     std::thread::sleep(Duration::from_secs(3));
     let outage_lines = d.logs().len() - lines_before;
+    println!("log lines during the outage: {outage_lines}");
     server.restart();
     let after = publish(&server, 5);
     wait_replies(&server, 5, Duration::from_secs(20));

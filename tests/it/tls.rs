@@ -2,7 +2,7 @@
 
 use figment::Figment;
 use figment::providers::{Format, Toml};
-use redstream::client::{Client, PublishOptions, ReadOptions};
+use redstream::client::{Client, PublishOptions, ReadFrom, ReadOptions};
 use redstream::config;
 use redstream::conn::Redis;
 use redstream::envelope::Fields;
@@ -64,6 +64,13 @@ async fn rediss_with_a_private_ca() {
             .len(),
         1
     );
+
+    // Group reads under TLS go over the crate's dedicated connection (the plain fast path is not TLS).
+    c.create_group("nova:task:tls:x", "g", "0").await.unwrap();
+    let block = std::time::Duration::from_millis(200);
+    let mut reader = c.group_reader("nova:task:tls:x", "g", "c1", block).unwrap();
+    let got = reader.read(ReadFrom::New, 10, Some(block)).await.unwrap();
+    assert_eq!(got.entries.len(), 1);
 
     // Without our CA the server's certificate is not trusted: an error, not a silent plaintext fallback.
     let untrusted = client(port, "");
