@@ -293,6 +293,14 @@ block = "1s"
             _dir: dir,
         };
         d.wait_ready();
+        // Keep reading its log so a chatty daemon never blocks on a full pipe.
+        if let Some(err) = d.child.stderr.take() {
+            std::thread::spawn(
+                move || {
+                    for _ in BufReader::new(err).lines().map_while(Result::ok) {}
+                },
+            );
+        }
         d
     }
 

@@ -16,9 +16,24 @@ use sd_notify::NotifyState;
 pub struct Notifier;
 
 impl Notifier {
+    /// Sends without ever blocking: a manager that stops reading (its socket's queue full) must not
+    /// stall the thread that reports — the daemon's runtime. A notification that finds the queue full
+    /// is dropped; STATUS and WATCHDOG are repeated anyway.
     fn send(&self, states: &[NotifyState<'_>]) {
-        if let Err(e) = sd_notify::notify(states) {
-            tracing::warn!(error = %e, "cannot notify the service manager");
+        let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+            return;
+        };
+        let mut msg = String::new();
+        for s in states {
+            msg.push_str(&s.to_string());
+            msg.push('\n');
+        }
+        match send_nonblocking(&socket, msg.as_bytes()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tracing::debug!("the service manager's notify socket is full; notification dropped")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot notify the service manager"),
         }
     }
 
@@ -67,6 +82,29 @@ fn epoch() -> Instant {
 
 fn millis(t: Instant) -> u64 {
     t.saturating_duration_since(epoch()).as_millis() as u64
+}
+
+/// One datagram to `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace), non-blocking.
+fn send_nonblocking(socket: &std::ffi::OsStr, msg: &[u8]) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    let addr = match socket.as_bytes().strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(std::path::Path::new(socket))?,
+    };
+    let sent = sock.send_to_addr(msg, &addr)?;
+    if sent == msg.len() {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            "incomplete notification",
+        ))
+    }
 }
 
 /// One loop's liveness: until when it counts as healthy.

@@ -196,3 +196,27 @@ fn stopping_extends_the_timeout_while_draining() {
     );
     assert_eq!(server.pending("nova:task:notify:slow", "g"), 0);
 }
+
+#[test]
+fn a_manager_that_stops_reading_never_stalls_the_daemon() {
+    let server = RedisServer::start();
+    let socket = Socket::bind();
+    // Pings every 50 ms into a socket nobody reads after READY: its queue (10 datagrams by default)
+    // is full within a second. A blocking send would stall the runtime, and SIGTERM with it.
+    let mut d = Daemon::start(
+        &daemon_toml(&server.url(), &consumer("unread")),
+        &[("NOTIFY_SOCKET", &socket.path), ("WATCHDOG_USEC", "100000")],
+    );
+    socket.until("READY=1", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(2));
+    for n in 0..20 {
+        server.xadd("nova:task:notify:in", &[("n", &n.to_string())]);
+    }
+    crate::util::wait_for("all handled", Duration::from_secs(10), || {
+        (server.pending("nova:task:notify:in", "unread") == 0
+            && server.entries_read("nova:task:notify:in", "unread") == 20)
+            .then_some(())
+    });
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0));
+}

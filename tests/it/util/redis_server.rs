@@ -170,6 +170,23 @@ impl RedisServer {
         }
     }
 
+    /// How many entries the group has read (XINFO GROUPS `entries-read`; 0 if it does not exist).
+    pub fn entries_read(&self, stream: &str, group: &str) -> u64 {
+        let rows: Vec<redis::Value> = redis::cmd("XINFO")
+            .arg(&["GROUPS", stream])
+            .query(&mut self.conn())
+            .unwrap_or_default();
+        rows.into_iter()
+            .filter_map(|row| redstream::reply::pairs(row).ok())
+            .find_map(|mut p| {
+                let name = redstream::reply::string(redstream::reply::take(&mut p, "name"))?;
+                (name == group)
+                    .then(|| redstream::reply::int(&redstream::reply::take(&mut p, "entries-read")))
+                    .flatten()
+            })
+            .map_or(0, |n| n.max(0) as u64)
+    }
+
     /// Pending entries of one consumer.
     pub fn pending_of(&self, stream: &str, group: &str, consumer: &str) -> u64 {
         let v: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XPENDING")
