@@ -100,7 +100,9 @@ impl Runtime {
             // were a third of a fresh instance's cost (docs/performance.md).
             .linear_memory_keep_resident(256 * 1024)
             .table_keep_resident(64 * 1024)
-            .decommit_batch_size(128);
+            // A slot waiting in the decommit queue is not free: batches must stay well below the
+            // number of memories, or instantiation fails with the pool exhausted.
+            .decommit_batch_size(instances as usize);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
