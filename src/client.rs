@@ -622,7 +622,8 @@ impl GroupReader {
 
 impl GroupReader {
     /// [`GroupReader::round`] over the plain connection, connecting first if it is down. Any failure
-    /// but a server's error reply drops the connection: the next round starts on a new one.
+    /// but a server's error reply (and any cancellation) drops the connection: the next round starts
+    /// on a new one.
     async fn round_on_wire(&mut self, before: Option<Cmd>, read: Cmd) -> Result<Round> {
         let ctx = Ctx::new("XREADGROUP", &self.stream).group(&self.group);
         let settings = self.redis.settings();
@@ -632,11 +633,13 @@ impl GroupReader {
             unreachable!("checked by the caller");
         };
         let started = std::time::Instant::now();
+        // The connection is out of its slot while a request is under way: a round cancelled halfway
+        // (its reply still unread) leaves no connection behind, and the next round starts a new one.
         let exchange = async {
-            if conn.is_none() {
-                *conn = Some(wire::Conn::connect(target, connect_timeout).await?);
-            }
-            let c = conn.as_mut().expect("connected above");
+            let mut c = match conn.take() {
+                Some(c) => c,
+                None => wire::Conn::connect(target, connect_timeout).await?,
+            };
             let mut packed = Vec::new();
             if let Some(b) = &before {
                 b.write_packed_command(&mut packed);
@@ -651,12 +654,8 @@ impl GroupReader {
         crate::conn::observe(ctx.command, started);
         let (mut frames, c) = match result {
             Ok(Ok(got)) => got,
-            Ok(Err(e)) => {
-                *conn = None;
-                return Err(self.redis.classify(e, ctx));
-            }
+            Ok(Err(e)) => return Err(self.redis.classify(e, ctx)),
             Err(_) => {
-                *conn = None;
                 return Err(Error::Timeout {
                     command: ctx.command,
                     key: self.stream.clone(),
@@ -679,6 +678,7 @@ impl GroupReader {
                     .classify(e, Ctx::new("EVALSHA", &self.stream).group(&self.group))
             })
         });
+        *conn = Some(c);
         Ok(Round { before, read })
     }
 }

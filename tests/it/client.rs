@@ -427,3 +427,44 @@ async fn reconnects_after_redis_restarts_on_the_same_address() {
         "the restarted server kept nothing; the new entry is there"
     );
 }
+
+/// A read cancelled while it waits (its reply still on the way) must not leave that reply behind for the
+/// next read to take as its own.
+#[tokio::test]
+async fn a_cancelled_read_leaves_no_stale_reply_behind() {
+    let server = RedisServer::start();
+    let client = admin(&server);
+    let s = "nova:task:client:cancel";
+    client.create_group(s, "g", "$").await.unwrap();
+    let block = Duration::from_millis(1500);
+    let mut reader = client.group_reader(s, "g", "c", block).unwrap();
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(100),
+        reader.read(ReadFrom::New, 10, Some(block)),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the read was still blocked");
+    // The cancelled read is gone with its connection: an entry published now reaches no one until
+    // the next read asks. (A connection kept with that read outstanding would hand the entry to it,
+    // and each later read would return the reply meant for the one before.)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let id = publish_n(&client, s, 1).await.remove(0);
+    let mine = reader.read(ReadFrom::Pending("0"), 10, None).await.unwrap();
+    assert!(
+        mine.entries.is_empty(),
+        "nothing was delivered to the cancelled read: {mine:?}"
+    );
+    for round in 0..3 {
+        let id = if round == 0 {
+            id.clone()
+        } else {
+            publish_n(&client, s, 1).await.remove(0)
+        };
+        let got = reader
+            .read(ReadFrom::New, 10, Some(Duration::from_millis(300)))
+            .await
+            .unwrap();
+        let ids: Vec<&str> = got.entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, [id.as_str()], "round {round} reads its own reply");
+    }
+}
