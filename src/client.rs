@@ -586,10 +586,10 @@ impl GroupReader {
             ReadFrom::Pending(after) => after,
         };
         cmd.arg("STREAMS").arg(&self.stream).arg(id);
-        let ctx = Ctx::new("XREADGROUP", &self.stream).group(&self.group);
         if self.wire.is_some() {
             return self.round_on_wire(before, cmd).await;
         }
+        let ctx = Ctx::new("XREADGROUP", &self.stream).group(&self.group);
         let Some(before) = before else {
             let read = self.redis.query_value(&cmd, ctx).await.and_then(|v| {
                 reply::read_one_stream(v).map_err(|d| protocol("XREADGROUP", &self.stream, d))

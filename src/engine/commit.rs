@@ -171,6 +171,8 @@ impl Committer {
 
         // The layout first (it precedes the per-message arguments), then the arguments.
         let mut layout: Vec<u8> = Vec::with_capacity(batch.len() * 7);
+        // Dead letters are built once, here, where their field count is needed first.
+        let mut dead_letters = Vec::new();
         for f in batch {
             match &f.effect {
                 Effect::Replies(replies) => {
@@ -181,17 +183,20 @@ impl Committer {
                         layout.push(1);
                     }
                 }
-                Effect::DeadLetter(_) => {
+                Effect::DeadLetter(reason) => {
+                    let fields = self.dead_letter_fields(f, reason);
                     put(&mut layout, 1);
                     put(&mut layout, index(&self.dead_letter));
-                    put(&mut layout, dead_letter_fields(f, "", "").len() + 1);
+                    put(&mut layout, fields.len() + 1);
                     layout.push(0);
+                    dead_letters.push(fields);
                 }
                 Effect::Vanished => put(&mut layout, 0),
             }
         }
 
         let now = envelope::now_ms().to_string();
+        let mut dead_letters = dead_letters.into_iter();
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(sha).arg(keys.len()).arg(&keys);
         cmd.arg(&self.group)
@@ -211,7 +216,13 @@ impl Committer {
                         self.reply_args(&mut cmd, &f.msg, r);
                     }
                 }
-                Effect::DeadLetter(reason) => self.dead_letter_args(&mut cmd, f, reason, &now),
+                Effect::DeadLetter(_) => {
+                    let fields = dead_letters.next().expect("one per dead letter");
+                    for (name, value) in fields.iter() {
+                        cmd.arg(name).arg(value);
+                    }
+                    cmd.arg(dlq::TIMESTAMP).arg(&now);
+                }
                 Effect::Vanished => {}
             }
         }
@@ -241,12 +252,17 @@ impl Committer {
     }
 
     /// The dead-letter entry: the original fields and the `_dlq_*` record.
-    fn dead_letter_args(&self, cmd: &mut Cmd, f: &Finished, reason: &str, now: &str) {
-        let cause = format!("{}/{}", self.stream, f.msg.id);
-        for (name, value) in dead_letter_fields(f, reason, &cause).iter() {
-            cmd.arg(name).arg(value);
-        }
-        cmd.arg(dlq::TIMESTAMP).arg(now);
+    /// A dead letter's fields but `_dlq_timestamp` (which goes last, with the batch's time): the
+    /// original fields and the `_dlq_*` record.
+    fn dead_letter_fields(&self, f: &Finished, reason: &str) -> Fields {
+        let msg = &f.msg;
+        let mut fields = msg.fields.clone();
+        fields.set(dlq::REASON, reason);
+        fields.set(dlq::SOURCE, format!("{}/{}", self.stream, msg.id));
+        fields.set(dlq::DELIVERIES, msg.deliveries.to_string());
+        fields.set(dlq::HANDLER, f.handler.as_bytes().to_vec());
+        fields.remove(dlq::TIMESTAMP);
+        fields
     }
 }
 
@@ -277,19 +293,6 @@ fn reply_pairs(reply: &Reply) -> usize {
         .filter(|(n, _)| envelope_field(n).is_none())
         .count()
         + 2
-}
-
-/// A dead letter's fields but `_dlq_timestamp` (which the caller appends): the original fields and
-/// the `_dlq_*` record, with `cause` as `_dlq_source`. Counting them needs no real values.
-fn dead_letter_fields(f: &Finished, reason: &str, cause: &str) -> Fields {
-    let msg = &f.msg;
-    let mut fields = msg.fields.clone();
-    fields.set(dlq::REASON, reason);
-    fields.set(dlq::SOURCE, cause);
-    fields.set(dlq::DELIVERIES, msg.deliveries.to_string());
-    fields.set(dlq::HANDLER, f.handler.as_bytes().to_vec());
-    fields.remove(dlq::TIMESTAMP);
-    fields
 }
 
 /// Whether committing this message writes anything (replies or a dead letter).

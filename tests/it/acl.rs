@@ -36,23 +36,31 @@ fn client_on_db(server: &RedisServer, db: u8, user: &str, credentials: &std::pat
     Client::new(redis, settings.naming.clone(), identity)
 }
 
+/// ACL SETUSER taskbot with these rules.
+fn set_taskbot(conn: &mut redis::Connection, rules: &[&str]) {
+    let _: String = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("taskbot")
+        .arg(rules)
+        .query(conn)
+        .unwrap();
+}
+
 #[tokio::test]
 async fn redis_acl_user_is_confined_to_its_keys_with_a_clear_error() {
     let server = RedisServer::start();
     let mut conn = server.conn();
-    let _: String = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER",
-            "taskbot",
+    set_taskbot(
+        &mut conn,
+        &[
             "on",
             ">s3cret-pw",
             "~nova:task:*",
             "+@all",
             "-@dangerous",
             "+info",
-        ])
-        .query(&mut conn)
-        .unwrap();
+        ],
+    );
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("redis-password"), "s3cret-pw\n").unwrap();
     let client = client_for(&server, "taskbot", creds.path());
@@ -126,10 +134,7 @@ async fn redis_acl_user_is_confined_to_its_keys_with_a_clear_error() {
 async fn wrong_redis_password_is_reported_not_retried_forever() {
     let server = RedisServer::start();
     let mut conn = server.conn();
-    let _: String = redis::cmd("ACL")
-        .arg(&["SETUSER", "taskbot", "on", ">right", "~*", "+@all"])
-        .query(&mut conn)
-        .unwrap();
+    set_taskbot(&mut conn, &["on", ">right", "~*", "+@all"]);
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("redis-password"), "wrong").unwrap();
     let client = client_for(&server, "taskbot", creds.path());
@@ -157,17 +162,7 @@ async fn wrong_redis_password_is_reported_not_retried_forever() {
 async fn group_reads_log_in_as_the_acl_user_on_the_configured_db() {
     let server = RedisServer::start();
     let mut conn = server.conn();
-    let _: String = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER",
-            "taskbot",
-            "on",
-            ">s3cret-pw",
-            "~nova:task:*",
-            "+@all",
-        ])
-        .query(&mut conn)
-        .unwrap();
+    set_taskbot(&mut conn, &["on", ">s3cret-pw", "~nova:task:*", "+@all"]);
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("redis-password"), "s3cret-pw").unwrap();
     let client = client_on_db(&server, 3, "taskbot", creds.path());
@@ -195,10 +190,7 @@ async fn group_reads_log_in_as_the_acl_user_on_the_configured_db() {
     assert!(format!("{pending:?}").contains("c1"), "{pending:?}");
 
     // The key taken out of the user's ACL: refused, typed, not retried.
-    let _: String = redis::cmd("ACL")
-        .arg(&["SETUSER", "taskbot", "resetkeys", "~nova:task:other:*"])
-        .query(&mut conn)
-        .unwrap();
+    set_taskbot(&mut conn, &["resetkeys", "~nova:task:other:*"]);
     let err = reader
         .read(ReadFrom::New, 10, Some(block))
         .await

@@ -94,7 +94,18 @@ fn forwards_with_envelope_and_drains_on_sigterm() {
     let ids = publish(&server, 5);
     let mut d = Daemon::running(&daemon_toml(&server.url(), &forward("fwd", &[])), &[]);
     wait_replies(&server, 5, Duration::from_secs(10));
-    let live = server.xadd(IN, &[("n", "live")]);
+    // A publisher's own envelope fields: the copy gets this daemon's instead (never two of a name),
+    // and keeps the trace id.
+    let live = server.xadd(
+        IN,
+        &[
+            ("n", "live"),
+            ("_source", "someone-else"),
+            ("_timestamp", "1"),
+            ("_cause", "bogus"),
+            ("_trace_id", "t-123"),
+        ],
+    );
     wait_replies(&server, 6, Duration::from_secs(5));
     assert_eq!(
         d.stop(Duration::from_secs(10)),
@@ -112,7 +123,17 @@ fn forwards_with_envelope_and_drains_on_sigterm() {
         last.fields.get_str("_cause"),
         Some(format!("{IN}/{live}").as_str())
     );
-    assert!(last.fields.get_str("_trace_id").is_some());
+    assert_eq!(last.fields.get_str("_trace_id"), Some("t-123"));
+    assert_ne!(last.fields.get_str("_timestamp"), Some("1"));
+    for name in ["_source", "_timestamp", "_cause", "_trace_id"] {
+        let count = last
+            .fields
+            .iter()
+            .filter(|(n, _)| *n == name.as_bytes())
+            .count();
+        assert_eq!(count, 1, "{name} once in {:?}", last.fields);
+    }
+    assert!(replies[0].fields.get_str("_trace_id").is_some());
 }
 
 #[test]
