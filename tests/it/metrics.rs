@@ -61,13 +61,6 @@ fn metrics_move_with_traffic() {
             && server.xlen("nova:task:metrics:report") == 21)
             .then_some(())
     });
-    // Gauges are polled every 200 ms; counters move at once.
-    let after = wait_for("polled gauges", Duration::from_secs(5), || {
-        let (_, text) = get(port, "/metrics");
-        (sample(&text, "redstream_stream_length", &["nova:task:metrics:fwd"]) == 20.0)
-            .then_some(text)
-    });
-
     let success = |t: &str, handler: &str| {
         sample(
             t,
@@ -75,6 +68,20 @@ fn metrics_move_with_traffic() {
             &[&format!("handler=\"{handler}\""), "outcome=\"success\""],
         )
     };
+    // Gauges are polled every 200 ms; counters move when the loop takes the commit's verdicts, just
+    // after Redis has written the replies the wait above saw.
+    let after = wait_for(
+        "polled gauges and counted commits",
+        Duration::from_secs(5),
+        || {
+            let (_, text) = get(port, "/metrics");
+            (sample(&text, "redstream_stream_length", &["nova:task:metrics:fwd"]) == 20.0
+                && success(&text, "hostile") - success(&before, "hostile") >= 21.0
+                && success(&text, "forward") - success(&before, "forward") >= 20.0)
+                .then_some(text)
+        },
+    );
+
     assert_eq!(
         success(&after, "hostile") - success(&before, "hostile"),
         21.0,
