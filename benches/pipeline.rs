@@ -142,14 +142,20 @@ impl Server {
             .query(c)
             .unwrap_or_default();
         for row in rows {
-            let mut p = redstream::reply::pairs(row).unwrap();
-            if redstream::reply::string(redstream::reply::take(&mut p, "name")).as_deref()
+            let mut p = redstream::client::decode::pairs(row).unwrap();
+            if redstream::client::decode::string(redstream::client::decode::take(&mut p, "name"))
+                .as_deref()
                 == Some(GROUP)
             {
-                let read = redstream::reply::int(&redstream::reply::take(&mut p, "entries-read"))
-                    .unwrap_or(0);
-                let pending =
-                    redstream::reply::int(&redstream::reply::take(&mut p, "pending")).unwrap_or(0);
+                let read = redstream::client::decode::int(&redstream::client::decode::take(
+                    &mut p,
+                    "entries-read",
+                ))
+                .unwrap_or(0);
+                let pending = redstream::client::decode::int(&redstream::client::decode::take(
+                    &mut p, "pending",
+                ))
+                .unwrap_or(0);
                 return (read.max(0) as u64, pending.max(0) as u64);
             }
         }
@@ -489,7 +495,7 @@ fn daemon_latency(server: &Server, handler: &Path, rate: u64, secs: u64) -> (f64
             .arg("+")
             .query(&mut c)
             .unwrap();
-        redstream::reply::entries(v)
+        redstream::client::decode::entries(v)
             .unwrap()
             .entries
             .into_iter()

@@ -3,48 +3,39 @@
 //! checked against the JWT-verified roles of whoever performs it.
 //!
 //! This crate is the library the `redstream` binary is built from; `src/main.rs` only calls [`cli::main`].
-//! DESIGN.md in the README's terms: config → validated settings → authorized client → (engine, handlers).
+//! docs/design.md describes the data flow, the delivery semantics, the commit script and the identity
+//! model that the code below implements.
 //!
 //! # Layout
-//! - [`naming`]: stream names (ADAPT `nova:{domain}:{entity}:{function}` and legacy `*.direct`), their
-//!   domain, and group/consumer name rules.
-//! - [`envelope`]: the wire format of a message — flat fields, `_timestamp`/`_source`/`_trace_id`, JSON view.
-//! - [`auth`]: roles and the permission rule; [`auth::jwt`] token issue/verify with key rotation;
-//!   [`auth::apikey`] hashed API keys.
-//! - [`config`]: figment layers (defaults → TOML → `REDSTREAM_*` env), secrets, validation into
-//!   [`config::Settings`] with every problem reported by key path.
-//! - [`conn`]: Redis connections (TLS, ACL user, timeouts, reconnect) and error classification.
-//! - [`reply`]: decoding stream replies from raw RESP values.
-//! - [`wire`]: the group reader's plain RESP connection; read replies decoded straight into entries.
-//! - [`client`]: the authorized client — every stream operation, checked before it is sent.
-//! - [`error`]: the client's typed [`Error`].
-//! - [`dlq`]: the dead-letter format, listing and replay.
-//! - [`engine`]: the daemon — supervisor, consumer loops, the handler seam, atomic commits.
-//! - [`wasm`]: WASM handlers — the wasmtime engine, artifact cache, sandboxed calls on worker threads.
-//! - [`metrics`]: Prometheus metrics and their loopback HTTP endpoint.
-//! - [`notify`]: systemd's notify protocol, and the loops' liveness behind the watchdog.
-//! - [`shutdown`]: OS signals as one enum, and the shutdown fan-out.
-//! - [`backoff`]: capped exponential backoff with jitter.
-//! - [`logging`]: journald fields under systemd, stderr otherwise, an optional rolling file.
+//!
+//! Dependencies point one way: each module uses only the ones listed below it (`scripts/modgraph`
+//! checks that there are no cycles).
+//!
 //! - [`cli`]: the `redstream` command line and its exit codes.
+//! - [`daemon`]: the supervisor of the consumer loops, reload, heartbeat/control, retention.
+//! - [`config`]: figment layers (defaults → TOML → `REDSTREAM_*` env), secrets, validation into
+//!   [`config::Settings`] with every problem reported by key path; builds the settings of every layer.
+//! - [`engine`]: one group's read / claim / commit loop and its router.
+//! - [`handlers`]: the built-in handlers and the WASM runtime (wasmtime sandbox, worker threads).
+//! - [`client`]: the Redis layer behind the authorized client — connections, decoding, the fast group
+//!   reader, the commit script, dead letters.
+//! - [`auth`]: roles, identities and the permission rule; JWTs with key rotation; hashed API keys.
+//! - [`model`]: stream ids, names, the envelope, and the handler seam (message in, outcome out).
+//! - Plumbing used from any layer: [`metrics`] (Prometheus), [`notify`] (systemd notify and loop
+//!   liveness), [`shutdown`] (signals as one enum, the stop fan-out), [`backoff`], [`logging`].
 
 pub mod auth;
 pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod conn;
-pub mod dlq;
+pub mod daemon;
 pub mod engine;
-pub mod envelope;
-pub mod error;
+pub mod handlers;
 pub mod logging;
 pub mod metrics;
-pub mod naming;
+pub mod model;
 pub mod notify;
-pub mod reply;
 pub mod shutdown;
-pub mod wasm;
-pub mod wire;
 
-pub use error::{Error, Result};
+pub use client::{Error, Result};

@@ -1,9 +1,10 @@
 //! Who may do what: roles, the operations they cover, and the identities that carry them.
 //!
-//! Owns the permission rule of DESIGN §4 — `{domain}_read` covers read, read-group, ack, claim, pending and
-//! info; `{domain}_write` covers publish, group creation and deleting entries; `admin` covers everything — and the two ways
-//! an identity is proven: JWTs ([`jwt`]) and hashed API keys ([`apikey`]). Applying the rule to each
-//! Redis call is [`crate::client`]'s job.
+//! Owns the permission rule (docs/design.md, "Identity and roles") — `{domain}_read` covers read,
+//! read-group, ack, claim, pending and info; `{domain}_write` covers publish, group creation and deleting
+//! entries; `admin` covers everything — applied to one stream by [`authorize`], and the two ways an
+//! identity is proven: JWTs ([`jwt`]) and hashed API keys ([`apikey`]). Calling [`authorize`] before each
+//! Redis command is [`crate::client`]'s job; depends only on [`crate::model`].
 
 pub mod apikey;
 pub mod jwt;
@@ -11,7 +12,7 @@ pub mod jwt;
 use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::naming::Naming;
+use crate::model::naming::{InvalidStreamName, Naming};
 
 /// One role as written in tokens and config.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -154,7 +155,7 @@ impl Roles {
         self.roles.contains(&Role::Admin)
     }
 
-    /// The permission rule of DESIGN §4.
+    /// The permission rule, for a stream of `domain`.
     pub fn allows(&self, op: Op, domain: &str) -> bool {
         if self.is_admin() {
             return true;
@@ -213,4 +214,35 @@ impl fmt::Display for Roles {
 pub struct Identity {
     pub subject: String,
     pub roles: Roles,
+}
+
+/// Why [`authorize`] refused an operation.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// The stream name is not one RedStream accepts, so it has no domain to hold a role for.
+    #[error(transparent)]
+    InvalidStream(#[from] InvalidStreamName),
+    /// The identity holds no role that covers the operation.
+    #[error("{identity} may not {op} on {stream:?}: that needs role {needed} or admin")]
+    Unauthorized {
+        op: Op,
+        stream: String,
+        identity: String,
+        needed: Role,
+    },
+}
+
+/// The permission rule applied to one operation on one stream: a valid name, and a role for its domain.
+pub fn authorize(naming: &Naming, identity: &Identity, op: Op, stream: &str) -> Result<(), Denied> {
+    let domain = naming.domain_of(stream)?;
+    if identity.roles.allows(op, domain) {
+        Ok(())
+    } else {
+        Err(Denied::Unauthorized {
+            op,
+            stream: stream.to_owned(),
+            identity: identity.subject.clone(),
+            needed: Roles::needed(op, domain),
+        })
+    }
 }

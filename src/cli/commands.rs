@@ -14,13 +14,13 @@ use super::{Cli, Command, DlqCommand, Exit, Failure, HandlerCommand, LocalCall, 
 use crate::auth::apikey;
 use crate::auth::{Identity, Roles};
 use crate::client::{Client, PendingQuery, PublishOptions, ReadOptions};
+use crate::client::{Error, redact_url, wait_ready};
 use crate::config::{self, Settings};
-use crate::conn::{Redis, redact_url};
-use crate::dlq;
-use crate::engine::handler::{Message, Outcome};
-use crate::envelope::Fields;
-use crate::naming::Naming;
-use crate::wasm::{Runtime, RuntimeSettings, WasmHandler, WasmSpec};
+use crate::handlers::wasm::{Runtime, RuntimeSettings, WasmHandler, WasmSpec};
+use crate::model::dead_letter as dlq;
+use crate::model::envelope::Fields;
+use crate::model::message::{Message, Outcome};
+use crate::model::naming::Naming;
 
 type Result<T = ()> = std::result::Result<T, Failure>;
 
@@ -208,7 +208,7 @@ pub async fn run(cli: Cli) -> Result {
                 ids
             };
             for id in ids {
-                let (source, new_id) = dlq::replay(&client, &stream, &id).await?;
+                let (source, new_id) = client.replay_dead_letter(&stream, &id).await?;
                 println!(
                     "{}",
                     json!({"dead_letter": id, "stream": source, "id": new_id})
@@ -244,7 +244,7 @@ async fn check(config: Option<&Path>, ping: bool) -> Result {
     }
     println!("  domains: {}", settings.naming.domains().join(", "));
     // Compile and link every handler, resolve every route: a broken component is a config error.
-    let prepared = crate::engine::prepare(&settings)?;
+    let prepared = crate::daemon::prepare(&settings)?;
     for h in &settings.handlers {
         let mode = h
             .reuse
@@ -276,9 +276,12 @@ async fn check(config: Option<&Path>, ping: bool) -> Result {
     drop(prepared);
     println!("  redis: {}", redact_url(&settings.redis.url));
     if ping {
-        let redis =
-            Redis::open(settings.redis.clone()).map_err(|m| Failure::new(Exit::Config, m))?;
-        redis.wait_ready(settings.startup_wait).await?;
+        wait_ready(settings.redis.clone(), settings.startup_wait)
+            .await
+            .map_err(|e| match e {
+                Error::InvalidConnection(m) => Failure::new(Exit::Config, m),
+                e => e.into(),
+            })?;
         println!("  redis answered PING");
     }
     Ok(())
@@ -288,10 +291,10 @@ async fn check(config: Option<&Path>, ping: bool) -> Result {
 async fn connect(config: Option<&Path>, token: Option<&str>) -> Result<Client> {
     let settings = config::load(config)?;
     let identity = acting_identity(&settings, token)?;
-    let redis = Redis::open(settings.redis.clone())
-        .map_err(|m| Failure::new(Exit::Config, format!("redis.url: {m}")))?;
-    redis.ping().await?;
-    Ok(Client::new(redis, settings.naming.clone(), identity))
+    let client = Client::connect(settings.redis.clone(), settings.naming.clone(), identity)
+        .map_err(|e| Failure::new(Exit::Config, format!("redis.url: {e}")))?;
+    client.ping().await?;
+    Ok(client)
 }
 
 /// `--token` if given (verified), else the daemon's identity from the config.
@@ -329,7 +332,7 @@ fn token(config: Option<&Path>, cmd: TokenCommand) -> Result {
             let key = auth
                 .api_keys
                 .authenticate(&api_key)
-                .map_err(crate::error::Error::from)?;
+                .map_err(crate::client::error::Error::from)?;
             let wanted = if roles.is_empty() {
                 key.roles.clone()
             } else {
@@ -359,7 +362,7 @@ fn token(config: Option<&Path>, cmd: TokenCommand) -> Result {
             let (token, _) = auth
                 .keys
                 .issue(&key.identity, &wanted, ttl)
-                .map_err(crate::error::Error::from)?;
+                .map_err(crate::client::error::Error::from)?;
             println!("{token}");
             Ok(())
         }
@@ -369,7 +372,7 @@ fn token(config: Option<&Path>, cmd: TokenCommand) -> Result {
                 .auth
                 .keys
                 .verify(token.trim())
-                .map_err(crate::error::Error::from)?;
+                .map_err(crate::client::error::Error::from)?;
             let out = json!({
                 "subject": v.identity.subject,
                 "roles": v.identity.roles.to_strings(),
@@ -450,7 +453,7 @@ fn local_handler(call: &LocalCall, reuse: Option<u64>) -> Result<(Runtime, WasmH
     let memory = crate::config::parse_size(&call.memory)
         .map_err(|m| Failure::new(Exit::Failure, format!("--memory: {m}")))?;
     let settings = RuntimeSettings {
-        cache_dir: crate::wasm::default_cache_dir(),
+        cache_dir: crate::handlers::wasm::default_cache_dir(),
         workers: 1,
         max_stack: 512 * 1024,
         max_memory: memory,

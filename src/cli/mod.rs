@@ -1,4 +1,4 @@
-//! The `redstream` command line: arguments, logging set-up, and exit codes (DESIGN §6).
+//! The `redstream` command line: arguments, logging set-up, and exit codes (docs/design.md, "Operator surface").
 //!
 //! Owns what an operator types and what a script reads back: JSON lines where output feeds a program,
 //! aligned text where a person reads it, and exit codes 0 (done), 1 (failed), 69 (Redis unavailable),
@@ -11,8 +11,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::client::error::Error;
 use crate::config::ConfigError;
-use crate::error::Error;
 
 /// Exit codes, from sysexits.h where one fits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,7 +359,7 @@ fn daemon(config: Option<&std::path::Path>) -> ExitCode {
             return ExitCode::from(Exit::Config as u8);
         }
     };
-    let prepared = match crate::engine::prepare(&settings) {
+    let prepared = match crate::daemon::prepare(&settings) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("redstream: {e}");
@@ -370,13 +370,13 @@ fn daemon(config: Option<&std::path::Path>) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let result = runtime.block_on(crate::engine::run(settings, prepared));
+    let result = runtime.block_on(crate::daemon::run(settings, prepared));
     // Handler tasks still running after a forced stop are abandoned, not awaited.
     runtime.shutdown_background();
     let exit = match result {
-        Ok(crate::engine::Stopped::Drained) => Exit::Ok,
+        Ok(crate::daemon::Stopped::Drained) => Exit::Ok,
         Ok(_) => Exit::Failure,
-        Err(crate::engine::RunError::Unavailable(e)) => {
+        Err(crate::daemon::RunError::Unavailable(e)) => {
             tracing::error!(error = %e, "redis unavailable at start");
             Exit::Unavailable
         }

@@ -8,13 +8,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use super::DaemonIdentity;
+use super::checker::Checker;
 use super::raw::RawConfig;
-use super::validate::Checker;
+use super::settings::DaemonIdentity;
 use crate::auth::Op;
 use crate::engine::router::{Action, Predicates, RouteSpec, StreamPattern};
-use crate::naming::Naming;
-use crate::wasm::{RuntimeSettings, WasmSpec};
+use crate::handlers::wasm::{RuntimeSettings, WasmSpec};
+use crate::model::naming::Naming;
 
 /// Names a `[[handlers]]` entry may not take: the built-in handlers.
 pub const BUILT_IN: [&str; 3] = ["drop", "forward", "faults"];
@@ -146,7 +146,7 @@ pub(super) fn wasm_settings(
     let w = &raw.wasm;
     let cache_dir = match &w.cache_dir {
         Some(d) => c.text("wasm.cache_dir", d).map(Into::into),
-        None => crate::wasm::default_cache_dir(),
+        None => crate::handlers::wasm::default_cache_dir(),
     };
     let workers = match &w.workers {
         Some(n) => c.get("wasm.workers", n, "a positive integer")? as usize,
@@ -277,7 +277,7 @@ fn route_action(
                     .map_err(|e| e.to_string())
             })?;
             if let Some(id) = identity
-                && let Err(e) = crate::client::check(naming, &id.identity, Op::Publish, &to)
+                && let Err(e) = crate::auth::authorize(naming, &id.identity, Op::Publish, &to)
             {
                 c.problem(&p("forward"), e.to_string());
             }

@@ -6,160 +6,42 @@
 //! never sees raw config, and a broken config yields one [`ConfigError`] listing every problem with its
 //! key path — which the CLI turns into exit code 78.
 
+//!
+//! - [`raw`]: the deserialized shapes, with defaults in one place.
+//! - `checker`: reading values and collecting problems; `validate`, `consumers`, `handlers`, `system`:
+//!   one file per group of sections; `secret`: inline, file, credential and env secrets.
+//! - [`settings`]: the validated types config owns.
+
+mod checker;
+mod consumers;
 mod handlers;
 pub mod raw;
 mod secret;
+pub mod settings;
+mod system;
 mod validate;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
+use figment::Figment;
 use figment::providers::{Env, Format, Toml};
-use figment::{Figment, Metadata, Source};
 
-use crate::auth::Identity;
-use crate::auth::apikey::ApiKeys;
-use crate::auth::jwt::KeySet;
-use crate::conn::RedisSettings;
-use crate::engine::router::RouteSpec;
-use crate::engine::{ConsumerSettings, DaemonSettings};
-use crate::naming::Naming;
-use crate::wasm::{RuntimeSettings, WasmSpec};
+use checker::origin_of;
 
+pub use checker::{ConfigError, Problem};
+pub use consumers::default_consumer;
 pub use handlers::parse_size;
-pub use validate::{default_consumer, default_name};
+pub use settings::{
+    AuthSettings, ControlSettings, DaemonIdentity, DaemonSettings, HeartbeatSettings, Retention,
+    Settings,
+};
+pub use validate::default_name;
 
 /// Where the config file is looked for when neither `--config` nor `$REDSTREAM_CONFIG` names one.
 pub const DEFAULT_PATH: &str = "/etc/redstream/redstream.toml";
 
 /// Environment variables read by the CLI itself, not config keys.
 const NOT_CONFIG_KEYS: [&str; 3] = ["config", "token", "api_key"];
-
-/// Everything RedStream runs on, validated.
-#[derive(Debug)]
-pub struct Settings {
-    /// The daemon's own identity; None when the config gives none (then only `check` and token
-    /// commands that bring their own credentials can work).
-    pub identity: Option<DaemonIdentity>,
-    pub naming: Arc<Naming>,
-    pub redis: RedisSettings,
-    /// How long `run` and the CLI wait for Redis at start before giving up with exit code 69.
-    pub startup_wait: Duration,
-    pub auth: AuthSettings,
-    /// Level and destinations of the daemon's log.
-    pub log: crate::logging::LogSettings,
-    /// The config file that was read, if any.
-    pub file: Option<PathBuf>,
-    pub daemon: DaemonSettings,
-    /// The groups `redstream run` consumes.
-    pub consumers: Vec<ConsumerSettings>,
-    pub wasm: RuntimeSettings,
-    /// Where Prometheus metrics are served (a loopback address), if anywhere.
-    pub metrics_listen: Option<std::net::SocketAddr>,
-    /// How often pending, lag and stream lengths are polled for metrics and the status line.
-    pub metrics_poll: Duration,
-    /// The periodic heartbeat entry, if enabled.
-    pub heartbeat: Option<HeartbeatSettings>,
-    /// The control stream this daemon obeys, if enabled.
-    pub control: Option<ControlSettings>,
-    /// How often the retention janitor runs, and what it trims.
-    pub retention_interval: Duration,
-    pub retention: Vec<crate::engine::janitor::Retention>,
-    pub handlers: Vec<WasmSpec>,
-    pub routes: Vec<RouteSpec>,
-}
-
-/// The daemon's verified identity and the token proving it.
-#[derive(Clone, Debug)]
-pub struct DaemonIdentity {
-    pub identity: Identity,
-    pub token: String,
-    /// Seconds since the epoch.
-    pub expires_at: u64,
-}
-
-/// `[heartbeat]`: an entry every `interval` on `stream`, trimmed to about `max_len`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HeartbeatSettings {
-    pub stream: String,
-    pub interval: Duration,
-    pub max_len: u64,
-}
-
-/// `[control]`: signed commands on `stream`, read by a group of this instance's own.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ControlSettings {
-    pub stream: String,
-    pub dead_letter: String,
-    /// Where status replies go: the heartbeat stream.
-    pub reply_to: String,
-}
-
-/// Token keys and the API keys that may obtain tokens.
-#[derive(Debug)]
-pub struct AuthSettings {
-    pub keys: Arc<KeySet>,
-    pub api_keys: ApiKeys,
-    /// Lifetime of issued tokens when the caller names none.
-    pub token_ttl: Duration,
-    /// The longest lifetime `token issue` grants.
-    pub max_token_ttl: Duration,
-}
-
-/// One thing wrong with the config.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    /// Key path such as `auth.keys[1].algorithm`.
-    pub path: String,
-    pub message: String,
-    /// Where the value came from, when known: the file, or the environment variable.
-    pub origin: Option<String>,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)?;
-        if let Some(o) = &self.origin {
-            write!(f, " (from {o})")?;
-        }
-        Ok(())
-    }
-}
-
-/// The config could not be used. Lists every problem found.
-#[derive(Clone, Debug, thiserror::Error)]
-pub struct ConfigError {
-    pub file: Option<PathBuf>,
-    pub problems: Vec<Problem>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.file {
-            Some(p) => write!(f, "invalid configuration ({}):", p.display())?,
-            None => write!(f, "invalid configuration:")?,
-        }
-        for p in &self.problems {
-            write!(f, "\n  {p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl ConfigError {
-    fn one(file: Option<PathBuf>, path: &str, message: String) -> Self {
-        ConfigError {
-            file,
-            problems: vec![Problem {
-                path: path.into(),
-                message,
-                origin: None,
-            }],
-        }
-    }
-}
 
 /// Which file to read: `--config`, else `$REDSTREAM_CONFIG`, else [`DEFAULT_PATH`] if it exists.
 /// A file named explicitly must exist.
@@ -213,7 +95,7 @@ pub fn from_figment(
         .as_deref()
         .and_then(Path::parent)
         .map(Path::to_path_buf);
-    let mut checker = validate::Checker::new(figment, base_dir.as_deref(), credentials_dir);
+    let mut checker = checker::Checker::new(figment, base_dir.as_deref(), credentials_dir);
     let built = validate::settings(&raw, &mut checker);
     let problems = std::mem::take(&mut checker.problems);
     match built {
@@ -262,22 +144,6 @@ fn key_path(segments: &[String]) -> String {
         }
     }
     out
-}
-
-/// "config/redstream.toml" or "environment variable REDSTREAM_REDIS__URL".
-pub(crate) fn origin_of(meta: &Metadata, path: &str) -> String {
-    match &meta.source {
-        Some(Source::File(p)) => p.display().to_string(),
-        _ if meta.name.contains("environment") => {
-            let var: String = path
-                .split('.')
-                .map(|s| s.to_ascii_uppercase())
-                .collect::<Vec<_>>()
-                .join("__");
-            format!("environment variable REDSTREAM_{var}")
-        }
-        _ => meta.name.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -120,7 +120,7 @@ pub struct RawNaming {
 impl Default for RawNaming {
     fn default() -> Self {
         RawNaming {
-            domains: crate::naming::DEFAULT_DOMAINS
+            domains: crate::model::naming::DEFAULT_DOMAINS
                 .iter()
                 .map(|d| Loose::ok(d.to_string()))
                 .collect(),

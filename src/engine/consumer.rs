@@ -1,4 +1,4 @@
-//! One consumer of one group: the read / claim / ack loop (DESIGN §1–§2).
+//! One consumer of one group: the read / claim / ack loop (docs/design.md, "Data flow" and "Delivery").
 //!
 //! Owns the life of a message from delivery to commit: it re-reads this consumer's own pending entries
 //! at start (and after a read whose reply was lost), then reads new ones; claims entries that other
@@ -26,19 +26,19 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, trace, warn};
 
-use super::ConsumerSettings;
-use super::commit::{self, Committed, Committer, Effect, Finished};
-use super::handler::{Handler, Message, Outcome};
 use super::router::{Router, Selection, Unmatched};
+use super::settings::ConsumerSettings;
 use crate::auth::Op;
 use crate::auth::jwt::KeySet;
 use crate::backoff::Backoff;
-use crate::client::{Client, GroupReader, PendingQuery, ReadFrom, Round, check};
-use crate::envelope::Entry;
-use crate::error::Error;
+use crate::client::commit::{self, Committed, Effect, Finished};
+use crate::client::decode::Entries;
+use crate::client::{Client, Error, GroupReader, PendingQuery, ReadFrom, Round};
 use crate::metrics::{self, GroupLabels, HandlerLabels, MessageLabels};
+use crate::model::StreamId;
+use crate::model::envelope::Entry;
+use crate::model::message::{BatchDone, Handled, Handler, Message, Outcome, Sender};
 use crate::notify::Liveness;
-use crate::reply::Entries;
 use crate::shutdown::Shutdown;
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
@@ -103,7 +103,7 @@ struct State {
     limit: usize,
     /// Ids delivered to us (parsed) and not yet committed or released: running, queued, finished, or
     /// committing.
-    in_flight: HashSet<(u64, u64)>,
+    in_flight: HashSet<StreamId>,
     running: usize,
     /// order_by keys with a message running, and the messages waiting behind each.
     busy: HashSet<Vec<u8>>,
@@ -210,13 +210,12 @@ impl Consumer {
         let cfg = &*self.cfg;
         let sha = commit::script().get_hash().to_owned();
         self.load_script().await?;
-        let committer = Committer {
-            stream: cfg.stream.clone(),
-            group: cfg.group.clone(),
-            consumer: cfg.consumer.clone(),
-            source: self.client.identity().subject.clone(),
-            dead_letter: cfg.dead_letter.clone(),
-        };
+        let committer = self.client.committer(
+            cfg.stream.clone(),
+            &cfg.group,
+            &cfg.consumer,
+            &cfg.dead_letter,
+        )?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Done>>();
         let mut reader = Some(self.new_reader()?);
         let mut round: Option<JoinHandle<RoundResult>> = None;
@@ -247,7 +246,7 @@ impl Consumer {
         // Liveness: the loop turns at least once a second, and says until when its state is healthy.
         let mut pulse = tokio::time::interval(Duration::from_secs(1));
         let slack = Duration::from_secs(5);
-        let redis = self.client.redis().settings();
+        let redis = self.client.settings();
         let read_bound = cfg.block + redis.command_timeout + redis.connect_timeout;
         let mut last_progress = Instant::now();
         let mut round_started: Option<Instant> = None;
@@ -274,8 +273,7 @@ impl Consumer {
                 commit_started = Some(Instant::now());
                 st.committing = batch;
                 commit = Some(tokio::spawn(async move {
-                    let ctx = crate::conn::Ctx::new("EVALSHA", &cfg.stream).group(&cfg.group);
-                    client.redis().query_value(&cmd, ctx).await
+                    client.commit(&cmd, &cfg.stream, &cfg.group).await
                 }));
             }
 
@@ -404,7 +402,7 @@ impl Consumer {
                         }
                         Err(join) => {
                             st.finished.extend(batch);
-                            let e = Error::Protocol { command: "XREADGROUP", key: cfg.stream.to_string(), detail: join.to_string() };
+                            let e = Error::Aborted { command: "XREADGROUP", key: cfg.stream.to_string(), detail: join.to_string() };
                             retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?);
                         }
                     }
@@ -415,7 +413,7 @@ impl Consumer {
                     commit_started = None;
                     last_progress = Instant::now();
                     let batch = std::mem::take(&mut st.committing);
-                    let result = joined.unwrap_or_else(|join| Err(Error::Protocol {
+                    let result = joined.unwrap_or_else(|join| Err(Error::Aborted {
                         command: "EVALSHA",
                         key: cfg.stream.to_string(),
                         detail: join.to_string(),
@@ -436,10 +434,6 @@ impl Consumer {
         }
     }
 
-    fn ctx(&self, command: &'static str) -> crate::conn::Ctx<'_> {
-        crate::conn::Ctx::new(command, &self.cfg.stream).group(&self.cfg.group)
-    }
-
     fn new_reader(&self) -> Result<GroupReader, Error> {
         let c = &self.cfg;
         self.client
@@ -447,13 +441,7 @@ impl Consumer {
     }
 
     async fn load_script(&self) -> Result<(), Error> {
-        let mut cmd = redis::cmd("SCRIPT");
-        cmd.arg("LOAD").arg(commit::SOURCE);
-        self.client
-            .redis()
-            .query_value(&cmd, self.ctx("SCRIPT LOAD"))
-            .await
-            .map(drop)
+        self.client.load_commit_script(&self.cfg.stream).await
     }
 
     /// Handles a read or claim failure: returns when to try again, or the error if retrying cannot
@@ -656,7 +644,12 @@ impl Consumer {
         Ok(())
     }
 
-    fn message(&self, id: String, fields: crate::envelope::Fields, deliveries: u64) -> Message {
+    fn message(
+        &self,
+        id: String,
+        fields: crate::model::envelope::Fields,
+        deliveries: u64,
+    ) -> Message {
         Message {
             stream: self.cfg.stream.clone(),
             id,
@@ -729,7 +722,10 @@ impl Consumer {
             .verify(token)
             .map_err(|e| format!("unauthenticated: {e}"))?;
         msg.fields.remove(TOKEN_FIELD);
-        msg.sender = Some(Arc::new(verified.identity));
+        msg.sender = Some(Arc::new(Sender {
+            roles: verified.identity.roles.to_strings(),
+            subject: verified.identity.subject,
+        }));
         Ok(())
     }
 
@@ -765,10 +761,10 @@ impl Consumer {
             let client = self.client.clone();
             let max = u64::from(self.cfg.max_deliveries);
             let tx = tx.clone();
-            let done: super::handler::BatchDone = Arc::new(move |results| {
+            let done: BatchDone = Arc::new(move |results| {
                 let batch = results
                     .into_iter()
-                    .map(|(msg, outcome, took): super::handler::Handled| {
+                    .map(|(msg, outcome, took): Handled| {
                         duration.observe(took.as_secs_f64());
                         let effect = decide(outcome, &msg, max, &client);
                         Done {
@@ -802,7 +798,7 @@ impl Consumer {
             message_id = %msg.id,
             deliveries = msg.deliveries,
             handler = handler.name(),
-            trace_id = msg.fields.get_str(crate::envelope::TRACE_ID).unwrap_or("")
+            trace_id = msg.fields.get_str(crate::model::envelope::TRACE_ID).unwrap_or("")
         );
         tokio::spawn(
             async move {
@@ -864,7 +860,7 @@ fn decide(outcome: Outcome, msg: &Message, max: u64, client: &Client) -> Option<
             // Handlers may only reply where their identity may publish; WASM handlers are checked at
             // publish time too, this is the last line.
             for r in &replies {
-                if let Err(e) = check(client.naming(), client.identity(), Op::Publish, &r.stream) {
+                if let Err(e) = client.authorize(Op::Publish, &r.stream) {
                     return Some(Effect::DeadLetter(format!("reply refused: {e}")));
                 }
             }
@@ -932,10 +928,11 @@ fn take_sorted(finished: &mut Vec<Finished>) -> Vec<Finished> {
     batch
 }
 
-/// A stream id (`ms-seq`) as numbers, for ordering.
-fn parse_id(s: &str) -> (u64, u64) {
-    let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+/// An entry's id as the in-flight set and the commit order know it. Redis hands out nothing but valid
+/// ids; should a reply ever carry another, it sorts last and shares one slot — such an entry is never
+/// acked by mistake, it stays pending.
+fn parse_id(s: &str) -> StreamId {
+    StreamId::parse(s).unwrap_or(StreamId::MAX)
 }
 
 /// Orders stream ids numerically.

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use super::handler::{Handler, Message};
+use crate::model::message::{Handler, Message};
 
 /// A stream name or ADAPT pattern: `*` stands for one whole segment.
 #[derive(Clone, Debug, PartialEq, Eq)]

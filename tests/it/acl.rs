@@ -8,8 +8,7 @@ use redstream::Error;
 use redstream::auth::{Identity, Roles};
 use redstream::client::{Client, PublishOptions, ReadFrom, ReadOptions};
 use redstream::config;
-use redstream::conn::Redis;
-use redstream::envelope::Fields;
+use redstream::model::envelope::Fields;
 
 use crate::util::{RedisServer, config_toml};
 
@@ -28,12 +27,12 @@ fn client_on_db(server: &RedisServer, db: u8, user: &str, credentials: &std::pat
     );
     let settings =
         config::from_figment(&Figment::from(Toml::string(&toml)), None, Some(credentials)).unwrap();
-    let redis = Redis::open(settings.redis.clone()).unwrap();
     let identity = Identity {
         subject: "ops".into(),
         roles: Roles::parse(&["admin"]).unwrap(),
     };
-    Client::new(redis, settings.naming.clone(), identity)
+    Client::connect(settings.redis.clone(), settings.naming.clone(), identity)
+        .expect("valid connection settings")
 }
 
 /// ACL SETUSER taskbot with these rules.
@@ -140,7 +139,6 @@ async fn wrong_redis_password_is_reported_not_retried_forever() {
     let client = client_for(&server, "taskbot", creds.path());
     let started = std::time::Instant::now();
     let err = client
-        .redis()
         .wait_ready(std::time::Duration::from_secs(20))
         .await
         .unwrap_err();
@@ -155,7 +153,7 @@ async fn wrong_redis_password_is_reported_not_retried_forever() {
     );
 }
 
-/// Group reads have their own connection (plain RESP, `redstream::wire`): it logs in as the ACL user,
+/// Group reads have their own connection (plain RESP, `redstream::client::wire`): it logs in as the ACL user,
 /// selects the configured database, and reports a wrong password or a denied key as the shared
 /// connection does.
 #[tokio::test]

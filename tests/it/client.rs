@@ -5,9 +5,8 @@ use std::time::{Duration, Instant};
 
 use redstream::Error;
 use redstream::auth::{Identity, Roles};
-use redstream::client::{Client, PendingQuery, PublishOptions, ReadFrom, ReadOptions};
-use redstream::conn::Redis;
-use redstream::envelope::Fields;
+use redstream::client::{Client, PendingQuery, PublishOptions, ReadFrom, ReadOptions, wait_ready};
+use redstream::model::envelope::Fields;
 
 use crate::util::{RedisServer, admin, client_as, config_toml, settings_from};
 
@@ -25,7 +24,7 @@ async fn publish_n(client: &Client, stream: &str, n: usize) -> Vec<String> {
     ids
 }
 
-fn numbers(entries: &[redstream::envelope::Entry]) -> Vec<String> {
+fn numbers(entries: &[redstream::model::envelope::Entry]) -> Vec<String> {
     entries
         .iter()
         .map(|e| e.fields.get_str("n").unwrap().to_owned())
@@ -188,12 +187,12 @@ async fn blocking_read_outlives_the_command_timeout_and_does_not_stall_others() 
     let toml = config_toml(&server.url(), "")
         .replace("command_timeout = \"2s\"", "command_timeout = \"300ms\"");
     let settings = settings_from(&toml).unwrap();
-    let redis = Redis::open(settings.redis.clone()).unwrap();
     let identity = Identity {
         subject: "t".into(),
         roles: Roles::parse(&["admin"]).unwrap(),
     };
-    let client = Client::new(redis, settings.naming.clone(), identity);
+    let client = Client::connect(settings.redis.clone(), settings.naming.clone(), identity)
+        .expect("valid connection settings");
     let s = "nova:task:client:block";
     client.create_group(s, "g", "$").await.unwrap();
     let mut reader = client
@@ -369,16 +368,16 @@ async fn unreachable_redis_is_a_transient_connection_error() {
     let toml =
         config_toml(&url, "").replace("connect_timeout = \"2s\"", "connect_timeout = \"300ms\"");
     let settings = settings_from(&toml).unwrap();
-    let redis = Redis::open(settings.redis.clone()).unwrap();
-    let err = redis.ping().await.unwrap_err();
+    let err = wait_ready(settings.redis.clone(), Duration::ZERO)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, Error::Connection { .. } | Error::Timeout { .. }),
         "{err:?}"
     );
     assert!(err.is_transient());
     let started = Instant::now();
-    let err = redis
-        .wait_ready(Duration::from_millis(500))
+    let err = wait_ready(settings.redis.clone(), Duration::from_millis(500))
         .await
         .unwrap_err();
     assert!(err.is_transient(), "{err}");

@@ -41,8 +41,11 @@ fn heartbeats_are_published_and_trimmed() {
             .query::<redis::Value>(&mut server.conn())
             .ok()
             .and_then(|v| {
-                let mut p = redstream::reply::pairs(v).ok()?;
-                redstream::reply::int(&redstream::reply::take(&mut p, "entries-added"))
+                let mut p = redstream::client::decode::pairs(v).ok()?;
+                redstream::client::decode::int(&redstream::client::decode::take(
+                    &mut p,
+                    "entries-added",
+                ))
             })?;
         (total >= 250).then_some(())
     });

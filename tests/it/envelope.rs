@@ -1,7 +1,7 @@
 //! The envelope against a real Redis: round trips, binary values, the `id` field, JSON encoding.
 
 use redstream::client::{PublishOptions, ReadOptions};
-use redstream::envelope::{self, Fields};
+use redstream::model::envelope::{self, Fields};
 use serde_json::json;
 
 use crate::util::{RedisServer, admin};

@@ -1,6 +1,6 @@
 //! Stream, group and consumer names: the accept/reject tables, including the original's own examples.
 
-use redstream::naming::{NameKind, Naming, StreamName, validate_name};
+use redstream::model::naming::{NameKind, Naming, StreamName, validate_name};
 
 #[test]
 fn accepts_adapt_and_legacy_names() {

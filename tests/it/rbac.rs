@@ -6,7 +6,7 @@ use std::time::Duration;
 use redstream::Error;
 use redstream::auth::Op;
 use redstream::client::{Client, PendingQuery, PublishOptions, ReadFrom, ReadOptions};
-use redstream::envelope::Fields;
+use redstream::model::envelope::Fields;
 
 use crate::util::{RedisServer, admin, client_as};
 

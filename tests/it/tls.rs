@@ -4,8 +4,7 @@ use figment::Figment;
 use figment::providers::{Format, Toml};
 use redstream::client::{Client, PublishOptions, ReadFrom, ReadOptions};
 use redstream::config;
-use redstream::conn::Redis;
-use redstream::envelope::Fields;
+use redstream::model::envelope::Fields;
 
 use crate::util::redis_server::free_port;
 use crate::util::{RedisServer, config_toml, fixture};
@@ -37,9 +36,9 @@ fn client(port: u16, tls_keys: &str) -> Client {
     let url = format!("rediss://127.0.0.1:{port}/0");
     let toml = config_toml(&url, "").replace("[redis]\n", &format!("[redis]\n{tls_keys}\n"));
     let settings = config::from_figment(&Figment::from(Toml::string(&toml)), None, None).unwrap();
-    let redis = Redis::open(settings.redis.clone()).unwrap();
     let me = settings.identity.unwrap().identity;
-    Client::new(redis, settings.naming.clone(), me)
+    Client::connect(settings.redis.clone(), settings.naming.clone(), me)
+        .expect("valid connection settings")
 }
 
 fn file_key(key: &str, rel: &str) -> String {
@@ -74,7 +73,7 @@ async fn rediss_with_a_private_ca() {
 
     // Without our CA the server's certificate is not trusted: an error, not a silent plaintext fallback.
     let untrusted = client(port, "");
-    assert!(untrusted.redis().ping().await.is_err());
+    assert!(untrusted.ping().await.is_err());
 }
 
 #[tokio::test]
@@ -87,10 +86,10 @@ async fn mutual_tls_with_a_client_certificate() {
     ]
     .join("\n");
     let c = client(port, &keys);
-    c.redis().ping().await.unwrap();
+    c.ping().await.unwrap();
     let no_cert = client(port, &file_key("tls_ca", "tls/ca.pem"));
     assert!(
-        no_cert.redis().ping().await.is_err(),
+        no_cert.ping().await.is_err(),
         "the server requires a client certificate"
     );
 }

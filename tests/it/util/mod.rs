@@ -12,7 +12,6 @@ use figment::providers::{Format, Toml};
 use redstream::auth::Roles;
 use redstream::client::Client;
 use redstream::config::{self, Settings};
-use redstream::conn::Redis;
 
 pub use daemon::Daemon;
 pub use redis_server::RedisServer;
@@ -69,8 +68,12 @@ pub fn client_as(server: &RedisServer, subject: &str, roles: &[&str]) -> Client 
         .issue(subject, &roles, Duration::from_secs(60))
         .expect("issue");
     let verified = settings.auth.keys.verify(&token).expect("verify");
-    let redis = Redis::open(settings.redis.clone()).expect("open");
-    Client::new(redis, settings.naming.clone(), verified.identity)
+    Client::connect(
+        settings.redis.clone(),
+        settings.naming.clone(),
+        verified.identity,
+    )
+    .expect("valid connection settings")
 }
 
 pub fn admin(server: &RedisServer) -> Client {

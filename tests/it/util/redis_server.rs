@@ -146,14 +146,16 @@ impl RedisServer {
     }
 
     /// Every entry of a stream, decoded by the library's own decoder.
-    pub fn entries(&self, stream: &str) -> Vec<redstream::envelope::Entry> {
+    pub fn entries(&self, stream: &str) -> Vec<redstream::model::envelope::Entry> {
         let v: redis::Value = redis::cmd("XRANGE")
             .arg(stream)
             .arg("-")
             .arg("+")
             .query(&mut self.conn())
             .expect("XRANGE");
-        redstream::reply::entries(v).expect("decodable").entries
+        redstream::client::decode::entries(v)
+            .expect("decodable")
+            .entries
     }
 
     /// How many entries the group has pending (0 if the group does not exist).
@@ -163,9 +165,10 @@ impl RedisServer {
             .arg(group)
             .query(&mut self.conn());
         match v {
-            Ok(redis::Value::Array(parts)) => {
-                parts.first().and_then(redstream::reply::int).unwrap_or(0) as u64
-            }
+            Ok(redis::Value::Array(parts)) => parts
+                .first()
+                .and_then(redstream::client::decode::int)
+                .unwrap_or(0) as u64,
             _ => 0,
         }
     }
@@ -177,11 +180,18 @@ impl RedisServer {
             .query(&mut self.conn())
             .unwrap_or_default();
         rows.into_iter()
-            .filter_map(|row| redstream::reply::pairs(row).ok())
+            .filter_map(|row| redstream::client::decode::pairs(row).ok())
             .find_map(|mut p| {
-                let name = redstream::reply::string(redstream::reply::take(&mut p, "name"))?;
+                let name = redstream::client::decode::string(redstream::client::decode::take(
+                    &mut p, "name",
+                ))?;
                 (name == group)
-                    .then(|| redstream::reply::int(&redstream::reply::take(&mut p, "entries-read")))
+                    .then(|| {
+                        redstream::client::decode::int(&redstream::client::decode::take(
+                            &mut p,
+                            "entries-read",
+                        ))
+                    })
                     .flatten()
             })
             .map_or(0, |n| n.max(0) as u64)
@@ -203,8 +213,8 @@ impl RedisServer {
             .expect("XINFO CONSUMERS");
         rows.into_iter()
             .filter_map(|row| {
-                let mut p = redstream::reply::pairs(row).ok()?;
-                redstream::reply::string(redstream::reply::take(&mut p, "name"))
+                let mut p = redstream::client::decode::pairs(row).ok()?;
+                redstream::client::decode::string(redstream::client::decode::take(&mut p, "name"))
             })
             .collect()
     }

@@ -17,11 +17,11 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::redstream::handler::{host, types};
 use super::output::Capture;
-use crate::auth::{Identity, Op, Roles};
+use crate::auth::{Op, Roles};
 
-use crate::engine::handler::{Outcome, Reply};
-use crate::envelope::Fields;
-use crate::naming::Naming;
+use crate::model::envelope::Fields;
+use crate::model::message::{Message, Outcome, Reply, Sender};
+use crate::model::naming::Naming;
 
 /// Replies one message may buffer.
 pub const MAX_REPLIES: usize = 100;
@@ -287,15 +287,13 @@ pub fn escape(bytes: &[u8], max: usize) -> String {
 pub struct Lent {
     stream: Arc<str>,
     deliveries: u64,
-    sender: Option<Arc<Identity>>,
+    sender: Option<Arc<Sender>>,
 }
 
 /// Moves a message into its WIT form without copying its fields; [`give_back`] restores it. Fails
 /// (handing the message back) when a field name is not UTF-8.
-pub fn lend(
-    msg: crate::engine::handler::Message,
-) -> Result<(types::Message, Lent), (crate::engine::handler::Message, String)> {
-    let crate::engine::handler::Message {
+pub fn lend(msg: Message) -> Result<(types::Message, Lent), (Message, String)> {
+    let Message {
         stream,
         id,
         fields,
@@ -309,7 +307,7 @@ pub fn lend(
     if let Some(name) = bad {
         let reason = format!("malformed message: field name {name:?} is not UTF-8");
         return Err((
-            crate::engine::handler::Message {
+            Message {
                 stream,
                 id,
                 fields,
@@ -319,7 +317,9 @@ pub fn lend(
             reason,
         ));
     }
-    let trace_id = fields.get_str(crate::envelope::TRACE_ID).map(str::to_owned);
+    let trace_id = fields
+        .get_str(crate::model::envelope::TRACE_ID)
+        .map(str::to_owned);
     let wit_fields = fields
         .into_vec()
         .into_iter()
@@ -333,7 +333,7 @@ pub fn lend(
         trace_id,
         sender: sender.as_deref().map(|s| types::Sender {
             subject: s.subject.clone(),
-            roles: s.roles.to_strings(),
+            roles: s.roles.clone(),
         }),
     };
     Ok((
@@ -347,8 +347,8 @@ pub fn lend(
 }
 
 /// The message back from its WIT form.
-pub fn give_back(wit: types::Message, lent: Lent) -> crate::engine::handler::Message {
-    crate::engine::handler::Message {
+pub fn give_back(wit: types::Message, lent: Lent) -> Message {
+    Message {
         stream: lent.stream,
         id: wit.id,
         fields: Fields::from(
@@ -363,10 +363,7 @@ pub fn give_back(wit: types::Message, lent: Lent) -> crate::engine::handler::Mes
 }
 
 /// The WIT view of a message. Field names must be UTF-8 (values may be anything).
-pub fn wit_message(
-    msg: &crate::engine::handler::Message,
-    sender: Option<&Identity>,
-) -> Result<types::Message, String> {
+pub fn wit_message(msg: &Message, sender: Option<&Sender>) -> Result<types::Message, String> {
     let mut fields = Vec::with_capacity(msg.fields.len());
     for (name, value) in msg.fields.iter() {
         let name = std::str::from_utf8(name)
@@ -380,11 +377,11 @@ pub fn wit_message(
         delivery_count: u32::try_from(msg.deliveries).unwrap_or(u32::MAX),
         trace_id: msg
             .fields
-            .get_str(crate::envelope::TRACE_ID)
+            .get_str(crate::model::envelope::TRACE_ID)
             .map(str::to_owned),
         sender: sender.map(|s| types::Sender {
             subject: s.subject.clone(),
-            roles: s.roles.to_strings(),
+            roles: s.roles.clone(),
         }),
     })
 }

@@ -2,13 +2,13 @@
 //!
 //! Owns the shapes of XRANGE, XREADGROUP, XAUTOCLAIM, XPENDING and XINFO replies. Walking the value tree
 //! ourselves moves each field's bytes out of the reply instead of copying them into per-entry maps (the
-//! crate's typed `StreamReadReply` costs 10–40 % more, NOTES.md), and it lets us see what the typed decode
+//! crate's typed `StreamReadReply` costs 10–40 % more in a drain benchmark: 9 % at 200 B and 38 % at 4 KB entries), and it lets us see what the typed decode
 //! hides: entries deleted while pending come back with nil fields, and must be told apart from real ones.
 //! Every function returns a description of what was wrong instead of panicking on a surprising reply.
 
 use redis::Value;
 
-use crate::envelope::{Entry, Fields};
+use crate::model::envelope::{Entry, Fields};
 
 /// Entries of a range or read reply, and the ids among them whose entries no longer exist.
 #[derive(Debug, Default, PartialEq, Eq)]

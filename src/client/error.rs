@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::auth::apikey::InvalidApiKey;
 use crate::auth::jwt::TokenError;
-use crate::auth::{Op, Role};
-use crate::naming::{InvalidName, InvalidStreamName};
+use crate::auth::{Denied, Op, Role};
+use crate::model::naming::{InvalidName, InvalidStreamName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -33,6 +33,28 @@ pub enum Error {
         stream: String,
         identity: String,
         needed: Role,
+    },
+
+    /// The connection cannot be set up as configured: a malformed URL (shown redacted), or TLS material
+    /// that does not fit together. Not worth retrying.
+    #[error("{0}")]
+    InvalidConnection(String),
+
+    /// An operator asked for something that is not there (e.g. a dead letter by an unknown id), or that
+    /// is not what the command needs.
+    #[error("{what} {key:?}: {detail}")]
+    NotFound {
+        what: &'static str,
+        key: String,
+        detail: String,
+    },
+
+    /// A task of the client's caller ended without an answer (it panicked or was cancelled).
+    #[error("{command} on {key:?}: the task running it ended early: {detail}")]
+    Aborted {
+        command: &'static str,
+        key: String,
+        detail: String,
     },
 
     /// Redis could not be reached, or the connection broke.
@@ -101,6 +123,9 @@ impl Error {
             Error::InvalidStreamName(_) | Error::InvalidName(_) => "invalid_name",
             Error::InvalidToken(_) | Error::InvalidApiKey(_) => "unauthenticated",
             Error::Unauthorized { .. } => "unauthorized",
+            Error::InvalidConnection(_) => "config",
+            Error::NotFound { .. } => "not_found",
+            Error::Aborted { .. } => "aborted",
             Error::Connection { .. } => "connection",
             Error::Timeout { .. } => "timeout",
             Error::RedisAuth { .. } => "redis_auth",
@@ -121,6 +146,25 @@ impl Error {
             || source.code() == Some("LOADING")
             || source.code() == Some("BUSY")
             || source.code() == Some("MASTERDOWN"))
+    }
+}
+
+impl From<Denied> for Error {
+    fn from(d: Denied) -> Self {
+        match d {
+            Denied::InvalidStream(e) => Error::InvalidStreamName(e),
+            Denied::Unauthorized {
+                op,
+                stream,
+                identity,
+                needed,
+            } => Error::Unauthorized {
+                op,
+                stream,
+                identity,
+                needed,
+            },
+        }
     }
 }
 

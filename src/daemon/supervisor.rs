@@ -19,23 +19,37 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, warn};
 
-use super::consumer::{Consumer, Stats};
-use super::control::{self, Vitals};
-use super::router::Router;
-use super::{ConsumerSettings, Prepared, RunError, Stopped, prepare_with};
+use super::control::{self, Command, Vitals};
+use super::prepare::{Prepared, prepare_with};
 use crate::backoff::Backoff;
-use crate::client::Client;
+use crate::client::{Client, Error};
 use crate::config::{self, ControlSettings, Settings};
-use crate::conn::Redis;
-use crate::error::Error;
+use crate::engine::router::Router;
+use crate::engine::{Consumer, ConsumerSettings, Stats};
 use crate::notify::{Health, Notifier};
 use crate::shutdown::{self, Shutdown, Signal, Trigger};
 
-/// What control messages (and signals) ask the daemon to do.
+/// How the daemon stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Command {
-    Reload,
-    Shutdown,
+pub enum Stopped {
+    /// Every message in flight was finished and committed.
+    Drained,
+    /// `drain_timeout` passed first; unfinished entries stay pending.
+    DrainTimedOut,
+    /// A second stop signal: exited at once; unfinished entries stay pending.
+    Forced,
+}
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Redis did not answer within `redis.startup_wait`.
+    #[error("redis unavailable at start: {0}")]
+    Unavailable(Error),
+    #[error("{0}")]
+    Failed(Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// A consumer group is identified by its stream and group.
@@ -77,23 +91,20 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         .expect("config validation requires an identity when consumers are configured")
         .identity
         .clone();
-    let redis = Redis::open(settings.redis.clone()).map_err(|detail| {
-        RunError::Failed(Error::Protocol {
-            command: "CONNECT",
-            key: String::new(),
-            detail,
-        })
-    })?;
+    let client = Client::connect(settings.redis.clone(), settings.naming.clone(), identity)
+        .map_err(RunError::Failed)?;
     // Signals are registered before anything slow, so a stop during start-up is not lost.
     let mut signals = shutdown::signals()?;
-    redis.wait_ready(settings.startup_wait).await.map_err(|e| {
-        if e.is_transient() {
-            RunError::Unavailable(e)
-        } else {
-            RunError::Failed(e)
-        }
-    })?;
-    let client = Client::new(redis, settings.naming.clone(), identity);
+    client
+        .wait_ready(settings.startup_wait)
+        .await
+        .map_err(|e| {
+            if e.is_transient() {
+                RunError::Unavailable(e)
+            } else {
+                RunError::Failed(e)
+            }
+        })?;
     let (stop_trigger, stop) = shutdown::channel();
     let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
 
@@ -156,7 +167,7 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         ))
     });
     let janitor = (!d.settings.retention.is_empty()).then(|| {
-        tokio::spawn(super::janitor::run(
+        tokio::spawn(super::retention::run(
             d.client.clone(),
             d.settings.retention.clone(),
             d.settings.retention_interval,
@@ -312,7 +323,7 @@ impl Daemon {
             in_flight: 1,
             order_by: None,
             handler: None,
-            unmatched: super::router::Unmatched::DeadLetter,
+            unmatched: crate::engine::router::Unmatched::DeadLetter,
             handler_timeout: Duration::from_secs(5),
         };
         let handler = control::Control {

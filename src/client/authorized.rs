@@ -1,22 +1,29 @@
 //! The authorized client: every stream operation, checked against the caller's roles before it is sent.
 //!
-//! Owns the mapping from operations to Redis commands and the rule that none is sent unless the stream
-//! name is valid and the identity holds the role for its domain (DESIGN §4 — including ack, claim and
-//! pending, which the original never checked). Connections and error classification are
-//! [`crate::conn`]'s; reply shapes are [`crate::reply`]'s; what to do with messages is the engine's.
+//! Owns the mapping from operations to Redis commands, and the rule that none is sent before
+//! [`crate::auth::authorize`] allowed it — including ack, claim and pending, which the original never
+//! checked. The connection is private to the client: nothing outside this module sends a command
+//! around the check. Connections and error classification are [`super::conn`]'s; reply shapes are
+//! [`super::decode`]'s and [`super::info`]'s; what to do with messages is the engine's.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{Cmd, Value};
 
-use crate::auth::{Identity, Op, Roles};
-use crate::conn::{Ctx, Redis};
-use crate::envelope::{self, Entry, Fields};
-use crate::error::{Error, Result};
-use crate::naming::{NameKind, Naming, validate_name};
-use crate::reply::{self, Entries};
-use crate::wire;
+use super::commit::{self, CommitCall, Committer};
+use super::conn::{Ctx, Redis, RedisSettings};
+use super::decode::{self as reply, Entries};
+use super::error::{Error, Result};
+use super::info::{
+    self, AutoClaimed, ConsumerInfo, GroupInfo, PendingEntry, PendingSummary, StreamInfo, count,
+    rows,
+};
+use super::reader::GroupReader;
+use crate::auth::{Identity, Op, authorize};
+use crate::model::dead_letter;
+use crate::model::envelope::{self, Entry, Fields};
+use crate::model::naming::{NameKind, Naming, validate_name};
 
 /// Options of [`Client::publish`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -46,34 +53,6 @@ impl Default for ReadOptions {
     }
 }
 
-/// Where a group read starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReadFrom<'a> {
-    /// `>`: entries never delivered to this group.
-    New,
-    /// This consumer's own pending entries after the given id (`0` for all of them).
-    Pending(&'a str),
-}
-
-/// XPENDING summary.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct PendingSummary {
-    pub count: u64,
-    pub min_id: Option<String>,
-    pub max_id: Option<String>,
-    /// Consumers with pending entries, and how many each holds.
-    pub consumers: Vec<(String, u64)>,
-}
-
-/// One XPENDING detail row.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct PendingEntry {
-    pub id: String,
-    pub consumer: String,
-    pub idle_ms: u64,
-    pub deliveries: u64,
-}
-
 /// Filter of [`Client::pending`].
 #[derive(Clone, Debug)]
 pub struct PendingQuery {
@@ -96,46 +75,6 @@ impl Default for PendingQuery {
     }
 }
 
-/// XAUTOCLAIM result.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct AutoClaimed {
-    /// Where the next scan starts; `0-0` when the PEL was scanned to the end.
-    pub next: String,
-    pub entries: Vec<Entry>,
-    /// Pending ids whose entries were deleted or trimmed; Redis removed them from the PEL.
-    pub deleted: Vec<String>,
-}
-
-/// XINFO STREAM, the parts operators look at.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct StreamInfo {
-    pub length: u64,
-    pub groups: u64,
-    pub first_id: Option<String>,
-    pub last_id: Option<String>,
-    pub last_generated_id: String,
-}
-
-/// One XINFO GROUPS row.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct GroupInfo {
-    pub name: String,
-    pub consumers: u64,
-    pub pending: u64,
-    pub last_delivered_id: String,
-    pub entries_read: Option<u64>,
-    /// Entries not yet delivered to the group; None when Redis cannot tell.
-    pub lag: Option<u64>,
-}
-
-/// One XINFO CONSUMERS row.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ConsumerInfo {
-    pub name: String,
-    pub pending: u64,
-    pub idle_ms: u64,
-}
-
 /// Stream operations on behalf of one verified identity.
 #[derive(Clone)]
 pub struct Client {
@@ -145,12 +84,18 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(redis: Redis, naming: Arc<Naming>, identity: Identity) -> Self {
-        Client {
-            redis,
+    /// A client acting as `identity` over a lazily connecting connection: fails only on a malformed
+    /// URL or TLS material; whether Redis answers is [`Client::ping`]'s question.
+    pub fn connect(
+        settings: RedisSettings,
+        naming: Arc<Naming>,
+        identity: Identity,
+    ) -> Result<Self> {
+        Ok(Client {
+            redis: Redis::open(settings)?,
             naming,
             identity: Arc::new(identity),
-        }
+        })
     }
 
     pub fn identity(&self) -> &Identity {
@@ -161,13 +106,24 @@ impl Client {
         &self.naming
     }
 
-    pub fn redis(&self) -> &Redis {
-        &self.redis
+    /// The connection settings (timeouts bound how long the engine waits for a round).
+    pub fn settings(&self) -> &RedisSettings {
+        self.redis.settings()
+    }
+
+    /// One PING; Ok once Redis answers.
+    pub async fn ping(&self) -> Result<()> {
+        self.redis.ping().await
+    }
+
+    /// PINGs until Redis answers or `wait` has passed (see [`super::wait_ready`]).
+    pub async fn wait_ready(&self, wait: Duration) -> Result<()> {
+        self.redis.wait_ready(wait).await
     }
 
     /// Validates `stream` and checks that this identity may `op` on it.
     pub fn authorize(&self, op: Op, stream: &str) -> Result<()> {
-        check(&self.naming, &self.identity, op, stream)
+        Ok(authorize(&self.naming, &self.identity, op, stream)?)
     }
 
     /// XADD with the envelope stamped (`_timestamp`, `_source` = this identity, `_trace_id` kept or
@@ -224,7 +180,7 @@ impl Client {
         }
     }
 
-    /// A reader for one consumer of a group, with a connection of its own (see [`crate::conn`]).
+    /// A reader for one consumer of a group, with a connection of its own (see [`super::reader`]).
     pub fn group_reader(
         &self,
         stream: &str,
@@ -235,14 +191,7 @@ impl Client {
         self.authorize(Op::ReadGroup, stream)?;
         validate_name(NameKind::Group, group)?;
         validate_name(NameKind::Consumer, consumer)?;
-        Ok(GroupReader {
-            wire: self.redis.plain_target().map(|t| (t, None)),
-            redis: self.redis.dedicated(max_block)?,
-            stream: stream.to_owned(),
-            group: group.to_owned(),
-            consumer: consumer.to_owned(),
-            max_block,
-        })
+        GroupReader::new(&self.redis, stream, group, consumer, max_block)
     }
 
     /// XACK of many ids in one command. Returns how many were pending.
@@ -348,7 +297,7 @@ impl Client {
         cmd.arg(stream).arg(group);
         let ctx = Ctx::new("XPENDING", stream).group(group);
         let value = self.redis.query_value(&cmd, ctx).await?;
-        decode_pending_summary(value).map_err(|d| protocol("XPENDING", stream, d))
+        info::decode_pending_summary(value).map_err(|d| protocol("XPENDING", stream, d))
     }
 
     /// XPENDING detail rows.
@@ -370,7 +319,7 @@ impl Client {
         }
         let ctx = Ctx::new("XPENDING", stream).group(group);
         let value = self.redis.query_value(&cmd, ctx).await?;
-        decode_pending_rows(value).map_err(|d| protocol("XPENDING", stream, d))
+        info::decode_pending_rows(value).map_err(|d| protocol("XPENDING", stream, d))
     }
 
     /// XINFO STREAM.
@@ -489,18 +438,112 @@ impl Client {
     }
 }
 
-/// The permission rule applied to one call: a valid name, and a role for its domain.
-pub fn check(naming: &Naming, identity: &Identity, op: Op, stream: &str) -> Result<()> {
-    let domain = naming.domain_of(stream)?;
-    if identity.roles.allows(op, domain) {
-        Ok(())
-    } else {
-        Err(Error::Unauthorized {
-            op,
-            stream: stream.to_owned(),
-            identity: identity.subject.clone(),
-            needed: Roles::needed(op, domain),
-        })
+/// Commits and dead letters: the write paths of the consumer loop and of `redstream dlq replay`.
+impl Client {
+    /// A committer for `consumer` of `group` on `stream`, dead-lettering to `dead_letter`. Checks the
+    /// ack and the dead-letter write now; each reply's stream is checked when its handler returns.
+    pub fn committer(
+        &self,
+        stream: Arc<str>,
+        group: &str,
+        consumer: &str,
+        dead_letter: &str,
+    ) -> Result<Committer> {
+        self.authorize(Op::Ack, &stream)?;
+        self.authorize(Op::Publish, dead_letter)?;
+        Ok(Committer::new(
+            stream,
+            group,
+            consumer,
+            &self.identity.subject,
+            dead_letter,
+        ))
+    }
+
+    /// Loads the commit script into Redis's script cache (at start, and after EVALSHA met NOSCRIPT).
+    pub async fn load_commit_script(&self, stream: &str) -> Result<()> {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD").arg(commit::SOURCE);
+        self.redis
+            .query_value(&cmd, Ctx::new("SCRIPT LOAD", stream))
+            .await
+            .map(drop)
+    }
+
+    /// Sends one commit on the shared connection and returns the script's raw reply (see [`commit::decode`]).
+    pub async fn commit(&self, call: &CommitCall, stream: &str, group: &str) -> Result<Value> {
+        let ctx = Ctx::new("EVALSHA", stream).group(group);
+        self.redis.query_value(&call.0, ctx).await
+    }
+
+    /// Re-publishes dead letter `id` of `dlq` to its source stream and deletes it from `dlq`, atomically.
+    /// Needs read and write on the dead-letter stream and write on the source stream. Returns the source
+    /// stream and the new entry id.
+    pub async fn replay_dead_letter(&self, dlq: &str, id: &str) -> Result<(String, String)> {
+        self.authorize(Op::Read, dlq)?;
+        self.authorize(Op::Delete, dlq)?;
+        let opts = ReadOptions {
+            count: Some(1),
+            start: id.to_owned(),
+            end: id.to_owned(),
+            reverse: false,
+        };
+        let entry = self
+            .read(dlq, &opts)
+            .await?
+            .pop()
+            .ok_or_else(|| Error::NotFound {
+                what: "dead-letter stream",
+                key: dlq.to_owned(),
+                detail: format!("no dead letter with id {id}"),
+            })?;
+        let source = entry
+            .fields
+            .get_str(dead_letter::SOURCE)
+            .and_then(|s| s.rsplit_once('/'))
+            .map(|(stream, _)| stream.to_owned())
+            .ok_or_else(|| Error::NotFound {
+                what: "dead-letter stream",
+                key: dlq.to_owned(),
+                detail: format!(
+                    "entry {id} has no {} field: not a dead letter",
+                    dead_letter::SOURCE
+                ),
+            })?;
+        self.authorize(Op::Publish, &source)?;
+
+        let mut fields: Fields = entry
+            .fields
+            .iter()
+            .filter(|(name, _)| !name.starts_with(b"_dlq_"))
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect();
+        if let Some(original) = entry.fields.get(envelope::SOURCE) {
+            fields.set(dead_letter::ORIGINAL_SOURCE, original.to_vec());
+        }
+        fields.set(dead_letter::REPLAYED_FROM, format!("{dlq}/{id}"));
+        fields.stamp(&self.identity().subject, envelope::now_ms());
+
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .add_command(xadd(&source, &fields, None))
+            .cmd("XDEL")
+            .arg(dlq)
+            .arg(id);
+        let replies = self
+            .redis
+            .query_pipe(&pipe, Ctx::new("MULTI XADD XDEL", dlq))
+            .await?;
+        let new_id = replies
+            .into_iter()
+            .next()
+            .and_then(reply::string)
+            .ok_or_else(|| Error::Protocol {
+                command: "XADD",
+                key: source.clone(),
+                detail: "no entry id in the transaction's reply".into(),
+            })?;
+        Ok((source, new_id))
     }
 }
 
@@ -518,271 +561,10 @@ pub fn xadd(stream: &str, fields: &Fields, maxlen: Option<u64>) -> Cmd {
     cmd
 }
 
-/// Reads one consumer's share of a group, on its own connection: a [`crate::wire`] connection
-/// where Redis is reached without TLS, else a dedicated connection of the `redis` crate.
-pub struct GroupReader {
-    /// The plain connection's target, and the connection while it is up.
-    wire: Option<(wire::Target, Option<wire::Conn>)>,
-    /// The dedicated connection (used under TLS), and what classifies errors either way.
-    redis: Redis,
-    stream: String,
-    group: String,
-    consumer: String,
-    max_block: Duration,
-}
-
-impl GroupReader {
-    pub fn stream(&self) -> &str {
-        &self.stream
-    }
-
-    pub fn group(&self) -> &str {
-        &self.group
-    }
-
-    pub fn consumer(&self) -> &str {
-        &self.consumer
-    }
-
-    /// The timeout of this reader's connection: the longest BLOCK plus the command timeout.
-    pub fn response_timeout(&self) -> Duration {
-        self.redis.response_timeout()
-    }
-
-    /// XREADGROUP of up to `count` entries. `block` waits for new entries (at most the reader's
-    /// `max_block`); pending reads never block. Entries deleted while pending come back in `deleted`.
-    pub async fn read(
-        &mut self,
-        from: ReadFrom<'_>,
-        count: u64,
-        block: Option<Duration>,
-    ) -> Result<Entries> {
-        self.round(None, from, count, block).await?.read
-    }
-
-    /// One round trip: `before` (typically the commit of the previous batch), then the read. Both travel
-    /// in one pipeline on this reader's connection; each has its own result.
-    pub async fn round(
-        &mut self,
-        before: Option<Cmd>,
-        from: ReadFrom<'_>,
-        count: u64,
-        block: Option<Duration>,
-    ) -> Result<Round> {
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(count);
-        let id = match from {
-            ReadFrom::New => {
-                if let Some(b) = block {
-                    cmd.arg("BLOCK")
-                        .arg(b.min(self.max_block).as_millis() as u64);
-                }
-                ">"
-            }
-            ReadFrom::Pending(after) => after,
-        };
-        cmd.arg("STREAMS").arg(&self.stream).arg(id);
-        if self.wire.is_some() {
-            return self.round_on_wire(before, cmd).await;
-        }
-        let ctx = Ctx::new("XREADGROUP", &self.stream).group(&self.group);
-        let Some(before) = before else {
-            let read = self.redis.query_value(&cmd, ctx).await.and_then(|v| {
-                reply::read_one_stream(v).map_err(|d| protocol("XREADGROUP", &self.stream, d))
-            });
-            return Ok(Round { before: None, read });
-        };
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors().add_command(before).add_command(cmd);
-        let mut replies = self.redis.query_pipe(&pipe, ctx).await?.into_iter();
-        let (Some(first), Some(second)) = (replies.next(), replies.next()) else {
-            return Err(protocol(
-                "XREADGROUP",
-                &self.stream,
-                "pipeline returned too few replies".into(),
-            ));
-        };
-        let before = Some(first.extract_error().map_err(|e| {
-            self.redis
-                .classify(e, Ctx::new("EVALSHA", &self.stream).group(&self.group))
-        }));
-        let read = second
-            .extract_error()
-            .map_err(|e| self.redis.classify(e, ctx))
-            .and_then(|v| {
-                reply::read_one_stream(v).map_err(|d| protocol("XREADGROUP", &self.stream, d))
-            });
-        Ok(Round { before, read })
-    }
-}
-
-impl GroupReader {
-    /// [`GroupReader::round`] over the plain connection, connecting first if it is down. Any failure
-    /// but a server's error reply (and any cancellation) drops the connection: the next round starts
-    /// on a new one.
-    async fn round_on_wire(&mut self, before: Option<Cmd>, read: Cmd) -> Result<Round> {
-        let ctx = Ctx::new("XREADGROUP", &self.stream).group(&self.group);
-        let settings = self.redis.settings();
-        let limit = self.redis.response_timeout() + settings.connect_timeout;
-        let connect_timeout = settings.connect_timeout;
-        let Some((target, conn)) = &mut self.wire else {
-            unreachable!("checked by the caller");
-        };
-        let started = std::time::Instant::now();
-        // The connection is out of its slot while a request is under way: a round cancelled halfway
-        // (its reply still unread) leaves no connection behind, and the next round starts a new one.
-        let exchange = async {
-            let mut c = match conn.take() {
-                Some(c) => c,
-                None => wire::Conn::connect(target, connect_timeout).await?,
-            };
-            let mut packed = Vec::new();
-            if let Some(b) = &before {
-                b.write_packed_command(&mut packed);
-            }
-            read.write_packed_command(&mut packed);
-            let frames = c
-                .request(&packed, 1 + usize::from(before.is_some()))
-                .await?;
-            redis::RedisResult::Ok((frames, c))
-        };
-        let result = tokio::time::timeout(limit, exchange).await;
-        crate::conn::observe(ctx.command, started);
-        let (mut frames, c) = match result {
-            Ok(Ok(got)) => got,
-            Ok(Err(e)) => return Err(self.redis.classify(e, ctx)),
-            Err(_) => {
-                return Err(Error::Timeout {
-                    command: ctx.command,
-                    key: self.stream.clone(),
-                    after: limit,
-                });
-            }
-        };
-        let read_frame = c.frame(frames.pop().expect("one frame per command"));
-        let read = if read_frame.first() == Some(&b'-') {
-            match wire::value(read_frame) {
-                Err(e) => Err(self.redis.classify(e, ctx)),
-                Ok(v) => Err(protocol("XREADGROUP", &self.stream, format!("{v:?}"))),
-            }
-        } else {
-            wire::read_reply(read_frame).map_err(|d| protocol("XREADGROUP", &self.stream, d))
-        };
-        let before = frames.pop().map(|f| {
-            wire::value(c.frame(f)).map_err(|e| {
-                self.redis
-                    .classify(e, Ctx::new("EVALSHA", &self.stream).group(&self.group))
-            })
-        });
-        *conn = Some(c);
-        Ok(Round { before, read })
-    }
-}
-
-/// What one [`GroupReader::round`] brought back.
-#[derive(Debug)]
-pub struct Round {
-    /// The reply to the command sent before the read, if one was.
-    pub before: Option<Result<Value>>,
-    pub read: Result<Entries>,
-}
-
 fn protocol(command: &'static str, key: &str, detail: String) -> Error {
     Error::Protocol {
         command,
         key: key.to_owned(),
         detail,
     }
-}
-
-fn count(v: &Value) -> u64 {
-    reply::int(v).unwrap_or(0).max(0) as u64
-}
-
-fn rows(value: Value) -> Result<Vec<Value>, String> {
-    match value {
-        Value::Array(rows) => Ok(rows),
-        other => Err(format!("expected an array of rows, got {other:?}")),
-    }
-}
-
-fn decode_pending_summary(value: Value) -> Result<PendingSummary, String> {
-    let Value::Array(parts) = value else {
-        return Err(format!(
-            "expected [count, min, max, consumers], got {value:?}"
-        ));
-    };
-    let mut parts = parts.into_iter();
-    let total = parts
-        .next()
-        .as_ref()
-        .and_then(reply::int)
-        .ok_or("missing count")?;
-    let min_id = parts.next().and_then(reply::string);
-    let max_id = parts.next().and_then(reply::string);
-    let mut consumers = Vec::new();
-    if let Some(Value::Array(rows)) = parts.next() {
-        for row in rows {
-            let Value::Array(pair) = row else {
-                return Err("consumer row is not a pair".into());
-            };
-            let mut pair = pair.into_iter();
-            let name = pair
-                .next()
-                .and_then(reply::string)
-                .ok_or("consumer without name")?;
-            let n = pair
-                .next()
-                .as_ref()
-                .and_then(reply::int)
-                .ok_or("consumer without count")?;
-            consumers.push((name, n.max(0) as u64));
-        }
-    }
-    Ok(PendingSummary {
-        count: total.max(0) as u64,
-        min_id,
-        max_id,
-        consumers,
-    })
-}
-
-fn decode_pending_rows(value: Value) -> Result<Vec<PendingEntry>, String> {
-    rows(value)?
-        .into_iter()
-        .map(|row| {
-            let Value::Array(cols) = row else {
-                return Err("pending row is not an array".to_string());
-            };
-            let mut cols = cols.into_iter();
-            let id = cols
-                .next()
-                .and_then(reply::string)
-                .ok_or("row without id")?;
-            let consumer = cols
-                .next()
-                .and_then(reply::string)
-                .ok_or("row without consumer")?;
-            let idle = cols
-                .next()
-                .as_ref()
-                .and_then(reply::int)
-                .ok_or("row without idle")?;
-            let deliveries = cols
-                .next()
-                .as_ref()
-                .and_then(reply::int)
-                .ok_or("row without count")?;
-            Ok(PendingEntry {
-                id,
-                consumer,
-                idle_ms: idle.max(0) as u64,
-                deliveries: deliveries.max(0) as u64,
-            })
-        })
-        .collect()
 }

@@ -1,4 +1,4 @@
-//! The message envelope, wire-compatible with the TypeScript RedStream (DESIGN §4).
+//! The message envelope, wire-compatible with the TypeScript RedStream (docs/design.md, "Envelope and naming").
 //!
 //! Owns how a message's fields are encoded for XADD and viewed after a read: flat fields, values as
 //! text, objects/arrays/null as JSON, plus the `_timestamp` / `_source` / `_trace_id` stamp. Values are

@@ -1,6 +1,6 @@
 //! Stream, group and consumer names.
 //!
-//! Owns the two accepted stream-name forms (DESIGN §4) and the domain a name belongs to, which is what
+//! Owns the two accepted stream-name forms (docs/design.md, "Envelope and naming") and the domain a name belongs to, which is what
 //! roles are granted on. It does not decide who may touch a stream: that is [`crate::auth`].
 //!
 //! - ADAPT: `nova:{domain}:{entity}:{function}`, domain from a configurable list, entity and function of

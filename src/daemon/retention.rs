@@ -9,16 +9,9 @@
 use std::time::Duration;
 
 use crate::client::{Client, ReadOptions};
-use crate::envelope::now_ms;
+use crate::config::Retention;
+use crate::model::envelope::now_ms;
 use crate::shutdown::Shutdown;
-
-/// One stream's retention rules.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Retention {
-    pub stream: String,
-    pub max_len: Option<u64>,
-    pub max_age: Option<Duration>,
-}
 
 /// A stream id as (milliseconds, sequence).
 type Id = (u64, u64);
@@ -55,7 +48,7 @@ pub async fn run(client: Client, rules: Vec<Retention>, every: Duration, mut shu
 }
 
 /// One pass over one stream; returns how many entries were removed.
-pub async fn trim(client: &Client, r: &Retention) -> crate::Result<u64> {
+pub async fn trim(client: &Client, r: &Retention) -> crate::client::Result<u64> {
     // What the rules allow: entries before `wanted` may go.
     let mut wanted: Option<Id> = None;
     if let Some(age) = r.max_age {

@@ -1,19 +1,19 @@
 //! Committing outcomes: replies and the ack in one atomic step, only while this consumer owns the entry.
 //!
-//! Owns the server-side script of DESIGN §2. For each finished message it checks with XPENDING that the
+//! Owns the server-side script (docs/design.md, "The commit script"). For each finished message it checks with XPENDING that the
 //! entry is still pending *for this consumer*; only then does it XADD the message's replies (or its
 //! dead-letter copy) and XACK it. A Lua script runs atomically, so a message claimed away while its
 //! handler was slow yields exactly one set of replies — whoever commits first wins, the other's commit
 //! is a no-op — and a crash leaves either everything or nothing. Many messages share one script call.
-//! When and over which connection a batch travels is [`super::consumer`]'s business.
+//! When and over which connection a batch travels is [`crate::engine::consumer`]'s business.
 
 use std::sync::Arc;
 
 use redis::{Cmd, Value};
 
-use super::handler::{Message, Reply};
-use crate::dlq;
-use crate::envelope::{self, Fields};
+use crate::model::dead_letter as dlq;
+use crate::model::envelope::{self, Fields};
+use crate::model::message::{Message, Reply};
 
 /// What committing a message does.
 #[derive(Clone, Debug)]
@@ -35,15 +35,22 @@ pub struct Finished {
     pub handler: Arc<str>,
 }
 
-/// Builds commit script calls for one consumer of one group.
+/// Builds commit script calls for one consumer of one group. Made by
+/// [`super::Client::committer`], which checks the permissions it needs.
 pub struct Committer {
-    pub stream: Arc<str>,
-    pub group: String,
-    pub consumer: String,
+    stream: Arc<str>,
+    group: String,
+    consumer: String,
     /// `_source` of replies: the daemon's identity.
-    pub source: String,
-    pub dead_letter: String,
+    source: String,
+    dead_letter: String,
 }
+
+/// One commit, built by [`Committer::command`]: the script call, or a plain XACK when nothing is
+/// written. Only the client sends it — on the shared connection ([`super::Client::commit`]) or in
+/// front of a group read ([`super::reader::GroupReader::round`]).
+#[derive(Clone, Debug)]
+pub struct CommitCall(pub(super) Cmd);
 
 /// How the script reports each message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,10 +145,30 @@ pub fn script() -> redis::Script {
 }
 
 impl Committer {
+    pub(super) fn new(
+        stream: Arc<str>,
+        group: &str,
+        consumer: &str,
+        source: &str,
+        dead_letter: &str,
+    ) -> Committer {
+        Committer {
+            stream,
+            group: group.to_owned(),
+            consumer: consumer.to_owned(),
+            source: source.to_owned(),
+            dead_letter: dead_letter.to_owned(),
+        }
+    }
+
     /// The EVALSHA command committing `batch`, in order. `sha` is [`script`]'s hash. Messages that write
     /// (replies or a dead letter) must be in stream-id order: the script checks ownership over their
     /// range. `in_flight` bounds how many of this consumer's entries that range may hold.
-    pub fn command(&self, sha: &str, batch: &[Finished], in_flight: usize) -> Cmd {
+    pub fn command(&self, sha: &str, batch: &[Finished], in_flight: usize) -> CommitCall {
+        CommitCall(self.build(sha, batch, in_flight))
+    }
+
+    fn build(&self, sha: &str, batch: &[Finished], in_flight: usize) -> Cmd {
         // Nothing to write: a plain XACK is all it takes, and much cheaper for Redis than the script.
         let mut writers = batch.iter().filter(|f| writes(f));
         let Some(first) = writers.next() else {

@@ -1,14 +1,14 @@
 //! Connections to Redis: addressing, TLS, ACL credentials, timeouts and reconnection.
 //!
 //! Owns how a command reaches Redis and how its failure is classified into [`Error`]. Two kinds of
-//! connection exist, as DESIGN §1 says: one shared multiplexed connection for short commands (publish,
+//! connection exist (docs/design.md, "Connections"): one shared multiplexed connection for short commands (publish,
 //! ack, claim, info…), and one *dedicated* connection per blocking reader, whose response timeout is its
 //! longest BLOCK plus the command timeout — the crate's default of 500 ms would cut a `BLOCK 5000` read,
 //! and a blocking read on the shared connection would stall every other command. Both reconnect on their
 //! own with capped exponential backoff (the crate's `ConnectionManager`); a command that meets a broken
 //! connection fails once with a transient error and the next one uses the new connection. Without TLS a
-//! group reader talks over [`crate::wire`] instead (same target, login and timeouts, errors classified
-//! here), and its loop's backoff paces reconnects. What a command means is [`crate::client`]'s business.
+//! group reader talks over [`super::wire`] instead (same target, login and timeouts, errors classified
+//! here), and its loop's backoff paces reconnects. What a command means is [`super::authorized`]'s business.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, Value};
 
-use crate::error::{Error, Result};
+use super::error::{Error, Result};
+use super::wire;
 
 /// Certificates for `rediss://`, PEM bytes. Without a CA the system trust store is used.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -117,6 +118,12 @@ struct Shared {
     user: String,
 }
 
+/// Opens a connection with `settings` and PINGs until Redis answers or `wait` has passed — for
+/// `check`, which may have no identity to build a [`super::Client`] with.
+pub async fn wait_ready(settings: RedisSettings, wait: Duration) -> Result<()> {
+    Redis::open(settings)?.wait_ready(wait).await
+}
+
 /// A reconnecting connection. Cloning shares the connection; [`Redis::dedicated`] makes a new one.
 #[derive(Clone)]
 pub struct Redis {
@@ -128,7 +135,11 @@ pub struct Redis {
 impl Redis {
     /// Builds the client and a lazily connecting shared connection. Fails only on a malformed URL or
     /// TLS material; reachability is [`Redis::ping`]'s question.
-    pub fn open(settings: RedisSettings) -> std::result::Result<Redis, String> {
+    pub fn open(settings: RedisSettings) -> Result<Redis> {
+        Self::build(settings).map_err(Error::InvalidConnection)
+    }
+
+    fn build(settings: RedisSettings) -> std::result::Result<Redis, String> {
         let mut info = settings
             .url
             .as_str()
@@ -203,11 +214,7 @@ impl Redis {
     /// A connection of its own for blocking commands whose BLOCK is at most `max_block`.
     pub fn dedicated(&self, max_block: Duration) -> Result<Redis> {
         let timeout = max_block + self.shared.settings.command_timeout;
-        let manager = Self::manager(&self.shared, timeout).map_err(|detail| Error::Protocol {
-            command: "CONNECT",
-            key: String::new(),
-            detail,
-        })?;
+        let manager = Self::manager(&self.shared, timeout).map_err(Error::InvalidConnection)?;
         Ok(Redis {
             shared: self.shared.clone(),
             manager,
@@ -215,27 +222,22 @@ impl Redis {
         })
     }
 
-    /// Where a plain (not TLS) connection of [`crate::wire`] would go, with this client's login; None
+    /// Where a plain (not TLS) connection of [`crate::client::wire`] would go, with this client's login; None
     /// for TLS, which only the crate's connections speak.
-    pub fn plain_target(&self) -> Option<crate::wire::Target> {
+    pub fn plain_target(&self) -> Option<wire::Target> {
         let info = self.shared.client.get_connection_info();
         let addr = match info.addr() {
-            redis::ConnectionAddr::Tcp(host, port) => crate::wire::Addr::Tcp(host.clone(), *port),
-            redis::ConnectionAddr::Unix(path) => crate::wire::Addr::Unix(path.clone()),
+            redis::ConnectionAddr::Tcp(host, port) => wire::Addr::Tcp(host.clone(), *port),
+            redis::ConnectionAddr::Unix(path) => wire::Addr::Unix(path.clone()),
             _ => return None,
         };
         let login = info.redis_settings();
-        Some(crate::wire::Target {
+        Some(wire::Target {
             addr,
             username: login.username().map(str::to_owned),
             password: login.password().map(str::to_owned),
             db: login.db(),
         })
-    }
-
-    /// host:port of the server.
-    pub fn addr(&self) -> &str {
-        &self.shared.addr
     }
 
     pub fn settings(&self) -> &RedisSettings {

@@ -1,41 +1,30 @@
-//! WASM handlers: one engine, every handler compiled and pre-linked at start, calls on worker threads.
+//! The wasmtime engine, the artifact cache, and loaded handlers.
 //!
-//! Owns the wasmtime side of DESIGN §3: the engine (component model, epoch interruption with one ticker
-//! thread, a bounded wasm stack, the pooling allocator sized to what can be live at once), the on-disk
-//! cache of compiled artifacts (keyed by the module's SHA-256 and the engine's compatibility hash, so a
-//! restart does not recompile), the linker (our `host` interface plus WASI preview 2 with every
-//! capability denied — a component importing anything else is refused with the import's name), and
-//! the worker threads that run calls with the synchronous API (replies are buffered, so host calls never
-//! wait for Redis; the sync API measured faster than the async one). One call's sandbox is
-//! [`sandbox`]'s business; which handler a message goes to is the router's.
-
-mod output;
-pub mod sandbox;
+//! Owns [`Runtime`] (one engine with epoch interruption and the pooling allocator, the linker, the
+//! epoch ticker, the workers) and [`WasmHandler`] (a pre-linked component and how its calls run: a
+//! fresh instance per call, or a warm one per worker). One call's store is [`super::sandbox`]'s.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
-use crate::auth::{Identity, Roles};
-use crate::engine::handler::{BatchDone, BatchHandler, BoxFuture, Handler, Message, Outcome};
-use crate::naming::Naming;
-use sandbox::{Host, Meta};
-
-/// Host bindings of `handlers/wit`.
-pub mod bindings {
-    wasmtime::component::bindgen!({
-        path: "handlers/wit",
-        world: "handler",
-    });
-}
+use super::bindings;
+use super::pool::{Job, Pool};
+use super::sandbox::{self, Host, Meta};
+use crate::auth::Roles;
+use crate::model::message::{
+    BatchDone, BatchHandler, BoxFuture, Handler, Message, Outcome, Sender,
+};
+use crate::model::naming::Naming;
 
 /// How often the epoch ticks; deadlines are rounded up to it.
 pub const TICK: Duration = Duration::from_millis(5);
@@ -347,7 +336,7 @@ impl WasmHandler {
     }
 
     /// One call without the worker pool, on this thread (for `redstream handler run` and benchmarks).
-    pub fn call_here(&self, msg: &Message, sender: Option<&Identity>) -> Outcome {
+    pub fn call_here(&self, msg: &Message, sender: Option<&Sender>) -> Outcome {
         match sandbox::wit_message(msg, sender) {
             Ok(m) => self.inner.call(&m),
             Err(reason) => Outcome::Reject(reason),
@@ -355,7 +344,7 @@ impl WasmHandler {
     }
 
     /// One call on a worker thread.
-    pub async fn call(&self, msg: &Message, sender: Option<&Identity>) -> Outcome {
+    pub async fn call(&self, msg: &Message, sender: Option<&Sender>) -> Outcome {
         let m = match sandbox::wit_message(msg, sender) {
             Ok(m) => m,
             Err(reason) => return Outcome::Reject(reason),
@@ -425,51 +414,5 @@ impl BatchHandler for WasmHandler {
                 job();
             }
         }
-    }
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Worker threads running handler calls, fed from one queue.
-#[derive(Clone)]
-struct Pool {
-    tx: mpsc::Sender<Job>,
-    workers: usize,
-}
-
-impl Pool {
-    fn new(workers: usize, stack: usize) -> std::io::Result<Pool> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..workers {
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name(format!("redstream-wasm-{i}"))
-                .stack_size(stack)
-                .spawn(move || {
-                    loop {
-                        let job = match rx.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(_) => return,
-                        };
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => return, // every sender is gone
-                        }
-                    }
-                })?;
-        }
-        Ok(Pool { tx, workers })
-    }
-
-    /// Runs `f` on a worker; None if the pool is gone or `f` panicked.
-    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move || {
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-            let _ = tx.send(result.ok());
-        });
-        self.tx.send(job).ok()?;
-        rx.await.ok().flatten()
     }
 }

@@ -5,8 +5,8 @@
 //! fifth of the daemon's CPU time in the benchmark (docs/performance.md); a read reply here is scanned
 //! once to find where it ends, then each field is copied once, from the socket buffer into its
 //! [`Fields`]. Everything else — connection setup, TLS, every other command — stays with the `redis`
-//! crate ([`crate::conn`]): this connection is used only for plain TCP and unix sockets, and only by
-//! [`crate::client::GroupReader`]. Other replies on it (a commit travelling with a read) are handed to
+//! crate ([`super::conn`]): this connection is used only for plain TCP and unix sockets, and only by
+//! [`super::reader::GroupReader`]. Other replies on it (a commit travelling with a read) are handed to
 //! the crate's own parser, which is also how server errors become `redis::RedisError`s.
 
 use std::io;
@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::envelope::{Entry, Fields};
-use crate::reply::Entries;
+use super::decode::Entries;
+use crate::model::envelope::{Entry, Fields};
 
 /// Where a plain connection goes, and how it logs in.
 #[derive(Clone, Debug)]

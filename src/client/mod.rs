@@ -1,0 +1,29 @@
+//! The Redis layer, whose only public face is the authorized client.
+//!
+//! Every Redis command RedStream sends goes through a [`Client`], which checks the stream name and the
+//! caller's roles ([`crate::auth::authorize`]) before anything reaches Redis. Inside:
+//! - [`authorized`]: [`Client`], one method per stream operation.
+//! - [`conn`]: connections (TLS, ACL user, timeouts, reconnect), timing, and error classification.
+//! - [`error`]: the typed [`Error`] callers branch on.
+//! - [`decode`]: entries and other replies decoded from raw RESP values.
+//! - [`info`]: what XPENDING, XINFO and XAUTOCLAIM report, typed.
+//! - [`reader`]: a consumer's group reads on a connection of its own.
+//! - [`wire`]: the plain RESP connection that group reads use without TLS, decoded straight into entries.
+//! - [`commit`]: the commit script — replies and the ack in one atomic step.
+//!
+//! Depends on [`crate::model`], [`crate::auth`] and [`crate::metrics`] only.
+
+pub mod authorized;
+pub mod commit;
+pub(crate) mod conn;
+pub mod decode;
+pub mod error;
+pub mod info;
+pub mod reader;
+pub(crate) mod wire;
+
+pub use authorized::{Client, PendingQuery, PublishOptions, ReadOptions};
+pub use conn::{RedisSettings, TlsFiles, redact_url, wait_ready};
+pub use error::{Error, Result};
+pub use info::{AutoClaimed, ConsumerInfo, GroupInfo, PendingEntry, PendingSummary, StreamInfo};
+pub use reader::{GroupReader, ReadFrom, Round};

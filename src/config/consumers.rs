@@ -1,0 +1,414 @@
+//! `[[consumers]]`: each entry's group, limits, dead-letter stream and handler, checked against the
+//! daemon's identity and the handlers and routes declared beside it.
+
+use std::time::Duration;
+
+use super::checker::{Checker, fmt_d};
+use super::raw::{Loose, RawConfig, RawConsumer};
+use super::settings::{DaemonIdentity, DaemonSettings};
+use crate::auth::Op;
+use crate::engine::router::{Action, RouteSpec, Unmatched};
+use crate::engine::{ConsumerSettings, HandlerSpec};
+use crate::handlers::wasm::WasmSpec;
+use crate::model::StreamId;
+use crate::model::naming::{NameKind, Naming, StreamName, validate_name};
+
+/// The consumer name used when a consumer entry names none: stable across restarts (never random),
+/// distinct per host and per instance.
+pub fn default_consumer(subject: &str, instance: Option<&str>) -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let mut name = if subject.contains('@') {
+        subject.to_owned()
+    } else {
+        format!("{subject}@{host}")
+    };
+    if let Some(i) = instance {
+        name.push('#');
+        name.push_str(i);
+    }
+    name
+}
+
+/// The dead-letter stream used when a consumer entry names none: `<stream>-dlq` for ADAPT names.
+pub fn default_dead_letter(name: &StreamName<'_>) -> String {
+    match name {
+        StreamName::Adapt {
+            domain,
+            entity,
+            function,
+        } => format!("nova:{domain}:{entity}:{function}-dlq"),
+        StreamName::Legacy { service, name } => format!("nova:task:{service}-{name}:dlq"),
+    }
+}
+
+pub(super) fn consumers(
+    raw: &RawConfig,
+    c: &mut Checker<'_>,
+    naming: &Naming,
+    identity: Option<&DaemonIdentity>,
+    daemon: &DaemonSettings,
+    handlers: &[WasmSpec],
+    routes: &[RouteSpec],
+) -> Vec<ConsumerSettings> {
+    let mut out = Vec::new();
+    if !raw.consumers.is_empty() && identity.is_none() {
+        c.problem(
+            "identity",
+            "consumers need an identity to act as: give identity.token, or identity.roles with auth.signing_key",
+        );
+    }
+    let mut seen: Vec<(String, String, usize)> = Vec::new();
+    for (i, rc) in raw.consumers.iter().enumerate() {
+        let p = |k: &str| format!("consumers[{i}].{k}");
+        let stream = match &rc.stream {
+            Some(s) => c.parse(&p("stream"), s, "a stream name", |s| {
+                naming
+                    .parse(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            }),
+            None => {
+                c.problem(&p("stream"), "missing: the stream to consume");
+                None
+            }
+        };
+        let group = match &rc.group {
+            Some(g) => c.parse(&p("group"), g, "a group name", |s| {
+                validate_name(NameKind::Group, s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            }),
+            None => {
+                c.problem(&p("group"), "missing: the consumer group to read as");
+                None
+            }
+        };
+        let consumer = match &rc.consumer {
+            Some(n) => c.parse(&p("consumer"), n, "a consumer name", |s| {
+                validate_name(NameKind::Consumer, s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            }),
+            None => identity
+                .map(|id| default_consumer(&id.identity.subject, daemon.instance.as_deref())),
+        };
+        let start = c.parse(&p("start"), &rc.start, "\"$\", \"0\" or an entry id", |s| {
+            if s == "$" || is_entry_id(s) {
+                Ok(s.to_owned())
+            } else {
+                Err("not an id".into())
+            }
+        });
+        let batch_size = positive(c, &p("batch_size"), &rc.batch_size);
+        let block = c.positive_duration(&p("block"), &rc.block);
+        let claim_min_idle = c.positive_duration(&p("claim_min_idle"), &rc.claim_min_idle);
+        let claim_interval = c.positive_duration(&p("claim_interval"), &rc.claim_interval);
+        let max_deliveries = positive(c, &p("max_deliveries"), &rc.max_deliveries);
+        let in_flight = positive(c, &p("in_flight"), &rc.in_flight);
+        let handler_timeout = c.positive_duration(&p("handler_timeout"), &rc.handler_timeout);
+        let order_by = rc.order_by.as_ref().and_then(|o| c.text(&p("order_by"), o));
+        if let (Some(idle), Some(timeout)) = (claim_min_idle, handler_timeout)
+            && idle <= timeout
+        {
+            c.problem(
+                    &p("claim_min_idle"),
+                    format!(
+                        "{} is not longer than {} ({}): another consumer would claim messages still being handled",
+                        fmt_d(idle),
+                        p("handler_timeout"),
+                        fmt_d(timeout)
+                    ),
+                );
+        }
+        if let Some(b) = block
+            && b > Duration::from_secs(300)
+        {
+            c.problem(
+                &p("block"),
+                format!("{} is above the 5 min limit", fmt_d(b)),
+            );
+        }
+        let dead_letter = match (&rc.dead_letter, &stream) {
+            (Some(d), _) => c.parse(&p("dead_letter"), d, "a stream name", |s| {
+                naming
+                    .parse(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| e.to_string())
+            }),
+            (None, Some(s)) => naming.parse(s).ok().map(|n| default_dead_letter(&n)),
+            (None, None) => None,
+        };
+        if let (Some(d), Some(s)) = (&dead_letter, &stream)
+            && d == s
+        {
+            c.problem(
+                &p("dead_letter"),
+                "the dead-letter stream must differ from the stream consumed",
+            );
+        }
+        let handler = handler_spec(c, i, rc, naming, handlers);
+        let unmatched = c.parse(
+            &p("unmatched"),
+            &rc.unmatched,
+            "\"ack\" or \"dead-letter\"",
+            |s| match s {
+                "ack" => Ok(Unmatched::Ack),
+                "dead-letter" => Ok(Unmatched::DeadLetter),
+                _ => Err("unknown policy".into()),
+            },
+        );
+        if let (Some(None), Some(s)) = (&handler, &stream)
+            && !routes.iter().any(|r| r.stream.matches(s))
+        {
+            c.problem(
+                &p("handler"),
+                format!("missing, and no [[routes]] entry matches stream {s:?}: give a handler or add a route"),
+            );
+        }
+        // A WASM handler's own deadline must fit in the consumer's.
+        if let (Some(h), Some(s), Some(outer)) = (&handler, &stream, handler_timeout) {
+            let reachable: Vec<String> = match h {
+                Some(HandlerSpec::Wasm(name)) => vec![name.clone()],
+                Some(_) => Vec::new(),
+                None => routes
+                    .iter()
+                    .filter(|r| r.stream.matches(s))
+                    .filter_map(|r| match &r.action {
+                        Action::Handler(n) => Some(n.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            };
+            let timeouts = handlers
+                .iter()
+                .filter(|w| reachable.contains(&w.name))
+                .map(|w| (w.name.clone(), w.timeout));
+            super::handlers::timeouts_fit(c, &p("handler_timeout"), outer, timeouts);
+        }
+
+        if let (Some(s), Some(g)) = (&stream, &group) {
+            if let Some((_, _, j)) = seen.iter().find(|(ss, gg, _)| ss == s && gg == g) {
+                c.problem(
+                    &p("group"),
+                    format!("stream {s:?} group {g:?} is already consumed by consumers[{j}]"),
+                );
+            }
+            seen.push((s.clone(), g.clone(), i));
+        }
+        // Resolve everything before starting anything: the identity must be allowed every operation
+        // this consumer will perform.
+        if let (Some(id), Some(s)) = (identity, &stream) {
+            for op in [
+                Op::ReadGroup,
+                Op::Ack,
+                Op::Claim,
+                Op::Pending,
+                Op::CreateGroup,
+            ] {
+                if let Err(e) = crate::auth::authorize(naming, &id.identity, op, s) {
+                    c.problem(&p("stream"), e.to_string());
+                    break;
+                }
+            }
+            let writes = dead_letter
+                .iter()
+                .map(|d| (p("dead_letter"), d.as_str()))
+                .chain(
+                    handler
+                        .iter()
+                        .flatten()
+                        .flat_map(|h| h.writes())
+                        .map(|w| (p("handler"), w)),
+                );
+            for (path, w) in writes.collect::<Vec<_>>() {
+                if let Err(e) = crate::auth::authorize(naming, &id.identity, Op::Publish, w) {
+                    c.problem(&path, e.to_string());
+                }
+            }
+        }
+        if let (
+            Some(stream),
+            Some(group),
+            Some(consumer),
+            Some(start),
+            Some(batch_size),
+            Some(block),
+        ) = (stream, group, consumer, start, batch_size, block)
+            && let (
+                Some(claim_min_idle),
+                Some(claim_interval),
+                Some(max_deliveries),
+                Some(dead_letter),
+                Some(in_flight),
+                Some(handler),
+                Some(handler_timeout),
+                Some(unmatched),
+            ) = (
+                claim_min_idle,
+                claim_interval,
+                max_deliveries,
+                dead_letter,
+                in_flight,
+                handler,
+                handler_timeout,
+                unmatched,
+            )
+        {
+            out.push(ConsumerSettings {
+                stream: stream.into(),
+                group,
+                consumer,
+                start,
+                batch_size: batch_size as usize,
+                block,
+                claim_min_idle,
+                claim_interval,
+                max_deliveries,
+                dead_letter,
+                in_flight: in_flight as usize,
+                order_by,
+                handler,
+                unmatched,
+                handler_timeout,
+            });
+        }
+    }
+    out
+}
+
+fn positive(c: &mut Checker<'_>, path: &str, v: &Loose<u32>) -> Option<u32> {
+    let n = c.get(path, v, "a positive integer")?;
+    if n == 0 {
+        c.problem(path, "expected a positive integer, found 0");
+        return None;
+    }
+    Some(n)
+}
+
+fn is_entry_id(s: &str) -> bool {
+    StreamId::parse(s).is_ok()
+}
+
+/// The consumer's handler: Some(None) when it routes with [[routes]], None after a problem.
+fn handler_spec(
+    c: &mut Checker<'_>,
+    i: usize,
+    rc: &RawConsumer,
+    naming: &Naming,
+    handlers: &[WasmSpec],
+) -> Option<Option<HandlerSpec>> {
+    let path = format!("consumers[{i}].handler");
+    let fpath = format!("consumers[{i}].forward_to");
+    let Some(name) = &rc.handler else {
+        if rc.forward_to.is_some() {
+            c.problem(&fpath, "forward_to needs handler = \"forward\"");
+        }
+        return Some(None);
+    };
+    let name = c.text(&path, name)?;
+    let forward_to = rc.forward_to.as_ref().and_then(|f| {
+        c.parse(&fpath, f, "a stream name", |s| {
+            naming
+                .parse(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| e.to_string())
+        })
+    });
+    if name != "forward" && rc.forward_to.is_some() {
+        c.problem(
+            &fpath,
+            format!("only the forward handler takes forward_to, not {name:?}"),
+        );
+    }
+    if name != "faults" && rc.faults.is_some() {
+        c.problem(
+            &format!("consumers[{i}].faults"),
+            format!("only the faults handler takes faults options, not {name:?}"),
+        );
+    }
+    let spec = match name.as_str() {
+        "drop" => HandlerSpec::Drop,
+        "forward" => match (forward_to, &rc.forward_to) {
+            (Some(to), _) => HandlerSpec::Forward { to },
+            (None, None) => {
+                c.problem(&fpath, "missing: the stream the forward handler copies to");
+                return None;
+            }
+            (None, Some(_)) => return None,
+        },
+        "faults" => faults_spec(c, i, rc, naming)?,
+        other if handlers.iter().any(|h| h.name == other) => HandlerSpec::Wasm(other.to_owned()),
+        other => {
+            let mut known: Vec<String> = vec!["drop".into(), "forward".into()];
+            known.extend(handlers.iter().map(|h| h.name.clone()));
+            c.problem(
+                &path,
+                format!(
+                    "unknown handler {other:?}: expected one of {}",
+                    known.join(", ")
+                ),
+            );
+            return None;
+        }
+    };
+    Some(Some(spec))
+}
+
+#[cfg(feature = "fault-injection")]
+fn faults_spec(
+    c: &mut Checker<'_>,
+    i: usize,
+    rc: &RawConsumer,
+    naming: &Naming,
+) -> Option<HandlerSpec> {
+    let f = rc.faults.clone().unwrap_or_default();
+    let p = |k: &str| format!("consumers[{i}].faults.{k}");
+    let reply_to = f.reply_to.as_ref().and_then(|r| {
+        c.parse(&p("reply_to"), r, "a stream name", |s| {
+            naming
+                .parse(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| e.to_string())
+        })
+    });
+    let fail_field = f
+        .fail_field
+        .as_ref()
+        .and_then(|x| c.text(&p("fail_field"), x));
+    let fail_deliveries = f
+        .fail_deliveries
+        .as_ref()
+        .and_then(|x| c.get(&p("fail_deliveries"), x, "an integer"))
+        .unwrap_or(0);
+    let fail_every = f
+        .fail_every
+        .as_ref()
+        .and_then(|x| c.get(&p("fail_every"), x, "an integer"))
+        .unwrap_or(0);
+    let sleep = f
+        .sleep
+        .as_ref()
+        .and_then(|x| c.duration(&p("sleep"), x))
+        .unwrap_or_default();
+    Some(HandlerSpec::Faults(crate::engine::FaultSpec {
+        reply_to,
+        fail_field,
+        fail_deliveries: u64::from(fail_deliveries),
+        fail_every: u64::from(fail_every),
+        sleep,
+    }))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn faults_spec(
+    c: &mut Checker<'_>,
+    i: usize,
+    _rc: &RawConsumer,
+    _naming: &Naming,
+) -> Option<HandlerSpec> {
+    c.problem(
+        &format!("consumers[{i}].handler"),
+        "the faults test handler exists only in builds with the fault-injection feature",
+    );
+    None
+}

@@ -1,0 +1,122 @@
+//! Everything a config needs built before anything runs: every WASM handler compiled and pre-linked,
+//! and one router per consumer.
+//!
+//! Owns the step from validated settings to runnable parts ([`prepare`]); a handler that does not
+//! compile or link is a config error naming its key path. Used at start, by `check`, and by reload
+//! (which keeps the wasmtime engine and compiles the new set off the async runtime).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{ConfigError, Problem, Settings};
+use crate::engine::router::{Action, Route, Router, Target};
+use crate::engine::settings::HandlerSpec;
+use crate::handlers::builtin;
+use crate::handlers::wasm::{Runtime, WasmHandler};
+use crate::model::message::Handler;
+
+/// What the config needs built before anything runs: the WASM runtime with every handler compiled and
+/// pre-linked, and one router per consumer.
+pub struct Prepared {
+    /// Kept alive for as long as handlers run (it drives their deadlines); reused across reloads.
+    pub runtime: Option<Arc<Runtime>>,
+    pub handlers: HashMap<String, WasmHandler>,
+    /// One per `settings.consumers` entry, in order.
+    pub routers: Vec<Arc<Router>>,
+}
+
+/// Compiles every handler and resolves every route. A handler that does not compile or link is a
+/// config error naming its key path.
+pub fn prepare(settings: &Settings) -> Result<Prepared, ConfigError> {
+    prepare_with(settings, None)
+}
+
+/// Like [`prepare`], compiling handlers with `runtime` when one is given (a reload keeps the engine).
+pub fn prepare_with(
+    settings: &Settings,
+    runtime: Option<Arc<Runtime>>,
+) -> Result<Prepared, ConfigError> {
+    let fail = |path: String, message: String| ConfigError {
+        file: settings.file.clone(),
+        problems: vec![Problem {
+            path,
+            message,
+            origin: None,
+        }],
+    };
+    let mut handlers = HashMap::new();
+    let runtime = if settings.handlers.is_empty() {
+        runtime
+    } else {
+        let rt = match runtime {
+            Some(rt) => rt,
+            None => Arc::new(
+                Runtime::new(&settings.wasm, settings.naming.clone())
+                    .map_err(|m| fail("wasm".into(), m))?,
+            ),
+        };
+        for (i, spec) in settings.handlers.iter().enumerate() {
+            let h = rt
+                .load(spec)
+                .map_err(|m| fail(format!("handlers[{i}].file"), m))?;
+            handlers.insert(spec.name.clone(), h);
+        }
+        Some(rt)
+    };
+    let routes: Vec<Route> = settings
+        .routes
+        .iter()
+        .map(|r| Route {
+            stream: r.stream.clone(),
+            when: r.when.clone(),
+            target: match &r.action {
+                Action::Handler(name) => Target::Handler {
+                    handler: Arc::new(handlers[name].clone()),
+                    require_sender_token: handlers[name].require_sender_token,
+                },
+                Action::Forward(to) => Target::Handler {
+                    handler: Arc::new(builtin::Forward { to: to.clone() }),
+                    require_sender_token: false,
+                },
+                Action::Drop => Target::Drop,
+            },
+        })
+        .collect();
+    let routers = settings
+        .consumers
+        .iter()
+        .map(|c| {
+            Arc::new(match &c.handler {
+                Some(spec) => {
+                    let require =
+                        matches!(spec, HandlerSpec::Wasm(n) if handlers[n].require_sender_token);
+                    Router::single(build(spec, &handlers), require)
+                }
+                None => Router::new(&c.stream, &routes, c.unmatched),
+            })
+        })
+        .collect();
+    Ok(Prepared {
+        runtime,
+        handlers,
+        routers,
+    })
+}
+
+/// The handler of `spec`, with WASM handlers taken from `wasm` (validation made sure the name is there).
+fn build(spec: &HandlerSpec, wasm: &HashMap<String, WasmHandler>) -> Arc<dyn Handler> {
+    match spec {
+        HandlerSpec::Drop => Arc::new(builtin::Drop),
+        HandlerSpec::Forward { to } => Arc::new(builtin::Forward { to: to.clone() }),
+        HandlerSpec::Wasm(name) => Arc::new(wasm[name].clone()),
+        #[cfg(feature = "fault-injection")]
+        HandlerSpec::Faults(f) => Arc::new(builtin::Faults {
+            reply_to: f.reply_to.clone(),
+            fail_field: f.fail_field.clone(),
+            fail_deliveries: f.fail_deliveries,
+            fail_every: f.fail_every,
+            sleep: f.sleep,
+            calls: Default::default(),
+        }),
+    }
+}

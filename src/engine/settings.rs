@@ -1,0 +1,83 @@
+//! What one consumer loop runs with: its group, its limits, and which handler its messages go to.
+//!
+//! Owns [`ConsumerSettings`] and [`HandlerSpec`], plain data that config builds and validates. Turning a
+//! spec into a running handler is the daemon's job ([`crate::daemon::prepare`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::router::Unmatched;
+
+/// One consumer group to consume, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsumerSettings {
+    pub stream: Arc<str>,
+    pub group: String,
+    /// Stable across restarts: derived from the daemon identity, host and instance unless configured.
+    pub consumer: String,
+    /// Where a newly created group starts: `$` (new entries only), `0` (the whole stream) or an id.
+    pub start: String,
+    pub batch_size: usize,
+    pub block: Duration,
+    pub claim_min_idle: Duration,
+    pub claim_interval: Duration,
+    pub max_deliveries: u32,
+    pub dead_letter: String,
+    pub in_flight: usize,
+    pub order_by: Option<String>,
+    /// The one handler of every message; None routes them with `[[routes]]`.
+    pub handler: Option<HandlerSpec>,
+    /// What to do with a message no route matches.
+    pub unmatched: Unmatched,
+    pub handler_timeout: Duration,
+}
+
+/// Which handler a consumer runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandlerSpec {
+    Drop,
+    Forward {
+        to: String,
+    },
+    /// A `[[handlers]]` entry by name.
+    Wasm(String),
+    #[cfg(feature = "fault-injection")]
+    Faults(FaultSpec),
+}
+
+/// Options of the `faults` test handler.
+#[cfg(feature = "fault-injection")]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultSpec {
+    pub reply_to: Option<String>,
+    pub fail_field: Option<String>,
+    pub fail_deliveries: u64,
+    pub fail_every: u64,
+    pub sleep: Duration,
+}
+
+impl std::fmt::Display for HandlerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandlerSpec::Drop => f.write_str("drop"),
+            HandlerSpec::Forward { to } => write!(f, "forward to {to}"),
+            HandlerSpec::Wasm(name) => write!(f, "handler {name}"),
+            #[cfg(feature = "fault-injection")]
+            HandlerSpec::Faults(_) => f.write_str("faults (test handler)"),
+        }
+    }
+}
+
+impl HandlerSpec {
+    /// Streams this handler writes to, for the start-up permission check.
+    pub fn writes(&self) -> Vec<&str> {
+        match self {
+            HandlerSpec::Drop => Vec::new(),
+            HandlerSpec::Forward { to } => vec![to.as_str()],
+            // A WASM handler's replies are checked against its roles when it publishes.
+            HandlerSpec::Wasm(_) => Vec::new(),
+            #[cfg(feature = "fault-injection")]
+            HandlerSpec::Faults(f) => f.reply_to.iter().map(String::as_str).collect(),
+        }
+    }
+}

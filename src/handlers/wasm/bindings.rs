@@ -1,0 +1,6 @@
+//! The host side of the WIT contract in `handlers/wit` (package `redstream:handler`), generated.
+
+wasmtime::component::bindgen!({
+    path: "handlers/wit",
+    world: "handler",
+});

@@ -1,0 +1,24 @@
+//! WASM handlers: one engine, every handler compiled and pre-linked at start, calls on worker threads.
+//!
+//! Owns the wasmtime side of the handler contract (docs/design.md, "Handlers"): the engine (component model, epoch interruption with one ticker
+//! thread, a bounded wasm stack, the pooling allocator sized to what can be live at once), the on-disk
+//! cache of compiled artifacts (keyed by the module's SHA-256 and the engine's compatibility hash, so a
+//! restart does not recompile), the linker (our `host` interface plus WASI preview 2 with every
+//! capability denied — a component importing anything else is refused with the import's name), and
+//! the worker threads that run calls with the synchronous API (replies are buffered, so host calls never
+//! wait for Redis; the sync API measured faster than the async one). One call's sandbox is
+//! [`sandbox`]'s business; which handler a message goes to is the router's.
+//!
+//! - [`runtime`]: the engine, the artifact cache, loading handlers, and [`WasmHandler`] itself.
+//! - [`sandbox`]: one call's store — limits, deadline, the `host` interface, buffered replies.
+//! - [`output`]: the guest's stdout/stderr, captured for the log.
+//! - [`pool`]: the worker threads.
+//! - [`bindings`]: the host side generated from `handlers/wit`.
+
+pub mod bindings;
+mod output;
+mod pool;
+pub mod runtime;
+pub mod sandbox;
+
+pub use runtime::{Runtime, RuntimeSettings, TICK, WasmHandler, WasmSpec, default_cache_dir};

@@ -1,0 +1,83 @@
+//! The handler seam: what the engine hands a handler per message, and what a handler hands back.
+//!
+//! Owns [`Message`], [`Reply`], [`Outcome`] and the [`Handler`] trait. A handler never talks to Redis:
+//! it returns replies, and the engine commits them atomically with the ack. Implementations — the
+//! built-ins and the WASM runtime — are [`crate::handlers`]'; the engine that calls them is
+//! [`crate::engine`]. Who sent a message is carried as plain verified claims ([`Sender`]), so this leaf
+//! needs nothing from [`crate::auth`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use super::envelope::Fields;
+
+/// A boxed future, so handlers can be trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One message as a handler sees it.
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub stream: Arc<str>,
+    pub id: String,
+    pub fields: Fields,
+    /// 1 on first delivery; counts every delivery to any consumer of the group.
+    pub deliveries: u64,
+    /// The verified claims of the message's `_token`, when its route requires one.
+    pub sender: Option<Arc<Sender>>,
+}
+
+/// The verified claims of a sender's token, as a handler sees them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sender {
+    /// The token's `sub`.
+    pub subject: String,
+    /// The token's roles, as written (`task_write`, `admin`, …).
+    pub roles: Vec<String>,
+}
+
+/// A reply a handler wants published. The engine stamps the envelope (`_timestamp`, `_source`,
+/// `_trace_id` inherited from the message unless set, `_cause`) at commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub stream: String,
+    pub fields: Fields,
+}
+
+/// What became of one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: commit these replies together with the ack.
+    Success(Vec<Reply>),
+    /// Failed for now: leave it pending; it is redelivered after `claim_min_idle`, counted against
+    /// `max_deliveries`.
+    Retry(String),
+    /// Will never succeed: dead-letter it now.
+    Reject(String),
+}
+
+/// Handles messages. Implementations must not panic on any input (the engine contains panics anyway,
+/// turning them into [`Outcome::Retry`]) and must be cheap to call concurrently.
+pub trait Handler: Send + Sync + 'static {
+    /// The name used in logs, metrics and `_dlq_handler`.
+    fn name(&self) -> &str;
+    fn handle<'a>(&'a self, msg: &'a Message) -> BoxFuture<'a, Outcome>;
+
+    /// Handlers whose calls run on worker threads can take many messages in one hand-off. Without
+    /// this, messages are handed over one by one through [`Handler::handle`].
+    fn batch(&self) -> Option<&dyn BatchHandler> {
+        None
+    }
+}
+
+/// One message's result from a batch: the message (handed back), its outcome, and the call's duration.
+pub type Handled = (Message, Outcome, std::time::Duration);
+
+/// Where a batch's results go, called from worker threads, possibly several times (once per chunk).
+pub type BatchDone = Arc<dyn Fn(Vec<Handled>) + Send + Sync>;
+
+/// A handler taking batches: it calls every message with its own deadline and reports the results
+/// through `done`, in one or more chunks, each message exactly once.
+pub trait BatchHandler: Send + Sync {
+    fn run_batch(&self, msgs: Vec<Message>, done: BatchDone);
+}
