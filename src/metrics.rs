@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -16,7 +17,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 use crate::shutdown::Shutdown;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -192,20 +195,40 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// Serves `GET /metrics` until `shutdown`. Anything else is a 404.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    mut shutdown: Shutdown,
-) -> std::io::Result<()> {
+/// Serves `GET /metrics` until `shutdown`; anything else is a 404. An accept error (EMFILE when the
+/// process is out of file descriptors, ENOBUFS…) is logged once per streak and retried with backoff, so
+/// the endpoint outlives it. Connections are tracked and closed at shutdown; this returns when the last
+/// one has ended.
+pub async fn serve(listener: tokio::net::TcpListener, mut shutdown: Shutdown) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
+    let connections = TaskTracker::new();
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => accepted?,
-            _ = shutdown.wait() => return Ok(()),
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    if backoff.succeed() > 0 {
+                        tracing::info!("the metrics endpoint accepts connections again");
+                    }
+                    stream
+                }
+                Err(e) => {
+                    let delay = backoff.fail();
+                    if backoff.failures() == 1 {
+                        tracing::warn!(error = %e, retry_in = ?delay, "the metrics endpoint cannot accept a connection; retrying");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = shutdown.wait() => break,
+                    }
+                }
+            },
+            _ = shutdown.wait() => break,
         };
-        tokio::spawn(async move {
+        let mut stop = shutdown.clone();
+        connections.spawn(async move {
             let service =
                 hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
                     let response = if req.uri().path() == "/metrics" {
@@ -220,12 +243,21 @@ pub async fn serve(
                     response.map_err(std::io::Error::other)
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.wait() => {
+                    // Finish the response under way, if any, then close; a stalled peer gets a second.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(Duration::from_secs(1), conn).await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "metrics connection ended with an error");
             }
         });
     }
+    connections.close();
+    connections.wait().await;
 }

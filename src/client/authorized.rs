@@ -20,7 +20,9 @@ use super::info::{
     rows,
 };
 use super::reader::GroupReader;
+use super::retention;
 use crate::auth::{Identity, Op, authorize};
+use crate::model::StreamId;
 use crate::model::dead_letter;
 use crate::model::envelope::{self, Entry, Fields};
 use crate::model::naming::{NameKind, Naming, validate_name};
@@ -224,12 +226,26 @@ impl Client {
         self.redis.query(&cmd, Ctx::new("XDEL", stream)).await
     }
 
-    /// XTRIM … MINID `min_id`: removes entries older than `min_id`. Returns how many were removed.
-    pub async fn trim_before(&self, stream: &str, min_id: &str) -> Result<u64> {
+    /// Trims `stream` to at most `max_len` newest entries and drops entries older than `older_than`,
+    /// but never past what a group of the stream still needs: its oldest pending entry, and its last
+    /// delivered one with everything after it. Computed and applied in one script (see
+    /// [`super::retention`]). Returns how many entries went and the id trimmed before, if any.
+    pub async fn trim_retained(
+        &self,
+        stream: &str,
+        max_len: Option<u64>,
+        older_than: Option<StreamId>,
+    ) -> Result<(u64, Option<StreamId>)> {
         self.authorize(Op::Delete, stream)?;
-        let mut cmd = redis::cmd("XTRIM");
-        cmd.arg(stream).arg("MINID").arg(min_id);
-        self.redis.query(&cmd, Ctx::new("XTRIM", stream)).await
+        self.authorize(Op::Info, stream)?;
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(retention::SOURCE).arg(1).arg(stream);
+        cmd.arg(max_len.map(|n| n.to_string()).unwrap_or_default());
+        cmd.arg(older_than.map(|id| id.to_string()).unwrap_or_default());
+        let ctx = Ctx::new("EVAL retention", stream);
+        let (removed, cut): (u64, String) = self.redis.query(&cmd, ctx).await?;
+        let cut = StreamId::parse(&cut).ok();
+        Ok((removed, cut))
     }
 
     /// XCLAIM of specific ids idle at least `min_idle`; bumps their delivery counts.

@@ -9,6 +9,7 @@
 //! - [`info`]: what XPENDING, XINFO and XAUTOCLAIM report, typed.
 //! - [`reader`]: a consumer's group reads on a connection of its own.
 //! - [`wire`]: the plain RESP connection that group reads use without TLS, decoded straight into entries.
+//! - [`retention`]: trimming that spares what groups still need, computed inside Redis.
 //! - [`commit`]: the commit script — replies and the ack in one atomic step.
 //!
 //! Depends on [`crate::model`], [`crate::auth`] and [`crate::metrics`] only.
@@ -20,6 +21,7 @@ pub mod decode;
 pub mod error;
 pub mod info;
 pub mod reader;
+pub mod retention;
 pub(crate) mod wire;
 
 pub use authorized::{Client, PendingQuery, PublishOptions, ReadOptions};

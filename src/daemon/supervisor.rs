@@ -48,6 +48,12 @@ pub enum RunError {
     Unavailable(Error),
     #[error("{0}")]
     Failed(Error),
+    /// The metrics address could not be bound (taken, or not ours to bind).
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -108,20 +114,13 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     let (stop_trigger, stop) = shutdown::channel();
     let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
 
+    // Everything that runs beside the consumer loops; each returns on `stop`, and is awaited at exit.
+    let mut side = JoinSet::new();
     if let Some(addr) = settings.metrics_listen {
-        let listener = crate::metrics::bind(addr).await.map_err(|e| {
-            RunError::Failed(Error::Protocol {
-                command: "LISTEN",
-                key: addr.to_string(),
-                detail: format!("cannot serve metrics on {addr}: {e}"),
-            })
-        })?;
-        let s = stop.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, s).await {
-                error!(error = %e, "the metrics endpoint stopped");
-            }
-        });
+        let listener = crate::metrics::bind(addr)
+            .await
+            .map_err(|source| RunError::Metrics { addr, source })?;
+        side.spawn(crate::metrics::serve(listener, stop.clone()));
     }
 
     let health = Arc::new(Health::default());
@@ -158,24 +157,24 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
             .map_err(RunError::Failed)?;
     }
     d.vitals.set_stats(d.all_stats());
-    let heartbeat = d.settings.heartbeat.clone().map(|h| {
-        tokio::spawn(control::heartbeat(
+    if let Some(h) = d.settings.heartbeat.clone() {
+        side.spawn(control::heartbeat(
             d.client.clone(),
             h,
             d.vitals.clone(),
             d.stop.clone(),
-        ))
-    });
-    let janitor = (!d.settings.retention.is_empty()).then(|| {
-        tokio::spawn(super::retention::run(
+        ));
+    }
+    if !d.settings.retention.is_empty() {
+        side.spawn(super::retention::run(
             d.client.clone(),
             d.settings.retention.clone(),
             d.settings.retention_interval,
             d.stop.clone(),
-        ))
-    });
+        ));
+    }
     let pending = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let poller = tokio::spawn(poll_streams(
+    side.spawn(poll_streams(
         d.client.clone(),
         d.settings.consumers.clone(),
         d.settings.metrics_poll,
@@ -200,6 +199,9 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
     let mut status_tick = tokio::time::interval(Duration::from_secs(5));
     let mut withheld = false;
+    // A reload being read and compiled off the runtime, and whether another was asked for meanwhile.
+    let mut reloading: Option<tokio::task::JoinHandle<Result<(Settings, Prepared), String>>> = None;
+    let mut reload_again = false;
     loop {
         let command = tokio::select! {
             signal = signals.next() => match signal {
@@ -209,6 +211,20 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
             Some(command) = commands.recv() => command,
             Some(joined) = d.tasks.join_next() => {
                 d.ended(joined).await;
+                continue;
+            }
+            prepared = async { reloading.as_mut().expect("guarded").await }, if reloading.is_some() => {
+                reloading = None;
+                match prepared {
+                    Ok(Ok((new, prepared))) => d.reload(new, prepared).await,
+                    Ok(Err(e)) => error!(error = %e, "reload refused: the running config stays"),
+                    Err(e) => error!(error = %e, "reload failed; this is a bug: the running config stays"),
+                }
+                if std::mem::take(&mut reload_again) {
+                    reloading = Some(d.begin_reload());
+                } else {
+                    notify.ready(&status.line(&d.all_stats()));
+                }
                 continue;
             }
             _ = watchdog.tick(), if watchdog_every.is_some() => {
@@ -234,10 +250,11 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         };
         match command {
             Command::Shutdown => break,
+            // One reload at a time; a request during one is done after it, with the newest file.
+            Command::Reload if reloading.is_some() => reload_again = true,
             Command::Reload => {
                 notify.reloading();
-                d.reload().await;
-                notify.ready(&status.line(&d.all_stats()));
+                reloading = Some(d.begin_reload());
             }
         }
     }
@@ -277,13 +294,19 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
             },
         }
     };
-    poller.abort();
-    if let Some(j) = janitor {
-        j.abort();
-    }
-    if let Some(h) = heartbeat {
-        // Its last beat says "stopping"; give it a moment, not the whole drain.
-        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+    // The side tasks saw `stop` when the drain began; the heartbeat's last beat says "stopping". Give
+    // them a moment (a Redis call under way may need its timeout), not the whole drain.
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        while side.join_next().await.is_some() {}
+    })
+    .await;
+    if ended.is_err() {
+        warn!(
+            tasks = side.len(),
+            "side tasks did not end in time; stopping them"
+        );
+        side.abort_all();
+        while side.join_next().await.is_some() {}
     }
     Ok(stopped)
 }
@@ -349,7 +372,7 @@ impl Daemon {
         {
             info!(stream = %cfg.stream, group = %cfg.group, start = %cfg.start, "created consumer group");
         }
-        let (trigger, own) = shutdown::channel();
+        let (trigger, own) = self.stop.child();
         let router = Arc::new(ArcSwap::new(router));
         let consumer = Consumer {
             cfg: Arc::new(cfg.clone()),
@@ -366,11 +389,10 @@ impl Daemon {
         };
         let stats = consumer.stats.clone();
         let span = tracing::info_span!("consumer", stream = %cfg.stream, group = %cfg.group, consumer = %cfg.consumer);
-        let stop = self.stop.clone();
         let task_key = key(&cfg);
         self.tasks.spawn(
             async move {
-                supervise(consumer, own, stop).await;
+                supervise(consumer, own).await;
                 task_key
             }
             .instrument(span),
@@ -406,33 +428,29 @@ impl Daemon {
         }
     }
 
-    /// Re-reads the config and applies it, or refuses it and keeps the running one.
-    async fn reload(&mut self) {
+    /// Starts reading and compiling the config on a blocking thread (it reads files and compiles
+    /// WASM: milliseconds to seconds), so signals and watchdog pings keep being served meanwhile.
+    fn begin_reload(&self) -> tokio::task::JoinHandle<Result<(Settings, Prepared), String>> {
         let path = self.settings.file.clone();
-        let new = match config::load(path.as_deref()) {
-            Ok(s) => s,
-            Err(e) => {
-                error!(error = %e, "reload refused: the running config stays");
-                return;
+        let runtime = self.prepared.runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            let new = config::load(path.as_deref()).map_err(|e| e.to_string())?;
+            if new.consumers.is_empty() {
+                return Err("the new config has no [[consumers]]".into());
             }
-        };
-        if new.consumers.is_empty() {
-            error!("reload refused: the new config has no [[consumers]]; the running config stays");
-            return;
-        }
+            let prepared = prepare_with(&new, runtime).map_err(|e| e.to_string())?;
+            Ok((new, prepared))
+        })
+    }
+
+    /// Applies a config that [`Daemon::begin_reload`] read and prepared.
+    async fn reload(&mut self, new: Settings, prepared: Prepared) {
         if new.redis != self.settings.redis
             || new.identity.as_ref().map(|i| &i.identity)
                 != self.settings.identity.as_ref().map(|i| &i.identity)
         {
             warn!("changes to [redis] and [identity] take effect at the next restart");
         }
-        let prepared = match prepare_with(&new, self.prepared.runtime.clone()) {
-            Ok(p) => p,
-            Err(e) => {
-                error!(error = %e, "reload refused: the running config stays");
-                return;
-            }
-        };
         let wanted: HashMap<Key, (ConsumerSettings, Arc<Router>)> = new
             .consumers
             .iter()
@@ -481,9 +499,9 @@ impl Daemon {
 }
 
 /// Keeps one consumer loop running: restarts it with capped backoff when it fails or panics, and
-/// returns once it has drained after its own or the daemon's shutdown.
-async fn supervise(consumer: Consumer, own: Shutdown, daemon: Shutdown) {
-    let shutdown = Shutdown::either(own, daemon);
+/// returns once it has drained after its own or the daemon's shutdown (`shutdown` is a child of the
+/// daemon's).
+async fn supervise(consumer: Consumer, shutdown: Shutdown) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         let c = consumer.clone();

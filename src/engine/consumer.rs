@@ -291,7 +291,11 @@ impl Consumer {
                 let count = st.free().min(cfg.batch_size);
                 st.round_count = count;
                 let count = count as u64;
-                let block = from.is_none().then_some(cfg.block);
+                // A round carrying a commit does not block: its verdicts come back with the read's
+                // reply, and must not wait out an idle BLOCK (the entries are committed in Redis at
+                // once, but their slots, counters and logs would lag by up to `block`, and a drain
+                // would redo the commit and count its messages as not ours).
+                let block = (from.is_none() && cmd.is_none()).then_some(cfg.block);
                 let client = self.client.clone();
                 let cfg = self.cfg.clone();
                 trace!(from = ?from, count, commits = st.in_round.len(), "round");

@@ -8,7 +8,7 @@ use redstream::auth::{Identity, Roles};
 use redstream::client::{Client, PendingQuery, PublishOptions, ReadFrom, ReadOptions, wait_ready};
 use redstream::model::envelope::Fields;
 
-use crate::util::{RedisServer, admin, client_as, config_toml, settings_from};
+use crate::util::{RedisServer, admin, client_as, config_toml, settings_from, wait_for};
 
 async fn publish_n(client: &Client, stream: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
@@ -180,7 +180,8 @@ async fn group_start_id_decides_what_is_delivered() {
     }
 }
 
-#[tokio::test]
+// Two workers: the blocked read runs on one while this test waits on Redis state from the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_read_outlives_the_command_timeout_and_does_not_stall_others() {
     let server = RedisServer::start();
     // Short command timeout: a BLOCK read sharing that timeout (the crate's default is 500 ms) would fail.
@@ -222,8 +223,23 @@ async fn blocking_read_outlives_the_command_timeout_and_does_not_stall_others() 
             .await;
         (r, reader)
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let t = Instant::now();
+    wait_for("the read to block in Redis", Duration::from_secs(5), || {
+        (server.blocked_clients() == 1).then_some(())
+    });
+    // A command on the shared connection completes while the read is still blocked in Redis.
+    client
+        .publish(
+            "nova:task:client:elsewhere",
+            Fields::from_iter([("n", "x")]),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        server.blocked_clients(),
+        1,
+        "publish was not stuck behind the BLOCK"
+    );
     client
         .publish(
             s,
@@ -232,10 +248,6 @@ async fn blocking_read_outlives_the_command_timeout_and_does_not_stall_others() 
         )
         .await
         .unwrap();
-    assert!(
-        t.elapsed() < Duration::from_millis(250),
-        "publish was not stuck behind the BLOCK"
-    );
     let (r, _) = blocked.await.unwrap();
     assert_eq!(r.unwrap().entries.len(), 1);
 }
@@ -445,8 +457,13 @@ async fn a_cancelled_read_leaves_no_stale_reply_behind() {
     assert!(cancelled.is_err(), "the read was still blocked");
     // The cancelled read is gone with its connection: an entry published now reaches no one until
     // the next read asks. (A connection kept with that read outstanding would hand the entry to it,
-    // and each later read would return the reply meant for the one before.)
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // and each later read would return the reply meant for the one before.) Redis notices the closed
+    // connection a moment later; wait for that, or the entry could reach the read being torn down.
+    wait_for(
+        "Redis to drop the cancelled read",
+        Duration::from_secs(5),
+        || (server.blocked_clients() == 0).then_some(()),
+    );
     let id = publish_n(&client, s, 1).await.remove(0);
     let mine = reader.read(ReadFrom::Pending("0"), 10, None).await.unwrap();
     assert!(

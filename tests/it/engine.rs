@@ -182,12 +182,11 @@ fn sigterm_finishes_in_flight_messages_and_a_second_signal_exits_at_once() {
     });
     d.signal(libc::SIGTERM);
     assert!(d.wait_log("stopping", Duration::from_secs(5)));
-    let started = Instant::now();
     d.signal(libc::SIGTERM);
+    // Handlers in flight take 20 s: an exit within 5 s is one that did not wait for them.
     let code = d
         .wait_exit(Duration::from_secs(5))
         .expect("exits at once on the second signal");
-    assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(code, 1, "a forced stop is not a clean one");
     assert_eq!(
         server.pending(IN, "slow"),
@@ -350,7 +349,7 @@ fn group_destroyed_or_stream_deleted_during_a_blocked_read_and_killed_clients() 
 }
 
 #[test]
-fn redis_stopped_for_10_seconds_then_continued() {
+fn redis_stopped_until_commands_time_out_then_continued() {
     let server = RedisServer::start();
     let toml = daemon_toml(&server.url(), &forward("frozen", &[]))
         .replace("command_timeout = \"2s\"", "command_timeout = \"1s\"");
@@ -360,15 +359,16 @@ fn redis_stopped_for_10_seconds_then_continued() {
     let pid = server.pid();
     // SAFETY: signals to the redis-server process this test started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    std::thread::sleep(Duration::from_secs(10));
+    // Stopped until the daemon has seen its commands time out (command_timeout is 1 s).
+    let timed_out = d.wait_log("timed out", Duration::from_secs(20));
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let after = server.xadd(IN, &[("n", "after-stop")]);
-    wait_replies(&server, 2, Duration::from_secs(20));
     assert!(
-        d.count_log("timed out") >= 1,
+        timed_out,
         "commands timed out while Redis was stopped:\n{}",
         d.logs().join("\n")
     );
+    let after = server.xadd(IN, &[("n", "after-stop")]);
+    wait_replies(&server, 2, Duration::from_secs(20));
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
     assert_exactly_once(&server, &[first[0].clone(), after]);
 }
@@ -383,7 +383,7 @@ fn poison_message_is_dead_lettered_while_the_others_flow() {
             &[
                 ("handler", "\"faults\""),
                 ("max_deliveries", "3"),
-                ("claim_min_idle", "\"700ms\""),
+                ("claim_min_idle", "\"1500ms\""),
                 ("handler_timeout", "\"300ms\""),
                 (
                     "faults",
@@ -395,17 +395,12 @@ fn poison_message_is_dead_lettered_while_the_others_flow() {
     let mut d = Daemon::running(&toml, &[]);
     let bad = server.xadd(IN, &[("poison", "yes"), ("n", "bad")]);
     let good = publish(&server, 50);
-    let started = Instant::now();
     wait_replies(&server, 50, Duration::from_secs(10));
-    let flowed = started.elapsed();
+    // Dead-lettering the poison takes two claims, each after 1.5 s idle: the others did not wait.
     assert_eq!(
         server.xlen(DLQ),
         0,
         "the good ones were done before the poison ran out of deliveries"
-    );
-    assert!(
-        flowed < Duration::from_secs(2),
-        "the others flowed without delay: {flowed:?}"
     );
 
     let dead = wait_for("a dead letter", Duration::from_secs(15), || {
@@ -708,18 +703,23 @@ fn effectively_once_under_repeated_sigkill() {
         }
         pipe.query(&mut conn).unwrap()
     };
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let mut rng = seed;
+    // RSTEST_CRASH_SEED replays a failed run's kill schedule (the seed is printed below).
+    let seed = match std::env::var("RSTEST_CRASH_SEED") {
+        Ok(s) => s.parse().expect("RSTEST_CRASH_SEED is a u64"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    };
+    // xorshift never leaves 0: start elsewhere.
+    let mut rng = seed.max(1);
     let mut next = || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         rng
     };
-    println!("kill schedule seed {seed}");
+    println!("kill schedule seed {seed} (replay with RSTEST_CRASH_SEED={seed})");
     for kill in 0..5 {
         let d = Daemon::running(&toml, &[]);
         // A random moment while work remains: after a random share of what is left is done.

@@ -208,7 +208,12 @@ fn a_manager_that_stops_reading_never_stalls_the_daemon() {
         &[("NOTIFY_SOCKET", &socket.path), ("WATCHDOG_USEC", "100000")],
     );
     socket.until("READY=1", Duration::from_secs(20));
-    std::thread::sleep(Duration::from_secs(2));
+    // The queue is full once the daemon says its notifications are being dropped.
+    assert!(
+        d.wait_log("notify socket is full", Duration::from_secs(10)),
+        "{}",
+        d.logs().join("\n")
+    );
     for n in 0..20 {
         server.xadd("nova:task:notify:in", &[("n", &n.to_string())]);
     }

@@ -102,9 +102,18 @@ fn reload_under_traffic_loses_nothing_and_duplicates_nothing() {
             ids
         })
     };
-    std::thread::sleep(Duration::from_millis(800));
+    // Reload once traffic flows on both streams, while the publisher is still at it.
+    wait_for("traffic flowing", Duration::from_secs(10), || {
+        (server.xlen("nova:task:reload:out-a") >= 50
+            && server.xlen("nova:task:reload:out-d1") >= 50)
+            .then_some(())
+    });
     std::fs::write(d.config_path(), &v2).unwrap();
     d.signal(libc::SIGHUP);
+    assert!(
+        !done.load(Ordering::Relaxed),
+        "the reload must land under traffic; publish more or slower"
+    );
     let seen = socket.until("READY=1", Duration::from_secs(20));
     assert!(seen.iter().any(|s| s == "RELOADING=1"), "{seen:?}");
     assert!(
@@ -120,6 +129,7 @@ fn reload_under_traffic_loses_nothing_and_duplicates_nothing() {
     for part in ["swapped=1", "restarted=1", "stopped=1", "started=1"] {
         assert!(line.contains(part), "{line}");
     }
+    let c_read_before = server.entries_read("nova:task:reload:c", "g");
 
     let (a_ids, d_ids) = publisher.join().unwrap();
     assert!(done.load(Ordering::Relaxed));
@@ -145,16 +155,19 @@ fn reload_under_traffic_loses_nothing_and_duplicates_nothing() {
         "new messages took the new route"
     );
 
-    // The added consumer runs; the removed one does not.
-    server.xadd("nova:task:reload:b", &[("n", "1")]);
+    // The added consumer runs; the removed one does not: c's entry, written first, is never read by
+    // its group, though b's, written after it, has been handled.
     server.xadd("nova:task:reload:c", &[("n", "1")]);
+    server.xadd("nova:task:reload:b", &[("n", "1")]);
     wait_for("b handled", Duration::from_secs(10), || {
         (server.xlen("nova:task:reload:out-b") == 1).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(700));
     assert_eq!(
-        server.xlen("nova:task:reload:out-c"),
-        0,
+        (
+            server.entries_read("nova:task:reload:c", "g"),
+            server.xlen("nova:task:reload:out-c")
+        ),
+        (c_read_before, 0),
         "the removed consumer is gone"
     );
 
@@ -179,5 +192,50 @@ fn reload_under_traffic_loses_nothing_and_duplicates_nothing() {
     wait_for("b still handled", Duration::from_secs(10), || {
         (server.xlen("nova:task:reload:out-b") == 2).then_some(())
     });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+/// A reload reads files and compiles handlers off the async runtime: while it is stuck (here on a
+/// secret file that is a FIFO nobody writes yet), the watchdog keeps being fed and a stop is obeyed.
+#[test]
+fn a_stuck_reload_keeps_the_watchdog_fed_and_the_daemon_stoppable() {
+    let server = RedisServer::start();
+    let socket = Socket::bind();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("password");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a path in our own temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let v1 = daemon_toml(&server.url(), &consumer("a", &forward("out-a")));
+    let v2 = v1.replace(
+        "[redis]\n",
+        &format!("[redis]\npassword = {{ file = \"{}\" }}\n", fifo.display()),
+    );
+    let mut d = Daemon::start(
+        &v1,
+        &[("NOTIFY_SOCKET", &socket.path), ("WATCHDOG_USEC", "400000")],
+    );
+    socket.until("READY=1", Duration::from_secs(20));
+
+    // Stuck, then freed: pings go on meanwhile, and the reload completes once the file can be read.
+    std::fs::write(d.config_path(), &v2).unwrap();
+    d.signal(libc::SIGHUP);
+    socket.until("RELOADING=1", Duration::from_secs(5));
+    for _ in 0..3 {
+        socket.until("WATCHDOG=1", Duration::from_secs(2));
+    }
+    assert_eq!(d.count_log("reloaded the config"), 0, "it is still stuck");
+    std::fs::write(&fifo, "secret\n").unwrap();
+    socket.until("READY=1", Duration::from_secs(10));
+    assert!(
+        d.wait_log("reloaded the config", Duration::from_secs(5)),
+        "{}",
+        d.logs().join("\n")
+    );
+
+    // Stuck again, and stopped: the daemon drains and exits without waiting for the file.
+    d.signal(libc::SIGHUP);
+    socket.until("RELOADING=1", Duration::from_secs(5));
+    socket.until("WATCHDOG=1", Duration::from_secs(2));
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }

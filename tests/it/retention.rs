@@ -54,7 +54,10 @@ fn trims_by_length_but_never_past_a_lagging_group() {
         ),
     );
     let mut d = Daemon::running(&toml, &[]);
-    std::thread::sleep(Duration::from_millis(800));
+    // Two whole passes, so the assertion below speaks of a janitor that ran, not one that has not yet.
+    wait_for("two retention passes", Duration::from_secs(10), || {
+        (d.count_log("retention pass: nothing to trim") >= 2).then_some(())
+    });
     assert_eq!(
         ids(&server),
         published,
@@ -101,10 +104,22 @@ fn trims_by_length_but_never_past_a_lagging_group() {
 #[test]
 fn trims_by_age() {
     let server = RedisServer::start();
-    let old: Vec<String> = (0..3)
-        .map(|i| server.xadd(S, &[("n", &i.to_string())]))
-        .collect();
-    std::thread::sleep(Duration::from_millis(2100));
+    let mut conn = server.conn();
+    // Entries written with explicit ids in the past are as old as their ids say: no waiting.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for (i, age_ms) in [(0, 60_000), (1, 30_000), (2, 3_000)] {
+        let id = format!("{}-0", now_ms - age_ms);
+        let _: String = redis::cmd("XADD")
+            .arg(S)
+            .arg(&id)
+            .arg("n")
+            .arg(i)
+            .query(&mut conn)
+            .unwrap();
+    }
     let fresh = server.xadd(S, &[("n", "fresh")]);
     let toml = daemon_toml(
         &server.url(),
@@ -118,5 +133,48 @@ fn trims_by_age() {
         (ids(&server) == [fresh.clone()]).then_some(())
     });
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
-    let _ = old;
+}
+
+#[test]
+fn a_pass_fetches_no_entries_and_keeps_a_large_max_len_exactly() {
+    // 2,000 entries of 10 KiB: a janitor that fetched the `max_len` newest entries would move about
+    // 15 MiB per pass; the server-side cut moves a few bytes. Redis counts what it sent.
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let big = "x".repeat(10 * 1024);
+    let mut pipe = redis::pipe();
+    for _ in 0..2000 {
+        pipe.cmd("XADD")
+            .arg(S)
+            .arg("*")
+            .arg("body")
+            .arg(&big)
+            .ignore();
+    }
+    let _: () = pipe.query(&mut conn).unwrap();
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[retention]\ninterval = \"200ms\"\n[[retention.streams]]\nstream = \"{S}\"\nmax_len = 1500\n\
+             [[consumers]]\nstream = \"nova:task:retention:other\"\ngroup = \"g\"\nhandler = \"drop\"\n"
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    wait_for("trimmed to max_len", Duration::from_secs(10), || {
+        (server.xlen(S) == 1500).then_some(())
+    });
+    wait_for("another pass", Duration::from_secs(10), || {
+        (d.count_log("retention pass: nothing to trim") >= 1).then_some(())
+    });
+    let info: String = redis::cmd("INFO").arg("stats").query(&mut conn).unwrap();
+    let sent: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(
+        sent < 1024 * 1024,
+        "Redis sent {sent} bytes in all; the janitor must not fetch entries"
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }

@@ -19,10 +19,23 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `redstream run` on `toml`, with `env` added to its environment.
     pub fn start(toml: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_wrapped(toml, env, &[])
+    }
+
+    /// Like [`Daemon::start`], run through `wrapper` (a command that ends by exec-ing its arguments,
+    /// so the pid stays the daemon's), e.g. `unshare -m` to give it a private mount namespace.
+    pub fn start_wrapped(toml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("redstream.toml");
         std::fs::write(&config, toml).unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         cmd.arg("run").arg("--config").arg(&config);
         cmd.env_remove("REDSTREAM_CONFIG")
             .env("RUST_LOG", "info,redstream=debug");
@@ -53,7 +66,12 @@ impl Daemon {
 
     /// Starts it and waits until it says it is running (groups created, loops started).
     pub fn running(toml: &str, env: &[(&str, &str)]) -> Daemon {
-        let d = Daemon::start(toml, env);
+        Daemon::running_wrapped(toml, env, &[])
+    }
+
+    /// [`Daemon::running`] through a wrapper, as [`Daemon::start_wrapped`].
+    pub fn running_wrapped(toml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
+        let d = Daemon::start_wrapped(toml, env, wrapper);
         assert!(
             d.wait_log("redstream running", Duration::from_secs(20)),
             "daemon did not start:\n{}",

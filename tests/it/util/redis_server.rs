@@ -1,5 +1,10 @@
 //! A private redis-server per test: started on a free loopback port, killed by its pid on drop.
 //! Never touches a server it did not start (the machine's shared one on 6379 included).
+//!
+//! A free port is only free when probed: another test may start its own server on it before ours
+//! binds. So a server counts as started only once the process answering PING on that port reports our
+//! child's pid (`INFO server` → `process_id`); otherwise ours lost the race, is killed, and we try
+//! another port.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -72,8 +77,11 @@ impl RedisServer {
                 self.child = None;
                 return false;
             }
-            if self.ping() {
-                return true;
+            match self.answering_pid() {
+                Some(pid) if pid == self.pid() as u32 => return true,
+                // Another test's server holds the port: ours cannot bind it.
+                Some(_) => break,
+                None => {}
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -81,11 +89,15 @@ impl RedisServer {
         false
     }
 
-    fn ping(&self) -> bool {
-        redis::Client::open(self.url())
+    /// The pid of whatever redis-server answers on our port, if one does.
+    fn answering_pid(&self) -> Option<u32> {
+        let info: String = redis::Client::open(self.url())
             .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-            .is_ok()
+            .and_then(|mut c| redis::cmd("INFO").arg("server").query(&mut c))
+            .ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse().ok())
     }
 
     pub fn url(&self) -> String {
@@ -203,6 +215,18 @@ impl RedisServer {
             .arg(&[stream, group, "-", "+", "100000", consumer])
             .query(&mut self.conn());
         v.map(|rows| rows.len() as u64).unwrap_or(0)
+    }
+
+    /// How many clients Redis has blocked in a command (a BLOCK read waiting), from INFO clients.
+    pub fn blocked_clients(&self) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query(&mut self.conn())
+            .expect("INFO clients");
+        info.lines()
+            .find_map(|l| l.strip_prefix("blocked_clients:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("INFO clients reports blocked_clients")
     }
 
     /// Names of the group's consumers (XINFO CONSUMERS).
