@@ -125,10 +125,12 @@ impl Liveness {
     }
 }
 
-/// The liveness of every loop.
+/// The liveness of every loop, and conditions that degrade the daemon without stopping a loop (an
+/// identity token about to lapse). Only loops decide the watchdog; both decide `degraded`.
 #[derive(Debug, Default)]
 pub struct Health {
     loops: Mutex<Vec<Arc<Liveness>>>,
+    conditions: Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 impl Health {
@@ -151,6 +153,40 @@ impl Health {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|l| l.name != name);
+    }
+
+    /// Marks the daemon degraded for `what`, with a reason operators can act on.
+    pub fn degrade(&self, what: &'static str, reason: String) {
+        self.conditions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(what, reason);
+    }
+
+    /// Clears a condition set by [`Health::degrade`].
+    pub fn recover(&self, what: &'static str) {
+        self.conditions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(what);
+    }
+
+    /// Why the daemon is degraded: loops not making progress, then every condition (empty when it is
+    /// healthy).
+    pub fn degraded(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .unhealthy()
+            .into_iter()
+            .map(|l| format!("loop {l} is not making progress"))
+            .collect();
+        out.extend(
+            self.conditions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned(),
+        );
+        out
     }
 
     /// Names of the loops that are not healthy now (empty when all are).
@@ -180,5 +216,17 @@ mod tests {
         assert_eq!(h.unhealthy(), ["b"]);
         a.healthy_until(Instant::now() - Duration::from_secs(1));
         assert_eq!(h.unhealthy().len(), 2);
+    }
+
+    #[test]
+    fn conditions_degrade_without_touching_the_loops() {
+        let h = Health::default();
+        h.register("a", Duration::from_secs(60));
+        assert!(h.degraded().is_empty());
+        h.degrade("token", "the token lapses soon".into());
+        assert_eq!(h.degraded(), ["the token lapses soon"]);
+        assert!(h.unhealthy().is_empty(), "the watchdog is about loops only");
+        h.recover("token");
+        assert!(h.degraded().is_empty());
     }
 }

@@ -59,6 +59,9 @@ pub struct DaemonIdentity {
     pub token: String,
     /// Seconds since the epoch.
     pub expires_at: u64,
+    /// Self-issued from `identity.roles` with the signing key, so the daemon renews it itself; a
+    /// configured `identity.token` is the operator's to rotate.
+    pub renewable: bool,
 }
 
 /// `[heartbeat]`: an entry every `interval` on `stream`, trimmed to about `max_len`.

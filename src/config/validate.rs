@@ -370,6 +370,7 @@ fn daemon_identity(
                         identity: v.identity,
                         token,
                         expires_at: v.expires_at,
+                        renewable: false,
                     }))
                 }
                 Err(e) => {
@@ -393,6 +394,7 @@ fn daemon_identity(
                     identity: Identity { subject, roles },
                     token,
                     expires_at,
+                    renewable: true,
                 })),
                 Err(e) => {
                     c.problem("auth.signing_key", e.to_string());

@@ -53,14 +53,17 @@ impl Vitals {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
-    /// `healthy`, `degraded` (a loop is not making progress) or `stopping`.
-    fn status(&self) -> &'static str {
+    /// `healthy`, `degraded` (a loop is not making progress, or a condition such as a lapsing token)
+    /// or `stopping`, with the reasons when degraded.
+    fn status(&self) -> (&'static str, Vec<String>) {
         if self.stopping.load(Ordering::Relaxed) {
-            "stopping"
-        } else if self.health.unhealthy().is_empty() {
-            "healthy"
+            return ("stopping", Vec::new());
+        }
+        let reasons = self.health.degraded();
+        if reasons.is_empty() {
+            ("healthy", reasons)
         } else {
-            "degraded"
+            ("degraded", reasons)
         }
     }
 
@@ -71,7 +74,11 @@ impl Vitals {
         let mut fields = Fields::with_capacity(10);
         fields.push("server_id", self.server_id.as_str());
         fields.push("timestamp", envelope::now_ms().to_string());
-        fields.push("status", self.status());
+        let (status, reasons) = self.status();
+        fields.push("status", status);
+        if !reasons.is_empty() {
+            fields.push("degraded_reasons", reasons.join("; "));
+        }
         fields.push("memory_usage", resident_bytes().to_string());
         fields.push("uptime", self.started.elapsed().as_secs().to_string());
         fields.push("consumers", stats.len().to_string());

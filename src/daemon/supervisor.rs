@@ -192,13 +192,19 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         pending,
         ..Status::default()
     };
-    notify.ready(&status.line(&d.all_stats()));
+    notify.ready(&status.line(&d.all_stats(), &d.health));
 
     // Pings at half the interval systemd expects, only while every loop is healthy.
     let watchdog_every = Notifier::watchdog_interval().map(|d| d / 2);
     let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
     let mut status_tick = tokio::time::interval(Duration::from_secs(5));
     let mut withheld = false;
+    let mut token_check = tokio::time::interval(Duration::from_secs(1));
+    let token_lifetime = d
+        .settings
+        .identity
+        .as_ref()
+        .map_or(Duration::ZERO, |i| until(i.expires_at));
     // A reload being read and compiled off the runtime, and whether another was asked for meanwhile.
     let mut reloading: Option<tokio::task::JoinHandle<Result<(Settings, Prepared), String>>> = None;
     let mut reload_again = false;
@@ -223,7 +229,7 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
                 if std::mem::take(&mut reload_again) {
                     reloading = Some(d.begin_reload());
                 } else {
-                    notify.ready(&status.line(&d.all_stats()));
+                    notify.ready(&status.line(&d.all_stats(), &d.health));
                 }
                 continue;
             }
@@ -238,8 +244,12 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
                 }
                 continue;
             }
+            _ = token_check.tick() => {
+                d.watch_token(token_lifetime);
+                continue;
+            }
             _ = status_tick.tick() => {
-                notify.status(&status.line(&d.all_stats()));
+                notify.status(&status.line(&d.all_stats(), &d.health));
                 let dropped = crate::logging::dropped_lines();
                 if dropped > status.log_dropped {
                     warn!(dropped = dropped - status.log_dropped, "the log file writer could not keep up and dropped lines");
@@ -312,6 +322,62 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
 }
 
 impl Daemon {
+    /// Keeps the daemon's proof of identity valid: a self-issued token is renewed once four fifths of
+    /// its lifetime have passed; a configured one cannot be, so the daemon turns `degraded` (heartbeat,
+    /// STATUS, log) when less than a quarter of its lifetime — at most an hour — remains, and says so
+    /// until it is rotated (a new `identity.token` and a restart).
+    fn watch_token(&mut self, lifetime: Duration) {
+        let Some(id) = self.settings.identity.as_mut() else {
+            return;
+        };
+        let left = until(id.expires_at);
+        if id.renewable {
+            if left > lifetime / 5 {
+                return;
+            }
+            let keys = &self.settings.auth.keys;
+            match keys.issue(&id.identity.subject, &id.identity.roles, lifetime) {
+                Ok((token, expires_at)) => {
+                    id.token = token;
+                    id.expires_at = expires_at;
+                    self.health.recover("identity token");
+                    info!(expires_in = ?until(expires_at), "renewed the daemon's identity token");
+                }
+                Err(e) => {
+                    let reason = format!("cannot renew the daemon's identity token: {e}");
+                    if self.health.degraded().iter().all(|r| *r != reason) {
+                        error!(error = %e, "cannot renew the daemon's identity token");
+                    }
+                    self.health.degrade("identity token", reason);
+                }
+            }
+            return;
+        }
+        let window = (lifetime / 4).min(Duration::from_secs(3600));
+        if left > window {
+            // Rotated (a new token with the same identity, applied by a reload), or never close.
+            self.health.recover("identity token");
+            return;
+        }
+        let reason = if left.is_zero() {
+            "the daemon's identity token has expired: rotate identity.token and restart".to_string()
+        } else {
+            format!(
+                "the daemon's identity token expires in {}: rotate identity.token and restart",
+                humantime::format_duration(Duration::from_secs(left.as_secs()))
+            )
+        };
+        if !self
+            .health
+            .degraded()
+            .iter()
+            .any(|r| r.contains("identity token"))
+        {
+            warn!(expires_in = ?left, "the daemon's identity token is about to lapse; the daemon is degraded until it is rotated");
+        }
+        self.health.degrade("identity token", reason);
+    }
+
     fn all_stats(&self) -> Vec<Arc<Stats>> {
         self.running.values().map(|r| r.stats.clone()).collect()
     }
@@ -498,6 +564,14 @@ impl Daemon {
     }
 }
 
+/// How long from now until `epoch_secs` (zero once it has passed).
+fn until(epoch_secs: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(epoch_secs).saturating_sub(now)
+}
+
 /// Keeps one consumer loop running: restarts it with capped backoff when it fails or panics, and
 /// returns once it has drained after its own or the daemon's shutdown (`shutdown` is a child of the
 /// daemon's).
@@ -597,7 +671,7 @@ struct Status {
 }
 
 impl Status {
-    fn line(&mut self, stats: &[Arc<Stats>]) -> String {
+    fn line(&mut self, stats: &[Arc<Stats>], health: &Health) -> String {
         use std::sync::atomic::Ordering::Relaxed;
         let sum = |f: fn(&Stats) -> &std::sync::atomic::AtomicU64| -> u64 {
             stats.iter().map(|s| f(s).load(Relaxed)).sum()
@@ -612,12 +686,18 @@ impl Status {
             None => 0.0,
         };
         self.last = Some((processed, now));
-        format!(
+        let mut line = format!(
             "{} consumers; processed {processed} ({rate:.1}/s); pending {}; retried {}; dead-lettered {}",
             stats.len(),
             self.pending.load(Relaxed),
             sum(|s| &s.retried),
             sum(|s| &s.dead_lettered)
-        )
+        );
+        let degraded = health.degraded();
+        if !degraded.is_empty() {
+            line.push_str("; degraded: ");
+            line.push_str(&degraded.join("; "));
+        }
+        line
     }
 }

@@ -160,3 +160,64 @@ fn signed_control_commands_are_obeyed_and_unsigned_ones_dead_lettered() {
     );
     assert_eq!(server.xlen(CONTROL_DLQ), 3);
 }
+
+/// The daemon's own token: a configured one that is about to lapse turns the heartbeat `degraded`
+/// with the reason; a self-issued one is renewed before it lapses, and the daemon stays healthy.
+#[test]
+fn a_lapsing_identity_token_degrades_the_daemon_and_a_self_issued_one_is_renewed() {
+    let server = RedisServer::start();
+    let keys = settings(&server.url()).auth.keys;
+    let (given, _) = keys
+        .issue(
+            "test-daemon",
+            &Roles::parse(&["admin"]).unwrap(),
+            Duration::from_secs(8),
+        )
+        .unwrap();
+    let with_token =
+        toml(&server, "200ms").replace("roles = [\"admin\"]\n", &format!("token = \"{given}\"\n"));
+    assert!(with_token.contains("token = "), "{with_token}");
+    let mut d = Daemon::running(&with_token, &[]);
+    let beat = wait_for("a degraded heartbeat", Duration::from_secs(15), || {
+        server
+            .entries(HEARTBEAT)
+            .into_iter()
+            .find(|e| e.fields.get_str("status") == Some("degraded"))
+    });
+    let reasons = beat.fields.get_str("degraded_reasons").unwrap_or_default();
+    assert!(
+        reasons.contains("identity token") && reasons.contains("rotate identity.token"),
+        "{reasons}"
+    );
+    assert!(d.wait_log("about to lapse", Duration::from_secs(1)));
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+
+    // Self-issued with a 4 s lifetime: renewed after about 3.2 s, and never degraded.
+    let server = RedisServer::start();
+    let self_issued = toml(&server, "200ms").replace(
+        "[auth]\n",
+        "[auth]\ntoken_ttl = \"4s\"\nmax_token_ttl = \"4s\"\n",
+    );
+    let mut d = Daemon::running(&self_issued, &[]);
+    assert!(
+        d.wait_log(
+            "renewed the daemon's identity token",
+            Duration::from_secs(15)
+        ),
+        "{}",
+        d.logs().join("\n")
+    );
+    wait_for(
+        "heartbeats after the renewal",
+        Duration::from_secs(5),
+        || (server.xlen(HEARTBEAT) >= 3).then_some(()),
+    );
+    assert!(
+        server
+            .entries(HEARTBEAT)
+            .iter()
+            .all(|e| e.fields.get_str("status") == Some("healthy")),
+        "a renewed token never degrades the daemon"
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}

@@ -4,36 +4,29 @@
 //! the synchronous wasmtime API on a worker's native stack (sized above the guest's stack bound), so
 //! the async runtime never blocks on a guest.
 
-use std::sync::{Arc, Mutex, mpsc};
+use crossbeam_channel::{Sender, unbounded};
 
 pub(super) type Job = Box<dyn FnOnce() + Send>;
 
-/// Worker threads running handler calls, fed from one queue.
+/// Worker threads running handler calls, fed from one multi-consumer queue (no lock between workers).
 #[derive(Clone)]
 pub(super) struct Pool {
-    pub(super) tx: mpsc::Sender<Job>,
+    pub(super) tx: Sender<Job>,
     pub(super) workers: usize,
 }
 
 impl Pool {
     pub(super) fn new(workers: usize, stack: usize) -> std::io::Result<Pool> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+        let (tx, rx) = unbounded::<Job>();
         for i in 0..workers {
             let rx = rx.clone();
             std::thread::Builder::new()
                 .name(format!("redstream-wasm-{i}"))
                 .stack_size(stack)
+                // Until every sender is gone.
                 .spawn(move || {
-                    loop {
-                        let job = match rx.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(_) => return,
-                        };
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => return, // every sender is gone
-                        }
+                    for job in rx.iter() {
+                        job();
                     }
                 })?;
         }

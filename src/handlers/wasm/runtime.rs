@@ -10,7 +10,6 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -409,7 +408,7 @@ impl BatchHandler for WasmHandler {
                 }
                 done(results);
             });
-            if let Err(mpsc::SendError(job)) = self.pool.tx.send(job) {
+            if let Err(crossbeam_channel::SendError(job)) = self.pool.tx.send(job) {
                 // The workers are gone (the daemon is exiting): run here rather than lose the results.
                 job();
             }
