@@ -14,7 +14,7 @@
 //! re-read or another consumer's XAUTOCLAIM finds it again. Only *waits* are cancelled on shutdown (the
 //! blocking read, backoff sleeps); handler calls and commits run to completion.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, trace, warn};
 
+use super::flight::{Flight, Job, key_of};
 use super::router::{Router, Selection, Unmatched};
 use super::settings::ConsumerSettings;
 use crate::auth::Op;
@@ -35,7 +36,6 @@ use crate::client::commit::{self, Committed, Effect, Finished};
 use crate::client::decode::Entries;
 use crate::client::{Client, Error, GroupReader, PendingQuery, ReadFrom, Round};
 use crate::metrics::{self, GroupLabels, HandlerLabels, MessageLabels};
-use crate::model::StreamId;
 use crate::model::envelope::Entry;
 use crate::model::message::{BatchDone, Handled, Handler, Message, Outcome, Sender};
 use crate::notify::Liveness;
@@ -83,12 +83,6 @@ struct Done {
     handler: Arc<str>,
 }
 
-/// A routed message waiting to run (behind its order_by key) or running.
-struct Job {
-    msg: Message,
-    handler: Arc<dyn Handler>,
-}
-
 /// The field carrying a sender's JWT, checked on routes that require one.
 pub const TOKEN_FIELD: &str = "_token";
 
@@ -98,24 +92,13 @@ type RoundResult = (GroupReader, Result<(Round, HashMap<String, u64>), Error>);
 /// What a commit task hands back: the script's reply.
 type CommitResult = Result<redis::Value, Error>;
 
-/// The loop's bookkeeping.
+/// The loop's state: the entries' bookkeeping ([`Flight`]) and where the loop is in Redis.
 struct State {
-    limit: usize,
-    /// Ids delivered to us (parsed) and not yet committed or released: running, queued, finished, or
-    /// committing.
-    in_flight: HashSet<StreamId>,
-    running: usize,
-    /// order_by keys with a message running, and the messages waiting behind each.
-    busy: HashSet<Vec<u8>>,
-    waiting: HashMap<Vec<u8>, VecDeque<Job>>,
-    /// Decided, waiting to be committed.
-    finished: Vec<Finished>,
+    flight: Flight,
     /// The batch travelling with the round in progress.
     in_round: Vec<Finished>,
     /// The batch of the commit task in progress.
     committing: Vec<Finished>,
-    /// Routed and free to run: handed to the handlers at the top of the next turn.
-    ready: Vec<Job>,
     /// While re-reading our own pending entries: the id to continue after.
     recover: Option<String>,
     /// The highest id a `>` read gave us; a lost read's entries are pending after it.
@@ -198,12 +181,6 @@ impl Meters {
     }
 }
 
-impl State {
-    fn free(&self) -> usize {
-        self.limit.saturating_sub(self.in_flight.len())
-    }
-}
-
 impl Consumer {
     /// Runs until `shutdown` has drained the loop (Ok) or an error no retry can fix (Err).
     pub async fn run(&self, mut shutdown: Shutdown) -> Result<(), Error> {
@@ -222,15 +199,9 @@ impl Consumer {
         let mut commit: Option<JoinHandle<CommitResult>> = None;
         let mut commit_started: Option<Instant> = None;
         let mut st = State {
-            limit: cfg.in_flight,
-            in_flight: HashSet::new(),
-            running: 0,
-            busy: HashSet::new(),
-            waiting: HashMap::new(),
-            finished: Vec::new(),
+            flight: Flight::new(cfg.in_flight, cfg.order_by.clone()),
             in_round: Vec::new(),
             committing: Vec::new(),
-            ready: Vec::new(),
             recover: Some("0".into()),
             last_new: "0".into(),
             claim_cursor: "0-0".into(),
@@ -261,13 +232,13 @@ impl Consumer {
             // round can start. (Before starting a round: a commit that frees room must be followed by
             // one, or the loop would wait for an event that never comes.) The commit travels on its
             // own task, so messages keep flowing to the handlers while Redis runs it; one at a time.
-            if !st.finished.is_empty()
+            if st.flight.has_finished()
                 && commit.is_none()
                 && retry_at.is_none()
-                && (round.is_some() || draining || st.free() == 0)
+                && (round.is_some() || draining || st.flight.free() == 0)
             {
-                let batch = take_sorted(&mut st.finished);
-                let cmd = committer.command(&sha, &batch, st.in_flight.len());
+                let batch = st.flight.take_batch();
+                let cmd = committer.command(&sha, &batch, st.flight.in_flight());
                 let client = self.client.clone();
                 let cfg = self.cfg.clone();
                 commit_started = Some(Instant::now());
@@ -278,17 +249,17 @@ impl Consumer {
             }
 
             // Start the next round — read, with the commit of what finished — when there is room.
-            if round.is_none() && !draining && retry_at.is_none() && st.free() > 0 {
+            if round.is_none() && !draining && retry_at.is_none() && st.flight.free() > 0 {
                 let mut r = match reader.take() {
                     Some(r) => r,
                     None => self.new_reader()?,
                 };
-                let batch = take_sorted(&mut st.finished);
+                let batch = st.flight.take_batch();
                 let cmd = (!batch.is_empty())
-                    .then(|| committer.command(&sha, &batch, st.in_flight.len()));
+                    .then(|| committer.command(&sha, &batch, st.flight.in_flight()));
                 st.in_round = batch;
                 let from = st.recover.clone();
-                let count = st.free().min(cfg.batch_size);
+                let count = st.flight.free().min(cfg.batch_size);
                 st.round_count = count;
                 let count = count as u64;
                 // A round carrying a commit does not block: its verdicts come back with the read's
@@ -312,12 +283,7 @@ impl Consumer {
                 }));
             }
 
-            if draining
-                && st.running == 0
-                && commit.is_none()
-                && st.finished.is_empty()
-                && st.in_flight.is_empty()
-            {
+            if draining && commit.is_none() && st.flight.is_empty() {
                 return Ok(());
             }
 
@@ -327,7 +293,7 @@ impl Consumer {
                 t + slack
             } else if let Some(t) = round_started.or(commit_started) {
                 t + read_bound + slack
-            } else if st.running > 0 {
+            } else if st.flight.running() > 0 {
                 last_progress + cfg.handler_timeout + slack
             } else {
                 last_progress + slack
@@ -342,15 +308,11 @@ impl Consumer {
                     draining = true;
                     if let Some(r) = round.take() {
                         r.abort();
-                        st.finished.append(&mut st.in_round);
+                        st.flight.recommit(std::mem::take(&mut st.in_round));
                     }
                     // Queued messages never started: release them; they stay pending for the next start.
-                    for (_, q) in st.waiting.drain() {
-                        for job in q {
-                            st.in_flight.remove(&parse_id(&job.msg.id));
-                        }
-                    }
-                    info!(running = st.running, "draining: reads stopped, finishing messages in flight");
+                    let released = st.flight.release_queued();
+                    info!(running = st.flight.running(), released, "draining: reads stopped, finishing messages in flight");
                 }
                 Some(batch) = rx.recv() => {
                     last_progress = Instant::now();
@@ -399,13 +361,13 @@ impl Consumer {
                                 Err(e) => {
                                     // Neither the commit's nor the read's fate is known: commit again
                                     // later, and look for entries a lost reply delivered to us.
-                                    st.finished.extend(batch);
+                                    st.flight.recommit(batch);
                                     retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?);
                                 }
                             }
                         }
                         Err(join) => {
-                            st.finished.extend(batch);
+                            st.flight.recommit(batch);
                             let e = Error::Aborted { command: "XREADGROUP", key: cfg.stream.to_string(), detail: join.to_string() };
                             retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?);
                         }
@@ -516,7 +478,7 @@ impl Consumer {
                 } else {
                     debug!(error = %e, messages = n, "commit failed; will retry");
                 }
-                st.finished.extend(batch);
+                st.flight.recommit(batch);
                 return Ok(false);
             }
         };
@@ -553,7 +515,7 @@ impl Consumer {
                     error!(message_id = %id, handler = %f.handler, outcome = "denied", "Redis's ACL refused a write of this commit; the entry stays pending");
                 }
             }
-            st.in_flight.remove(&parse_id(id));
+            st.flight.committed(id);
         }
         Ok(true)
     }
@@ -576,8 +538,8 @@ impl Consumer {
                 }
                 // Entries deleted while pending come back with no fields: ack them, never dispatch them.
                 for id in got.deleted {
-                    if st.in_flight.insert(parse_id(&id)) {
-                        st.finished.push(Finished {
+                    if st.flight.admit(&id) {
+                        st.flight.settle(Finished {
                             msg: self.message(id, Default::default(), 0),
                             effect: Effect::Vanished,
                             handler: "redstream".into(),
@@ -602,7 +564,7 @@ impl Consumer {
     async fn claim(&self, st: &mut State) -> Result<(), Error> {
         let c = &*self.cfg;
         for _ in 0..8 {
-            let count = st.free().min(c.batch_size);
+            let count = st.flight.free().min(c.batch_size);
             if count == 0 {
                 return Ok(());
             }
@@ -631,7 +593,7 @@ impl Consumer {
             let fresh: Vec<Entry> = got
                 .entries
                 .into_iter()
-                .filter(|e| !st.in_flight.contains(&parse_id(&e.id)))
+                .filter(|e| !st.flight.contains(&e.id))
                 .collect();
             if !fresh.is_empty() {
                 let counts = pending_counts(&self.client, c, &fresh).await?;
@@ -666,12 +628,12 @@ impl Consumer {
     /// Takes a delivered entry into flight: dead-letter it if it was delivered too often, route it,
     /// check its sender token if its route wants one, queue it behind its order_by key, or start it.
     fn dispatch(&self, entry: Entry, deliveries: u64, st: &mut State) {
-        if !st.in_flight.insert(parse_id(&entry.id)) {
+        if !st.flight.admit(&entry.id) {
             return; // already ours and in flight
         }
         let mut msg = self.message(entry.id, entry.fields, deliveries);
         let settle = |st: &mut State, msg: Message, effect: Effect, handler: &str| {
-            st.finished.push(Finished {
+            st.flight.settle(Finished {
                 msg,
                 effect,
                 handler: handler.into(),
@@ -705,14 +667,7 @@ impl Consumer {
                 Err(reason) => return settle(st, msg, Effect::DeadLetter(reason), handler.name()),
             }
         }
-        let job = Job { msg, handler };
-        if let Some(key) = self.order_key(&job.msg)
-            && !st.busy.insert(key.clone())
-        {
-            st.waiting.entry(key).or_default().push_back(job);
-            return;
-        }
-        st.ready.push(job);
+        st.flight.enqueue(Job { msg, handler });
     }
 
     /// Verifies the message's `_token` and moves its claims into `sender`. The token itself is not
@@ -733,24 +688,19 @@ impl Consumer {
         Ok(())
     }
 
-    fn order_key(&self, msg: &Message) -> Option<Vec<u8>> {
-        let field = self.cfg.order_by.as_deref()?;
-        msg.fields.get(field).map(<[u8]>::to_vec)
-    }
-
     /// Starts every ready job: batch-capable handlers get their messages in one hand-off (per handler),
     /// the others one task per message.
     fn launch(&self, st: &mut State, tx: &mpsc::UnboundedSender<Vec<Done>>) {
-        if st.ready.is_empty() {
+        let ready = st.flight.start_ready();
+        if ready.is_empty() {
             return;
         }
         let mut batches: Vec<(Arc<dyn Handler>, Vec<Message>)> = Vec::new();
-        for job in std::mem::take(&mut st.ready) {
+        for job in ready {
             if job.handler.batch().is_none() {
                 self.start(job, st, tx);
                 continue;
             }
-            st.running += 1;
             match batches
                 .iter_mut()
                 .find(|(h, _)| Arc::ptr_eq(h, &job.handler))
@@ -789,7 +739,6 @@ impl Consumer {
 
     /// Runs the handler on its own task, with the deadline, and with panics contained.
     fn start(&self, job: Job, st: &mut State, tx: &mpsc::UnboundedSender<Vec<Done>>) {
-        st.running += 1;
         let Job { msg, handler } = job;
         let name: Arc<str> = handler.name().into();
         let duration = st.meters.duration(&name);
@@ -832,27 +781,10 @@ impl Consumer {
 
     /// Takes a finished handler's result into the commit queue and lets the next message of its key run.
     fn finish(&self, done: Done, st: &mut State) {
-        st.running -= 1;
-        if let Some(key) = self.order_key(&done.msg) {
-            match st.waiting.get_mut(&key).and_then(VecDeque::pop_front) {
-                Some(next) => st.ready.push(next),
-                None => {
-                    st.waiting.remove(&key);
-                    st.busy.remove(&key);
-                }
-            }
-        }
-        match done.effect {
-            Some(effect) => st.finished.push(Finished {
-                msg: done.msg,
-                effect,
-                handler: done.handler,
-            }),
-            None => {
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                st.meters.count(&done.handler, "retry");
-                st.in_flight.remove(&parse_id(&done.msg.id));
-            }
+        let handler = done.handler.clone();
+        if st.flight.ran(done.msg, done.effect, done.handler) {
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            st.meters.count(&handler, "retry");
         }
     }
 }
@@ -920,28 +852,9 @@ async fn pending_counts(
     Ok(rows.into_iter().map(|r| (r.id, r.deliveries)).collect())
 }
 
-/// The finished messages in stream order, so replies of one batch are written in the order their
-/// sources were.
-fn take_sorted(finished: &mut Vec<Finished>) -> Vec<Finished> {
-    let mut batch = std::mem::take(finished);
-    // The commit script checks ownership over the id range of the messages that write: they must be
-    // in order (and replies are then written in source order too).
-    if batch.iter().any(commit::writes) {
-        batch.sort_by_cached_key(|f| parse_id(&f.msg.id));
-    }
-    batch
-}
-
-/// An entry's id as the in-flight set and the commit order know it. Redis hands out nothing but valid
-/// ids; should a reply ever carry another, it sorts last and shares one slot — such an entry is never
-/// acked by mistake, it stays pending.
-fn parse_id(s: &str) -> StreamId {
-    StreamId::parse(s).unwrap_or(StreamId::MAX)
-}
-
 /// Orders stream ids numerically.
 fn cmp_ids(a: &str, b: &str) -> std::cmp::Ordering {
-    parse_id(a).cmp(&parse_id(b))
+    key_of(a).cmp(&key_of(b))
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -2,6 +2,8 @@
 //!
 //! - [`consumer`]: the loop — pending recovery, claims, dispatch with per-key ordering, batched commits,
 //!   Redis trouble waited out with backoff.
+//! - [`flight`]: the loop's bookkeeping without I/O — admission, in-flight limit, per-key order,
+//!   commit batches and what their verdicts release; unit-tested on its own.
 //! - [`router`]: which handler a message goes to (stream pattern + field predicates).
 //! - [`settings`]: what one loop runs with ([`ConsumerSettings`], [`HandlerSpec`]).
 //!
@@ -10,6 +12,7 @@
 //! stopping them is [`crate::daemon`]'s job.
 
 pub mod consumer;
+pub mod flight;
 pub mod router;
 pub mod settings;
 

@@ -19,6 +19,8 @@ mod acl;
 mod config;
 // rediss:// and mutual TLS.
 mod tls;
+// The consumer loop in-process with a handler the test holds: claims, drains, ordering, in-flight.
+mod consumer_loop;
 // The daemon as a process: delivery, drains, crashes, Redis faults, poison, claims, ordering.
 mod engine;
 // Dead letters: list and replay.

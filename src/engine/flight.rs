@@ -1,0 +1,341 @@
+//! The bookkeeping of one consumer loop, without I/O: which entries are in flight, which run, which
+//! wait behind their `order_by` key, which are decided and wait for a commit, and what a commit's
+//! verdicts release.
+//!
+//! Owns the rules that make the loop correct whatever Redis does: an entry is taken into flight once
+//! (a re-read or a claim of an entry already here is ignored); at most `limit` entries are in flight;
+//! messages with the same `order_by` value run one after another, in the order they were admitted;
+//! an entry leaves flight only when a commit's verdict is known, or when it is released to stay
+//! pending in Redis (a retry, a message queued when a drain began). Reading, running handlers and
+//! talking to Redis are [`super::consumer`]'s.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use crate::client::commit::{self, Effect, Finished};
+use crate::model::StreamId;
+use crate::model::message::{Handler, Message};
+
+/// A routed message waiting to run (behind its order_by key) or about to run.
+pub struct Job {
+    pub msg: Message,
+    pub handler: Arc<dyn Handler>,
+}
+
+/// The loop's entries, from admission to the verdict of their commit.
+pub struct Flight {
+    limit: usize,
+    order_by: Option<String>,
+    /// Entries delivered to us and not yet committed or released: queued, running, decided, or
+    /// committing.
+    in_flight: HashSet<StreamId>,
+    running: usize,
+    /// order_by values with a message running, and the messages waiting behind each.
+    busy: HashSet<Vec<u8>>,
+    waiting: HashMap<Vec<u8>, VecDeque<Job>>,
+    /// Free to run: handed to the handlers at the top of the next turn.
+    ready: Vec<Job>,
+    /// Decided, waiting to be committed.
+    finished: Vec<Finished>,
+}
+
+/// An entry's id as the in-flight set and the commit order know it. Redis hands out nothing but valid
+/// ids; should a reply ever carry another, it sorts last and shares one slot — such an entry is never
+/// acked by mistake, it stays pending.
+pub fn key_of(id: &str) -> StreamId {
+    StreamId::parse(id).unwrap_or(StreamId::MAX)
+}
+
+impl Flight {
+    pub fn new(limit: usize, order_by: Option<String>) -> Self {
+        Flight {
+            limit,
+            order_by,
+            in_flight: HashSet::new(),
+            running: 0,
+            busy: HashSet::new(),
+            waiting: HashMap::new(),
+            ready: Vec::new(),
+            finished: Vec::new(),
+        }
+    }
+
+    /// How many more entries may be taken in.
+    pub fn free(&self) -> usize {
+        self.limit.saturating_sub(self.in_flight.len())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.in_flight.contains(&key_of(id))
+    }
+
+    pub fn running(&self) -> usize {
+        self.running
+    }
+
+    /// Takes `id` into flight; false if it already is (a re-read or a claim of an entry we hold).
+    pub fn admit(&mut self, id: &str) -> bool {
+        self.in_flight.insert(key_of(id))
+    }
+
+    /// An admitted message decided without running (a dead letter, a drop, a vanished entry).
+    pub fn settle(&mut self, f: Finished) {
+        self.finished.push(f);
+    }
+
+    /// An admitted message to run: behind the message running with its order_by value, if any.
+    pub fn enqueue(&mut self, job: Job) {
+        if let Some(key) = self.order_key(&job.msg)
+            && !self.busy.insert(key.clone())
+        {
+            self.waiting.entry(key).or_default().push_back(job);
+            return;
+        }
+        self.ready.push(job);
+    }
+
+    /// The jobs free to run, now counted as running.
+    pub fn start_ready(&mut self) -> Vec<Job> {
+        self.running += self.ready.len();
+        std::mem::take(&mut self.ready)
+    }
+
+    /// A handler returned: the next message of its order_by value may run, and the outcome waits for
+    /// a commit — or, for a retry (`None`), the entry is released to stay pending. Returns whether it
+    /// was released.
+    pub fn ran(&mut self, msg: Message, effect: Option<Effect>, handler: Arc<str>) -> bool {
+        self.running = self.running.saturating_sub(1);
+        if let Some(key) = self.order_key(&msg) {
+            match self.waiting.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(next) => self.ready.push(next),
+                None => {
+                    self.waiting.remove(&key);
+                    self.busy.remove(&key);
+                }
+            }
+        }
+        match effect {
+            Some(effect) => {
+                self.finished.push(Finished {
+                    msg,
+                    effect,
+                    handler,
+                });
+                false
+            }
+            None => {
+                self.in_flight.remove(&key_of(&msg.id));
+                true
+            }
+        }
+    }
+
+    pub fn has_finished(&self) -> bool {
+        !self.finished.is_empty()
+    }
+
+    /// Everything decided, as one commit batch: in stream order when any message writes (the commit
+    /// script checks ownership over the writers' id range, and replies are then written in the order
+    /// of their sources).
+    pub fn take_batch(&mut self) -> Vec<Finished> {
+        let mut batch = std::mem::take(&mut self.finished);
+        if batch.iter().any(commit::writes) {
+            batch.sort_by_cached_key(|f| key_of(&f.msg.id));
+        }
+        batch
+    }
+
+    /// A batch whose commit's fate is unknown: it is committed again later (the ownership check makes
+    /// a second run of an applied commit write nothing).
+    pub fn recommit(&mut self, batch: Vec<Finished>) {
+        self.finished.extend(batch);
+    }
+
+    /// A commit's verdict for `id` is known: the entry leaves flight.
+    pub fn committed(&mut self, id: &str) {
+        self.in_flight.remove(&key_of(id));
+    }
+
+    /// A drain began: messages still queued behind their key never started; they are released and
+    /// stay pending for the next start. Returns how many.
+    pub fn release_queued(&mut self) -> usize {
+        let mut n = 0;
+        for (_, queue) in self.waiting.drain() {
+            for job in queue {
+                self.in_flight.remove(&key_of(&job.msg.id));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Nothing running, decided or in flight: a drain is complete once the last commit is back.
+    pub fn is_empty(&self) -> bool {
+        self.running == 0 && self.finished.is_empty() && self.in_flight.is_empty()
+    }
+
+    fn order_key(&self, msg: &Message) -> Option<Vec<u8>> {
+        let field = self.order_by.as_deref()?;
+        msg.fields.get(field).map(<[u8]>::to_vec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Fields;
+    use crate::model::message::{BoxFuture, Outcome, Reply};
+
+    struct Nop;
+    impl Handler for Nop {
+        fn name(&self) -> &str {
+            "nop"
+        }
+        fn handle<'a>(&'a self, _: &'a Message) -> BoxFuture<'a, Outcome> {
+            Box::pin(async { Outcome::Success(Vec::new()) })
+        }
+    }
+
+    fn msg(id: &str, key: Option<&str>) -> Message {
+        let mut fields = Fields::default();
+        if let Some(k) = key {
+            fields.push("key", k);
+        }
+        Message {
+            stream: "nova:task:t:in".into(),
+            id: id.into(),
+            fields,
+            deliveries: 1,
+            sender: None,
+        }
+    }
+
+    fn job(id: &str, key: Option<&str>) -> Job {
+        Job {
+            msg: msg(id, key),
+            handler: Arc::new(Nop),
+        }
+    }
+
+    fn ids(jobs: &[Job]) -> Vec<&str> {
+        jobs.iter().map(|j| j.msg.id.as_str()).collect()
+    }
+
+    fn reply() -> Option<Effect> {
+        Some(Effect::Replies(vec![Reply {
+            stream: "nova:task:t:out".into(),
+            fields: Fields::default(),
+        }]))
+    }
+
+    #[test]
+    fn an_entry_is_admitted_once_and_counts_against_the_limit() {
+        let mut f = Flight::new(2, None);
+        assert!(f.admit("1-1"));
+        assert!(
+            !f.admit("1-1"),
+            "a re-read of an entry in flight is ignored"
+        );
+        assert_eq!(f.free(), 1);
+        assert!(f.admit("1-2"));
+        assert_eq!(f.free(), 0);
+        f.committed("1-1");
+        assert_eq!(f.free(), 1);
+    }
+
+    #[test]
+    fn one_order_by_value_runs_at_a_time_in_admission_order() {
+        let mut f = Flight::new(10, Some("key".into()));
+        for (id, key) in [("1-1", "a"), ("1-2", "a"), ("1-3", "b"), ("1-4", "a")] {
+            f.admit(id);
+            f.enqueue(job(id, Some(key)));
+        }
+        let first = f.start_ready();
+        assert_eq!(ids(&first), ["1-1", "1-3"]);
+        assert_eq!(f.running(), 2);
+        assert!(f.start_ready().is_empty(), "1-2 waits behind 1-1");
+        f.ran(first[1].msg.clone(), reply(), "nop".into());
+        assert!(f.start_ready().is_empty(), "b finishing frees nothing of a");
+        f.ran(first[0].msg.clone(), reply(), "nop".into());
+        let second = f.start_ready();
+        assert_eq!(ids(&second), ["1-2"]);
+        f.ran(second[0].msg.clone(), None, "nop".into());
+        assert_eq!(
+            ids(&f.start_ready()),
+            ["1-4"],
+            "a retry lets the next one run too"
+        );
+    }
+
+    #[test]
+    fn messages_without_the_field_run_freely() {
+        let mut f = Flight::new(10, Some("key".into()));
+        for id in ["1-1", "1-2"] {
+            f.admit(id);
+            f.enqueue(job(id, None));
+        }
+        assert_eq!(ids(&f.start_ready()), ["1-1", "1-2"]);
+    }
+
+    #[test]
+    fn a_retry_releases_its_slot_and_an_outcome_keeps_it_until_the_verdict() {
+        let mut f = Flight::new(2, None);
+        for id in ["1-1", "1-2"] {
+            f.admit(id);
+            f.enqueue(job(id, None));
+        }
+        let jobs = f.start_ready();
+        assert!(f.ran(jobs[0].msg.clone(), None, "nop".into()), "released");
+        assert_eq!(f.free(), 1);
+        assert!(!f.ran(jobs[1].msg.clone(), reply(), "nop".into()));
+        assert_eq!(f.free(), 1, "decided is still in flight");
+        let batch = f.take_batch();
+        assert_eq!(batch.len(), 1);
+        assert!(!f.is_empty());
+        f.committed(&batch[0].msg.id);
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn batches_that_write_are_in_stream_order_and_recommitted_whole() {
+        let mut f = Flight::new(10, None);
+        for id in ["10-0", "9-5", "9-10"] {
+            f.admit(id);
+            f.enqueue(job(id, None));
+        }
+        for j in f.start_ready() {
+            f.ran(j.msg, reply(), "nop".into());
+        }
+        let batch = f.take_batch();
+        let order: Vec<&str> = batch.iter().map(|b| b.msg.id.as_str()).collect();
+        assert_eq!(order, ["9-5", "9-10", "10-0"], "numeric, not text order");
+        assert!(!f.has_finished());
+        f.recommit(batch);
+        assert_eq!(f.take_batch().len(), 3);
+    }
+
+    #[test]
+    fn a_drain_releases_only_what_never_started() {
+        let mut f = Flight::new(10, Some("key".into()));
+        for (id, key) in [("1-1", "a"), ("1-2", "a"), ("1-3", "a")] {
+            f.admit(id);
+            f.enqueue(job(id, Some(key)));
+        }
+        let running = f.start_ready();
+        assert_eq!(f.release_queued(), 2);
+        assert_eq!(
+            f.in_flight(),
+            1,
+            "the running one stays until it is decided"
+        );
+        f.ran(running[0].msg.clone(), reply(), "nop".into());
+        for f2 in f.take_batch() {
+            f.committed(&f2.msg.id);
+        }
+        assert!(f.is_empty());
+    }
+}
