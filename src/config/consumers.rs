@@ -41,6 +41,7 @@ pub fn default_dead_letter(name: &StreamName<'_>) -> String {
     }
 }
 
+/// Every `[[consumers]]` entry, checked alone and against the others (one loop per stream and group).
 pub(super) fn consumers(
     raw: &RawConfig,
     c: &mut Checker<'_>,
@@ -50,230 +51,244 @@ pub(super) fn consumers(
     handlers: &[WasmSpec],
     routes: &[RouteSpec],
 ) -> Vec<ConsumerSettings> {
-    let mut out = Vec::new();
     if !raw.consumers.is_empty() && identity.is_none() {
         c.problem(
             "identity",
             "consumers need an identity to act as: give identity.token, or identity.roles with auth.signing_key",
         );
     }
+    let ctx = Context {
+        naming,
+        identity,
+        daemon,
+        handlers,
+        routes,
+    };
+    let mut out = Vec::new();
     let mut seen: Vec<(String, String, usize)> = Vec::new();
     for (i, rc) in raw.consumers.iter().enumerate() {
         let p = |k: &str| format!("consumers[{i}].{k}");
-        let stream = match &rc.stream {
-            Some(s) => c.parse(&p("stream"), s, "a stream name", |s| {
-                naming
-                    .parse(s)
-                    .map(|_| s.to_owned())
-                    .map_err(|e| e.to_string())
-            }),
-            None => {
-                c.problem(&p("stream"), "missing: the stream to consume");
-                None
-            }
-        };
-        let group = match &rc.group {
-            Some(g) => c.parse(&p("group"), g, "a group name", |s| {
-                validate_name(NameKind::Group, s)
-                    .map(|_| s.to_owned())
-                    .map_err(|e| e.to_string())
-            }),
-            None => {
-                c.problem(&p("group"), "missing: the consumer group to read as");
-                None
-            }
-        };
-        let consumer = match &rc.consumer {
-            Some(n) => c.parse(&p("consumer"), n, "a consumer name", |s| {
-                validate_name(NameKind::Consumer, s)
-                    .map(|_| s.to_owned())
-                    .map_err(|e| e.to_string())
-            }),
-            None => identity
-                .map(|id| default_consumer(&id.identity.subject, daemon.instance.as_deref())),
-        };
-        let start = c.parse(&p("start"), &rc.start, "\"$\", \"0\" or an entry id", |s| {
-            if s == "$" || is_entry_id(s) {
-                Ok(s.to_owned())
-            } else {
-                Err("not an id".into())
-            }
-        });
-        let batch_size = positive(c, &p("batch_size"), &rc.batch_size);
-        let block = c.positive_duration(&p("block"), &rc.block);
-        let claim_min_idle = c.positive_duration(&p("claim_min_idle"), &rc.claim_min_idle);
-        let claim_interval = c.positive_duration(&p("claim_interval"), &rc.claim_interval);
-        let max_deliveries = positive(c, &p("max_deliveries"), &rc.max_deliveries);
-        let in_flight = positive(c, &p("in_flight"), &rc.in_flight);
-        let handler_timeout = c.positive_duration(&p("handler_timeout"), &rc.handler_timeout);
-        let order_by = rc.order_by.as_ref().and_then(|o| c.text(&p("order_by"), o));
-        if let (Some(idle), Some(timeout)) = (claim_min_idle, handler_timeout)
-            && idle <= timeout
-        {
-            c.problem(
-                    &p("claim_min_idle"),
-                    format!(
-                        "{} is not longer than {} ({}): another consumer would claim messages still being handled",
-                        fmt_d(idle),
-                        p("handler_timeout"),
-                        fmt_d(timeout)
-                    ),
-                );
-        }
-        if let Some(b) = block
-            && b > Duration::from_secs(300)
-        {
-            c.problem(
-                &p("block"),
-                format!("{} is above the 5 min limit", fmt_d(b)),
-            );
-        }
-        let dead_letter = match (&rc.dead_letter, &stream) {
-            (Some(d), _) => c.parse(&p("dead_letter"), d, "a stream name", |s| {
-                naming
-                    .parse(s)
-                    .map(|_| s.to_owned())
-                    .map_err(|e| e.to_string())
-            }),
-            (None, Some(s)) => naming.parse(s).ok().map(|n| default_dead_letter(&n)),
-            (None, None) => None,
-        };
-        if let (Some(d), Some(s)) = (&dead_letter, &stream)
-            && d == s
-        {
-            c.problem(
-                &p("dead_letter"),
-                "the dead-letter stream must differ from the stream consumed",
-            );
-        }
-        let handler = handler_spec(c, i, rc, naming, handlers);
-        let unmatched = c.parse(
-            &p("unmatched"),
-            &rc.unmatched,
-            "\"ack\" or \"dead-letter\"",
-            |s| match s {
-                "ack" => Ok(Unmatched::Ack),
-                "dead-letter" => Ok(Unmatched::DeadLetter),
-                _ => Err("unknown policy".into()),
-            },
-        );
-        if let (Some(None), Some(s)) = (&handler, &stream)
-            && !routes.iter().any(|r| r.stream.matches(s))
-        {
-            c.problem(
-                &p("handler"),
-                format!("missing, and no [[routes]] entry matches stream {s:?}: give a handler or add a route"),
-            );
-        }
-        // A WASM handler's own deadline must fit in the consumer's.
-        if let (Some(h), Some(s), Some(outer)) = (&handler, &stream, handler_timeout) {
-            let reachable: Vec<String> = match h {
-                Some(HandlerSpec::Wasm(name)) => vec![name.clone()],
-                Some(_) => Vec::new(),
-                None => routes
-                    .iter()
-                    .filter(|r| r.stream.matches(s))
-                    .filter_map(|r| match &r.action {
-                        Action::Handler(n) => Some(n.clone()),
-                        _ => None,
-                    })
-                    .collect(),
-            };
-            let timeouts = handlers
-                .iter()
-                .filter(|w| reachable.contains(&w.name))
-                .map(|w| (w.name.clone(), w.timeout));
-            super::handlers::timeouts_fit(c, &p("handler_timeout"), outer, timeouts);
-        }
-
-        if let (Some(s), Some(g)) = (&stream, &group) {
-            if let Some((_, _, j)) = seen.iter().find(|(ss, gg, _)| ss == s && gg == g) {
+        let (names, built) = consumer(c, i, rc, &ctx);
+        if let Some((s, g)) = names {
+            if let Some((_, _, j)) = seen.iter().find(|(ss, gg, _)| *ss == s && *gg == g) {
                 c.problem(
                     &p("group"),
                     format!("stream {s:?} group {g:?} is already consumed by consumers[{j}]"),
                 );
             }
-            seen.push((s.clone(), g.clone(), i));
+            seen.push((s, g, i));
         }
-        // Resolve everything before starting anything: the identity must be allowed every operation
-        // this consumer will perform.
-        if let (Some(id), Some(s)) = (identity, &stream) {
-            for op in [
-                Op::ReadGroup,
-                Op::Ack,
-                Op::Claim,
-                Op::Pending,
-                Op::CreateGroup,
-            ] {
-                if let Err(e) = crate::auth::authorize(naming, &id.identity, op, s) {
-                    c.problem(&p("stream"), e.to_string());
-                    break;
-                }
-            }
-            let writes = dead_letter
-                .iter()
-                .map(|d| (p("dead_letter"), d.as_str()))
-                .chain(
-                    handler
-                        .iter()
-                        .flatten()
-                        .flat_map(|h| h.writes())
-                        .map(|w| (p("handler"), w)),
-                );
-            for (path, w) in writes.collect::<Vec<_>>() {
-                if let Err(e) = crate::auth::authorize(naming, &id.identity, Op::Publish, w) {
-                    c.problem(&path, e.to_string());
-                }
-            }
-        }
-        if let (
-            Some(stream),
-            Some(group),
-            Some(consumer),
-            Some(start),
-            Some(batch_size),
-            Some(block),
-        ) = (stream, group, consumer, start, batch_size, block)
-            && let (
-                Some(claim_min_idle),
-                Some(claim_interval),
-                Some(max_deliveries),
-                Some(dead_letter),
-                Some(in_flight),
-                Some(handler),
-                Some(handler_timeout),
-                Some(unmatched),
-            ) = (
-                claim_min_idle,
-                claim_interval,
-                max_deliveries,
-                dead_letter,
-                in_flight,
-                handler,
-                handler_timeout,
-                unmatched,
-            )
-        {
-            out.push(ConsumerSettings {
-                stream: stream.into(),
-                group,
-                consumer,
-                start,
-                batch_size: batch_size as usize,
-                block,
-                claim_min_idle,
-                claim_interval,
-                max_deliveries,
-                dead_letter,
-                in_flight: in_flight as usize,
-                order_by,
-                handler,
-                unmatched,
-                handler_timeout,
-            });
-        }
+        out.extend(built);
     }
     out
+}
+
+/// What a consumer entry is checked against.
+struct Context<'a> {
+    naming: &'a Naming,
+    identity: Option<&'a DaemonIdentity>,
+    daemon: &'a DaemonSettings,
+    handlers: &'a [WasmSpec],
+    routes: &'a [RouteSpec],
+}
+
+/// One `[[consumers]]` entry: every key read (each problem recorded with its path), the relations
+/// between keys checked, then its stream and group (when both are valid, for the duplicate check) and
+/// its settings (None if anything was wrong).
+fn consumer(
+    c: &mut Checker<'_>,
+    i: usize,
+    rc: &RawConsumer,
+    ctx: &Context<'_>,
+) -> (Option<(String, String)>, Option<ConsumerSettings>) {
+    let Context {
+        naming,
+        identity,
+        daemon,
+        handlers,
+        routes,
+    } = *ctx;
+    let p = |k: &str| format!("consumers[{i}].{k}");
+    let stream = match &rc.stream {
+        Some(s) => c.parse(&p("stream"), s, "a stream name", |s| {
+            naming
+                .parse(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| e.to_string())
+        }),
+        None => {
+            c.problem(&p("stream"), "missing: the stream to consume");
+            None
+        }
+    };
+    let group = match &rc.group {
+        Some(g) => c.parse(&p("group"), g, "a group name", |s| {
+            validate_name(NameKind::Group, s)
+                .map(|_| s.to_owned())
+                .map_err(|e| e.to_string())
+        }),
+        None => {
+            c.problem(&p("group"), "missing: the consumer group to read as");
+            None
+        }
+    };
+    let consumer = match &rc.consumer {
+        Some(n) => c.parse(&p("consumer"), n, "a consumer name", |s| {
+            validate_name(NameKind::Consumer, s)
+                .map(|_| s.to_owned())
+                .map_err(|e| e.to_string())
+        }),
+        None => {
+            identity.map(|id| default_consumer(&id.identity.subject, daemon.instance.as_deref()))
+        }
+    };
+    let start = c.parse(&p("start"), &rc.start, "\"$\", \"0\" or an entry id", |s| {
+        if s == "$" || is_entry_id(s) {
+            Ok(s.to_owned())
+        } else {
+            Err("not an id".into())
+        }
+    });
+    let batch_size = positive(c, &p("batch_size"), &rc.batch_size);
+    let block = c.positive_duration(&p("block"), &rc.block);
+    let claim_min_idle = c.positive_duration(&p("claim_min_idle"), &rc.claim_min_idle);
+    let claim_interval = c.positive_duration(&p("claim_interval"), &rc.claim_interval);
+    let max_deliveries = positive(c, &p("max_deliveries"), &rc.max_deliveries);
+    let in_flight = positive(c, &p("in_flight"), &rc.in_flight);
+    let handler_timeout = c.positive_duration(&p("handler_timeout"), &rc.handler_timeout);
+    let order_by = rc.order_by.as_ref().and_then(|o| c.text(&p("order_by"), o));
+    if let (Some(idle), Some(timeout)) = (claim_min_idle, handler_timeout)
+        && idle <= timeout
+    {
+        c.problem(
+                &p("claim_min_idle"),
+                format!(
+                    "{} is not longer than {} ({}): another consumer would claim messages still being handled",
+                    fmt_d(idle),
+                    p("handler_timeout"),
+                    fmt_d(timeout)
+                ),
+            );
+    }
+    if let Some(b) = block
+        && b > Duration::from_secs(300)
+    {
+        c.problem(
+            &p("block"),
+            format!("{} is above the 5 min limit", fmt_d(b)),
+        );
+    }
+    let dead_letter = match (&rc.dead_letter, &stream) {
+        (Some(d), _) => c.parse(&p("dead_letter"), d, "a stream name", |s| {
+            naming
+                .parse(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| e.to_string())
+        }),
+        (None, Some(s)) => naming.parse(s).ok().map(|n| default_dead_letter(&n)),
+        (None, None) => None,
+    };
+    if let (Some(d), Some(s)) = (&dead_letter, &stream)
+        && d == s
+    {
+        c.problem(
+            &p("dead_letter"),
+            "the dead-letter stream must differ from the stream consumed",
+        );
+    }
+    let handler = handler_spec(c, i, rc, naming, handlers);
+    let unmatched = c.parse(
+        &p("unmatched"),
+        &rc.unmatched,
+        "\"ack\" or \"dead-letter\"",
+        |s| match s {
+            "ack" => Ok(Unmatched::Ack),
+            "dead-letter" => Ok(Unmatched::DeadLetter),
+            _ => Err("unknown policy".into()),
+        },
+    );
+    if let (Some(None), Some(s)) = (&handler, &stream)
+        && !routes.iter().any(|r| r.stream.matches(s))
+    {
+        c.problem(
+            &p("handler"),
+            format!("missing, and no [[routes]] entry matches stream {s:?}: give a handler or add a route"),
+        );
+    }
+    // A WASM handler's own deadline must fit in the consumer's.
+    if let (Some(h), Some(s), Some(outer)) = (&handler, &stream, handler_timeout) {
+        let reachable: Vec<String> = match h {
+            Some(HandlerSpec::Wasm(name)) => vec![name.clone()],
+            Some(_) => Vec::new(),
+            None => routes
+                .iter()
+                .filter(|r| r.stream.matches(s))
+                .filter_map(|r| match &r.action {
+                    Action::Handler(n) => Some(n.clone()),
+                    _ => None,
+                })
+                .collect(),
+        };
+        let timeouts = handlers
+            .iter()
+            .filter(|w| reachable.contains(&w.name))
+            .map(|w| (w.name.clone(), w.timeout));
+        super::handlers::timeouts_fit(c, &p("handler_timeout"), outer, timeouts);
+    }
+
+    // Resolve everything before starting anything: the identity must be allowed every operation
+    // this consumer will perform.
+    if let (Some(id), Some(s)) = (identity, &stream) {
+        for op in [
+            Op::ReadGroup,
+            Op::Ack,
+            Op::Claim,
+            Op::Pending,
+            Op::CreateGroup,
+        ] {
+            if let Err(e) = crate::auth::authorize(naming, &id.identity, op, s) {
+                c.problem(&p("stream"), e.to_string());
+                break;
+            }
+        }
+        let writes = dead_letter
+            .iter()
+            .map(|d| (p("dead_letter"), d.as_str()))
+            .chain(
+                handler
+                    .iter()
+                    .flatten()
+                    .flat_map(|h| h.writes())
+                    .map(|w| (p("handler"), w)),
+            );
+        for (path, w) in writes.collect::<Vec<_>>() {
+            if let Err(e) = crate::auth::authorize(naming, &id.identity, Op::Publish, w) {
+                c.problem(&path, e.to_string());
+            }
+        }
+    }
+    let names = stream.clone().zip(group.clone());
+    // Every key was read and every relation checked above; build only if all of it held.
+    let built = (|| {
+        Some(ConsumerSettings {
+            stream: stream?.into(),
+            group: group?,
+            consumer: consumer?,
+            start: start?,
+            batch_size: batch_size? as usize,
+            block: block?,
+            claim_min_idle: claim_min_idle?,
+            claim_interval: claim_interval?,
+            max_deliveries: max_deliveries?,
+            dead_letter: dead_letter?,
+            in_flight: in_flight? as usize,
+            order_by,
+            handler: handler?,
+            unmatched: unmatched?,
+            handler_timeout: handler_timeout?,
+        })
+    })();
+    (names, built)
 }
 
 fn positive(c: &mut Checker<'_>, path: &str, v: &Loose<u32>) -> Option<u32> {

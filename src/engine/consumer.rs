@@ -32,7 +32,7 @@ use super::settings::ConsumerSettings;
 use crate::auth::Op;
 use crate::auth::jwt::KeySet;
 use crate::backoff::Backoff;
-use crate::client::commit::{self, Committed, Effect, Finished};
+use crate::client::commit::{self, Committed, Committer, Effect, Finished};
 use crate::client::decode::Entries;
 use crate::client::{Client, Error, GroupReader, PendingQuery, ReadFrom, Round};
 use crate::metrics::{self, GroupLabels, HandlerLabels, MessageLabels};
@@ -95,10 +95,23 @@ type CommitResult = Result<redis::Value, Error>;
 /// The loop's state: the entries' bookkeeping ([`Flight`]) and where the loop is in Redis.
 struct State {
     flight: Flight,
+    /// The reader between rounds (a round task holds it meanwhile).
+    reader: Option<GroupReader>,
+    /// The round in progress — a read, with the commit of what had finished — and when it began.
+    round: Option<(JoinHandle<RoundResult>, Instant)>,
     /// The batch travelling with the round in progress.
     in_round: Vec<Finished>,
+    /// The commit sent alone on the shared connection, and when it began.
+    commit: Option<(JoinHandle<CommitResult>, Instant)>,
     /// The batch of the commit task in progress.
     committing: Vec<Finished>,
+    /// Redis trouble: when to try again, and the backoff that said so.
+    retry_at: Option<Instant>,
+    backoff: Backoff,
+    /// Stopped reading; finishing and committing what is in flight.
+    draining: bool,
+    /// When a handler, a round or a commit last came back (for liveness).
+    last_progress: Instant,
     /// While re-reading our own pending entries: the id to continue after.
     recover: Option<String>,
     /// The highest id a `>` read gave us; a lost read's entries are pending after it.
@@ -194,14 +207,17 @@ impl Consumer {
             &cfg.dead_letter,
         )?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Done>>();
-        let mut reader = Some(self.new_reader()?);
-        let mut round: Option<JoinHandle<RoundResult>> = None;
-        let mut commit: Option<JoinHandle<CommitResult>> = None;
-        let mut commit_started: Option<Instant> = None;
         let mut st = State {
             flight: Flight::new(cfg.in_flight, cfg.order_by.clone()),
+            reader: Some(self.new_reader()?),
+            round: None,
             in_round: Vec::new(),
+            commit: None,
             committing: Vec::new(),
+            retry_at: None,
+            backoff: Backoff::new(self.retry_min, self.retry_max),
+            draining: false,
+            last_progress: Instant::now(),
             recover: Some("0".into()),
             last_new: "0".into(),
             claim_cursor: "0-0".into(),
@@ -211,18 +227,8 @@ impl Consumer {
         let mut claim_tick =
             tokio::time::interval_at(Instant::now() + cfg.claim_interval, cfg.claim_interval);
         claim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut backoff = Backoff::new(self.retry_min, self.retry_max);
-        let mut retry_at: Option<Instant> = None;
-        let mut draining = false;
         // Liveness: the loop turns at least once a second, and says until when its state is healthy.
         let mut pulse = tokio::time::interval(Duration::from_secs(1));
-        let slack = Duration::from_secs(5);
-        let redis = self.client.settings();
-        let read_bound = cfg.block + redis.command_timeout + redis.connect_timeout;
-        let mut last_progress = Instant::now();
-        let mut round_started: Option<Instant> = None;
-        #[cfg(feature = "fault-injection")]
-        let wedge = std::env::var("RSFAULT_WEDGE_GROUP").is_ok_and(|g| g == cfg.group);
 
         loop {
             // Hand what was routed (and what its order_by key let go) to the handlers.
@@ -230,174 +236,217 @@ impl Consumer {
 
             // Commit now what cannot wait for the next round: the read is out (and may block), or no
             // round can start. (Before starting a round: a commit that frees room must be followed by
-            // one, or the loop would wait for an event that never comes.) The commit travels on its
-            // own task, so messages keep flowing to the handlers while Redis runs it; one at a time.
+            // one, or the loop would wait for an event that never comes.)
             if st.flight.has_finished()
-                && commit.is_none()
-                && retry_at.is_none()
-                && (round.is_some() || draining || st.flight.free() == 0)
+                && st.commit.is_none()
+                && st.retry_at.is_none()
+                && (st.round.is_some() || st.draining || st.flight.free() == 0)
             {
-                let batch = st.flight.take_batch();
-                let cmd = committer.command(&sha, &batch, st.flight.in_flight());
-                let client = self.client.clone();
-                let cfg = self.cfg.clone();
-                commit_started = Some(Instant::now());
-                st.committing = batch;
-                commit = Some(tokio::spawn(async move {
-                    client.commit(&cmd, &cfg.stream, &cfg.group).await
-                }));
+                self.start_commit(&mut st, &committer, &sha);
             }
-
             // Start the next round — read, with the commit of what finished — when there is room.
-            if round.is_none() && !draining && retry_at.is_none() && st.flight.free() > 0 {
-                let mut r = match reader.take() {
-                    Some(r) => r,
-                    None => self.new_reader()?,
-                };
-                let batch = st.flight.take_batch();
-                let cmd = (!batch.is_empty())
-                    .then(|| committer.command(&sha, &batch, st.flight.in_flight()));
-                st.in_round = batch;
-                let from = st.recover.clone();
-                let count = st.flight.free().min(cfg.batch_size);
-                st.round_count = count;
-                let count = count as u64;
-                // A round carrying a commit does not block: its verdicts come back with the read's
-                // reply, and must not wait out an idle BLOCK (the entries are committed in Redis at
-                // once, but their slots, counters and logs would lag by up to `block`, and a drain
-                // would redo the commit and count its messages as not ours).
-                let block = (from.is_none() && cmd.is_none()).then_some(cfg.block);
-                let client = self.client.clone();
-                let cfg = self.cfg.clone();
-                trace!(from = ?from, count, commits = st.in_round.len(), "round");
-                round_started = Some(Instant::now());
-                round = Some(tokio::spawn(async move {
-                    let read_from = from.as_deref().map_or(ReadFrom::New, ReadFrom::Pending);
-                    let result = match r.round(cmd, read_from, count, block).await {
-                        Ok(round) => deliveries(&client, &cfg, from.is_some(), &round)
-                            .await
-                            .map(|d| (round, d)),
-                        Err(e) => Err(e),
-                    };
-                    (r, result)
-                }));
+            if st.round.is_none() && !st.draining && st.retry_at.is_none() && st.flight.free() > 0 {
+                self.start_round(&mut st, &committer, &sha)?;
             }
-
-            if draining && commit.is_none() && st.flight.is_empty() {
+            if st.draining && st.commit.is_none() && st.flight.is_empty() {
                 return Ok(());
             }
+            self.liveness
+                .healthy_until(self.healthy_until(&st).into_std());
 
-            let until = if draining {
-                Instant::now() + slack
-            } else if let Some(t) = retry_at {
-                t + slack
-            } else if let Some(t) = round_started.or(commit_started) {
-                t + read_bound + slack
-            } else if st.flight.running() > 0 {
-                last_progress + cfg.handler_timeout + slack
-            } else {
-                last_progress + slack
-            };
-            self.liveness.healthy_until(until.into_std());
-
+            let (round, commit) = (&mut st.round, &mut st.commit);
             tokio::select! {
                 _ = pulse.tick() => {}
-                // Only waits are cancelled: the round (a blocking read) is aborted, and the commit it
-                // carried is redone over the shared connection — the ownership check makes that safe.
-                _ = shutdown.wait(), if !draining => {
-                    draining = true;
-                    if let Some(r) = round.take() {
-                        r.abort();
-                        st.flight.recommit(std::mem::take(&mut st.in_round));
-                    }
-                    // Queued messages never started: release them; they stay pending for the next start.
-                    let released = st.flight.release_queued();
-                    info!(running = st.flight.running(), released, "draining: reads stopped, finishing messages in flight");
-                }
+                _ = shutdown.wait(), if !st.draining => self.drain(&mut st),
                 Some(batch) = rx.recv() => {
-                    last_progress = Instant::now();
-                    for done in batch {
+                    st.last_progress = Instant::now();
+                    for done in std::iter::once(batch).chain(std::iter::from_fn(|| rx.try_recv().ok())).flatten() {
                         self.finish(done, &mut st);
                     }
-                    while let Ok(batch) = rx.try_recv() {
-                        for done in batch {
-                            self.finish(done, &mut st);
-                        }
-                    }
                 }
-                joined = async { round.as_mut().expect("guarded").await }, if round.is_some() => {
-                    round = None;
-                    round_started = None;
-                    last_progress = Instant::now();
-                    let batch = std::mem::take(&mut st.in_round);
-                    match joined {
-                        Ok((r, result)) => {
-                            reader = Some(r);
-                            match result {
-                                Ok((rd, counts)) => {
-                                    if let Some(before) = rd.before {
-                                        self.apply_commit(batch, before, &mut st).await?;
-                                    }
-                                    let asked = st.round_count;
-                                    match rd.read {
-                                        Ok(entries) => {
-                                            trace!(entries = entries.entries.len(), deleted = entries.deleted.len(), "read");
-                                            let failures = backoff.succeed();
-                                            if failures > 0 {
-                                                info!(failures, "reading again after Redis trouble");
-                                                metrics::global().reconnects.inc();
-                                            }
-                                            #[cfg(feature = "fault-injection")]
-                                            if wedge && !entries.entries.is_empty() {
-                                                // A failpoint for the watchdog test: this loop hangs
-                                                // the way an await that never completes would.
-                                                std::future::pending::<()>().await;
-                                            }
-                                            self.delivered(entries, counts, asked, &mut st);
-                                        }
-                                        Err(e) => retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?),
-                                    }
-                                }
-                                Err(e) => {
-                                    // Neither the commit's nor the read's fate is known: commit again
-                                    // later, and look for entries a lost reply delivered to us.
-                                    st.flight.recommit(batch);
-                                    retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?);
-                                }
-                            }
-                        }
-                        Err(join) => {
-                            st.flight.recommit(batch);
-                            let e = Error::Aborted { command: "XREADGROUP", key: cfg.stream.to_string(), detail: join.to_string() };
-                            retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?);
-                        }
-                    }
+                joined = async { (&mut round.as_mut().expect("guarded").0).await }, if round.is_some() => {
+                    self.round_ended(&mut st, joined).await?;
                 }
                 // Commits run to completion even while draining: they are what drains.
-                joined = async { commit.as_mut().expect("guarded").await }, if commit.is_some() => {
-                    commit = None;
-                    commit_started = None;
-                    last_progress = Instant::now();
-                    let batch = std::mem::take(&mut st.committing);
-                    let result = joined.unwrap_or_else(|join| Err(Error::Aborted {
-                        command: "EVALSHA",
-                        key: cfg.stream.to_string(),
-                        detail: join.to_string(),
-                    }));
-                    if !self.apply_commit(batch, result, &mut st).await? {
-                        retry_at = Some(Instant::now() + backoff.fail());
-                    }
+                joined = async { (&mut commit.as_mut().expect("guarded").0).await }, if commit.is_some() => {
+                    self.commit_ended(&mut st, joined).await?;
                 }
-                _ = claim_tick.tick(), if !draining && st.recover.is_none() && retry_at.is_none() => {
+                _ = claim_tick.tick(), if !st.draining && st.recover.is_none() && st.retry_at.is_none() => {
                     if let Err(e) = self.claim(&mut st).await {
-                        retry_at = Some(self.trouble(e, &mut st, &mut backoff).await?);
+                        st.retry_at = Some(self.trouble(e, &mut st).await?);
                     }
                 }
-                _ = sleep_until(retry_at), if retry_at.is_some() => {
-                    retry_at = None;
-                }
+                _ = sleep_until(st.retry_at), if st.retry_at.is_some() => st.retry_at = None,
             }
         }
+    }
+
+    /// Sends what has finished as one commit on its own task, so messages keep flowing to the handlers
+    /// while Redis runs it; one commit at a time.
+    fn start_commit(&self, st: &mut State, committer: &Committer, sha: &str) {
+        let batch = st.flight.take_batch();
+        let call = committer.command(sha, &batch, st.flight.in_flight());
+        let (client, cfg) = (self.client.clone(), self.cfg.clone());
+        st.committing = batch;
+        let task = tokio::spawn(async move { client.commit(&call, &cfg.stream, &cfg.group).await });
+        st.commit = Some((task, Instant::now()));
+    }
+
+    /// Starts a round on its own task: the commit of what has finished, then a read of as many entries
+    /// as there is room for — our own pending ones while recovering, else new ones.
+    fn start_round(&self, st: &mut State, committer: &Committer, sha: &str) -> Result<(), Error> {
+        let mut reader = match st.reader.take() {
+            Some(r) => r,
+            None => self.new_reader()?,
+        };
+        let batch = st.flight.take_batch();
+        let call =
+            (!batch.is_empty()).then(|| committer.command(sha, &batch, st.flight.in_flight()));
+        st.in_round = batch;
+        let from = st.recover.clone();
+        st.round_count = st.flight.free().min(self.cfg.batch_size);
+        let count = st.round_count as u64;
+        // A round carrying a commit does not block: its verdicts come back with the read's reply,
+        // and must not wait out an idle BLOCK (the entries are committed in Redis at once, but their
+        // slots, counters and logs would lag by up to `block`, and a drain would redo the commit and
+        // count its messages as not ours).
+        let block = (from.is_none() && call.is_none()).then_some(self.cfg.block);
+        let (client, cfg) = (self.client.clone(), self.cfg.clone());
+        trace!(from = ?from, count, commits = st.in_round.len(), "round");
+        let task = tokio::spawn(async move {
+            let read_from = from.as_deref().map_or(ReadFrom::New, ReadFrom::Pending);
+            let result = match reader.round(call, read_from, count, block).await {
+                Ok(round) => deliveries(&client, &cfg, from.is_some(), &round)
+                    .await
+                    .map(|d| (round, d)),
+                Err(e) => Err(e),
+            };
+            (reader, result)
+        });
+        st.round = Some((task, Instant::now()));
+        Ok(())
+    }
+
+    /// Until when the loop counts as healthy, given what it is waiting for: a round or commit may take
+    /// its read bound, a handler its timeout, anything else a few seconds.
+    fn healthy_until(&self, st: &State) -> Instant {
+        let slack = Duration::from_secs(5);
+        let redis = self.client.settings();
+        let read_bound = self.cfg.block + redis.command_timeout + redis.connect_timeout;
+        let waiting = (st.round.as_ref().map(|(_, t)| *t)).or(st.commit.as_ref().map(|(_, t)| *t));
+        if st.draining {
+            Instant::now() + slack
+        } else if let Some(t) = st.retry_at {
+            t + slack
+        } else if let Some(t) = waiting {
+            t + read_bound + slack
+        } else if st.flight.running() > 0 {
+            st.last_progress + self.cfg.handler_timeout + slack
+        } else {
+            st.last_progress + slack
+        }
+    }
+
+    /// A stop: only waits are cancelled. The round (a blocking read) is aborted and the commit it
+    /// carried is redone over the shared connection — the ownership check makes that safe; queued
+    /// messages never started and stay pending for the next start.
+    fn drain(&self, st: &mut State) {
+        st.draining = true;
+        if let Some((round, _)) = st.round.take() {
+            round.abort();
+            st.flight.recommit(std::mem::take(&mut st.in_round));
+        }
+        let released = st.flight.release_queued();
+        info!(
+            running = st.flight.running(),
+            released, "draining: reads stopped, finishing messages in flight"
+        );
+    }
+
+    /// A round came back: apply the verdicts of the commit it carried, then dispatch what it read —
+    /// or, when Redis was in trouble, commit again later and look for entries a lost reply delivered.
+    async fn round_ended(
+        &self,
+        st: &mut State,
+        joined: Result<RoundResult, tokio::task::JoinError>,
+    ) -> Result<(), Error> {
+        st.round = None;
+        st.last_progress = Instant::now();
+        let batch = std::mem::take(&mut st.in_round);
+        let (reader, result) = match joined {
+            Ok(got) => got,
+            Err(join) => {
+                st.flight.recommit(batch);
+                let e = Error::Aborted {
+                    command: "XREADGROUP",
+                    key: self.cfg.stream.to_string(),
+                    detail: join.to_string(),
+                };
+                st.retry_at = Some(self.trouble(e, st).await?);
+                return Ok(());
+            }
+        };
+        st.reader = Some(reader);
+        let (rd, counts) = match result {
+            Ok(got) => got,
+            Err(e) => {
+                // Neither the commit's nor the read's fate is known.
+                st.flight.recommit(batch);
+                st.retry_at = Some(self.trouble(e, st).await?);
+                return Ok(());
+            }
+        };
+        if let Some(before) = rd.before {
+            self.apply_commit(batch, before, st).await?;
+        }
+        match rd.read {
+            Ok(entries) => {
+                trace!(
+                    entries = entries.entries.len(),
+                    deleted = entries.deleted.len(),
+                    "read"
+                );
+                let failures = st.backoff.succeed();
+                if failures > 0 {
+                    info!(failures, "reading again after Redis trouble");
+                    metrics::global().reconnects.inc();
+                }
+                #[cfg(feature = "fault-injection")]
+                if !entries.entries.is_empty()
+                    && std::env::var("RSFAULT_WEDGE_GROUP").is_ok_and(|g| g == self.cfg.group)
+                {
+                    // A failpoint for the watchdog test: this loop hangs the way an await that never
+                    // completes would.
+                    std::future::pending::<()>().await;
+                }
+                let asked = st.round_count;
+                self.delivered(entries, counts, asked, st);
+            }
+            Err(e) => st.retry_at = Some(self.trouble(e, st).await?),
+        }
+        Ok(())
+    }
+
+    /// A commit sent alone came back: apply its verdicts, or keep its batch for a later try.
+    async fn commit_ended(
+        &self,
+        st: &mut State,
+        joined: Result<CommitResult, tokio::task::JoinError>,
+    ) -> Result<(), Error> {
+        st.commit = None;
+        st.last_progress = Instant::now();
+        let batch = std::mem::take(&mut st.committing);
+        let result = joined.unwrap_or_else(|join| {
+            Err(Error::Aborted {
+                command: "EVALSHA",
+                key: self.cfg.stream.to_string(),
+                detail: join.to_string(),
+            })
+        });
+        if !self.apply_commit(batch, result, st).await? {
+            st.retry_at = Some(Instant::now() + st.backoff.fail());
+        }
+        Ok(())
     }
 
     fn new_reader(&self) -> Result<GroupReader, Error> {
@@ -412,13 +461,8 @@ impl Consumer {
 
     /// Handles a read or claim failure: returns when to try again, or the error if retrying cannot
     /// help. Logs the first failure of a streak loudly and the rest quietly.
-    async fn trouble(
-        &self,
-        e: Error,
-        st: &mut State,
-        backoff: &mut Backoff,
-    ) -> Result<Instant, Error> {
-        let delay = backoff.fail();
+    async fn trouble(&self, e: Error, st: &mut State) -> Result<Instant, Error> {
+        let delay = st.backoff.fail();
         if let Error::NoGroup { .. } = e {
             warn!(error = %e, start = %self.cfg.start, "group is gone; re-creating it");
             match self
@@ -441,10 +485,10 @@ impl Consumer {
             }
         } else if !e.is_transient() {
             return Err(e);
-        } else if backoff.failures() == 1 {
+        } else if st.backoff.failures() == 1 {
             warn!(error = %e, retry_in = ?delay, "Redis trouble; retrying with backoff");
         } else {
-            debug!(error = %e, failures = backoff.failures(), retry_in = ?delay, "Redis still in trouble");
+            debug!(error = %e, failures = st.backoff.failures(), retry_in = ?delay, "Redis still in trouble");
         }
         // A read whose reply was lost may have delivered entries to us: find them in our PEL.
         if st.recover.is_none() {
