@@ -107,17 +107,31 @@ fn send_nonblocking(socket: &std::ffi::OsStr, msg: &[u8]) -> std::io::Result<()>
     }
 }
 
-/// One loop's liveness: until when it counts as healthy.
+/// One loop's liveness: until when it counts as healthy, and why it is degraded while it still turns
+/// (its commits failing, Redis in trouble, restarts).
 #[derive(Debug)]
 pub struct Liveness {
     pub name: String,
     until_ms: AtomicU64,
+    degraded: Mutex<Option<String>>,
 }
 
 impl Liveness {
     /// Healthy until `until` (set on every turn of the loop).
     pub fn healthy_until(&self, until: Instant) {
         self.until_ms.store(millis(until), Ordering::Relaxed);
+    }
+
+    /// The loop turns but does not do its work: says why, until [`Liveness::recover`].
+    pub fn degrade(&self, reason: String) {
+        *self.degraded.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    pub fn recover(&self) {
+        self.degraded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 
     fn is_healthy(&self, now: Instant) -> bool {
@@ -139,6 +153,7 @@ impl Health {
         let l = Arc::new(Liveness {
             name: name.to_owned(),
             until_ms: AtomicU64::new(millis(Instant::now() + grace)),
+            degraded: Mutex::new(None),
         });
         self.loops
             .lock()
@@ -174,11 +189,15 @@ impl Health {
     /// Why the daemon is degraded: loops not making progress, then every condition (empty when it is
     /// healthy).
     pub fn degraded(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .unhealthy()
-            .into_iter()
-            .map(|l| format!("loop {l} is not making progress"))
-            .collect();
+        let now = Instant::now();
+        let mut out: Vec<String> = Vec::new();
+        for l in self.loops.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            if !l.is_healthy(now) {
+                out.push(format!("loop {} is not making progress", l.name));
+            } else if let Some(why) = &*l.degraded.lock().unwrap_or_else(|p| p.into_inner()) {
+                out.push(format!("{}: {why}", l.name));
+            }
+        }
         out.extend(
             self.conditions
                 .lock()
@@ -227,6 +246,15 @@ mod tests {
         assert_eq!(h.degraded(), ["the token lapses soon"]);
         assert!(h.unhealthy().is_empty(), "the watchdog is about loops only");
         h.recover("token");
+        assert!(h.degraded().is_empty());
+        let b = h.register("b", Duration::from_secs(60));
+        b.degrade("commits failing".into());
+        assert_eq!(h.degraded(), ["b: commits failing"]);
+        assert!(
+            h.unhealthy().is_empty(),
+            "a degraded loop still feeds the watchdog"
+        );
+        b.recover();
         assert!(h.degraded().is_empty());
     }
 }

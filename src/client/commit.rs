@@ -15,6 +15,10 @@ use crate::model::dead_letter as dlq;
 use crate::model::envelope::{self, Fields};
 use crate::model::message::{Message, Reply};
 
+/// The most values one XADD in the script may take: Lua's `unpack` stops near 8,000 (the script
+/// checks the same bound and refuses a larger write before anything is written).
+pub const MAX_WRITE_VALUES: usize = 7900;
+
 /// What committing a message does.
 #[derive(Clone, Debug)]
 pub enum Effect {
@@ -53,15 +57,25 @@ pub struct Committer {
 pub struct CommitCall(pub(super) Cmd);
 
 /// How the script reports each message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Committed {
     /// Replies written and acked.
     Yes,
     /// Not pending for this consumer any more (acked, claimed by another, or the group was lost):
     /// nothing written.
     NotOurs,
-    /// Redis's ACL does not let this connection write one of the streams: nothing written, still pending.
-    Denied,
+    /// A check before the first write refused one of the message's targets — Redis's ACL, a key of
+    /// another type, an entry too large to write — so nothing of it was written and it is still
+    /// pending. The reason names the key and the problem.
+    Refused(String),
+    /// Redis refused the write itself (e.g. out of memory): nothing of the message was written, it is
+    /// still pending, and the batch's later writers were not attempted.
+    Failed(String),
+    /// Not attempted because an earlier write of the batch failed: still pending, nothing written.
+    NotTried,
+    /// Some of its writes were made, then one failed. It was acked all the same, so that no retry
+    /// can write the first ones twice; its effects are incomplete.
+    Partial(String),
 }
 
 /// KEYS[1] source stream, KEYS[2..] streams written. ARGV: group, consumer, message count, layout,
@@ -71,18 +85,28 @@ pub enum Committed {
 /// parses numbers from text: per message its write count, then per write the key index, the number
 /// of field pairs, and one byte: 1 if the script puts `_timestamp` and `_source` first (replies), 0
 /// if the fields are complete (dead letters). The envelope values shared by the batch travel once.
-/// Returns one integer per message: 1 committed, 0 not ours, -1 a write the ACL forbids.
 ///
-/// A message with writes is committed only while it is pending for this consumer (one XPENDING over
-/// the batch's range answers that for all of them), and every write is checked against the ACL before
-/// any is made (scripts are atomic but not rolled back). A message without writes (a handler that
-/// published nothing, an entry that vanished) is simply acked: whoever commits it first decides its
-/// effects, and "none" is a complete set. All acks of the batch go in one XACK.
+/// Returns per message: 1 committed, 0 not ours, 2 not tried, or `{code, key, detail}`: -1 the ACL
+/// refuses a write to `key`, -2 `key` holds another type (`detail`), -3 the entry for `key` is too
+/// large for one script call, -4 Redis refused the write (`detail`, nothing of the message written),
+/// -5 a later write failed after earlier ones were made (`detail`; the message is acked).
+///
+/// Scripts are atomic but never rolled back, so everything that can make a write fail is checked
+/// before a message's first write: that the entry is still pending for this consumer (one XPENDING
+/// over the batch's range answers that for all), that the ACL allows each target, that each target is
+/// a stream or does not exist, and that each entry fits in one call. Writes run under `pcall`: when
+/// Redis refuses one (out of memory), the script stops writing, acks what it completed and reports the
+/// rest, instead of failing with earlier writes made and unacked — a retry of such a batch would write
+/// them twice. A message without writes (a handler that published nothing, an entry that vanished) is
+/// simply acked: whoever commits it first decides its effects, and "none" is a complete set. All acks
+/// of the batch go in one XACK at the end, which never needs memory.
 pub const SOURCE: &str = r#"
 local src, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local n, layout = tonumber(ARGV[3]), ARGV[4]
 local ts, source = ARGV[8], ARGV[9]
 local byte = string.byte
+-- Lua's unpack stops near 8,000 values: one XADD must stay below it.
+local MAX_VALUES = 7900
 local function num(at)
   local hi, lo = byte(layout, at, at + 1)
   return hi * 256 + lo
@@ -94,41 +118,64 @@ if ARGV[5] ~= '' then
     mine[p[1]] = true
   end
 end
-local allowed = {}
-local function may_write(key)
-  local ok = allowed[key]
-  if ok == nil then
-    ok = redis.acl_check_cmd('XADD', key, '*', 'f', 'v') and true or false
-    allowed[key] = ok
+-- Per target, checked once per call: nil when a write may go there, else the refusal.
+local checked = {}
+local function refusal(key)
+  local r = checked[key]
+  if r == nil then
+    r = false
+    if not redis.acl_check_cmd('XADD', key, '*', 'f', 'v') then
+      r = {-1, key, ''}
+    else
+      local kind = redis.call('TYPE', key)['ok']
+      if kind ~= 'stream' and kind ~= 'none' then r = {-2, key, kind} end
+    end
+    checked[key] = r
   end
-  return ok
+  return r or nil
 end
 local out, ack = {}, {}
 local a, l = 10, 1
+local broken = nil
 for m = 1, n do
   local id = ARGV[a]
   local writes = num(l)
   a, l = a + 1, l + 2
   local verdict = 1
   if writes > 0 then
-    if not mine[id] then
+    if broken then
+      verdict = 2
+    elseif not mine[id] then
       verdict = 0
     else
       for w = 0, writes - 1 do
-        if not may_write(KEYS[num(l + 5 * w)]) then verdict = -1 end
+        local key = KEYS[num(l + 5 * w)]
+        local values = 2 * num(l + 5 * w + 2) + 4
+        if values > MAX_VALUES then verdict = {-3, key, tostring(values)} break end
+        local r = refusal(key)
+        if r then verdict = r break end
       end
     end
+    local made = 0
     for w = 1, writes do
       local key, last = KEYS[num(l)], a + 2 * num(l + 2) - 1
       if verdict == 1 then
+        local r
         if byte(layout, l + 4) == 1 then
-          redis.call('XADD', key, '*', '_timestamp', ts, '_source', source, unpack(ARGV, a, last))
+          r = redis.pcall('XADD', key, '*', '_timestamp', ts, '_source', source, unpack(ARGV, a, last))
         else
-          redis.call('XADD', key, '*', unpack(ARGV, a, last))
+          r = redis.pcall('XADD', key, '*', unpack(ARGV, a, last))
+        end
+        if type(r) == 'table' and r['err'] then
+          broken = r['err']
+          if made == 0 then verdict = {-4, key, r['err']} else verdict = {-5, key, r['err']} end
+        else
+          made = made + 1
         end
       end
       a, l = last + 1, l + 5
     end
+    if type(verdict) == 'table' and verdict[1] == -5 then ack[#ack + 1] = id end
   end
   if verdict == 1 then ack[#ack + 1] = id end
   out[m] = verdict
@@ -278,12 +325,20 @@ impl Committer {
             .arg(format!("{}/{}", self.stream, msg.id));
     }
 
-    /// The dead-letter entry: the original fields and the `_dlq_*` record.
     /// A dead letter's fields but `_dlq_timestamp` (which goes last, with the batch's time): the
-    /// original fields and the `_dlq_*` record.
+    /// original fields and the `_dlq_*` record — or, for a message too wide to copy in one write, the
+    /// record alone with `_dlq_fields_omitted` (the original stays readable at `_dlq_source` until
+    /// retention removes it).
     fn dead_letter_fields(&self, f: &Finished, reason: &str) -> Fields {
         let msg = &f.msg;
-        let mut fields = msg.fields.clone();
+        let copy = 2 * (msg.fields.len() + 6) + 4 <= MAX_WRITE_VALUES;
+        let mut fields = if copy {
+            msg.fields.clone()
+        } else {
+            let mut by_reference = Fields::with_capacity(6);
+            by_reference.push(dlq::FIELDS_OMITTED, msg.fields.len().to_string());
+            by_reference
+        };
         fields.set(dlq::REASON, reason);
         fields.set(dlq::SOURCE, format!("{}/{}", self.stream, msg.id));
         fields.set(dlq::DELIVERIES, msg.deliveries.to_string());
@@ -343,13 +398,86 @@ pub fn decode(value: Value, expected: usize) -> Result<Vec<Committed>, String> {
     if items.len() != expected {
         return Err(format!("expected {expected} verdicts, got {}", items.len()));
     }
-    items
-        .iter()
-        .map(|v| match v {
-            Value::Int(1) => Ok(Committed::Yes),
-            Value::Int(0) => Ok(Committed::NotOurs),
-            Value::Int(-1) => Ok(Committed::Denied),
-            other => Err(format!("unexpected verdict {other:?}")),
-        })
-        .collect()
+    items.into_iter().map(verdict).collect()
+}
+
+fn verdict(v: Value) -> Result<Committed, String> {
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Ok(s.clone()),
+        other => Err(format!("unexpected verdict part {other:?}")),
+    };
+    match v {
+        Value::Int(1) => Ok(Committed::Yes),
+        Value::Int(0) => Ok(Committed::NotOurs),
+        Value::Int(2) => Ok(Committed::NotTried),
+        Value::Array(parts) if parts.len() == 3 => {
+            let (key, detail) = (text(&parts[1])?, text(&parts[2])?);
+            match parts[0] {
+                Value::Int(-1) => Ok(Committed::Refused(format!(
+                    "reply target {key} is not writable under Redis's ACL for this connection's user"
+                ))),
+                Value::Int(-2) => Ok(Committed::Refused(format!(
+                    "reply target {key} is a {detail}, not a stream"
+                ))),
+                Value::Int(-3) => Ok(Committed::Refused(format!(
+                    "the entry for {key} would take {detail} values, more than one commit can write"
+                ))),
+                Value::Int(-4) => Ok(Committed::Failed(format!("XADD to {key}: {detail}"))),
+                Value::Int(-5) => Ok(Committed::Partial(format!("XADD to {key}: {detail}"))),
+                ref other => Err(format!("unexpected verdict code {other:?}")),
+            }
+        }
+        other => Err(format!("unexpected verdict {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_and_the_host_agree_on_the_largest_write() {
+        assert!(SOURCE.contains(&format!("local MAX_VALUES = {MAX_WRITE_VALUES}\n")));
+    }
+
+    #[test]
+    fn verdicts_decode_with_their_reasons() {
+        let part = |code: i64, key: &str, detail: &str| {
+            Value::Array(vec![
+                Value::Int(code),
+                Value::BulkString(key.into()),
+                Value::BulkString(detail.into()),
+            ])
+        };
+        let got = decode(
+            Value::Array(vec![
+                Value::Int(1),
+                Value::Int(0),
+                Value::Int(2),
+                part(-2, "nova:task:cache:data", "string"),
+                part(-4, "nova:task:x:out", "OOM command not allowed"),
+                part(-5, "nova:task:x:out", "boom"),
+            ]),
+            6,
+        )
+        .unwrap();
+        assert_eq!(
+            got[..3],
+            [Committed::Yes, Committed::NotOurs, Committed::NotTried]
+        );
+        assert_eq!(
+            got[3],
+            Committed::Refused(
+                "reply target nova:task:cache:data is a string, not a stream".into()
+            )
+        );
+        assert!(matches!(&got[4], Committed::Failed(e) if e.contains("OOM")));
+        assert!(matches!(&got[5], Committed::Partial(_)));
+        assert!(decode(Value::Array(vec![Value::Int(7)]), 1).is_err());
+        assert!(
+            decode(Value::Array(vec![]), 1).is_err(),
+            "one verdict per message"
+        );
+    }
 }

@@ -145,7 +145,9 @@ impl Error {
         ) || matches!(self, Error::Redis { source, .. } if source.is_unrecoverable_error()
             || source.code() == Some("LOADING")
             || source.code() == Some("BUSY")
-            || source.code() == Some("MASTERDOWN"))
+            || source.code() == Some("MASTERDOWN")
+            // Out of memory under `noeviction`: nothing was written, and memory comes back.
+            || source.code() == Some("OOM"))
     }
 }
 

@@ -49,8 +49,8 @@ pub fn prepare_with(
         runtime
     } else {
         let rt = match runtime {
-            Some(rt) => rt,
-            None => Arc::new(
+            Some(rt) if rt.serves(&settings.wasm) => rt,
+            _ => Arc::new(
                 Runtime::new(&settings.wasm, settings.naming.clone())
                     .map_err(|m| fail("wasm".into(), m))?,
             ),

@@ -554,7 +554,8 @@ impl Daemon {
             }
         }
         info!(swapped, restarted, stopped, started, "reloaded the config");
-        let runtime = self.prepared.runtime.clone().or(prepared.runtime.clone());
+        // The new runtime if the reload needed one (the old one lives on in handlers still finishing).
+        let runtime = prepared.runtime.clone().or(self.prepared.runtime.clone());
         self.prepared = Prepared {
             runtime,
             ..prepared
@@ -585,6 +586,7 @@ async fn supervise(consumer: Consumer, shutdown: Shutdown) {
         let result = tokio::spawn(async move { c.run(s).await }.instrument(span)).await;
         if started.elapsed() > Duration::from_secs(60) {
             backoff.succeed(); // it ran well for a while: start the backoff over
+            consumer.liveness.recover();
         }
         match result {
             Ok(Ok(())) if shutdown.is_triggered() => return,
@@ -601,6 +603,11 @@ async fn supervise(consumer: Consumer, shutdown: Shutdown) {
             return;
         }
         let delay = backoff.fail();
+        crate::metrics::global().error("loop_restart");
+        consumer.liveness.degrade(format!(
+            "the loop was restarted {} time(s) in a row",
+            backoff.failures()
+        ));
         let mut s = shutdown.clone();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

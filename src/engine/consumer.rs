@@ -396,8 +396,11 @@ impl Consumer {
                 return Ok(());
             }
         };
-        if let Some(before) = rd.before {
-            self.apply_commit(batch, before, st).await?;
+        if let Some(before) = rd.before
+            && !self.apply_commit(batch, before, st).await?
+        {
+            // The commit is to be tried again: after a backoff, not in the next round at once.
+            st.retry_at = Some(Instant::now() + st.backoff.fail());
         }
         match rd.read {
             Ok(entries) => {
@@ -410,6 +413,7 @@ impl Consumer {
                 if failures > 0 {
                     info!(failures, "reading again after Redis trouble");
                     metrics::global().reconnects.inc();
+                    self.liveness.recover();
                 }
                 #[cfg(feature = "fault-injection")]
                 if !entries.entries.is_empty()
@@ -463,6 +467,8 @@ impl Consumer {
     /// help. Logs the first failure of a streak loudly and the rest quietly.
     async fn trouble(&self, e: Error, st: &mut State) -> Result<Instant, Error> {
         let delay = st.backoff.fail();
+        metrics::global().error(e.kind());
+        self.liveness.degrade(format!("Redis trouble: {e}"));
         if let Error::NoGroup { .. } = e {
             warn!(error = %e, start = %self.cfg.start, "group is gone; re-creating it");
             match self
@@ -521,19 +527,51 @@ impl Consumer {
                     return Err(e);
                 } else {
                     debug!(error = %e, messages = n, "commit failed; will retry");
+                    metrics::global().error(e.kind());
+                    self.liveness.degrade(format!("commits fail: {e}"));
                 }
                 st.flight.recommit(batch);
                 return Ok(false);
             }
         };
+        let mut again = false;
         for (f, verdict) in batch.into_iter().zip(verdicts) {
             let id = &f.msg.id;
-            let outcome = match (verdict, &f.effect) {
+            let outcome = match (&verdict, &f.effect) {
                 (Committed::Yes, Effect::Replies(_)) => "success",
                 (Committed::Yes, Effect::DeadLetter(_)) => "dead_lettered",
                 (Committed::Yes, Effect::Vanished) => "vanished",
                 (Committed::NotOurs, _) => "not_ours",
-                (Committed::Denied, _) => "denied",
+                (Committed::Partial(_), _) => "partial",
+                (Committed::Refused(reason), Effect::Replies(_)) => {
+                    // Nothing of it was written: it goes to the dead-letter stream in the next commit,
+                    // and the rest of the batch is committed.
+                    warn!(message_id = %id, handler = %f.handler, reason = %reason, "a reply target refused this message before anything was written; dead-lettering it");
+                    metrics::global().error("reply_refused");
+                    st.flight.recommit(vec![Finished {
+                        effect: Effect::DeadLetter(format!("reply refused: {reason}")),
+                        ..f
+                    }]);
+                    continue;
+                }
+                (Committed::Refused(reason), _) => {
+                    // The dead-letter stream itself cannot take it: the entry stays pending in Redis
+                    // (it is never lost) and is claimed again later, until an operator fixes the stream.
+                    error!(message_id = %id, handler = %f.handler, reason = %reason, dead_letter = %self.cfg.dead_letter, "the dead-letter stream refused this message; it stays pending");
+                    metrics::global().error("dead_letter_refused");
+                    "refused"
+                }
+                (Committed::Failed(_) | Committed::NotTried, _) => {
+                    // Nothing of it was written: commit it again after a backoff.
+                    if let Committed::Failed(e) = &verdict {
+                        warn!(message_id = %id, error = %e, "Redis refused a commit's write; nothing of the message was written, retrying");
+                        metrics::global().error("commit_failed");
+                        self.liveness.degrade(format!("commits are refused: {e}"));
+                    }
+                    st.flight.recommit(vec![f]);
+                    again = true;
+                    continue;
+                }
             };
             st.meters.count(&f.handler, outcome);
             if outcome == "dead_lettered" {
@@ -555,13 +593,18 @@ impl Consumer {
                     info!(message_id = %id, handler = %f.handler, outcome = "not-ours", "another consumer owned the entry by commit time; this result was discarded");
                     self.stats.not_ours.fetch_add(1, Ordering::Relaxed);
                 }
-                (Committed::Denied, _) => {
-                    error!(message_id = %id, handler = %f.handler, outcome = "denied", "Redis's ACL refused a write of this commit; the entry stays pending");
+                (Committed::Partial(e), _) => {
+                    error!(message_id = %id, handler = %f.handler, error = %e, "a commit's write failed after others of the same message were made; the message was acked so none is written twice, and its effects are incomplete");
+                    metrics::global().error("commit_partial");
                 }
+                _ => {}
             }
             st.flight.committed(id);
         }
-        Ok(true)
+        if !again {
+            self.liveness.recover();
+        }
+        Ok(!again)
     }
 
     /// Dispatches what a round read.
@@ -842,6 +885,16 @@ fn decide(outcome: Outcome, msg: &Message, max: u64, client: &Client) -> Option<
             for r in &replies {
                 if let Err(e) = client.authorize(Op::Publish, &r.stream) {
                     return Some(Effect::DeadLetter(format!("reply refused: {e}")));
+                }
+                // One reply is one XADD in the commit script: it must fit in one call.
+                let values = 2 * (r.fields.len() + 4);
+                if values > commit::MAX_WRITE_VALUES {
+                    return Some(Effect::DeadLetter(format!(
+                        "reply refused: the reply to {} has {} fields, more than one commit writes ({})",
+                        r.stream,
+                        r.fields.len(),
+                        commit::MAX_WRITE_VALUES / 2 - 4
+                    )));
                 }
             }
             Some(Effect::Replies(replies))

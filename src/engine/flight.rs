@@ -16,6 +16,10 @@ use crate::client::commit::{self, Effect, Finished};
 use crate::model::StreamId;
 use crate::model::message::{Handler, Message};
 
+/// The most messages one commit carries. The commit script's layout numbers the streams a batch
+/// writes in two bytes: with at most 100 replies a message, 500 messages stay far below 65,536.
+pub const MAX_COMMIT: usize = 500;
+
 /// A routed message waiting to run (behind its order_by key) or about to run.
 pub struct Job {
     pub msg: Message,
@@ -141,10 +145,14 @@ impl Flight {
     /// Everything decided, as one commit batch: in stream order when any message writes (the commit
     /// script checks ownership over the writers' id range, and replies are then written in the order
     /// of their sources).
+    /// At most [`MAX_COMMIT`] messages go in one batch; the rest wait for the next.
     pub fn take_batch(&mut self) -> Vec<Finished> {
         let mut batch = std::mem::take(&mut self.finished);
         if batch.iter().any(commit::writes) {
             batch.sort_by_cached_key(|f| key_of(&f.msg.id));
+        }
+        if batch.len() > MAX_COMMIT {
+            self.finished = batch.split_off(MAX_COMMIT);
         }
         batch
     }
@@ -316,6 +324,21 @@ mod tests {
         assert!(!f.has_finished());
         f.recommit(batch);
         assert_eq!(f.take_batch().len(), 3);
+    }
+
+    #[test]
+    fn a_commit_carries_at_most_max_commit_messages() {
+        let mut f = Flight::new(2 * MAX_COMMIT, None);
+        for i in 0..MAX_COMMIT + 7 {
+            let id = format!("1-{i}");
+            f.admit(&id);
+            f.enqueue(job(&id, None));
+        }
+        for j in f.start_ready() {
+            f.ran(j.msg, reply(), "nop".into());
+        }
+        assert_eq!(f.take_batch().len(), MAX_COMMIT);
+        assert_eq!(f.take_batch().len(), 7, "the rest go in the next");
     }
 
     #[test]

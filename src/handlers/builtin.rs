@@ -42,7 +42,8 @@ impl Handler for Forward {
 /// stalls and replies on command, so the tests can drive the real binary through every outcome.
 #[cfg(feature = "fault-injection")]
 pub struct Faults {
-    /// Publish one reply per message here (with the message's fields).
+    /// Publish one reply per message here (with the message's fields), or to the message's own
+    /// `_reply_to` when it names one.
     pub reply_to: Option<String>,
     /// Messages carrying this field always fail (a poison message).
     pub fail_field: Option<String>,
@@ -80,8 +81,12 @@ impl Handler for Faults {
             if self.fail_every > 0 && call.is_multiple_of(self.fail_every) {
                 return Outcome::Retry(format!("transient: call {call}"));
             }
-            let replies = self
-                .reply_to
+            // A message may name its own reply stream, as the echo example lets it.
+            let to = match msg.fields.get_str("_reply_to") {
+                Some(to) => Some(to.to_owned()),
+                None => self.reply_to.clone(),
+            };
+            let replies = to
                 .iter()
                 .map(|to| {
                     let mut fields = msg.fields.clone();

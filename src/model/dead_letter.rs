@@ -14,6 +14,9 @@ pub const SOURCE: &str = "_dlq_source";
 pub const DELIVERIES: &str = "_dlq_deliveries";
 pub const HANDLER: &str = "_dlq_handler";
 pub const TIMESTAMP: &str = "_dlq_timestamp";
+/// On a dead letter of a message too wide to copy: how many fields the original had. The dead letter
+/// then carries only the `_dlq_*` record; the original is at `_dlq_source`.
+pub const FIELDS_OMITTED: &str = "_dlq_fields_omitted";
 /// On a replayed message: `<dead-letter stream>/<dead-letter id>` it was replayed from.
 pub const REPLAYED_FROM: &str = "_dlq_replayed_from";
 /// On a replayed message: the `_source` of the original, since `_source` is now the replaying identity.

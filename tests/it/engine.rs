@@ -695,14 +695,40 @@ fn effectively_once_under_repeated_sigkill() {
             ],
         ),
     );
-    let ids: Vec<String> = {
+    // Among them, poison of every kind a commit meets: a reply aimed at a key of another type, and
+    // an entry too wide to forward. Each must reach the dead-letter stream exactly once.
+    let _: () = redis::cmd("SET")
+        .arg("nova:task:cache:data")
+        .arg("x")
+        .query(&mut server.conn())
+        .unwrap();
+    let all: Vec<String> = {
         let mut conn = server.conn();
         let mut pipe = redis::pipe();
         for i in 0..10_000 {
-            pipe.cmd("XADD").arg(IN).arg("*").arg("n").arg(i);
+            let cmd = pipe.cmd("XADD").arg(IN).arg("*").arg("n").arg(i);
+            match i % 1000 {
+                250 => {
+                    for f in 0..4000 {
+                        cmd.arg(format!("w{f}")).arg(f);
+                    }
+                }
+                500 => {
+                    cmd.arg("_reply_to").arg("nova:task:cache:data");
+                }
+                _ => {}
+            }
         }
         pipe.query(&mut conn).unwrap()
     };
+    let (mut poison, mut ids) = (Vec::new(), Vec::new());
+    for (i, id) in all.into_iter().enumerate() {
+        if i % 1000 == 250 || i % 1000 == 500 {
+            poison.push(id);
+        } else {
+            ids.push(id);
+        }
+    }
     // RSTEST_CRASH_SEED replays a failed run's kill schedule (the seed is printed below).
     let seed = match std::env::var("RSTEST_CRASH_SEED") {
         Ok(s) => s.parse().expect("RSTEST_CRASH_SEED is a u64"),
@@ -733,12 +759,36 @@ fn effectively_once_under_repeated_sigkill() {
         println!("kill {kill}: at {} replies", server.xlen(OUT));
     }
     let mut d = Daemon::running(&toml, &[]);
-    wait_replies(&server, 10_000, Duration::from_secs(60));
-    wait_for("nothing pending", Duration::from_secs(10), || {
+    wait_replies(&server, ids.len() as u64, Duration::from_secs(60));
+    wait_for("nothing pending", Duration::from_secs(20), || {
         (server.pending(IN, "crashy") == 0).then_some(())
     });
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
     assert_exactly_once(&server, &ids);
+    let mut dead: Vec<String> = server
+        .entries(DLQ)
+        .iter()
+        .map(|e| {
+            e.fields
+                .get_str("_dlq_source")
+                .unwrap()
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    dead.sort();
+    poison.sort();
+    println!(
+        "dead letters: {} of {} poison messages",
+        dead.len(),
+        poison.len()
+    );
+    assert_eq!(
+        dead, poison,
+        "every poison message dead-lettered exactly once"
+    );
 }
 
 #[test]

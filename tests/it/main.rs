@@ -23,6 +23,8 @@ mod tls;
 mod consumer_loop;
 // The daemon as a process: delivery, drains, crashes, Redis faults, poison, claims, ordering.
 mod engine;
+// The commit against hostile content and Redis trouble: wrong-type targets, wide entries, OOM.
+mod commit;
 // Dead letters: list and replay.
 mod dlq;
 // WASM handlers: sandbox, routing, sender tokens, reuse, check.

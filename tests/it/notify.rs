@@ -43,6 +43,11 @@ impl Socket {
 
     /// Waits for a state starting with `prefix`; returns everything received up to it.
     pub fn until(&self, prefix: &str, limit: Duration) -> Vec<String> {
+        self.until_matching(|l| l.starts_with(prefix), limit)
+    }
+
+    /// Waits for a state `wanted` accepts; returns everything received up to it.
+    pub fn until_matching(&self, wanted: impl Fn(&str) -> bool, limit: Duration) -> Vec<String> {
         let deadline = Instant::now() + limit;
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
@@ -51,12 +56,12 @@ impl Socket {
                 for line in String::from_utf8_lossy(&buf[..n]).lines() {
                     seen.push(line.to_owned());
                 }
-                if seen.iter().any(|l| l.starts_with(prefix)) {
+                if seen.iter().any(|l| wanted(l)) {
                     return seen;
                 }
             }
         }
-        panic!("no {prefix} within {limit:?}; got {seen:?}");
+        panic!("no such state within {limit:?}; got {seen:?}");
     }
 }
 

@@ -239,3 +239,76 @@ fn a_stuck_reload_keeps_the_watchdog_fed_and_the_daemon_stoppable() {
     socket.until("WATCHDOG=1", Duration::from_secs(2));
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// Twenty reloads in a row, under traffic, of a config whose handler keeps a warm instance per worker
+/// (`instance = "reuse"`) on a small pool: each reload retires the replaced handler's instances, so the
+/// pool never runs dry and no healthy message fails, let alone goes to the dead-letter stream.
+#[test]
+fn twenty_reloads_of_a_reused_handler_under_traffic_leave_the_flow_as_it_was() {
+    let server = RedisServer::start();
+    let echo = crate::util::root().join("handlers/build/echo.wasm");
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[wasm]\nworkers = 2\n\
+             [[handlers]]\nname = \"echo\"\nfile = \"{}\"\nroles = [\"task_write\"]\ntimeout = \"500ms\"\n\
+             instance = \"reuse\"\nconfig = {{ reply_to = \"nova:task:reload:out-r\" }}\n{}",
+            echo.display(),
+            consumer("r", "handler = \"echo\"\nmax_deliveries = 2")
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let done = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let url = server.url();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut ids = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let id: String = redis::cmd("XADD")
+                    .arg("nova:task:reload:r")
+                    .arg("*")
+                    .arg("n")
+                    .arg(ids.len())
+                    .query(&mut conn)
+                    .unwrap();
+                ids.push(id);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            ids
+        })
+    };
+    for n in 1..=20 {
+        d.signal(libc::SIGHUP);
+        wait_for("the reload", Duration::from_secs(20), || {
+            (d.count_log("reloaded the config") >= n).then_some(())
+        });
+    }
+    done.store(true, Ordering::Relaxed);
+    let ids = publisher.join().unwrap();
+    wait_for("every reply", Duration::from_secs(30), || {
+        (server.pending("nova:task:reload:r", "g") == 0
+            && server.entries_read("nova:task:reload:r", "g") == ids.len() as u64)
+            .then_some(())
+    });
+    let seen = causes(&server, &["out-r"]);
+    let lost = ids.iter().filter(|id| !seen.contains_key(*id)).count();
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    println!(
+        "{} messages over 20 reloads: lost={lost} duplicates={duplicates}",
+        ids.len()
+    );
+    assert_eq!((lost, duplicates), (0, 0));
+    assert_eq!(
+        server.xlen("nova:task:reload:r-dlq"),
+        0,
+        "nothing dead-lettered"
+    );
+    assert_eq!(
+        d.count_log("handler asked for a retry"),
+        0,
+        "no message needed a second try"
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}

@@ -17,7 +17,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
 use super::bindings;
-use super::pool::{Job, Pool};
+use super::pool::{Job, Pool, Retirer};
 use super::sandbox::{self, Host, Meta};
 use crate::auth::Roles;
 use crate::model::message::{
@@ -60,19 +60,33 @@ pub struct WasmSpec {
 
 /// The engine, the linker and the workers; handlers are loaded from it.
 pub struct Runtime {
+    /// What the engine and pool were sized for.
+    settings: RuntimeSettings,
     engine: Engine,
     linker: Linker<Host>,
     naming: Arc<Naming>,
     cache_dir: Option<PathBuf>,
     pool: Pool,
-    stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
+}
+
+/// Stops the epoch ticker thread once the runtime and every handler loaded from it are gone: a handler
+/// still finishing a message after a reload replaced its runtime keeps its deadline.
+struct Ticker(Arc<AtomicBool>);
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Runtime {
     pub fn new(s: &RuntimeSettings, naming: Arc<Naming>) -> Result<Runtime, String> {
         let workers = s.workers.max(1);
-        // At most one fresh instance per worker is live at once, plus the warm ones of reused handlers.
-        let instances = (workers * (1 + s.reused) + 2) as u32;
+        // At most one fresh instance per worker is live at once, plus the warm ones of reused handlers —
+        // twice over, for a reload: the replaced handlers' instances are retired once their last
+        // message is done, while the new ones warm up beside them.
+        let instances = (workers * (1 + 2 * s.reused) + 2) as u32;
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
             .total_core_instances(instances * 16)
@@ -117,16 +131,28 @@ impl Runtime {
             })
             .map_err(|e| format!("cannot start the epoch ticker: {e}"))?;
         // Guests run on the workers' native stacks: leave room above the wasm stack bound.
-        let pool = Pool::new(workers, s.max_stack + 4 * 1024 * 1024)
+        let pool = Pool::new(workers, s.max_stack + 4 * 1024 * 1024, retire_warm)
             .map_err(|e| format!("cannot start workers: {e}"))?;
         Ok(Runtime {
+            settings: s.clone(),
             engine,
             linker,
             naming,
             cache_dir: s.cache_dir.clone(),
             pool,
-            stop,
+            ticker: Arc::new(Ticker(stop)),
         })
+    }
+
+    /// Whether handlers configured with `s` fit this engine and pool: a reload keeps the runtime (and
+    /// its compiled artifacts) when they do, and builds a new one when the pool or limits must change.
+    pub fn serves(&self, s: &RuntimeSettings) -> bool {
+        let have = &self.settings;
+        s.workers == have.workers
+            && s.max_stack == have.max_stack
+            && s.max_memory <= have.max_memory
+            && s.reused <= have.reused
+            && s.cache_dir == have.cache_dir
     }
 
     /// Compiles (or loads from the cache) and pre-links a handler. The error names the file and, for
@@ -147,6 +173,8 @@ impl Runtime {
         static IDS: AtomicU64 = AtomicU64::new(1);
         Ok(WasmHandler {
             inner: Arc::new(Inner {
+                retire: self.pool.retire.clone(),
+                _ticker: self.ticker.clone(),
                 meta: Arc::new(Meta {
                     name: spec.name.clone(),
                     roles: spec.roles.clone(),
@@ -202,12 +230,6 @@ impl Runtime {
     }
 }
 
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 fn store_artifact(component: &Component, path: &Path) -> Result<(), String> {
     let dir = path.parent().ok_or("no parent directory")?;
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
@@ -235,6 +257,10 @@ pub fn default_cache_dir() -> Option<PathBuf> {
 }
 
 struct Inner {
+    /// Tells the workers to drop this handler's warm instances when it is dropped.
+    retire: Retirer,
+    /// Keeps the epoch ticking for this handler's deadlines.
+    _ticker: Arc<Ticker>,
     meta: Arc<Meta>,
     pre: bindings::HandlerPre<Host>,
     engine: Engine,
@@ -264,7 +290,41 @@ thread_local! {
     static WARM: RefCell<HashMap<u64, Warm>> = RefCell::new(HashMap::new());
 }
 
+/// Drops this worker's warm instance of handler `id`, returning its slots to the pool.
+fn retire_warm(id: u64) {
+    WARM.with(|warm| warm.borrow_mut().remove(&id));
+}
+
+impl Drop for Inner {
+    /// A handler replaced by a reload is dropped once its last message is done: its warm instances
+    /// go with it, on every worker.
+    fn drop(&mut self) {
+        if self.reuse.is_some() {
+            self.retire.retire(self.id);
+        }
+    }
+}
+
 impl Inner {
+    /// Instantiates in `store`. Should the pool be out of slots, this worker's warm instances (`warm`,
+    /// of any handler) are dropped to make room and it tries once more: a full pool is the host's
+    /// trouble, never a guest's failure counted against its message.
+    fn instantiate(
+        &self,
+        store: &mut Store<Host>,
+        warm: &mut HashMap<u64, Warm>,
+    ) -> wasmtime::Result<bindings::Handler> {
+        match self.pre.instantiate(&mut *store) {
+            Ok(bindings) => Ok(bindings),
+            Err(e) if warm.is_empty() => Err(e),
+            Err(e) => {
+                tracing::warn!(handler = %self.meta.name, error = %e, warm = warm.len(), "could not instantiate; dropping this worker's warm instances and trying again");
+                warm.clear();
+                self.pre.instantiate(store)
+            }
+        }
+    }
+
     fn new_store(&self) -> Store<Host> {
         let mut store = Store::new(&self.engine, Host::new(self.meta.clone()));
         store.limiter(|h| &mut h.limits);
@@ -278,9 +338,8 @@ impl Inner {
                 let mut store = self.new_store();
                 store.data_mut().begin(&msg.id);
                 store.set_epoch_deadline(self.ticks);
-                let result = self
-                    .pre
-                    .instantiate(&mut store)
+                let result = WARM
+                    .with(|warm| self.instantiate(&mut store, &mut warm.borrow_mut()))
                     .and_then(|bindings| bindings.call_handle(&mut store, msg));
                 sandbox::outcome(result, &mut store)
             }
@@ -291,7 +350,7 @@ impl Inner {
                     None => {
                         let mut store = self.new_store();
                         store.set_epoch_deadline(self.ticks);
-                        match self.pre.instantiate(&mut store) {
+                        match self.instantiate(&mut store, &mut warm) {
                             Ok(bindings) => Warm {
                                 store,
                                 bindings,

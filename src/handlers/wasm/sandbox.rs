@@ -25,8 +25,14 @@ use crate::model::naming::Naming;
 
 /// Replies one message may buffer.
 pub const MAX_REPLIES: usize = 100;
-/// Bytes (names and values) of all replies of one message.
+/// Bytes of all replies of one message: names, values, and [`FIELD_OVERHEAD`] per field.
 pub const MAX_REPLY_BYTES: usize = 1 << 20;
+/// What a field costs beside its name and value (Redis keeps lengths and headers for each): without
+/// it, a reply of a million empty fields would count as nothing.
+pub const FIELD_OVERHEAD: usize = 16;
+/// Fields of one reply. The commit writes a reply in one XADD inside its script, which takes at most
+/// [`crate::client::commit::MAX_WRITE_VALUES`] values; this stays well below it with the envelope.
+pub const MAX_REPLY_FIELDS: usize = 1000;
 /// Log lines one message may write through `log` (more are counted and dropped).
 pub const MAX_LOG_LINES: u32 = 50;
 /// Longest logged line; longer ones are cut.
@@ -231,11 +237,22 @@ impl host::Host for Host {
                 Roles::needed(Op::Publish, domain)
             )));
         }
-        let size: usize =
-            stream.len() + fields.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+        if fields.len() > MAX_REPLY_FIELDS {
+            return Err(types::PublishError::TooLarge(format!(
+                "a reply may have at most {MAX_REPLY_FIELDS} fields; this one has {}",
+                fields.len()
+            )));
+        }
+        // Every field costs its overhead too, so a flood of empty fields is not free.
+        let size: usize = stream.len()
+            + fields
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + FIELD_OVERHEAD)
+                .sum::<usize>();
         if self.outbox.len() >= MAX_REPLIES || self.outbox_bytes + size > MAX_REPLY_BYTES {
             return Err(types::PublishError::TooLarge(format!(
-                "a message may cause at most {MAX_REPLIES} replies of {MAX_REPLY_BYTES} bytes in all"
+                "a message may cause at most {MAX_REPLIES} replies of {MAX_REPLY_BYTES} bytes in all \
+                 (each field counting {FIELD_OVERHEAD} bytes beside its name and value)"
             )));
         }
         self.outbox_bytes += size;

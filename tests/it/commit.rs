@@ -1,0 +1,288 @@
+//! The commit that no content can break: a reply aimed at a key of another type, an entry too wide for
+//! one script call, Redis out of memory — each ends in its own verdict, the rest of the batch commits,
+//! and no reply is ever written twice.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::util::{Daemon, RedisServer, daemon_toml, root, wait_for};
+
+const IN: &str = "nova:task:commit:in";
+const OUT: &str = "nova:task:commit:out";
+const DLQ: &str = "nova:task:commit:in-dlq";
+
+/// How many replies in `stream` name each source id (by `_cause`).
+fn causes(server: &RedisServer, stream: &str) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for e in server.entries(stream) {
+        let cause = e.fields.get_str("_cause").expect("every reply has _cause");
+        let id = cause.rsplit('/').next().unwrap().to_owned();
+        *seen.entry(id).or_insert(0) += 1;
+    }
+    seen
+}
+
+fn assert_exactly_once(server: &RedisServer, ids: &[String]) {
+    let seen = causes(server, OUT);
+    let lost = ids.iter().filter(|id| !seen.contains_key(*id)).count();
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let strangers = seen.keys().filter(|id| !ids.contains(id)).count();
+    println!("lost={lost} duplicates={duplicates}");
+    assert_eq!(
+        (lost, duplicates, strangers),
+        (0, 0, 0),
+        "lost, duplicated, unknown"
+    );
+}
+
+fn consumer(handler: &str, extra: &str) -> String {
+    format!(
+        "[[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"0\"\nblock = \"1s\"\n\
+         claim_min_idle = \"2s\"\nclaim_interval = \"500ms\"\nhandler_timeout = \"1s\"\n\
+         batch_size = 100\nin_flight = 100\n{handler}\n{extra}\n"
+    )
+}
+
+#[test]
+fn a_reply_to_a_key_of_another_type_dead_letters_that_message_and_commits_the_rest() {
+    let server = RedisServer::start();
+    let _: () = redis::cmd("SET")
+        .arg("nova:task:cache:data")
+        .arg("x")
+        .query(&mut server.conn())
+        .unwrap();
+    // 50 messages in one batch; the 25th asks the echo handler to reply to the string key.
+    let mut ids = Vec::new();
+    let mut poison = String::new();
+    for i in 0..50 {
+        let n = i.to_string();
+        if i == 24 {
+            poison = server.xadd(IN, &[("n", &n), ("_reply_to", "nova:task:cache:data")]);
+        } else {
+            ids.push(server.xadd(IN, &[("n", &n)]));
+        }
+    }
+    let echo = root().join("handlers/build/echo.wasm");
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[[handlers]]\nname = \"echo\"\nfile = \"{}\"\nroles = [\"task_write\"]\ntimeout = \"500ms\"\n\
+             config = {{ reply_to = \"{OUT}\" }}\n{}",
+            echo.display(),
+            consumer("handler = \"echo\"", "")
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let dead = wait_for("the dead letter", Duration::from_secs(15), || {
+        server.entries(DLQ).pop()
+    });
+    wait_for("nothing pending", Duration::from_secs(10), || {
+        (server.pending(IN, "g") == 0).then_some(())
+    });
+    assert_exactly_once(&server, &ids);
+    assert_eq!(server.xlen(DLQ), 1);
+    assert_eq!(
+        dead.fields.get_str("_dlq_source"),
+        Some(format!("{IN}/{poison}").as_str())
+    );
+    let reason = dead.fields.get_str("_dlq_reason").unwrap();
+    assert!(
+        reason.contains("nova:task:cache:data is a string"),
+        "the reason names the key and the problem: {reason}"
+    );
+    let untouched: String = redis::cmd("GET")
+        .arg("nova:task:cache:data")
+        .query(&mut server.conn())
+        .unwrap();
+    assert_eq!(untouched, "x");
+    assert_eq!(d.count_log("consumer loop failed"), 0, "no loop restart");
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn an_entry_too_wide_to_copy_is_dead_lettered_by_reference_and_the_others_flow() {
+    let server = RedisServer::start();
+    let before = server.xadd(IN, &[("n", "before")]);
+    // 4,000 fields: forwarding it would take more values than one script call can write.
+    let wide = {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(IN).arg("*");
+        for i in 0..4000 {
+            cmd.arg(format!("f{i}")).arg(i);
+        }
+        let id: String = cmd.query(&mut server.conn()).unwrap();
+        id
+    };
+    let after = server.xadd(IN, &[("n", "after")]);
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            "handler = \"forward\"\nforward_to = \"nova:task:commit:out\"",
+            "",
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let dead = wait_for("the dead letter", Duration::from_secs(15), || {
+        server.entries(DLQ).pop()
+    });
+    wait_for("nothing pending", Duration::from_secs(10), || {
+        (server.pending(IN, "g") == 0).then_some(())
+    });
+    assert_exactly_once(&server, &[before, after]);
+    assert_eq!(
+        dead.fields.get_str("_dlq_source"),
+        Some(format!("{IN}/{wide}").as_str())
+    );
+    assert_eq!(dead.fields.get_str("_dlq_fields_omitted"), Some("4000"));
+    assert!(
+        dead.fields.len() < 20,
+        "the dead letter refers to the original instead of copying it"
+    );
+    let reason = dead.fields.get_str("_dlq_reason").unwrap();
+    assert!(
+        reason.contains(OUT) && reason.contains("4000 fields"),
+        "{reason}"
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+/// Redis at `maxmemory` with `noeviction` for 45 s in the middle of a run: commits are refused with
+/// nothing written, retried without restarting the loop (which would re-read pending entries and count
+/// extra deliveries), and everything flows once memory is back — nothing lost, nothing written twice,
+/// nothing dead-lettered although `max_deliveries` is 2.
+#[test]
+fn redis_out_of_memory_for_45_seconds_loses_nothing_and_dead_letters_nothing() {
+    let server = RedisServer::start();
+    let ids: Vec<String> = {
+        let mut pipe = redis::pipe();
+        for i in 0..2000 {
+            pipe.cmd("XADD").arg(IN).arg("*").arg("n").arg(i);
+        }
+        pipe.query(&mut server.conn()).unwrap()
+    };
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            "handler = \"faults\"\nfaults = { reply_to = \"nova:task:commit:out\", sleep = \"2ms\" }",
+            "max_deliveries = 2",
+        )
+        .replace("in_flight = 100", "in_flight = 32")
+        .replace("batch_size = 100", "batch_size = 32"),
+    );
+    let socket = crate::notify::Socket::bind();
+    let mut d = Daemon::running(&toml, &[("NOTIFY_SOCKET", &socket.path)]);
+    wait_for("traffic flowing", Duration::from_secs(10), || {
+        (server.xlen(OUT) >= 100).then_some(())
+    });
+    let mut conn = server.conn();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "1"])
+        .query(&mut conn)
+        .unwrap();
+    wait_for("a refused commit", Duration::from_secs(10), || {
+        (d.count_log("Redis refused a commit's write") > 0).then_some(())
+    });
+    let during = server.xlen(OUT);
+    assert!(during < 2000, "the OOM must land mid-run; publish more");
+    // The outage itself: 45 s at maxmemory, during which no reply may appear (every write is refused,
+    // and a refused commit writes nothing), and systemd hears that the daemon is degraded, and why.
+    let started = std::time::Instant::now();
+    let seen = socket.until_matching(
+        |l| l.starts_with("STATUS=") && l.contains("degraded") && l.contains("commits are refused"),
+        Duration::from_secs(15),
+    );
+    println!("degraded status: {:?}", seen.last());
+    std::thread::sleep(Duration::from_secs(45).saturating_sub(started.elapsed()));
+    assert_eq!(
+        server.xlen(OUT),
+        during,
+        "nothing was written while out of memory"
+    );
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "0"])
+        .query(&mut conn)
+        .unwrap();
+    let freed = std::time::Instant::now();
+    wait_for("every reply", Duration::from_secs(60), || {
+        (server.xlen(OUT) >= 2000).then_some(())
+    });
+    println!(
+        "flow resumed and drained {} messages in {:?} after memory was freed",
+        2000 - during,
+        freed.elapsed()
+    );
+    socket.until_matching(
+        |l| l.starts_with("STATUS=") && !l.contains("degraded"),
+        Duration::from_secs(15),
+    );
+    wait_for("nothing pending", Duration::from_secs(10), || {
+        (server.pending(IN, "g") == 0).then_some(())
+    });
+    assert_exactly_once(&server, &ids);
+    assert_eq!(server.xlen(DLQ), 0, "no healthy message was dead-lettered");
+    assert_eq!(d.count_log("consumer loop failed"), 0, "no loop restart");
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+/// The peak resident memory of a process, from /proc.
+fn peak_rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A handler's replies are bounded before they are buffered: 100,000 empty fields (free by byte count
+/// alone) and a reply of 4,000 fields (more than a commit writes in one call) are refused to the guest
+/// with a typed error, and the daemon's memory does not follow the guest's ambitions.
+#[test]
+fn replies_of_empty_or_too_many_fields_are_refused_to_the_handler() {
+    let server = RedisServer::start();
+    let hostile = root().join("handlers/build/hostile.wasm");
+    let report = "nova:task:commit:report";
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[[handlers]]\nname = \"hostile\"\nfile = \"{}\"\nroles = [\"task_write\"]\ntimeout = \"900ms\"\n\
+             memory = \"32MiB\"\nconfig = {{ report = \"{report}\" }}\n{}",
+            hostile.display(),
+            consumer("handler = \"hostile\"", "")
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let before = peak_rss_kib(d.pid());
+    server.xadd(IN, &[("do", "fieldbomb")]);
+    server.xadd(IN, &[("do", "widereply")]);
+    let reports = wait_for("both reports", Duration::from_secs(15), || {
+        // The report stream also takes what the bomb got through before it was refused.
+        let r: Vec<(String, String)> = server
+            .entries(report)
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    e.fields.get_str("what")?.to_owned(),
+                    e.fields.get_str("detail").unwrap_or("").to_owned(),
+                ))
+            })
+            .collect();
+        (r.len() == 2).then_some(r)
+    });
+    for (what, detail) in &reports {
+        assert!(detail.contains("TooLarge"), "{what}: {detail}");
+        let why = if what == "fieldbomb" {
+            "bytes in all"
+        } else {
+            "at most 1000 fields"
+        };
+        assert!(detail.contains(why), "{what}: {detail}");
+    }
+    let grown = peak_rss_kib(d.pid()).saturating_sub(before);
+    println!("peak RSS grew by {grown} KiB");
+    assert!(grown < 64 * 1024, "peak RSS grew by {grown} KiB");
+    wait_for("nothing pending", Duration::from_secs(10), || {
+        (server.pending(IN, "g") == 0).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
