@@ -9,6 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::streams::{
+    StreamInfoConsumersReply, StreamInfoGroupsReply, StreamPendingCountReply, StreamPendingReply,
+};
 use redis::{Cmd, Value};
 
 use super::commit::{self, CommitCall, Committer};
@@ -16,8 +19,7 @@ use super::conn::{Ctx, Redis, RedisSettings};
 use super::decode::{self as reply, Entries};
 use super::error::{Error, Result};
 use super::info::{
-    self, AutoClaimed, ConsumerInfo, GroupInfo, PendingEntry, PendingSummary, StreamInfo, count,
-    rows,
+    AutoClaimed, ConsumerInfo, GroupInfo, PendingEntry, PendingSummary, StreamInfo, count,
 };
 use super::reader::GroupReader;
 use super::retention;
@@ -312,8 +314,8 @@ impl Client {
         let mut cmd = redis::cmd("XPENDING");
         cmd.arg(stream).arg(group);
         let ctx = Ctx::new("XPENDING", stream).group(group);
-        let value = self.redis.query_value(&cmd, ctx).await?;
-        info::decode_pending_summary(value).map_err(|d| protocol("XPENDING", stream, d))
+        let reply: StreamPendingReply = self.redis.query(&cmd, ctx).await?;
+        Ok(reply.into())
     }
 
     /// XPENDING detail rows.
@@ -334,8 +336,8 @@ impl Client {
             cmd.arg(c);
         }
         let ctx = Ctx::new("XPENDING", stream).group(group);
-        let value = self.redis.query_value(&cmd, ctx).await?;
-        info::decode_pending_rows(value).map_err(|d| protocol("XPENDING", stream, d))
+        let reply: StreamPendingCountReply = self.redis.query(&cmd, ctx).await?;
+        Ok(reply.ids.into_iter().map(PendingEntry::from).collect())
     }
 
     /// XINFO STREAM.
@@ -367,32 +369,11 @@ impl Client {
         self.authorize(Op::Info, stream)?;
         let mut cmd = redis::cmd("XINFO");
         cmd.arg("GROUPS").arg(stream);
-        let value = self
+        let reply: StreamInfoGroupsReply = self
             .redis
-            .query_value(&cmd, Ctx::new("XINFO GROUPS", stream))
+            .query(&cmd, Ctx::new("XINFO GROUPS", stream))
             .await?;
-        rows(value)
-            .and_then(|rows| {
-                rows.into_iter()
-                    .map(|row| {
-                        let mut p = reply::pairs(row)?;
-                        Ok(GroupInfo {
-                            name: reply::string(reply::take(&mut p, "name")).unwrap_or_default(),
-                            consumers: count(&reply::take(&mut p, "consumers")),
-                            pending: count(&reply::take(&mut p, "pending")),
-                            last_delivered_id: reply::string(reply::take(
-                                &mut p,
-                                "last-delivered-id",
-                            ))
-                            .unwrap_or_default(),
-                            entries_read: reply::int(&reply::take(&mut p, "entries-read"))
-                                .map(|n| n as u64),
-                            lag: reply::int(&reply::take(&mut p, "lag")).map(|n| n as u64),
-                        })
-                    })
-                    .collect()
-            })
-            .map_err(|d| protocol("XINFO GROUPS", stream, d))
+        Ok(reply.groups.into_iter().map(GroupInfo::from).collect())
     }
 
     /// XINFO CONSUMERS.
@@ -401,21 +382,12 @@ impl Client {
         let mut cmd = redis::cmd("XINFO");
         cmd.arg("CONSUMERS").arg(stream).arg(group);
         let ctx = Ctx::new("XINFO CONSUMERS", stream).group(group);
-        let value = self.redis.query_value(&cmd, ctx).await?;
-        rows(value)
-            .and_then(|rows| {
-                rows.into_iter()
-                    .map(|row| {
-                        let mut p = reply::pairs(row)?;
-                        Ok(ConsumerInfo {
-                            name: reply::string(reply::take(&mut p, "name")).unwrap_or_default(),
-                            pending: count(&reply::take(&mut p, "pending")),
-                            idle_ms: count(&reply::take(&mut p, "idle")),
-                        })
-                    })
-                    .collect()
-            })
-            .map_err(|d| protocol("XINFO CONSUMERS", stream, d))
+        let reply: StreamInfoConsumersReply = self.redis.query(&cmd, ctx).await?;
+        Ok(reply
+            .consumers
+            .into_iter()
+            .map(ConsumerInfo::from)
+            .collect())
     }
 
     /// Stream keys matching `pattern` (SCAN … TYPE stream) that this identity may look at, sorted.

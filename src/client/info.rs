@@ -1,9 +1,12 @@
-//! What Redis reports about streams, groups and pending entries, decoded for operators and the daemon.
+//! What Redis reports about streams, groups and pending entries, for operators and the daemon.
 //!
-//! Owns the result types of XPENDING, XINFO and XAUTOCLAIM and their decoders from raw replies. The
-//! commands themselves are sent by [`super::Client`]; entries are decoded by [`super::decode`].
+//! Owns the result types of XPENDING, XINFO and XAUTOCLAIM. These are cold paths: XPENDING and XINFO
+//! GROUPS/CONSUMERS are decoded by the redis crate's typed replies and converted here; XINFO STREAM
+//! (whose entries may be nil) is read field by field. The commands themselves are sent by
+//! [`super::Client`]; entries are decoded by [`super::decode`].
 
 use redis::Value;
+use redis::streams::{StreamInfoConsumer, StreamInfoGroup, StreamPendingId, StreamPendingReply};
 
 use super::decode as reply;
 use crate::model::Entry;
@@ -71,86 +74,55 @@ pub(super) fn count(v: &Value) -> u64 {
     reply::int(v).unwrap_or(0).max(0) as u64
 }
 
-pub(super) fn rows(value: Value) -> Result<Vec<Value>, String> {
-    match value {
-        Value::Array(rows) => Ok(rows),
-        other => Err(format!("expected an array of rows, got {other:?}")),
-    }
-}
-
-pub(super) fn decode_pending_summary(value: Value) -> Result<PendingSummary, String> {
-    let Value::Array(parts) = value else {
-        return Err(format!(
-            "expected [count, min, max, consumers], got {value:?}"
-        ));
-    };
-    let mut parts = parts.into_iter();
-    let total = parts
-        .next()
-        .as_ref()
-        .and_then(reply::int)
-        .ok_or("missing count")?;
-    let min_id = parts.next().and_then(reply::string);
-    let max_id = parts.next().and_then(reply::string);
-    let mut consumers = Vec::new();
-    if let Some(Value::Array(rows)) = parts.next() {
-        for row in rows {
-            let Value::Array(pair) = row else {
-                return Err("consumer row is not a pair".into());
-            };
-            let mut pair = pair.into_iter();
-            let name = pair
-                .next()
-                .and_then(reply::string)
-                .ok_or("consumer without name")?;
-            let n = pair
-                .next()
-                .as_ref()
-                .and_then(reply::int)
-                .ok_or("consumer without count")?;
-            consumers.push((name, n.max(0) as u64));
+impl From<StreamPendingReply> for PendingSummary {
+    fn from(r: StreamPendingReply) -> Self {
+        match r {
+            StreamPendingReply::Data(d) => PendingSummary {
+                count: d.count as u64,
+                min_id: Some(d.start_id),
+                max_id: Some(d.end_id),
+                consumers: d
+                    .consumers
+                    .into_iter()
+                    .map(|c| (c.name, c.pending as u64))
+                    .collect(),
+            },
+            // Empty, and whatever a later version of the crate adds: nothing pending.
+            _ => PendingSummary::default(),
         }
     }
-    Ok(PendingSummary {
-        count: total.max(0) as u64,
-        min_id,
-        max_id,
-        consumers,
-    })
 }
 
-pub(super) fn decode_pending_rows(value: Value) -> Result<Vec<PendingEntry>, String> {
-    rows(value)?
-        .into_iter()
-        .map(|row| {
-            let Value::Array(cols) = row else {
-                return Err("pending row is not an array".to_string());
-            };
-            let mut cols = cols.into_iter();
-            let id = cols
-                .next()
-                .and_then(reply::string)
-                .ok_or("row without id")?;
-            let consumer = cols
-                .next()
-                .and_then(reply::string)
-                .ok_or("row without consumer")?;
-            let idle = cols
-                .next()
-                .as_ref()
-                .and_then(reply::int)
-                .ok_or("row without idle")?;
-            let deliveries = cols
-                .next()
-                .as_ref()
-                .and_then(reply::int)
-                .ok_or("row without count")?;
-            Ok(PendingEntry {
-                id,
-                consumer,
-                idle_ms: idle.max(0) as u64,
-                deliveries: deliveries.max(0) as u64,
-            })
-        })
-        .collect()
+impl From<StreamPendingId> for PendingEntry {
+    fn from(p: StreamPendingId) -> Self {
+        PendingEntry {
+            id: p.id,
+            consumer: p.consumer,
+            idle_ms: p.last_delivered_ms as u64,
+            deliveries: p.times_delivered as u64,
+        }
+    }
+}
+
+impl From<StreamInfoGroup> for GroupInfo {
+    fn from(g: StreamInfoGroup) -> Self {
+        GroupInfo {
+            name: g.name,
+            consumers: g.consumers as u64,
+            pending: g.pending as u64,
+            last_delivered_id: g.last_delivered_id,
+            entries_read: g.entries_read.map(|n| n as u64),
+            lag: g.lag.map(|n| n as u64),
+        }
+    }
+}
+
+impl From<StreamInfoConsumer> for ConsumerInfo {
+    fn from(c: StreamInfoConsumer) -> Self {
+        ConsumerInfo {
+            name: c.name,
+            pending: c.pending as u64,
+            idle_ms: c.idle as u64,
+        }
+    }
 }
