@@ -21,8 +21,9 @@
 //!   reader, the commit script, dead letters.
 //! - [`auth`]: roles, identities and the permission rule; JWTs with key rotation; hashed API keys.
 //! - [`model`]: stream ids, names, the envelope, and the handler seam (message in, outcome out).
-//! - Plumbing used from any layer: [`metrics`] (Prometheus), [`notify`] (systemd notify and loop
-//!   liveness), [`shutdown`] (signals as one enum, the stop fan-out), [`backoff`], [`logging`].
+//! - Plumbing used from any layer: [`metrics`] (Prometheus), [`notify`] (the systemd notify protocol),
+//!   [`health`] (loop liveness behind the watchdog, degraded conditions), [`shutdown`] (signals as one
+//!   enum, the stop fan-out), [`backoff`], [`logging`].
 
 pub mod auth;
 pub mod backoff;
@@ -32,6 +33,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod handlers;
+pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod model;

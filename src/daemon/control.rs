@@ -19,9 +19,9 @@ use crate::auth::{Op, Roles};
 use crate::client::{Client, PublishOptions};
 use crate::config::HeartbeatSettings;
 use crate::engine::Stats;
+use crate::health::Health;
 use crate::model::envelope::{self, Fields};
 use crate::model::message::{BoxFuture, Handler, Message, Outcome, Reply};
-use crate::notify::Health;
 use crate::shutdown::Shutdown;
 
 /// What the daemon reports about itself.

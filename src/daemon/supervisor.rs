@@ -26,7 +26,8 @@ use crate::client::{Client, Error};
 use crate::config::{self, ControlSettings, Settings};
 use crate::engine::router::Router;
 use crate::engine::{Consumer, ConsumerSettings, Stats};
-use crate::notify::{Health, Notifier};
+use crate::health::Health;
+use crate::notify::Notifier;
 use crate::shutdown::{self, Shutdown, Signal, Trigger};
 
 /// How the daemon stopped.
