@@ -112,6 +112,8 @@ struct State {
     draining: bool,
     /// When a handler, a round or a commit last came back (for liveness).
     last_progress: Instant,
+    /// Commits refused in a row (Redis out of memory…), for logging the first loudly.
+    commit_failures: u32,
     /// While re-reading our own pending entries: the id to continue after.
     recover: Option<String>,
     /// The highest id a `>` read gave us; a lost read's entries are pending after it.
@@ -218,6 +220,7 @@ impl Consumer {
             backoff: Backoff::new(self.retry_min, self.retry_max),
             draining: false,
             last_progress: Instant::now(),
+            commit_failures: 0,
             recover: Some("0".into()),
             last_new: "0".into(),
             claim_cursor: "0-0".into(),
@@ -564,7 +567,13 @@ impl Consumer {
                 (Committed::Failed(_) | Committed::NotTried, _) => {
                     // Nothing of it was written: commit it again after a backoff.
                     if let Committed::Failed(e) = &verdict {
-                        warn!(message_id = %id, error = %e, "Redis refused a commit's write; nothing of the message was written, retrying");
+                        // Loud once per streak of refused commits, quiet after.
+                        st.commit_failures += 1;
+                        if st.commit_failures == 1 {
+                            warn!(message_id = %id, error = %e, "Redis refused a commit's write; nothing of the message was written, retrying");
+                        } else {
+                            debug!(message_id = %id, error = %e, failures = st.commit_failures, "commit still refused");
+                        }
                         metrics::global().error("commit_failed");
                         self.liveness.degrade(format!("commits are refused: {e}"));
                     }
@@ -602,6 +611,9 @@ impl Consumer {
             st.flight.committed(id);
         }
         if !again {
+            if std::mem::take(&mut st.commit_failures) > 0 {
+                info!("commits go through again");
+            }
             self.liveness.recover();
         }
         Ok(!again)
