@@ -39,5 +39,3 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod shutdown;
-
-pub use client::{Error, Result};

@@ -76,10 +76,10 @@ pub struct Consumer {
     pub retry_max: Duration,
 }
 
-/// A message that left its handler: what to commit, or None to leave it pending.
+/// A message that left its handler: what to commit, or why it stays pending for a retry.
 struct Done {
     msg: Message,
-    effect: Option<Effect>,
+    effect: Result<Effect, String>,
     handler: Arc<str>,
 }
 
@@ -114,6 +114,8 @@ struct State {
     last_progress: Instant,
     /// Commits refused in a row (Redis out of memory…), for logging the first loudly.
     commit_failures: u32,
+    /// Per handler: when a retry was last logged at WARN, and how many were not logged since.
+    retry_logged: HashMap<Arc<str>, (Instant, u64)>,
     /// While re-reading our own pending entries: the id to continue after.
     recover: Option<String>,
     /// The highest id a `>` read gave us; a lost read's entries are pending after it.
@@ -221,6 +223,7 @@ impl Consumer {
             draining: false,
             last_progress: Instant::now(),
             commit_failures: 0,
+            retry_logged: HashMap::new(),
             recover: Some("0".into()),
             last_new: "0".into(),
             claim_cursor: "0-0".into(),
@@ -881,27 +884,64 @@ impl Consumer {
     /// Takes a finished handler's result into the commit queue and lets the next message of its key run.
     fn finish(&self, done: Done, st: &mut State) {
         let handler = done.handler.clone();
-        if st.flight.ran(done.msg, done.effect, done.handler) {
+        let (id, deliveries) = (done.msg.id.clone(), done.msg.deliveries);
+        let retry = done.effect.as_ref().err().cloned();
+        if st.flight.ran(done.msg, done.effect.ok(), done.handler) {
             self.stats.retried.fetch_add(1, Ordering::Relaxed);
             st.meters.count(&handler, "retry");
+            let reason = retry.unwrap_or_default();
+            self.log_retry(st, &handler, &id, deliveries, &reason);
         }
+    }
+
+    /// A failing handler is visible at once: each retry at WARN with its reason and delivery count, at
+    /// most one line per handler per second (the lines skipped meanwhile are counted in the next).
+    fn log_retry(
+        &self,
+        st: &mut State,
+        handler: &Arc<str>,
+        id: &str,
+        deliveries: u64,
+        reason: &str,
+    ) {
+        let now = Instant::now();
+        let entry = st
+            .retry_logged
+            .entry(handler.clone())
+            .or_insert((now - Duration::from_secs(2), 0));
+        if now.duration_since(entry.0) < Duration::from_secs(1) {
+            entry.1 += 1;
+            return;
+        }
+        let skipped = std::mem::take(&mut entry.1);
+        entry.0 = now;
+        warn!(
+            message_id = %id,
+            handler = %handler,
+            deliveries,
+            max_deliveries = self.cfg.max_deliveries,
+            // Debug-quoted: a guest's text cannot forge log lines.
+            reason = ?reason,
+            skipped,
+            "handler failed; the message stays pending and will be retried"
+        );
     }
 }
 
-/// Turns a handler outcome into what to commit: None leaves the entry pending for a retry.
-fn decide(outcome: Outcome, msg: &Message, max: u64, client: &Client) -> Option<Effect> {
+/// Turns a handler outcome into what to commit, or the reason the entry stays pending for a retry.
+fn decide(outcome: Outcome, msg: &Message, max: u64, client: &Client) -> Result<Effect, String> {
     match outcome {
         Outcome::Success(replies) => {
             // Handlers may only reply where their identity may publish; WASM handlers are checked at
             // publish time too, this is the last line.
             for r in &replies {
                 if let Err(e) = client.authorize(Op::Publish, &r.stream) {
-                    return Some(Effect::DeadLetter(format!("reply refused: {e}")));
+                    return Ok(Effect::DeadLetter(format!("reply refused: {e}")));
                 }
                 // One reply is one XADD in the commit script: it must fit in one call.
                 let values = 2 * (r.fields.len() + 4);
                 if values > commit::MAX_WRITE_VALUES {
-                    return Some(Effect::DeadLetter(format!(
+                    return Ok(Effect::DeadLetter(format!(
                         "reply refused: the reply to {} has {} fields, more than one commit writes ({})",
                         r.stream,
                         r.fields.len(),
@@ -909,17 +949,15 @@ fn decide(outcome: Outcome, msg: &Message, max: u64, client: &Client) -> Option<
                     )));
                 }
             }
-            Some(Effect::Replies(replies))
+            Ok(Effect::Replies(replies))
         }
-        Outcome::Retry(reason) if msg.deliveries >= max => Some(Effect::DeadLetter(format!(
+        Outcome::Retry(reason) if msg.deliveries >= max => Ok(Effect::DeadLetter(format!(
             "{reason} (gave up after {} deliveries)",
             msg.deliveries
         ))),
-        Outcome::Retry(reason) => {
-            debug!(outcome = "retry", reason = %reason, "handler asked for a retry; the entry stays pending");
-            None
-        }
-        Outcome::Reject(reason) => Some(Effect::DeadLetter(reason)),
+        // Logged by the loop (rate-limited, with the delivery count).
+        Outcome::Retry(reason) => Err(reason),
+        Outcome::Reject(reason) => Ok(Effect::DeadLetter(reason)),
     }
 }
 

@@ -4,8 +4,8 @@
 
 use figment::Figment;
 use figment::providers::{Format, Toml};
-use redstream::Error;
 use redstream::auth::{Identity, Roles};
+use redstream::client::Error;
 use redstream::client::{Client, PublishOptions, ReadFrom, ReadOptions};
 use redstream::config;
 use redstream::model::envelope::Fields;

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use redstream::Error;
 use redstream::auth::{Identity, Roles};
+use redstream::client::Error;
 use redstream::client::{Client, PendingQuery, PublishOptions, ReadFrom, ReadOptions, wait_ready};
 use redstream::model::envelope::Fields;
 

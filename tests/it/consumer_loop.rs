@@ -79,7 +79,7 @@ struct Running {
     gate: Arc<Gate>,
     stats: Arc<Stats>,
     stop: Trigger,
-    task: JoinHandle<Result<(), redstream::Error>>,
+    task: JoinHandle<Result<(), redstream::client::Error>>,
 }
 
 /// Consumer `me` of group `g` on [`IN`], running the gated handler in this process.

@@ -416,6 +416,17 @@ fn poison_message_is_dead_lettered_while_the_others_flow() {
         Some(format!("{IN}/{bad}").as_str())
     );
     assert_eq!(dead.fields.get_str("_dlq_deliveries"), Some("3"));
+    // Each failure was visible before the dead letter: a WARN with the reason and the count.
+    let logs = d.logs();
+    for n in 1..=2 {
+        assert!(
+            logs.iter().any(|l| l.contains("will be retried")
+                && l.contains(&format!("deliveries={n}"))
+                && l.contains("poison: field poison present")),
+            "no retry line for delivery {n}:\n{}",
+            logs.join("\n")
+        );
+    }
     assert_eq!(dead.fields.get_str("_dlq_handler"), Some("faults"));
     assert!(
         dead.fields

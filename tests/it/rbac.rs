@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use redstream::Error;
 use redstream::auth::Op;
+use redstream::client::Error;
 use redstream::client::{Client, PendingQuery, PublishOptions, ReadFrom, ReadOptions};
 use redstream::model::envelope::Fields;
 

@@ -306,7 +306,7 @@ fn twenty_reloads_of_a_reused_handler_under_traffic_leave_the_flow_as_it_was() {
         "nothing dead-lettered"
     );
     assert_eq!(
-        d.count_log("handler asked for a retry"),
+        d.count_log("will be retried"),
         0,
         "no message needed a second try"
     );
