@@ -883,14 +883,22 @@ impl Consumer {
 
     /// Takes a finished handler's result into the commit queue and lets the next message of its key run.
     fn finish(&self, done: Done, st: &mut State) {
-        let handler = done.handler.clone();
-        let (id, deliveries) = (done.msg.id.clone(), done.msg.deliveries);
-        let retry = done.effect.as_ref().err().cloned();
-        if st.flight.ran(done.msg, done.effect.ok(), done.handler) {
-            self.stats.retried.fetch_add(1, Ordering::Relaxed);
-            st.meters.count(&handler, "retry");
-            let reason = retry.unwrap_or_default();
-            self.log_retry(st, &handler, &id, deliveries, &reason);
+        let Done {
+            msg,
+            effect,
+            handler,
+        } = done;
+        match effect {
+            Ok(effect) => {
+                st.flight.ran(msg, Some(effect), handler);
+            }
+            Err(reason) => {
+                let (id, deliveries) = (msg.id.clone(), msg.deliveries);
+                st.flight.ran(msg, None, handler.clone());
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                st.meters.count(&handler, "retry");
+                self.log_retry(st, &handler, &id, deliveries, &reason);
+            }
         }
     }
 
