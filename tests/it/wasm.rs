@@ -195,9 +195,15 @@ fn hostile_handlers_are_contained_while_a_neighbour_keeps_working() {
     );
 
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    // The cap is 50 lines per call. On a loaded machine the flooding call may overrun its 300 ms
+    // deadline and be tried again (max_deliveries = 2), each try logging up to the cap; uncapped, the
+    // flood is 10,000 lines a try.
+    assert!(
+        d.count_log("guest log lines over the per-message limit were dropped") >= 1,
+        "the flood hit the cap"
+    );
     let floods = d.count_log("flood ");
-    assert!(floods <= 60, "the log flood was capped: {floods} lines");
-    assert!(d.count_log("dropped") >= 1);
+    assert!(floods <= 2 * 55, "the log flood was capped: {floods} lines");
     assert!(
         d.logs().iter().all(|l| !l.contains('\u{1b}')),
         "guest text is escaped"
