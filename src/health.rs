@@ -6,7 +6,7 @@
 //! token). The daemon sends WATCHDOG=1 only while every loop is live, so a wedged loop stops the pings
 //! and systemd restarts the service, while a Redis outage only makes the daemon `degraded`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,9 @@ pub struct Liveness {
     pub name: String,
     until_ms: AtomicU64,
     degraded: Mutex<Option<String>>,
+    /// Whether `degraded` holds a reason: [`Liveness::recover`] runs after every commit, and must not
+    /// take the lock when there is nothing to clear.
+    is_degraded: AtomicBool,
 }
 
 impl Liveness {
@@ -28,9 +31,13 @@ impl Liveness {
     /// The loop turns but does not do its work: says why, until [`Liveness::recover`].
     pub fn degrade(&self, reason: String) {
         *self.degraded.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.is_degraded.store(true, Ordering::Release);
     }
 
     pub fn recover(&self) {
+        if !self.is_degraded.swap(false, Ordering::AcqRel) {
+            return;
+        }
         self.degraded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -57,6 +64,7 @@ impl Health {
             name: name.to_owned(),
             until_ms: AtomicU64::new(millis(Instant::now() + grace)),
             degraded: Mutex::new(None),
+            is_degraded: AtomicBool::new(false),
         });
         self.loops
             .lock()

@@ -12,6 +12,8 @@ use super::bin;
 pub struct Daemon {
     child: Option<Child>,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Reads stderr into `logs`; joined once the process has exited, so its last lines are in.
+    reader: Option<std::thread::JoinHandle<()>>,
     _config: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -51,7 +53,7 @@ impl Daemon {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = logs.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -59,6 +61,7 @@ impl Daemon {
         Daemon {
             child: Some(child),
             logs,
+            reader: Some(reader),
             _config: config,
             _dir: dir,
         }
@@ -138,6 +141,10 @@ impl Daemon {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
+                // The process is gone, so its stderr ends: every line it wrote is in the log now.
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
                 return status.code();
             }
             std::thread::sleep(Duration::from_millis(20));
