@@ -458,6 +458,7 @@ fn local_handler(call: &LocalCall, reuse: Option<u64>) -> Result<(Runtime, WasmH
         max_stack: 512 * 1024,
         max_memory: memory,
         reused: usize::from(reuse.is_some()),
+        reply_limit: crate::model::ReplyLimit::default(),
     };
     let runtime = Runtime::new(&settings, std::sync::Arc::new(Naming::default()))
         .map_err(|m| Failure::new(Exit::Failure, m))?;

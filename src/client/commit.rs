@@ -13,11 +13,16 @@ use redis::{Cmd, Value};
 
 use crate::model::dead_letter as dlq;
 use crate::model::envelope::{self, Fields};
+use crate::model::limits::Size;
 use crate::model::message::{Message, Reply};
 
 /// The most values one XADD in the script may take: Lua's `unpack` stops near 8,000 (the script
 /// checks the same bound and refuses a larger write before anything is written).
 pub const MAX_WRITE_VALUES: usize = 7900;
+
+// The widest entry or reply `[limits]` allows, with the envelope or the dead-letter record (at most 10
+// pairs) and XADD's key and id, is one write.
+const _: () = assert!(2 * (crate::model::limits::MAX_FIELDS + 10) + 2 <= MAX_WRITE_VALUES);
 
 /// What committing a message does.
 #[derive(Clone, Debug)]
@@ -26,6 +31,9 @@ pub enum Effect {
     Replies(Vec<Reply>),
     /// Copy the message to the dead-letter stream with this reason, and ack.
     DeadLetter(String),
+    /// The entry is over the consumer's `[limits]` (its fields were never kept): dead-letter it by
+    /// reference — `_dlq_reason = too_large`, `_dlq_size`, `_dlq_fields_omitted` — and ack.
+    TooLarge(Size),
     /// The entry no longer exists (deleted or trimmed while pending): just ack.
     Vanished,
 }
@@ -232,7 +240,9 @@ impl Committer {
         for f in batch {
             let written: Box<dyn Iterator<Item = &str>> = match &f.effect {
                 Effect::Replies(replies) => Box::new(replies.iter().map(|r| r.stream.as_str())),
-                Effect::DeadLetter(_) => Box::new(std::iter::once(self.dead_letter.as_str())),
+                Effect::DeadLetter(_) | Effect::TooLarge(_) => {
+                    Box::new(std::iter::once(self.dead_letter.as_str()))
+                }
                 Effect::Vanished => Box::new(std::iter::empty()),
             };
             for k in written {
@@ -257,8 +267,8 @@ impl Committer {
                         layout.push(1);
                     }
                 }
-                Effect::DeadLetter(reason) => {
-                    let fields = self.dead_letter_fields(f, reason);
+                Effect::DeadLetter(_) | Effect::TooLarge(_) => {
+                    let fields = self.dead_letter_fields(f);
                     put(&mut layout, 1);
                     put(&mut layout, index(&self.dead_letter));
                     put(&mut layout, fields.len() + 1);
@@ -290,7 +300,7 @@ impl Committer {
                         self.reply_args(&mut cmd, &f.msg, r);
                     }
                 }
-                Effect::DeadLetter(_) => {
+                Effect::DeadLetter(_) | Effect::TooLarge(_) => {
                     let fields = dead_letters.next().expect("one per dead letter");
                     for (name, value) in fields.iter() {
                         cmd.arg(name).arg(value);
@@ -326,20 +336,33 @@ impl Committer {
     }
 
     /// A dead letter's fields but `_dlq_timestamp` (which goes last, with the batch's time): the
-    /// original fields and the `_dlq_*` record — or, for a message too wide to copy in one write, the
-    /// record alone with `_dlq_fields_omitted` (the original stays readable at `_dlq_source` until
-    /// retention removes it).
-    fn dead_letter_fields(&self, f: &Finished, reason: &str) -> Fields {
+    /// original fields and the `_dlq_*` record — or, for a message too wide to copy in one write or
+    /// over the consumer's limits, the record alone with `_dlq_fields_omitted` (the original stays
+    /// readable at `_dlq_source` until retention removes it).
+    fn dead_letter_fields(&self, f: &Finished) -> Fields {
         let msg = &f.msg;
         let copy = 2 * (msg.fields.len() + 6) + 4 <= MAX_WRITE_VALUES;
-        let mut fields = if copy {
-            msg.fields.clone()
-        } else {
-            let mut by_reference = Fields::with_capacity(6);
-            by_reference.push(dlq::FIELDS_OMITTED, msg.fields.len().to_string());
-            by_reference
+        let mut fields = match &f.effect {
+            Effect::TooLarge(size) => {
+                let mut by_reference = Fields::with_capacity(7);
+                by_reference.push(dlq::FIELDS_OMITTED, size.fields.to_string());
+                by_reference.push(dlq::SIZE, size.bytes.to_string());
+                by_reference.push(dlq::REASON, dlq::TOO_LARGE);
+                by_reference
+            }
+            Effect::DeadLetter(reason) if copy => {
+                let mut all = msg.fields.clone();
+                all.set(dlq::REASON, reason.as_str());
+                all
+            }
+            Effect::DeadLetter(reason) => {
+                let mut by_reference = Fields::with_capacity(6);
+                by_reference.push(dlq::FIELDS_OMITTED, msg.fields.len().to_string());
+                by_reference.push(dlq::REASON, reason.as_str());
+                by_reference
+            }
+            Effect::Replies(_) | Effect::Vanished => Fields::new(),
         };
-        fields.set(dlq::REASON, reason);
         fields.set(dlq::SOURCE, format!("{}/{}", self.stream, msg.id));
         fields.set(dlq::DELIVERIES, msg.deliveries.to_string());
         fields.set(dlq::HANDLER, f.handler.as_bytes().to_vec());
@@ -377,11 +400,27 @@ fn reply_pairs(reply: &Reply) -> usize {
         + 2
 }
 
+/// What committing this message weighs: its writes, and about the bytes it sends.
+pub fn weight(f: &Finished) -> (usize, usize) {
+    let fields = |fields: &Fields| {
+        fields
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 16)
+            .sum::<usize>()
+    };
+    match &f.effect {
+        Effect::Replies(r) => (r.len(), r.iter().map(|r| fields(&r.fields) + 128).sum()),
+        Effect::DeadLetter(_) => (1, fields(&f.msg.fields) + 256),
+        Effect::TooLarge(_) => (1, 256),
+        Effect::Vanished => (0, 32),
+    }
+}
+
 /// Whether committing this message writes anything (replies or a dead letter).
 pub fn writes(f: &Finished) -> bool {
     match &f.effect {
         Effect::Replies(r) => !r.is_empty(),
-        Effect::DeadLetter(_) => true,
+        Effect::DeadLetter(_) | Effect::TooLarge(_) => true,
         Effect::Vanished => false,
     }
 }

@@ -6,9 +6,12 @@
 //! hides: entries deleted while pending come back with nil fields, and must be told apart from real ones.
 //! Every function returns a description of what was wrong instead of panicking on a surprising reply.
 
+use std::collections::HashMap;
+
 use redis::Value;
 
 use crate::model::envelope::{Entry, Fields};
+use crate::model::limits::{EntryLimit, Size};
 
 /// Entries of a range or read reply, and the ids among them whose entries no longer exist.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -16,6 +19,30 @@ pub struct Entries {
     pub entries: Vec<Entry>,
     /// Ids that were pending but whose entries were deleted or trimmed (nil field list).
     pub deleted: Vec<String>,
+    /// Entries over the reader's [`crate::model::EntryLimit`]: their ids and sizes, their fields
+    /// discarded as they arrived ([`super::wire`]).
+    pub too_large: Vec<(String, Size)>,
+    /// Delivery counts by id, where the reply carries them (a re-read of this consumer's pending
+    /// entries, [`super::recover`]); empty for a read of new entries, which are all first deliveries.
+    pub deliveries: HashMap<String, u64>,
+}
+
+impl Entries {
+    /// Moves the entries over `limit` to [`Entries::too_large`], dropping their fields. (The plain
+    /// connection's decoder never buffers such entries; this bounds what other paths handle.)
+    pub fn enforce(&mut self, limit: &EntryLimit) {
+        if *limit == EntryLimit::NONE {
+            return;
+        }
+        let too_large = &mut self.too_large;
+        self.entries.retain(|e| match limit.exceeded_by(&e.fields) {
+            Some(size) => {
+                too_large.push((e.id.clone(), size));
+                false
+            }
+            None => true,
+        });
+    }
 }
 
 /// `[[id, [f, v, …] | nil], …]`
@@ -27,7 +54,7 @@ pub fn entries(value: Value) -> Result<Entries, String> {
     };
     let mut out = Entries {
         entries: Vec::with_capacity(items.len()),
-        deleted: Vec::new(),
+        ..Entries::default()
     };
     for item in items {
         let Value::Array(pair) = item else {
@@ -80,17 +107,26 @@ fn field_list(flat: Vec<Value>) -> Result<Fields, String> {
 }
 
 /// XREADGROUP / XREAD for one stream: nil on timeout, else `[[stream, entries]]` (or a RESP3 map).
+/// The recovery script answers `[[stream, entries, [id, count, …]]]`: the delivery counts come along.
 pub fn read_one_stream(value: Value) -> Result<Entries, String> {
     match value {
         Value::Nil => Ok(Entries::default()),
         Value::Array(streams) => match streams.into_iter().next() {
             None => Ok(Entries::default()),
-            Some(Value::Array(pair)) => {
-                let entries_value = pair
-                    .into_iter()
-                    .nth(1)
-                    .ok_or("stream reply without entries")?;
-                entries(entries_value)
+            Some(Value::Array(parts)) => {
+                let mut parts = parts.into_iter().skip(1);
+                let mut out = entries(parts.next().ok_or("stream reply without entries")?)?;
+                if let Some(Value::Array(counts)) = parts.next() {
+                    let mut counts = counts.into_iter();
+                    while let (Some(id), Some(n)) = (counts.next(), counts.next()) {
+                        let id = string(id).ok_or("delivery count without an id")?;
+                        let Value::Int(n) = n else {
+                            return Err(format!("delivery count of {id} is not a number"));
+                        };
+                        out.deliveries.insert(id, n.max(0) as u64);
+                    }
+                }
+                Ok(out)
             }
             Some(other) => Err(format!("expected [stream, entries], got {other:?}")),
         },

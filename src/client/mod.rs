@@ -8,6 +8,7 @@
 //! - [`decode`]: entries and other replies decoded from raw RESP values.
 //! - [`info`]: what XPENDING, XINFO and XAUTOCLAIM report, typed.
 //! - [`reader`]: a consumer's group reads on a connection of its own.
+//! - [`recover`]: the script re-reading a consumer's own pending entries without counting a delivery.
 //! - [`wire`]: the plain RESP connection that group reads use without TLS, decoded straight into entries.
 //! - [`retention`]: trimming that spares what groups still need, computed inside Redis.
 //! - [`commit`]: the commit script — replies and the ack in one atomic step.
@@ -21,6 +22,7 @@ pub mod decode;
 pub mod error;
 pub mod info;
 pub mod reader;
+pub mod recover;
 pub mod retention;
 pub(crate) mod wire;
 

@@ -14,14 +14,16 @@ use super::commit::CommitCall;
 use super::conn::{self, Ctx, Redis};
 use super::decode::{self, Entries};
 use super::error::{Error, Result};
-use super::wire;
+use super::{recover, wire};
+use crate::model::EntryLimit;
 
 /// Where a group read starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadFrom<'a> {
     /// `>`: entries never delivered to this group.
     New,
-    /// This consumer's own pending entries after the given id (`0` for all of them).
+    /// This consumer's own pending entries after the given id (`0` for all of them), re-read without
+    /// counting a delivery ([`super::recover`]); the reply carries their delivery counts.
     Pending(&'a str),
 }
 
@@ -36,6 +38,8 @@ pub struct GroupReader {
     group: String,
     consumer: String,
     max_block: Duration,
+    /// How large an entry may be; larger ones come back in [`Entries::too_large`].
+    limit: EntryLimit,
 }
 
 impl GroupReader {
@@ -54,7 +58,15 @@ impl GroupReader {
             group: group.to_owned(),
             consumer: consumer.to_owned(),
             max_block,
+            limit: EntryLimit::NONE,
         })
+    }
+
+    /// Bounds each entry read: one over `limit` is reported in [`Entries::too_large`] with its size,
+    /// its fields discarded — on the plain connection as they arrive, never buffered whole.
+    pub fn with_limit(mut self, limit: EntryLimit) -> GroupReader {
+        self.limit = limit;
+        self
     }
 
     pub fn stream(&self) -> &str {
@@ -94,23 +106,25 @@ impl GroupReader {
         count: u64,
         block: Option<Duration>,
     ) -> Result<Round> {
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(count);
-        let id = match from {
+        let cmd = match from {
             ReadFrom::New => {
+                let mut cmd = redis::cmd("XREADGROUP");
+                cmd.arg("GROUP")
+                    .arg(&self.group)
+                    .arg(&self.consumer)
+                    .arg("COUNT")
+                    .arg(count);
                 if let Some(b) = block {
                     cmd.arg("BLOCK")
                         .arg(b.min(self.max_block).as_millis() as u64);
                 }
-                ">"
+                cmd.arg("STREAMS").arg(&self.stream).arg(">");
+                cmd
             }
-            ReadFrom::Pending(after) => after,
+            ReadFrom::Pending(after) => {
+                recover::command(&self.stream, &self.group, &self.consumer, after, count)
+            }
         };
-        cmd.arg("STREAMS").arg(&self.stream).arg(id);
         let before = before.map(|c| c.0);
         if self.wire.is_some() {
             return self.round_on_wire(before, cmd).await;
@@ -118,7 +132,8 @@ impl GroupReader {
         let ctx = Ctx::new("XREADGROUP", &self.stream).group(&self.group);
         let Some(before) = before else {
             let read = self.redis.query_value(&cmd, ctx).await.and_then(|v| {
-                decode::read_one_stream(v).map_err(|d| protocol("XREADGROUP", &self.stream, d))
+                self.decode(v)
+                    .map_err(|d| protocol("XREADGROUP", &self.stream, d))
             });
             return Ok(Round { before: None, read });
         };
@@ -140,9 +155,17 @@ impl GroupReader {
             .extract_error()
             .map_err(|e| self.redis.classify(e, ctx))
             .and_then(|v| {
-                decode::read_one_stream(v).map_err(|d| protocol("XREADGROUP", &self.stream, d))
+                self.decode(v)
+                    .map_err(|d| protocol("XREADGROUP", &self.stream, d))
             });
         Ok(Round { before, read })
+    }
+
+    /// A read reply through the crate's parser (the TLS path), with the entry limit applied after.
+    fn decode(&self, value: Value) -> std::result::Result<Entries, String> {
+        let mut got = decode::read_one_stream(value)?;
+        got.enforce(&self.limit);
+        Ok(got)
     }
 }
 
@@ -155,6 +178,7 @@ impl GroupReader {
         let settings = self.redis.settings();
         let limit = self.redis.response_timeout() + settings.connect_timeout;
         let connect_timeout = settings.connect_timeout;
+        let limit_entries = self.limit;
         let Some((target, conn)) = &mut self.wire else {
             unreachable!("checked by the caller");
         };
@@ -172,7 +196,11 @@ impl GroupReader {
             }
             read.write_packed_command(&mut packed);
             let frames = c
-                .request(&packed, 1 + usize::from(before.is_some()))
+                .request(
+                    &packed,
+                    1 + usize::from(before.is_some()),
+                    Some(limit_entries),
+                )
                 .await?;
             redis::RedisResult::Ok((frames, c))
         };

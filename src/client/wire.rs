@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::decode::Entries;
 use crate::model::envelope::{Entry, Fields};
+use crate::model::limits::{EntryLimit, Size};
 
 /// Where a plain connection goes, and how it logs in.
 #[derive(Clone, Debug)]
@@ -82,7 +83,7 @@ impl Conn {
             for cmd in &login {
                 cmd.write_packed_command(&mut packed);
             }
-            let frames = tokio::time::timeout(timeout, conn.request(&packed, login.len()))
+            let frames = tokio::time::timeout(timeout, conn.request(&packed, login.len(), None))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "login timed out"))??;
             for frame in frames {
@@ -93,21 +94,24 @@ impl Conn {
     }
 
     /// Sends `packed` (one or more commands) and reads `replies` replies. Returns where each reply
-    /// lies in [`Conn::frame`]'s buffer, valid until the next request.
+    /// lies in [`Conn::frame`]'s buffer, valid until the next request. With `limit`, the last reply is
+    /// a read reply whose entries are bounded as they arrive (see [`Scanner`]).
     pub async fn request(
         &mut self,
         packed: &[u8],
         replies: usize,
+        limit: Option<EntryLimit>,
     ) -> io::Result<Vec<std::ops::Range<usize>>> {
         self.io.write_all(packed).await?;
         self.buf.clear();
         let mut frames = Vec::with_capacity(replies);
-        let mut scan = Scanner::new(0);
+        let scanner = |start, n: usize| Scanner::new(start, limit.filter(|_| n + 1 == replies));
+        let mut scan = scanner(0, 0);
         while frames.len() < replies {
-            match scan.advance(&self.buf) {
+            match scan.advance(&mut self.buf) {
                 Ok(Some(end)) => {
                     frames.push(scan.start..end);
-                    scan = Scanner::new(end);
+                    scan = scanner(end, frames.len());
                     continue;
                 }
                 Ok(None) => {}
@@ -136,31 +140,120 @@ pub fn value(frame: &[u8]) -> redis::RedisResult<redis::Value> {
 }
 
 /// Finds where a RESP frame ends, resumably: it remembers how far it got when the bytes ran out.
+///
+/// With a limit it also bounds the entries of a read reply (XREADGROUP's shape, or the recovery
+/// script's). It counts each entry's fields and bytes from the headers as they arrive; once an entry is
+/// over the limit, everything of its field list — what was buffered and what is still to come — is
+/// removed from the buffer as it is scanned, and a marker `?<fields>,<bytes>\r\n` takes the list's
+/// place, which [`read_reply`] reports as too large. A 100 MB field thus costs one read chunk of
+/// memory, not 100 MB.
 struct Scanner {
     start: usize,
     pos: usize,
-    /// Values still to skip before the frame is complete.
-    pending: u64,
+    /// Items still to come in each open aggregate, the outermost first; `[1]` is the frame itself.
+    open: Vec<u64>,
+    limit: Option<EntryLimit>,
+    /// The entry whose field list is being scanned.
+    entry: Option<EntryScan>,
+    /// Bytes of an omitted bulk string still to discard; its item completes after them.
+    skip: u64,
 }
 
+/// An entry's field list being scanned: where it starts, and what it has brought so far.
+struct EntryScan {
+    at: usize,
+    size: Size,
+    omitted: bool,
+}
+
+/// How deep an entry's field list sits in a read reply: frame, streams, `[name, entries]`, entries,
+/// `[id, fields]`.
+const FIELDS_DEPTH: usize = 5;
+
+/// The type byte of the marker left where an oversized entry's fields were.
+const OMITTED: u8 = b'?';
+
 impl Scanner {
-    fn new(start: usize) -> Scanner {
+    fn new(start: usize, limit: Option<EntryLimit>) -> Scanner {
         Scanner {
             start,
             pos: start,
-            pending: 1,
+            open: vec![1],
+            limit,
+            entry: None,
+            skip: 0,
         }
     }
 
     /// The end of the frame if `buf` holds all of it, else None (call again with more bytes).
-    fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, String> {
-        while self.pending > 0 {
+    fn advance(&mut self, buf: &mut Vec<u8>) -> Result<Option<usize>, String> {
+        loop {
+            if self.skip > 0 {
+                let take = self.skip.min((buf.len() - self.pos) as u64) as usize;
+                buf.drain(self.pos..self.pos + take);
+                self.skip -= take as u64;
+                if self.skip > 0 {
+                    return Ok(None);
+                }
+                if self.complete(buf) {
+                    return Ok(Some(self.pos));
+                }
+                continue;
+            }
             let Some((kind, n, body)) = header(buf, self.pos)? else {
                 return Ok(None);
             };
-            let next = match kind {
+            let depth = self.open.len();
+            if depth == FIELDS_DEPTH + 1
+                && let Some(limit) = self.limit
+                && let Some(entry) = &mut self.entry
+            {
+                // A field name or value of a bounded entry.
+                if kind != b'$' || n < 0 {
+                    return Err(format!(
+                        "a field that is not a bulk string at offset {}",
+                        self.pos
+                    ));
+                }
+                let size = Size {
+                    fields: entry.size.fields,
+                    bytes: entry.size.bytes.saturating_add(n as u64),
+                };
+                if !entry.omitted && limit.exceeds(size) {
+                    // Over the limit: what was kept of the entry goes, and so does the rest.
+                    entry.omitted = true;
+                    let kept = self.pos - entry.at;
+                    buf.drain(entry.at..self.pos);
+                    self.pos = entry.at;
+                    let body = body - kept;
+                    entry.size = size;
+                    buf.drain(self.pos..body);
+                    self.skip = n as u64 + 2;
+                    continue;
+                }
+                if entry.omitted {
+                    entry.size = size;
+                    buf.drain(self.pos..body);
+                    self.skip = n as u64 + 2;
+                    continue;
+                }
+                let end = body + n as usize + 2;
+                if end > buf.len() {
+                    return Ok(None);
+                }
+                entry.size = size;
+                self.pos = end;
+                if self.complete(buf) {
+                    return Ok(Some(self.pos));
+                }
+                continue;
+            }
+            let end = match kind {
                 b'$' | b'=' | b'!' if n >= 0 => {
-                    let end = body + n as usize + 2;
+                    let end = usize::try_from(n)
+                        .ok()
+                        .and_then(|n| body.checked_add(n)?.checked_add(2))
+                        .ok_or_else(|| format!("bulk length {n} out of range"))?;
                     if end > buf.len() {
                         return Ok(None);
                     }
@@ -168,15 +261,64 @@ impl Scanner {
                 }
                 _ => body,
             };
-            self.pending -= 1;
-            match kind {
-                b'*' | b'~' | b'>' if n > 0 => self.pending += n as u64,
-                b'%' | b'|' if n > 0 => self.pending += 2 * n as u64,
-                _ => {}
+            let items = match kind {
+                b'*' | b'~' | b'>' if n > 0 => n as u64,
+                b'%' | b'|' if n > 0 => 2 * n as u64,
+                _ => 0,
+            };
+            if items == 0 {
+                self.pos = end;
+                if self.complete(buf) {
+                    return Ok(Some(self.pos));
+                }
+                continue;
             }
-            self.pos = next;
+            if depth == FIELDS_DEPTH
+                && kind == b'*'
+                && let Some(limit) = self.limit
+            {
+                // An entry's field list begins.
+                let size = Size {
+                    fields: items / 2,
+                    bytes: 0,
+                };
+                let omitted = limit.exceeds(size);
+                self.entry = Some(EntryScan {
+                    at: self.pos,
+                    size,
+                    omitted,
+                });
+                if omitted {
+                    buf.drain(self.pos..body);
+                } else {
+                    self.pos = body;
+                }
+            } else {
+                self.pos = body;
+            }
+            self.open.push(items);
         }
-        Ok(Some(self.pos))
+    }
+
+    /// One item ended: count it in its aggregate, closing every aggregate it completes. True when
+    /// the frame itself is complete.
+    fn complete(&mut self, buf: &mut Vec<u8>) -> bool {
+        while let Some(left) = self.open.last_mut() {
+            *left -= 1;
+            if *left > 0 {
+                return false;
+            }
+            self.open.pop();
+            if self.open.len() == FIELDS_DEPTH
+                && let Some(entry) = self.entry.take()
+                && entry.omitted
+            {
+                let marker = format!("?{},{}\r\n", entry.size.fields, entry.size.bytes);
+                buf.splice(entry.at..entry.at, marker.bytes());
+                self.pos = entry.at + marker.len();
+            }
+        }
+        true
     }
 }
 
@@ -241,6 +383,34 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// The [`Scanner`]'s marker of an oversized entry, if one is next: its size.
+    fn omitted(&mut self) -> Result<Option<Size>, String> {
+        if self.buf.get(self.pos) != Some(&OMITTED) {
+            return Ok(None);
+        }
+        let rest = &self.buf[self.pos + 1..];
+        let line = rest
+            .iter()
+            .position(|&b| b == b'\r')
+            .ok_or("truncated marker")?;
+        let text = std::str::from_utf8(&rest[..line]).map_err(|_| "bad marker")?;
+        let (fields, bytes) = text.split_once(',').ok_or("bad marker")?;
+        let size = Size {
+            fields: fields.parse().map_err(|_| "bad marker")?,
+            bytes: bytes.parse().map_err(|_| "bad marker")?,
+        };
+        self.pos += 1 + line + 2;
+        Ok(Some(size))
+    }
+
+    fn int(&mut self) -> Result<i64, String> {
+        let start = self.pos;
+        match self.header()? {
+            (b':', _) => number(&self.buf[start + 1..self.pos - 2]),
+            (kind, _) => Err(format!("expected an integer, got type {:?}", kind as char)),
+        }
+    }
+
     fn bulk(&mut self) -> Result<&'a [u8], String> {
         match self.header()? {
             (b'$', n) if n >= 0 => {
@@ -261,7 +431,9 @@ impl<'a> Cursor<'a> {
 }
 
 /// An XREADGROUP (or XREAD) reply for one stream, RESP2: nil on timeout, else
-/// `[[stream, [[id, [f, v, …] | nil], …]]]`. Entries deleted while pending come back with nil fields.
+/// `[[stream, [[id, [f, v, …] | nil], …]]]`. Entries deleted while pending come back with nil fields;
+/// entries the [`Scanner`] bounded, with its marker. The recovery script's reply has a third element
+/// per stream, `[id, count, …]`: the entries' delivery counts.
 pub fn read_reply(frame: &[u8]) -> Result<Entries, String> {
     let mut c = Cursor { buf: frame, pos: 0 };
     let mut out = Entries::default();
@@ -271,7 +443,8 @@ pub fn read_reply(frame: &[u8]) -> Result<Entries, String> {
     if streams == 0 {
         return Ok(out);
     }
-    if c.array()? != Some(2) {
+    let parts = c.array()?;
+    if parts != Some(2) && parts != Some(3) {
         return Err("expected [stream, entries]".into());
     }
     c.bulk()?; // the stream's name
@@ -284,6 +457,10 @@ pub fn read_reply(frame: &[u8]) -> Result<Entries, String> {
         let id = std::str::from_utf8(c.bulk()?)
             .map_err(|_| "entry id is not text")?
             .to_owned();
+        if let Some(size) = c.omitted()? {
+            out.too_large.push((id, size));
+            continue;
+        }
         let Some(flat) = c.array()? else {
             out.deleted.push(id);
             continue;
@@ -300,6 +477,14 @@ pub fn read_reply(frame: &[u8]) -> Result<Entries, String> {
         }
         out.entries.push(Entry { id, fields });
     }
+    if parts == Some(3) {
+        let counts = c.array()?.unwrap_or(0);
+        for _ in 0..counts / 2 {
+            let id = String::from_utf8_lossy(c.bulk()?).into_owned();
+            let n = c.int()?;
+            out.deliveries.insert(id, n.max(0) as u64);
+        }
+    }
     Ok(out)
 }
 
@@ -311,17 +496,157 @@ mod tests {
         b"*1\r\n*2\r\n$5\r\nnova1\r\n*2\r\n*2\r\n$3\r\n1-0\r\n*4\r\n$1\r\na\r\n$1\r\nb\r\n\
         $2\r\nid\r\n$3\r\n\xff\x00\r\r\n*2\r\n$3\r\n2-0\r\n*-1\r\n";
 
+    /// Feeds `input` to a scanner `chunk` bytes at a time, as [`Conn::request`] does. Returns the
+    /// buffer, where the frame ended, and the most the buffer held at any time.
+    fn scan(input: &[u8], chunk: usize, limit: Option<EntryLimit>) -> (Vec<u8>, usize, usize) {
+        let mut s = Scanner::new(0, limit);
+        let mut buf = Vec::new();
+        let mut peak = 0;
+        for piece in input.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            peak = peak.max(buf.len());
+            if let Some(end) = s.advance(&mut buf).unwrap() {
+                return (buf, end, peak);
+            }
+        }
+        panic!("the frame never ended");
+    }
+
+    type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+    /// An XREADGROUP reply of `entries`, each `(id, [(name, value)])`.
+    fn read_frame(entries: &[(&str, Pairs)]) -> Vec<u8> {
+        let bulk = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+            out.extend_from_slice(b);
+            out.extend_from_slice(b"\r\n");
+        };
+        let mut out = format!("*1\r\n*2\r\n$1\r\ns\r\n*{}\r\n", entries.len()).into_bytes();
+        for (id, fields) in entries {
+            out.extend_from_slice(b"*2\r\n");
+            bulk(&mut out, id.as_bytes());
+            out.extend_from_slice(format!("*{}\r\n", 2 * fields.len()).as_bytes());
+            for (n, v) in fields {
+                bulk(&mut out, n);
+                bulk(&mut out, v);
+            }
+        }
+        out
+    }
+
+    fn field(n: &str, v: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+        (n.as_bytes().to_vec(), v)
+    }
+
     #[test]
     fn scans_frames_resumably_from_any_split() {
-        for split in 0..READ.len() {
-            let mut s = Scanner::new(0);
-            assert_eq!(s.advance(&READ[..split]), Ok(None), "split at {split}");
-            assert_eq!(s.advance(READ), Ok(Some(READ.len())), "split at {split}");
+        let unbounded = Some(EntryLimit::NONE);
+        for limit in [None, unbounded] {
+            for split in 0..READ.len() {
+                let mut s = Scanner::new(0, limit);
+                let mut buf = READ[..split].to_vec();
+                assert_eq!(s.advance(&mut buf), Ok(None), "split at {split}");
+                buf.extend_from_slice(&READ[split..]);
+                assert_eq!(
+                    s.advance(&mut buf),
+                    Ok(Some(READ.len())),
+                    "split at {split}"
+                );
+                assert_eq!(buf, READ, "nothing changed within the limit");
+            }
         }
         let mut two = READ.to_vec();
         two.extend_from_slice(b"-NOGROUP no such group\r\n");
-        let mut s = Scanner::new(READ.len());
-        assert_eq!(s.advance(&two), Ok(Some(two.len())));
+        let mut s = Scanner::new(READ.len(), None);
+        assert_eq!(s.advance(&mut two), Ok(Some(two.len())));
+    }
+
+    #[test]
+    fn an_oversized_entry_is_dropped_as_it_arrives_and_its_neighbours_kept() {
+        let big = vec![b'x'; 1 << 20];
+        let frame = read_frame(&[
+            ("1-0", vec![field("a", b"small".to_vec())]),
+            (
+                "2-0",
+                vec![field("head", b"h".to_vec()), field("body", big)],
+            ),
+            ("3-0", vec![field("b", b"after".to_vec())]),
+        ]);
+        let limit = EntryLimit {
+            fields: 10,
+            bytes: 64 * 1024,
+        };
+        for chunk in [1, 7, 4096, 64 * 1024] {
+            let (buf, end, peak) = scan(&frame, chunk, Some(limit));
+            assert!(
+                peak < 2 * 64 * 1024 + 256,
+                "chunk {chunk}: held {peak} bytes"
+            );
+            let got = read_reply(&buf[..end]).unwrap();
+            let ids: Vec<_> = got.entries.iter().map(|e| e.id.as_str()).collect();
+            assert_eq!(ids, ["1-0", "3-0"], "chunk {chunk}");
+            assert_eq!(got.entries[1].fields.get("b"), Some(&b"after"[..]));
+            assert_eq!(
+                got.too_large,
+                vec![(
+                    "2-0".to_string(),
+                    Size {
+                        fields: 2,
+                        bytes: 4 + 1 + 4 + (1 << 20)
+                    }
+                )],
+                "chunk {chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_too_wide_entry_is_dropped_whole() {
+        let wide: Vec<_> = (0..50).map(|i| field(&format!("f{i}"), vec![])).collect();
+        let frame = read_frame(&[("1-0", wide), ("2-0", vec![field("ok", b"1".to_vec())])]);
+        let limit = EntryLimit {
+            fields: 49,
+            bytes: 1 << 20,
+        };
+        let (buf, end, _) = scan(&frame, 3, Some(limit));
+        assert!(
+            end < 120,
+            "the wide entry's fields were not kept ({end} bytes)"
+        );
+        let got = read_reply(&buf[..end]).unwrap();
+        assert_eq!(got.too_large.len(), 1);
+        assert_eq!(got.too_large[0].1.fields, 50);
+        assert_eq!(
+            got.too_large[0].1.bytes,
+            (0..50).map(|i| format!("f{i}").len() as u64).sum::<u64>()
+        );
+        assert_eq!(got.entries.len(), 1);
+        let (buf, end, _) = scan(
+            &frame,
+            3,
+            Some(EntryLimit {
+                fields: 50,
+                ..limit
+            }),
+        );
+        assert_eq!(
+            read_reply(&buf[..end]).unwrap().entries.len(),
+            2,
+            "50 fields are allowed"
+        );
+    }
+
+    #[test]
+    fn the_recovery_reply_brings_delivery_counts() {
+        let frame = b"*1\r\n*3\r\n$1\r\ns\r\n*2\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n\
+            *2\r\n$3\r\n2-0\r\n*-1\r\n*4\r\n$3\r\n1-0\r\n:3\r\n$3\r\n2-0\r\n:1\r\n";
+        let (buf, end, _) = scan(frame, 5, Some(EntryLimit::default()));
+        assert_eq!(end, frame.len());
+        let got = read_reply(&buf[..end]).unwrap();
+        assert_eq!(got.entries.len(), 1);
+        assert_eq!(got.deleted, ["2-0"]);
+        assert_eq!(got.deliveries.get("1-0"), Some(&3));
+        assert_eq!(got.deliveries.get("2-0"), Some(&1));
     }
 
     #[test]
@@ -342,8 +667,8 @@ mod tests {
             b"*1\r\n:5\r\n",
             b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$9\r\n1-0\r\n",
         ] {
-            let mut s = Scanner::new(0);
-            let _ = s.advance(bad);
+            let mut s = Scanner::new(0, Some(EntryLimit::default()));
+            let _ = s.advance(&mut bad.to_vec());
             assert!(
                 read_reply(bad).is_err(),
                 "{:?}",

@@ -7,11 +7,12 @@ use super::checker::{Checker, fmt_d};
 use super::raw::{Loose, RawConfig, RawConsumer};
 use super::settings::{DaemonIdentity, DaemonSettings};
 use crate::auth::Op;
+use crate::engine::flight::MAX_COMMIT;
 use crate::engine::router::{Action, RouteSpec, Unmatched};
 use crate::engine::{ConsumerSettings, HandlerSpec};
 use crate::handlers::wasm::WasmSpec;
-use crate::model::StreamId;
 use crate::model::naming::{NameKind, Naming, StreamName, validate_name};
+use crate::model::{EntryLimit, StreamId};
 
 /// The consumer name used when a consumer entry names none: stable across restarts (never random),
 /// distinct per host and per instance.
@@ -45,30 +46,19 @@ pub fn default_dead_letter(name: &StreamName<'_>) -> String {
 pub(super) fn consumers(
     raw: &RawConfig,
     c: &mut Checker<'_>,
-    naming: &Naming,
-    identity: Option<&DaemonIdentity>,
-    daemon: &DaemonSettings,
-    handlers: &[WasmSpec],
-    routes: &[RouteSpec],
+    ctx: &Context<'_>,
 ) -> Vec<ConsumerSettings> {
-    if !raw.consumers.is_empty() && identity.is_none() {
+    if !raw.consumers.is_empty() && ctx.identity.is_none() {
         c.problem(
             "identity",
             "consumers need an identity to act as: give identity.token, or identity.roles with auth.signing_key",
         );
     }
-    let ctx = Context {
-        naming,
-        identity,
-        daemon,
-        handlers,
-        routes,
-    };
     let mut out = Vec::new();
     let mut seen: Vec<(String, String, usize)> = Vec::new();
     for (i, rc) in raw.consumers.iter().enumerate() {
         let p = |k: &str| format!("consumers[{i}].{k}");
-        let (names, built) = consumer(c, i, rc, &ctx);
+        let (names, built) = consumer(c, i, rc, ctx);
         if let Some((s, g)) = names {
             if let Some((_, _, j)) = seen.iter().find(|(ss, gg, _)| *ss == s && *gg == g) {
                 c.problem(
@@ -84,12 +74,15 @@ pub(super) fn consumers(
 }
 
 /// What a consumer entry is checked against.
-struct Context<'a> {
-    naming: &'a Naming,
-    identity: Option<&'a DaemonIdentity>,
-    daemon: &'a DaemonSettings,
-    handlers: &'a [WasmSpec],
-    routes: &'a [RouteSpec],
+/// What consumers are checked against: the daemon, the handlers and routes declared beside them, and
+/// `[limits]`.
+pub(super) struct Context<'a> {
+    pub naming: &'a Naming,
+    pub identity: Option<&'a DaemonIdentity>,
+    pub daemon: &'a DaemonSettings,
+    pub handlers: &'a [WasmSpec],
+    pub routes: &'a [RouteSpec],
+    pub entry_limit: EntryLimit,
 }
 
 /// One `[[consumers]]` entry: every key read (each problem recorded with its path), the relations
@@ -107,6 +100,7 @@ fn consumer(
         daemon,
         handlers,
         routes,
+        ..
     } = *ctx;
     let p = |k: &str| format!("consumers[{i}].{k}");
     let stream = match &rc.stream {
@@ -149,12 +143,12 @@ fn consumer(
             Err("not an id".into())
         }
     });
-    let batch_size = positive(c, &p("batch_size"), &rc.batch_size);
+    let batch_size = at_most(c, &p("batch_size"), &rc.batch_size, MAX_BATCH_SIZE);
     let block = c.positive_duration(&p("block"), &rc.block);
     let claim_min_idle = c.positive_duration(&p("claim_min_idle"), &rc.claim_min_idle);
     let claim_interval = c.positive_duration(&p("claim_interval"), &rc.claim_interval);
     let max_deliveries = positive(c, &p("max_deliveries"), &rc.max_deliveries);
-    let in_flight = positive(c, &p("in_flight"), &rc.in_flight);
+    let in_flight = at_most(c, &p("in_flight"), &rc.in_flight, MAX_IN_FLIGHT);
     let handler_timeout = c.positive_duration(&p("handler_timeout"), &rc.handler_timeout);
     let order_by = rc.order_by.as_ref().and_then(|o| c.text(&p("order_by"), o));
     if let (Some(idle), Some(timeout)) = (claim_min_idle, handler_timeout)
@@ -286,9 +280,31 @@ fn consumer(
             handler: handler?,
             unmatched: unmatched?,
             handler_timeout: handler_timeout?,
+            entry_limit: ctx.entry_limit,
         })
     })();
     (names, built)
+}
+
+/// The most entries one read may ask for: what one commit call carries ([`MAX_COMMIT`]), so a read's
+/// batch never needs two.
+pub const MAX_BATCH_SIZE: u32 = MAX_COMMIT as u32;
+/// The most messages a consumer may hold in flight. The commit script checks ownership with one
+/// XPENDING over everything in flight; past this it would scan more than a commit is worth, and a
+/// consumer holding that many is better split into several.
+pub const MAX_IN_FLIGHT: u32 = 10 * MAX_COMMIT as u32;
+
+/// A positive integer up to `max`.
+fn at_most(c: &mut Checker<'_>, path: &str, v: &Loose<u32>, max: u32) -> Option<u32> {
+    let n = positive(c, path, v)?;
+    if n > max {
+        c.problem(
+            path,
+            format!("{n} is more than {max}, the most one consumer's commits can carry"),
+        );
+        return None;
+    }
+    Some(n)
 }
 
 fn positive(c: &mut Checker<'_>, path: &str, v: &Loose<u32>) -> Option<u32> {

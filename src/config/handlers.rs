@@ -14,6 +14,7 @@ use super::settings::DaemonIdentity;
 use crate::auth::Op;
 use crate::engine::router::{Action, Predicates, RouteSpec, StreamPattern};
 use crate::handlers::wasm::{RuntimeSettings, WasmSpec};
+use crate::model::ReplyLimit;
 use crate::model::naming::Naming;
 
 /// Names a `[[handlers]]` entry may not take: the built-in handlers.
@@ -142,6 +143,7 @@ pub(super) fn wasm_settings(
     raw: &RawConfig,
     c: &mut Checker<'_>,
     handlers: &[WasmSpec],
+    reply_limit: ReplyLimit,
 ) -> Option<RuntimeSettings> {
     let w = &raw.wasm;
     let cache_dir = match &w.cache_dir {
@@ -170,6 +172,7 @@ pub(super) fn wasm_settings(
         max_stack,
         max_memory: handlers.iter().map(|h| h.memory).max().unwrap_or(64 << 20),
         reused: handlers.iter().filter(|h| h.reuse.is_some()).count(),
+        reply_limit,
     })
 }
 

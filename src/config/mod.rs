@@ -15,6 +15,7 @@
 mod checker;
 mod consumers;
 mod handlers;
+mod limits;
 pub mod raw;
 mod secret;
 pub mod settings;

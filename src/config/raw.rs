@@ -100,6 +100,7 @@ pub struct RawConfig {
     pub redis: RawRedis,
     pub auth: RawAuth,
     pub log: RawLog,
+    pub limits: RawLimits,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -229,6 +230,28 @@ impl Default for RawLog {
             dir: None,
             rotation: Loose::ok("daily".into()),
             keep: Loose::ok(7),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLimits {
+    pub entry_fields: Loose<u32>,
+    pub entry_bytes: Loose<String>,
+    pub replies: Loose<u32>,
+    pub reply_fields: Loose<u32>,
+    pub reply_bytes: Loose<String>,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            entry_fields: Loose::ok(1000),
+            entry_bytes: Loose::ok("1MiB".into()),
+            replies: Loose::ok(100),
+            reply_fields: Loose::ok(1000),
+            reply_bytes: Loose::ok("1MiB".into()),
         }
     }
 }

@@ -74,11 +74,23 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
 
     let daemon = daemon_settings(raw, c);
     let id_ref = identity.as_ref().and_then(Option::as_ref);
+    let limits = super::limits::limits(raw, c);
+    let (entry_limit, reply_limit) = limits.unwrap_or_default();
     let handlers = super::handlers::handlers(raw, c, &naming, id_ref, c.base_dir);
-    let wasm = super::handlers::wasm_settings(raw, c, &handlers);
+    let wasm = super::handlers::wasm_settings(raw, c, &handlers, reply_limit);
     let routes = super::handlers::routes(raw, c, &naming, id_ref, &handlers);
     let consumers = match (&identity, &daemon) {
-        (Some(id), Some(d)) => consumers(raw, c, &naming, id.as_ref(), d, &handlers, &routes),
+        (Some(id), Some(d)) => {
+            let ctx = super::consumers::Context {
+                naming: &naming,
+                identity: id.as_ref(),
+                daemon: d,
+                handlers: &handlers,
+                routes: &routes,
+                entry_limit,
+            };
+            consumers(raw, c, &ctx)
+        }
         _ => Vec::new(),
     };
 

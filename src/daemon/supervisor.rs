@@ -27,6 +27,7 @@ use crate::config::{self, ControlSettings, Settings};
 use crate::engine::router::Router;
 use crate::engine::{Consumer, ConsumerSettings, Stats};
 use crate::health::Health;
+use crate::model::EntryLimit;
 use crate::notify::Notifier;
 use crate::shutdown::{self, Shutdown, Signal, Trigger};
 
@@ -415,6 +416,7 @@ impl Daemon {
             handler: None,
             unmatched: crate::engine::router::Unmatched::DeadLetter,
             handler_timeout: Duration::from_secs(5),
+            entry_limit: EntryLimit::default(),
         };
         let handler = control::Control {
             commands,

@@ -37,7 +37,9 @@ use crate::client::decode::Entries;
 use crate::client::{Client, Error, GroupReader, PendingQuery, ReadFrom, Round};
 use crate::health::Liveness;
 use crate::metrics::{self, GroupLabels, HandlerLabels, MessageLabels};
+use crate::model::dead_letter as dlq;
 use crate::model::envelope::Entry;
+use crate::model::limits::{self, Size};
 use crate::model::message::{BatchDone, Handled, Handler, Message, Outcome, Sender};
 use crate::shutdown::Shutdown;
 use arc_swap::ArcSwap;
@@ -87,7 +89,7 @@ struct Done {
 pub const TOKEN_FIELD: &str = "_token";
 
 /// What the round task hands back.
-type RoundResult = (GroupReader, Result<(Round, HashMap<String, u64>), Error>);
+type RoundResult = (GroupReader, Result<Round, Error>);
 
 /// What a commit task hands back: the script's reply.
 type CommitResult = Result<redis::Value, Error>;
@@ -317,16 +319,10 @@ impl Consumer {
         // slots, counters and logs would lag by up to `block`, and a drain would redo the commit and
         // count its messages as not ours).
         let block = (from.is_none() && call.is_none()).then_some(self.cfg.block);
-        let (client, cfg) = (self.client.clone(), self.cfg.clone());
         trace!(from = ?from, count, commits = st.in_round.len(), "round");
         let task = tokio::spawn(async move {
             let read_from = from.as_deref().map_or(ReadFrom::New, ReadFrom::Pending);
-            let result = match reader.round(call, read_from, count, block).await {
-                Ok(round) => deliveries(&client, &cfg, from.is_some(), &round)
-                    .await
-                    .map(|d| (round, d)),
-                Err(e) => Err(e),
-            };
+            let result = reader.round(call, read_from, count, block).await;
             (reader, result)
         });
         st.round = Some((task, Instant::now()));
@@ -393,7 +389,7 @@ impl Consumer {
             }
         };
         st.reader = Some(reader);
-        let (rd, counts) = match result {
+        let rd = match result {
             Ok(got) => got,
             Err(e) => {
                 // Neither the commit's nor the read's fate is known.
@@ -430,7 +426,7 @@ impl Consumer {
                     std::future::pending::<()>().await;
                 }
                 let asked = st.round_count;
-                self.delivered(entries, counts, asked, st);
+                self.delivered(entries, asked, st);
             }
             Err(e) => st.retry_at = Some(self.trouble(e, st).await?),
         }
@@ -463,6 +459,7 @@ impl Consumer {
         let c = &self.cfg;
         self.client
             .group_reader(&c.stream, &c.group, &c.consumer, c.block)
+            .map(|r| r.with_limit(c.entry_limit))
     }
 
     async fn load_script(&self) -> Result<(), Error> {
@@ -545,7 +542,7 @@ impl Consumer {
             let id = &f.msg.id;
             let outcome = match (&verdict, &f.effect) {
                 (Committed::Yes, Effect::Replies(_)) => "success",
-                (Committed::Yes, Effect::DeadLetter(_)) => "dead_lettered",
+                (Committed::Yes, Effect::DeadLetter(_) | Effect::TooLarge(_)) => "dead_lettered",
                 (Committed::Yes, Effect::Vanished) => "vanished",
                 (Committed::NotOurs, _) => "not_ours",
                 (Committed::Partial(_), _) => "partial",
@@ -598,6 +595,11 @@ impl Consumer {
                     warn!(message_id = %id, handler = %f.handler, outcome = "dead-lettered", reason = %reason, dead_letter = %self.cfg.dead_letter, "dead-lettered");
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 }
+                (Committed::Yes, Effect::TooLarge(size)) => {
+                    let limit = &self.cfg.entry_limit;
+                    warn!(message_id = %id, outcome = "dead-lettered", reason = dlq::TOO_LARGE, fields = size.fields, bytes = size.bytes, limit_fields = limit.fields, limit_bytes = limit.bytes, dead_letter = %self.cfg.dead_letter, "an entry over [limits] was dead-lettered by reference; its content was not read");
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                }
                 (Committed::Yes, Effect::Vanished) => {
                     self.stats.vanished.fetch_add(1, Ordering::Relaxed);
                 }
@@ -622,9 +624,10 @@ impl Consumer {
         Ok(!again)
     }
 
-    /// Dispatches what a round read.
-    fn delivered(&self, got: Entries, counts: HashMap<String, u64>, asked: usize, st: &mut State) {
-        let full = got.entries.len() + got.deleted.len() >= asked.max(1);
+    /// Dispatches what a round read: new entries are first deliveries; re-read pending ones come
+    /// with their delivery counts.
+    fn delivered(&self, got: Entries, asked: usize, st: &mut State) {
+        let seen = got.entries.len() + got.deleted.len() + got.too_large.len();
         match &mut st.recover {
             Some(after) => {
                 // Re-reading our own PEL: page on, or switch to new entries when it is exhausted.
@@ -633,9 +636,10 @@ impl Consumer {
                     .iter()
                     .map(|e| &e.id)
                     .chain(got.deleted.iter())
+                    .chain(got.too_large.iter().map(|(id, _)| id))
                     .max_by(|a, b| cmp_ids(a, b));
                 match last {
-                    Some(last) if full => *after = last.clone(),
+                    Some(last) if seen >= asked.max(1) => *after = last.clone(),
                     _ => st.recover = None,
                 }
                 // Entries deleted while pending come back with no fields: ack them, never dispatch them.
@@ -650,14 +654,35 @@ impl Consumer {
                 }
             }
             None => {
-                if let Some(last) = got.entries.last() {
-                    st.last_new = last.id.clone();
+                let last = got
+                    .entries
+                    .iter()
+                    .map(|e| &e.id)
+                    .chain(got.too_large.iter().map(|(id, _)| id))
+                    .max_by(|a, b| cmp_ids(a, b));
+                if let Some(last) = last {
+                    st.last_new = last.clone();
                 }
             }
         }
+        let count = |id: &str| got.deliveries.get(id).copied().unwrap_or(1);
+        for (id, size) in &got.too_large {
+            self.too_large(id.clone(), *size, count(id), st);
+        }
         for entry in got.entries {
-            let n = counts.get(&entry.id).copied().unwrap_or(1);
+            let n = count(&entry.id);
             self.dispatch(entry, n, st);
+        }
+    }
+
+    /// An entry over the consumer's limits, its fields never kept: dead-lettered by reference.
+    fn too_large(&self, id: String, size: Size, deliveries: u64, st: &mut State) {
+        if st.flight.admit(&id) {
+            st.flight.settle(Finished {
+                msg: self.message(id, Default::default(), deliveries),
+                effect: Effect::TooLarge(size),
+                handler: "redstream".into(),
+            });
         }
     }
 
@@ -692,15 +717,25 @@ impl Consumer {
                     .vanished
                     .fetch_add(got.deleted.len() as u64, Ordering::Relaxed);
             }
-            let fresh: Vec<Entry> = got
-                .entries
-                .into_iter()
-                .filter(|e| !st.flight.contains(&e.id))
-                .collect();
-            if !fresh.is_empty() {
-                let counts = pending_counts(&self.client, c, &fresh).await?;
-                info!(count = fresh.len(), "claimed idle entries");
-                for entry in fresh {
+            let mut fresh = Entries {
+                entries: got
+                    .entries
+                    .into_iter()
+                    .filter(|e| !st.flight.contains(&e.id))
+                    .collect(),
+                ..Entries::default()
+            };
+            fresh.enforce(&c.entry_limit);
+            if !fresh.entries.is_empty() || !fresh.too_large.is_empty() {
+                let counts = pending_counts(&self.client, c, &fresh.entries).await?;
+                info!(
+                    count = fresh.entries.len() + fresh.too_large.len(),
+                    "claimed idle entries"
+                );
+                for (id, size) in fresh.too_large {
+                    self.too_large(id, size, 2, st);
+                }
+                for entry in fresh.entries {
                     let n = counts.get(&entry.id).copied().unwrap_or(2);
                     self.dispatch(entry, n, st);
                 }
@@ -815,14 +850,14 @@ impl Consumer {
             let name: Arc<str> = handler.name().into();
             let duration = st.meters.duration(&name);
             let client = self.client.clone();
-            let max = u64::from(self.cfg.max_deliveries);
+            let cfg = self.cfg.clone();
             let tx = tx.clone();
             let done: BatchDone = Arc::new(move |results| {
                 let batch = results
                     .into_iter()
                     .map(|(msg, outcome, took): Handled| {
                         duration.observe(took.as_secs_f64());
-                        let effect = decide(outcome, &msg, max, &client);
+                        let effect = decide(outcome, &msg, &cfg, &client);
                         Done {
                             msg,
                             effect,
@@ -846,7 +881,7 @@ impl Consumer {
         let duration = st.meters.duration(&name);
         let client = self.client.clone();
         let timeout = self.cfg.handler_timeout;
-        let max = u64::from(self.cfg.max_deliveries);
+        let cfg = self.cfg.clone();
         let tx = tx.clone();
         let span = tracing::debug_span!(
             "message",
@@ -869,7 +904,7 @@ impl Consumer {
                     )),
                     Err(_) => Outcome::Retry("handler panicked".into()),
                 };
-                let effect = decide(outcome, &msg, max, &client);
+                let effect = decide(outcome, &msg, &cfg, &client);
                 // The loop outlives its handler tasks except at an immediate exit, when this is moot.
                 let _ = tx.send(vec![Done {
                     msg,
@@ -937,50 +972,41 @@ impl Consumer {
 }
 
 /// Turns a handler outcome into what to commit, or the reason the entry stays pending for a retry.
-fn decide(outcome: Outcome, msg: &Message, max: u64, client: &Client) -> Result<Effect, String> {
+fn decide(
+    outcome: Outcome,
+    msg: &Message,
+    cfg: &ConsumerSettings,
+    client: &Client,
+) -> Result<Effect, String> {
     match outcome {
         Outcome::Success(replies) => {
-            // Handlers may only reply where their identity may publish; WASM handlers are checked at
-            // publish time too, this is the last line.
+            // Handlers may only reply where their identity may publish; WASM handlers are checked
+            // (roles and `[limits]`) at publish time too, this is the last line.
             for r in &replies {
                 if let Err(e) = client.authorize(Op::Publish, &r.stream) {
                     return Ok(Effect::DeadLetter(format!("reply refused: {e}")));
                 }
                 // One reply is one XADD in the commit script: it must fit in one call.
-                let values = 2 * (r.fields.len() + 4);
-                if values > commit::MAX_WRITE_VALUES {
+                if r.fields.len() > limits::MAX_FIELDS {
                     return Ok(Effect::DeadLetter(format!(
                         "reply refused: the reply to {} has {} fields, more than one commit writes ({})",
                         r.stream,
                         r.fields.len(),
-                        commit::MAX_WRITE_VALUES / 2 - 4
+                        limits::MAX_FIELDS
                     )));
                 }
             }
             Ok(Effect::Replies(replies))
         }
-        Outcome::Retry(reason) if msg.deliveries >= max => Ok(Effect::DeadLetter(format!(
-            "{reason} (gave up after {} deliveries)",
-            msg.deliveries
-        ))),
+        Outcome::Retry(reason) if msg.deliveries >= u64::from(cfg.max_deliveries) => {
+            Ok(Effect::DeadLetter(format!(
+                "{reason} (gave up after {} deliveries)",
+                msg.deliveries
+            )))
+        }
         // Logged by the loop (rate-limited, with the delivery count).
         Outcome::Retry(reason) => Err(reason),
         Outcome::Reject(reason) => Ok(Effect::DeadLetter(reason)),
-    }
-}
-
-/// Delivery counts for a round's entries: 1 for new ones; from XPENDING for re-read pending ones.
-async fn deliveries(
-    client: &Client,
-    cfg: &ConsumerSettings,
-    pending: bool,
-    round: &Round,
-) -> Result<HashMap<String, u64>, Error> {
-    match (&round.read, pending) {
-        (Ok(got), true) if !got.entries.is_empty() => {
-            pending_counts(client, cfg, &got.entries).await
-        }
-        _ => Ok(HashMap::new()),
     }
 }
 

@@ -16,9 +16,14 @@ use crate::client::commit::{self, Effect, Finished};
 use crate::model::StreamId;
 use crate::model::message::{Handler, Message};
 
-/// The most messages one commit carries. The commit script's layout numbers the streams a batch
-/// writes in two bytes: with at most 100 replies a message, 500 messages stay far below 65,536.
+/// The most messages one commit carries.
 pub const MAX_COMMIT: usize = 500;
+/// The most writes (replies and dead letters) one commit carries: the commit script's layout numbers
+/// the streams a batch writes in two bytes, so they must stay below 65,536.
+pub const MAX_COMMIT_WRITES: usize = 50_000;
+/// About the most bytes one commit carries (one message alone may exceed it; it then goes alone):
+/// Redis holds a script call's arguments whole while it runs.
+pub const MAX_COMMIT_BYTES: usize = 16 << 20;
 
 /// A routed message waiting to run (behind its order_by key) or about to run.
 pub struct Job {
@@ -145,14 +150,27 @@ impl Flight {
     /// Everything decided, as one commit batch: in stream order when any message writes (the commit
     /// script checks ownership over the writers' id range, and replies are then written in the order
     /// of their sources).
-    /// At most [`MAX_COMMIT`] messages go in one batch; the rest wait for the next.
+    /// At most [`MAX_COMMIT`] messages, [`MAX_COMMIT_WRITES`] writes and about [`MAX_COMMIT_BYTES`] go
+    /// in one batch (always at least one message); the rest wait for the next.
     pub fn take_batch(&mut self) -> Vec<Finished> {
         let mut batch = std::mem::take(&mut self.finished);
         if batch.iter().any(commit::writes) {
             batch.sort_by_cached_key(|f| key_of(&f.msg.id));
         }
-        if batch.len() > MAX_COMMIT {
-            self.finished = batch.split_off(MAX_COMMIT);
+        let (mut writes, mut bytes) = (0, 0);
+        let fits = batch
+            .iter()
+            .take(MAX_COMMIT)
+            .position(|f| {
+                let (w, b) = commit::weight(f);
+                writes += w;
+                bytes += b;
+                writes > MAX_COMMIT_WRITES || bytes > MAX_COMMIT_BYTES
+            })
+            .unwrap_or(batch.len().min(MAX_COMMIT))
+            .max(1);
+        if batch.len() > fits {
+            self.finished = batch.split_off(fits);
         }
         batch
     }
@@ -339,6 +357,37 @@ mod tests {
         }
         assert_eq!(f.take_batch().len(), MAX_COMMIT);
         assert_eq!(f.take_batch().len(), 7, "the rest go in the next");
+    }
+
+    #[test]
+    fn a_commit_carries_a_bounded_weight_and_at_least_one_message() {
+        let big = |n: usize| {
+            Some(Effect::Replies(vec![Reply {
+                stream: "nova:task:x:out".into(),
+                fields: (0..n)
+                    .map(|i| (format!("f{i}"), vec![b'x'; 4096]))
+                    .collect(),
+            }]))
+        };
+        let mut f = Flight::new(100, None);
+        for i in 0..10 {
+            let id = format!("1-{i}");
+            f.admit(&id);
+            f.enqueue(job(&id, None));
+        }
+        let jobs = f.start_ready();
+        for (i, j) in jobs.into_iter().enumerate() {
+            // Two messages of ~6 MiB, then one of ~20 MiB, then small ones.
+            let effect = match i {
+                0 | 1 => big(1500),
+                2 => big(5000),
+                _ => reply(),
+            };
+            f.ran(j.msg, effect, "nop".into());
+        }
+        assert_eq!(f.take_batch().len(), 2, "the third would pass 16 MiB");
+        assert_eq!(f.take_batch().len(), 1, "too heavy alone, it still goes");
+        assert_eq!(f.take_batch().len(), 7);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::router::Unmatched;
+use crate::model::EntryLimit;
 
 /// One consumer group to consume, validated.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +31,8 @@ pub struct ConsumerSettings {
     /// What to do with a message no route matches.
     pub unmatched: Unmatched,
     pub handler_timeout: Duration,
+    /// How large an entry may be (`[limits]`); larger ones are dead-lettered by reference.
+    pub entry_limit: EntryLimit,
 }
 
 /// Which handler a consumer runs.

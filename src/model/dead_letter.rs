@@ -17,6 +17,11 @@ pub const TIMESTAMP: &str = "_dlq_timestamp";
 /// On a dead letter of a message too wide to copy: how many fields the original had. The dead letter
 /// then carries only the `_dlq_*` record; the original is at `_dlq_source`.
 pub const FIELDS_OMITTED: &str = "_dlq_fields_omitted";
+/// On a dead letter of an entry over `[limits]`: the bytes of its field names and values. Such a dead
+/// letter has `_dlq_reason` = [`TOO_LARGE`] and carries only the `_dlq_*` record.
+pub const SIZE: &str = "_dlq_size";
+/// `_dlq_reason` of an entry over `[limits]`, dead-lettered by reference.
+pub const TOO_LARGE: &str = "too_large";
 /// On a replayed message: `<dead-letter stream>/<dead-letter id>` it was replayed from.
 pub const REPLAYED_FROM: &str = "_dlq_replayed_from";
 /// On a replayed message: the `_source` of the original, since `_source` is now the replaying identity.

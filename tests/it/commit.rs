@@ -99,21 +99,26 @@ fn a_reply_to_a_key_of_another_type_dead_letters_that_message_and_commits_the_re
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
 
+/// An entry of `fields` fields named f0, f1, … (values their index), plus `extra`.
+fn xadd_wide(server: &RedisServer, stream: &str, fields: usize, extra: &[(&str, &str)]) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (n, v) in extra {
+        cmd.arg(n).arg(v);
+    }
+    for i in 0..fields - extra.len() {
+        cmd.arg(format!("f{i}")).arg(i);
+    }
+    cmd.query(&mut server.conn()).unwrap()
+}
+
+/// Entries over `[limits]` — 4,000 fields, or one field of 100 MB — are never handled: each is
+/// dead-lettered by reference with `too_large`, its size and its source id, and the 100 MB are
+/// discarded as they arrive (the daemon's peak RSS grows by far less than the entry). Their neighbours
+/// in the same read are forwarded exactly once.
 #[test]
-fn an_entry_too_wide_to_copy_is_dead_lettered_by_reference_and_the_others_flow() {
+fn entries_over_the_limits_are_dead_lettered_by_reference_and_never_buffered() {
     let server = RedisServer::start();
-    let before = server.xadd(IN, &[("n", "before")]);
-    // 4,000 fields: forwarding it would take more values than one script call can write.
-    let wide = {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(IN).arg("*");
-        for i in 0..4000 {
-            cmd.arg(format!("f{i}")).arg(i);
-        }
-        let id: String = cmd.query(&mut server.conn()).unwrap();
-        id
-    };
-    let after = server.xadd(IN, &[("n", "after")]);
     let toml = daemon_toml(
         &server.url(),
         &consumer(
@@ -122,26 +127,93 @@ fn an_entry_too_wide_to_copy_is_dead_lettered_by_reference_and_the_others_flow()
         ),
     );
     let mut d = Daemon::running(&toml, &[]);
-    let dead = wait_for("the dead letter", Duration::from_secs(15), || {
-        server.entries(DLQ).pop()
+    let before_rss = peak_rss_kib(d.pid());
+    let mut ids = vec![server.xadd(IN, &[("n", "before")])];
+    let wide = xadd_wide(&server, IN, 4000, &[]);
+    const HUGE: usize = 100 << 20;
+    let huge: String = redis::cmd("XADD")
+        .arg(IN)
+        .arg("*")
+        .arg("head")
+        .arg("h")
+        .arg("body")
+        .arg(vec![b'x'; HUGE])
+        .query(&mut server.conn())
+        .unwrap();
+    ids.push(server.xadd(IN, &[("n", "after")]));
+    let dead = wait_for("two dead letters", Duration::from_secs(30), || {
+        let d = server.entries(DLQ);
+        (d.len() == 2).then_some(d)
     });
     wait_for("nothing pending", Duration::from_secs(10), || {
         (server.pending(IN, "g") == 0).then_some(())
     });
-    assert_exactly_once(&server, &[before, after]);
+    assert_exactly_once(&server, &ids);
+    for (dead, id, fields, bytes) in [
+        (&dead[0], &wide, 4000, None),
+        (&dead[1], &huge, 2, Some(HUGE + 4 + 1 + 4)),
+    ] {
+        let f = &dead.fields;
+        assert_eq!(f.get_str("_dlq_reason"), Some("too_large"));
+        assert_eq!(
+            f.get_str("_dlq_source"),
+            Some(format!("{IN}/{id}").as_str())
+        );
+        assert_eq!(
+            f.get_str("_dlq_fields_omitted"),
+            Some(fields.to_string().as_str())
+        );
+        if let Some(b) = bytes {
+            assert_eq!(f.get_str("_dlq_size"), Some(b.to_string().as_str()));
+        }
+        assert!(
+            f.len() < 10,
+            "the dead letter refers to the original: {f:?}"
+        );
+    }
+    let grown = peak_rss_kib(d.pid()).saturating_sub(before_rss);
+    println!("peak RSS grew by {grown} KiB while a 100 MiB entry went by");
+    assert!(grown < 24 * 1024, "peak RSS grew by {grown} KiB");
+    assert_eq!(d.count_log("over [limits] was dead-lettered"), 2);
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+/// The widest entry `[limits]` allows (3,900 fields) goes through every write the commit makes: a
+/// forward, and a dead-letter copy of all its fields.
+#[test]
+fn the_widest_entry_the_limits_allow_is_forwarded_and_dead_lettered_whole() {
+    let server = RedisServer::start();
+    let poison_in = "nova:task:commit:poison";
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[limits]\nentry_fields = 3900\nentry_bytes = \"4MiB\"\n{}\n\
+             [[consumers]]\nstream = \"{poison_in}\"\ngroup = \"g\"\nstart = \"0\"\nmax_deliveries = 1\n\
+             handler = \"faults\"\nfaults = {{ fail_field = \"poison\" }}\n",
+            consumer(
+                "handler = \"forward\"\nforward_to = \"nova:task:commit:out\"",
+                "",
+            )
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let wide = xadd_wide(&server, IN, 3900, &[]);
+    let poison = xadd_wide(&server, poison_in, 3900, &[("poison", "1")]);
+    wait_for("the forward", Duration::from_secs(15), || {
+        (server.xlen(OUT) == 1).then_some(())
+    });
+    assert_exactly_once(&server, &[wide]);
+    let out = server.entries(OUT).pop().unwrap();
+    assert_eq!(out.fields.get_str("f3899"), Some("3899"));
+    assert_eq!(out.fields.len(), 3900 + 4, "every field, and the envelope");
+    let dead = wait_for("the dead letter", Duration::from_secs(15), || {
+        server.entries(&format!("{poison_in}-dlq")).pop()
+    });
+    assert_eq!(dead.fields.get_str("f3898"), Some("3898"), "copied whole");
+    assert_eq!(dead.fields.get_str("poison"), Some("1"));
     assert_eq!(
         dead.fields.get_str("_dlq_source"),
-        Some(format!("{IN}/{wide}").as_str())
-    );
-    assert_eq!(dead.fields.get_str("_dlq_fields_omitted"), Some("4000"));
-    assert!(
-        dead.fields.len() < 20,
-        "the dead letter refers to the original instead of copying it"
-    );
-    let reason = dead.fields.get_str("_dlq_reason").unwrap();
-    assert!(
-        reason.contains(OUT) && reason.contains("4000 fields"),
-        "{reason}"
+        Some(format!("{poison_in}/{poison}").as_str())
     );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
@@ -284,5 +356,59 @@ fn replies_of_empty_or_too_many_fields_are_refused_to_the_handler() {
     wait_for("nothing pending", Duration::from_secs(10), || {
         (server.pending(IN, "g") == 0).then_some(())
     });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+/// `(id, idle ms, deliveries)` of every entry pending in IN's group.
+fn pending_rows(server: &RedisServer) -> Vec<(String, u64, u64)> {
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&[IN, "g", "-", "+", "1000"])
+        .query(&mut server.conn())
+        .unwrap();
+    rows.into_iter()
+        .map(|(id, _, idle, n)| (id, idle, n))
+        .collect()
+}
+
+/// A delivery is counted when a handler may have failed — the first read, and each claim after an
+/// entry idled — not when a daemon re-reads its own pending entries after a restart: four kill -9s of
+/// a daemon in the middle of 20 slow messages leave every delivery count at 1, and with
+/// `max_deliveries = 2` nothing is dead-lettered when a daemon finally finishes them.
+#[test]
+fn restarts_do_not_count_as_deliveries() {
+    let server = RedisServer::start();
+    let ids: Vec<String> = (0..20)
+        .map(|i| server.xadd(IN, &[("n", &i.to_string())]))
+        .collect();
+    let run = |sleep: &str| {
+        consumer(
+            &format!(
+                "handler = \"faults\"\nfaults = {{ reply_to = \"{OUT}\", sleep = \"{sleep}\" }}"
+            ),
+            "max_deliveries = 2",
+        )
+        .replace("handler_timeout = \"1s\"", "handler_timeout = \"30s\"")
+        .replace("claim_min_idle = \"2s\"", "claim_min_idle = \"60s\"")
+    };
+    let slow = daemon_toml(&server.url(), &run("20s"));
+    for round in 0..4 {
+        let started = std::time::Instant::now();
+        let mut d = Daemon::running(&slow, &[]);
+        // Every pending entry went to this run's handlers: its idle time restarted after the start.
+        let rows = wait_for("this run took every entry", Duration::from_secs(10), || {
+            let rows = pending_rows(&server);
+            let since = started.elapsed().as_millis() as u64;
+            (rows.len() == 20 && rows.iter().all(|r| r.1 < since)).then_some(rows)
+        });
+        let counts: Vec<u64> = rows.iter().map(|r| r.2).collect();
+        assert_eq!(counts, vec![1; 20], "round {round}");
+        d.kill9();
+    }
+    let mut d = Daemon::running(&daemon_toml(&server.url(), &run("0s")), &[]);
+    wait_for("nothing pending", Duration::from_secs(15), || {
+        (server.pending(IN, "g") == 0).then_some(())
+    });
+    assert_exactly_once(&server, &ids);
+    assert_eq!(server.xlen(DLQ), 0, "no message was dead-lettered");
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }

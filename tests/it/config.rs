@@ -212,6 +212,58 @@ handler = "wasm-thing"
     assert!(idle.message.contains("handler_timeout"), "{idle}");
 }
 
+/// `[limits]`, batch_size and in_flight stay within what one commit can carry, and say so.
+#[test]
+fn limits_are_capped_at_what_a_commit_carries() {
+    let p = problems(&with_consumers(
+        r#"
+[limits]
+entry_fields = 4000
+entry_bytes = "1GiB"
+replies = 0
+reply_fields = "many"
+reply_bytes = "12"
+
+[[consumers]]
+stream = "nova:task:a:b"
+group = "g"
+handler = "drop"
+batch_size = 501
+in_flight = 5001
+"#,
+    ));
+    let text: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+    assert_eq!(p.len(), 7, "{text:#?}");
+    let message = |path: &str| {
+        p.iter()
+            .find(|p| p.path == path)
+            .unwrap_or_else(|| panic!("{path} missing from {text:#?}"))
+            .message
+            .clone()
+    };
+    assert_eq!(
+        message("limits.entry_fields"),
+        "4000 is outside 1..3900 (the most one commit can write)"
+    );
+    assert!(message("limits.entry_bytes").contains("outside 1KiB..512MiB"));
+    assert!(message("limits.replies").contains("outside 1..1000"));
+    assert!(message("limits.reply_fields").contains("found \"many\""));
+    assert!(message("limits.reply_bytes").contains("12 bytes is outside"));
+    assert!(message("consumers[0].batch_size").contains("501 is more than 500"));
+    assert!(message("consumers[0].in_flight").contains("5001 is more than 5000"));
+    let fine = crate::util::settings_from(&with_consumers(
+        "[limits]\nentry_fields = 3900\nentry_bytes = \"512MiB\"\n\
+         [[consumers]]\nstream = \"nova:task:a:b\"\ngroup = \"g\"\nhandler = \"drop\"\nbatch_size = 500\nin_flight = 5000\n",
+    ))
+    .unwrap();
+    assert_eq!(fine.consumers[0].entry_limit.fields, 3900);
+    assert_eq!(fine.consumers[0].entry_limit.bytes, 512 << 20);
+    assert_eq!(
+        fine.wasm.reply_limit,
+        redstream::model::ReplyLimit::default()
+    );
+}
+
 #[test]
 fn consumers_need_permissions_for_everything_they_will_do() {
     let base = with_consumers(

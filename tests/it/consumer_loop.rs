@@ -107,6 +107,7 @@ async fn start(
         handler: None,
         unmatched: Unmatched::DeadLetter,
         handler_timeout: Duration::from_secs(30),
+        entry_limit: redstream::model::EntryLimit::default(),
     };
     let gate = Gate::new();
     let health = Health::default();

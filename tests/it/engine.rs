@@ -706,8 +706,9 @@ fn effectively_once_under_repeated_sigkill() {
             ],
         ),
     );
-    // Among them, poison of every kind a commit meets: a reply aimed at a key of another type, and
-    // an entry too wide to forward. Each must reach the dead-letter stream exactly once.
+    // Among them, poison of every kind a commit meets: a reply aimed at a key of another type, an
+    // entry with more fields than [limits] allows, and one with more bytes. Each must reach the
+    // dead-letter stream exactly once.
     let _: () = redis::cmd("SET")
         .arg("nova:task:cache:data")
         .arg("x")
@@ -727,6 +728,9 @@ fn effectively_once_under_repeated_sigkill() {
                 500 => {
                     cmd.arg("_reply_to").arg("nova:task:cache:data");
                 }
+                750 => {
+                    cmd.arg("big").arg(vec![b'b'; 2 << 20]);
+                }
                 _ => {}
             }
         }
@@ -734,7 +738,7 @@ fn effectively_once_under_repeated_sigkill() {
     };
     let (mut poison, mut ids) = (Vec::new(), Vec::new());
     for (i, id) in all.into_iter().enumerate() {
-        if i % 1000 == 250 || i % 1000 == 500 {
+        if [250, 500, 750].contains(&(i % 1000)) {
             poison.push(id);
         } else {
             ids.push(id);

@@ -20,6 +20,7 @@ use super::bindings;
 use super::pool::{Job, Pool, Retirer};
 use super::sandbox::{self, Host, Meta};
 use crate::auth::Roles;
+use crate::model::ReplyLimit;
 use crate::model::message::{
     BatchDone, BatchHandler, BoxFuture, Handler, Message, Outcome, Sender,
 };
@@ -41,6 +42,8 @@ pub struct RuntimeSettings {
     pub max_memory: usize,
     /// Handlers configured with instance reuse (each keeps one warm instance per worker).
     pub reused: usize,
+    /// What one message's handler may publish (`[limits]`).
+    pub reply_limit: ReplyLimit,
 }
 
 /// One configured handler.
@@ -182,6 +185,7 @@ impl Runtime {
                     config: spec.config.clone(),
                     memory: spec.memory,
                     timeout: spec.timeout,
+                    replies: self.settings.reply_limit,
                 }),
                 pre,
                 engine: self.engine.clone(),

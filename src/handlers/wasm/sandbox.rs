@@ -20,19 +20,10 @@ use super::output::Capture;
 use crate::auth::{Op, Roles};
 
 use crate::model::envelope::Fields;
+use crate::model::limits::{FIELD_OVERHEAD, ReplyLimit};
 use crate::model::message::{Message, Outcome, Reply, Sender};
 use crate::model::naming::Naming;
 
-/// Replies one message may buffer.
-pub const MAX_REPLIES: usize = 100;
-/// Bytes of all replies of one message: names, values, and [`FIELD_OVERHEAD`] per field.
-pub const MAX_REPLY_BYTES: usize = 1 << 20;
-/// What a field costs beside its name and value (Redis keeps lengths and headers for each): without
-/// it, a reply of a million empty fields would count as nothing.
-pub const FIELD_OVERHEAD: usize = 16;
-/// Fields of one reply. The commit writes a reply in one XADD inside its script, which takes at most
-/// [`crate::client::commit::MAX_WRITE_VALUES`] values; this stays well below it with the envelope.
-pub const MAX_REPLY_FIELDS: usize = 1000;
 /// Log lines one message may write through `log` (more are counted and dropped).
 pub const MAX_LOG_LINES: u32 = 50;
 /// Longest logged line; longer ones are cut.
@@ -49,6 +40,8 @@ pub struct Meta {
     pub config: BTreeMap<String, String>,
     pub memory: usize,
     pub timeout: Duration,
+    /// What one call may publish.
+    pub replies: ReplyLimit,
 }
 
 /// The store's limits, remembering the most memory an instance asked for (for the peak-memory metric).
@@ -237,22 +230,24 @@ impl host::Host for Host {
                 Roles::needed(Op::Publish, domain)
             )));
         }
-        if fields.len() > MAX_REPLY_FIELDS {
+        let limit = &self.meta.replies;
+        if fields.len() > limit.fields {
             return Err(types::PublishError::TooLarge(format!(
-                "a reply may have at most {MAX_REPLY_FIELDS} fields; this one has {}",
+                "a reply may have at most {} fields (limits.reply_fields); this one has {}",
+                limit.fields,
                 fields.len()
             )));
         }
         // Every field costs its overhead too, so a flood of empty fields is not free.
-        let size: usize = stream.len()
-            + fields
-                .iter()
-                .map(|(n, v)| n.len() + v.len() + FIELD_OVERHEAD)
-                .sum::<usize>();
-        if self.outbox.len() >= MAX_REPLIES || self.outbox_bytes + size > MAX_REPLY_BYTES {
+        let size = ReplyLimit::cost(
+            &stream,
+            fields.iter().map(|(n, v)| (n.as_bytes(), v.as_slice())),
+        );
+        if self.outbox.len() >= limit.replies || self.outbox_bytes + size > limit.bytes {
             return Err(types::PublishError::TooLarge(format!(
-                "a message may cause at most {MAX_REPLIES} replies of {MAX_REPLY_BYTES} bytes in all \
-                 (each field counting {FIELD_OVERHEAD} bytes beside its name and value)"
+                "a message may cause at most {} replies (limits.replies) of {} bytes in all \
+                 (limits.reply_bytes; each field counting {FIELD_OVERHEAD} bytes beside its name and value)",
+                limit.replies, limit.bytes
             )));
         }
         self.outbox_bytes += size;
