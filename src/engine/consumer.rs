@@ -769,6 +769,9 @@ impl Consumer {
             return; // already ours and in flight
         }
         let mut msg = self.message(entry.id, entry.fields, deliveries);
+        // A bearer token goes no further than this: no handler on any route sees it, and no forward,
+        // reply or dead letter copies it (a reader of those streams could replay it).
+        let token = msg.fields.take(TOKEN_FIELD);
         let settle = |st: &mut State, msg: Message, effect: Effect, handler: &str| {
             st.flight.settle(Finished {
                 msg,
@@ -798,26 +801,24 @@ impl Consumer {
                 return settle(st, msg, Effect::DeadLetter(reason), "router");
             }
         };
-        if require_sender_token {
-            match self.sender(&mut msg) {
-                Ok(()) => {}
-                Err(reason) => return settle(st, msg, Effect::DeadLetter(reason), handler.name()),
-            }
+        if require_sender_token && let Err(reason) = self.sender(&mut msg, token) {
+            return settle(st, msg, Effect::DeadLetter(reason), handler.name());
         }
         st.flight.enqueue(Job { msg, handler });
     }
 
-    /// Verifies the message's `_token` and moves its claims into `sender`. The token itself is not
-    /// passed on: the handler gets the verified claims, never a credential it could replay.
-    fn sender(&self, msg: &mut Message) -> Result<(), String> {
-        let token = msg.fields.get_str(TOKEN_FIELD).ok_or_else(|| {
+    /// Verifies the message's `_token` and puts its claims into `sender`: the handler gets the
+    /// verified claims, never a credential it could replay.
+    fn sender(&self, msg: &mut Message, token: Option<Vec<u8>>) -> Result<(), String> {
+        let token = token.ok_or_else(|| {
             "unauthenticated: the route requires a signed _token and there is none".to_string()
         })?;
+        let token = std::str::from_utf8(&token)
+            .map_err(|_| "unauthenticated: _token is not text".to_string())?;
         let verified = self
             .keys
             .verify(token)
             .map_err(|e| format!("unauthenticated: {e}"))?;
-        msg.fields.remove(TOKEN_FIELD);
         msg.sender = Some(Arc::new(Sender {
             roles: verified.identity.roles.to_strings(),
             subject: verified.identity.subject,

@@ -46,6 +46,14 @@ impl Fields {
         }
     }
 
+    /// Removes every field called `name`, returning the first one's value.
+    pub fn take(&mut self, name: &str) -> Option<Vec<u8>> {
+        let at = self.0.iter().position(|(n, _)| n == name.as_bytes())?;
+        let (_, value) = self.0.remove(at);
+        self.remove(name);
+        Some(value)
+    }
+
     /// Removes every field called `name`.
     pub fn remove(&mut self, name: &str) {
         self.0.retain(|(n, _)| n != name.as_bytes());

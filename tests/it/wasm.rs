@@ -348,6 +348,59 @@ fn routes_that_require_a_sender_token_verify_it_and_hide_it() {
         reasons.iter().any(|r| r.contains("bad signature")),
         "{reasons:?}"
     );
+    assert!(
+        server
+            .entries(&dlq)
+            .iter()
+            .all(|e| e.fields.get("_token").is_none()),
+        "dead letters never copy a token"
+    );
+}
+
+/// A `_token` on a route that does not require one reaches no handler and no forward: whoever reads
+/// the handler's input or the forward's stream never holds the sender's credential.
+#[test]
+fn tokens_are_stripped_on_every_route() {
+    let server = RedisServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let open = "nova:task:wasm:open";
+    let relay = "nova:task:wasm:relay";
+    let toml = daemon_toml(
+        &server.url(),
+        &[
+            wasm_section(cache.path(), 1),
+            handler(
+                "whoami",
+                "hostile",
+                &format!("roles = [\"task_write\"]\nconfig = {{ report = \"{REPORT}\" }}"),
+            ),
+            consumer(open, Some("whoami"), ""),
+            consumer(
+                relay,
+                Some("forward"),
+                "forward_to = \"nova:task:wasm:relayed\"",
+            ),
+        ]
+        .concat(),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    server.xadd(
+        open,
+        &[("do", "whoami"), ("_token", "eyJhbGciOi.bearer.secret")],
+    );
+    server.xadd(relay, &[("n", "1"), ("_token", "eyJhbGciOi.bearer.secret")]);
+    let relayed = wait_for("the forward", Duration::from_secs(10), || {
+        server.entries("nova:task:wasm:relayed").pop()
+    });
+    wait_for("the report", Duration::from_secs(10), || {
+        (server.xlen(REPORT) == 1).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_eq!(relayed.fields.get_str("n"), Some("1"));
+    assert_eq!(relayed.fields.get("_token"), None, "{:?}", relayed.fields);
+    let (what, detail) = reports(&server).pop().unwrap();
+    assert_eq!(what, "whoami");
+    assert_eq!(detail, "nobody; token visible: false");
 }
 
 #[test]
