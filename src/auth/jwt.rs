@@ -202,7 +202,13 @@ pub struct KeySet {
     issuer: String,
     audience: String,
     leeway: Duration,
+    /// The longest a token may be valid from the moment it is verified (`auth.max_token_ttl`): a
+    /// token minted with a far `exp` (or `u64::MAX`) is refused, not trusted forever.
+    max_ttl: Duration,
 }
+
+/// `max_ttl` when none is configured: `auth.max_token_ttl`'s default.
+const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl KeySet {
     /// `signing` names the key new tokens are signed with; it must exist and hold private material.
@@ -234,7 +240,14 @@ impl KeySet {
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
             leeway,
+            max_ttl: DEFAULT_MAX_TTL,
         })
+    }
+
+    /// The longest a token may still be valid when it is verified.
+    pub fn with_max_ttl(mut self, max_ttl: Duration) -> KeySet {
+        self.max_ttl = max_ttl;
+        self
     }
 
     pub fn can_sign(&self) -> bool {
@@ -287,6 +300,17 @@ impl KeySet {
         let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
             .map_err(|e| map_error(e.into_kind()))?;
         let claims = data.claims;
+        let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let latest = now_s
+            .saturating_add(self.max_ttl.as_secs())
+            .saturating_add(self.leeway.as_secs());
+        if claims.exp > latest {
+            return Err(TokenError::InvalidClaim(format!(
+                "exp is {} s from now, longer than auth.max_token_ttl ({} s) allows",
+                claims.exp.saturating_sub(now_s),
+                self.max_ttl.as_secs()
+            )));
+        }
         let roles = Roles::parse(&claims.roles).map_err(TokenError::InvalidClaim)?;
         if claims.sub.is_empty() {
             return Err(TokenError::InvalidClaim("sub is empty".into()));

@@ -35,7 +35,7 @@ pub async fn run(cli: Cli) -> Result {
             maxlen,
             auth,
         } => {
-            let client = connect(config, auth.token.as_deref()).await?;
+            let client = connect(config, given_token(&auth)?.as_deref()).await?;
             let mut all = match json {
                 Some(path) => json_fields(&path)?,
                 None => Fields::new(),
@@ -57,7 +57,7 @@ pub async fn run(cli: Cli) -> Result {
             reverse,
             auth,
         } => {
-            let client = connect(config, auth.token.as_deref()).await?;
+            let client = connect(config, given_token(&auth)?.as_deref()).await?;
             let opts = ReadOptions {
                 count: Some(count),
                 start,
@@ -72,7 +72,7 @@ pub async fn run(cli: Cli) -> Result {
             Ok(())
         }
         Command::Groups { stream, json, auth } => {
-            let client = connect(config, auth.token.as_deref()).await?;
+            let client = connect(config, given_token(&auth)?.as_deref()).await?;
             let groups = client.groups(&stream).await?;
             if json {
                 for g in &groups {
@@ -107,7 +107,7 @@ pub async fn run(cli: Cli) -> Result {
             json,
             auth,
         } => {
-            let client = connect(config, auth.token.as_deref()).await?;
+            let client = connect(config, given_token(&auth)?.as_deref()).await?;
             if detail {
                 let q = PendingQuery {
                     count,
@@ -163,7 +163,7 @@ pub async fn run(cli: Cli) -> Result {
             Ok(())
         }
         Command::Streams { pattern, auth } => {
-            let client = connect(config, auth.token.as_deref()).await?;
+            let client = connect(config, given_token(&auth)?.as_deref()).await?;
             for s in client.list_streams(&pattern).await? {
                 println!("{s}");
             }
@@ -175,7 +175,7 @@ pub async fn run(cli: Cli) -> Result {
             count,
             auth,
         }) => {
-            let client = connect(config, auth.token.as_deref()).await?;
+            let client = connect(config, given_token(&auth)?.as_deref()).await?;
             let opts = ReadOptions {
                 count: Some(count),
                 ..ReadOptions::default()
@@ -192,7 +192,9 @@ pub async fn run(cli: Cli) -> Result {
             all,
             auth,
         }) => {
-            let client = connect(config, auth.token.as_deref()).await?;
+            let settings = config::load(config)?;
+            let to = replay_target(&settings, &stream)?;
+            let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
             let ids = if all {
                 let opts = ReadOptions {
                     count: None,
@@ -207,12 +209,25 @@ pub async fn run(cli: Cli) -> Result {
             } else {
                 ids
             };
+            // One refused entry (a forged _dlq_source) does not stop the others; the exit code says so.
+            let mut refused = 0;
             for id in ids {
-                let (source, new_id) = client.replay_dead_letter(&stream, &id).await?;
-                println!(
-                    "{}",
-                    json!({"dead_letter": id, "stream": source, "id": new_id})
-                );
+                match client.replay_dead_letter(&stream, &id, &to).await {
+                    Ok(new_id) => {
+                        println!("{}", json!({"dead_letter": id, "stream": to, "id": new_id}))
+                    }
+                    Err(e @ crate::client::Error::NotFound { .. }) if all => {
+                        eprintln!("redstream: {e}");
+                        refused += 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if refused > 0 {
+                return Err(Failure::new(
+                    Exit::Failure,
+                    format!("{refused} dead letter(s) of {stream} refused, left where they are"),
+                ));
             }
             Ok(())
         }
@@ -288,9 +303,68 @@ async fn check(config: Option<&Path>, ping: bool) -> Result {
 }
 
 /// Loads the config, picks the identity and waits (once) for Redis.
+/// The stream whose dead letters `dlq` holds: from the config (a consumer's or the control stream's
+/// `dead_letter`), else from the naming rule `<stream>-dlq`. Never from an entry's own fields.
+fn replay_target(settings: &Settings, dlq: &str) -> Result<String> {
+    let mut owners: Vec<&str> = settings
+        .consumers
+        .iter()
+        .filter(|c| c.dead_letter == dlq)
+        .map(|c| &*c.stream)
+        .chain(
+            settings
+                .control
+                .iter()
+                .filter(|c| c.dead_letter == dlq)
+                .map(|c| c.stream.as_str()),
+        )
+        .collect();
+    owners.sort_unstable();
+    owners.dedup();
+    match owners.as_slice() {
+        [one] => return Ok(one.to_string()),
+        [] => {}
+        many => {
+            return Err(Failure::new(
+                Exit::Failure,
+                format!(
+                    "{dlq} is the dead-letter stream of several streams ({}); replay cannot tell \
+                     where an entry belongs, so it refuses",
+                    many.join(", ")
+                ),
+            ));
+        }
+    }
+    dlq.strip_suffix("-dlq")
+        .filter(|s| {
+            matches!(
+                settings.naming.parse(s),
+                Ok(crate::model::naming::StreamName::Adapt { .. })
+            )
+        })
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            Failure::new(
+                Exit::Failure,
+                format!(
+                    "{dlq}: no [[consumers]] entry of this config has it as dead_letter, and its name is \
+                     not <stream>-dlq; replay cannot tell which stream it belongs to"
+                ),
+            )
+        })
+}
+
+/// The token an operator gave (see [`super::AuthArgs::resolve`]).
+fn given_token(auth: &super::AuthArgs) -> Result<Option<String>> {
+    auth.resolve().map_err(|m| Failure::new(Exit::Failure, m))
+}
+
 async fn connect(config: Option<&Path>, token: Option<&str>) -> Result<Client> {
-    let settings = config::load(config)?;
-    let identity = acting_identity(&settings, token)?;
+    connect_with(&config::load(config)?, token).await
+}
+
+async fn connect_with(settings: &Settings, token: Option<&str>) -> Result<Client> {
+    let identity = acting_identity(settings, token)?;
     let client = Client::connect(settings.redis.clone(), settings.naming.clone(), identity)
         .map_err(|e| Failure::new(Exit::Config, format!("redis.url: {e}")))?;
     client.ping().await?;

@@ -244,8 +244,9 @@ pub enum DlqCommand {
         #[command(flatten)]
         auth: AuthArgs,
     },
-    /// Publish dead letters again to the stream they came from (with new ids, and
-    /// _dlq_replayed_from), and remove them from the dead-letter stream.
+    /// Publish dead letters again to the stream the dead-letter stream belongs to (by the config, or
+    /// the <stream>-dlq rule; an entry whose _dlq_source names another stream is refused), with new
+    /// ids and _dlq_replayed_from, and remove them from the dead-letter stream.
     Replay {
         stream: String,
         /// Dead-letter ids to replay.
@@ -292,7 +293,9 @@ pub enum TokenCommand {
 /// Who performs a stream operation.
 #[derive(Debug, Args)]
 pub struct AuthArgs {
-    /// Act as the identity in this JWT instead of the daemon's own.
+    /// Act as the identity in this JWT instead of the daemon's own. `-` reads it from stdin. (On the
+    /// command line it is readable by every local user through /proc: prefer --token-file, `-` or
+    /// $REDSTREAM_TOKEN.)
     #[arg(
         long,
         env = "REDSTREAM_TOKEN",
@@ -300,6 +303,39 @@ pub struct AuthArgs {
         value_name = "JWT"
     )]
     pub token: Option<String>,
+    /// Read the JWT to act as from this file.
+    #[arg(long, value_name = "PATH", conflicts_with = "token")]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+impl AuthArgs {
+    /// The token to act as, from wherever it was given; a token typed on the command line is used,
+    /// with a warning.
+    pub fn resolve(&self) -> Result<Option<String>, String> {
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+            return Ok(Some(text.trim().to_owned()));
+        }
+        match self.token.as_deref() {
+            None => Ok(None),
+            Some("-") => {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .map_err(|e| format!("--token -: cannot read stdin: {e}"))?;
+                Ok(Some(text.trim().to_owned()))
+            }
+            Some(t) => {
+                if std::env::var("REDSTREAM_TOKEN").ok().as_deref() != Some(t) {
+                    eprintln!(
+                        "redstream: warning: a token given with --token is readable by every local user \
+                         (/proc/PID/cmdline); use --token-file PATH, --token - or $REDSTREAM_TOKEN"
+                    );
+                }
+                Ok(Some(t.to_owned()))
+            }
+        }
+    }
 }
 
 fn parse_field(s: &str) -> Result<(String, String), String> {

@@ -464,10 +464,13 @@ impl Client {
         self.redis.query_value(&call.0, ctx).await
     }
 
-    /// Re-publishes dead letter `id` of `dlq` to its source stream and deletes it from `dlq`, atomically.
-    /// Needs read and write on the dead-letter stream and write on the source stream. Returns the source
-    /// stream and the new entry id.
-    pub async fn replay_dead_letter(&self, dlq: &str, id: &str) -> Result<(String, String)> {
+    /// Re-publishes dead letter `id` of `dlq` to `to` — the stream `dlq` belongs to, which the caller
+    /// knows from the config, never from the entry — and deletes it from `dlq`, atomically. The entry's
+    /// `_dlq_source` must name `to`: anyone who may publish to a dead-letter stream can write any
+    /// `_dlq_source` there, and a replay must not carry their entry, signed by the replaying operator,
+    /// into a stream of their choosing. Needs read and write on the dead-letter stream and write on
+    /// `to`. Returns the new entry id.
+    pub async fn replay_dead_letter(&self, dlq: &str, id: &str, to: &str) -> Result<String> {
         self.authorize(Op::Read, dlq)?;
         self.authorize(Op::Delete, dlq)?;
         let opts = ReadOptions {
@@ -498,6 +501,17 @@ impl Client {
                     dead_letter::SOURCE
                 ),
             })?;
+        if source != to {
+            return Err(Error::NotFound {
+                what: "dead letter",
+                key: format!("{dlq}/{id}"),
+                detail: format!(
+                    "its {} names stream {source:?}, but {dlq} holds the dead letters of {to}; \
+                     refused (whoever wrote it may have forged the field)",
+                    dead_letter::SOURCE
+                ),
+            });
+        }
         self.authorize(Op::Publish, &source)?;
 
         let mut fields: Fields = entry
@@ -522,7 +536,7 @@ impl Client {
             .redis
             .query_pipe(&pipe, Ctx::new("MULTI XADD XDEL", dlq))
             .await?;
-        let new_id = replies
+        replies
             .into_iter()
             .next()
             .and_then(reply::string)
@@ -530,8 +544,7 @@ impl Client {
                 command: "XADD",
                 key: source.clone(),
                 detail: "no entry id in the transaction's reply".into(),
-            })?;
-        Ok((source, new_id))
+            })
     }
 }
 

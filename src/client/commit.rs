@@ -72,12 +72,13 @@ pub enum Committed {
     /// Not pending for this consumer any more (acked, claimed by another, or the group was lost):
     /// nothing written.
     NotOurs,
-    /// A check before the first write refused one of the message's targets — Redis's ACL, a key of
-    /// another type, an entry too large to write — so nothing of it was written and it is still
-    /// pending. The reason names the key and the problem.
+    /// One of the message's targets refused it — a check before the first write (Redis's ACL, a key
+    /// of another type, an entry too large to write) or Redis refusing the write to that key itself
+    /// (its ids exhausted) — so nothing of it was written and it is still pending. The reason names
+    /// the key and the problem. It is about this message: the rest of the batch went on.
     Refused(String),
-    /// Redis refused the write itself (e.g. out of memory): nothing of the message was written, it is
-    /// still pending, and the batch's later writers were not attempted.
+    /// Redis refused the write for a reason of the whole server (out of memory, read-only): nothing of
+    /// the message was written, it is still pending, and the batch's later writers were not attempted.
     Failed(String),
     /// Not attempted because an earlier write of the batch failed: still pending, nothing written.
     NotTried,
@@ -96,28 +97,44 @@ pub enum Committed {
 ///
 /// Returns per message: 1 committed, 0 not ours, 2 not tried, or `{code, key, detail}`: -1 the ACL
 /// refuses a write to `key`, -2 `key` holds another type (`detail`), -3 the entry for `key` is too
-/// large for one script call, -4 Redis refused the write (`detail`, nothing of the message written),
-/// -5 a later write failed after earlier ones were made (`detail`; the message is acked).
+/// large for one script call, -4 Redis refused the write for a reason of the whole server (out of
+/// memory, read-only…: `detail`; nothing of the message written, the batch's later writers not
+/// tried), -6 Redis refused the write to this key (e.g. its ids are exhausted: `detail`; nothing of
+/// the message written, the others go on), -5 a later write of the message failed after earlier ones
+/// were made (`detail`; the message is acked).
 ///
-/// Scripts are atomic but never rolled back, so everything that can make a write fail is checked
-/// before a message's first write: that the entry is still pending for this consumer (one XPENDING
-/// over the batch's range answers that for all), that the ACL allows each target, that each target is
-/// a stream or does not exist, and that each entry fits in one call. Writes run under `pcall`: when
-/// Redis refuses one (out of memory), the script stops writing, acks what it completed and reports the
-/// rest, instead of failing with earlier writes made and unacked — a retry of such a batch would write
-/// them twice. A message without writes (a handler that published nothing, an entry that vanished) is
-/// simply acked: whoever commits it first decides its effects, and "none" is a complete set. All acks
-/// of the batch go in one XACK at the end, which never needs memory.
+/// Scripts are atomic but never rolled back, so the script runs in two passes. The first, before
+/// anything is written, decides every message's fate from the checks: that the entry is still
+/// pending for this consumer (one XPENDING over the batch's range answers that for all), that the
+/// ACL allows each target, that each target is a stream or does not exist, and that each entry fits
+/// in one call; the final XACK's permission is checked before that. The second makes the writes, each
+/// under `pcall`: when Redis refuses one, the script records it and goes on (or, for a server-wide
+/// refusal, stops writing), acks what it completed and reports the rest — it never ends with writes
+/// made and unacked, which a retry would write twice. An error reply from the script therefore means
+/// nothing was written. A message without writes (a handler that published nothing, an entry that
+/// vanished) is simply acked: whoever commits it first decides its effects, and "none" is a complete
+/// set. All acks of the batch go in one XACK at the end, which never needs memory.
 pub const SOURCE: &str = r#"
 local src, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local n, layout = tonumber(ARGV[3]), ARGV[4]
 local ts, source = ARGV[8], ARGV[9]
-local byte = string.byte
+local byte, find = string.byte, string.find
 -- Lua's unpack stops near 8,000 values: one XADD must stay below it.
 local MAX_VALUES = 7900
 local function num(at)
   local hi, lo = byte(layout, at, at + 1)
   return hi * 256 + lo
+end
+-- Errors about the server, not about one key: the batch stops writing and is retried later.
+local function global(err)
+  for _, code in ipairs({'OOM', 'MISCONF', 'READONLY', 'NOREPLICAS', 'BUSY', 'LOADING', 'MASTERDOWN'}) do
+    if find(err, '^' .. code) then return true end
+  end
+  return false
+end
+-- The final XACK must not fail after writes were made: its permission is checked first.
+if not redis.acl_check_cmd('XACK', src, group, '0-0') then
+  return redis.error_reply('NOPERM this user may not XACK ' .. src)
 end
 -- This consumer's pending entries in the writers' range, in one XPENDING.
 local mine = {}
@@ -142,50 +159,64 @@ local function refusal(key)
   end
   return r or nil
 end
-local out, ack = {}, {}
+-- Pass 1, before anything is written: every message's verdict from the checks, and where its
+-- arguments start.
+local verdicts, at = {}, {}
 local a, l = 10, 1
-local broken = nil
 for m = 1, n do
-  local id = ARGV[a]
-  local writes = num(l)
+  local id, writes = ARGV[a], num(l)
+  at[m] = {a, l}
   a, l = a + 1, l + 2
   local verdict = 1
-  if writes > 0 then
-    if broken then
-      verdict = 2
-    elseif not mine[id] then
-      verdict = 0
-    else
-      for w = 0, writes - 1 do
-        local key = KEYS[num(l + 5 * w)]
-        local values = 2 * num(l + 5 * w + 2) + 4
-        if values > MAX_VALUES then verdict = {-3, key, tostring(values)} break end
-        local r = refusal(key)
-        if r then verdict = r break end
+  if writes > 0 and not mine[id] then verdict = 0 end
+  for w = 1, writes do
+    local key, pairs = KEYS[num(l)], num(l + 2)
+    if verdict == 1 then
+      local values = 2 * pairs + 4
+      if values > MAX_VALUES then
+        verdict = {-3, key, tostring(values)}
+      else
+        verdict = refusal(key) or 1
       end
     end
-    local made = 0
+    a, l = a + 2 * pairs, l + 5
+  end
+  verdicts[m] = verdict
+end
+-- Pass 2: the writes, each under pcall, so no error can end the script with writes unacked.
+local out, ack = {}, {}
+local broken = false
+for m = 1, n do
+  local a, l = at[m][1], at[m][2]
+  local id, writes = ARGV[a], num(l)
+  a, l = a + 1, l + 2
+  local verdict = verdicts[m]
+  if writes > 0 and broken and verdict == 1 then verdict = 2 end
+  if writes > 0 and verdict == 1 then
     for w = 1, writes do
       local key, last = KEYS[num(l)], a + 2 * num(l + 2) - 1
-      if verdict == 1 then
-        local r
-        if byte(layout, l + 4) == 1 then
-          r = redis.pcall('XADD', key, '*', '_timestamp', ts, '_source', source, unpack(ARGV, a, last))
+      local r
+      if byte(layout, l + 4) == 1 then
+        r = redis.pcall('XADD', key, '*', '_timestamp', ts, '_source', source, unpack(ARGV, a, last))
+      else
+        r = redis.pcall('XADD', key, '*', unpack(ARGV, a, last))
+      end
+      if type(r) == 'table' and r['err'] then
+        local err = r['err']
+        if w > 1 then
+          verdict = {-5, key, err}
+        elseif global(err) then
+          broken = true
+          verdict = {-4, key, err}
         else
-          r = redis.pcall('XADD', key, '*', unpack(ARGV, a, last))
+          verdict = {-6, key, err}
         end
-        if type(r) == 'table' and r['err'] then
-          broken = r['err']
-          if made == 0 then verdict = {-4, key, r['err']} else verdict = {-5, key, r['err']} end
-        else
-          made = made + 1
-        end
+        break
       end
       a, l = last + 1, l + 5
     end
-    if type(verdict) == 'table' and verdict[1] == -5 then ack[#ack + 1] = id end
   end
-  if verdict == 1 then ack[#ack + 1] = id end
+  if verdict == 1 or (type(verdict) == 'table' and verdict[1] == -5) then ack[#ack + 1] = id end
   out[m] = verdict
 end
 for c = 1, #ack, 1000 do
@@ -220,6 +251,20 @@ impl Committer {
     /// (replies or a dead letter) must be in stream-id order: the script checks ownership over their
     /// range. `in_flight` bounds how many of this consumer's entries that range may hold.
     pub fn command(&self, sha: &str, batch: &[Finished], in_flight: usize) -> CommitCall {
+        #[cfg(feature = "fault-injection")]
+        if let Ok(field) = std::env::var("RSFAULT_COMMIT_REFUSE")
+            && batch.iter().any(|f| {
+                matches!(f.effect, Effect::Replies(_)) && f.msg.fields.get(&field).is_some()
+            })
+        {
+            // A failpoint for the isolation test: a batch holding a message with this field is one
+            // Redis refuses as a whole, with nothing written.
+            let mut refused = redis::cmd("EVAL");
+            refused
+                .arg("return redis.error_reply('ERR injected: Redis refuses this commit')")
+                .arg(0);
+            return CommitCall(refused);
+        }
         CommitCall(self.build(sha, batch, in_flight))
     }
 
@@ -344,7 +389,7 @@ impl Committer {
         let copy = 2 * (msg.fields.len() + 6) + 4 <= MAX_WRITE_VALUES;
         let mut fields = match &f.effect {
             Effect::TooLarge(size) => {
-                let mut by_reference = Fields::with_capacity(7);
+                let mut by_reference = Fields::with_capacity(8);
                 by_reference.push(dlq::FIELDS_OMITTED, size.fields.to_string());
                 by_reference.push(dlq::SIZE, size.bytes.to_string());
                 by_reference.push(dlq::REASON, dlq::TOO_LARGE);
@@ -366,6 +411,10 @@ impl Committer {
         fields.set(dlq::SOURCE, format!("{}/{}", self.stream, msg.id));
         fields.set(dlq::DELIVERIES, msg.deliveries.to_string());
         fields.set(dlq::HANDLER, f.handler.as_bytes().to_vec());
+        match &msg.sender {
+            Some(sender) => fields.set(dlq::SENDER, sender.subject.as_str()),
+            None => fields.remove(dlq::SENDER),
+        }
         fields.remove(dlq::TIMESTAMP);
         fields
     }
@@ -463,6 +512,9 @@ fn verdict(v: Value) -> Result<Committed, String> {
                     "the entry for {key} would take {detail} values, more than one commit can write"
                 ))),
                 Value::Int(-4) => Ok(Committed::Failed(format!("XADD to {key}: {detail}"))),
+                Value::Int(-6) => Ok(Committed::Refused(format!(
+                    "Redis refused the write to {key}: {detail}"
+                ))),
                 Value::Int(-5) => Ok(Committed::Partial(format!("XADD to {key}: {detail}"))),
                 ref other => Err(format!("unexpected verdict code {other:?}")),
             }

@@ -73,16 +73,54 @@ impl Default for RedisSettings {
     }
 }
 
-/// The URL with any password replaced, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
-        }
-        _ => url.to_owned(),
+/// The URL with every credential replaced, for logs and errors: the password of the userinfo, and
+/// query parameters that carry one (`pass`, `password`, …, as `unix://` URLs may). A URL that does not
+/// parse is shown by its scheme alone: where its secret would be cannot be told.
+pub fn redact_url(raw: &str) -> String {
+    const HIDDEN: &str = "***";
+    let secret = |k: &str| {
+        matches!(
+            k.to_ascii_lowercase().as_str(),
+            "pass" | "password" | "passwd" | "pwd" | "secret" | "token" | "auth"
+        )
+    };
+    // Only the schemes redis connects with are shown at all: anything else (`app:s3cret@host` parses
+    // as scheme `app`) may carry its secret anywhere.
+    let known = |u: &url::Url| {
+        matches!(
+            u.scheme(),
+            "redis" | "rediss" | "unix" | "redis+unix" | "valkey" | "valkeys"
+        )
+    };
+    let Some(mut u) = url::Url::parse(raw).ok().filter(known) else {
+        let scheme = raw.split_once("://").map(|(s, _)| s).filter(|s| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        });
+        return match scheme {
+            Some(s) => format!("{s}://… (not a valid URL; the rest is not shown)"),
+            None => "(not a valid URL; not shown)".into(),
+        };
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some(HIDDEN));
     }
+    if u.query_pairs().any(|(k, _)| secret(&k)) {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret(&k) {
+                    HIDDEN.into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
 /// What a failed command was doing, for its error.
@@ -400,11 +438,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redacts_passwords_in_urls() {
+    fn redacts_every_credential_form_in_urls() {
         assert_eq!(
             redact_url("redis://app:s3cret@host:6379/0"),
             "redis://app:***@host:6379/0"
         );
+        assert_eq!(redact_url("redis://:s3cret@host"), "redis://:***@host");
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        let unix = redact_url("unix:///run/redis.sock?db=2&pass=s3cret");
+        assert_eq!(unix, "unix:///run/redis.sock?db=2&pass=***");
+        let unix = redact_url("redis+unix:///run/redis.sock?PASSWORD=s3cret&user=app");
+        assert!(
+            !unix.contains("s3cret") && unix.contains("user=app"),
+            "{unix}"
+        );
+        for broken in [
+            "redis://app:s3cret@host:port/0",
+            "redis://app:s3cret@[::1/0",
+            "app:s3cret@host",
+            "s3cret",
+        ] {
+            let shown = redact_url(broken);
+            assert!(!shown.contains("s3cret"), "{broken} -> {shown}");
+        }
+        assert!(redact_url("redis://app:s3cret@host:port").starts_with("redis://… "));
     }
 }

@@ -151,6 +151,18 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Errors about this connection's rights, which no retry and no other batch can fix: the loop
+    /// stops and says so.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Error::Unauthorized { .. } | Error::InvalidStreamName(_)
+        ) || matches!(self, Error::Redis { source, .. }
+                if matches!(source.code(), Some("NOPERM" | "NOAUTH" | "WRONGPASS")))
+    }
+}
+
 impl From<Denied> for Error {
     fn from(d: Denied) -> Self {
         match d {

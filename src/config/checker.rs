@@ -131,14 +131,27 @@ impl<'a> Checker<'a> {
         expected: &str,
         parse: impl FnOnce(&str) -> Result<T, String>,
     ) -> Option<T> {
+        self.parse_shown(path, v, expected, |s| format!("{s:?}"), parse)
+    }
+
+    /// [`Checker::parse`] for a value that may hold a secret: a wrong one is reported as `show` has it.
+    pub fn parse_shown<T>(
+        &mut self,
+        path: &str,
+        v: &Loose<String>,
+        expected: &str,
+        show: impl FnOnce(&str) -> String,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
         let s = self.get(path, v, expected)?;
         match parse(&s) {
             Ok(t) => Some(t),
             Err(msg) => {
+                let shown = show(&s);
                 self.problem_at(
                     path,
                     v.tag,
-                    format!("expected {expected}, found {s:?}: {msg}"),
+                    format!("expected {expected}, found {shown}: {msg}"),
                 );
                 None
             }
@@ -195,7 +208,13 @@ impl<'a> Checker<'a> {
             }
             _ => s,
         };
-        match secret::resolve(s, self.credentials_dir) {
+        // Certificates and public keys are public; everything else given as a secret is private.
+        let key = path.rsplit('.').next().unwrap_or(path);
+        let privacy = match key {
+            "tls_ca" | "tls_cert" | "public_key" => secret::Privacy::Public,
+            _ => secret::Privacy::Private,
+        };
+        match secret::resolve(s, self.credentials_dir, privacy) {
             Ok(b) => Some(b),
             Err(msg) => {
                 self.problem(path, msg);

@@ -6,6 +6,7 @@
 //! The raw shapes are [`super::raw`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::checker::{Checker, fmt_d};
 use super::consumers::consumers;
@@ -151,13 +152,24 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
 
 fn redis_settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<RedisSettings> {
     let r = &raw.redis;
-    let url = c.parse("redis.url", &r.url, "a redis:// or rediss:// URL", |s| {
-        if s.starts_with("redis://") || s.starts_with("rediss://") || s.starts_with("unix://") {
-            Ok(s.to_owned())
-        } else {
-            Err("the scheme must be redis://, rediss:// (TLS) or unix://".into())
-        }
-    });
+    let url = c.parse_shown(
+        "redis.url",
+        &r.url,
+        "a redis:// or rediss:// URL",
+        crate::client::redact_url,
+        |s| {
+            if !(s.starts_with("redis://")
+                || s.starts_with("rediss://")
+                || s.starts_with("unix://"))
+            {
+                Err("the scheme must be redis://, rediss:// (TLS) or unix://".into())
+            } else if redis::IntoConnectionInfo::into_connection_info(s).is_err() {
+                Err("not a URL redis can connect to".into())
+            } else {
+                Ok(s.to_owned())
+            }
+        },
+    );
     let username = r
         .username
         .as_ref()
@@ -336,7 +348,7 @@ fn auth_settings(raw: &RawConfig, c: &mut Checker<'_>, naming: &Naming) -> Optio
         return None;
     }
     let keys = match KeySet::new(keys, signing.as_deref(), &issuer, &audience, leeway) {
-        Ok(k) => k,
+        Ok(k) => k.with_max_ttl(max_token_ttl.unwrap_or(Duration::from_secs(24 * 3600))),
         Err(msg) => {
             c.problem("auth.signing_key", msg);
             return None;

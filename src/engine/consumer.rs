@@ -526,8 +526,13 @@ impl Consumer {
             Err(e) => {
                 if matches!(&e, Error::Redis { source, .. } if source.code() == Some("NOSCRIPT")) {
                     self.load_script().await?;
-                } else if !e.is_transient() {
+                } else if e.is_permanent() {
                     return Err(e);
+                } else if !e.is_transient() {
+                    // Refused as a whole, with nothing written (the script's writes run under pcall
+                    // after every check): find the message that causes it, and let the rest through.
+                    self.isolate(batch, &e, st);
+                    return Ok(true);
                 } else {
                     debug!(error = %e, messages = n, "commit failed; will retry");
                     metrics::global().error(e.kind());
@@ -549,7 +554,7 @@ impl Consumer {
                 (Committed::Refused(reason), Effect::Replies(_)) => {
                     // Nothing of it was written: it goes to the dead-letter stream in the next commit,
                     // and the rest of the batch is committed.
-                    warn!(message_id = %id, handler = %f.handler, reason = %reason, "a reply target refused this message before anything was written; dead-lettering it");
+                    warn!(message_id = %id, handler = %f.handler, reason = ?reason, "a reply target refused this message before anything was written; dead-lettering it");
                     metrics::global().error("reply_refused");
                     st.flight.recommit(vec![Finished {
                         effect: Effect::DeadLetter(format!("reply refused: {reason}")),
@@ -560,7 +565,7 @@ impl Consumer {
                 (Committed::Refused(reason), _) => {
                     // The dead-letter stream itself cannot take it: the entry stays pending in Redis
                     // (it is never lost) and is claimed again later, until an operator fixes the stream.
-                    error!(message_id = %id, handler = %f.handler, reason = %reason, dead_letter = %self.cfg.dead_letter, "the dead-letter stream refused this message; it stays pending");
+                    error!(message_id = %id, handler = %f.handler, reason = ?reason, dead_letter = %self.cfg.dead_letter, "the dead-letter stream refused this message; it stays pending");
                     metrics::global().error("dead_letter_refused");
                     "refused"
                 }
@@ -570,9 +575,9 @@ impl Consumer {
                         // Loud once per streak of refused commits, quiet after.
                         st.commit_failures += 1;
                         if st.commit_failures == 1 {
-                            warn!(message_id = %id, error = %e, "Redis refused a commit's write; nothing of the message was written, retrying");
+                            warn!(message_id = %id, error = ?e, "Redis refused a commit's write; nothing of the message was written, retrying");
                         } else {
-                            debug!(message_id = %id, error = %e, failures = st.commit_failures, "commit still refused");
+                            debug!(message_id = %id, error = ?e, failures = st.commit_failures, "commit still refused");
                         }
                         metrics::global().error("commit_failed");
                         self.liveness.degrade(format!("commits are refused: {e}"));
@@ -592,7 +597,7 @@ impl Consumer {
                     self.stats.processed.fetch_add(1, Ordering::Relaxed);
                 }
                 (Committed::Yes, Effect::DeadLetter(reason)) => {
-                    warn!(message_id = %id, handler = %f.handler, outcome = "dead-lettered", reason = %reason, dead_letter = %self.cfg.dead_letter, "dead-lettered");
+                    warn!(message_id = %id, handler = %f.handler, outcome = "dead-lettered", reason = ?reason, dead_letter = %self.cfg.dead_letter, "dead-lettered");
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 }
                 (Committed::Yes, Effect::TooLarge(size)) => {
@@ -622,6 +627,38 @@ impl Consumer {
             self.liveness.recover();
         }
         Ok(!again)
+    }
+
+    /// A commit that Redis refused as a whole for a reason that is not the server's: its halves are
+    /// committed apart until the message that makes it fail is alone. That message is dead-lettered
+    /// with the error; if even its dead letter cannot be committed, it leaves flight and stays pending
+    /// in Redis (claimed again later, never acked without its effects) while everything else flows.
+    fn isolate(&self, batch: Vec<Finished>, e: &Error, st: &mut State) {
+        metrics::global().error("commit_refused");
+        if batch.len() > 1 {
+            warn!(messages = batch.len(), error = %e, "Redis refused a commit as a whole; committing its halves apart to find the message that causes it");
+            st.flight.isolate(batch);
+            return;
+        }
+        let Some(f) = batch.into_iter().next() else {
+            return;
+        };
+        let id = f.msg.id.clone();
+        self.liveness
+            .degrade(format!("a message's commit is refused: {e}"));
+        match f.effect {
+            Effect::Replies(_) | Effect::Vanished => {
+                error!(message_id = %id, handler = %f.handler, error = %e, "Redis refuses this message's commit whatever it is batched with; dead-lettering it");
+                st.flight.isolate(vec![Finished {
+                    effect: Effect::DeadLetter(format!("commit refused: {e}")),
+                    ..f
+                }]);
+            }
+            Effect::DeadLetter(_) | Effect::TooLarge(_) => {
+                error!(message_id = %id, handler = %f.handler, error = %e, dead_letter = %self.cfg.dead_letter, "Redis refuses this message's dead letter; it stays pending and is claimed again later");
+                st.flight.committed(&id);
+            }
+        }
     }
 
     /// Dispatches what a round read: new entries are first deliveries; re-read pending ones come

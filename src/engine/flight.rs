@@ -46,6 +46,9 @@ pub struct Flight {
     ready: Vec<Job>,
     /// Decided, waiting to be committed.
     finished: Vec<Finished>,
+    /// Batches that must be committed alone, in order, before the rest: the halves of a commit that
+    /// failed as a whole, narrowing down to the message that makes it fail.
+    isolated: VecDeque<Vec<Finished>>,
 }
 
 /// An entry's id as the in-flight set and the commit order know it. Redis hands out nothing but valid
@@ -66,6 +69,7 @@ impl Flight {
             waiting: HashMap::new(),
             ready: Vec::new(),
             finished: Vec::new(),
+            isolated: VecDeque::new(),
         }
     }
 
@@ -144,7 +148,7 @@ impl Flight {
     }
 
     pub fn has_finished(&self) -> bool {
-        !self.finished.is_empty()
+        !self.finished.is_empty() || !self.isolated.is_empty()
     }
 
     /// Everything decided, as one commit batch: in stream order when any message writes (the commit
@@ -152,7 +156,11 @@ impl Flight {
     /// of their sources).
     /// At most [`MAX_COMMIT`] messages, [`MAX_COMMIT_WRITES`] writes and about [`MAX_COMMIT_BYTES`] go
     /// in one batch (always at least one message); the rest wait for the next.
+    /// An isolated batch goes first, alone.
     pub fn take_batch(&mut self) -> Vec<Finished> {
+        if let Some(batch) = self.isolated.pop_front() {
+            return batch;
+        }
         let mut batch = std::mem::take(&mut self.finished);
         if batch.iter().any(commit::writes) {
             batch.sort_by_cached_key(|f| key_of(&f.msg.id));
@@ -181,6 +189,17 @@ impl Flight {
         self.finished.extend(batch);
     }
 
+    /// A batch whose commit failed as a whole, for a reason that may be one of its messages: its two
+    /// halves are committed apart, each alone, before anything else — splitting again where one fails,
+    /// until the message that makes it fail is alone. A batch of one is committed alone as it is.
+    pub fn isolate(&mut self, mut batch: Vec<Finished>) {
+        if batch.len() > 1 {
+            let second = batch.split_off(batch.len() / 2);
+            self.isolated.push_front(second);
+        }
+        self.isolated.push_front(batch);
+    }
+
     /// A commit's verdict for `id` is known: the entry leaves flight.
     pub fn committed(&mut self, id: &str) {
         self.in_flight.remove(&key_of(id));
@@ -201,7 +220,10 @@ impl Flight {
 
     /// Nothing running, decided or in flight: a drain is complete once the last commit is back.
     pub fn is_empty(&self) -> bool {
-        self.running == 0 && self.finished.is_empty() && self.in_flight.is_empty()
+        self.running == 0
+            && self.finished.is_empty()
+            && self.isolated.is_empty()
+            && self.in_flight.is_empty()
     }
 
     fn order_key(&self, msg: &Message) -> Option<Vec<u8>> {
@@ -388,6 +410,41 @@ mod tests {
         assert_eq!(f.take_batch().len(), 2, "the third would pass 16 MiB");
         assert_eq!(f.take_batch().len(), 1, "too heavy alone, it still goes");
         assert_eq!(f.take_batch().len(), 7);
+    }
+
+    #[test]
+    fn a_failing_batch_is_split_until_its_culprit_is_alone() {
+        let mut f = Flight::new(100, None);
+        for i in 0..8 {
+            let id = format!("1-{i}");
+            f.admit(&id);
+            f.enqueue(job(&id, None));
+        }
+        for j in f.start_ready() {
+            f.ran(j.msg, reply(), "nop".into());
+        }
+        let ids = |b: &[Finished]| b.iter().map(|f| f.msg.id.clone()).collect::<Vec<_>>();
+        // The culprit is 1-5: every batch holding it fails and is split; the others commit.
+        let mut committed = Vec::new();
+        let mut alone = None;
+        for _ in 0..20 {
+            if !f.has_finished() {
+                break;
+            }
+            let batch = f.take_batch();
+            if ids(&batch).contains(&"1-5".to_string()) {
+                if batch.len() == 1 {
+                    alone = Some(batch);
+                    continue;
+                }
+                f.isolate(batch);
+            } else {
+                committed.extend(ids(&batch));
+            }
+        }
+        assert_eq!(ids(&alone.expect("the culprit ends up alone")), ["1-5"]);
+        committed.sort();
+        assert_eq!(committed, ["1-0", "1-1", "1-2", "1-3", "1-4", "1-6", "1-7"]);
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub const FIELDS_OMITTED: &str = "_dlq_fields_omitted";
 pub const SIZE: &str = "_dlq_size";
 /// `_dlq_reason` of an entry over `[limits]`, dead-lettered by reference.
 pub const TOO_LARGE: &str = "too_large";
+/// The verified sender of a message that came with a signed `_token` (its subject). A dead letter
+/// copies whatever `_source` the publisher wrote, which nothing verifies; this is the one to trust.
+pub const SENDER: &str = "_dlq_sender";
 /// On a replayed message: `<dead-letter stream>/<dead-letter id>` it was replayed from.
 pub const REPLAYED_FROM: &str = "_dlq_replayed_from";
 /// On a replayed message: the `_source` of the original, since `_source` is now the replaying identity.
@@ -53,6 +56,7 @@ pub fn describe(dlq: &str, e: &Entry) -> Value {
             .map_or(Value::Null, Value::from),
     );
     out.insert("handler".into(), text(HANDLER));
+    out.insert("sender".into(), text(SENDER));
     out.insert("dead_lettered_at".into(), text(TIMESTAMP));
     if let Value::Object(view) = original.to_json() {
         out.extend(view);

@@ -39,6 +39,34 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
+/// `check` runs as ExecStartPre, so what it prints lands in the journal: no form of a redis password
+/// may appear in it, whether the URL is valid or mistyped.
+#[test]
+fn check_never_prints_a_password_in_any_url_form() {
+    for (url, valid) in [
+        ("redis://app:s3cret@127.0.0.1:6379/0", true),
+        ("unix:///run/redis/redis.sock?db=1&pass=s3cret", true),
+        ("redis://app:s3cret@host:port/0", false),
+        ("redis://app:s3cret@[::1/0", false),
+    ] {
+        let out = run(
+            &["check", "--config", "config/redstream.toml"],
+            &[("REDSTREAM_REDIS__URL", url)],
+            None,
+        );
+        let (stdout, stderr) = text(&out);
+        let expected = if valid { 0 } else { 78 };
+        assert_eq!(out.status.code(), Some(expected), "{url}: {stdout}{stderr}");
+        assert!(
+            !stdout.contains("s3cret") && !stderr.contains("s3cret"),
+            "{url}: {stdout}{stderr}"
+        );
+        if !valid {
+            assert!(stderr.contains("redis.url"), "{stderr}");
+        }
+    }
+}
+
 #[test]
 fn check_accepts_the_reference_config_and_names_a_broken_key() {
     let ok = run(&["check", "--config", "config/redstream.toml"], &[], None);
@@ -220,6 +248,41 @@ fn tokens_from_api_keys_act_with_their_roles() {
         line["fields"]["_source"], "demo@dev",
         "publishes as the token's identity"
     );
+    // A token on the command line works, with a warning (any local user can read argv); from the
+    // environment, a file or stdin, without one.
+    assert!(text(&read).1.contains("--token-file"), "{:?}", text(&read));
+    assert!(
+        !text(&published).1.contains("warning"),
+        "{:?}",
+        text(&published)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let from_file = run(
+        &[
+            "read",
+            "nova:task:cli:tok",
+            "--token-file",
+            file.to_str().unwrap(),
+            dev[0],
+            dev[1],
+        ],
+        &[redis_env],
+        None,
+    );
+    let from_stdin = run(
+        &["read", "nova:task:cli:tok", "--token", "-", dev[0], dev[1]],
+        &[redis_env],
+        Some(&format!("{token}\n")),
+    );
+    for out in [&from_file, &from_stdin] {
+        let (stdout, stderr) = text(out);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(!stderr.contains("warning"), "{stderr}");
+        let line: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(line["fields"]["_source"], "demo@dev");
+    }
     let denied = run(
         &[
             "publish",

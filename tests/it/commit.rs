@@ -99,6 +99,102 @@ fn a_reply_to_a_key_of_another_type_dead_letters_that_message_and_commits_the_re
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
 
+/// Redis itself refusing one key — a stream whose ids are exhausted refuses every XADD — is that
+/// message's problem: it is dead-lettered naming the key and Redis's error, and the messages after it
+/// in the same batch commit at once (they are not held back behind it, batch after batch).
+#[test]
+fn a_reply_target_redis_refuses_dead_letters_that_message_and_not_its_neighbours() {
+    let server = RedisServer::start();
+    let full = "nova:task:commit:full";
+    let _: String = redis::cmd("XADD")
+        .arg(full)
+        .arg("18446744073709551615-18446744073709551615")
+        .arg("f")
+        .arg("v")
+        .query(&mut server.conn())
+        .unwrap();
+    let mut ids = Vec::new();
+    let mut poison = String::new();
+    for i in 0..50 {
+        let n = i.to_string();
+        if i == 24 {
+            poison = server.xadd(IN, &[("n", &n), ("_reply_to", full)]);
+        } else {
+            ids.push(server.xadd(IN, &[("n", &n)]));
+        }
+    }
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            &format!("handler = \"faults\"\nfaults = {{ reply_to = \"{OUT}\" }}"),
+            "",
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let dead = wait_for("the dead letter", Duration::from_secs(15), || {
+        server.entries(DLQ).pop()
+    });
+    wait_for("nothing pending", Duration::from_secs(10), || {
+        (server.pending(IN, "g") == 0).then_some(())
+    });
+    assert_exactly_once(&server, &ids);
+    assert_eq!(server.xlen(DLQ), 1);
+    assert_eq!(
+        dead.fields.get_str("_dlq_source"),
+        Some(format!("{IN}/{poison}").as_str())
+    );
+    let reason = dead.fields.get_str("_dlq_reason").unwrap();
+    assert!(
+        reason.contains(full) && reason.contains("exhausted"),
+        "the reason names the key and Redis's error: {reason}"
+    );
+    assert_eq!(d.count_log("consumer loop failed"), 0, "no loop restart");
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+/// A commit Redis refuses as a whole (here through a failpoint of test builds: any batch holding a
+/// message with the field `breaks_commit` is answered with an error, nothing written) is split until
+/// the message that causes it is alone; that one is dead-lettered with the error, and the 49 others
+/// are committed exactly once, without the loop restarting.
+#[test]
+fn a_commit_refused_as_a_whole_is_split_until_its_culprit_is_alone() {
+    let server = RedisServer::start();
+    let mut ids = Vec::new();
+    let mut poison = String::new();
+    for i in 0..50 {
+        let n = i.to_string();
+        if i == 31 {
+            poison = server.xadd(IN, &[("n", &n), ("breaks_commit", "1")]);
+        } else {
+            ids.push(server.xadd(IN, &[("n", &n)]));
+        }
+    }
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            &format!("handler = \"faults\"\nfaults = {{ reply_to = \"{OUT}\" }}"),
+            "",
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[("RSFAULT_COMMIT_REFUSE", "breaks_commit")]);
+    let dead = wait_for("the dead letter", Duration::from_secs(15), || {
+        server.entries(DLQ).pop()
+    });
+    wait_for("nothing pending", Duration::from_secs(10), || {
+        (server.pending(IN, "g") == 0).then_some(())
+    });
+    assert_exactly_once(&server, &ids);
+    assert_eq!(
+        dead.fields.get_str("_dlq_source"),
+        Some(format!("{IN}/{poison}").as_str())
+    );
+    let reason = dead.fields.get_str("_dlq_reason").unwrap();
+    assert!(reason.contains("injected"), "{reason}");
+    assert!(d.count_log("committing its halves apart") >= 1);
+    assert_eq!(d.count_log("consumer loop failed"), 0, "no loop restart");
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
 /// An entry of `fields` fields named f0, f1, … (values their index), plus `extra`.
 fn xadd_wide(server: &RedisServer, stream: &str, fields: usize, extra: &[(&str, &str)]) -> String {
     let mut cmd = redis::cmd("XADD");

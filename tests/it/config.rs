@@ -90,8 +90,14 @@ fn unknown_keys_are_refused_with_their_path() {
 #[test]
 fn secrets_come_from_files_relative_to_the_config() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("jwt.secret"), format!("{TEST_SECRET}\n")).unwrap();
-    std::fs::write(dir.path().join("redis.pw"), "pw\n").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    let private = |name: &str, content: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    private("jwt.secret", format!("{TEST_SECRET}\n"));
+    private("redis.pw", "pw\n".into());
     let file = dir.path().join("redstream.toml");
     std::fs::write(
         &file,
@@ -117,6 +123,17 @@ secret = { file = "jwt.secret" }
         me.identity.subject.starts_with("redstream@"),
         "default name: {}",
         me.identity.subject
+    );
+
+    // A secret file others may read is refused, naming it and its mode (as ssh does).
+    let pw = dir.path().join("redis.pw");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = config::load(Some(&file)).unwrap_err();
+    assert_eq!(paths(&err.problems), ["redis.password"]);
+    let message = &err.problems[0].message;
+    assert!(
+        message.contains("redis.pw") && message.contains("0644"),
+        "{message}"
     );
 
     std::fs::remove_file(dir.path().join("redis.pw")).unwrap();

@@ -118,9 +118,49 @@ fn list_and_replay_dead_letters() {
     assert!(again.fields.get("_dlq_reason").is_none());
     assert_eq!(server.xlen(DLQ), 1, "removed from the dead-letter stream");
 
-    let (code, out, _) = cli(&config, &["dlq", "replay", DLQ, "--all"]);
-    assert_eq!(code, 0);
-    assert_eq!(out.lines().count(), 1);
-    assert_eq!(server.xlen(DLQ), 0);
+    // Anyone who may publish to the dead-letter stream can plant an entry naming another stream as
+    // its source; a replay goes only where the config says this dead-letter stream belongs.
+    let control = "nova:system:mcp:control";
+    let planted = server.xadd(
+        DLQ,
+        &[
+            ("_dlq_source", &format!("{control}/1-0")),
+            ("_dlq_reason", "x"),
+            ("type", "reload_config"),
+        ],
+    );
+    let (code, out, err) = cli(&config, &["dlq", "replay", DLQ, "--all"]);
+    assert_eq!(code, 1, "one entry was refused: {err}");
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "the genuine one was replayed: {out}"
+    );
+    assert!(
+        err.contains(&planted) && err.contains("refused") && err.contains(control),
+        "{err}"
+    );
+    assert_eq!(
+        server.xlen(control),
+        0,
+        "nothing reached the control stream"
+    );
+    let left: Vec<String> = server.entries(DLQ).into_iter().map(|e| e.id).collect();
+    assert_eq!(
+        left,
+        vec![planted.clone()],
+        "the planted entry stays where it was"
+    );
+    let (code, _, err) = cli(&config, &["dlq", "replay", DLQ, "--id", &planted]);
+    assert_eq!(code, 1);
+    assert!(err.contains("forged"), "{err}");
+    // A dead-letter stream that belongs to no configured consumer and breaks the naming rule is
+    // refused outright.
+    let (code, _, err) = cli(
+        &config,
+        &["dlq", "replay", "nova:task:dlq:elsewhere", "--all"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot tell which stream"), "{err}");
     let _ = bad2;
 }

@@ -354,3 +354,23 @@ fn key_set_refuses_bad_keys() {
         "cannot sign without a private key"
     );
 }
+
+/// A token cannot be valid for longer than `auth.max_token_ttl` from the moment it is verified: one
+/// minted with `exp = u64::MAX` (or just a long life) is refused, naming the limit.
+#[test]
+fn tokens_valid_for_longer_than_the_max_ttl_are_refused() {
+    let keys = set(vec![hs("h")], None).with_max_ttl(Duration::from_secs(3600));
+    for exp in [u64::MAX, i64::MAX as u64, now() + 2 * 3600] {
+        let token = hs_token(Some("h"), &with(claims(), "exp", json!(exp)));
+        match keys.verify(&token) {
+            Err(TokenError::InvalidClaim(m)) => assert!(m.contains("max_token_ttl"), "{m}"),
+            other => panic!("exp {exp}: {other:?}"),
+        }
+    }
+    let fine = hs_token(Some("h"), &with(claims(), "exp", json!(now() + 3500)));
+    assert!(keys.verify(&fine).is_ok());
+    // The default is a day.
+    let day = set(vec![hs("h")], None);
+    let long = hs_token(Some("h"), &with(claims(), "exp", json!(now() + 2 * 86_400)));
+    assert!(day.verify(&long).is_err());
+}

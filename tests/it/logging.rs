@@ -74,3 +74,42 @@ fn without_journald_the_log_stays_on_stderr() {
     );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// A value a publisher wrote cannot forge log lines: the echo handler rejects a message whose
+/// `_reply_to` is not a stream name, quoting it in the dead-letter reason, and the daemon logs that
+/// reason escaped — the publisher's newline stays inside the one line.
+#[test]
+fn a_publisher_newline_in_a_reason_never_starts_a_log_line() {
+    let server = RedisServer::start();
+    let echo = crate::util::root().join("handlers/build/echo.wasm");
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[[handlers]]\nname = \"echo\"\nfile = \"{}\"\nroles = [\"task_write\"]\n\
+             [[consumers]]\nstream = \"nova:task:log:in\"\ngroup = \"g\"\nstart = \"0\"\nhandler = \"echo\"\n",
+            echo.display()
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    server.xadd(
+        "nova:task:log:in",
+        &[(
+            "_reply_to",
+            "x\nFORGED level=ERROR the daemon was compromised",
+        )],
+    );
+    crate::util::wait_for("the dead letter", Duration::from_secs(10), || {
+        (server.xlen("nova:task:log:in-dlq") == 1).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    let logs = d.logs();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("dead-lettered") && l.contains("FORGED")),
+        "the reason is logged: {logs:#?}"
+    );
+    assert!(
+        logs.iter().all(|l| !l.starts_with("FORGED")),
+        "a forged line: {logs:#?}"
+    );
+}

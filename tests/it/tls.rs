@@ -41,8 +41,20 @@ fn client(port: u16, tls_keys: &str) -> Client {
         .expect("valid connection settings")
 }
 
+/// `key = { file = … }` for a fixture. A private key is copied to a file only its owner may read
+/// (the config refuses one others may read; git keeps no such mode).
 fn file_key(key: &str, rel: &str) -> String {
-    format!("{key} = {{ file = \"{}\" }}", fixture(rel).display())
+    use std::os::unix::fs::PermissionsExt as _;
+    static PRIVATE: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let mut path = fixture(rel);
+    if key == "tls_key" {
+        let dir = PRIVATE.get_or_init(|| tempfile::tempdir().unwrap());
+        let copy = dir.path().join(rel.replace('/', "-"));
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path = copy;
+    }
+    format!("{key} = {{ file = \"{}\" }}", path.display())
 }
 
 #[tokio::test]

@@ -315,11 +315,32 @@ fn routes_that_require_a_sender_token_verify_it_and_hide_it() {
     server.xadd(stream, &[("do", "whoami")]);
     server.xadd(stream, &[("do", "whoami"), ("_token", &forged)]);
     server.xadd(stream, &[("do", "whoami"), ("_token", "not.a.jwt")]);
+    // A signed message whose handler traps: its dead letter names the verified sender, beside
+    // whatever _source (here a forged one) the publisher wrote.
+    let trapped = server.xadd(
+        stream,
+        &[
+            ("marker", "1"),
+            ("_source", "admin@forged"),
+            ("_dlq_sender", "admin"),
+            ("_token", &good),
+        ],
+    );
     let dlq = format!("{stream}-dlq");
     wait_for(
-        "1 report and 3 dead letters",
+        "1 report and 4 dead letters",
         Duration::from_secs(10),
-        || (server.xlen(REPORT) == 1 && server.xlen(&dlq) == 3).then_some(()),
+        || (server.xlen(REPORT) == 1 && server.xlen(&dlq) == 4).then_some(()),
+    );
+    let (signed, unsigned): (Vec<_>, Vec<_>) = server.entries(&dlq).into_iter().partition(|e| {
+        e.fields.get_str("_dlq_source") == Some(format!("{stream}/{trapped}").as_str())
+    });
+    assert_eq!(signed[0].fields.get_str("_dlq_sender"), Some("agent-7"));
+    assert_eq!(signed[0].fields.get_str("_source"), Some("admin@forged"));
+    assert!(
+        unsigned
+            .iter()
+            .all(|e| e.fields.get("_dlq_sender").is_none())
     );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
     assert_eq!(
@@ -329,8 +350,7 @@ fn routes_that_require_a_sender_token_verify_it_and_hide_it() {
             "agent-7 task_read; token visible: false".to_string()
         )]
     );
-    let reasons: Vec<String> = server
-        .entries(&dlq)
+    let reasons: Vec<String> = unsigned
         .iter()
         .map(|e| e.fields.get_str("_dlq_reason").unwrap().to_owned())
         .collect();
