@@ -32,7 +32,7 @@ impl KeyAlgorithm {
         }
     }
 
-    fn jwt(self) -> Algorithm {
+    pub(super) fn jwt(self) -> Algorithm {
         match self {
             KeyAlgorithm::Hs256 => Algorithm::HS256,
             KeyAlgorithm::Rs256 => Algorithm::RS256,
@@ -183,6 +183,9 @@ pub struct Claims {
     pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
+    /// Set on message signatures ([`super::signature`]), which are never identity tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typ: Option<String>,
 }
 
 /// A verified token.
@@ -205,7 +208,12 @@ pub struct KeySet {
     /// The longest a token may be valid from the moment it is verified (`auth.max_token_ttl`): a
     /// token minted with a far `exp` (or `u64::MAX`) is refused, not trusted forever.
     max_ttl: Duration,
+    /// The longest a message signature may be valid (`auth.signature_ttl`): minutes, not hours.
+    signature_ttl: Duration,
 }
+
+/// `signature_ttl` when none is configured.
+const DEFAULT_SIGNATURE_TTL: Duration = Duration::from_secs(300);
 
 /// `max_ttl` when none is configured: `auth.max_token_ttl`'s default.
 const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -241,7 +249,14 @@ impl KeySet {
             audience: audience.to_owned(),
             leeway,
             max_ttl: DEFAULT_MAX_TTL,
+            signature_ttl: DEFAULT_SIGNATURE_TTL,
         })
+    }
+
+    /// The longest a message signature may still be valid when it is verified.
+    pub fn with_signature_ttl(mut self, ttl: Duration) -> KeySet {
+        self.signature_ttl = ttl;
+        self
     }
 
     /// The longest a token may still be valid when it is verified.
@@ -273,6 +288,34 @@ impl KeySet {
 
     /// Verifies `token` as of `now` (the key-retirement check; the library reads the clock for `exp`).
     pub fn verify_at(&self, token: &str, now: SystemTime) -> Result<Verified, TokenError> {
+        let (claims, key) = self.decode::<Claims>(token, now)?;
+        if claims.typ.as_deref() == Some(super::signature::TYP) {
+            return Err(TokenError::InvalidClaim(
+                "this is a message signature, not an identity token".into(),
+            ));
+        }
+        self.fresh(claims.exp, now, self.max_ttl, "auth.max_token_ttl")?;
+        let roles = Roles::parse(&claims.roles).map_err(TokenError::InvalidClaim)?;
+        if claims.sub.is_empty() {
+            return Err(TokenError::InvalidClaim("sub is empty".into()));
+        }
+        Ok(Verified {
+            identity: Identity {
+                subject: claims.sub,
+                roles,
+            },
+            key_id: key.id.clone(),
+            expires_at: claims.exp,
+        })
+    }
+
+    /// Checks a token's header, key and signature and the claims every token shares (`exp`, `nbf`,
+    /// `iss`, `aud`, `sub` present), and returns its claims and the key that verified it.
+    pub(super) fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<(T, &Key), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             ErrorKind::Json(_) => TokenError::Malformed(
                 "header is not valid JSON or names an unsupported algorithm (alg \"none\" is never accepted)"
@@ -297,32 +340,51 @@ impl KeySet {
         validation.set_audience(&[&self.audience]);
         validation.validate_nbf = true;
         validation.leeway = self.leeway.as_secs();
-        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
+        let data = jsonwebtoken::decode::<T>(token, &key.decoding, &validation)
             .map_err(|e| map_error(e.into_kind()))?;
-        let claims = data.claims;
+        Ok((data.claims, key))
+    }
+
+    /// Refuses an `exp` further from `now` than `max` (plus the leeway): a token minted with a far
+    /// `exp` (or `u64::MAX`) is refused, not trusted forever.
+    pub(super) fn fresh(
+        &self,
+        exp: u64,
+        now: SystemTime,
+        max: Duration,
+        setting: &str,
+    ) -> Result<(), TokenError> {
         let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let latest = now_s
-            .saturating_add(self.max_ttl.as_secs())
+            .saturating_add(max.as_secs())
             .saturating_add(self.leeway.as_secs());
-        if claims.exp > latest {
+        if exp > latest {
             return Err(TokenError::InvalidClaim(format!(
-                "exp is {} s from now, longer than auth.max_token_ttl ({} s) allows",
-                claims.exp.saturating_sub(now_s),
-                self.max_ttl.as_secs()
+                "exp is {} s from now, longer than {setting} ({} s) allows",
+                exp.saturating_sub(now_s),
+                max.as_secs()
             )));
         }
-        let roles = Roles::parse(&claims.roles).map_err(TokenError::InvalidClaim)?;
-        if claims.sub.is_empty() {
-            return Err(TokenError::InvalidClaim("sub is empty".into()));
-        }
-        Ok(Verified {
-            identity: Identity {
-                subject: claims.sub,
-                roles,
-            },
-            key_id: key.id.clone(),
-            expires_at: claims.exp,
-        })
+        Ok(())
+    }
+
+    /// The signing key and its encoder, and the issuer and audience tokens carry.
+    pub(super) fn signer(&self) -> Result<(&Key, &EncodingKey), TokenError> {
+        let key = &self.keys[self.signing.ok_or(TokenError::NoSigningKey)?];
+        let encoding = key.encoding.as_ref().ok_or(TokenError::NoSigningKey)?;
+        Ok((key, encoding))
+    }
+
+    pub(super) fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub(super) fn audience(&self) -> &str {
+        &self.audience
+    }
+
+    pub(super) fn signature_ttl(&self) -> Duration {
+        self.signature_ttl
     }
 
     /// Signs a token for `subject` with `roles`, valid from now for `ttl`. Returns it with its expiry.
@@ -332,8 +394,7 @@ impl KeySet {
         roles: &Roles,
         ttl: Duration,
     ) -> Result<(String, u64), TokenError> {
-        let key = &self.keys[self.signing.ok_or(TokenError::NoSigningKey)?];
-        let encoding = key.encoding.as_ref().ok_or(TokenError::NoSigningKey)?;
+        let (key, encoding) = self.signer()?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -347,6 +408,7 @@ impl KeySet {
             iat: now,
             nbf: Some(now),
             jti: Some(uuid::Uuid::new_v4().to_string()),
+            typ: None,
         };
         let mut header = Header::new(key.algorithm.jwt());
         header.kid = Some(key.id.clone());

@@ -8,6 +8,7 @@
 
 pub mod apikey;
 pub mod jwt;
+pub mod signature;
 
 use std::collections::BTreeSet;
 use std::fmt;

@@ -33,9 +33,11 @@ pub async fn run(cli: Cli) -> Result {
             fields,
             json,
             maxlen,
+            sign,
             auth,
         } => {
-            let client = connect(config, given_token(&auth)?.as_deref()).await?;
+            let settings = config::load(config)?;
+            let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
             let mut all = match json {
                 Some(path) => json_fields(&path)?,
                 None => Fields::new(),
@@ -43,8 +45,41 @@ pub async fn run(cli: Cli) -> Result {
             for (name, value) in fields {
                 all.set(&name, value);
             }
+            let opts = PublishOptions { maxlen };
+            let id = if sign {
+                client
+                    .publish_signed(&stream, all, signer(&settings)?, opts)
+                    .await?
+            } else {
+                client.publish(&stream, all, opts).await?
+            };
+            println!("{id}");
+            Ok(())
+        }
+        Command::Control {
+            command,
+            target,
+            request_id,
+            auth,
+        } => {
+            let settings = config::load(config)?;
+            let stream = settings
+                .control
+                .as_ref()
+                .map(|c| c.stream.clone())
+                .ok_or_else(|| {
+                    Failure::new(Exit::Config, "control.enabled: the control stream is off")
+                })?;
+            let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
+            let mut fields = Fields::new();
+            fields.push("type", command.as_str());
+            fields.push(crate::daemon::control::TARGET, target.as_str());
+            if let Some(r) = request_id {
+                fields.push("request_id", r);
+            }
+            let keys = signer(&settings)?;
             let id = client
-                .publish(&stream, all, PublishOptions { maxlen })
+                .publish_signed(&stream, fields, keys, PublishOptions::default())
                 .await?;
             println!("{id}");
             Ok(())
@@ -352,6 +387,18 @@ fn replay_target(settings: &Settings, dlq: &str) -> Result<String> {
                 ),
             )
         })
+}
+
+/// The key set that signs messages on this host.
+fn signer(settings: &Settings) -> Result<&crate::auth::jwt::KeySet> {
+    if settings.auth.keys.can_sign() {
+        Ok(&settings.auth.keys)
+    } else {
+        Err(Failure::new(
+            Exit::Config,
+            "auth.signing_key: signing a message needs the signing key on this host",
+        ))
+    }
 }
 
 /// The token an operator gave (see [`super::AuthArgs::resolve`]).

@@ -121,6 +121,25 @@ pub enum Command {
         /// Trim the stream to about N entries (MAXLEN ~ N) in the same command.
         #[arg(long, value_name = "N")]
         maxlen: Option<u64>,
+        /// Sign the message (_sig: bound to its fields and stream, used once, valid for
+        /// auth.signature_ttl), as routes with require_sender_token want. Needs auth.signing_key.
+        #[arg(long)]
+        sign: bool,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Send a signed command to the daemons on the control stream: status_request, reload_config
+    /// or shutdown. Each daemon runs it once; a copy is refused. Needs auth.signing_key.
+    Control {
+        /// status_request, reload_config or shutdown.
+        #[arg(value_parser = ["status_request", "reload_config", "shutdown"])]
+        command: String,
+        /// The daemon it is for (its server id: the identity name, with #instance), or all.
+        #[arg(long, default_value = "all")]
+        target: String,
+        /// For status_request: echoed in the reply on the heartbeat stream.
+        #[arg(long)]
+        request_id: Option<String>,
         #[command(flatten)]
         auth: AuthArgs,
     },

@@ -23,10 +23,13 @@ use super::info::{
 };
 use super::reader::GroupReader;
 use super::retention;
+use crate::auth::jwt::KeySet;
+use crate::auth::signature;
 use crate::auth::{Identity, Op, authorize};
 use crate::model::StreamId;
 use crate::model::dead_letter;
 use crate::model::envelope::{self, Entry, Fields};
+use crate::model::message::Once;
 use crate::model::naming::{NameKind, Naming, validate_name};
 
 /// Options of [`Client::publish`].
@@ -140,6 +143,26 @@ impl Client {
     ) -> Result<String> {
         self.authorize(Op::Publish, stream)?;
         fields.stamp(&self.identity.subject, envelope::now_ms());
+        let cmd = xadd(stream, &fields, opts.maxlen);
+        self.redis.query(&cmd, Ctx::new("XADD", stream)).await
+    }
+
+    /// [`Client::publish`] with a signature (`_sig`, [`crate::auth::signature`]) made by `keys` for this
+    /// client's identity over the final fields (envelope stamped) and the stream: what a route that
+    /// requires a signed sender, and the control stream, accept — each copy of it at most once.
+    pub async fn publish_signed(
+        &self,
+        stream: &str,
+        mut fields: Fields,
+        keys: &KeySet,
+        opts: PublishOptions,
+    ) -> Result<String> {
+        self.authorize(Op::Publish, stream)?;
+        fields.remove(signature::FIELD);
+        fields.remove(signature::TOKEN_FIELD);
+        fields.stamp(&self.identity.subject, envelope::now_ms());
+        let sig = keys.sign_message(&self.identity, stream, &fields, Duration::MAX)?;
+        fields.push(signature::FIELD, sig);
         let cmd = xadd(stream, &fields, opts.maxlen);
         self.redis.query(&cmd, Ctx::new("XADD", stream)).await
     }
@@ -446,6 +469,30 @@ impl Client {
             &self.identity.subject,
             dead_letter,
         ))
+    }
+
+    /// Records that signature `once` took effect with the entry `owner` (`<stream>/<id>`) for `group`
+    /// of `stream`, unless another entry did first: None when this one holds it (now, or already — a
+    /// retry of the same entry), else the entry that does. The record lives until the signature
+    /// expires; the commit script checks and writes the same key ([`commit::signature_key`]).
+    pub async fn claim_signature(
+        &self,
+        stream: &str,
+        group: &str,
+        once: &Once,
+        owner: &str,
+    ) -> Result<Option<String>> {
+        self.authorize(Op::Publish, stream)?;
+        let key = commit::signature_key(stream, group, &once.jti);
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(&key)
+            .arg(owner)
+            .arg("NX")
+            .arg("PXAT")
+            .arg(once.until_ms)
+            .arg("GET");
+        let prior: Option<String> = self.redis.query(&cmd, Ctx::new("SET", &key)).await?;
+        Ok(prior.filter(|p| p != owner))
     }
 
     /// Loads the commit script into Redis's script cache (at start, and after EVALSHA met NOSCRIPT).

@@ -14,7 +14,7 @@ use redis::{Cmd, Value};
 use crate::model::dead_letter as dlq;
 use crate::model::envelope::{self, Fields};
 use crate::model::limits::Size;
-use crate::model::message::{Message, Reply};
+use crate::model::message::{Message, Once, Reply};
 
 /// The most values one XADD in the script may take: Lua's `unpack` stops near 8,000 (the script
 /// checks the same bound and refuses a larger write before anything is written).
@@ -82,6 +82,9 @@ pub enum Committed {
     Failed(String),
     /// Not attempted because an earlier write of the batch failed: still pending, nothing written.
     NotTried,
+    /// A signed message whose signature already took effect with another entry (named here): a
+    /// copy of a signed message. Nothing of it was written; it is still pending.
+    Replayed(String),
     /// Some of its writes were made, then one failed. It was acked all the same, so that no retry
     /// can write the first ones twice; its effects are incomplete.
     Partial(String),
@@ -93,7 +96,9 @@ pub enum Committed {
 /// The layout says how those arguments divide, two bytes per number (big-endian), so the script never
 /// parses numbers from text: per message its write count, then per write the key index, the number
 /// of field pairs, and one byte: 1 if the script puts `_timestamp` and `_source` first (replies), 0
-/// if the fields are complete (dead letters). The envelope values shared by the batch travel once.
+/// if the fields are complete (dead letters), 2 for a signed message's use marker (one pair: the
+/// owning entry and the expiry, SET NX PXAT; always the message's first write). The envelope values
+/// shared by the batch travel once.
 ///
 /// Returns per message: 1 committed, 0 not ours, 2 not tried, or `{code, key, detail}`: -1 the ACL
 /// refuses a write to `key`, -2 `key` holds another type (`detail`), -3 the entry for `key` is too
@@ -159,6 +164,25 @@ local function refusal(key)
   end
   return r or nil
 end
+-- A signature's use marker (a string key holding the owning entry): nil when this message may
+-- take it, else the refusal; -7 when another entry took effect with the same signature.
+local owners = {}
+local function replayed(key, owner)
+  local prior = owners[key]
+  if prior == nil then
+    if not redis.acl_check_cmd('SET', key, owner) then return {-1, key, ''} end
+    local kind = redis.call('TYPE', key)['ok']
+    if kind == 'none' then
+      prior = false
+    elseif kind ~= 'string' then
+      return {-2, key, kind}
+    else
+      prior = redis.call('GET', key)
+    end
+  end
+  if prior and prior ~= owner then return {-7, key, prior} end
+  return nil
+end
 -- Pass 1, before anything is written: every message's verdict from the checks, and where its
 -- arguments start.
 local verdicts, at = {}, {}
@@ -169,17 +193,23 @@ for m = 1, n do
   a, l = a + 1, l + 2
   local verdict = 1
   if writes > 0 and not mine[id] then verdict = 0 end
+  local marks = {}
   for w = 1, writes do
     local key, pairs = KEYS[num(l)], num(l + 2)
     if verdict == 1 then
-      local values = 2 * pairs + 4
-      if values > MAX_VALUES then
-        verdict = {-3, key, tostring(values)}
+      if byte(layout, l + 4) == 2 then
+        marks[#marks + 1] = {key, ARGV[a]}
+        verdict = replayed(key, ARGV[a]) or 1
+      elseif 2 * pairs + 4 > MAX_VALUES then
+        verdict = {-3, key, tostring(2 * pairs + 4)}
       else
         verdict = refusal(key) or 1
       end
     end
     a, l = a + 2 * pairs, l + 5
+  end
+  if verdict == 1 then
+    for _, mark in ipairs(marks) do owners[mark[1]] = mark[2] end
   end
   verdicts[m] = verdict
 end
@@ -196,7 +226,10 @@ for m = 1, n do
     for w = 1, writes do
       local key, last = KEYS[num(l)], a + 2 * num(l + 2) - 1
       local r
-      if byte(layout, l + 4) == 1 then
+      local kind = byte(layout, l + 4)
+      if kind == 2 then
+        r = redis.pcall('SET', key, ARGV[a], 'NX', 'PXAT', ARGV[a + 1])
+      elseif kind == 1 then
         r = redis.pcall('XADD', key, '*', '_timestamp', ts, '_source', source, unpack(ARGV, a, last))
       else
         r = redis.pcall('XADD', key, '*', unpack(ARGV, a, last))
@@ -282,7 +315,8 @@ impl Committer {
         let last = writers.next_back().unwrap_or(first);
         // Keys must precede arguments, so collect the streams written first.
         let mut keys: Vec<&str> = vec![&self.stream];
-        for f in batch {
+        let markers: Vec<Option<String>> = batch.iter().map(|f| self.marker(f)).collect();
+        for (f, marker) in batch.iter().zip(&markers) {
             let written: Box<dyn Iterator<Item = &str>> = match &f.effect {
                 Effect::Replies(replies) => Box::new(replies.iter().map(|r| r.stream.as_str())),
                 Effect::DeadLetter(_) | Effect::TooLarge(_) => {
@@ -290,7 +324,7 @@ impl Committer {
                 }
                 Effect::Vanished => Box::new(std::iter::empty()),
             };
-            for k in written {
+            for k in marker.as_deref().into_iter().chain(written) {
                 if !keys.contains(&k) {
                     keys.push(k);
                 }
@@ -302,8 +336,30 @@ impl Committer {
         let mut layout: Vec<u8> = Vec::with_capacity(batch.len() * 7);
         // Dead letters are built once, here, where their field count is needed first.
         let mut dead_letters = Vec::new();
-        for f in batch {
+        for (f, marker) in batch.iter().zip(&markers) {
+            let marked = usize::from(marker.is_some());
+            if let Some(key) = marker {
+                // The marker goes first: if Redis refuses it, nothing of the message is written.
+                put(&mut layout, writes_of(f) + 1);
+                put(&mut layout, index(key));
+                put(&mut layout, 1);
+                layout.push(2);
+            }
             match &f.effect {
+                Effect::Replies(replies) if marked == 1 => {
+                    for r in replies {
+                        put(&mut layout, index(&r.stream));
+                        put(&mut layout, reply_pairs(r));
+                        layout.push(1);
+                    }
+                }
+                Effect::DeadLetter(_) | Effect::TooLarge(_) if marked == 1 => {
+                    let fields = self.dead_letter_fields(f);
+                    put(&mut layout, index(&self.dead_letter));
+                    put(&mut layout, fields.len() + 1);
+                    layout.push(0);
+                    dead_letters.push(fields);
+                }
                 Effect::Replies(replies) => {
                     put(&mut layout, replies.len());
                     for r in replies {
@@ -339,6 +395,10 @@ impl Committer {
             .arg(&self.source);
         for f in batch {
             cmd.arg(&f.msg.id);
+            if let Some(once) = self.once(f) {
+                cmd.arg(format!("{}/{}", self.stream, f.msg.id))
+                    .arg(once.until_ms);
+            }
             match &f.effect {
                 Effect::Replies(replies) => {
                     for r in replies {
@@ -356,6 +416,21 @@ impl Committer {
             }
         }
         cmd
+    }
+
+    /// The signature whose use this message's commit records, if any: a verified signed message that
+    /// takes effect (replies or a dead letter).
+    fn once<'a>(&self, f: &'a Finished) -> Option<&'a Once> {
+        match f.effect {
+            Effect::Vanished => None,
+            _ => f.msg.sender.as_ref()?.once.as_ref(),
+        }
+    }
+
+    /// The key of this message's signature-use marker, if it has one.
+    fn marker(&self, f: &Finished) -> Option<String> {
+        self.once(f)
+            .map(|once| signature_key(&self.stream, &self.group, &once.jti))
     }
 
     /// A reply's fields, minus the envelope the script and this add: `_trace_id` (the handler's, else
@@ -465,10 +540,26 @@ pub fn weight(f: &Finished) -> (usize, usize) {
     }
 }
 
-/// Whether committing this message writes anything (replies or a dead letter).
-pub fn writes(f: &Finished) -> bool {
+/// Where the use of signature `jti` by `group` of `stream` is recorded: a string holding
+/// `<stream>/<id>` of the entry that took effect with it, kept until the signature expires.
+pub fn signature_key(stream: &str, group: &str, jti: &str) -> String {
+    format!("{stream}:sig:{group}:{jti}")
+}
+
+/// The writes of a message's effect, without its marker.
+fn writes_of(f: &Finished) -> usize {
     match &f.effect {
-        Effect::Replies(r) => !r.is_empty(),
+        Effect::Replies(r) => r.len(),
+        Effect::DeadLetter(_) | Effect::TooLarge(_) => 1,
+        Effect::Vanished => 0,
+    }
+}
+
+/// Whether committing this message writes anything (replies, a dead letter, a signature's marker).
+pub fn writes(f: &Finished) -> bool {
+    let signed = f.msg.sender.as_ref().is_some_and(|s| s.once.is_some());
+    match &f.effect {
+        Effect::Replies(r) => !r.is_empty() || signed,
         Effect::DeadLetter(_) | Effect::TooLarge(_) => true,
         Effect::Vanished => false,
     }
@@ -515,6 +606,7 @@ fn verdict(v: Value) -> Result<Committed, String> {
                 Value::Int(-6) => Ok(Committed::Refused(format!(
                     "Redis refused the write to {key}: {detail}"
                 ))),
+                Value::Int(-7) => Ok(Committed::Replayed(detail)),
                 Value::Int(-5) => Ok(Committed::Partial(format!("XADD to {key}: {detail}"))),
                 ref other => Err(format!("unexpected verdict code {other:?}")),
             }

@@ -174,6 +174,7 @@ pub struct RawAuth {
     pub signing_key: Option<Loose<String>>,
     pub token_ttl: Loose<String>,
     pub max_token_ttl: Loose<String>,
+    pub signature_ttl: Loose<String>,
     pub keys: Vec<RawKey>,
     pub api_keys: Vec<RawApiKey>,
 }
@@ -187,6 +188,7 @@ impl Default for RawAuth {
             signing_key: None,
             token_ttl: Loose::ok("1h".into()),
             max_token_ttl: Loose::ok("24h".into()),
+            signature_ttl: Loose::ok("5m".into()),
             keys: Vec::new(),
             api_keys: Vec::new(),
         }

@@ -242,6 +242,18 @@ fn auth_settings(raw: &RawConfig, c: &mut Checker<'_>, naming: &Naming) -> Optio
     let leeway = c.duration("auth.leeway", &a.leeway);
     let token_ttl = c.positive_duration("auth.token_ttl", &a.token_ttl);
     let max_token_ttl = c.positive_duration("auth.max_token_ttl", &a.max_token_ttl);
+    let signature_ttl = c.positive_duration("auth.signature_ttl", &a.signature_ttl);
+    if let Some(t) = signature_ttl
+        && t > Duration::from_secs(3600)
+    {
+        c.problem(
+            "auth.signature_ttl",
+            format!(
+                "{} is more than 1h: a signature is for one message, sent now",
+                fmt_d(t)
+            ),
+        );
+    }
     if let (Some(ttl), Some(max)) = (token_ttl, max_token_ttl)
         && ttl > max
     {
@@ -348,7 +360,9 @@ fn auth_settings(raw: &RawConfig, c: &mut Checker<'_>, naming: &Naming) -> Optio
         return None;
     }
     let keys = match KeySet::new(keys, signing.as_deref(), &issuer, &audience, leeway) {
-        Ok(k) => k.with_max_ttl(max_token_ttl.unwrap_or(Duration::from_secs(24 * 3600))),
+        Ok(k) => k
+            .with_max_ttl(max_token_ttl.unwrap_or(Duration::from_secs(24 * 3600)))
+            .with_signature_ttl(signature_ttl.unwrap_or(Duration::from_secs(300))),
         Err(msg) => {
             c.problem("auth.signing_key", msg);
             return None;

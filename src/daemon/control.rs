@@ -4,9 +4,11 @@
 //! Owns [`Vitals`] (what a heartbeat or a status reply says: `server_id`, `timestamp`, `status`,
 //! `memory_usage`, `uptime` and counters), the heartbeat task (XADD with `MAXLEN ~`), and the [`Control`]
 //! handler. Control messages arrive on a group of this instance's own (every instance sees every
-//! command); their route requires a verified `_token` — an unsigned or forged one is dead-lettered and
-//! logged by the consumer loop, never obeyed — and the token's roles must include `system_write` or
-//! `admin`. `status_request` is answered on the heartbeat stream with `is_response` and `request_id`;
+//! command); their route requires a message signature (`_sig`, [`crate::auth::signature`]) — an
+//! unsigned, forged or altered one is dead-lettered and logged by the consumer loop, never obeyed — whose
+//! roles must include `system_write` or `admin`, and which is used once: its `jti` is recorded in Redis
+//! before the command acts, so a copy of it is refused. A command names its `target` (a server id or
+//! `all`), which the signature covers. `status_request` is answered on the heartbeat stream with `is_response` and `request_id`;
 //! `reload_config` and `shutdown` are handed to the daemon, as SIGHUP and SIGTERM would be.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -149,7 +151,14 @@ pub struct Control {
     pub commands: mpsc::UnboundedSender<Command>,
     pub vitals: Arc<Vitals>,
     pub reply_to: String,
+    /// Records each command's signature use before it is obeyed.
+    pub client: Client,
+    /// This instance's group on the control stream.
+    pub group: String,
 }
+
+/// The field naming which daemon a command is for: a server id, or `all`.
+pub const TARGET: &str = "target";
 
 impl Handler for Control {
     fn name(&self) -> &str {
@@ -170,8 +179,37 @@ impl Handler for Control {
                     sender.subject, roles
                 ));
             }
+            // The target is part of what was signed: a command for another daemon is not ours.
+            let target = msg.fields.get_str(TARGET).unwrap_or("");
+            if target != "all" && target != self.vitals.server_id {
+                if target.is_empty() {
+                    return Outcome::Reject(
+                        "a control command names its target: a server id, or \"all\"".into(),
+                    );
+                }
+                return Outcome::Success(Vec::new());
+            }
+            // Commands act before their commit, so their single use is recorded first: a copy of
+            // a command that already ran (here or before a crash, by another entry) is refused.
+            let Some(once) = &sender.once else {
+                return Outcome::Reject("unauthenticated: control messages must be signed".into());
+            };
+            let owner = format!("{}/{}", msg.stream, msg.id);
+            match self
+                .client
+                .claim_signature(&msg.stream, &self.group, once, &owner)
+                .await
+            {
+                Ok(None) => {}
+                Ok(Some(first)) => {
+                    return Outcome::Reject(format!(
+                        "replayed: this signed command already took effect as {first}"
+                    ));
+                }
+                Err(e) => return Outcome::Retry(format!("cannot record the command's use: {e}")),
+            }
             let kind = msg.fields.get_str("type").unwrap_or("");
-            tracing::info!(sender = %sender.subject, command = kind, message_id = %msg.id, "control command");
+            tracing::info!(sender = %sender.subject, command = ?kind, message_id = %msg.id, "control command");
             match kind {
                 "status_request" => {
                     let mut fields = self.vitals.fields();

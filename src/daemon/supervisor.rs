@@ -422,6 +422,8 @@ impl Daemon {
             commands,
             vitals: self.vitals.clone(),
             reply_to: c.reply_to,
+            client: self.client.clone(),
+            group: cfg.group.clone(),
         };
         let router = Arc::new(Router::single(Arc::new(handler), true));
         self.control = Some(self.spawn(cfg, router).await?);

@@ -31,6 +31,7 @@ use super::router::{Router, Selection, Unmatched};
 use super::settings::ConsumerSettings;
 use crate::auth::Op;
 use crate::auth::jwt::KeySet;
+use crate::auth::signature;
 use crate::backoff::Backoff;
 use crate::client::commit::{self, Committed, Committer, Effect, Finished};
 use crate::client::decode::Entries;
@@ -40,7 +41,7 @@ use crate::metrics::{self, GroupLabels, HandlerLabels, MessageLabels};
 use crate::model::dead_letter as dlq;
 use crate::model::envelope::Entry;
 use crate::model::limits::{self, Size};
-use crate::model::message::{BatchDone, Handled, Handler, Message, Outcome, Sender};
+use crate::model::message::{BatchDone, Handled, Handler, Message, Once, Outcome, Sender};
 use crate::shutdown::Shutdown;
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
@@ -84,9 +85,6 @@ struct Done {
     effect: Result<Effect, String>,
     handler: Arc<str>,
 }
-
-/// The field carrying a sender's JWT, checked on routes that require one.
-pub const TOKEN_FIELD: &str = "_token";
 
 /// What the round task hands back.
 type RoundResult = (GroupReader, Result<Round, Error>);
@@ -562,6 +560,27 @@ impl Consumer {
                     }]);
                     continue;
                 }
+                (Committed::Replayed(owner), _) => {
+                    // A copy of a signed message that already took effect: nothing of it was written.
+                    // Its dead letter records no use of the signature (that is the original's).
+                    warn!(message_id = %id, handler = %f.handler, original = %owner, "a signed message was replayed; dead-lettering the copy");
+                    metrics::global().error("replayed");
+                    let mut msg = f.msg;
+                    msg.sender = msg.sender.map(|s| {
+                        Arc::new(Sender {
+                            once: None,
+                            ..(*s).clone()
+                        })
+                    });
+                    st.flight.recommit(vec![Finished {
+                        msg,
+                        effect: Effect::DeadLetter(format!(
+                            "replayed: this signed message already took effect as {owner}"
+                        )),
+                        handler: f.handler,
+                    }]);
+                    continue;
+                }
                 (Committed::Refused(reason), _) => {
                     // The dead-letter stream itself cannot take it: the entry stays pending in Redis
                     // (it is never lost) and is claimed again later, until an operator fixes the stream.
@@ -806,9 +825,11 @@ impl Consumer {
             return; // already ours and in flight
         }
         let mut msg = self.message(entry.id, entry.fields, deliveries);
-        // A bearer token goes no further than this: no handler on any route sees it, and no forward,
-        // reply or dead letter copies it (a reader of those streams could replay it).
-        let token = msg.fields.take(TOKEN_FIELD);
+        // Credentials go no further than this: no handler on any route sees them, and no forward,
+        // reply or dead letter copies them. A bare bearer token is never obeyed (a reader of the stream
+        // could replay it); a signature is checked against the fields it covers.
+        let token = msg.fields.take(signature::TOKEN_FIELD);
+        let signed = msg.fields.take(signature::FIELD);
         let settle = |st: &mut State, msg: Message, effect: Effect, handler: &str| {
             st.flight.settle(Finished {
                 msg,
@@ -838,27 +859,44 @@ impl Consumer {
                 return settle(st, msg, Effect::DeadLetter(reason), "router");
             }
         };
-        if require_sender_token && let Err(reason) = self.sender(&mut msg, token) {
+        if require_sender_token && let Err(reason) = self.sender(&mut msg, signed, token.is_some())
+        {
             return settle(st, msg, Effect::DeadLetter(reason), handler.name());
         }
         st.flight.enqueue(Job { msg, handler });
     }
 
-    /// Verifies the message's `_token` and puts its claims into `sender`: the handler gets the
-    /// verified claims, never a credential it could replay.
-    fn sender(&self, msg: &mut Message, token: Option<Vec<u8>>) -> Result<(), String> {
-        let token = token.ok_or_else(|| {
-            "unauthenticated: the route requires a signed _token and there is none".to_string()
-        })?;
-        let token = std::str::from_utf8(&token)
-            .map_err(|_| "unauthenticated: _token is not text".to_string())?;
+    /// Verifies the message's signature (`_sig`) against its fields and stream, and puts the signer's
+    /// claims into `sender`: the handler gets the verified claims, never a credential.
+    fn sender(
+        &self,
+        msg: &mut Message,
+        signed: Option<Vec<u8>>,
+        bare_token: bool,
+    ) -> Result<(), String> {
+        let Some(signed) = signed else {
+            return Err(if bare_token {
+                "unauthenticated: the route requires a signed message (_sig); a bare _token is not \
+                 accepted, anyone who reads the stream could replay it"
+                    .to_string()
+            } else {
+                "unauthenticated: the route requires a signed message (_sig) and there is none"
+                    .to_string()
+            });
+        };
+        let signed = std::str::from_utf8(&signed)
+            .map_err(|_| "unauthenticated: _sig is not text".to_string())?;
         let verified = self
             .keys
-            .verify(token)
+            .verify_message(signed, &msg.stream, &msg.fields)
             .map_err(|e| format!("unauthenticated: {e}"))?;
         msg.sender = Some(Arc::new(Sender {
             roles: verified.identity.roles.to_strings(),
             subject: verified.identity.subject,
+            once: Some(Once {
+                jti: verified.jti,
+                until_ms: verified.expires_at_ms,
+            }),
         }));
         Ok(())
     }

@@ -16,7 +16,7 @@ pub mod flight;
 pub mod router;
 pub mod settings;
 
-pub use consumer::{Consumer, Stats, TOKEN_FIELD};
+pub use consumer::{Consumer, Stats};
 #[cfg(feature = "fault-injection")]
 pub use settings::FaultSpec;
 pub use settings::{ConsumerSettings, HandlerSpec};

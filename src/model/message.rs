@@ -27,13 +27,23 @@ pub struct Message {
     pub sender: Option<Arc<Sender>>,
 }
 
-/// The verified claims of a sender's token, as a handler sees them.
+/// The verified claims of a message's signature, as a handler sees them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sender {
-    /// The token's `sub`.
+    /// The signer's `sub`.
     pub subject: String,
-    /// The token's roles, as written (`task_write`, `admin`, …).
+    /// The signer's roles, as written (`task_write`, `admin`, …).
     pub roles: Vec<String>,
+    /// What makes this use of the signature unique, recorded when the message takes effect so a copy
+    /// of it never does. None once a replay was detected (its dead letter records nothing).
+    pub once: Option<Once>,
+}
+
+/// A signature's `jti` and until when it must be remembered (ms since the epoch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Once {
+    pub jti: String,
+    pub until_ms: u64,
 }
 
 /// A reply a handler wants published. The engine stamps the envelope (`_timestamp`, `_source`,

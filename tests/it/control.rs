@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use redstream::auth::Roles;
+use redstream::auth::{Identity, Roles};
+use redstream::model::envelope::Fields;
 
 use crate::util::{Daemon, RedisServer, daemon_toml, settings, wait_for};
 
@@ -91,48 +92,95 @@ fn heartbeats_are_published_and_trimmed() {
     );
 }
 
+/// `fields` with a signature (`_sig`) made for the control stream as `operator` with `roles`.
+fn signed(server: &RedisServer, roles: &[&str], fields: &[(&str, &str)]) -> Vec<(String, String)> {
+    let keys = settings(&server.url()).auth.keys;
+    let identity = Identity {
+        subject: "operator".into(),
+        roles: Roles::parse(roles).unwrap(),
+    };
+    let f: Fields = fields.iter().copied().collect();
+    let sig = keys
+        .sign_message(&identity, CONTROL, &f, Duration::from_secs(60))
+        .unwrap();
+    let mut out: Vec<(String, String)> = fields
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    out.push(("_sig".into(), sig));
+    out
+}
+
+fn xadd(server: &RedisServer, fields: &[(String, String)]) -> String {
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    server.xadd(CONTROL, &pairs)
+}
+
+/// Control commands take effect only signed by a system_write holder, for their own content and
+/// target, once: an unsigned one, a bare bearer token, a signature copied onto another command, one
+/// for another daemon, and a verbatim copy of one that already ran — even after the daemon restarted
+/// — are never obeyed.
 #[test]
-fn signed_control_commands_are_obeyed_and_unsigned_ones_dead_lettered() {
+fn signed_control_commands_are_obeyed_once_and_nothing_else_is() {
     let server = RedisServer::start();
     let mut d = Daemon::running(&toml(&server, "1h"), &[]);
-    let operator = token(&server, &["system_write"]);
-    let stranger = token(&server, &["task_write"]);
-
-    // Unsigned, forged and under-privileged commands are never obeyed.
-    server.xadd(CONTROL, &[("type", "shutdown")]);
-    server.xadd(
-        CONTROL,
-        &[("type", "shutdown"), ("_token", "forged.token.here")],
-    );
-    server.xadd(CONTROL, &[("type", "shutdown"), ("_token", &stranger)]);
-    wait_for("3 dead letters", Duration::from_secs(10), || {
-        (server.xlen(CONTROL_DLQ) == 3).then_some(())
-    });
-    let reasons: Vec<String> = server
-        .entries(CONTROL_DLQ)
-        .iter()
-        .map(|e| e.fields.get_str("_dlq_reason").unwrap().to_owned())
-        .collect();
-    assert!(
-        reasons[0].starts_with("unauthenticated") && reasons[1].starts_with("unauthenticated"),
-        "{reasons:?}"
-    );
-    assert!(reasons[2].starts_with("unauthorized"), "{reasons:?}");
-    assert_eq!(
-        d.wait_exit(Duration::from_millis(500)),
-        None,
-        "still running"
+    let operator = ["system_write"];
+    let status = signed(
+        &server,
+        &operator,
+        &[
+            ("type", "status_request"),
+            ("target", "all"),
+            ("request_id", "r-42"),
+        ],
     );
 
-    // status_request is answered on the heartbeat stream.
+    // Unsigned, bearer-token, under-privileged and copied-signature commands are never obeyed.
+    server.xadd(CONTROL, &[("type", "shutdown"), ("target", "all")]);
     server.xadd(
         CONTROL,
         &[
-            ("type", "status_request"),
-            ("request_id", "r-42"),
-            ("_token", &operator),
+            ("type", "shutdown"),
+            ("target", "all"),
+            ("_token", &token(&server, &operator)),
         ],
     );
+    xadd(
+        &server,
+        &signed(
+            &server,
+            &["task_write"],
+            &[("type", "shutdown"), ("target", "all")],
+        ),
+    );
+    let mut copied = status.clone();
+    copied[0].1 = "shutdown".into();
+    xadd(&server, &copied);
+    let reasons = wait_for("4 dead letters", Duration::from_secs(10), || {
+        let r: Vec<String> = server
+            .entries(CONTROL_DLQ)
+            .iter()
+            .map(|e| e.fields.get_str("_dlq_reason").unwrap().to_owned())
+            .collect();
+        (r.len() == 4).then_some(r)
+    });
+    assert!(reasons[0].starts_with("unauthenticated"), "{reasons:?}");
+    assert!(reasons[1].contains("bare _token"), "{reasons:?}");
+    assert!(reasons[2].starts_with("unauthorized"), "{reasons:?}");
+    assert!(reasons[3].contains("not the ones signed"), "{reasons:?}");
+    assert!(
+        server
+            .entries(CONTROL_DLQ)
+            .iter()
+            .all(|e| e.fields.get("_sig").is_none() && e.fields.get("_token").is_none()),
+        "no credential is copied into a dead letter"
+    );
+
+    // status_request is answered on the heartbeat stream, once: its copy is refused.
+    xadd(&server, &status);
     let reply = wait_for("a status reply", Duration::from_secs(10), || {
         server
             .entries(HEARTBEAT)
@@ -141,24 +189,83 @@ fn signed_control_commands_are_obeyed_and_unsigned_ones_dead_lettered() {
     });
     assert_eq!(reply.fields.get_str("is_response"), Some("true"));
     assert_eq!(reply.fields.get_str("status"), Some("healthy"));
+    xadd(&server, &status);
+    wait_for("the copy dead-lettered", Duration::from_secs(10), || {
+        (server.xlen(CONTROL_DLQ) == 5).then_some(())
+    });
+    let last = server.entries(CONTROL_DLQ).pop().unwrap();
+    assert!(
+        last.fields
+            .get_str("_dlq_reason")
+            .unwrap()
+            .starts_with("replayed")
+    );
 
-    // reload_config acts like SIGHUP.
-    server.xadd(CONTROL, &[("type", "reload_config"), ("_token", &operator)]);
+    // A command for another daemon is not this one's.
+    let elsewhere = signed(
+        &server,
+        &operator,
+        &[("type", "shutdown"), ("target", "another-host")],
+    );
+    xadd(&server, &elsewhere);
+    // reload_config (sent with the CLI) acts like SIGHUP.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(crate::util::bin())
+            .args(args)
+            .arg("--config")
+            .arg(d.config_path())
+            .env_remove("REDSTREAM_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let sent = cli(&["control", "reload_config"]);
+    assert!(sent.status.success(), "{sent:?}");
     assert!(
         d.wait_log("reloaded the config", Duration::from_secs(10)),
         "{}",
         d.logs().join("\n")
     );
+    assert_eq!(
+        d.wait_exit(Duration::from_millis(300)),
+        None,
+        "the other daemon's shutdown was not ours"
+    );
 
-    // shutdown drains and exits 0.
-    server.xadd(CONTROL, &[("type", "shutdown"), ("_token", &operator)]);
+    // shutdown drains and exits 0 ...
+    let shutdown = signed(
+        &server,
+        &operator,
+        &[("type", "shutdown"), ("target", "all")],
+    );
+    xadd(&server, &shutdown);
     assert_eq!(
         d.wait_exit(Duration::from_secs(15)),
         Some(0),
         "{}",
         d.logs().join("\n")
     );
-    assert_eq!(server.xlen(CONTROL_DLQ), 3);
+    // ... and a copy of it, sent to the restarted daemon, is refused.
+    let mut d = Daemon::running(&toml(&server, "1h"), &[]);
+    xadd(&server, &shutdown);
+    wait_for(
+        "the replayed shutdown dead-lettered",
+        Duration::from_secs(10),
+        || (server.xlen(CONTROL_DLQ) == 6).then_some(()),
+    );
+    let last = server.entries(CONTROL_DLQ).pop().unwrap();
+    assert!(
+        last.fields
+            .get_str("_dlq_reason")
+            .unwrap()
+            .starts_with("replayed"),
+        "{last:?}"
+    );
+    assert_eq!(
+        d.wait_exit(Duration::from_millis(500)),
+        None,
+        "still running"
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
 
 /// The daemon's own token: a configured one that is about to lapse turns the heartbeat `degraded`

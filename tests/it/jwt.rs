@@ -374,3 +374,50 @@ fn tokens_valid_for_longer_than_the_max_ttl_are_refused() {
     let long = hs_token(Some("h"), &with(claims(), "exp", json!(now() + 2 * 86_400)));
     assert!(day.verify(&long).is_err());
 }
+
+/// A message signature is bound to its stream and fields, short-lived, and never an identity token;
+/// an identity token is never a message signature.
+#[test]
+fn message_signatures_bind_content_and_are_not_tokens() {
+    use redstream::auth::Identity;
+    use redstream::model::envelope::Fields;
+    let keys = set(vec![hs("h")], Some("h"));
+    let who = Identity {
+        subject: "ops".into(),
+        roles: Roles::parse(&["system_write"]).unwrap(),
+    };
+    let fields: Fields = [("type", "shutdown"), ("target", "all")]
+        .into_iter()
+        .collect();
+    let stream = "nova:system:mcp:control";
+    let sig = keys
+        .sign_message(&who, stream, &fields, Duration::from_secs(60))
+        .unwrap();
+    let ok = keys.verify_message(&sig, stream, &fields).unwrap();
+    assert_eq!(ok.identity, who);
+    assert_eq!(ok.jti.len(), 32);
+    let other: Fields = [("type", "reload_config"), ("target", "all")]
+        .into_iter()
+        .collect();
+    for (s, f) in [(stream, &other), ("nova:system:mcp:other", &fields)] {
+        let e = keys.verify_message(&sig, s, f).unwrap_err();
+        assert!(matches!(e, TokenError::InvalidClaim(_)), "{e}");
+    }
+    let e = keys.verify(&sig).unwrap_err();
+    assert!(e.to_string().contains("message signature"), "{e}");
+    let (token, _) = keys
+        .issue("ops", &who.roles, Duration::from_secs(60))
+        .unwrap();
+    assert!(keys.verify_message(&token, stream, &fields).is_err());
+    // Longer than auth.signature_ttl is capped at signing, and refused at verification.
+    let strict = set(vec![hs("h")], Some("h")).with_signature_ttl(Duration::from_secs(10));
+    let long = keys
+        .sign_message(&who, stream, &fields, Duration::from_secs(300))
+        .unwrap();
+    let e = strict.verify_message(&long, stream, &fields).unwrap_err();
+    assert!(e.to_string().contains("auth.signature_ttl"), "{e}");
+    let capped = strict
+        .sign_message(&who, stream, &fields, Duration::from_secs(300))
+        .unwrap();
+    assert!(strict.verify_message(&capped, stream, &fields).is_ok());
+}

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use redstream::auth::Roles;
+use redstream::auth::{Identity, Roles};
+use redstream::model::envelope::Fields;
 
 use crate::util::{Daemon, RedisServer, bin, daemon_toml, root, settings, wait_for};
 
@@ -278,7 +279,7 @@ drop = true
 }
 
 #[test]
-fn routes_that_require_a_sender_token_verify_it_and_hide_it() {
+fn routes_that_require_a_signed_sender_verify_it_once_and_hide_it() {
     let server = RedisServer::start();
     let cache = tempfile::tempdir().unwrap();
     let stream = "nova:task:wasm:signed";
@@ -296,84 +297,86 @@ fn routes_that_require_a_sender_token_verify_it_and_hide_it() {
         .concat(),
     );
     let keys = settings(&server.url()).auth.keys;
-    let (good, _) = keys
-        .issue(
-            "agent-7",
-            &Roles::parse(&["task_read"]).unwrap(),
-            Duration::from_secs(60),
-        )
+    let agent = Identity {
+        subject: "agent-7".into(),
+        roles: Roles::parse(&["task_read"]).unwrap(),
+    };
+    let sign = |fields: &[(&str, &str)]| {
+        let f: Fields = fields.iter().copied().collect();
+        keys.sign_message(&agent, stream, &f, Duration::from_secs(60))
+            .unwrap()
+    };
+    let (bearer, _) = keys
+        .issue("agent-7", &agent.roles, Duration::from_secs(60))
         .unwrap();
-    // The same token with its payload swapped for one claiming admin: the signature no longer matches.
-    let parts: Vec<&str> = good.split('.').collect();
-    let payload = serde_json::json!({"sub": "agent-7", "roles": ["admin"], "iss": "redstream", "aud": "redstream",
-        "exp": 4_000_000_000u64});
-    use base64::Engine as _;
-    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload.to_string());
-    let forged = format!("{}.{payload}.{}", parts[0], parts[2]);
+    let good = sign(&[("do", "whoami")]);
     let mut d = Daemon::running(&toml, &[]);
-    server.xadd(stream, &[("do", "whoami"), ("_token", &good)]);
+    server.xadd(stream, &[("do", "whoami"), ("_sig", &good)]);
+    wait_for("the report", Duration::from_secs(10), || {
+        (server.xlen(REPORT) == 1).then_some(())
+    });
+    // A verbatim copy of the signed message, its signature on other content, a bare bearer token,
+    // nothing at all, and garbage.
+    server.xadd(stream, &[("do", "whoami"), ("_sig", &good)]);
+    server.xadd(stream, &[("do", "count"), ("_sig", &good)]);
+    server.xadd(stream, &[("do", "whoami"), ("_token", &bearer)]);
     server.xadd(stream, &[("do", "whoami")]);
-    server.xadd(stream, &[("do", "whoami"), ("_token", &forged)]);
-    server.xadd(stream, &[("do", "whoami"), ("_token", "not.a.jwt")]);
+    server.xadd(stream, &[("do", "whoami"), ("_sig", "not.a.jwt")]);
     // A signed message whose handler traps: its dead letter names the verified sender, beside
     // whatever _source (here a forged one) the publisher wrote.
-    let trapped = server.xadd(
-        stream,
-        &[
-            ("marker", "1"),
-            ("_source", "admin@forged"),
-            ("_dlq_sender", "admin"),
-            ("_token", &good),
-        ],
-    );
+    let trapped_fields = [
+        ("marker", "1"),
+        ("_source", "admin@forged"),
+        ("_dlq_sender", "admin"),
+    ];
+    let trapped_sig = sign(&trapped_fields);
+    let mut with_sig = trapped_fields.to_vec();
+    with_sig.push(("_sig", trapped_sig.as_str()));
+    let trapped = server.xadd(stream, &with_sig);
     let dlq = format!("{stream}-dlq");
-    wait_for(
-        "1 report and 4 dead letters",
-        Duration::from_secs(10),
-        || (server.xlen(REPORT) == 1 && server.xlen(&dlq) == 4).then_some(()),
-    );
-    let (signed, unsigned): (Vec<_>, Vec<_>) = server.entries(&dlq).into_iter().partition(|e| {
-        e.fields.get_str("_dlq_source") == Some(format!("{stream}/{trapped}").as_str())
+    wait_for("6 dead letters", Duration::from_secs(10), || {
+        (server.xlen(&dlq) == 6).then_some(())
     });
-    assert_eq!(signed[0].fields.get_str("_dlq_sender"), Some("agent-7"));
-    assert_eq!(signed[0].fields.get_str("_source"), Some("admin@forged"));
-    assert!(
-        unsigned
-            .iter()
-            .all(|e| e.fields.get("_dlq_sender").is_none())
-    );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
     assert_eq!(
         reports(&server),
         [(
             "whoami".to_string(),
             "agent-7 task_read; token visible: false".to_string()
-        )]
+        )],
+        "the copy's report was never written"
     );
+    let (signed, unsigned): (Vec<_>, Vec<_>) = server.entries(&dlq).into_iter().partition(|e| {
+        e.fields.get_str("_dlq_source") == Some(format!("{stream}/{trapped}").as_str())
+    });
+    assert_eq!(signed[0].fields.get_str("_dlq_sender"), Some("agent-7"));
+    assert_eq!(signed[0].fields.get_str("_source"), Some("admin@forged"));
+    for e in &unsigned {
+        // The replayed copy carries a genuine signature; the others none that verified.
+        let replayed = e
+            .fields
+            .get_str("_dlq_reason")
+            .unwrap()
+            .starts_with("replayed");
+        let sender = e.fields.get_str("_dlq_sender");
+        assert_eq!(sender, replayed.then_some("agent-7"), "{e:?}");
+    }
     let reasons: Vec<String> = unsigned
         .iter()
         .map(|e| e.fields.get_str("_dlq_reason").unwrap().to_owned())
         .collect();
-    assert!(
-        reasons.iter().all(|r| r.starts_with("unauthenticated")),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons
-            .iter()
-            .any(|r| r.contains("no _token") || r.contains("there is none")),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons.iter().any(|r| r.contains("bad signature")),
-        "{reasons:?}"
-    );
+    let count = |what: &str| reasons.iter().filter(|r| r.contains(what)).count();
+    assert_eq!(count("replayed"), 1, "{reasons:?}");
+    assert_eq!(count("not the ones signed"), 1, "{reasons:?}");
+    assert_eq!(count("bare _token"), 1, "{reasons:?}");
+    assert_eq!(count("there is none"), 1, "{reasons:?}");
+    assert_eq!(count("malformed"), 1, "{reasons:?}");
     assert!(
         server
             .entries(&dlq)
             .iter()
-            .all(|e| e.fields.get("_token").is_none()),
-        "dead letters never copy a token"
+            .all(|e| e.fields.get("_token").is_none() && e.fields.get("_sig").is_none()),
+        "dead letters never copy a credential"
     );
 }
 
