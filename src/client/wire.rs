@@ -649,6 +649,85 @@ mod tests {
         assert_eq!(got.deliveries.get("2-0"), Some(&1));
     }
 
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn entries() -> impl Strategy<Value = Vec<(String, Pairs)>> {
+            let field = (
+                proptest::collection::vec(any::<u8>(), 0..12),
+                proptest::collection::vec(any::<u8>(), 0..300),
+            );
+            let entry = (1u64..1000, proptest::collection::vec(field, 0..12));
+            proptest::collection::vec(entry, 0..8).prop_map(|es| {
+                es.into_iter()
+                    .enumerate()
+                    .map(|(i, (ms, f))| (format!("{ms}-{i}"), f))
+                    .collect()
+            })
+        }
+
+        proptest! {
+            /// Whatever Redis — or anything on the socket — sends, the scanner and the decoder end
+            /// with an answer or an error, never a panic, and a bounded scan never holds more than
+            /// what came in.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), chunk in 1usize..64) {
+                for limit in [None, Some(EntryLimit { fields: 2, bytes: 16 })] {
+                    let mut s = Scanner::new(0, limit);
+                    let mut buf = Vec::new();
+                    for piece in bytes.chunks(chunk) {
+                        buf.extend_from_slice(piece);
+                        prop_assert!(buf.len() <= bytes.len() + 64);
+                        match s.advance(&mut buf) {
+                            Ok(Some(end)) => { let _ = read_reply(&buf[..end]); break; }
+                            Ok(None) => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+                let _ = read_reply(&bytes);
+            }
+
+            /// A read reply split anywhere decodes to the entries sent; under a limit, exactly the
+            /// entries over it come back as too large, with their true sizes, and the rest intact.
+            #[test]
+            fn read_replies_decode_exactly_under_any_split_and_limit(
+                sent in entries(), chunk in 1usize..97, fields in 0usize..8, bytes in 0u64..1200,
+            ) {
+                let frame = read_frame(&sent.iter().map(|(id, f)| (id.as_str(), f.clone())).collect::<Vec<_>>());
+                let limit = EntryLimit { fields, bytes };
+                let mut s = Scanner::new(0, Some(limit));
+                let mut buf = Vec::new();
+                let mut end = None;
+                for piece in frame.chunks(chunk) {
+                    buf.extend_from_slice(piece);
+                    if let Some(e) = s.advance(&mut buf).unwrap() {
+                        end = Some(e);
+                        break;
+                    }
+                }
+                let got = read_reply(&buf[..end.expect("the frame ends")]).unwrap();
+                let (mut kept, mut large) = (got.entries.iter(), got.too_large.iter());
+                for (id, pairs) in &sent {
+                    let size = Size {
+                        fields: pairs.len() as u64,
+                        bytes: pairs.iter().map(|(n, v)| (n.len() + v.len()) as u64).sum(),
+                    };
+                    if limit.exceeds(size) {
+                        prop_assert_eq!(large.next(), Some(&(id.clone(), size)));
+                    } else {
+                        let e = kept.next().unwrap();
+                        prop_assert_eq!(&e.id, id);
+                        let want: Fields = pairs.iter().cloned().collect();
+                        prop_assert_eq!(&e.fields, &want);
+                    }
+                }
+                prop_assert!(kept.next().is_none() && large.next().is_none());
+            }
+        }
+    }
+
     #[test]
     fn decodes_entries_binary_values_and_deleted_ids() {
         let got = read_reply(READ).unwrap();

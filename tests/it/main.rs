@@ -45,3 +45,6 @@ mod control;
 mod retention;
 // The binary: exit codes, output, config layering, tokens.
 mod cli;
+
+// Parsers under arbitrary input.
+mod props;

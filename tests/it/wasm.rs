@@ -512,6 +512,36 @@ fn check_compiles_every_handler_caches_it_and_refuses_foreign_imports() {
     std::fs::write(cached[0].path(), b"garbage").unwrap();
     let (code, out) = check(&base(&handler("echo", "echo", "roles = [\"task_write\"]")));
     assert_eq!(code, 0, "{out}");
+    // So is another component's artifact put in its place (valid, but compiled from something
+    // else: running it would run other code), and one that others may change.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (code, _) = check(&base(&handler(
+            "hostile",
+            "hostile",
+            "roles = [\"task_write\"]",
+        )));
+        assert_eq!(code, 0);
+        let mut files: Vec<_> = std::fs::read_dir(cache.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap());
+        let (echo_artifact, hostile_artifact) = (files[0].clone(), files[1].clone());
+        std::fs::copy(&hostile_artifact, &echo_artifact).unwrap();
+        let (code, out) = check(&base(&handler("echo", "echo", "roles = [\"task_write\"]")));
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("compiled from another component"), "{out}");
+        std::fs::set_permissions(&echo_artifact, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (code, out) = check(&base(&handler("echo", "echo", "roles = [\"task_write\"]")));
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("others may read or change it"), "{out}");
+        std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (code, out) = check(&base(&handler("echo", "echo", "roles = [\"task_write\"]")));
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("others may write into it"), "{out}");
+    }
 
     let evil = files.path().join("evil.wasm");
     let text =

@@ -9,13 +9,15 @@
 //! wait for Redis; the sync API measured faster than the async one). One call's sandbox is
 //! [`sandbox`]'s business; which handler a message goes to is the router's.
 //!
-//! - [`runtime`]: the engine, the artifact cache, loading handlers, and [`WasmHandler`] itself.
+//! - [`runtime`]: the engine, loading handlers, and [`WasmHandler`] itself.
+//! - [`cache`]: compiled artifacts on disk, trusted only when they are provably this process's own.
 //! - [`sandbox`]: one call's store — limits, deadline, the `host` interface, buffered replies.
 //! - [`output`]: the guest's stdout/stderr, captured for the log.
 //! - [`pool`]: the worker threads.
 //! - [`bindings`]: the host side generated from `handlers/wit`.
 
 pub mod bindings;
+mod cache;
 mod output;
 mod pool;
 pub mod runtime;

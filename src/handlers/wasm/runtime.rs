@@ -17,6 +17,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
 use super::bindings;
+use super::cache::Cache;
 use super::pool::{Job, Pool, Retirer};
 use super::sandbox::{self, Host, Meta};
 use crate::auth::Roles;
@@ -199,25 +200,18 @@ impl Runtime {
     }
 
     fn compile(&self, bytes: &[u8], file: &Path) -> Result<Component, String> {
+        let source: [u8; 32] = Sha256::digest(bytes).into();
         let cached = self.cache_dir.as_ref().map(|dir| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             self.engine.precompile_compatibility_hash().hash(&mut h);
-            dir.join(format!(
-                "{}-{:016x}.cwasm",
-                hex::encode(Sha256::digest(bytes)),
-                h.finish()
-            ))
+            let cache = Cache::new(dir.clone());
+            let path = cache.path(&source, h.finish());
+            (cache, path)
         });
-        if let Some(path) = cached.as_ref().filter(|p| p.is_file()) {
-            // SAFETY: the cache directory is RedStream's own (created 0700), entries are written by
-            // `serialize` below and named by the hash of their source and of this engine's settings.
-            match unsafe { Component::deserialize_file(&self.engine, path) } {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "unusable cached artifact; recompiling");
-                    let _ = std::fs::remove_file(path);
-                }
-            }
+        if let Some((cache, path)) = &cached
+            && let Some(component) = cache.load(&self.engine, path, &source)
+        {
+            return Ok(component);
         }
         let component = Component::new(&self.engine, bytes).map_err(|e| {
             format!(
@@ -225,27 +219,13 @@ impl Runtime {
                 file.display()
             )
         })?;
-        if let Some(path) = cached
-            && let Err(e) = store_artifact(&component, &path)
+        if let Some((cache, path)) = cached
+            && let Err(e) = cache.store(&component, &path, &source)
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache the compiled handler");
         }
         Ok(component)
     }
-}
-
-fn store_artifact(component: &Component, path: &Path) -> Result<(), String> {
-    let dir = path.parent().ok_or("no parent directory")?;
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    }
-    let bytes = component.serialize().map_err(|e| e.to_string())?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
 }
 
 /// The default artifact cache: systemd's `$CACHE_DIRECTORY`, else `$XDG_CACHE_HOME/redstream`, else
