@@ -88,6 +88,27 @@ impl KeySet {
         fields: &Fields,
         ttl: Duration,
     ) -> Result<String, TokenError> {
+        self.sign_digest(identity, stream, &digest(stream, fields), ttl)
+    }
+
+    /// [`KeySet::sign_message`] for a message whose [`digest`] the caller computed (the credential
+    /// exchange signs for hosts that do not hold the key, and never sees the fields).
+    pub fn sign_digest(
+        &self,
+        identity: &Identity,
+        stream: &str,
+        dig: &str,
+        ttl: Duration,
+    ) -> Result<String, TokenError> {
+        if dig.len() != 43
+            || !dig
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(TokenError::InvalidClaim(
+                "the digest is not a base64url SHA-256".into(),
+            ));
+        }
         let (key, encoding) = self.signer()?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -103,7 +124,7 @@ impl KeySet {
             jti: uuid::Uuid::new_v4().simple().to_string(),
             typ: TYP.to_owned(),
             stream: stream.to_owned(),
-            dig: digest(stream, fields),
+            dig: dig.to_owned(),
         };
         let mut header = Header::new(key.algorithm.jwt());
         header.kid = Some(key.id.clone());

@@ -47,9 +47,8 @@ pub async fn run(cli: Cli) -> Result {
             }
             let opts = PublishOptions { maxlen };
             let id = if sign {
-                client
-                    .publish_signed(&stream, all, signer(&settings)?, opts)
-                    .await?
+                let token = given_token(&auth)?;
+                publish_signed(&settings, &client, token.as_deref(), &stream, all, opts).await?
             } else {
                 client.publish(&stream, all, opts).await?
             };
@@ -77,10 +76,10 @@ pub async fn run(cli: Cli) -> Result {
             if let Some(r) = request_id {
                 fields.push("request_id", r);
             }
-            let keys = signer(&settings)?;
-            let id = client
-                .publish_signed(&stream, fields, keys, PublishOptions::default())
-                .await?;
+            let token = given_token(&auth)?;
+            let opts = PublishOptions::default();
+            let id =
+                publish_signed(&settings, &client, token.as_deref(), &stream, fields, opts).await?;
             println!("{id}");
             Ok(())
         }
@@ -204,7 +203,7 @@ pub async fn run(cli: Cli) -> Result {
             }
             Ok(())
         }
-        Command::Token(cmd) => token(config, cmd),
+        Command::Token(cmd) => token(config, cmd).await,
         Command::Dlq(DlqCommand::List {
             stream,
             count,
@@ -389,16 +388,52 @@ fn replay_target(settings: &Settings, dlq: &str) -> Result<String> {
         })
 }
 
-/// The key set that signs messages on this host.
-fn signer(settings: &Settings) -> Result<&crate::auth::jwt::KeySet> {
+/// Publishes `fields` signed: with the signing key where this host holds it, else through the
+/// credential exchange at `auth.endpoint`, as the holder of `token`.
+async fn publish_signed(
+    settings: &Settings,
+    client: &Client,
+    token: Option<&str>,
+    stream: &str,
+    fields: Fields,
+    opts: PublishOptions,
+) -> Result<String> {
     if settings.auth.keys.can_sign() {
-        Ok(&settings.auth.keys)
-    } else {
-        Err(Failure::new(
-            Exit::Config,
-            "auth.signing_key: signing a message needs the signing key on this host",
-        ))
+        return Ok(client
+            .publish_signed(stream, fields, &settings.auth.keys, opts)
+            .await?);
     }
+    let Some(socket) = &settings.auth.endpoint else {
+        return Err(Failure::new(
+            Exit::Config,
+            "auth: signing a message needs auth.signing_key on this host, or auth.endpoint (the \
+             credential exchange of a daemon that holds it)",
+        ));
+    };
+    let token = token.ok_or_else(|| {
+        Failure::new(
+            Exit::Failure,
+            "signing through the credential exchange acts as a token: give --token-file, --token - \
+             or $REDSTREAM_TOKEN",
+        )
+    })?;
+    let mut fields = client.prepare_signed(stream, fields)?;
+    let digest = crate::auth::signature::digest(stream, &fields);
+    let answer = crate::daemon::exchange::request(
+        socket,
+        "/sign",
+        &json!({"token": token, "stream": stream, "digest": digest}),
+    )
+    .await
+    .map_err(|e| Failure::new(Exit::Failure, format!("credential exchange: {e}")))?;
+    let signature = answer["signature"].as_str().ok_or_else(|| {
+        Failure::new(
+            Exit::Failure,
+            "credential exchange: no signature in its answer",
+        )
+    })?;
+    fields.push(crate::auth::signature::FIELD, signature);
+    Ok(client.publish_prepared(stream, &fields, opts).await?)
 }
 
 /// The token an operator gave (see [`super::AuthArgs::resolve`]).
@@ -441,7 +476,7 @@ fn acting_identity(settings: &Settings, token: Option<&str>) -> Result<Identity>
         })
 }
 
-fn token(config: Option<&Path>, cmd: TokenCommand) -> Result {
+async fn token(config: Option<&Path>, cmd: TokenCommand) -> Result {
     match cmd {
         TokenCommand::Issue {
             api_key,
@@ -450,40 +485,26 @@ fn token(config: Option<&Path>, cmd: TokenCommand) -> Result {
         } => {
             let settings = config::load(config)?;
             let auth = &settings.auth;
-            let key = auth
-                .api_keys
-                .authenticate(&api_key)
-                .map_err(crate::client::error::Error::from)?;
-            let wanted = if roles.is_empty() {
-                key.roles.clone()
-            } else {
-                Roles::parse(&roles)
-                    .map_err(|m| Failure::new(Exit::Failure, format!("--role: {m}")))?
-            };
-            if !key.roles.covers(&wanted) {
-                return Err(Failure::new(
-                    Exit::Failure,
-                    format!(
-                        "API key {:?} may be issued {}, not {}",
-                        key.name, key.roles, wanted
-                    ),
-                ));
+            if !auth.keys.can_sign()
+                && let Some(socket) = &auth.endpoint
+            {
+                // This host verifies only: the daemon that holds the key issues.
+                let mut body = json!({"api_key": api_key, "roles": roles});
+                if let Some(ttl) = ttl {
+                    body["ttl"] = json!(humantime::format_duration(ttl).to_string());
+                }
+                let answer = crate::daemon::exchange::request(socket, "/token", &body)
+                    .await
+                    .map_err(|e| {
+                        Failure::new(Exit::Failure, format!("credential exchange: {e}"))
+                    })?;
+                println!("{}", answer["token"].as_str().unwrap_or_default());
+                return Ok(());
             }
-            let ttl = ttl.unwrap_or(auth.token_ttl);
-            if ttl > auth.max_token_ttl {
-                return Err(Failure::new(
-                    Exit::Failure,
-                    format!(
-                        "--ttl {} is above auth.max_token_ttl ({})",
-                        humantime::format_duration(ttl),
-                        humantime::format_duration(auth.max_token_ttl)
-                    ),
-                ));
-            }
-            let (token, _) = auth
-                .keys
-                .issue(&key.identity, &wanted, ttl)
-                .map_err(crate::client::error::Error::from)?;
+            let exchange = crate::daemon::exchange::Exchange::new(auth, settings.naming.clone());
+            let (token, _) = exchange
+                .issue(&api_key, &roles, ttl)
+                .map_err(|e| Failure::new(Exit::Failure, e))?;
             println!("{token}");
             Ok(())
         }

@@ -153,17 +153,36 @@ impl Client {
     pub async fn publish_signed(
         &self,
         stream: &str,
-        mut fields: Fields,
+        fields: Fields,
         keys: &KeySet,
         opts: PublishOptions,
     ) -> Result<String> {
+        let mut fields = self.prepare_signed(stream, fields)?;
+        let sig = keys.sign_message(&self.identity, stream, &fields, Duration::MAX)?;
+        fields.push(signature::FIELD, sig);
+        self.publish_prepared(stream, &fields, opts).await
+    }
+
+    /// The first half of a signed publish whose signature comes from elsewhere (the credential
+    /// exchange): the fields as they will be written, envelope stamped, credentials removed. Sign
+    /// their [`signature::digest`], push `_sig`, and hand them to [`Client::publish_prepared`].
+    pub fn prepare_signed(&self, stream: &str, mut fields: Fields) -> Result<Fields> {
         self.authorize(Op::Publish, stream)?;
         fields.remove(signature::FIELD);
         fields.remove(signature::TOKEN_FIELD);
         fields.stamp(&self.identity.subject, envelope::now_ms());
-        let sig = keys.sign_message(&self.identity, stream, &fields, Duration::MAX)?;
-        fields.push(signature::FIELD, sig);
-        let cmd = xadd(stream, &fields, opts.maxlen);
+        Ok(fields)
+    }
+
+    /// XADD of fields [`Client::prepare_signed`] made and a signature completed, as they are.
+    pub async fn publish_prepared(
+        &self,
+        stream: &str,
+        fields: &Fields,
+        opts: PublishOptions,
+    ) -> Result<String> {
+        self.authorize(Op::Publish, stream)?;
+        let cmd = xadd(stream, fields, opts.maxlen);
         self.redis.query(&cmd, Ctx::new("XADD", stream)).await
     }
 

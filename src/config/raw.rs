@@ -175,6 +175,7 @@ pub struct RawAuth {
     pub token_ttl: Loose<String>,
     pub max_token_ttl: Loose<String>,
     pub signature_ttl: Loose<String>,
+    pub endpoint: Option<Loose<String>>,
     pub keys: Vec<RawKey>,
     pub api_keys: Vec<RawApiKey>,
 }
@@ -189,6 +190,7 @@ impl Default for RawAuth {
             token_ttl: Loose::ok("1h".into()),
             max_token_ttl: Loose::ok("24h".into()),
             signature_ttl: Loose::ok("5m".into()),
+            endpoint: None,
             keys: Vec::new(),
             api_keys: Vec::new(),
         }

@@ -90,6 +90,9 @@ pub struct AuthSettings {
     pub token_ttl: Duration,
     /// The longest lifetime `token issue` grants.
     pub max_token_ttl: Duration,
+    /// The credential exchange's unix socket (`auth.endpoint`): served by a daemon that holds the
+    /// signing key, used by the CLI on a host that does not.
+    pub endpoint: Option<PathBuf>,
 }
 
 /// Daemon-wide settings.

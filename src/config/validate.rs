@@ -368,7 +368,18 @@ fn auth_settings(raw: &RawConfig, c: &mut Checker<'_>, naming: &Naming) -> Optio
             return None;
         }
     };
+    let endpoint = a.endpoint.as_ref().and_then(|e| {
+        c.parse("auth.endpoint", e, "an absolute socket path", |s| {
+            let p = std::path::PathBuf::from(s);
+            if p.is_absolute() {
+                Ok(p)
+            } else {
+                Err("relative: give the full path of the socket".into())
+            }
+        })
+    });
     Some(AuthSettings {
+        endpoint,
         keys: Arc::new(keys),
         api_keys: ApiKeys::new(api_keys),
         token_ttl: token_ttl?,

@@ -56,6 +56,12 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// The credential exchange's socket could not be bound.
+    #[error("cannot serve the credential exchange at {path:?} (auth.endpoint): {source}")]
+    Exchange {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -123,6 +129,20 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
             .await
             .map_err(|source| RunError::Metrics { addr, source })?;
         side.spawn(crate::metrics::serve(listener, stop.clone()));
+    }
+    // The credential exchange, where this daemon holds the signing key and a socket is configured.
+    if let Some(path) = settings
+        .auth
+        .endpoint
+        .as_ref()
+        .filter(|_| settings.auth.keys.can_sign())
+    {
+        let listener = super::exchange::bind(path).map_err(|source| RunError::Exchange {
+            path: path.clone(),
+            source,
+        })?;
+        let exchange = super::exchange::Exchange::new(&settings.auth, settings.naming.clone());
+        side.spawn(super::exchange::serve(listener, exchange, stop.clone()));
     }
 
     let health = Arc::new(Health::default());

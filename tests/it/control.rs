@@ -328,3 +328,96 @@ fn a_lapsing_identity_token_degrades_the_daemon_and_a_self_issued_one_is_renewed
     );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// An operator's host holds verification keys only: `redstream token issue` gets its token from the
+/// daemon's credential exchange (within the API key's roles), and `redstream control` gets its
+/// signature there — as the token's identity, only for streams it may publish to.
+#[test]
+fn an_operator_without_the_signing_key_gets_tokens_and_signatures_from_the_exchange() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("ed25519.key");
+    std::fs::copy(crate::util::fixture("keys/ed25519.key"), &private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let public = crate::util::fixture("keys/ed25519.pub");
+    let socket = dir.path().join("auth.sock");
+    let common = |keys: &str, extra: &str| {
+        format!(
+            "[identity]\nname = \"test-daemon\"\nroles = [\"admin\"]\n\
+             [redis]\nurl = \"{}\"\n\
+             [auth]\nendpoint = \"{}\"\n{extra}\n\
+             [[auth.keys]]\nid = \"e\"\nalgorithm = \"EdDSA\"\npublic_key = {{ file = \"{}\" }}\n{keys}\n\
+             [[auth.api_keys]]\nname = \"ops\"\nhash = \"sha256:21f346b6024a20bef3c9fd4ab56bdfebbf693d669978c8c8a74567801cae9028\"\n\
+             identity = \"alice@ops\"\nroles = [\"system_write\", \"task_write\"]\n",
+            server.url(),
+            socket.display(),
+            public.display(),
+        )
+    };
+    let daemon = common(
+        &format!("private_key = {{ file = \"{}\" }}", private.display()),
+        "signing_key = \"e\"",
+    ) + "[daemon]\ndrain_timeout = \"10s\"\n[[consumers]]\nstream = \"nova:task:control:in\"\ngroup = \"g\"\nhandler = \"drop\"\n";
+    // The operator's config: the same verification key, no private key, no identity of its own.
+    let operator = common("", "").replace(
+        "[identity]\nname = \"test-daemon\"\nroles = [\"admin\"]\n",
+        "",
+    );
+    let operator_file = dir.path().join("operator.toml");
+    std::fs::write(&operator_file, &operator).unwrap();
+    let mut d = Daemon::running(&daemon, &[]);
+    let cli = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(crate::util::bin());
+        cmd.args(args)
+            .arg("--config")
+            .arg(&operator_file)
+            .env_remove("REDSTREAM_TOKEN")
+            .env_remove("REDSTREAM_API_KEY");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let api = [("REDSTREAM_API_KEY", "rsk_dev_demo_key")];
+    // A role the API key does not hold is refused by the exchange, with its reason.
+    let (code, _, err) = cli(&["token", "issue", "--role", "admin"], &api);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("may be issued"), "{err}");
+    let (code, token, err) = cli(
+        &["token", "issue", "--role", "system_write", "--ttl", "10m"],
+        &api,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (code, claims, err) = cli(&["token", "verify", &token], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        claims.contains("alice@ops") && claims.contains("system_write"),
+        "{claims}"
+    );
+    // A task-only token cannot get a control command signed.
+    let (_, task_token, _) = cli(&["token", "issue", "--role", "task_write"], &api);
+    let (code, _, err) = cli(
+        &["control", "reload_config"],
+        &[("REDSTREAM_TOKEN", &task_token)],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("system_write"), "{err}");
+    // The system_write token can, and the daemon obeys it.
+    let (code, _, err) = cli(
+        &["control", "reload_config"],
+        &[("REDSTREAM_TOKEN", &token)],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        d.wait_log("reloaded the config", Duration::from_secs(10)),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
