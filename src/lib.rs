@@ -23,7 +23,7 @@
 //! - [`model`]: stream ids, names, the envelope, and the handler seam (message in, outcome out).
 //! - Plumbing used from any layer: [`metrics`] (Prometheus), [`notify`] (the systemd notify protocol),
 //!   [`health`] (loop liveness behind the watchdog, degraded conditions), [`shutdown`] (signals as one
-//!   enum, the stop fan-out), [`backoff`], [`logging`].
+//!   enum, the stop fan-out), [`backoff`], [`logging`], [`http`] (one HTTP/1.1 connection served until stop).
 
 pub mod auth;
 pub mod backoff;
@@ -34,6 +34,7 @@ pub mod daemon;
 pub mod engine;
 pub mod handlers;
 pub mod health;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod model;

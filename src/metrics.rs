@@ -227,7 +227,7 @@ pub async fn serve(listener: tokio::net::TcpListener, mut shutdown: Shutdown) {
             },
             _ = shutdown.wait() => break,
         };
-        let mut stop = shutdown.clone();
+        let stop = shutdown.clone();
         connections.spawn(async move {
             let service =
                 hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
@@ -242,18 +242,7 @@ pub async fn serve(listener: tokio::net::TcpListener, mut shutdown: Shutdown) {
                     };
                     response.map_err(std::io::Error::other)
                 });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stop.wait() => {
-                    // Finish the response under way, if any, then close; a stalled peer gets a second.
-                    conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(Duration::from_secs(1), conn).await.unwrap_or(Ok(()))
-                }
-            };
-            if let Err(e) = result {
+            if let Err(e) = crate::http::serve_connection(stream, service, stop).await {
                 tracing::debug!(error = %e, "metrics connection ended with an error");
             }
         });

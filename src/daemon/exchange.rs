@@ -182,22 +182,15 @@ pub async fn serve(listener: tokio::net::UnixListener, exchange: Exchange, mut s
             _ = shutdown.wait() => break,
         };
         let exchange = exchange.clone();
-        let mut stop = shutdown.clone();
+        let stop = shutdown.clone();
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let exchange = exchange.clone();
                 async move { Ok::<_, std::io::Error>(respond(&exchange, req).await) }
             });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-            tokio::pin!(conn);
-            let _ = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stop.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(Duration::from_secs(1), conn).await.unwrap_or(Ok(()))
-                }
-            };
+            if let Err(e) = crate::http::serve_connection(stream, service, stop).await {
+                tracing::debug!(error = %e, "credential exchange connection ended with an error");
+            }
         });
     }
     connections.close();
