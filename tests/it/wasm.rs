@@ -558,6 +558,41 @@ fn check_compiles_every_handler_caches_it_and_refuses_foreign_imports() {
         "{out}"
     );
 
+    // Errors that say what to do: a core module, another version of the handler WIT, and wasi:http
+    // (which componentize-js adds by default).
+    for (name, text, says) in [
+        ("core", "(module)", "build for wasm32-wasip2"),
+        (
+            "newer",
+            r#"(component (import "redstream:handler/host@0.2.0" (instance)))"#,
+            "built against redstream:handler@0.2.0",
+        ),
+        (
+            "js",
+            r#"(component (import "wasi:http/types@0.2.3" (instance)))"#,
+            "-d http -d fetch-event",
+        ),
+    ] {
+        let file = files.path().join(format!("{name}.wasm"));
+        std::fs::write(&file, wat::parse_str(text).unwrap()).unwrap();
+        let entry = format!(
+            "[[handlers]]\nname = \"{name}\"\nfile = \"{}\"\n",
+            file.display()
+        );
+        let (code, out) = check(&base(&entry));
+        assert_eq!(code, 78, "{out}");
+        assert!(out.contains(says), "{name}: {out}");
+    }
+    let text_file = files.path().join("text.wasm");
+    std::fs::write(&text_file, "hello").unwrap();
+    let entry = format!(
+        "[[handlers]]\nname = \"t\"\nfile = \"{}\"\n",
+        text_file.display()
+    );
+    let (code, out) = check(&base(&entry));
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("not a WebAssembly file"), "{out}");
+
     let junk = files.path().join("junk.wasm");
     std::fs::write(&junk, b"\0asm not really").unwrap();
     let (code, out) = check(&base(&format!(

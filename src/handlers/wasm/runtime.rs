@@ -164,15 +164,28 @@ impl Runtime {
     pub fn load(&self, spec: &WasmSpec) -> Result<WasmHandler, String> {
         let bytes = std::fs::read(&spec.file)
             .map_err(|e| format!("cannot read {}: {e}", spec.file.display()))?;
+        if let Some(why) = not_a_component(&bytes) {
+            return Err(format!("{}: {why}", spec.file.display()));
+        }
         let component = self.compile(&bytes, &spec.file)?;
+        let hint = |component: &Component| {
+            diagnose(&self.engine, component)
+                .map(|h| format!("; {h}"))
+                .unwrap_or_default()
+        };
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             format!(
-                "{} cannot be linked: {e:#} (handlers may import only redstream:handler/host and WASI, which is denied)",
-                spec.file.display()
+                "{} cannot be linked: {e:#} (handlers may import only redstream:handler/host and WASI, which is denied){}",
+                spec.file.display(),
+                hint(&component)
             )
         })?;
         let pre = bindings::HandlerPre::new(pre).map_err(|e| {
-            format!("{} is not a RedStream handler (it must export `handle` of redstream:handler@0.1.0): {e:#}", spec.file.display())
+            format!(
+                "{} is not a RedStream handler (it must export `handle` of redstream:handler@{WIT_VERSION}): {e:#}{}",
+                spec.file.display(),
+                hint(&component)
+            )
         })?;
         static IDS: AtomicU64 = AtomicU64::new(1);
         Ok(WasmHandler {
@@ -226,6 +239,56 @@ impl Runtime {
         }
         Ok(component)
     }
+}
+
+/// The version of the `redstream:handler` WIT package this daemon speaks.
+pub const WIT_VERSION: &str = "0.1.0";
+
+/// Why `bytes` cannot be a component, when the first eight bytes tell: not WebAssembly at all, or a
+/// core module (what `wasm32-wasip1` and plain `wasm32-unknown-unknown` builds produce).
+fn not_a_component(bytes: &[u8]) -> Option<String> {
+    if !bytes.starts_with(b"\0asm") {
+        return Some("not a WebAssembly file (it does not begin with \\0asm)".into());
+    }
+    match bytes.get(4..8) {
+        Some([1, 0, 0, 0]) => Some(
+            "this is a core WebAssembly module, not a component: build for wasm32-wasip2 \
+             (`cargo build --release --target wasm32-wasip2`), or componentize it (componentize-js, \
+             componentize-py, `wasm-tools component new`)"
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
+/// What to do about a component that does not link as a handler, when its imports and exports say:
+/// another version of the handler WIT, or `wasi:http` (which componentize-js adds unless told not to).
+fn diagnose(engine: &Engine, component: &Component) -> Option<String> {
+    let ty = component.component_type();
+    let names: Vec<String> = ty
+        .imports(engine)
+        .map(|(n, _)| n.to_owned())
+        .chain(ty.exports(engine).map(|(n, _)| n.to_owned()))
+        .collect();
+    let ours = format!("@{WIT_VERSION}");
+    if let Some(other) = names
+        .iter()
+        .find(|n| n.starts_with("redstream:handler") && !n.ends_with(&ours))
+    {
+        let version = other.rsplit_once('@').map_or("another version", |(_, v)| v);
+        return Some(format!(
+            "it was built against redstream:handler@{version} ({other}), and this daemon speaks \
+             redstream:handler@{WIT_VERSION}: rebuild it against this release's handlers/wit"
+        ));
+    }
+    if names.iter().any(|n| n.starts_with("wasi:http/")) {
+        return Some(
+            "it imports wasi:http, which handlers may not use: componentize-js adds it by default, \
+             build with `-d http -d fetch-event`"
+                .into(),
+        );
+    }
+    None
 }
 
 /// The default artifact cache: systemd's `$CACHE_DIRECTORY`, else `$XDG_CACHE_HOME/redstream`, else
@@ -456,5 +519,20 @@ impl BatchHandler for WasmHandler {
                 job();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_wit_version_is_the_one_in_handlers_wit() {
+        let wit = include_str!("../../../handlers/wit/handler.wit");
+        assert!(
+            wit.contains(&format!(
+                "package redstream:handler@{};",
+                super::WIT_VERSION
+            )),
+            "handlers/wit/handler.wit names another version"
+        );
     }
 }
