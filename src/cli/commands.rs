@@ -698,8 +698,14 @@ pub fn handler(cmd: HandlerCommand) -> Result {
             let (_runtime, handler) = local_handler(&call, None)?;
             let msg = local_message(&call)?;
             let started = std::time::Instant::now();
-            let outcome = handler.call_here(&msg, None);
-            println!("{}", outcome_json(&outcome, started.elapsed()));
+            let (outcome, transcript) = handler.call_recorded(&msg, None);
+            let mut out = outcome_json(&outcome, started.elapsed());
+            // What the guest logged, then what it printed (a panic's message goes to stderr).
+            out["output"] = transcript
+                .into_iter()
+                .map(|(at, text)| json!({"at": at, "text": text}))
+                .collect();
+            println!("{out}");
             match outcome {
                 Outcome::Success(_) => Ok(()),
                 _ => Err(Failure::new(Exit::Failure, "the handler did not succeed")),

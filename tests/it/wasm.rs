@@ -648,6 +648,30 @@ fn handler_run_and_bench_work_without_redis() {
     assert_eq!(v["outcome"], "retry");
     assert!(v["reason"].as_str().unwrap().contains("deadline"), "{v}");
 
+    // A panicking guest: its panic message and its log lines are in the outcome, without RUST_LOG.
+    let out = Command::new(bin())
+        .args(["handler", "run"])
+        .arg(component("hostile"))
+        .args(["--message", r#"{"do":"panic"}"#])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "retry");
+    let output = v["output"].as_array().expect("output");
+    assert_eq!(
+        output[0],
+        serde_json::json!({"at": "log:warn", "text": "about to give up"})
+    );
+    assert!(
+        output
+            .iter()
+            .any(|o| o["at"] == "stderr"
+                && o["text"].as_str().unwrap().contains("the guest gave up on")),
+        "{v}"
+    );
+
     let out = Command::new(bin())
         .args(["handler", "bench"])
         .arg(&echo)

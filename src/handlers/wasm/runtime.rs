@@ -378,6 +378,26 @@ impl Inner {
         store
     }
 
+    /// Runs one call on this thread in a fresh instance, and returns with its outcome what the guest
+    /// wrote to stdout/stderr and logged (for `redstream handler run`).
+    fn call_recorded(
+        &self,
+        msg: &bindings::redstream::handler::types::Message,
+    ) -> (Outcome, Vec<(&'static str, String)>) {
+        let mut store = self.new_store();
+        store.data_mut().transcript = Some(Vec::new());
+        store.data_mut().begin(&msg.id);
+        store.set_epoch_deadline(self.ticks);
+        let result = WARM
+            .with(|warm| self.instantiate(&mut store, &mut warm.borrow_mut()))
+            .and_then(|bindings| bindings.call_handle(&mut store, msg));
+        let outcome = sandbox::outcome(result, &mut store);
+        (
+            outcome,
+            store.data_mut().transcript.take().unwrap_or_default(),
+        )
+    }
+
     /// Runs one call on this thread.
     fn call(&self, msg: &bindings::redstream::handler::types::Message) -> Outcome {
         match self.reuse {
@@ -445,6 +465,19 @@ impl WasmHandler {
         match sandbox::wit_message(msg, sender) {
             Ok(m) => self.inner.call(&m),
             Err(reason) => Outcome::Reject(reason),
+        }
+    }
+
+    /// [`WasmHandler::call_here`] in a fresh instance, with what the guest wrote and logged — a
+    /// panic's message included — as (where, text).
+    pub fn call_recorded(
+        &self,
+        msg: &Message,
+        sender: Option<&Sender>,
+    ) -> (Outcome, Vec<(&'static str, String)>) {
+        match sandbox::wit_message(msg, sender) {
+            Ok(m) => self.inner.call_recorded(&m),
+            Err(reason) => (Outcome::Reject(reason), Vec::new()),
         }
     }
 

@@ -110,6 +110,9 @@ pub struct Host {
     denied: u32,
     stdout: Capture,
     stderr: Capture,
+    /// When set (a local `handler run`), what the guest wrote and logged, as (where, text), besides
+    /// the daemon's log.
+    pub transcript: Option<Vec<(&'static str, String)>>,
 }
 
 impl WasiView for Host {
@@ -159,6 +162,7 @@ impl Host {
             denied: 0,
             stdout,
             stderr,
+            transcript: None,
         }
     }
 
@@ -181,6 +185,9 @@ impl Host {
             if !bytes.is_empty() {
                 let text = escape(&bytes, MAX_STDIO);
                 tracing::info!(handler = %name, message_id = %self.msg_id, stream, dropped, output = %text, "guest output");
+                if let Some(t) = &mut self.transcript {
+                    t.push((stream, String::from_utf8_lossy(&bytes).into_owned()));
+                }
             }
         }
         if self.log_dropped > 0 {
@@ -270,6 +277,16 @@ impl host::Host for Host {
         }
         self.log_lines += 1;
         let text = escape(text.as_bytes(), MAX_LOG_LINE);
+        if let Some(t) = &mut self.transcript {
+            let at = match level {
+                types::Level::Trace => "log:trace",
+                types::Level::Debug => "log:debug",
+                types::Level::Info => "log:info",
+                types::Level::Warn => "log:warn",
+                types::Level::Error => "log:error",
+            };
+            t.push((at, text.clone()));
+        }
         let (name, id) = (&self.meta.name, &self.msg_id);
         match level {
             types::Level::Trace => tracing::trace!(handler = %name, message_id = %id, "{text}"),
