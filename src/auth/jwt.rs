@@ -295,15 +295,8 @@ impl KeySet {
             ));
         }
         self.fresh(claims.exp, now, self.max_ttl, "auth.max_token_ttl")?;
-        let roles = Roles::parse(&claims.roles).map_err(TokenError::InvalidClaim)?;
-        if claims.sub.is_empty() {
-            return Err(TokenError::InvalidClaim("sub is empty".into()));
-        }
         Ok(Verified {
-            identity: Identity {
-                subject: claims.sub,
-                roles,
-            },
+            identity: identity(claims.sub, &claims.roles)?,
             key_id: key.id.clone(),
             expires_at: claims.exp,
         })
@@ -416,6 +409,18 @@ impl KeySet {
             .map_err(|e| TokenError::Signing(e.to_string()))?;
         Ok((token, claims.exp))
     }
+}
+
+/// The identity verified claims name: a non-empty `sub` and roles that parse.
+pub(super) fn identity(sub: String, roles: &[String]) -> Result<Identity, TokenError> {
+    let roles = Roles::parse(roles).map_err(TokenError::InvalidClaim)?;
+    if sub.is_empty() {
+        return Err(TokenError::InvalidClaim("sub is empty".into()));
+    }
+    Ok(Identity {
+        subject: sub,
+        roles,
+    })
 }
 
 fn map_error(kind: ErrorKind) -> TokenError {

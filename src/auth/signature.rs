@@ -20,8 +20,8 @@ use jsonwebtoken::Header;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::Identity;
 use super::jwt::{KeySet, TokenError};
-use super::{Identity, Roles};
 use crate::model::envelope::Fields;
 
 /// The field carrying a message's signature.
@@ -162,15 +162,8 @@ impl KeySet {
         if claims.jti.is_empty() || claims.jti.len() > 64 {
             return Err(TokenError::InvalidClaim("jti is empty or too long".into()));
         }
-        let roles = Roles::parse(&claims.roles).map_err(TokenError::InvalidClaim)?;
-        if claims.sub.is_empty() {
-            return Err(TokenError::InvalidClaim("sub is empty".into()));
-        }
         Ok(Signed {
-            identity: Identity {
-                subject: claims.sub,
-                roles,
-            },
+            identity: super::jwt::identity(claims.sub, &claims.roles)?,
             jti: claims.jti,
             expires_at_ms: claims.exp.saturating_mul(1000),
         })

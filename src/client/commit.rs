@@ -532,12 +532,18 @@ pub fn weight(f: &Finished) -> (usize, usize) {
             .map(|(n, v)| n.len() + v.len() + 16)
             .sum::<usize>()
     };
-    match &f.effect {
+    let (writes, bytes) = match &f.effect {
         Effect::Replies(r) => (r.len(), r.iter().map(|r| fields(&r.fields) + 128).sum()),
         Effect::DeadLetter(_) => (1, fields(&f.msg.fields) + 256),
         Effect::TooLarge(_) => (1, 256),
         Effect::Vanished => (0, 32),
-    }
+    };
+    // A signed message's use marker is one more (small) write.
+    let marker = usize::from(
+        !matches!(f.effect, Effect::Vanished)
+            && f.msg.sender.as_ref().is_some_and(|s| s.once.is_some()),
+    );
+    (writes + marker, bytes + 96 * marker)
 }
 
 /// Where the use of signature `jti` by `group` of `stream` is recorded: a string holding

@@ -82,7 +82,7 @@ pub struct ControlSettings {
 }
 
 /// Token keys and the API keys that may obtain tokens.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct AuthSettings {
     pub keys: Arc<KeySet>,
     pub api_keys: ApiKeys,

@@ -209,7 +209,7 @@ impl Handler for Control {
                 Err(e) => return Outcome::Retry(format!("cannot record the command's use: {e}")),
             }
             let kind = msg.fields.get_str("type").unwrap_or("");
-            tracing::info!(sender = %sender.subject, command = ?kind, message_id = %msg.id, "control command");
+            tracing::info!(sender = ?sender.subject, command = ?kind, message_id = %msg.id, "control command");
             match kind {
                 "status_request" => {
                     let mut fields = self.vitals.fields();

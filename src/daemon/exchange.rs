@@ -23,8 +23,6 @@ use serde_json::{Value, json};
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Roles;
-use crate::auth::apikey::ApiKeys;
-use crate::auth::jwt::KeySet;
 use crate::config::AuthSettings;
 use crate::model::naming::Naming;
 use crate::shutdown::Shutdown;
@@ -35,20 +33,14 @@ const MAX_BODY: usize = 64 * 1024;
 /// What the exchange issues and signs with: the auth settings of the daemon at start.
 #[derive(Clone)]
 pub struct Exchange {
-    pub keys: Arc<KeySet>,
-    pub api_keys: ApiKeys,
-    pub token_ttl: Duration,
-    pub max_token_ttl: Duration,
-    pub naming: Arc<Naming>,
+    auth: AuthSettings,
+    naming: Arc<Naming>,
 }
 
 impl Exchange {
     pub fn new(auth: &AuthSettings, naming: Arc<Naming>) -> Exchange {
         Exchange {
-            keys: auth.keys.clone(),
-            api_keys: auth.api_keys.clone(),
-            token_ttl: auth.token_ttl,
-            max_token_ttl: auth.max_token_ttl,
+            auth: auth.clone(),
             naming,
         }
     }
@@ -62,6 +54,7 @@ impl Exchange {
         ttl: Option<Duration>,
     ) -> Result<(String, u64), String> {
         let key = self
+            .auth
             .api_keys
             .authenticate(api_key)
             .map_err(|e| e.to_string())?;
@@ -76,15 +69,16 @@ impl Exchange {
                 key.name, key.roles, wanted
             ));
         }
-        let ttl = ttl.unwrap_or(self.token_ttl);
-        if ttl > self.max_token_ttl {
+        let ttl = ttl.unwrap_or(self.auth.token_ttl);
+        if ttl > self.auth.max_token_ttl {
             return Err(format!(
                 "ttl {} is above auth.max_token_ttl ({})",
                 humantime::format_duration(ttl),
-                humantime::format_duration(self.max_token_ttl)
+                humantime::format_duration(self.auth.max_token_ttl)
             ));
         }
-        self.keys
+        self.auth
+            .keys
             .issue(&key.identity, &wanted, ttl)
             .map_err(|e| e.to_string())
     }
@@ -92,6 +86,7 @@ impl Exchange {
     /// The signature of the message with digest `dig` for `stream`, as the holder of `token`.
     pub fn sign(&self, token: &str, stream: &str, dig: &str) -> Result<String, String> {
         let verified = self
+            .auth
             .keys
             .verify(token.trim())
             .map_err(|e| format!("token: {e}"))?;
@@ -102,7 +97,8 @@ impl Exchange {
             stream,
         )
         .map_err(|e| e.to_string())?;
-        self.keys
+        self.auth
+            .keys
             .sign_digest(&verified.identity, stream, dig, Duration::MAX)
             .map_err(|e| e.to_string())
     }
