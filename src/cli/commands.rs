@@ -309,8 +309,11 @@ async fn check(config: Option<&Path>, ping: bool) -> Result {
             humantime::format_duration(h.timeout)
         );
     }
+    for d in &settings.dropins {
+        println!("  drop-in: {}", d.display());
+    }
     for r in &settings.routes {
-        println!("  route: {} → {:?}", r.stream, r.action);
+        println!("  route: {} → {}", r.stream, r.action);
     }
     for c in &settings.consumers {
         let handler = c
@@ -321,8 +324,19 @@ async fn check(config: Option<&Path>, ping: bool) -> Result {
             "  consumer: {} group {} as {}: {handler} (dead letters to {})",
             c.stream, c.group, c.consumer, c.dead_letter
         );
+        for r in c.routes.iter().filter(|_| c.handler.is_none()) {
+            println!(
+                "    route: {} {} → {}",
+                r.stream,
+                predicates(&r.when),
+                r.action
+            );
+        }
     }
     drop(prepared);
+    for w in &settings.warnings {
+        println!("  warning: {w}");
+    }
     println!("  redis: {}", redact_url(&settings.redis.url));
     if ping {
         wait_ready(settings.redis.clone(), settings.startup_wait)
@@ -568,6 +582,22 @@ fn json_fields(path: &Path) -> Result<Fields> {
             Exit::Failure,
             format!("--json {}: {e}", path.display()),
         )),
+    }
+}
+
+/// A route's field conditions as `check` shows them: `type=task_created, has id, no _token`.
+fn predicates(when: &crate::engine::router::Predicates) -> String {
+    let mut parts: Vec<String> = when
+        .equals
+        .iter()
+        .map(|(f, v)| format!("{f}={}", String::from_utf8_lossy(v)))
+        .collect();
+    parts.extend(when.exists.iter().map(|f| format!("has {f}")));
+    parts.extend(when.absent.iter().map(|f| format!("no {f}")));
+    if parts.is_empty() {
+        "(every message)".into()
+    } else {
+        format!("({})", parts.join(", "))
     }
 }
 

@@ -414,6 +414,9 @@ fn daemon(config: Option<&std::path::Path>) -> ExitCode {
             return ExitCode::from(Exit::Config as u8);
         }
     };
+    for w in &settings.warnings {
+        tracing::warn!(key = %w.path, "config: {}", w.message);
+    }
     let prepared = match crate::daemon::prepare(&settings) {
         Ok(p) => p,
         Err(e) => {

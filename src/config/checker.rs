@@ -77,6 +77,9 @@ pub struct Checker<'a> {
     pub base_dir: Option<&'a Path>,
     credentials_dir: Option<&'a Path>,
     pub problems: Vec<Problem>,
+    /// What is allowed but almost certainly not meant (a route that can never match…): reported by
+    /// `check` and logged at start and reload, never refused.
+    pub warnings: Vec<Problem>,
 }
 
 impl<'a> Checker<'a> {
@@ -90,6 +93,24 @@ impl<'a> Checker<'a> {
             base_dir,
             credentials_dir,
             problems: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Records a warning about `path`.
+    pub fn warn(&mut self, path: &str, message: impl Into<String>) {
+        self.warnings.push(Problem {
+            path: path.to_owned(),
+            message: message.into(),
+            origin: None,
+        });
+    }
+
+    /// The directory of the file the value behind `tag` came from (a drop-in or the main file).
+    pub fn source_dir(&self, tag: Tag) -> Option<PathBuf> {
+        match &self.figment.get_metadata(tag)?.source {
+            Some(Source::File(p)) => p.parent().map(Path::to_path_buf),
+            _ => None,
         }
     }
 

@@ -191,6 +191,31 @@ fn consumer(
         );
     }
     let handler = handler_spec(c, i, rc, naming, handlers);
+    // The consumer's route table: its own [[consumers.routes]], else the top-level routes for its stream.
+    let own_routes = !rc.routes.is_empty();
+    if own_routes && rc.handler.is_some() {
+        c.problem(
+            &p("routes"),
+            "give handler = NAME or [[consumers.routes]], not both",
+        );
+    }
+    let table: Vec<RouteSpec> = match &stream {
+        Some(s) if own_routes => super::handlers::routes(
+            &rc.routes,
+            &p("routes"),
+            Some(s),
+            c,
+            naming,
+            identity,
+            handlers,
+        ),
+        Some(s) => routes
+            .iter()
+            .filter(|r| r.stream.matches(s))
+            .cloned()
+            .collect(),
+        None => Vec::new(),
+    };
     let unmatched = c.parse(
         &p("unmatched"),
         &rc.unmatched,
@@ -202,7 +227,8 @@ fn consumer(
         },
     );
     if let (Some(None), Some(s)) = (&handler, &stream)
-        && !routes.iter().any(|r| r.stream.matches(s))
+        && table.is_empty()
+        && !own_routes
     {
         c.problem(
             &p("handler"),
@@ -214,7 +240,7 @@ fn consumer(
         let reachable: Vec<String> = match h {
             Some(HandlerSpec::Wasm(name)) => vec![name.clone()],
             Some(_) => Vec::new(),
-            None => routes
+            None => table
                 .iter()
                 .filter(|r| r.stream.matches(s))
                 .filter_map(|r| match &r.action {
@@ -264,6 +290,8 @@ fn consumer(
     let names = stream.clone().zip(group.clone());
     // Every key was read and every relation checked above; build only if all of it held.
     let built = (|| {
+        let handler = handler?;
+        let routes = if handler.is_some() { Vec::new() } else { table };
         Some(ConsumerSettings {
             stream: stream?.into(),
             group: group?,
@@ -277,7 +305,8 @@ fn consumer(
             dead_letter: dead_letter?,
             in_flight: in_flight? as usize,
             order_by,
-            handler: handler?,
+            handler,
+            routes,
             unmatched: unmatched?,
             handler_timeout: handler_timeout?,
             entry_limit: ctx.entry_limit,

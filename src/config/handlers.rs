@@ -5,11 +5,11 @@
 //! after loading the config, so a broken component is a config error too.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::checker::Checker;
-use super::raw::RawConfig;
+use super::raw::{RawConfig, RawRoute};
 use super::settings::DaemonIdentity;
 use crate::auth::Op;
 use crate::engine::router::{Action, Predicates, RouteSpec, StreamPattern};
@@ -30,6 +30,15 @@ pub(super) fn handlers(
     identity: Option<&DaemonIdentity>,
     base_dir: Option<&Path>,
 ) -> Vec<WasmSpec> {
+    let handlers_dir = raw
+        .wasm
+        .handlers_dir
+        .as_ref()
+        .and_then(|d| c.text("wasm.handlers_dir", d))
+        .map(|d| match base_dir {
+            Some(base) if Path::new(&d).is_relative() => base.join(d),
+            _ => PathBuf::from(d),
+        });
     let mut out: Vec<WasmSpec> = Vec::new();
     for (i, h) in raw.handlers.iter().enumerate() {
         let p = |k: &str| format!("handlers[{i}].{k}");
@@ -54,20 +63,29 @@ pub(super) fn handlers(
             c.problem(&p("name"), format!("handler {n:?} is defined twice"));
         }
         let file = match &h.file {
-            Some(f) => c.parse(&p("file"), f, "a .wasm component file", |s| {
-                let path = match base_dir {
-                    Some(base) if Path::new(s).is_relative() => base.join(s),
-                    _ => Path::new(s).to_path_buf(),
-                };
-                if path.is_file() {
-                    Ok(path)
-                } else {
-                    Err(format!(
-                        "{} does not exist (build handlers with scripts/build-handlers)",
-                        path.display()
-                    ))
-                }
-            }),
+            Some(f) => {
+                // Relative to wasm.handlers_dir, else to the file (main or drop-in) that names it.
+                let dir = handlers_dir
+                    .clone()
+                    .or_else(|| c.source_dir(f.tag))
+                    .or_else(|| base_dir.map(Path::to_path_buf));
+                c.parse(&p("file"), f, "a .wasm component file", |s| {
+                    let path = match &dir {
+                        Some(base) if Path::new(s).is_relative() => base.join(s),
+                        _ => Path::new(s).to_path_buf(),
+                    };
+                    if path.is_file() {
+                        Ok(path)
+                    } else {
+                        Err(format!(
+                            "{} does not exist; build it: `redstream handler build PROJECT` for a \
+                             project made by `redstream handler new`, scripts/build-handlers for the \
+                             examples in this repository",
+                            path.display()
+                        ))
+                    }
+                })
+            }
             None => {
                 c.problem(&p("file"), "missing: the component file");
                 None
@@ -176,16 +194,21 @@ pub(super) fn wasm_settings(
     })
 }
 
+/// A route table: the top-level `[[routes]]` (`at` = "routes") or a consumer's own
+/// (`at` = "consumers[N].routes").
 pub(super) fn routes(
-    raw: &RawConfig,
+    table: &[RawRoute],
+    at: &str,
+    // A consumer's own routes apply to its stream: `stream` may be left out, and must match it.
+    consumer_stream: Option<&str>,
     c: &mut Checker<'_>,
     naming: &Naming,
     identity: Option<&DaemonIdentity>,
     handlers: &[WasmSpec],
 ) -> Vec<RouteSpec> {
     let mut out = Vec::new();
-    for (i, r) in raw.routes.iter().enumerate() {
-        let p = |k: &str| format!("routes[{i}].{k}");
+    for (i, r) in table.iter().enumerate() {
+        let p = |k: &str| format!("{at}[{i}].{k}");
         let stream = match &r.stream {
             Some(s) => c.parse(
                 &p("stream"),
@@ -210,14 +233,25 @@ pub(super) fn routes(
                     }
                 },
             ),
-            None => {
-                c.problem(
-                    &p("stream"),
-                    "missing: the stream (or pattern) this route applies to",
-                );
-                None
-            }
+            None => match consumer_stream {
+                Some(s) => Some(StreamPattern::new(s)),
+                None => {
+                    c.problem(
+                        &p("stream"),
+                        "missing: the stream (or pattern) this route applies to",
+                    );
+                    None
+                }
+            },
         };
+        if let (Some(pattern), Some(own)) = (&stream, consumer_stream)
+            && !pattern.matches(own)
+        {
+            c.problem(
+                &p("stream"),
+                format!("{pattern} never matches this consumer's stream {own:?}"),
+            );
+        }
         let mut when = Predicates::default();
         for (field, v) in &r.equals {
             if let Some(v) = c.get(&p(&format!("equals.{field}")), v, "a string") {
@@ -230,7 +264,7 @@ pub(super) fn routes(
         for (j, f) in r.absent.iter().enumerate() {
             when.absent.extend(c.text(&p(&format!("absent[{j}]")), f));
         }
-        let action = route_action(c, i, r, naming, identity, handlers);
+        let action = route_action(c, &format!("{at}[{i}]"), r, naming, identity, handlers);
         if let (Some(stream), Some(action)) = (stream, action) {
             out.push(RouteSpec {
                 stream,
@@ -244,13 +278,13 @@ pub(super) fn routes(
 
 fn route_action(
     c: &mut Checker<'_>,
-    i: usize,
-    r: &super::raw::RawRoute,
+    at: &str,
+    r: &RawRoute,
     naming: &Naming,
     identity: Option<&DaemonIdentity>,
     handlers: &[WasmSpec],
 ) -> Option<Action> {
-    let p = |k: &str| format!("routes[{i}].{k}");
+    let p = |k: &str| format!("{at}.{k}");
     let drop = match &r.drop {
         Some(d) => c.get(&p("drop"), d, "true")?,
         None => false,
@@ -289,7 +323,7 @@ fn route_action(
         (None, None, true) => Some(Action::Drop),
         _ => {
             c.problem(
-                &format!("routes[{i}]"),
+                at,
                 "give exactly one action: handler = NAME, forward = STREAM, or drop = true",
             );
             None

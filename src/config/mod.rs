@@ -1,14 +1,17 @@
 //! Configuration: where it is read from, and the validated [`Settings`] the rest of RedStream runs on.
 //!
 //! Layers, later wins: built-in defaults ([`raw`]) → TOML file (`--config PATH`, else `$REDSTREAM_CONFIG`,
-//! else `/etc/redstream/redstream.toml`) → `REDSTREAM_*` environment variables, `__` separating nesting
-//! levels (`REDSTREAM_REDIS__COMMAND_TIMEOUT=5s`). Deserialized, then built ([`validate`]): the runtime
+//! else `/etc/redstream/redstream.toml`) → drop-ins (`redstream.d/*.toml` beside that file, in lexical
+//! order: scalars override, arrays — `[[handlers]]`, `[[consumers]]`, roles — are appended) →
+//! `REDSTREAM_*` environment variables, `__` separating nesting levels
+//! (`REDSTREAM_REDIS__COMMAND_TIMEOUT=5s`). Deserialized, then built ([`validate`]): the runtime
 //! never sees raw config, and a broken config yields one [`ConfigError`] listing every problem with its
 //! key path — which the CLI turns into exit code 78.
 
 //!
 //! - [`raw`]: the deserialized shapes, with defaults in one place.
-//! - `checker`: reading values and collecting problems; `validate`, `consumers`, `handlers`, `system`:
+//! - `checker`: reading values and collecting problems and warnings; `lint`: the warnings about a valid
+//!   config (shadowed routes, handlers run twice, config streams outside a handler's roles); `validate`, `consumers`, `handlers`, `system`:
 //!   one file per group of sections; `secret`: inline, file, credential and env secrets.
 //! - [`settings`]: the validated types config owns.
 
@@ -16,6 +19,7 @@ mod checker;
 mod consumers;
 mod handlers;
 mod limits;
+mod lint;
 pub mod raw;
 mod secret;
 pub mod settings;
@@ -70,15 +74,54 @@ pub fn load(explicit: Option<&Path>) -> Result<Settings, ConfigError> {
     let file = locate(explicit)?;
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
     let mut figment = Figment::new();
+    let mut dropins = Vec::new();
     if let Some(path) = &file {
         figment = figment.merge(Toml::file_exact(path));
+        dropins = dropins_of(path)
+            .map_err(|m| ConfigError::one(Some(path.clone()), "(drop-in directory)", m))?;
+        for d in &dropins {
+            figment = figment.admerge(Toml::file_exact(d));
+        }
     }
     figment = figment.merge(
         Env::prefixed("REDSTREAM_")
             .split("__")
             .ignore(&NOT_CONFIG_KEYS),
     );
-    from_figment(&figment, file, credentials.as_deref())
+    let mut settings = from_figment(&figment, file, credentials.as_deref())?;
+    settings.dropins = dropins;
+    Ok(settings)
+}
+
+/// The drop-in directory of a config file: `redstream.d` beside `redstream.toml`.
+pub fn dropin_dir(file: &Path) -> PathBuf {
+    let stem = file.file_stem().unwrap_or_default().to_string_lossy();
+    file.with_file_name(format!("{stem}.d"))
+}
+
+/// The `*.toml` files of `file`'s drop-in directory in lexical order (none when it does not exist).
+fn dropins_of(file: &Path) -> Result<Vec<PathBuf>, String> {
+    let dir = dropin_dir(file);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot read {}: {e}", dir.display())),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+            .path();
+        // Editors' and package managers' leftovers (x.toml~, .x.toml.swp, x.toml.dpkg-old) end otherwise.
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if !hidden && path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Validates the config held by `figment`. `file` is the config file it read (relative secret paths
@@ -102,6 +145,7 @@ pub fn from_figment(
     match built {
         Some(mut settings) if problems.is_empty() => {
             settings.file = file;
+            settings.warnings = std::mem::take(&mut checker.warnings);
             Ok(settings)
         }
         _ => Err(ConfigError { file, problems }),

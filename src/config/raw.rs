@@ -295,6 +295,8 @@ pub struct RawConsumer {
     pub handler_timeout: Loose<String>,
     pub forward_to: Option<Loose<String>>,
     pub unmatched: Loose<String>,
+    /// `[[consumers.routes]]`: this consumer's own route table, instead of the top-level `[[routes]]`.
+    pub routes: Vec<RawRoute>,
     /// Options of the `faults` test handler (only in builds with the `fault-injection` feature).
     pub faults: Option<RawFaults>,
 }
@@ -318,6 +320,7 @@ impl Default for RawConsumer {
             handler_timeout: Loose::ok("30s".into()),
             forward_to: None,
             unmatched: Loose::ok("dead-letter".into()),
+            routes: Vec::new(),
             faults: None,
         }
     }
@@ -339,6 +342,11 @@ pub struct RawWasm {
     pub cache_dir: Option<Loose<String>>,
     pub workers: Option<Loose<u32>>,
     pub max_stack: Loose<String>,
+    /// Where relative `[[handlers]] file` paths are looked up (default: the directory of the file
+    /// that names them).
+    pub handlers_dir: Option<Loose<String>>,
+    /// Reload when a handler file, the config file or a drop-in changes.
+    pub watch: Loose<bool>,
 }
 
 impl Default for RawWasm {
@@ -347,6 +355,8 @@ impl Default for RawWasm {
             cache_dir: None,
             workers: None,
             max_stack: Loose::ok("512KiB".into()),
+            handlers_dir: None,
+            watch: Loose::ok(false),
         }
     }
 }

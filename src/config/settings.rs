@@ -50,6 +50,12 @@ pub struct Settings {
     pub retention: Vec<Retention>,
     pub handlers: Vec<WasmSpec>,
     pub routes: Vec<RouteSpec>,
+    /// The drop-in files merged after `file` (`<name>.d/*.toml` beside it), in the order read.
+    pub dropins: Vec<PathBuf>,
+    /// `wasm.watch`: reload when a handler file, the config file or a drop-in changes.
+    pub watch: bool,
+    /// What `check` warns about: allowed, but almost certainly not meant.
+    pub warnings: Vec<super::Problem>,
 }
 
 /// The daemon's verified identity and the token proving it.

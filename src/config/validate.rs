@@ -79,7 +79,9 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
     let (entry_limit, reply_limit) = limits.unwrap_or_default();
     let handlers = super::handlers::handlers(raw, c, &naming, id_ref, c.base_dir);
     let wasm = super::handlers::wasm_settings(raw, c, &handlers, reply_limit);
-    let routes = super::handlers::routes(raw, c, &naming, id_ref, &handlers);
+    let routes =
+        super::handlers::routes(&raw.routes, "routes", None, c, &naming, id_ref, &handlers);
+    let watch = c.get("wasm.watch", &raw.wasm.watch, "true or false");
     let consumers = match (&identity, &daemon) {
         (Some(id), Some(d)) => {
             let ctx = super::consumers::Context {
@@ -123,6 +125,8 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
     if !c.problems.is_empty() {
         return None;
     }
+    let own_routes: Vec<bool> = raw.consumers.iter().map(|r| !r.routes.is_empty()).collect();
+    super::lint::lint(c, &naming, &handlers, &routes, &consumers, &own_routes);
     Some(Settings {
         retention_interval: retention_interval?,
         retention,
@@ -147,6 +151,9 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
             keep: log_keep? as usize,
         },
         file: None,
+        dropins: Vec::new(),
+        watch: watch?,
+        warnings: Vec::new(),
     })
 }
 

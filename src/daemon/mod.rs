@@ -5,6 +5,7 @@
 //! - [`control`]: the heartbeat and the signed control stream.
 //! - [`exchange`]: tokens for API keys and message signatures for token holders, on a unix socket.
 //! - [`retention`]: periodic trimming that never passes what a group still needs.
+//! - [`watch`]: `wasm.watch`, a reload when a handler file or the config changes.
 //!
 //! Depends on everything below it — config, engine, handlers, client — and nothing depends on it but the
 //! CLI.
@@ -14,6 +15,7 @@ pub mod exchange;
 pub mod prepare;
 pub mod retention;
 pub mod supervisor;
+pub mod watch;
 
 pub use control::Command;
 pub use prepare::{Prepared, prepare, prepare_with};

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{ConfigError, Problem, Settings};
-use crate::engine::router::{Action, Route, Router, Target};
+use crate::engine::router::{Action, Route, RouteSpec, Router, Target};
 use crate::engine::settings::HandlerSpec;
 use crate::handlers::builtin;
 use crate::handlers::wasm::{Runtime, WasmHandler};
@@ -63,25 +63,21 @@ pub fn prepare_with(
         }
         Some(rt)
     };
-    let routes: Vec<Route> = settings
-        .routes
-        .iter()
-        .map(|r| Route {
-            stream: r.stream.clone(),
-            when: r.when.clone(),
-            target: match &r.action {
-                Action::Handler(name) => Target::Handler {
-                    handler: Arc::new(handlers[name].clone()),
-                    require_sender_token: handlers[name].require_sender_token,
-                },
-                Action::Forward(to) => Target::Handler {
-                    handler: Arc::new(builtin::Forward { to: to.clone() }),
-                    require_sender_token: false,
-                },
-                Action::Drop => Target::Drop,
+    let resolve = |r: &RouteSpec| Route {
+        stream: r.stream.clone(),
+        when: r.when.clone(),
+        target: match &r.action {
+            Action::Handler(name) => Target::Handler {
+                handler: Arc::new(handlers[name].clone()),
+                require_sender_token: handlers[name].require_sender_token,
             },
-        })
-        .collect();
+            Action::Forward(to) => Target::Handler {
+                handler: Arc::new(builtin::Forward { to: to.clone() }),
+                require_sender_token: false,
+            },
+            Action::Drop => Target::Drop,
+        },
+    };
     let routers = settings
         .consumers
         .iter()
@@ -92,7 +88,10 @@ pub fn prepare_with(
                         matches!(spec, HandlerSpec::Wasm(n) if handlers[n].require_sender_token);
                     Router::single(build(spec, &handlers), require)
                 }
-                None => Router::new(&c.stream, &routes, c.unmatched),
+                None => {
+                    let routes: Vec<Route> = c.routes.iter().map(resolve).collect();
+                    Router::new(&c.stream, &routes, c.unmatched)
+                }
             })
         })
         .collect();
@@ -118,5 +117,49 @@ fn build(spec: &HandlerSpec, wasm: &HashMap<String, WasmHandler>) -> Arc<dyn Han
             sleep: f.sleep,
             calls: Default::default(),
         }),
+    }
+}
+
+/// What a reload changes, for its log line: handlers by name (a handler whose settings or component
+/// file changed is "changed"), and the consumers (`stream/group`) whose route table or handler did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub handlers_added: Vec<String>,
+    pub handlers_changed: Vec<String>,
+    pub handlers_removed: Vec<String>,
+    pub routes_changed: Vec<String>,
+}
+
+impl Changes {
+    pub fn between(old: (&Settings, &Prepared), new: (&Settings, &Prepared)) -> Changes {
+        let (old_settings, old_prepared) = old;
+        let (new_settings, new_prepared) = new;
+        let mut out = Changes::default();
+        for spec in &new_settings.handlers {
+            match old_settings.handlers.iter().find(|o| o.name == spec.name) {
+                None => out.handlers_added.push(spec.name.clone()),
+                Some(o) => {
+                    let digest = |p: &Prepared| p.handlers.get(&spec.name).map(|h| h.digest);
+                    if o != spec || digest(old_prepared) != digest(new_prepared) {
+                        out.handlers_changed.push(spec.name.clone());
+                    }
+                }
+            }
+        }
+        for o in &old_settings.handlers {
+            if !new_settings.handlers.iter().any(|n| n.name == o.name) {
+                out.handlers_removed.push(o.name.clone());
+            }
+        }
+        for c in &new_settings.consumers {
+            let before = old_settings
+                .consumers
+                .iter()
+                .find(|o| o.stream == c.stream && o.group == c.group);
+            if before.is_none_or(|o| o.routes != c.routes || o.handler != c.handler) {
+                out.routes_changed.push(format!("{}/{}", c.stream, c.group));
+            }
+        }
+        out
     }
 }

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, warn};
 
 use super::control::{self, Command, Vitals};
-use super::prepare::{Prepared, prepare_with};
+use super::prepare::{Changes, Prepared, prepare_with};
 use crate::backoff::Backoff;
 use crate::client::{Client, Error};
 use crate::config::{self, ControlSettings, Settings};
@@ -95,6 +95,9 @@ struct Daemon {
     vitals: Arc<Vitals>,
     /// The control stream's consumer: not part of the config's consumers, untouched by reload.
     control: Option<Running>,
+    /// `wasm.watch`: the live watches, and where they send what changed.
+    watch: Option<super::watch::Watch>,
+    watch_tx: mpsc::UnboundedSender<std::path::PathBuf>,
 }
 
 /// Runs the daemon until it is stopped by a signal or a control message.
@@ -151,6 +154,12 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         settings.daemon.instance.as_deref(),
     );
     let vitals = Arc::new(Vitals::new(server_id, health.clone()));
+    let (watch_tx, watch_rx) = mpsc::unbounded_channel();
+    side.spawn(super::watch::debounce(
+        watch_rx,
+        commands_tx.clone(),
+        stop.clone(),
+    ));
     let mut d = Daemon {
         settings,
         prepared,
@@ -162,7 +171,10 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         stop,
         vitals,
         control: None,
+        watch: None,
+        watch_tx,
     };
+    d.rewatch();
     let consumers: Vec<(ConsumerSettings, Arc<Router>)> = d
         .settings
         .consumers
@@ -434,6 +446,7 @@ impl Daemon {
             in_flight: 1,
             order_by: None,
             handler: None,
+            routes: Vec::new(),
             unmatched: crate::engine::router::Unmatched::DeadLetter,
             handler_timeout: Duration::from_secs(5),
             entry_limit: EntryLimit::default(),
@@ -549,12 +562,17 @@ impl Daemon {
             .zip(prepared.routers.iter().cloned())
             .map(|(c, r)| (key(&c), (c, r)))
             .collect();
+        let changes = Changes::between((&self.settings, &self.prepared), (&new, &prepared));
+        for w in &new.warnings {
+            warn!(key = %w.path, "config: {}", w.message);
+        }
         let (mut swapped, mut restarted, mut stopped, mut started) = (0, 0, 0, 0);
-        for (k, run) in &self.running {
+        for (k, run) in self.running.iter_mut() {
             match wanted.get(k) {
                 // Same consumer: swap its routes and handlers; messages in flight keep theirs.
-                Some((cfg, router)) if *cfg == run.cfg => {
+                Some((cfg, router)) if cfg.same_loop(&run.cfg) => {
                     run.router.store(router.clone());
+                    run.cfg = cfg.clone();
                     swapped += 1;
                 }
                 // Changed settings: drain it, then start its successor (never two loops on one PEL).
@@ -578,7 +596,23 @@ impl Daemon {
                 }
             }
         }
-        info!(swapped, restarted, stopped, started, "reloaded the config");
+        let Changes {
+            handlers_added,
+            handlers_changed,
+            handlers_removed,
+            routes_changed,
+        } = &changes;
+        info!(
+            ?handlers_added,
+            ?handlers_changed,
+            ?handlers_removed,
+            ?routes_changed,
+            swapped,
+            restarted,
+            stopped,
+            started,
+            "reloaded the config"
+        );
         // The new runtime if the reload needed one (the old one lives on in handlers still finishing).
         let runtime = prepared.runtime.clone().or(self.prepared.runtime.clone());
         self.prepared = Prepared {
@@ -587,6 +621,29 @@ impl Daemon {
         };
         let file = self.settings.file.clone();
         self.settings = Settings { file, ..new };
+        self.rewatch();
+    }
+
+    /// Starts, follows or stops the `wasm.watch` watches to match the settings.
+    fn rewatch(&mut self) {
+        if !self.settings.watch {
+            self.watch = None;
+            return;
+        }
+        match &mut self.watch {
+            Some(w) => w.update(&self.settings),
+            None => match super::watch::Watch::start(&self.settings, self.watch_tx.clone()) {
+                Ok(w) => {
+                    info!(
+                        "wasm.watch: reloading when a handler file, the config or a drop-in changes"
+                    );
+                    self.watch = Some(w);
+                }
+                Err(e) => {
+                    warn!(error = %e, "wasm.watch: cannot watch files; reload with SIGHUP instead")
+                }
+            },
+        }
     }
 }
 

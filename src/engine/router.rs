@@ -37,9 +37,29 @@ impl StreamPattern {
         parts.next().is_none()
     }
 
+    /// Whether every stream `other` matches, this matches too.
+    pub fn covers(&self, other: &StreamPattern) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(&other.0)
+                .all(|(a, b)| a.is_none() || a == b)
+    }
+
     /// Whether some stream matches both (a consumer's stream is a plain name, so this is `matches`).
     pub fn is_wildcard(&self) -> bool {
         self.0.iter().any(Option::is_none)
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Handler(name) => write!(f, "handler {name}"),
+            Action::Forward(to) => write!(f, "forward to {to}"),
+            Action::Drop => f.write_str("drop"),
+        }
     }
 }
 
@@ -59,6 +79,17 @@ pub struct Predicates {
 }
 
 impl Predicates {
+    /// Whether these hold for every message `other` holds for (so a route with these, placed before
+    /// one with `other`, leaves it nothing to match).
+    pub fn implied_by(&self, other: &Predicates) -> bool {
+        self.equals.iter().all(|e| other.equals.contains(e))
+            && self
+                .exists
+                .iter()
+                .all(|f| other.exists.contains(f) || other.equals.iter().any(|(g, _)| g == f))
+            && self.absent.iter().all(|f| other.absent.contains(f))
+    }
+
     pub fn hold(&self, msg: &Message) -> bool {
         self.equals
             .iter()
@@ -197,5 +228,24 @@ mod tests {
         assert!(StreamPattern::new("devops.cline.direct").matches("devops.cline.direct"));
         assert!(!StreamPattern::new("nova:task:a:b").matches("nova:task:a:bc"));
         assert_eq!(p.to_string(), "nova:task:*:tasks");
+    }
+
+    #[test]
+    fn coverage_of_patterns_and_predicates() {
+        let any = StreamPattern::new("nova:task:*:tasks");
+        let one = StreamPattern::new("nova:task:a:tasks");
+        assert!(any.covers(&one) && any.covers(&any) && !one.covers(&any));
+        assert!(!any.covers(&StreamPattern::new("nova:task:a:b:tasks")));
+        let none = Predicates::default();
+        let typed = Predicates {
+            equals: vec![("type".into(), b"x".to_vec())],
+            ..Predicates::default()
+        };
+        let has_type = Predicates {
+            exists: vec!["type".into()],
+            ..Predicates::default()
+        };
+        assert!(none.implied_by(&typed) && has_type.implied_by(&typed));
+        assert!(!typed.implied_by(&none) && !typed.implied_by(&has_type));
     }
 }

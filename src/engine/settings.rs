@@ -7,6 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::router::Unmatched;
+
+impl ConsumerSettings {
+    /// Whether `other` runs the same loop: everything but the route table, which a reload swaps
+    /// without restarting the loop.
+    pub fn same_loop(&self, other: &ConsumerSettings) -> bool {
+        let mut a = self.clone();
+        a.routes.clone_from(&other.routes);
+        a == *other
+    }
+}
 use crate::model::EntryLimit;
 
 /// One consumer group to consume, validated.
@@ -26,8 +36,11 @@ pub struct ConsumerSettings {
     pub dead_letter: String,
     pub in_flight: usize,
     pub order_by: Option<String>,
-    /// The one handler of every message; None routes them with `[[routes]]`.
+    /// The one handler of every message; None routes them with `routes`.
     pub handler: Option<HandlerSpec>,
+    /// The route table when `handler` is None: the consumer's own `[[consumers.routes]]`, else the
+    /// top-level `[[routes]]` that match its stream, in config order (first match wins).
+    pub routes: Vec<super::router::RouteSpec>,
     /// What to do with a message no route matches.
     pub unmatched: Unmatched,
     pub handler_timeout: Duration,

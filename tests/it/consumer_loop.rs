@@ -105,6 +105,7 @@ async fn start(
         in_flight,
         order_by: order_by.map(str::to_owned),
         handler: None,
+        routes: Vec::new(),
         unmatched: Unmatched::DeadLetter,
         handler_timeout: Duration::from_secs(30),
         entry_limit: redstream::model::EntryLimit::default(),

@@ -45,6 +45,8 @@ mod control;
 mod retention;
 // The binary: exit codes, output, config layering, tokens.
 mod cli;
+// Handler authoring: drop-ins, scoped routes, check warnings, watch, handler new/build/test.
+mod authoring;
 
 // Parsers under arbitrary input.
 mod props;

@@ -48,7 +48,7 @@ pub struct RuntimeSettings {
 }
 
 /// One configured handler.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct WasmSpec {
     pub name: String,
     pub file: PathBuf,
@@ -167,7 +167,8 @@ impl Runtime {
         if let Some(why) = not_a_component(&bytes) {
             return Err(format!("{}: {why}", spec.file.display()));
         }
-        let component = self.compile(&bytes, &spec.file)?;
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let component = self.compile(&bytes, &digest, &spec.file)?;
         let hint = |component: &Component| {
             diagnose(&self.engine, component)
                 .map(|h| format!("; {h}"))
@@ -209,11 +210,12 @@ impl Runtime {
             }),
             pool: self.pool.clone(),
             require_sender_token: spec.require_sender_token,
+            digest,
         })
     }
 
-    fn compile(&self, bytes: &[u8], file: &Path) -> Result<Component, String> {
-        let source: [u8; 32] = Sha256::digest(bytes).into();
+    fn compile(&self, bytes: &[u8], source: &[u8; 32], file: &Path) -> Result<Component, String> {
+        let source = *source;
         let cached = self.cache_dir.as_ref().map(|dir| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             self.engine.precompile_compatibility_hash().hash(&mut h);
@@ -324,6 +326,8 @@ pub struct WasmHandler {
     inner: Arc<Inner>,
     pool: Pool,
     pub require_sender_token: bool,
+    /// SHA-256 of the component file as loaded: a reload tells a rebuilt handler by it.
+    pub digest: [u8; 32],
 }
 
 /// A warm instance kept by a worker for a reused handler.

@@ -1,0 +1,424 @@
+//! Handler authoring: config drop-ins and a handlers directory, routes scoped to a consumer, `check`
+//! warnings for configs that run but do not do what their author meant, `wasm.watch`, and the
+//! `redstream handler new / build / test / run --config --handler` commands.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use redstream::config;
+
+use crate::util::{Daemon, RedisServer, bin, config_toml, daemon_toml, root, settings_from};
+
+fn echo_wasm() -> std::path::PathBuf {
+    root().join("handlers/build/echo.wasm")
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+/// `redstream.d/*.toml` beside the config: read in lexical order, arrays of tables appended, scalars
+/// overridden, each problem naming the drop-in it came from; relative handler files are found in
+/// `wasm.handlers_dir`.
+#[test]
+fn drop_ins_merge_in_lexical_order_and_report_their_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("redstream.toml");
+    let handlers = dir.path().join("lib/handlers");
+    std::fs::create_dir_all(&handlers).unwrap();
+    std::fs::copy(echo_wasm(), handlers.join("greeter.wasm")).unwrap();
+    write(
+        &main,
+        &daemon_toml(
+            "redis://127.0.0.1:1",
+            r#"
+[wasm]
+handlers_dir = "lib/handlers"
+
+[[consumers]]
+stream = "nova:task:main:in"
+group = "main"
+handler = "drop"
+max_deliveries = 3
+"#,
+        ),
+    );
+    let d = dir.path().join("redstream.d");
+    // Read after 10-*: its scalar wins; both add a consumer.
+    write(
+        &d.join("20-greeter.toml"),
+        r#"
+[daemon]
+drain_timeout = "7s"
+
+[[handlers]]
+name = "greeter"
+file = "greeter.wasm"
+roles = ["task_write"]
+
+[[consumers]]
+stream = "nova:task:greeter:requests"
+group = "greeter"
+handler = "greeter"
+"#,
+    );
+    write(
+        &d.join("10-base.toml"),
+        r#"
+[daemon]
+drain_timeout = "3s"
+
+[[consumers]]
+stream = "nova:task:base:in"
+group = "base"
+handler = "drop"
+"#,
+    );
+    // Not drop-ins: a backup and a hidden editor file.
+    write(&d.join("30-old.toml~"), "this is not toml = = =");
+    write(&d.join(".40-swap.toml"), "this is not toml = = =");
+
+    let s = config::load(Some(&main)).expect("valid with its drop-ins");
+    assert_eq!(
+        s.dropins,
+        vec![d.join("10-base.toml"), d.join("20-greeter.toml")]
+    );
+    let streams: Vec<&str> = s.consumers.iter().map(|c| &*c.stream).collect();
+    assert_eq!(
+        streams,
+        [
+            "nova:task:main:in",
+            "nova:task:base:in",
+            "nova:task:greeter:requests"
+        ]
+    );
+    assert_eq!(s.daemon.drain_timeout, Duration::from_secs(7));
+    assert_eq!(s.handlers[0].file, handlers.join("greeter.wasm"));
+
+    // A problem in a drop-in names the drop-in and the merged key path.
+    write(
+        &d.join("25-broken.toml"),
+        "[[consumers]]\nstream = \"nova:task:broken:in\"\ngroup = \"b\"\nhandler = \"drop\"\nmax_deliveries = \"many\"\n",
+    );
+    let err = config::load(Some(&main)).expect_err("the broken drop-in is refused");
+    let p = err
+        .problems
+        .iter()
+        .find(|p| p.path == "consumers[3].max_deliveries")
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        p.origin.as_deref() == Some(d.join("25-broken.toml").to_str().unwrap()),
+        "{p}"
+    );
+    std::fs::remove_file(d.join("25-broken.toml")).unwrap();
+
+    // A missing handler file says how to build one.
+    std::fs::remove_file(handlers.join("greeter.wasm")).unwrap();
+    let err = config::load(Some(&main)).expect_err("missing component");
+    let p = err
+        .problems
+        .iter()
+        .find(|p| p.path == "handlers[0].file")
+        .unwrap();
+    assert!(p.message.contains("redstream handler build"), "{p}");
+}
+
+/// `[[consumers.routes]]` give one consumer its own table: two groups on one stream run different
+/// handlers, where shared top-level routes would run the same one in both.
+#[test]
+fn consumer_routes_are_scoped_and_checked() {
+    let s = settings_from(&daemon_toml(
+        "redis://127.0.0.1:1",
+        r#"
+[[routes]]
+stream = "nova:task:orders:events"
+drop = true
+
+[[consumers]]
+stream = "nova:task:orders:events"
+group = "audit"
+[[consumers.routes]]
+equals = { type = "order_paid" }
+forward = "nova:task:audit:paid"
+[[consumers.routes]]
+drop = true
+
+[[consumers]]
+stream = "nova:task:orders:events"
+group = "legacy"
+"#,
+    ))
+    .expect("valid");
+    let audit = &s.consumers[0];
+    assert_eq!(audit.routes.len(), 2);
+    assert_eq!(
+        audit.routes[0].action.to_string(),
+        "forward to nova:task:audit:paid"
+    );
+    assert_eq!(s.consumers[1].routes.len(), 1, "the top-level route");
+    assert_eq!(s.consumers[1].routes[0].action.to_string(), "drop");
+
+    let err = settings_from(&daemon_toml(
+        "redis://127.0.0.1:1",
+        r#"
+[[consumers]]
+stream = "nova:task:orders:events"
+group = "both"
+handler = "drop"
+[[consumers.routes]]
+stream = "nova:task:other:events"
+drop = true
+"#,
+    ))
+    .expect_err("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("consumers[0].routes: give handler = NAME or [[consumers.routes]], not both"),
+        "{text}"
+    );
+    assert!(
+        text.contains("consumers[0].routes[0].stream: nova:task:other:events never matches this consumer's stream"),
+        "{text}"
+    );
+}
+
+fn warnings(toml: &str) -> Vec<String> {
+    settings_from(toml)
+        .expect("valid: warnings never refuse a config")
+        .warnings
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// What the friction report found: an appended route shadowed by an earlier one, a second group
+/// running another consumer's handler, and a handler configured to publish where it may not. Each is
+/// a warning naming the key; a config without them has none.
+#[test]
+fn check_warns_about_shadowed_routes_doubled_handlers_and_config_streams() {
+    let echo = echo_wasm();
+    let handlers = format!(
+        r#"
+[[handlers]]
+name = "indexer"
+file = "{echo}"
+roles = ["task_write"]
+
+[[handlers]]
+name = "escalator"
+file = "{echo}"
+roles = ["task_write"]
+config = {{ reply_to = "nova:devops:alerts:escalations", limit = "5", same = "nova:task:x:out" }}
+"#,
+        echo = echo.display()
+    );
+    let w = warnings(&daemon_toml(
+        "redis://127.0.0.1:1",
+        &format!(
+            r#"{handlers}
+[[routes]]
+stream = "nova:task:*:tasks"
+handler = "indexer"
+
+[[routes]]
+stream = "nova:task:boomerang:tasks"
+exists = ["priority"]
+handler = "escalator"
+
+[[consumers]]
+stream = "nova:task:boomerang:tasks"
+group = "index"
+
+[[consumers]]
+stream = "nova:task:boomerang:tasks"
+group = "escalate"
+"#
+        ),
+    ));
+    let joined = w.join("\n");
+    assert_eq!(w.len(), 3, "{joined}");
+    assert!(
+        w[0].starts_with(
+            "routes[1]: can never match: routes[0] (nova:task:*:tasks, handler indexer) comes first"
+        ),
+        "{joined}"
+    );
+    assert!(
+        w[1].starts_with("consumers[1]: every message of nova:task:boomerang:tasks goes to indexer, which consumers[0] (group index) runs"),
+        "{joined}"
+    );
+    assert!(
+        w[2].starts_with("handlers[1].config.reply_to: names stream nova:devops:alerts:escalations, which this handler's roles (task_write) do not let it publish"),
+        "{joined}"
+    );
+
+    // The fix the warnings point at: the narrower route first and each group its own table.
+    let w = warnings(&daemon_toml(
+        "redis://127.0.0.1:1",
+        &format!(
+            r#"{handlers}
+[[consumers]]
+stream = "nova:task:boomerang:tasks"
+group = "index"
+handler = "indexer"
+
+[[consumers]]
+stream = "nova:task:boomerang:tasks"
+group = "escalate"
+[[consumers.routes]]
+exists = ["priority"]
+handler = "escalator"
+[[consumers.routes]]
+drop = true
+"#
+        )
+        .replace(
+            "nova:devops:alerts:escalations",
+            "nova:task:alerts:escalations",
+        ),
+    ));
+    assert!(w.is_empty(), "{w:#?}");
+
+    // Patterns: a wildcard route before an exact one shadows it everywhere; an exact route before a
+    // wildcard one shadows the wildcard for the consumer of that stream only.
+    let w = warnings(&daemon_toml(
+        "redis://127.0.0.1:1",
+        &format!(
+            r#"{handlers}
+[[routes]]
+stream = "nova:task:*:jobs"
+handler = "indexer"
+[[routes]]
+stream = "nova:task:a:jobs"
+equals = {{ type = "x" }}
+handler = "escalator"
+[[routes]]
+stream = "nova:task:a:tasks"
+handler = "indexer"
+[[routes]]
+stream = "nova:task:*:tasks"
+handler = "escalator"
+[[consumers]]
+stream = "nova:task:a:tasks"
+group = "a"
+[[consumers]]
+stream = "nova:task:b:tasks"
+group = "b"
+[[consumers]]
+stream = "nova:task:a:jobs"
+group = "j"
+"#
+        ),
+    ));
+    let joined = w.join("\n");
+    assert!(
+        joined.contains("routes[1]: can never match: routes[0] (nova:task:*:jobs"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains(
+            "routes[3]: can never match for consumers[0] (stream nova:task:a:tasks): routes[2]"
+        ),
+        "{joined}"
+    );
+    assert!(
+        !joined.contains("consumers[1] (stream nova:task:b:tasks)"),
+        "{joined}"
+    );
+}
+
+/// `check` prints the warnings (and still exits 0); `run` logs them.
+#[test]
+fn check_prints_warnings_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("redstream.toml");
+    write(
+        &path,
+        &config_toml(
+            "redis://127.0.0.1:1",
+            r#"
+[[routes]]
+stream = "nova:task:a:tasks"
+drop = true
+[[routes]]
+stream = "nova:task:a:tasks"
+forward = "nova:task:a:copies"
+"#,
+        ),
+    );
+    let out = Command::new(bin())
+        .args(["--config", path.to_str().unwrap(), "check"])
+        .env_remove("REDSTREAM_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout
+            .contains("  warning: routes[1]: can never match: routes[0] (nova:task:a:tasks, drop)"),
+        "{stdout}"
+    );
+}
+
+/// `wasm.watch = true`: a rebuilt component copied over the old one is picked up without SIGHUP, and
+/// the reload says which handler changed; replies come from the new build.
+#[test]
+fn watch_reloads_a_changed_handler_and_names_it() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("h.wasm");
+    std::fs::copy(echo_wasm(), &wasm).unwrap();
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            r#"
+[wasm]
+watch = true
+
+[[handlers]]
+name = "h"
+file = "{}"
+roles = ["task_write"]
+config = {{ reply_to = "nova:task:watch:out" }}
+
+[[consumers]]
+stream = "nova:task:watch:in"
+group = "g"
+handler = "h"
+"#,
+            wasm.display()
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    assert!(d.wait_log("wasm.watch: reloading when", Duration::from_secs(10)));
+    let replies = |n: usize| {
+        crate::util::wait_for("replies", Duration::from_secs(20), || {
+            let got = server.entries("nova:task:watch:out");
+            (got.len() >= n).then_some(got)
+        })
+    };
+    server.xadd("nova:task:watch:in", &[("greet", "one")]);
+    let first = replies(1);
+    assert_eq!(
+        first[0].fields.get_str("greet"),
+        Some("one"),
+        "echo answers"
+    );
+
+    // The template answers with `greeting`, the echo with the fields it got: the new file is running.
+    // Replaced by rename, as build tools and package managers do.
+    let tmp = dir.path().join("h.wasm.new");
+    std::fs::copy(root().join("handlers/build/template.wasm"), &tmp).unwrap();
+    std::fs::rename(&tmp, &wasm).unwrap();
+    assert!(
+        d.wait_log("handlers_changed=[\"h\"]", Duration::from_secs(20)),
+        "{:#?}",
+        d.logs()
+    );
+    server.xadd("nova:task:watch:in", &[("greet", "two")]);
+    let after = replies(2);
+    assert_eq!(after[1].fields.get_str("greeting"), Some("hello, two"));
+    assert_eq!(d.stop(Duration::from_secs(20)), 0);
+}
