@@ -10,17 +10,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use super::{Cli, Command, DlqCommand, Exit, Failure, HandlerCommand, LocalCall, TokenCommand};
+use super::{Cli, Command, DlqCommand, Exit, Failure, TokenCommand};
 use crate::auth::apikey;
 use crate::auth::{Identity, Roles};
 use crate::client::{Client, PendingQuery, PublishOptions, ReadOptions};
 use crate::client::{Error, redact_url, wait_ready};
 use crate::config::{self, Settings};
-use crate::handlers::wasm::{Runtime, RuntimeSettings, WasmHandler, WasmSpec};
 use crate::model::dead_letter as dlq;
 use crate::model::envelope::Fields;
-use crate::model::message::{Message, Outcome};
-use crate::model::naming::Naming;
 
 type Result<T = ()> = std::result::Result<T, Failure>;
 
@@ -611,136 +608,4 @@ fn until(epoch_secs: u64) -> String {
 
 fn io_failure(e: std::io::Error) -> Failure {
     Failure::new(Exit::Failure, format!("writing output: {e}"))
-}
-
-/// The handler of a local call, in a runtime of its own (one worker; the default artifact cache).
-fn local_handler(call: &LocalCall, reuse: Option<u64>) -> Result<(Runtime, WasmHandler)> {
-    let roles = if call.roles.is_empty() {
-        vec!["admin".to_string()]
-    } else {
-        call.roles.clone()
-    };
-    let roles =
-        Roles::parse(&roles).map_err(|m| Failure::new(Exit::Failure, format!("--role: {m}")))?;
-    let memory = crate::config::parse_size(&call.memory)
-        .map_err(|m| Failure::new(Exit::Failure, format!("--memory: {m}")))?;
-    let settings = RuntimeSettings {
-        cache_dir: crate::handlers::wasm::default_cache_dir(),
-        workers: 1,
-        max_stack: 512 * 1024,
-        max_memory: memory,
-        reused: usize::from(reuse.is_some()),
-        reply_limit: crate::model::ReplyLimit::default(),
-    };
-    let runtime = Runtime::new(&settings, std::sync::Arc::new(Naming::default()))
-        .map_err(|m| Failure::new(Exit::Failure, m))?;
-    let spec = WasmSpec {
-        name: call
-            .file
-            .file_stem()
-            .map_or("handler".into(), |s| s.to_string_lossy().into_owned()),
-        file: call.file.clone(),
-        roles,
-        memory,
-        timeout: call.timeout,
-        reuse,
-        require_sender_token: false,
-        config: call.set.iter().cloned().collect(),
-    };
-    let handler = runtime
-        .load(&spec)
-        .map_err(|m| Failure::new(Exit::Config, m))?;
-    Ok((runtime, handler))
-}
-
-fn local_message(call: &LocalCall) -> Result<Message> {
-    let fields = match serde_json::from_str::<Value>(&call.message) {
-        Ok(Value::Object(map)) => Fields::from_json_object(&map),
-        Ok(_) => {
-            return Err(Failure::new(
-                Exit::Failure,
-                "--message: expected a JSON object of fields",
-            ));
-        }
-        Err(e) => return Err(Failure::new(Exit::Failure, format!("--message: {e}"))),
-    };
-    Naming::default()
-        .parse(&call.stream)
-        .map_err(|e| Failure::new(Exit::Failure, format!("--stream: {e}")))?;
-    Ok(Message {
-        stream: call.stream.as_str().into(),
-        id: "0-1".into(),
-        fields,
-        deliveries: call.deliveries,
-        sender: None,
-    })
-}
-
-fn outcome_json(outcome: &Outcome, elapsed: Duration) -> Value {
-    let (kind, reason, replies) = match outcome {
-        Outcome::Success(r) => ("success", None, r.as_slice()),
-        Outcome::Retry(why) => ("retry", Some(why), &[][..]),
-        Outcome::Reject(why) => ("reject", Some(why), &[][..]),
-    };
-    let replies: Vec<Value> = replies
-        .iter()
-        .map(|r| {
-            let mut v = r.fields.to_json();
-            v["stream"] = Value::String(r.stream.clone());
-            v
-        })
-        .collect();
-    json!({"outcome": kind, "reason": reason, "replies": replies, "elapsed_us": elapsed.as_micros() as u64})
-}
-
-/// Per-call cost with a fresh instance per message, and with one reused instance.
-fn bench(call: &LocalCall, n: u32) -> Result {
-    let msg = local_message(call)?;
-    println!(
-        "{:<10} {:>10} {:>14} {:>12}",
-        "instance", "calls", "µs per call", "calls/s"
-    );
-    for (label, reuse) in [("fresh", None), ("reused", Some(u64::MAX))] {
-        let (_runtime, handler) = local_handler(call, reuse)?;
-        // Warm up: first-call costs (page faults, lazy init) are not what a running daemon pays.
-        for _ in 0..n.min(500) {
-            if let Outcome::Retry(why) | Outcome::Reject(why) = handler.call_here(&msg, None) {
-                return Err(Failure::new(
-                    Exit::Failure,
-                    format!("the handler failed: {why}"),
-                ));
-            }
-        }
-        let started = std::time::Instant::now();
-        for _ in 0..n {
-            std::hint::black_box(handler.call_here(&msg, None));
-        }
-        let per = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
-        println!("{label:<10} {n:>10} {per:>14.2} {:>12.0}", 1e6 / per);
-    }
-    Ok(())
-}
-
-/// `redstream handler …`, synchronously (outside any async runtime).
-pub fn handler(cmd: HandlerCommand) -> Result {
-    match cmd {
-        HandlerCommand::Run(call) => {
-            let (_runtime, handler) = local_handler(&call, None)?;
-            let msg = local_message(&call)?;
-            let started = std::time::Instant::now();
-            let (outcome, transcript) = handler.call_recorded(&msg, None);
-            let mut out = outcome_json(&outcome, started.elapsed());
-            // What the guest logged, then what it printed (a panic's message goes to stderr).
-            out["output"] = transcript
-                .into_iter()
-                .map(|(at, text)| json!({"at": at, "text": text}))
-                .collect();
-            println!("{out}");
-            match outcome {
-                Outcome::Success(_) => Ok(()),
-                _ => Err(Failure::new(Exit::Failure, "the handler did not succeed")),
-            }
-        }
-        HandlerCommand::Bench { call, n } => bench(&call, n),
-    }
 }

@@ -5,6 +5,8 @@
 //! 78 (config error). The commands themselves are in [`commands`]; nothing here talks to Redis.
 
 mod commands;
+mod handler;
+mod scaffold;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -205,41 +207,95 @@ pub enum Command {
     Handler(HandlerCommand),
 }
 
-/// A handler call without Redis: the component, a message, and the handler's settings.
+/// Which handler a local command runs, and with which settings.
+#[derive(Debug, Args)]
+pub struct HandlerArgs {
+    /// The handler: a component (.wasm) or a project directory made by `handler new` (its built
+    /// component, with the roles, limits and config of its handler.toml). With --handler it may be
+    /// left out: the config entry's file is used.
+    pub path: Option<PathBuf>,
+    /// Take the roles, limits, config table and file of this [[handlers]] entry of --config.
+    #[arg(long, value_name = "NAME")]
+    pub handler: Option<String>,
+    /// The handler's roles (repeatable), instead of its entry's; a bare .wasm gets admin, so every
+    /// publish is allowed.
+    #[arg(long = "role", value_name = "ROLE")]
+    pub roles: Vec<String>,
+    /// A value of the handler's config table, as KEY=VALUE (repeatable; over its entry's).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_field)]
+    pub set: Vec<(String, String)>,
+    /// The handler's memory limit (default: its entry's, else 64MiB).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// The handler's deadline (default: its entry's, else 5s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+}
+
+/// A handler call without Redis: the handler, its settings, and a message.
 #[derive(Debug, Args)]
 pub struct LocalCall {
-    /// The handler component (.wasm).
-    pub file: PathBuf,
+    #[command(flatten)]
+    pub target: HandlerArgs,
     /// The message's fields as a JSON object (objects and arrays become JSON text, as on publish).
     #[arg(long, value_name = "JSON")]
     pub message: String,
     /// The stream the message pretends to come from.
     #[arg(long, default_value = "nova:task:local:test")]
     pub stream: String,
-    /// The handler's roles (repeatable); by default admin, so every publish is allowed.
-    #[arg(long = "role", value_name = "ROLE")]
-    pub roles: Vec<String>,
-    /// A value of the handler's config table, as KEY=VALUE (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_field)]
-    pub set: Vec<(String, String)>,
     /// The delivery count the handler sees.
     #[arg(long, default_value_t = 1)]
     pub deliveries: u64,
-    /// The handler's memory limit.
-    #[arg(long, default_value = "64MiB")]
-    pub memory: String,
-    /// The handler's deadline.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum HandlerCommand {
-    /// Call a handler once, in the same sandbox as `run`; print the outcome and the replies it would
-    /// commit as JSON. Exit 0 when it succeeded, 1 when it asked for a retry, rejected, or trapped.
+    /// Start a handler project: a directory that builds anywhere, with the SDK, the WIT contract, an
+    /// example test (cases.jsonl), a config entry to deploy it (handler.toml) and a README.
     #[command(
-        after_help = "Example:\n  redstream handler run handlers/target/wasm32-wasip2/release/echo.wasm \\\n    \
-        --message '{\"_reply_to\":\"nova:task:demo:replies\",\"text\":\"hi\"}'"
+        after_help = "Example:\n  redstream handler new greeter --lang rust\n  \
+        redstream handler build greeter && redstream handler test greeter"
+    )]
+    New {
+        /// The handler's name: lowercase letters, digits and -, starting with a letter.
+        name: String,
+        /// rust (cargo, wasm32-wasip2), js (componentize-js, from npm) or python (componentize-py,
+        /// from PyPI).
+        #[arg(long, value_parser = ["rust", "js", "python"])]
+        lang: String,
+        /// Where to create the project directory NAME (default: the current directory).
+        #[arg(long, value_name = "PATH")]
+        dir: Option<PathBuf>,
+    },
+    /// Build a handler project with its language's toolchain (installing the pinned JS or Python
+    /// one into the project on first use); prints where the component went and its size.
+    Build {
+        /// The project directory.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+    },
+    /// Run test cases against a handler: one JSON object per line, a message and what to expect
+    /// (outcome, replies, reason). Exit 0 only when every case passes.
+    #[command(
+        after_help = "A case:\n  {\"name\": \"greets\", \"message\": {\"greet\": \"you\"}, \"expect\": \
+        {\"outcome\": \"success\", \"replies\": [{\"stream\": \"nova:task:x:replies\", \"fields\": \
+        {\"greeting\": \"hello, you\"}}]}}\n\nOptional: stream, id, deliveries; expect.reason, \
+        expect.reason_contains."
+    )]
+    Test {
+        #[command(flatten)]
+        target: HandlerArgs,
+        /// The cases (JSON lines; default: cases.jsonl of a project directory).
+        #[arg(long, value_name = "FILE")]
+        cases: Option<PathBuf>,
+    },
+    /// Call a handler once, in the same sandbox as `run`; print the outcome, the replies it would
+    /// commit and what it logged and printed, as JSON. Exit 0 when it succeeded, 1 when it asked for a
+    /// retry, rejected, or trapped.
+    #[command(
+        after_help = "Examples:\n  redstream handler run handlers/build/echo.wasm \\\n    \
+        --message '{\"_reply_to\":\"nova:task:demo:replies\",\"text\":\"hi\"}'\n  \
+        redstream --config /etc/redstream/redstream.toml handler run --handler greeter --message '{\"greet\":\"you\"}'"
     )]
     Run(LocalCall),
     /// Measure the cost of one call with a fresh instance per message and with a reused instance.
@@ -373,7 +429,7 @@ pub fn main() -> ExitCode {
     init_logging("warn");
     // Handler calls use WASI's synchronous bindings, which must not run inside an async runtime.
     if let Command::Handler(cmd) = cli.command {
-        return match commands::handler(cmd) {
+        return match handler::run(cli.config.as_deref(), cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(f) => {
                 eprintln!("redstream: {}", f.message);

@@ -422,3 +422,286 @@ handler = "h"
     assert_eq!(after[1].fields.get_str("greeting"), Some("hello, two"));
     assert_eq!(d.stop(Duration::from_secs(20)), 0);
 }
+
+fn redstream(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .env_remove("REDSTREAM_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// From nothing to a tested handler in each language, with only `handler new`, `handler build` and
+/// `handler test`, out of this repository's tree: the scaffold builds anywhere, its example test passes
+/// with the roles and config of its handler.toml, and a build without the toolchain says what to
+/// install.
+#[test]
+fn new_build_test_in_each_language() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().to_str().unwrap();
+    for lang in ["rust", "js", "python"] {
+        let name = format!("greeter-{lang}");
+        let (code, out, err) = redstream(&["handler", "new", &name, "--lang", lang, "--dir", at]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        let project = dir.path().join(&name);
+        let p = project.to_str().unwrap();
+        let (code, out, err) = redstream(&["handler", "build", p]);
+        assert_eq!(code, Some(0), "{lang}: {out}{err}");
+        assert!(
+            out.starts_with(&format!("built {p}/dist/{name}.wasm (")),
+            "{out}"
+        );
+        let (code, out, err) = redstream(&["handler", "test", p]);
+        assert_eq!(code, Some(0), "{lang}: {out}{err}");
+        assert!(out.contains("2 of 2 cases passed"), "{out}");
+        // The project's handler.toml decides the roles: taking task_write away denies the reply.
+        let entry = project.join("handler.toml");
+        let text = std::fs::read_to_string(&entry).unwrap();
+        std::fs::write(&entry, text.replace("task_write", "task_read")).unwrap();
+        let (code, out, _) = redstream(&["handler", "run", p, "--message", r#"{"greet":"you"}"#]);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(
+            out.contains("reply refused: denied: handler greeter-"),
+            "{lang}: {out}"
+        );
+        let (code, out, _) = redstream(&["handler", "test", p]);
+        assert_eq!(code, Some(1));
+        assert!(
+            out.contains("FAILED  greets") && out.contains("1 of 2 cases passed"),
+            "{out}"
+        );
+    }
+    // No toolchain on PATH: the message names what to install.
+    let empty = tempfile::tempdir().unwrap();
+    for (lang, says) in [
+        ("rust", "cargo is not installed: install Rust with rustup"),
+        (
+            "js",
+            "npm is not installed: install Node.js 18 or newer with npm",
+        ),
+        (
+            "python",
+            "python3 is not installed: install Python 3.10 or newer",
+        ),
+    ] {
+        let project = dir.path().join(format!("bare-{lang}"));
+        let (code, ..) = redstream(&[
+            "handler",
+            "new",
+            &format!("bare-{lang}"),
+            "--lang",
+            lang,
+            "--dir",
+            at,
+        ]);
+        assert_eq!(code, Some(0));
+        let out = Command::new(bin())
+            .args(["handler", "build", project.to_str().unwrap()])
+            .env("PATH", empty.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "{lang}: {err}");
+    }
+    let (code, _, err) = redstream(&["handler", "new", "Bad Name", "--lang", "rust", "--dir", at]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is not a handler name"), "{err}");
+    let (code, _, err) = redstream(&[
+        "handler",
+        "new",
+        "greeter-rust",
+        "--lang",
+        "rust",
+        "--dir",
+        at,
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("exists and is not empty"), "{err}");
+}
+
+/// The echo example in Rust, JavaScript and Python gives the same outcome, reason and replies for the
+/// same messages: the shared cases pass for each, and their `handler run` output is identical.
+#[test]
+fn echo_parity_across_languages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut components = vec![echo_wasm()];
+    for lang in ["js", "py"] {
+        // Built from a copy, so parallel runs never share a node_modules or .venv in the tree.
+        let src = root().join(format!("handlers/examples/echo-{lang}"));
+        let copy = dir.path().join(format!("echo-{lang}"));
+        copy_tree(&src, &copy);
+        let (code, out, err) = redstream(&["handler", "build", copy.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        components.push(copy.join(format!("dist/echo-{lang}.wasm")));
+    }
+    let cases = root().join("handlers/examples/echo/cases.jsonl");
+    // Same file name, so the handler's name in denial reasons is the same too.
+    let named: Vec<std::path::PathBuf> = components
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let to = dir.path().join(format!("lang{i}/echo.wasm"));
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(c, &to).unwrap();
+            to
+        })
+        .collect();
+    for c in &named {
+        let (code, out, err) = redstream(&[
+            "handler",
+            "test",
+            c.to_str().unwrap(),
+            "--cases",
+            cases.to_str().unwrap(),
+            "--role",
+            "task_write",
+        ]);
+        assert_eq!(code, Some(0), "{}: {out}{err}", c.display());
+        assert!(out.contains("6 of 6 cases passed"), "{out}");
+    }
+    for line in std::fs::read_to_string(&cases).unwrap().lines() {
+        let case: serde_json::Value = serde_json::from_str(line).unwrap();
+        let message = case["message"].to_string();
+        let outputs: Vec<serde_json::Value> = named
+            .iter()
+            .map(|c| {
+                let (_, out, _) = redstream(&[
+                    "handler",
+                    "run",
+                    c.to_str().unwrap(),
+                    "--message",
+                    &message,
+                    "--role",
+                    "task_write",
+                ]);
+                let mut v: serde_json::Value = serde_json::from_str(&out).unwrap();
+                let v = v.as_object_mut().unwrap();
+                v.remove("elapsed_us");
+                v.remove("output");
+                serde_json::Value::Object(v.clone())
+            })
+            .collect();
+        assert_eq!(outputs[0], outputs[1], "rust vs js for {message}");
+        assert_eq!(outputs[0], outputs[2], "rust vs python for {message}");
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if [
+            "node_modules",
+            ".venv",
+            "dist",
+            "__pycache__",
+            "package-lock.json",
+        ]
+        .contains(&name.to_str().unwrap())
+        {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_dir() {
+            copy_tree(&path, &to.join(&name));
+        } else {
+            std::fs::copy(&path, to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// The examples carry copies of the SDKs and the WIT (the guest toolchains do not follow links out of
+/// a project): they must stay the same as their sources.
+#[test]
+fn sdk_copies_in_the_examples_match_their_sources() {
+    let h = root().join("handlers");
+    for (copy, source) in [
+        ("examples/echo-js/src/redstream.js", "sdk-js/redstream.js"),
+        ("examples/echo-py/redstream.py", "sdk-python/redstream.py"),
+        ("examples/echo-js/wit/handler.wit", "wit/handler.wit"),
+        ("examples/echo-py/wit/handler.wit", "wit/handler.wit"),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(h.join(copy)).unwrap(),
+            std::fs::read_to_string(h.join(source)).unwrap(),
+            "handlers/{copy} differs from handlers/{source}: copy it again"
+        );
+    }
+}
+
+/// `handler run --config FILE --handler NAME` runs with that entry's roles, limits and config table;
+/// flags still override; an unknown name lists the known ones.
+#[test]
+fn handler_run_takes_an_entry_of_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("redstream.toml");
+    write(
+        &path,
+        &config_toml(
+            "redis://127.0.0.1:1",
+            &format!(
+                r#"
+[[handlers]]
+name = "greeter"
+file = "{}"
+roles = ["task_write"]
+timeout = "2s"
+config = {{ reply_to = "nova:task:greeter:replies" }}
+"#,
+                root().join("handlers/build/template.wasm").display()
+            ),
+        ),
+    );
+    let cfg = path.to_str().unwrap();
+    let (code, out, err) = redstream(&[
+        "--config",
+        cfg,
+        "handler",
+        "run",
+        "--handler",
+        "greeter",
+        "--message",
+        r#"{"greet":"you"}"#,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["replies"][0]["stream"], "nova:task:greeter:replies");
+    assert_eq!(v["replies"][0]["fields"]["greeting"], "hello, you");
+    // The entry's roles, not admin: a reply outside them is denied.
+    let (code, out, _) = redstream(&[
+        "--config",
+        cfg,
+        "handler",
+        "run",
+        "--handler",
+        "greeter",
+        "--message",
+        r#"{"greet":"you"}"#,
+        "--set",
+        "reply_to=nova:devops:ops:alerts",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("reply refused: denied"), "{out}");
+    let (code, _, err) = redstream(&[
+        "--config",
+        cfg,
+        "handler",
+        "run",
+        "--handler",
+        "nope",
+        "--message",
+        "{}",
+    ]);
+    assert_eq!(code, Some(78));
+    assert!(
+        err.contains(r#"no [[handlers]] entry named "nope" (it has: greeter)"#),
+        "{err}"
+    );
+}

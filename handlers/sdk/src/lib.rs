@@ -5,29 +5,40 @@
 //! ```ignore
 //! use redstream_guest::{export_handler, Guest, HandlerError, Message, Reply};
 //!
+//! #[derive(serde::Deserialize)]
+//! struct Task { id: u64, title: String }
+//!
 //! struct Hello;
 //!
 //! impl Guest for Hello {
 //!     fn handle(msg: Message) -> Result<(), HandlerError> {
-//!         let name = msg.text("name").unwrap_or("world");
+//!         let task: Task = msg.json("task")?;          // missing or not a Task: rejected
+//!         let to = redstream_guest::config("reply_to")
+//!             .ok_or_else(|| HandlerError::reject("configure reply_to"))?;
 //!         Reply::new()
-//!             .text("greeting", &format!("hello, {name}"))
-//!             .send("nova:task:hello:replies")
-//!             .map_err(|e| HandlerError::Retry(format!("{e:?}")))
+//!             .text("greeting", &format!("task {} is {}", task.id, task.title))
+//!             .send(&to)?;                              // refused: rejected, naming why
+//!         Ok(())
 //!     }
 //! }
 //!
 //! export_handler!(Hello);
 //! ```
 //!
-//! Build with `cargo build --release --target wasm32-wasip2`; the `.wasm` file is the component to drop
-//! into RedStream's config. Replies are only buffered by `send`: RedStream writes them, atomically with
-//! the ack of the message, once `handle` returns `Ok`.
+//! What `handle` returns decides what happens to the message: `Ok(())` commits the replies with the
+//! ack; [`HandlerError::Retry`] leaves it pending for another try (up to the consumer's
+//! max_deliveries); [`HandlerError::Reject`] dead-letters it now. A panic is a trap, counted as a retry.
+//!
+//! Build with `cargo build --release --target wasm32-wasip2` (or `redstream handler build`); the
+//! `.wasm` file is the component to drop into RedStream's config. Replies are only buffered by `send`:
+//! RedStream writes them, atomically with the ack of the message, once `handle` returns `Ok`.
+
+use std::fmt;
 
 /// The generated bindings of `handlers/wit`.
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "handler",
         pub_export_macro: true,
         export_macro_name: "export_handler",
@@ -39,6 +50,58 @@ pub use bindings::redstream::handler::host::{config, log, publish};
 pub use bindings::redstream::handler::types::{HandlerError, Level, Message, PublishError, Sender};
 pub use bindings::{Guest, export_handler};
 
+/// Why a field could not be read; `?` turns it into a [`HandlerError::Reject`] (a message that lacks
+/// what the handler needs will not get it by being retried).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FieldError {
+    Missing(String),
+    NotText(String),
+    BadJson { field: String, error: String },
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FieldError::Missing(name) => write!(f, "no `{name}` field"),
+            FieldError::NotText(name) => write!(f, "field `{name}` is not UTF-8 text"),
+            FieldError::BadJson { field, error } => write!(f, "field `{field}`: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+impl From<FieldError> for HandlerError {
+    fn from(e: FieldError) -> Self {
+        HandlerError::Reject(e.to_string())
+    }
+}
+
+/// A refused publish is a bug in the handler or its config (a wrong stream, a missing role, too much):
+/// retrying will not fix it, so `?` rejects the message, naming why.
+impl From<PublishError> for HandlerError {
+    fn from(e: PublishError) -> Self {
+        let why = match e {
+            PublishError::InvalidStream(why) => format!("invalid stream: {why}"),
+            PublishError::Denied(why) => format!("denied: {why}"),
+            PublishError::TooLarge(why) => format!("too large: {why}"),
+        };
+        HandlerError::Reject(format!("reply refused: {why}"))
+    }
+}
+
+impl HandlerError {
+    /// Try again later (counted against the consumer's max_deliveries).
+    pub fn retry(why: impl fmt::Display) -> Self {
+        HandlerError::Retry(why.to_string())
+    }
+
+    /// It will never work: dead-letter the message now.
+    pub fn reject(why: impl fmt::Display) -> Self {
+        HandlerError::Reject(why.to_string())
+    }
+}
+
 impl Message {
     /// The raw value of the first field called `name`.
     pub fn field(&self, name: &str) -> Option<&[u8]> {
@@ -48,6 +111,26 @@ impl Message {
     /// The value of `name`, if present and UTF-8.
     pub fn text(&self, name: &str) -> Option<&str> {
         self.field(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The value of `name`, or why not.
+    pub fn require(&self, name: &str) -> Result<&[u8], FieldError> {
+        self.field(name)
+            .ok_or_else(|| FieldError::Missing(name.to_owned()))
+    }
+
+    /// The value of `name` as text, or why not.
+    pub fn require_text(&self, name: &str) -> Result<&str, FieldError> {
+        std::str::from_utf8(self.require(name)?).map_err(|_| FieldError::NotText(name.to_owned()))
+    }
+
+    /// The value of `name` parsed as JSON into `T` (publishers store objects and arrays as JSON text).
+    #[cfg(feature = "json")]
+    pub fn json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, FieldError> {
+        serde_json::from_slice(self.require(name)?).map_err(|e| FieldError::BadJson {
+            field: name.to_owned(),
+            error: e.to_string(),
+        })
     }
 
     /// Fields whose names do not start with `_` (the envelope and routing fields do).
@@ -77,6 +160,16 @@ impl Reply {
 
     pub fn bytes(mut self, name: &str, value: &[u8]) -> Self {
         self.fields.push((name.to_owned(), value.to_vec()));
+        self
+    }
+
+    /// A field holding `value` as JSON text, as publishers write objects.
+    #[cfg(feature = "json")]
+    pub fn json<T: serde::Serialize + ?Sized>(mut self, name: &str, value: &T) -> Self {
+        // Serializing plain data into memory cannot fail; a map with non-string keys would, and is
+        // stored as `null` rather than panicking.
+        let text = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+        self.fields.push((name.to_owned(), text));
         self
     }
 

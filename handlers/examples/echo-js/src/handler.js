@@ -1,0 +1,16 @@
+// echo, in JavaScript: replies to the stream named in `_reply_to` — or, without one, to the
+// configured `reply_to` — with the message's own fields and `in_reply_to` = its id. Gives the same
+// replies and reasons as the Rust echo (handlers/examples/echo), checked by the parity test.
+import { text, config, userFields, reject, Reply } from './redstream.js';
+
+export function handle(msg) {
+  const to = text(msg, '_reply_to') ?? config('reply_to');
+  if (to === undefined) throw reject('no _reply_to field and no reply_to configured');
+  const reply = new Reply().text('in_reply_to', msg.id);
+  for (const [name, value] of userFields(msg)) reply.bytes(name, value);
+  try {
+    reply.send(to);
+  } catch (e) {
+    throw reject(`cannot reply to ${to}: ${e.refusal ? e.refusal.val : e.val}`);
+  }
+}

@@ -1,0 +1,124 @@
+// Helpers for RedStream handlers in JavaScript, built with componentize-js against
+// redstream:handler@0.1.0 (wit/handler.wit). `redstream handler new --lang js` copies this file.
+//
+// What a handler returns decides what happens to the message: returning normally commits the replies
+// it sent with the ack; `throw retry(why)` leaves it pending for another try (up to the consumer's
+// max_deliveries); `throw reject(why)` dead-letters it now. Wrapped in `handler(...)`, any other
+// exception becomes a retry naming it; unwrapped, it traps (also a retry, with the text on stderr).
+import { publish, log as hostLog, config as hostConfig } from 'redstream:handler/host@0.1.0';
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder('utf-8', { fatal: true });
+
+/** Try again later. Throw it: `throw retry('database is down')`. */
+export function retry(why) {
+  return { tag: 'retry', val: String(why) };
+}
+
+/** It will never work: dead-letter the message now. Throw it: `throw reject('no task field')`. */
+export function reject(why) {
+  return { tag: 'reject', val: String(why) };
+}
+
+/** `handle` with the error convention applied: other exceptions become retries naming them. */
+export function handler(fn) {
+  return (msg) => {
+    try {
+      fn(msg);
+    } catch (e) {
+      if (e && (e.tag === 'retry' || e.tag === 'reject')) throw e;
+      throw retry(e instanceof Error ? `${e.name}: ${e.message}` : String(e));
+    }
+  };
+}
+
+/** The raw value (Uint8Array) of the first field called `name`, or undefined. */
+export function field(msg, name) {
+  for (const [n, v] of msg.fields) if (n === name) return v;
+  return undefined;
+}
+
+/** The value of `name` as text, or undefined when absent or not UTF-8. */
+export function text(msg, name) {
+  const v = field(msg, name);
+  if (v === undefined) return undefined;
+  try {
+    return decoder.decode(v);
+  } catch {
+    return undefined;
+  }
+}
+
+/** The value of `name` as text; rejects the message when it is absent or not UTF-8. */
+export function requireText(msg, name) {
+  const v = field(msg, name);
+  if (v === undefined) throw reject(`no \`${name}\` field`);
+  try {
+    return decoder.decode(v);
+  } catch {
+    throw reject(`field \`${name}\` is not UTF-8 text`);
+  }
+}
+
+/** The value of `name` parsed as JSON (publishers store objects and arrays as JSON text); rejects
+ * the message when it is absent or not JSON. */
+export function json(msg, name) {
+  const t = requireText(msg, name);
+  try {
+    return JSON.parse(t);
+  } catch (e) {
+    throw reject(`field \`${name}\`: ${e.message}`);
+  }
+}
+
+/** Fields whose names do not start with `_` (the envelope's and routing's do), as [name, bytes]. */
+export function userFields(msg) {
+  return msg.fields.filter(([n]) => !n.startsWith('_'));
+}
+
+/** A value of the handler's `config` table, or undefined. */
+export function config(key) {
+  return hostConfig(key);
+}
+
+/** Lines in RedStream's log (at most 50 per message). */
+export const log = {
+  debug: (t) => hostLog('debug', String(t)),
+  info: (t) => hostLog('info', String(t)),
+  warn: (t) => hostLog('warn', String(t)),
+  error: (t) => hostLog('error', String(t)),
+};
+
+function describe(p) {
+  const kinds = { 'invalid-stream': 'invalid stream', denied: 'denied', 'too-large': 'too large' };
+  return p && p.tag ? `${kinds[p.tag] ?? p.tag}: ${p.val}` : String(p);
+}
+
+/** A reply under construction; `send` buffers it, RedStream writes it with the ack. */
+export class Reply {
+  constructor() {
+    this.fields = [];
+  }
+  text(name, value) {
+    this.fields.push([name, encoder.encode(String(value))]);
+    return this;
+  }
+  bytes(name, value) {
+    this.fields.push([name, value instanceof Uint8Array ? value : Uint8Array.from(value)]);
+    return this;
+  }
+  json(name, value) {
+    return this.text(name, JSON.stringify(value));
+  }
+  /** Buffers the reply for `stream`. A refused publish (wrong stream, missing role, too large)
+   * rejects the message, naming why; catch it to decide otherwise. */
+  send(stream) {
+    try {
+      publish(stream, this.fields);
+    } catch (e) {
+      const err = reject(`reply refused: ${describe(e.payload ?? e)}`);
+      err.refusal = e.payload;
+      throw err;
+    }
+  }
+}

@@ -1,0 +1,23 @@
+"""echo, in Python: replies to the stream named in `_reply_to` — or, without one, to the configured
+`reply_to` — with the message's own fields and `in_reply_to` = its id. Gives the same replies and
+reasons as the Rust echo (handlers/examples/echo), checked by the parity test."""
+
+from componentize_py_types import Err
+from wit_world.imports import host
+
+import wit_world
+import redstream
+
+
+class WitWorld(wit_world.WitWorld):
+    def handle(self, msg):
+        to = redstream.text(msg, "_reply_to")
+        if to is None:
+            to = redstream.config("reply_to")
+        if to is None:
+            raise redstream.reject("no _reply_to field and no reply_to configured")
+        fields = [("in_reply_to", msg.id.encode())] + redstream.user_fields(msg)
+        try:
+            host.publish(to, fields)
+        except Err as e:
+            raise redstream.reject(f"cannot reply to {to}: {e.value.value}")

@@ -1,0 +1,113 @@
+"""Helpers for RedStream handlers in Python, built with componentize-py against
+redstream:handler@0.1.0 (wit/handler.wit). `redstream handler new --lang python` copies this file.
+
+What `handle` does decides what happens to the message: returning commits the replies it sent with
+the ack; `raise retry(why)` leaves it pending for another try (up to the consumer's max_deliveries);
+`raise reject(why)` dead-letters it now. Any other exception traps: a retry, with the traceback in
+the handler's output.
+"""
+
+import json as _json
+
+from componentize_py_types import Err
+from wit_world.imports import host, types
+
+
+def retry(why):
+    """Try again later. Raise it: `raise retry("database is down")`."""
+    return Err(types.HandlerError_Retry(str(why)))
+
+
+def reject(why):
+    """It will never work: dead-letter the message now. Raise it: `raise reject("no task field")`."""
+    return Err(types.HandlerError_Reject(str(why)))
+
+
+def field(msg, name):
+    """The raw value (bytes) of the first field called `name`, or None."""
+    for n, v in msg.fields:
+        if n == name:
+            return v
+    return None
+
+
+def text(msg, name):
+    """The value of `name` as text, or None when absent or not UTF-8."""
+    v = field(msg, name)
+    if v is None:
+        return None
+    try:
+        return v.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def require_text(msg, name):
+    """The value of `name` as text; rejects the message when it is absent or not UTF-8."""
+    v = field(msg, name)
+    if v is None:
+        raise reject(f"no `{name}` field")
+    try:
+        return v.decode("utf-8")
+    except UnicodeDecodeError:
+        raise reject(f"field `{name}` is not UTF-8 text")
+
+
+def json(msg, name):
+    """The value of `name` parsed as JSON (publishers store objects and arrays as JSON text);
+    rejects the message when it is absent or not JSON."""
+    t = require_text(msg, name)
+    try:
+        return _json.loads(t)
+    except ValueError as e:
+        raise reject(f"field `{name}`: {e}")
+
+
+def user_fields(msg):
+    """Fields whose names do not start with `_` (the envelope's and routing's do), as (name, bytes)."""
+    return [(n, v) for n, v in msg.fields if not n.startswith("_")]
+
+
+def config(key):
+    """A value of the handler's `config` table, or None."""
+    return host.config(key)
+
+
+def log(level, text):
+    """A line in RedStream's log (at most 50 per message); level: debug, info, warn or error."""
+    host.log(getattr(types.Level, level.upper()), str(text))
+
+
+def _describe(e):
+    kinds = {
+        types.PublishError_InvalidStream: "invalid stream",
+        types.PublishError_Denied: "denied",
+        types.PublishError_TooLarge: "too large",
+    }
+    return f"{kinds.get(type(e), type(e).__name__)}: {e.value}"
+
+
+class Reply:
+    """A reply under construction; `send` buffers it, RedStream writes it with the ack."""
+
+    def __init__(self):
+        self.fields = []
+
+    def text(self, name, value):
+        self.fields.append((name, str(value).encode("utf-8")))
+        return self
+
+    def bytes(self, name, value):
+        self.fields.append((name, bytes(value)))
+        return self
+
+    def json(self, name, value):
+        return self.text(name, _json.dumps(value, separators=(",", ":")))
+
+    def send(self, stream):
+        """Buffers the reply for `stream`. A refused publish (wrong stream, missing role, too large)
+        rejects the message, naming why; catch it to decide otherwise."""
+        try:
+            host.publish(stream, self.fields)
+        except Err as e:
+            raise reject(f"reply refused: {_describe(e.value)}")

@@ -1,0 +1,530 @@
+//! `redstream handler run / bench / test`: a handler called locally, without Redis, in the same
+//! sandbox as the daemon's, with the settings of a config entry, a project's `handler.toml`, or flags.
+//!
+//! Owns which settings a local call gets ([`spec`]): `--handler NAME` takes roles, limits, config
+//! table and file from that `[[handlers]]` entry of `--config`; a project directory (made by
+//! `handler new`) takes them from its `handler.toml` and its built component; a bare `.wasm` gets
+//! admin roles and the defaults. Flags given on top override. Synchronous: WASI's synchronous
+//! bindings must not run inside an async runtime.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Exit, Failure, HandlerArgs, HandlerCommand, LocalCall};
+use crate::auth::Roles;
+use crate::config;
+use crate::handlers::wasm::{Runtime, RuntimeSettings, WasmHandler, WasmSpec};
+use crate::model::envelope::Fields;
+use crate::model::message::{Message, Outcome};
+use crate::model::naming::Naming;
+
+type Result<T = ()> = std::result::Result<T, Failure>;
+
+/// `redstream-handler.toml`, the manifest of a project made by `handler new`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Project {
+    pub name: String,
+    pub lang: String,
+    /// The built component, relative to the project directory.
+    pub component: PathBuf,
+}
+
+pub const MANIFEST: &str = "redstream-handler.toml";
+
+impl Project {
+    /// The project in `dir`, or why `dir` is not one.
+    pub fn open(dir: &Path) -> Result<Project> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Failure::new(
+                Exit::Failure,
+                format!(
+                    "{} is not a handler project ({}: {e}); make one with `redstream handler new NAME --lang rust|js|python`",
+                    dir.display(),
+                    path.display()
+                ),
+            )
+        })?;
+        let project: Project = Figment::from(Toml::string(&text))
+            .extract()
+            .map_err(|e| Failure::new(Exit::Config, format!("{}: {e}", path.display())))?;
+        if !["rust", "js", "python"].contains(&project.lang.as_str()) {
+            return Err(Failure::new(
+                Exit::Config,
+                format!(
+                    "{}: lang {:?} is not rust, js or python",
+                    path.display(),
+                    project.lang
+                ),
+            ));
+        }
+        Ok(project)
+    }
+}
+
+/// The settings of a local call, as described at the top of this module.
+pub fn spec(config_file: Option<&Path>, args: &HandlerArgs) -> Result<WasmSpec> {
+    let mut spec = match (&args.handler, &args.path) {
+        (Some(name), path) => {
+            let settings = config::load(config_file)?;
+            let known: Vec<&str> = settings.handlers.iter().map(|h| h.name.as_str()).collect();
+            let mut spec = settings
+                .handlers
+                .iter()
+                .find(|h| h.name == *name)
+                .cloned()
+                .ok_or_else(|| {
+                    let file = settings
+                        .file
+                        .as_ref()
+                        .map_or("the config".into(), |f| f.display().to_string());
+                    Failure::new(
+                        Exit::Config,
+                        format!(
+                            "--handler {name}: {file} has no [[handlers]] entry named {name:?} (it has: {})",
+                            if known.is_empty() {
+                                "none".into()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    )
+                })?;
+            if let Some(p) = path {
+                spec.file = component_of(p)?;
+            }
+            spec
+        }
+        (None, Some(p)) if p.is_dir() => project_spec(p)?,
+        (None, Some(p)) => WasmSpec {
+            name: p
+                .file_stem()
+                .map_or("handler".into(), |s| s.to_string_lossy().into_owned()),
+            file: p.clone(),
+            roles: Roles::parse(&["admin"]).expect("admin is a role"),
+            memory: 64 << 20,
+            timeout: Duration::from_secs(5),
+            reuse: None,
+            require_sender_token: false,
+            config: BTreeMap::new(),
+        },
+        (None, None) => {
+            return Err(Failure::new(
+                Exit::Failure,
+                "name the handler: a component (.wasm), a project directory, or --handler NAME with --config FILE",
+            ));
+        }
+    };
+    if !args.roles.is_empty() {
+        spec.roles = Roles::parse(&args.roles)
+            .map_err(|m| Failure::new(Exit::Failure, format!("--role: {m}")))?;
+    }
+    spec.config.extend(args.set.iter().cloned());
+    if let Some(m) = &args.memory {
+        spec.memory = config::parse_size(m)
+            .map_err(|m| Failure::new(Exit::Failure, format!("--memory: {m}")))?;
+    }
+    if let Some(t) = args.timeout {
+        spec.timeout = t;
+    }
+    Ok(spec)
+}
+
+/// The component a path names: the file itself, or a project's built component.
+fn component_of(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let project = Project::open(path)?;
+    let file = path.join(&project.component);
+    if !file.is_file() {
+        return Err(Failure::new(
+            Exit::Failure,
+            format!(
+                "{} does not exist yet: build it with `redstream handler build {}`",
+                file.display(),
+                path.display()
+            ),
+        ));
+    }
+    Ok(file)
+}
+
+/// A project's handler: its component, with the `[[handlers]]` entry of its `handler.toml` (validated
+/// as the daemon would) when there is one.
+fn project_spec(dir: &Path) -> Result<WasmSpec> {
+    let project = Project::open(dir)?;
+    let file = component_of(dir)?;
+    let entry = dir.join("handler.toml");
+    if !entry.is_file() {
+        return Ok(WasmSpec {
+            name: project.name,
+            file,
+            roles: Roles::parse(&["admin"]).expect("admin is a role"),
+            memory: 64 << 20,
+            timeout: Duration::from_secs(5),
+            reuse: None,
+            require_sender_token: false,
+            config: BTreeMap::new(),
+        });
+    }
+    // Only its [[handlers]] (the consumers there are for the daemon), with the file found where the
+    // build put it.
+    let found = Figment::from(Toml::file_exact(&entry))
+        .find_value("handlers")
+        .map_err(|e| {
+            Failure::new(
+                Exit::Config,
+                format!("{}: no [[handlers]] entry: {e}", entry.display()),
+            )
+        })?;
+    let dist = std::path::absolute(file.parent().unwrap_or(dir))
+        .map_err(|e| Failure::new(Exit::Failure, format!("{}: {e}", dir.display())))?;
+    let figment = Figment::new()
+        .merge(figment::providers::Serialized::default("handlers", found))
+        .merge(figment::providers::Serialized::default(
+            "wasm.handlers_dir",
+            dist.to_string_lossy(),
+        ));
+    let settings = config::from_figment(&figment, Some(entry.clone()), None)?;
+    let mut spec = settings
+        .handlers
+        .into_iter()
+        .find(|h| h.name == project.name)
+        .ok_or_else(|| {
+            Failure::new(
+                Exit::Config,
+                format!(
+                    "{}: no [[handlers]] entry named {:?} (the project's name)",
+                    entry.display(),
+                    project.name
+                ),
+            )
+        })?;
+    spec.file = file;
+    Ok(spec)
+}
+
+/// A runtime of its own for one handler (one worker; the default artifact cache).
+fn local_handler(spec: &WasmSpec) -> Result<(Runtime, WasmHandler)> {
+    let settings = RuntimeSettings {
+        cache_dir: crate::handlers::wasm::default_cache_dir(),
+        workers: 1,
+        max_stack: 512 * 1024,
+        max_memory: spec.memory,
+        reused: usize::from(spec.reuse.is_some()),
+        reply_limit: crate::model::ReplyLimit::default(),
+    };
+    let runtime = Runtime::new(&settings, std::sync::Arc::new(Naming::default()))
+        .map_err(|m| Failure::new(Exit::Failure, m))?;
+    let handler = runtime
+        .load(spec)
+        .map_err(|m| Failure::new(Exit::Config, m))?;
+    Ok((runtime, handler))
+}
+
+/// A message from a JSON object of fields (objects and arrays become JSON text, as on publish).
+fn message(
+    fields: &serde_json::Map<String, Value>,
+    stream: &str,
+    id: &str,
+    deliveries: u64,
+) -> Result<Message> {
+    Naming::default()
+        .parse(stream)
+        .map_err(|e| Failure::new(Exit::Failure, format!("stream: {e}")))?;
+    Ok(Message {
+        stream: stream.into(),
+        id: id.into(),
+        fields: Fields::from_json_object(fields),
+        deliveries,
+        sender: None,
+    })
+}
+
+fn call_message(call: &LocalCall) -> Result<Message> {
+    match serde_json::from_str::<Value>(&call.message) {
+        Ok(Value::Object(map)) => message(&map, &call.stream, "0-1", call.deliveries),
+        Ok(_) => Err(Failure::new(
+            Exit::Failure,
+            "--message: expected a JSON object of fields",
+        )),
+        Err(e) => Err(Failure::new(Exit::Failure, format!("--message: {e}"))),
+    }
+}
+
+/// The replies of a success as `{"stream", "fields", "binary"?}` (values that are not UTF-8 in
+/// `binary`, base64-encoded, as `redstream read` shows entries).
+fn replies_json(outcome: &Outcome) -> Vec<Value> {
+    match outcome {
+        Outcome::Success(replies) => replies
+            .iter()
+            .map(|r| {
+                let mut v = r.fields.to_json();
+                v["stream"] = Value::String(r.stream.clone());
+                v
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn outcome_json(outcome: &Outcome, elapsed: Duration, output: Vec<(&str, String)>) -> Value {
+    let (kind, reason) = outcome_kind(outcome);
+    json!({
+        "outcome": kind,
+        "reason": reason,
+        "replies": replies_json(outcome),
+        "elapsed_us": elapsed.as_micros() as u64,
+        // What the guest logged, then what it printed (a panic's message goes to stderr).
+        "output": output.into_iter().map(|(at, text)| json!({"at": at, "text": text})).collect::<Vec<_>>(),
+    })
+}
+
+fn outcome_kind(outcome: &Outcome) -> (&'static str, Option<&str>) {
+    match outcome {
+        Outcome::Success(_) => ("success", None),
+        Outcome::Retry(why) => ("retry", Some(why)),
+        Outcome::Reject(why) => ("reject", Some(why)),
+    }
+}
+
+/// Per-call cost with a fresh instance per message, and with one reused instance.
+fn bench(config_file: Option<&Path>, call: &LocalCall, n: u32) -> Result {
+    let msg = call_message(call)?;
+    let base = spec(config_file, &call.target)?;
+    println!(
+        "{:<10} {:>10} {:>14} {:>12}",
+        "instance", "calls", "µs per call", "calls/s"
+    );
+    for (label, reuse) in [("fresh", None), ("reused", Some(u64::MAX))] {
+        let (_runtime, handler) = local_handler(&WasmSpec {
+            reuse,
+            ..base.clone()
+        })?;
+        // Warm up: first-call costs (page faults, lazy init) are not what a running daemon pays.
+        for _ in 0..n.min(500) {
+            if let Outcome::Retry(why) | Outcome::Reject(why) = handler.call_here(&msg, None) {
+                return Err(Failure::new(
+                    Exit::Failure,
+                    format!("the handler failed: {why}"),
+                ));
+            }
+        }
+        let started = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(handler.call_here(&msg, None));
+        }
+        let per = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+        println!("{label:<10} {n:>10} {per:>14.2} {:>12.0}", 1e6 / per);
+    }
+    Ok(())
+}
+
+/// One line of a cases file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: Option<String>,
+    message: serde_json::Map<String, Value>,
+    #[serde(default = "default_stream")]
+    stream: String,
+    #[serde(default = "default_id")]
+    id: String,
+    #[serde(default = "one")]
+    deliveries: u64,
+    expect: Expect,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    outcome: String,
+    /// Every reply, in order, each with all its fields.
+    replies: Option<Vec<ExpectedReply>>,
+    reason: Option<String>,
+    reason_contains: Option<String>,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct ExpectedReply {
+    stream: String,
+    fields: serde_json::Map<String, Value>,
+    /// Values that are not UTF-8, base64-encoded.
+    #[serde(default)]
+    binary: serde_json::Map<String, Value>,
+}
+
+fn default_stream() -> String {
+    "nova:task:local:test".into()
+}
+fn default_id() -> String {
+    "0-1".into()
+}
+fn one() -> u64 {
+    1
+}
+
+/// What is wrong with an outcome, given what a case expects.
+fn mismatch(expect: &Expect, outcome: &Outcome) -> Option<String> {
+    let (kind, reason) = outcome_kind(outcome);
+    if kind != expect.outcome {
+        let why = reason.map(|r| format!(" ({r})")).unwrap_or_default();
+        return Some(format!(
+            "expected outcome {}, got {kind}{why}",
+            expect.outcome
+        ));
+    }
+    if let Some(want) = &expect.reason
+        && reason != Some(want.as_str())
+    {
+        return Some(format!("expected reason {want:?}, got {reason:?}"));
+    }
+    if let Some(part) = &expect.reason_contains
+        && !reason.is_some_and(|r| r.contains(part.as_str()))
+    {
+        return Some(format!(
+            "expected a reason containing {part:?}, got {reason:?}"
+        ));
+    }
+    if let Some(want) = &expect.replies {
+        let got: Vec<ExpectedReply> = replies_json(outcome)
+            .into_iter()
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect();
+        if got != *want {
+            let show = |r: &[ExpectedReply]| {
+                serde_json::to_string(
+                    &r.iter()
+                        .map(
+                            |r| json!({"stream": r.stream, "fields": r.fields, "binary": r.binary}),
+                        )
+                        .collect::<Vec<_>>(),
+                )
+                .unwrap_or_default()
+            };
+            return Some(format!(
+                "replies differ\n      expected {}\n      got      {}",
+                show(want),
+                show(&got)
+            ));
+        }
+    }
+    None
+}
+
+/// `handler test`: every case of a JSON-lines file; exit 0 only when all pass.
+fn test(config_file: Option<&Path>, args: &HandlerArgs, cases: Option<&Path>) -> Result {
+    let cases_path = match (cases, &args.path) {
+        (Some(c), _) => c.to_path_buf(),
+        (None, Some(p)) if p.is_dir() => p.join("cases.jsonl"),
+        _ => {
+            return Err(Failure::new(
+                Exit::Failure,
+                "--cases FILE: which cases to run (a project directory has them in cases.jsonl)",
+            ));
+        }
+    };
+    let text = std::fs::read_to_string(&cases_path).map_err(|e| {
+        Failure::new(
+            Exit::Failure,
+            format!("cannot read {}: {e}", cases_path.display()),
+        )
+    })?;
+    let mut cases = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let case: Case = serde_json::from_str(line).map_err(|e| {
+            Failure::new(
+                Exit::Failure,
+                format!("{}:{}: not a case: {e}", cases_path.display(), i + 1),
+            )
+        })?;
+        if !["success", "retry", "reject"].contains(&case.expect.outcome.as_str()) {
+            return Err(Failure::new(
+                Exit::Failure,
+                format!(
+                    "{}:{}: expect.outcome must be success, retry or reject, not {:?}",
+                    cases_path.display(),
+                    i + 1,
+                    case.expect.outcome
+                ),
+            ));
+        }
+        cases.push((i + 1, case));
+    }
+    if cases.is_empty() {
+        return Err(Failure::new(
+            Exit::Failure,
+            format!("{} has no cases", cases_path.display()),
+        ));
+    }
+    let spec = spec(config_file, args)?;
+    let (_runtime, handler) = local_handler(&spec)?;
+    println!(
+        "testing {} ({}) with {}",
+        spec.name,
+        spec.file.display(),
+        cases_path.display()
+    );
+    let mut failed = 0;
+    for (line, case) in &cases {
+        let name = case.name.clone().unwrap_or_else(|| format!("line {line}"));
+        let msg = message(&case.message, &case.stream, &case.id, case.deliveries)?;
+        let started = Instant::now();
+        let (outcome, output) = handler.call_recorded(&msg, None);
+        let took = started.elapsed().as_micros();
+        match mismatch(&case.expect, &outcome) {
+            None => println!("ok      {name} ({took} µs)"),
+            Some(why) => {
+                failed += 1;
+                println!("FAILED  {name} (line {line}): {why}");
+                for (at, text) in output {
+                    println!("      {at}: {}", text.trim_end());
+                }
+            }
+        }
+    }
+    println!("{} of {} cases passed", cases.len() - failed, cases.len());
+    if failed > 0 {
+        return Err(Failure::new(
+            Exit::Failure,
+            format!("{failed} case(s) failed"),
+        ));
+    }
+    Ok(())
+}
+
+/// `redstream handler …`, synchronously (outside any async runtime).
+pub fn run(config_file: Option<&Path>, cmd: HandlerCommand) -> Result {
+    match cmd {
+        HandlerCommand::Run(call) => {
+            let spec = spec(config_file, &call.target)?;
+            let (_runtime, handler) = local_handler(&spec)?;
+            let msg = call_message(&call)?;
+            let started = Instant::now();
+            let (outcome, output) = handler.call_recorded(&msg, None);
+            println!("{}", outcome_json(&outcome, started.elapsed(), output));
+            match outcome {
+                Outcome::Success(_) => Ok(()),
+                _ => Err(Failure::new(Exit::Failure, "the handler did not succeed")),
+            }
+        }
+        HandlerCommand::Bench { call, n } => bench(config_file, &call, n),
+        HandlerCommand::Test { target, cases } => test(config_file, &target, cases.as_deref()),
+        HandlerCommand::New { name, lang, dir } => {
+            super::scaffold::new(&name, &lang, dir.as_deref())
+        }
+        HandlerCommand::Build { path } => super::scaffold::build(&path),
+    }
+}
