@@ -103,18 +103,11 @@ pub fn spec(config_file: Option<&Path>, args: &HandlerArgs) -> Result<WasmSpec> 
             spec
         }
         (None, Some(p)) if p.is_dir() => project_spec(p)?,
-        (None, Some(p)) => WasmSpec {
-            name: p
-                .file_stem()
+        (None, Some(p)) => bare_spec(
+            p.file_stem()
                 .map_or("handler".into(), |s| s.to_string_lossy().into_owned()),
-            file: p.clone(),
-            roles: Roles::parse(&["admin"]).expect("admin is a role"),
-            memory: 64 << 20,
-            timeout: Duration::from_secs(5),
-            reuse: None,
-            require_sender_token: false,
-            config: BTreeMap::new(),
-        },
+            p.clone(),
+        ),
         (None, None) => {
             return Err(Failure::new(
                 Exit::Failure,
@@ -135,6 +128,21 @@ pub fn spec(config_file: Option<&Path>, args: &HandlerArgs) -> Result<WasmSpec> 
         spec.timeout = t;
     }
     Ok(spec)
+}
+
+/// A handler without a config entry: admin roles (every publish allowed) and the defaults of
+/// `[[handlers]]`.
+fn bare_spec(name: String, file: PathBuf) -> WasmSpec {
+    WasmSpec {
+        name,
+        file,
+        roles: Roles::parse(&["admin"]).expect("admin is a role"),
+        memory: 64 << 20,
+        timeout: Duration::from_secs(5),
+        reuse: None,
+        require_sender_token: false,
+        config: BTreeMap::new(),
+    }
 }
 
 /// The component a path names: the file itself, or a project's built component.
@@ -164,16 +172,7 @@ fn project_spec(dir: &Path) -> Result<WasmSpec> {
     let file = component_of(dir)?;
     let entry = dir.join("handler.toml");
     if !entry.is_file() {
-        return Ok(WasmSpec {
-            name: project.name,
-            file,
-            roles: Roles::parse(&["admin"]).expect("admin is a role"),
-            memory: 64 << 20,
-            timeout: Duration::from_secs(5),
-            reuse: None,
-            require_sender_token: false,
-            config: BTreeMap::new(),
-        });
+        return Ok(bare_spec(project.name, file));
     }
     // Only its [[handlers]] (the consumers there are for the daemon), with the file found where the
     // build put it.

@@ -329,7 +329,7 @@ group = "j"
     );
 }
 
-/// `check` prints the warnings (and still exits 0); `run` logs them.
+/// `check` prints the warnings (and still exits 0); `run` logs them (the watch test checks that).
 #[test]
 fn check_prints_warnings_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
@@ -348,13 +348,8 @@ forward = "nova:task:a:copies"
 "#,
         ),
     );
-    let out = Command::new(bin())
-        .args(["--config", path.to_str().unwrap(), "check"])
-        .env_remove("REDSTREAM_CONFIG")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let (code, stdout, _) = redstream(&["--config", path.to_str().unwrap(), "check"]);
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(
         stdout
             .contains("  warning: routes[1]: can never match: routes[0] (nova:task:a:tasks, drop)"),
@@ -381,7 +376,7 @@ watch = true
 name = "h"
 file = "{}"
 roles = ["task_write"]
-config = {{ reply_to = "nova:task:watch:out" }}
+config = {{ reply_to = "nova:task:watch:out", audit = "nova:devops:audit:log" }}
 
 [[consumers]]
 stream = "nova:task:watch:in"
@@ -393,6 +388,11 @@ handler = "h"
     );
     let mut d = Daemon::running(&toml, &[]);
     assert!(d.wait_log("wasm.watch: reloading when", Duration::from_secs(10)));
+    // `run` logs the config's warnings as `check` prints them.
+    assert!(d.wait_log(
+        "config: names stream nova:devops:audit:log",
+        Duration::from_secs(10)
+    ));
     let replies = |n: usize| {
         crate::util::wait_for("replies", Duration::from_secs(20), || {
             let got = server.entries("nova:task:watch:out");
