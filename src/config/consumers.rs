@@ -33,10 +33,18 @@ pub fn default_consumer(subject: &str, instance: Option<&str>) -> String {
 /// The dead-letter stream used when a consumer entry names none: `<stream>-dlq` for ADAPT names.
 pub fn default_dead_letter(name: &StreamName<'_>) -> String {
     match name {
+        // A hash tag is kept: the dead letters share the slot of their stream.
         StreamName::Adapt {
             domain,
             entity,
             function,
+            hash_tag: true,
+        } => format!("nova:{domain}:{{{entity}}}:{function}-dlq"),
+        StreamName::Adapt {
+            domain,
+            entity,
+            function,
+            hash_tag: false,
         } => format!("nova:{domain}:{entity}:{function}-dlq"),
         StreamName::Legacy { service, name } => format!("nova:task:{service}-{name}:dlq"),
     }

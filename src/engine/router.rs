@@ -24,13 +24,15 @@ impl StreamPattern {
         )
     }
 
+    /// Whether `stream` matches. A hash-tagged segment (`{boomerang}`) is the same segment as its
+    /// plain form, on either side.
     pub fn matches(&self, stream: &str) -> bool {
         let mut parts = stream.split(':');
         for want in &self.0 {
             match (want, parts.next()) {
                 (_, None) => return false,
                 (None, Some(_)) => {}
-                (Some(w), Some(p)) if w == p => {}
+                (Some(w), Some(p)) if untagged(w) == untagged(p) => {}
                 _ => return false,
             }
         }
@@ -40,11 +42,11 @@ impl StreamPattern {
     /// Whether every stream `other` matches, this matches too.
     pub fn covers(&self, other: &StreamPattern) -> bool {
         self.0.len() == other.0.len()
-            && self
-                .0
-                .iter()
-                .zip(&other.0)
-                .all(|(a, b)| a.is_none() || a == b)
+            && self.0.iter().zip(&other.0).all(|(a, b)| match (a, b) {
+                (None, _) => true,
+                (Some(a), Some(b)) => untagged(a) == untagged(b),
+                (Some(_), None) => false,
+            })
     }
 
     /// Whether some stream matches both (a consumer's stream is a plain name, so this is `matches`).
@@ -68,6 +70,14 @@ impl std::fmt::Display for StreamPattern {
         let parts: Vec<&str> = self.0.iter().map(|p| p.as_deref().unwrap_or("*")).collect();
         f.write_str(&parts.join(":"))
     }
+}
+
+/// A segment without the braces of a hash tag.
+fn untagged(segment: &str) -> &str {
+    segment
+        .strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .unwrap_or(segment)
 }
 
 /// The field predicates of a route; all must hold.
@@ -227,6 +237,17 @@ mod tests {
         assert!(!p.matches("nova:task:tasks"));
         assert!(StreamPattern::new("devops.cline.direct").matches("devops.cline.direct"));
         assert!(!StreamPattern::new("nova:task:a:b").matches("nova:task:a:bc"));
+        // Hash tags: the same entity, written either way.
+        assert!(p.matches("nova:task:{boomerang}:tasks"));
+        assert!(
+            StreamPattern::new("nova:task:boomerang:tasks").matches("nova:task:{boomerang}:tasks")
+        );
+        assert!(
+            StreamPattern::new("nova:task:{boomerang}:tasks").matches("nova:task:boomerang:tasks")
+        );
+        assert!(
+            !StreamPattern::new("nova:task:{boomerang}:tasks").matches("nova:task:{other}:tasks")
+        );
         assert_eq!(p.to_string(), "nova:task:*:tasks");
     }
 

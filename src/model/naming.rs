@@ -4,7 +4,10 @@
 //! roles are granted on. It does not decide who may touch a stream: that is [`crate::auth`].
 //!
 //! - ADAPT: `nova:{domain}:{entity}:{function}`, domain from a configurable list, entity and function of
-//!   `[A-Za-z0-9_-]+` — e.g. `nova:task:boomerang:tasks`.
+//!   `[A-Za-z0-9_-]+` — e.g. `nova:task:boomerang:tasks`. The entity may be written as a Redis Cluster
+//!   hash tag, `nova:task:{boomerang}:tasks`: every stream of the entity then hashes to one slot (so a
+//!   reply and its source can share one atomic commit); it is still entity `boomerang` for roles and
+//!   route patterns.
 //! - legacy: `{service}.{name}.direct` matching `^[a-z]+\.[a-z0-9]+\.direct$`; it counts as domain `task`.
 
 use std::fmt;
@@ -35,8 +38,11 @@ pub enum StreamName<'a> {
     /// `nova:{domain}:{entity}:{function}`
     Adapt {
         domain: &'a str,
+        /// Without the braces of a hash tag.
         entity: &'a str,
         function: &'a str,
+        /// Whether the entity was written `{entity}`.
+        hash_tag: bool,
     },
     /// `{service}.{name}.direct`, domain `task`.
     Legacy { service: &'a str, name: &'a str },
@@ -116,13 +122,23 @@ impl Naming {
             if !self.is_domain(domain) {
                 return Err(fail("unknown domain"));
             }
+            let (entity, hash_tag) = match entity.strip_prefix('{') {
+                Some(tagged) => match tagged.strip_suffix('}') {
+                    Some(inner) => (inner, true),
+                    None => return Err(fail("a hash-tagged entity is written {entity}")),
+                },
+                None => (entity, false),
+            };
             if !is_segment(entity) || !is_segment(function) {
-                return Err(fail("entity and function must be non-empty [A-Za-z0-9_-]+"));
+                return Err(fail(
+                    "entity and function must be non-empty [A-Za-z0-9_-]+ (the entity may be a hash tag, {entity})",
+                ));
             }
             return Ok(StreamName::Adapt {
                 domain,
                 entity,
                 function,
+                hash_tag,
             });
         }
         if let Some(rest) = name.strip_suffix(".direct") {

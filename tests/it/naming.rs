@@ -27,8 +27,48 @@ fn accepts_adapt_and_legacy_names() {
         StreamName::Adapt {
             domain: "task",
             entity: "boomerang",
-            function: "tasks"
+            function: "tasks",
+            hash_tag: false,
         }
+    );
+}
+
+/// A Redis Cluster hash tag in the entity segment: still entity `boomerang`, domain `task`; malformed
+/// tags are refused with the rule; the default dead-letter stream keeps the tag (same slot).
+#[test]
+fn hash_tagged_entities_are_the_same_entity() {
+    let naming = Naming::default();
+    assert_eq!(
+        naming.parse("nova:task:{boomerang}:tasks").unwrap(),
+        StreamName::Adapt {
+            domain: "task",
+            entity: "boomerang",
+            function: "tasks",
+            hash_tag: true,
+        }
+    );
+    assert_eq!(
+        naming.domain_of("nova:task:{boomerang}:tasks").unwrap(),
+        "task"
+    );
+    for bad in [
+        "nova:task:{}:tasks",
+        "nova:task:{boomerang:tasks",
+        "nova:task:boomerang}:tasks",
+        "nova:task:{a}b:tasks",
+        "nova:task:boomerang:{tasks}",
+    ] {
+        let e = naming.parse(bad).expect_err(bad);
+        assert!(e.to_string().contains(bad), "{e}");
+    }
+    let s = crate::util::settings_from(&crate::util::daemon_toml(
+        "redis://127.0.0.1:1",
+        "[[consumers]]\nstream = \"nova:task:{boomerang}:tasks\"\ngroup = \"g\"\nhandler = \"drop\"\n",
+    ))
+    .expect("valid");
+    assert_eq!(
+        s.consumers[0].dead_letter,
+        "nova:task:{boomerang}:tasks-dlq"
     );
 }
 

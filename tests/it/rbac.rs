@@ -182,3 +182,30 @@ async fn legacy_names_count_as_task_and_bad_names_never_reach_redis() {
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
     assert_eq!(keys, ["devops.cline.direct"]);
 }
+
+/// A hash-tagged stream belongs to its domain like any other: task_write publishes to
+/// `nova:task:{boomerang}:tasks`, devops_write may not, and the entry lands under the tagged key.
+#[tokio::test]
+async fn hash_tagged_streams_are_governed_by_their_domain() {
+    let server = RedisServer::start();
+    let tagged = "nova:task:{boomerang}:tasks";
+    let writer = client_as(&server, "w", &["task_write"]);
+    writer
+        .publish(
+            tagged,
+            Fields::from_iter([("n", "1")]),
+            PublishOptions::default(),
+        )
+        .await
+        .expect("task_write covers a tagged task stream");
+    let other = client_as(&server, "o", &["devops_write"]);
+    let denied = other
+        .publish(
+            tagged,
+            Fields::from_iter([("n", "2")]),
+            PublishOptions::default(),
+        )
+        .await;
+    assert!(denied.is_err(), "{denied:?}");
+    assert_eq!(server.xlen(tagged), 1);
+}
