@@ -262,8 +262,10 @@ pub async fn run(cli: Cli) -> Result {
             }
             Ok(())
         }
-        Command::Run | Command::Handler(_) => {
-            unreachable!("`run` and `handler` are dispatched before the one-shot runtime starts")
+        Command::Run | Command::Handler(_) | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!(
+                "`run`, `handler`, `completions` and `man` are dispatched before the one-shot runtime starts"
+            )
         }
     }
 }

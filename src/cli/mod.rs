@@ -202,6 +202,14 @@ pub enum Command {
     /// Issue, verify and provision tokens and API keys.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print a shell completion script: `redstream completions bash > /etc/bash_completion.d/redstream`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page redstream(1), or with --out write one page per command into DIR
+    /// (redstream.1, redstream-handler-new.1, …).
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Try and measure WASM handlers locally, without Redis.
     #[command(subcommand)]
     Handler(HandlerCommand),
@@ -426,6 +434,15 @@ pub fn main() -> ExitCode {
     if let Command::Run = cli.command {
         return daemon(cli.config.as_deref());
     }
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "redstream", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { out } => return man(out.as_deref()),
+        _ => {}
+    }
     init_logging("warn");
     // Handler calls use WASI's synchronous bindings, which must not run inside an async runtime.
     if let Command::Handler(cmd) = cli.command {
@@ -500,6 +517,22 @@ fn daemon(config: Option<&std::path::Path>) -> ExitCode {
         }
     };
     ExitCode::from(exit as u8)
+}
+
+/// `redstream man`: redstream(1) on stdout, or every command's page into `out`.
+fn man(out: Option<&std::path::Path>) -> ExitCode {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let written = match out {
+        Some(dir) => std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(cmd, dir)),
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("redstream: cannot write the manual: {e}");
+            ExitCode::from(Exit::Failure as u8)
+        }
+    }
 }
 
 /// Builds an async runtime, or says why not.

@@ -429,3 +429,69 @@ fn unreachable_redis_exits_69() {
     );
     assert_eq!(check.status.code(), Some(69), "{:?}", text(&check));
 }
+
+/// `redstream man` and `redstream completions` come from the clap definitions: every command has a
+/// page, and the completion scripts know the subcommands.
+#[test]
+fn manual_pages_and_completions_cover_every_command() {
+    let out = std::process::Command::new(crate::util::bin())
+        .arg("man")
+        .output()
+        .unwrap();
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(page.contains(".TH redstream 1"), "{page}");
+    for sub in ["run", "check", "publish", "handler", "dlq", "token"] {
+        assert!(page.contains(sub), "redstream(1) does not mention {sub}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(crate::util::bin())
+        .args(["man", "--out", dir.path().to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for page in [
+        "redstream.1",
+        "redstream-handler-new.1",
+        "redstream-dlq-replay.1",
+        "redstream-check.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page))
+            .unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.contains(".TH "), "{page}");
+    }
+    // Every page renders without a warning (groff -ww; -k for the UTF-8 in help texts).
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let out = std::process::Command::new("groff")
+            .args(["-k", "-man", "-Tutf8", "-z", "-ww"])
+            .arg(&path)
+            .output()
+            .expect("groff (Debian's groff-base, which man-db needs)");
+        let warnings = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && warnings.is_empty(),
+            "{}: {warnings}",
+            path.display()
+        );
+    }
+    for (shell, marker) in [
+        ("bash", "_redstream()"),
+        ("zsh", "#compdef redstream"),
+        ("fish", "complete -c redstream"),
+    ] {
+        let out = std::process::Command::new(crate::util::bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && script.contains(marker),
+            "{shell}: {script}"
+        );
+        assert!(
+            script.contains("handler") && script.contains("dlq"),
+            "{shell}"
+        );
+    }
+}
