@@ -75,6 +75,8 @@ pub struct Metrics {
     /// Times a loop got Redis back after losing it.
     pub reconnects: Counter,
     pub handler_peak_memory: Family<HandlerLabels, Gauge>,
+    /// 1 while the daemon is degraded (heartbeat `status`), else 0.
+    pub degraded: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -97,6 +99,7 @@ impl Metrics {
             publish_denied: Family::default(),
             reconnects: Counter::default(),
             handler_peak_memory: Family::default(),
+            degraded: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -149,6 +152,11 @@ impl Metrics {
             "handler_peak_memory_bytes",
             "The most linear memory a handler instance asked for",
             m.handler_peak_memory.clone(),
+        );
+        registry.register(
+            "degraded",
+            "1 while the daemon is degraded (failing commits, Redis trouble, a lapsing token, a stuck loop)",
+            m.degraded.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -233,6 +233,7 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
     let mut status_tick = tokio::time::interval(Duration::from_secs(5));
     let mut withheld = false;
+    // Every second: the identity token's lifetime, and the degraded gauge.
     let mut token_check = tokio::time::interval(Duration::from_secs(1));
     let token_lifetime = d
         .settings
@@ -280,6 +281,9 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
             }
             _ = token_check.tick() => {
                 d.watch_token(token_lifetime);
+                crate::metrics::global()
+                    .degraded
+                    .set(i64::from(!d.health.degraded().is_empty()));
                 continue;
             }
             _ = status_tick.tick() => {

@@ -281,10 +281,17 @@ fn a_lapsing_identity_token_degrades_the_daemon_and_a_self_issued_one_is_renewed
             Duration::from_secs(8),
         )
         .unwrap();
-    let with_token =
-        toml(&server, "200ms").replace("roles = [\"admin\"]\n", &format!("token = \"{given}\"\n"));
+    let port = crate::util::redis_server::free_port();
+    let with_token = toml(&server, "200ms")
+        .replace("roles = [\"admin\"]\n", &format!("token = \"{given}\"\n"))
+        + &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
     assert!(with_token.contains("token = "), "{with_token}");
     let mut d = Daemon::running(&with_token, &[]);
+    let healthy = crate::metrics::get(port, "/metrics").1;
+    assert_eq!(
+        crate::metrics::sample(&healthy, "redstream_degraded", &[]),
+        0.0
+    );
     let beat = wait_for("a degraded heartbeat", Duration::from_secs(15), || {
         server
             .entries(HEARTBEAT)
@@ -297,6 +304,11 @@ fn a_lapsing_identity_token_degrades_the_daemon_and_a_self_issued_one_is_renewed
         "{reasons}"
     );
     assert!(d.wait_log("about to lapse", Duration::from_secs(1)));
+    // Alerting sees it too (contrib/prometheus/alerts.yml, RedStreamDegraded).
+    wait_for("redstream_degraded 1", Duration::from_secs(5), || {
+        let text = crate::metrics::get(port, "/metrics").1;
+        (crate::metrics::sample(&text, "redstream_degraded", &[]) == 1.0).then_some(())
+    });
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 
     // Self-issued with a 4 s lifetime: renewed after about 3.2 s, and never degraded.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::util::redis_server::free_port;
 use crate::util::{Daemon, RedisServer, daemon_toml, root, wait_for};
 
-fn get(port: u16, path: &str) -> (u16, String) {
+pub fn get(port: u16, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     // A dead endpoint leaves the connection in the backlog forever: fail instead of hanging.
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -27,7 +27,7 @@ fn get(port: u16, path: &str) -> (u16, String) {
 }
 
 /// The value of the first sample whose line starts with `prefix` (name plus labels as far as given).
-fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
+pub fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && labels.iter().all(|lb| l.contains(lb)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
