@@ -14,6 +14,14 @@ fn echo_wasm() -> std::path::PathBuf {
     root().join("handlers/build/echo.wasm")
 }
 
+/// A config file (the test identity and key, then `extra`) in a directory of its own.
+fn config_file(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("redstream.toml");
+    write(&path, &config_toml("redis://127.0.0.1:1", extra));
+    (dir, path)
+}
+
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
@@ -332,13 +340,8 @@ group = "j"
 /// `check` prints the warnings (and still exits 0); `run` logs them (the watch test checks that).
 #[test]
 fn check_prints_warnings_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("redstream.toml");
-    write(
-        &path,
-        &config_toml(
-            "redis://127.0.0.1:1",
-            r#"
+    let (_dir, path) = config_file(
+        r#"
 [[routes]]
 stream = "nova:task:a:tasks"
 drop = true
@@ -346,7 +349,6 @@ drop = true
 stream = "nova:task:a:tasks"
 forward = "nova:task:a:copies"
 "#,
-        ),
     );
     let (code, stdout, _) = redstream(&["--config", path.to_str().unwrap(), "check"]);
     assert_eq!(code, Some(0), "{stdout}");
@@ -640,14 +642,8 @@ fn sdk_copies_in_the_examples_match_their_sources() {
 /// flags still override; an unknown name lists the known ones.
 #[test]
 fn handler_run_takes_an_entry_of_the_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("redstream.toml");
-    write(
-        &path,
-        &config_toml(
-            "redis://127.0.0.1:1",
-            &format!(
-                r#"
+    let (_dir, path) = config_file(&format!(
+        r#"
 [[handlers]]
 name = "greeter"
 file = "{}"
@@ -655,10 +651,8 @@ roles = ["task_write"]
 timeout = "2s"
 config = {{ reply_to = "nova:task:greeter:replies" }}
 "#,
-                root().join("handlers/build/template.wasm").display()
-            ),
-        ),
-    );
+        root().join("handlers/build/template.wasm").display()
+    ));
     let cfg = path.to_str().unwrap();
     let (code, out, err) = redstream(&[
         "--config",
