@@ -147,18 +147,23 @@ fn bare_spec(name: String, file: PathBuf) -> WasmSpec {
 
 /// The component a path names: the file itself, or a project's built component.
 fn component_of(path: &Path) -> Result<PathBuf> {
-    if !path.is_dir() {
-        return Ok(path.to_path_buf());
+    if path.is_dir() {
+        built(path, &Project::open(path)?)
+    } else {
+        Ok(path.to_path_buf())
     }
-    let project = Project::open(path)?;
-    let file = path.join(&project.component);
+}
+
+/// A project's built component, or how to build it.
+fn built(dir: &Path, project: &Project) -> Result<PathBuf> {
+    let file = dir.join(&project.component);
     if !file.is_file() {
         return Err(Failure::new(
             Exit::Failure,
             format!(
                 "{} does not exist yet: build it with `redstream handler build {}`",
                 file.display(),
-                path.display()
+                dir.display()
             ),
         ));
     }
@@ -169,7 +174,7 @@ fn component_of(path: &Path) -> Result<PathBuf> {
 /// as the daemon would) when there is one.
 fn project_spec(dir: &Path) -> Result<WasmSpec> {
     let project = Project::open(dir)?;
-    let file = component_of(dir)?;
+    let file = built(dir, &project)?;
     let entry = dir.join("handler.toml");
     if !entry.is_file() {
         return Ok(bare_spec(project.name, file));

@@ -38,14 +38,11 @@ pub fn default_dead_letter(name: &StreamName<'_>) -> String {
             domain,
             entity,
             function,
-            hash_tag: true,
-        } => format!("nova:{domain}:{{{entity}}}:{function}-dlq"),
-        StreamName::Adapt {
-            domain,
-            entity,
-            function,
-            hash_tag: false,
-        } => format!("nova:{domain}:{entity}:{function}-dlq"),
+            hash_tag,
+        } => {
+            let (open, close) = if *hash_tag { ("{", "}") } else { ("", "") };
+            format!("nova:{domain}:{open}{entity}{close}:{function}-dlq")
+        }
         StreamName::Legacy { service, name } => format!("nova:task:{service}-{name}:dlq"),
     }
 }

@@ -41,9 +41,11 @@ impl Targets {
     }
 
     fn wants(&self, path: &Path) -> bool {
+        // The drop-in directory itself too: one created after start is watched from the reload on.
         self.files.contains(path)
             || self.dropin_dir.as_deref().is_some_and(|d| {
-                path.parent() == Some(d) && path.extension().is_some_and(|e| e == "toml")
+                path == d
+                    || (path.parent() == Some(d) && path.extension().is_some_and(|e| e == "toml"))
             })
     }
 

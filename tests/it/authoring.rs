@@ -42,6 +42,9 @@ fn drop_ins_merge_in_lexical_order_and_report_their_file() {
         &daemon_toml(
             "redis://127.0.0.1:1",
             r#"
+[naming]
+domains = ["task", "system"]
+
 [wasm]
 handlers_dir = "lib/handlers"
 
@@ -75,6 +78,9 @@ handler = "greeter"
     write(
         &d.join("10-base.toml"),
         r#"
+[naming]
+domains = ["billing"]
+
 [daemon]
 drain_timeout = "3s"
 
@@ -103,6 +109,8 @@ handler = "drop"
         ]
     );
     assert_eq!(s.daemon.drain_timeout, Duration::from_secs(7));
+    // Plain arrays are appended too: a drop-in adds a domain to those the file gave.
+    assert_eq!(s.naming.domains(), ["task", "system", "billing"]);
     assert_eq!(s.handlers[0].file, handlers.join("greeter.wasm"));
 
     // A problem in a drop-in names the drop-in and the merged key path.
@@ -192,8 +200,9 @@ drop = true
     );
 }
 
-fn warnings(toml: &str) -> Vec<String> {
-    settings_from(toml)
+/// The warnings of a daemon config with `extra` (consumers, handlers, routes).
+fn warnings(extra: &str) -> Vec<String> {
+    settings_from(&daemon_toml("redis://127.0.0.1:1", extra))
         .expect("valid: warnings never refuse a config")
         .warnings
         .iter()
@@ -222,10 +231,8 @@ config = {{ reply_to = "nova:devops:alerts:escalations", limit = "5", same = "no
 "#,
         echo = echo.display()
     );
-    let w = warnings(&daemon_toml(
-        "redis://127.0.0.1:1",
-        &format!(
-            r#"{handlers}
+    let w = warnings(&format!(
+        r#"{handlers}
 [[routes]]
 stream = "nova:task:*:tasks"
 handler = "indexer"
@@ -243,7 +250,6 @@ group = "index"
 stream = "nova:task:boomerang:tasks"
 group = "escalate"
 "#
-        ),
     ));
     let joined = w.join("\n");
     assert_eq!(w.len(), 3, "{joined}");
@@ -263,8 +269,7 @@ group = "escalate"
     );
 
     // The fix the warnings point at: the narrower route first and each group its own table.
-    let w = warnings(&daemon_toml(
-        "redis://127.0.0.1:1",
+    let w = warnings(
         &format!(
             r#"{handlers}
 [[consumers]]
@@ -286,15 +291,13 @@ drop = true
             "nova:devops:alerts:escalations",
             "nova:task:alerts:escalations",
         ),
-    ));
+    );
     assert!(w.is_empty(), "{w:#?}");
 
     // Patterns: a wildcard route before an exact one shadows it everywhere; an exact route before a
     // wildcard one shadows the wildcard for the consumer of that stream only.
-    let w = warnings(&daemon_toml(
-        "redis://127.0.0.1:1",
-        &format!(
-            r#"{handlers}
+    let w = warnings(&format!(
+        r#"{handlers}
 [[routes]]
 stream = "nova:task:*:jobs"
 handler = "indexer"
@@ -318,7 +321,6 @@ group = "b"
 stream = "nova:task:a:jobs"
 group = "j"
 "#
-        ),
     ));
     let joined = w.join("\n");
     assert!(
@@ -422,6 +424,26 @@ handler = "h"
     server.xadd("nova:task:watch:in", &[("greet", "two")]);
     let after = replies(2);
     assert_eq!(after[1].fields.get_str("greeting"), Some("hello, two"));
+
+    // A drop-in directory made after start is seen (its creation reloads and watches it), and a
+    // drop-in written there adds its consumer.
+    let reloads = d.count_log("reloaded the config");
+    let dropins = redstream::config::dropin_dir(&d.config_path());
+    std::fs::create_dir(&dropins).unwrap();
+    crate::util::wait_for(
+        "the reload for the new directory",
+        Duration::from_secs(20),
+        || (d.count_log("reloaded the config") > reloads).then_some(()),
+    );
+    write(
+        &dropins.join("50-more.toml"),
+        "[[consumers]]\nstream = \"nova:task:watch:more\"\ngroup = \"more\"\nhandler = \"drop\"\n",
+    );
+    assert!(
+        d.wait_log("started=1", Duration::from_secs(20)),
+        "{:#?}",
+        d.logs()
+    );
     assert_eq!(d.stop(Duration::from_secs(20)), 0);
 }
 
