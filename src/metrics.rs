@@ -77,6 +77,15 @@ pub struct Metrics {
     pub handler_peak_memory: Family<HandlerLabels, Gauge>,
     /// 1 while the daemon is degraded (heartbeat `status`), else 0.
     pub degraded: Gauge,
+    /// Outbox entries a relay handled (Redis Cluster), by source stream and outcome: delivered,
+    /// repeated (delivered before a crash or claim; not written again), refused (left pending).
+    pub relayed: Family<RelayLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayLabels {
+    pub stream: String,
+    pub outcome: String,
 }
 
 fn latency_histogram() -> Histogram {
@@ -100,6 +109,7 @@ impl Metrics {
             reconnects: Counter::default(),
             handler_peak_memory: Family::default(),
             degraded: Gauge::default(),
+            relayed: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -157,6 +167,11 @@ impl Metrics {
             "degraded",
             "1 while the daemon is degraded (failing commits, Redis trouble, a lapsing token, a stuck loop)",
             m.degraded.clone(),
+        );
+        registry.register(
+            "relayed",
+            "Outbox entries relayed to streams in other cluster slots, by source stream and outcome",
+            m.relayed.clone(),
         );
         Metrics { registry, ..m }
     }

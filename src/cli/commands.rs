@@ -323,12 +323,32 @@ async fn check(config: Option<&Path>, ping: bool) -> Result {
             "  consumer: {} group {} as {}: {handler} (dead letters to {})",
             c.stream, c.group, c.consumer, c.dead_letter
         );
+        let cluster = !settings.redis.cluster.is_empty();
         for r in c.routes.iter().filter(|_| c.handler.is_none()) {
             println!(
-                "    route: {} {} → {}",
+                "    route: {} {} → {}{}",
                 r.stream,
                 predicates(&r.when),
-                r.action
+                r.action,
+                match &r.action {
+                    crate::engine::router::Action::Forward(to) if cluster =>
+                        format!(" ({})", guarantee(&c.stream, to)),
+                    _ => String::new(),
+                }
+            );
+        }
+        if cluster {
+            // Which commits stay one atomic script, and which replies go through the outbox.
+            let same = crate::client::slot::hash_tag(&c.stream).map_or_else(
+                || format!("the stream {} itself", c.stream),
+                |tag| format!("streams tagged {{{tag}}}"),
+            );
+            println!(
+                "    commit: replies to {same} (slot {}) atomic with the ack; replies to other \
+                 slots effectively-once through the outbox {}; dead letters {}",
+                crate::client::slot::of(&c.stream),
+                crate::client::outbox::outbox_of(&c.stream),
+                guarantee(&c.stream, &c.dead_letter)
             );
         }
     }
@@ -336,7 +356,20 @@ async fn check(config: Option<&Path>, ping: bool) -> Result {
     for w in &settings.warnings {
         println!("  warning: {w}");
     }
-    println!("  redis: {}", redact_url(&settings.redis.url));
+    if settings.redis.cluster.is_empty() {
+        println!(
+            "  redis: {} (one node: every commit is atomic with its ack)",
+            redact_url(&settings.redis.url)
+        );
+    } else {
+        let seeds: Vec<String> = settings
+            .redis
+            .cluster
+            .iter()
+            .map(|u| redact_url(u))
+            .collect();
+        println!("  redis: cluster, seeds {}", seeds.join(", "));
+    }
     if ping {
         wait_ready(settings.redis.clone(), settings.startup_wait)
             .await
@@ -347,6 +380,20 @@ async fn check(config: Option<&Path>, ping: bool) -> Result {
         println!("  redis answered PING");
     }
     Ok(())
+}
+
+/// On a cluster, how a write from `source` to `target` is committed.
+fn guarantee(source: &str, target: &str) -> String {
+    use crate::client::slot;
+    if slot::of(source) == slot::of(target) {
+        format!("atomic: {target} shares slot {}", slot::of(source))
+    } else {
+        format!(
+            "through the outbox: {target} is in slot {}, the source in {}",
+            slot::of(target),
+            slot::of(source)
+        )
+    }
 }
 
 /// Loads the config, picks the identity and waits (once) for Redis.

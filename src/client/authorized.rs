@@ -109,6 +109,16 @@ impl Client {
         &self.identity
     }
 
+    /// The connection, for the client's own modules.
+    pub(super) fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    /// Whether this client talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.redis.is_cluster()
+    }
+
     pub fn naming(&self) -> &Naming {
         &self.naming
     }
@@ -435,31 +445,49 @@ impl Client {
     /// Stream keys matching `pattern` (SCAN … TYPE stream) that this identity may look at, sorted.
     /// Admins also see keys that are not valid stream names.
     pub async fn list_streams(&self, pattern: &str) -> Result<Vec<String>> {
-        let mut cursor = 0u64;
+        // A cluster's keys are spread over its masters: each is scanned.
+        let nodes: Vec<Option<(String, u16)>> = match self.redis.masters().await? {
+            Some(masters) => masters.into_iter().map(Some).collect(),
+            None => vec![None],
+        };
         let mut out = Vec::new();
-        loop {
-            let mut cmd = redis::cmd("SCAN");
-            cmd.arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .arg("TYPE")
-                .arg("stream");
-            let (next, keys): (u64, Vec<String>) =
-                self.redis.query(&cmd, Ctx::new("SCAN", pattern)).await?;
-            for key in keys {
-                let visible = match self.naming.domain_of(&key) {
-                    Ok(domain) => self.identity.roles.allows(Op::Info, domain),
-                    Err(_) => self.identity.roles.is_admin(),
+        for node in nodes {
+            let mut cursor = 0u64;
+            loop {
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("TYPE")
+                    .arg("stream");
+                let ctx = Ctx::new("SCAN", pattern);
+                let value = match &node {
+                    Some(node) => self.redis.query_on(node, &cmd, ctx).await?,
+                    None => self.redis.query_value(&cmd, ctx).await?,
                 };
-                if visible {
-                    out.push(key);
+                let (next, keys): (u64, Vec<String>) =
+                    redis::FromRedisValue::from_redis_value(value).map_err(|e| {
+                        Error::Protocol {
+                            command: "SCAN",
+                            key: pattern.to_owned(),
+                            detail: e.to_string(),
+                        }
+                    })?;
+                for key in keys {
+                    let visible = match self.naming.domain_of(&key) {
+                        Ok(domain) => self.identity.roles.allows(Op::Info, domain),
+                        Err(_) => self.identity.roles.is_admin(),
+                    };
+                    if visible {
+                        out.push(key);
+                    }
                 }
-            }
-            cursor = next;
-            if cursor == 0 {
-                break;
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
             }
         }
         out.sort();
@@ -487,6 +515,7 @@ impl Client {
             consumer,
             &self.identity.subject,
             dead_letter,
+            self.redis.is_cluster(),
         ))
     }
 
@@ -502,7 +531,7 @@ impl Client {
         owner: &str,
     ) -> Result<Option<String>> {
         self.authorize(Op::Publish, stream)?;
-        let key = commit::signature_key(stream, group, &once.jti);
+        let key = commit::signature_key(stream, group, &once.jti, self.redis.is_cluster());
         let mut cmd = redis::cmd("SET");
         cmd.arg(&key)
             .arg(owner)

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use redis::{Cmd, Value};
 
+use super::slot;
 use crate::model::dead_letter as dlq;
 use crate::model::envelope::{self, Fields};
 use crate::model::limits::Size;
@@ -23,6 +24,15 @@ pub const MAX_WRITE_VALUES: usize = 7900;
 // The widest entry or reply `[limits]` allows, with the envelope or the dead-letter record (at most 10
 // pairs) and XADD's key and id, is one write.
 const _: () = assert!(2 * (crate::model::limits::MAX_FIELDS + 10) + 2 <= MAX_WRITE_VALUES);
+
+/// The first field of an outbox entry: the stream its entry goes to ([`super::outbox`]).
+pub const OUTBOX_TARGET: &str = "_outbox_target";
+
+/// The outbox of writes committed from `source` to streams in other cluster slots: a stream in
+/// `source`'s slot, emptied by the relay ([`super::outbox`]).
+pub fn outbox_of(source: &str) -> String {
+    slot::beside(source, "redstream:outbox:", "")
+}
 
 /// What committing a message does.
 #[derive(Clone, Debug)]
@@ -56,6 +66,8 @@ pub struct Committer {
     /// `_source` of replies: the daemon's identity.
     source: String,
     dead_letter: String,
+    /// On a cluster: the source's slot and its outbox, where writes to other slots go.
+    cluster: Option<(u16, String)>,
 }
 
 /// One commit, built by [`Committer::command`]: the script call, or a plain XACK when nothing is
@@ -97,7 +109,8 @@ pub enum Committed {
 /// parses numbers from text: per message its write count, then per write the key index, the number
 /// of field pairs, and one byte: 1 if the script puts `_timestamp` and `_source` first (replies), 0
 /// if the fields are complete (dead letters), 2 for a signed message's use marker (one pair: the
-/// owning entry and the expiry, SET NX PXAT; always the message's first write). The envelope values
+/// owning entry and the expiry, SET NX PXAT; always the message's first write), 3 for a reply to
+/// the outbox (its first pair, `_outbox_target`, then `_timestamp` and `_source`, then the rest). The envelope values
 /// shared by the batch travel once.
 ///
 /// Returns per message: 1 committed, 0 not ours, 2 not tried, or `{code, key, detail}`: -1 the ACL
@@ -231,6 +244,8 @@ for m = 1, n do
         r = redis.pcall('SET', key, ARGV[a], 'NX', 'PXAT', ARGV[a + 1])
       elseif kind == 1 then
         r = redis.pcall('XADD', key, '*', '_timestamp', ts, '_source', source, unpack(ARGV, a, last))
+      elseif kind == 3 then
+        r = redis.pcall('XADD', key, '*', ARGV[a], ARGV[a + 1], '_timestamp', ts, '_source', source, unpack(ARGV, a + 2, last))
       else
         r = redis.pcall('XADD', key, '*', unpack(ARGV, a, last))
       end
@@ -270,14 +285,30 @@ impl Committer {
         consumer: &str,
         source: &str,
         dead_letter: &str,
+        cluster: bool,
     ) -> Committer {
         Committer {
+            cluster: cluster.then(|| (slot::of(&stream), outbox_of(&stream))),
             stream,
             group: group.to_owned(),
             consumer: consumer.to_owned(),
             source: source.to_owned(),
             dead_letter: dead_letter.to_owned(),
         }
+    }
+
+    /// Where a write to `key` goes: the key itself, or (`true`) on a cluster where `key` is in
+    /// another slot than the source, the source's outbox.
+    pub fn place<'a>(&'a self, key: &'a str) -> (&'a str, bool) {
+        match &self.cluster {
+            Some((source, outbox)) if slot::of(key) != *source => (outbox, true),
+            _ => (key, false),
+        }
+    }
+
+    /// Whether writes to `key` are committed atomically with the ack (not through the outbox).
+    pub fn atomic_to(&self, key: &str) -> bool {
+        !self.place(key).1
     }
 
     /// The EVALSHA command committing `batch`, in order. `sha` is [`script`]'s hash. Messages that write
@@ -318,9 +349,11 @@ impl Committer {
         let markers: Vec<Option<String>> = batch.iter().map(|f| self.marker(f)).collect();
         for (f, marker) in batch.iter().zip(&markers) {
             let written: Box<dyn Iterator<Item = &str>> = match &f.effect {
-                Effect::Replies(replies) => Box::new(replies.iter().map(|r| r.stream.as_str())),
+                Effect::Replies(replies) => {
+                    Box::new(replies.iter().map(|r| self.place(&r.stream).0))
+                }
                 Effect::DeadLetter(_) | Effect::TooLarge(_) => {
-                    Box::new(std::iter::once(self.dead_letter.as_str()))
+                    Box::new(std::iter::once(self.place(&self.dead_letter).0))
                 }
                 Effect::Vanished => Box::new(std::iter::empty()),
             };
@@ -345,35 +378,34 @@ impl Committer {
                 put(&mut layout, 1);
                 layout.push(2);
             }
+            let put_reply = |layout: &mut Vec<u8>, r: &Reply| {
+                let (key, via) = self.place(&r.stream);
+                put(layout, index(key));
+                put(layout, reply_pairs(r) + usize::from(via));
+                layout.push(if via { 3 } else { 1 });
+            };
+            let put_dead_letter = |layout: &mut Vec<u8>, fields: &Fields| {
+                let (key, via) = self.place(&self.dead_letter);
+                put(layout, index(key));
+                put(layout, fields.len() + 1 + usize::from(via));
+                layout.push(0);
+            };
+            // The marker's write is counted with the message's writes above.
             match &f.effect {
-                Effect::Replies(replies) if marked == 1 => {
-                    for r in replies {
-                        put(&mut layout, index(&r.stream));
-                        put(&mut layout, reply_pairs(r));
-                        layout.push(1);
-                    }
-                }
-                Effect::DeadLetter(_) | Effect::TooLarge(_) if marked == 1 => {
-                    let fields = self.dead_letter_fields(f);
-                    put(&mut layout, index(&self.dead_letter));
-                    put(&mut layout, fields.len() + 1);
-                    layout.push(0);
-                    dead_letters.push(fields);
-                }
                 Effect::Replies(replies) => {
-                    put(&mut layout, replies.len());
+                    if marked == 0 {
+                        put(&mut layout, replies.len());
+                    }
                     for r in replies {
-                        put(&mut layout, index(&r.stream));
-                        put(&mut layout, reply_pairs(r));
-                        layout.push(1);
+                        put_reply(&mut layout, r);
                     }
                 }
                 Effect::DeadLetter(_) | Effect::TooLarge(_) => {
+                    if marked == 0 {
+                        put(&mut layout, 1);
+                    }
                     let fields = self.dead_letter_fields(f);
-                    put(&mut layout, 1);
-                    put(&mut layout, index(&self.dead_letter));
-                    put(&mut layout, fields.len() + 1);
-                    layout.push(0);
+                    put_dead_letter(&mut layout, &fields);
                     dead_letters.push(fields);
                 }
                 Effect::Vanished => put(&mut layout, 0),
@@ -402,11 +434,17 @@ impl Committer {
             match &f.effect {
                 Effect::Replies(replies) => {
                     for r in replies {
+                        if self.place(&r.stream).1 {
+                            cmd.arg(OUTBOX_TARGET).arg(&r.stream);
+                        }
                         self.reply_args(&mut cmd, &f.msg, r);
                     }
                 }
                 Effect::DeadLetter(_) | Effect::TooLarge(_) => {
                     let fields = dead_letters.next().expect("one per dead letter");
+                    if self.place(&self.dead_letter).1 {
+                        cmd.arg(OUTBOX_TARGET).arg(&self.dead_letter);
+                    }
                     for (name, value) in fields.iter() {
                         cmd.arg(name).arg(value);
                     }
@@ -430,7 +468,7 @@ impl Committer {
     /// The key of this message's signature-use marker, if it has one.
     fn marker(&self, f: &Finished) -> Option<String> {
         self.once(f)
-            .map(|once| signature_key(&self.stream, &self.group, &once.jti))
+            .map(|once| signature_key(&self.stream, &self.group, &once.jti, self.cluster.is_some()))
     }
 
     /// A reply's fields, minus the envelope the script and this add: `_trace_id` (the handler's, else
@@ -547,9 +585,14 @@ pub fn weight(f: &Finished) -> (usize, usize) {
 }
 
 /// Where the use of signature `jti` by `group` of `stream` is recorded: a string holding
-/// `<stream>/<id>` of the entry that took effect with it, kept until the signature expires.
-pub fn signature_key(stream: &str, group: &str, jti: &str) -> String {
-    format!("{stream}:sig:{group}:{jti}")
+/// `<stream>/<id>` of the entry that took effect with it, kept until the signature expires. On a
+/// cluster it must share the stream's slot: a stream without a hash tag is wrapped in one.
+pub fn signature_key(stream: &str, group: &str, jti: &str, cluster: bool) -> String {
+    if cluster && slot::hash_tag(stream).is_none() {
+        slot::beside(stream, "", &format!(":sig:{group}:{jti}"))
+    } else {
+        format!("{stream}:sig:{group}:{jti}")
+    }
 }
 
 /// The writes of a message's effect, without its marker.

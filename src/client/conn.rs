@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, Value};
 
 use super::error::{Error, Result};
@@ -30,8 +32,10 @@ pub struct TlsFiles {
 /// Where Redis is and how patiently to talk to it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisSettings {
-    /// `redis://[user[:pass]@]host:port/db` or `rediss://…` for TLS.
+    /// `redis://[user[:pass]@]host:port/db` or `rediss://…` for TLS. Unused when `cluster` is set.
     pub url: String,
+    /// Seed nodes of a Redis Cluster (`redis://host:port`, `rediss://…`); empty for one node.
+    pub cluster: Vec<String>,
     /// ACL user; overrides one in the URL.
     pub username: Option<String>,
     /// Password of the ACL user (or `requirepass`); overrides one in the URL.
@@ -49,6 +53,14 @@ impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
             .field("url", &redact_url(&self.url))
+            .field(
+                "cluster",
+                &self
+                    .cluster
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("connect_timeout", &self.connect_timeout)
@@ -61,6 +73,7 @@ impl Default for RedisSettings {
     fn default() -> Self {
         RedisSettings {
             url: "redis://127.0.0.1:6379/0".into(),
+            cluster: Vec::new(),
             username: None,
             password: None,
             tls: TlsFiles::default(),
@@ -147,10 +160,21 @@ impl<'a> Ctx<'a> {
     }
 }
 
+/// What connections are made from: one node's client, or a cluster's.
+enum Backend {
+    Single(redis::Client),
+    Cluster {
+        client: Box<redis::cluster::ClusterClient>,
+        /// The login a plain [`wire`] connection to one of its nodes uses.
+        login: (Option<String>, Option<String>),
+        tls: bool,
+    },
+}
+
 struct Shared {
-    client: redis::Client,
+    backend: Backend,
     settings: RedisSettings,
-    /// host:port, for errors.
+    /// host:port (the first seed of a cluster), for errors.
     addr: String,
     /// The ACL user, for errors.
     user: String,
@@ -162,12 +186,38 @@ pub async fn wait_ready(settings: RedisSettings, wait: Duration) -> Result<()> {
     Redis::open(settings)?.wait_ready(wait).await
 }
 
+/// One node's reconnecting connection, or a cluster connection that routes each command to the
+/// master owning its key's slot and follows MOVED/ASK itself.
+#[derive(Clone)]
+enum Link {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
 /// A reconnecting connection. Cloning shares the connection; [`Redis::dedicated`] makes a new one.
 #[derive(Clone)]
 pub struct Redis {
     shared: Arc<Shared>,
-    manager: ConnectionManager,
+    link: Link,
     response_timeout: Duration,
+}
+
+/// A URL with the configured login applied.
+fn node_info(
+    url: &str,
+    settings: &RedisSettings,
+) -> std::result::Result<redis::ConnectionInfo, String> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| format!("invalid redis URL {:?}: {e}", redact_url(url)))?;
+    let mut redis_info = info.redis_settings().clone();
+    if let Some(user) = &settings.username {
+        redis_info = redis_info.set_username(user);
+    }
+    if let Some(password) = &settings.password {
+        redis_info = redis_info.set_password(password);
+    }
+    Ok(info.set_redis_settings(redis_info))
 }
 
 impl Redis {
@@ -178,104 +228,207 @@ impl Redis {
     }
 
     fn build(settings: RedisSettings) -> std::result::Result<Redis, String> {
-        let mut info = settings
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| format!("invalid redis URL {:?}: {e}", redact_url(&settings.url)))?;
-        let mut redis_info = info.redis_settings().clone();
-        if let Some(user) = &settings.username {
-            redis_info = redis_info.set_username(user);
-        }
-        if let Some(password) = &settings.password {
-            redis_info = redis_info.set_password(password);
-        }
-        let user = redis_info.username().unwrap_or("default").to_owned();
-        info = info.set_redis_settings(redis_info);
-        let addr = info.addr().to_string();
         let tls = &settings.tls;
-        let client = if tls.ca.is_some() || tls.client_cert.is_some() {
-            let client_tls = match (&tls.client_cert, &tls.client_key) {
-                (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-                    client_cert: cert.clone(),
-                    client_key: key.clone(),
-                }),
-                (None, None) => None,
-                _ => {
-                    return Err(
-                        "a TLS client certificate needs its key, and a key its certificate".into(),
-                    );
-                }
-            };
-            redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls,
-                    root_cert: tls.ca.clone(),
-                },
-            )
+        let client_tls = match (&tls.client_cert, &tls.client_key) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "a TLS client certificate needs its key, and a key its certificate".into(),
+                );
+            }
+        };
+        let custom_tls = tls.ca.is_some() || client_tls.is_some();
+        let certificates = || redis::TlsCertificates {
+            client_tls: client_tls.clone(),
+            root_cert: tls.ca.clone(),
+        };
+        let (backend, addr, user) = if settings.cluster.is_empty() {
+            let info = node_info(&settings.url, &settings)?;
+            let user = info
+                .redis_settings()
+                .username()
+                .unwrap_or("default")
+                .to_owned();
+            let addr = info.addr().to_string();
+            let client = if custom_tls {
+                redis::Client::build_with_tls(info, certificates())
+            } else {
+                redis::Client::open(info)
+            }
+            .map_err(|e| format!("cannot use redis at {addr}: {e}"))?;
+            (Backend::Single(client), addr, user)
         } else {
-            redis::Client::open(info)
-        }
-        .map_err(|e| format!("cannot use redis at {addr}: {e}"))?;
+            let seeds = settings
+                .cluster
+                .iter()
+                .map(|u| node_info(u, &settings))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let first = &seeds[0];
+            let login = (
+                first.redis_settings().username().map(str::to_owned),
+                first.redis_settings().password().map(str::to_owned),
+            );
+            let user = login.0.clone().unwrap_or_else(|| "default".into());
+            let addr = format!("cluster {}", first.addr());
+            let tls_mode = matches!(first.addr(), redis::ConnectionAddr::TcpTls { .. });
+            let s = &settings;
+            let mut builder = ClusterClientBuilder::new(seeds.clone())
+                .connection_timeout(s.connect_timeout)
+                .response_timeout(s.command_timeout)
+                .retries(s.reconnect_attempts.max(1) as u32)
+                .min_retry_wait(s.reconnect_min_delay.as_millis() as u64)
+                .max_retry_wait(s.reconnect_max_delay.as_millis() as u64);
+            if let Some(user) = &login.0 {
+                builder = builder.username(user);
+            }
+            if let Some(password) = &login.1 {
+                builder = builder.password(password);
+            }
+            if custom_tls {
+                builder = builder.certs(certificates());
+            }
+            let client = builder
+                .build()
+                .map_err(|e| format!("cannot use the redis {addr}: {e}"))?;
+            let backend = Backend::Cluster {
+                client: Box::new(client),
+                login,
+                tls: tls_mode || custom_tls,
+            };
+            (backend, addr, user)
+        };
         let shared = Arc::new(Shared {
-            client,
+            backend,
             settings,
             addr,
             user,
         });
         let timeout = shared.settings.command_timeout;
-        let manager = Self::manager(&shared, timeout)?;
+        let link = Self::link(&shared, timeout)?;
         Ok(Redis {
             shared,
-            manager,
+            link,
             response_timeout: timeout,
         })
     }
 
-    fn manager(
-        shared: &Shared,
-        response_timeout: Duration,
-    ) -> std::result::Result<ConnectionManager, String> {
+    fn link(shared: &Shared, response_timeout: Duration) -> std::result::Result<Link, String> {
         let s = &shared.settings;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(s.connect_timeout))
-            .set_response_timeout(Some(response_timeout))
-            .set_min_delay(s.reconnect_min_delay)
-            .set_max_delay(s.reconnect_max_delay)
-            .set_exponent_base(2.0)
-            .set_number_of_retries(s.reconnect_attempts);
-        ConnectionManager::new_lazy_with_config(shared.client.clone(), config)
-            .map_err(|e| format!("cannot use redis at {}: {e}", shared.addr))
+        match &shared.backend {
+            Backend::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(s.connect_timeout))
+                    .set_response_timeout(Some(response_timeout))
+                    .set_min_delay(s.reconnect_min_delay)
+                    .set_max_delay(s.reconnect_max_delay)
+                    .set_exponent_base(2.0)
+                    .set_number_of_retries(s.reconnect_attempts);
+                ConnectionManager::new_lazy_with_config(client.clone(), config)
+                    .map(Link::Single)
+                    .map_err(|e| format!("cannot use redis at {}: {e}", shared.addr))
+            }
+            Backend::Cluster { client, .. } => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(s.connect_timeout)
+                    .set_response_timeout(response_timeout);
+                Ok(Link::Cluster(
+                    client.get_pending_async_connection_with_config(config),
+                ))
+            }
+        }
     }
 
     /// A connection of its own for blocking commands whose BLOCK is at most `max_block`.
     pub fn dedicated(&self, max_block: Duration) -> Result<Redis> {
         let timeout = max_block + self.shared.settings.command_timeout;
-        let manager = Self::manager(&self.shared, timeout).map_err(Error::InvalidConnection)?;
+        let link = Self::link(&self.shared, timeout).map_err(Error::InvalidConnection)?;
         Ok(Redis {
             shared: self.shared.clone(),
-            manager,
+            link,
             response_timeout: timeout,
         })
     }
 
-    /// Where a plain (not TLS) connection of [`crate::client::wire`] would go, with this client's login; None
-    /// for TLS, which only the crate's connections speak.
-    pub fn plain_target(&self) -> Option<wire::Target> {
-        let info = self.shared.client.get_connection_info();
-        let addr = match info.addr() {
-            redis::ConnectionAddr::Tcp(host, port) => wire::Addr::Tcp(host.clone(), *port),
-            redis::ConnectionAddr::Unix(path) => wire::Addr::Unix(path.clone()),
-            _ => return None,
-        };
-        let login = info.redis_settings();
-        Some(wire::Target {
-            addr,
-            username: login.username().map(str::to_owned),
-            password: login.password().map(str::to_owned),
-            db: login.db(),
-        })
+    /// Whether group reads can use a plain [`wire`] connection (no TLS).
+    pub fn speaks_plain(&self) -> bool {
+        match &self.shared.backend {
+            Backend::Single(client) => matches!(
+                client.get_connection_info().addr(),
+                redis::ConnectionAddr::Tcp(..) | redis::ConnectionAddr::Unix(_)
+            ),
+            Backend::Cluster { tls, .. } => !tls,
+        }
+    }
+
+    /// Whether this is a Redis Cluster connection.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.shared.backend, Backend::Cluster { .. })
+    }
+
+    /// Where a plain (not TLS) connection of [`crate::client::wire`] would go, with this client's
+    /// login: the node itself, or for a cluster, the master that owns `key`'s slot now (asked with
+    /// CLUSTER SLOTS). None for TLS, which only the crate's connections speak.
+    pub async fn plain_target(&self, key: &str) -> Result<Option<wire::Target>> {
+        match &self.shared.backend {
+            Backend::Single(client) => {
+                let info = client.get_connection_info();
+                let addr = match info.addr() {
+                    redis::ConnectionAddr::Tcp(host, port) => wire::Addr::Tcp(host.clone(), *port),
+                    redis::ConnectionAddr::Unix(path) => wire::Addr::Unix(path.clone()),
+                    _ => return Ok(None),
+                };
+                let login = info.redis_settings();
+                Ok(Some(wire::Target {
+                    addr,
+                    username: login.username().map(str::to_owned),
+                    password: login.password().map(str::to_owned),
+                    db: login.db(),
+                }))
+            }
+            Backend::Cluster { tls: true, .. } => Ok(None),
+            Backend::Cluster { login, .. } => {
+                let slot = super::slot::of(key);
+                let ctx = Ctx::new("CLUSTER SLOTS", key);
+                let map = self
+                    .query_value(redis::cmd("CLUSTER").arg("SLOTS"), ctx)
+                    .await?;
+                let (host, port) =
+                    super::slot::owner(&map, slot).ok_or_else(|| Error::Protocol {
+                        command: "CLUSTER SLOTS",
+                        key: key.to_owned(),
+                        detail: format!("no master serves slot {slot} now"),
+                    })?;
+                Ok(Some(self.cluster_target(login, host, port)))
+            }
+        }
+    }
+
+    /// A plain target for the cluster node at `host:port` (from a MOVED or ASK redirection).
+    pub fn node_target(&self, host: &str, port: u16) -> Option<wire::Target> {
+        match &self.shared.backend {
+            Backend::Cluster {
+                tls: false, login, ..
+            } => Some(self.cluster_target(login, host.to_owned(), port)),
+            _ => None,
+        }
+    }
+
+    fn cluster_target(
+        &self,
+        login: &(Option<String>, Option<String>),
+        host: String,
+        port: u16,
+    ) -> wire::Target {
+        wire::Target {
+            addr: wire::Addr::Tcp(host, port),
+            username: login.0.clone(),
+            password: login.1.clone(),
+            db: 0,
+        }
     }
 
     pub fn settings(&self) -> &RedisSettings {
@@ -337,15 +490,64 @@ impl Redis {
 
     /// Runs one command and returns the raw reply, for callers that decode it themselves.
     pub async fn query_value(&self, cmd: &Cmd, ctx: Ctx<'_>) -> Result<Value> {
-        let mut conn = self.manager.clone();
-        self.timed(ctx, cmd.query_async::<Value>(&mut conn)).await
+        match &self.link {
+            Link::Single(m) => {
+                let mut conn = m.clone();
+                self.timed(ctx, cmd.query_async::<Value>(&mut conn)).await
+            }
+            Link::Cluster(c) => {
+                let mut conn = c.clone();
+                self.timed(ctx, cmd.query_async::<Value>(&mut conn)).await
+            }
+        }
     }
 
     /// Runs a pipeline (or MULTI/EXEC transaction) and returns one reply per command.
     pub async fn query_pipe(&self, pipe: &Pipeline, ctx: Ctx<'_>) -> Result<Vec<Value>> {
-        let mut conn = self.manager.clone();
-        self.timed(ctx, pipe.query_async::<Vec<Value>>(&mut conn))
-            .await
+        match &self.link {
+            Link::Single(m) => {
+                let mut conn = m.clone();
+                self.timed(ctx, pipe.query_async::<Vec<Value>>(&mut conn))
+                    .await
+            }
+            Link::Cluster(c) => {
+                let mut conn = c.clone();
+                self.timed(ctx, pipe.query_async::<Vec<Value>>(&mut conn))
+                    .await
+            }
+        }
+    }
+
+    /// The masters of a cluster now (`host`, `port`), from CLUSTER SLOTS; None for one node.
+    pub async fn masters(&self) -> Result<Option<Vec<(String, u16)>>> {
+        if !self.is_cluster() {
+            return Ok(None);
+        }
+        let ctx = Ctx::new("CLUSTER SLOTS", "");
+        let map = self
+            .query_value(redis::cmd("CLUSTER").arg("SLOTS"), ctx)
+            .await?;
+        Ok(Some(super::slot::masters(&map)))
+    }
+
+    /// Runs one command on the cluster node at `host:port` (see [`Redis::masters`]); on one node,
+    /// on that node.
+    pub async fn query_on(&self, node: &(String, u16), cmd: &Cmd, ctx: Ctx<'_>) -> Result<Value> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        match &self.link {
+            Link::Single(_) => self.query_value(cmd, ctx).await,
+            Link::Cluster(c) => {
+                let mut conn = c.clone();
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: node.0.clone(),
+                    port: node.1,
+                });
+                self.timed(ctx, async move {
+                    conn.route_command(cmd.clone(), routing).await
+                })
+                .await
+            }
+        }
     }
 
     /// Awaits one round trip with the outer time bound, records its latency, classifies its error.

@@ -146,6 +146,9 @@ impl Error {
             || source.code() == Some("LOADING")
             || source.code() == Some("BUSY")
             || source.code() == Some("MASTERDOWN")
+            // A cluster failing over, resharding or not yet agreed: the slot map settles.
+            || matches!(source.code(), Some("CLUSTERDOWN" | "TRYAGAIN" | "MOVED" | "ASK"))
+            || source.kind() == redis::ErrorKind::ClusterConnectionNotFound
             // Out of memory under `noeviction`: nothing was written, and memory comes back.
             || source.code() == Some("OOM"))
     }

@@ -12,6 +12,8 @@
 //! - [`wire`]: the plain RESP connection that group reads use without TLS, decoded straight into entries.
 //! - [`retention`]: trimming that spares what groups still need, computed inside Redis.
 //! - [`commit`]: the commit script — replies and the ack in one atomic step.
+//! - [`slot`]: Redis Cluster hash slots: which keys share a slot, which master owns one.
+//! - [`outbox`]: replies across slots — the outbox written with the ack, and the relay's scripts.
 //!
 //! Depends on [`crate::model`], [`crate::auth`] and [`crate::metrics`] only.
 
@@ -21,9 +23,11 @@ pub(crate) mod conn;
 pub mod decode;
 pub mod error;
 pub mod info;
+pub mod outbox;
 pub mod reader;
 pub mod recover;
 pub mod retention;
+pub mod slot;
 pub(crate) mod wire;
 
 pub use authorized::{Client, PendingQuery, PublishOptions, ReadOptions};

@@ -14,7 +14,7 @@ use super::commit::CommitCall;
 use super::conn::{self, Ctx, Redis};
 use super::decode::{self, Entries};
 use super::error::{Error, Result};
-use super::{recover, wire};
+use super::{recover, slot, wire};
 use crate::model::EntryLimit;
 
 /// Where a group read starts.
@@ -30,8 +30,9 @@ pub enum ReadFrom<'a> {
 /// Reads one consumer's share of a group, on its own connection: a [`super::wire`] connection
 /// where Redis is reached without TLS, else a dedicated connection of the `redis` crate.
 pub struct GroupReader {
-    /// The plain connection's target, and the connection while it is up.
-    wire: Option<(wire::Target, Option<wire::Conn>)>,
+    /// The plain connection's target (None until a cluster's slot owner is known) and the
+    /// connection while it is up; None for TLS.
+    wire: Option<(Option<wire::Target>, Option<wire::Conn>)>,
     /// The dedicated connection (used under TLS), and what classifies errors either way.
     redis: Redis,
     stream: String,
@@ -52,7 +53,7 @@ impl GroupReader {
         max_block: Duration,
     ) -> Result<GroupReader> {
         Ok(GroupReader {
-            wire: redis.plain_target().map(|t| (t, None)),
+            wire: redis.speaks_plain().then_some((None, None)),
             redis: redis.dedicated(max_block)?,
             stream: stream.to_owned(),
             group: group.to_owned(),
@@ -172,68 +173,178 @@ impl GroupReader {
 impl GroupReader {
     /// [`GroupReader::round`] over the plain connection, connecting first if it is down. Any failure
     /// but a server's error reply (and any cancellation) drops the connection: the next round starts
-    /// on a new one.
+    /// on a new one. On a cluster, the connection goes to the master owning the stream's slot; a
+    /// command answered MOVED is sent again to the node named (which becomes the target), one answered
+    /// ASK to the node named, after ASKING, once — a command redirected was not run, so sending it again
+    /// runs it once.
     async fn round_on_wire(&mut self, before: Option<Cmd>, read: Cmd) -> Result<Round> {
-        let ctx = Ctx::new("XREADGROUP", &self.stream).group(&self.group);
+        let (stream, group) = (self.stream.clone(), self.group.clone());
+        let ctx = Ctx::new("XREADGROUP", &stream).group(&group);
+        let commit_ctx = Ctx::new("EVALSHA", &stream).group(&group);
+        let mut before = before;
+        let mut read = Some(read);
+        let mut before_result = None;
+        let mut asking: Option<wire::Target> = None;
+        for _ in 0..4 {
+            let sent_before = before.is_some();
+            let asked = asking.is_some();
+            let (frames, c) = match self
+                .exchange(before.as_ref(), read.as_ref(), asking.take())
+                .await
+            {
+                Ok(got) => got,
+                Err(e) => {
+                    if self.redis.is_cluster() {
+                        // The master may have failed over: ask who owns the slot on the next round.
+                        if let Some((target, _)) = &mut self.wire {
+                            *target = None;
+                        }
+                    }
+                    return Err(e);
+                }
+            };
+            let mut frames = frames.into_iter();
+            let mut redirect = None;
+            if sent_before {
+                let frame = frames.next().expect("one frame per command");
+                match wire::value(c.frame(frame)) {
+                    Err(e) if slot::redirect(&e).is_some() => redirect = slot::redirect(&e),
+                    got => {
+                        before = None;
+                        before_result = Some(got.map_err(|e| self.redis.classify(e, commit_ctx)));
+                    }
+                }
+            }
+            let mut read_result = None;
+            if read.is_some() {
+                let frame = c.frame(frames.next().expect("one frame per command"));
+                if frame.first() == Some(&b'-') {
+                    match wire::value(frame) {
+                        Err(e) if slot::redirect(&e).is_some() => redirect = slot::redirect(&e),
+                        Err(e) => read_result = Some(Err(self.redis.classify(e, ctx))),
+                        Ok(v) => {
+                            read_result =
+                                Some(Err(protocol("XREADGROUP", &self.stream, format!("{v:?}"))))
+                        }
+                    }
+                } else {
+                    read_result = Some(
+                        wire::read_reply(frame)
+                            .map_err(|d| protocol("XREADGROUP", &self.stream, d)),
+                    );
+                }
+            }
+            let Some((target, conn)) = &mut self.wire else {
+                unreachable!("checked by the caller");
+            };
+            // A connection made for one ASK is not the stream's connection.
+            let keep = |conn: &mut Option<wire::Conn>, c| {
+                if !asked {
+                    *conn = Some(c);
+                }
+            };
+            match redirect {
+                None => {
+                    keep(conn, c);
+                    return Ok(Round {
+                        before: before_result,
+                        read: read_result.expect("read once, unless redirected"),
+                    });
+                }
+                Some((ask, host, port)) => {
+                    if read_result.is_some() {
+                        read = None;
+                    }
+                    let node = self.redis.node_target(&host, port);
+                    if ask {
+                        keep(conn, c);
+                        asking = node;
+                    } else {
+                        tracing::info!(stream = %self.stream, group = %self.group, node = %format!("{host}:{port}"), "the stream's slot moved; following it");
+                        *target = node;
+                    }
+                    // Nothing left to send again: what was redirected got its answer elsewhere.
+                    if before.is_none() && read.is_none() {
+                        unreachable!("a redirect leaves a command to send");
+                    }
+                }
+            }
+        }
+        Err(protocol(
+            "XREADGROUP",
+            &self.stream,
+            "redirected more than three times in a row".into(),
+        ))
+    }
+
+    /// Sends `before` and `read` (whichever are given) on the connection — or, with `asking`, on a
+    /// connection of its own to that node, each command after ASKING — and returns where each reply
+    /// lies.
+    async fn exchange(
+        &mut self,
+        before: Option<&Cmd>,
+        read: Option<&Cmd>,
+        asking: Option<wire::Target>,
+    ) -> Result<(Vec<std::ops::Range<usize>>, wire::Conn)> {
+        let (stream, group) = (self.stream.clone(), self.group.clone());
+        let ctx = Ctx::new("XREADGROUP", &stream).group(&group);
         let settings = self.redis.settings();
         let limit = self.redis.response_timeout() + settings.connect_timeout;
         let connect_timeout = settings.connect_timeout;
         let limit_entries = self.limit;
-        let Some((target, conn)) = &mut self.wire else {
-            unreachable!("checked by the caller");
+        if asking.is_none()
+            && let Some((target @ None, _)) = &mut self.wire
+        {
+            *target = self.redis.plain_target(&self.stream).await?;
+        }
+        let Some((Some(target), conn)) = &mut self.wire else {
+            return Err(protocol(
+                "XREADGROUP",
+                &self.stream,
+                "no plain connection target".into(),
+            ));
         };
         let started = std::time::Instant::now();
         // The connection is out of its slot while a request is under way: a round cancelled halfway
         // (its reply still unread) leaves no connection behind, and the next round starts a new one.
         let exchange = async {
-            let mut c = match conn.take() {
-                Some(c) => c,
-                None => wire::Conn::connect(target, connect_timeout).await?,
+            let ask = asking.is_some();
+            let mut c = match asking {
+                Some(node) => wire::Conn::connect(&node, connect_timeout).await?,
+                None => match conn.take() {
+                    Some(c) => c,
+                    None => wire::Conn::connect(target, connect_timeout).await?,
+                },
             };
             let mut packed = Vec::new();
-            if let Some(b) = &before {
-                b.write_packed_command(&mut packed);
+            let mut replies = 0;
+            for cmd in before.into_iter().chain(read) {
+                if ask {
+                    redis::cmd("ASKING").write_packed_command(&mut packed);
+                    replies += 1;
+                }
+                cmd.write_packed_command(&mut packed);
+                replies += 1;
             }
-            read.write_packed_command(&mut packed);
-            let frames = c
-                .request(
-                    &packed,
-                    1 + usize::from(before.is_some()),
-                    Some(limit_entries),
-                )
-                .await?;
+            let bounded = read.is_some().then_some(limit_entries);
+            let mut frames = c.request(&packed, replies, bounded).await?;
+            if ask {
+                // Drop the ASKING replies (+OK each).
+                frames = frames.into_iter().skip(1).step_by(2).collect();
+            }
             redis::RedisResult::Ok((frames, c))
         };
         let result = tokio::time::timeout(limit, exchange).await;
         conn::observe(ctx.command, started);
-        let (mut frames, c) = match result {
-            Ok(Ok(got)) => got,
-            Ok(Err(e)) => return Err(self.redis.classify(e, ctx)),
-            Err(_) => {
-                return Err(Error::Timeout {
-                    command: ctx.command,
-                    key: self.stream.clone(),
-                    after: limit,
-                });
-            }
-        };
-        let read_frame = c.frame(frames.pop().expect("one frame per command"));
-        let read = if read_frame.first() == Some(&b'-') {
-            match wire::value(read_frame) {
-                Err(e) => Err(self.redis.classify(e, ctx)),
-                Ok(v) => Err(protocol("XREADGROUP", &self.stream, format!("{v:?}"))),
-            }
-        } else {
-            wire::read_reply(read_frame).map_err(|d| protocol("XREADGROUP", &self.stream, d))
-        };
-        let before = frames.pop().map(|f| {
-            wire::value(c.frame(f)).map_err(|e| {
-                self.redis
-                    .classify(e, Ctx::new("EVALSHA", &self.stream).group(&self.group))
-            })
-        });
-        *conn = Some(c);
-        Ok(Round { before, read })
+        match result {
+            Ok(Ok(got)) => Ok(got),
+            Ok(Err(e)) => Err(self.redis.classify(e, ctx)),
+            Err(_) => Err(Error::Timeout {
+                command: ctx.command,
+                key: self.stream.clone(),
+                after: limit,
+            }),
+        }
     }
 }
 

@@ -133,6 +133,7 @@ impl Default for RawNaming {
 #[serde(default, deny_unknown_fields)]
 pub struct RawRedis {
     pub url: Loose<String>,
+    pub cluster: Vec<Loose<String>>,
     pub username: Option<Loose<String>>,
     pub password: Option<RawSecret>,
     pub tls_ca: Option<RawSecret>,
@@ -150,6 +151,7 @@ impl Default for RawRedis {
     fn default() -> Self {
         RawRedis {
             url: Loose::ok("redis://127.0.0.1:6379/0".into()),
+            cluster: Vec::new(),
             username: None,
             password: None,
             tls_ca: None,

@@ -177,6 +177,38 @@ fn redis_settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<RedisSettings>
             }
         },
     );
+    let mut cluster = Vec::new();
+    for (i, seed) in r.cluster.iter().enumerate() {
+        let key = format!("redis.cluster[{i}]");
+        cluster.push(c.parse_shown(
+            &key,
+            seed,
+            "a redis:// or rediss:// URL of a cluster node",
+            crate::client::redact_url,
+            |s| {
+                if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+                    Err("the scheme must be redis:// or rediss:// (TLS)".into())
+                } else if redis::IntoConnectionInfo::into_connection_info(s).is_err() {
+                    Err("not a URL redis can connect to".into())
+                } else if url::Url::parse(s).is_ok_and(|u| !matches!(u.path(), "" | "/" | "/0")) {
+                    Err("a cluster has one database, 0: leave the path out".into())
+                } else {
+                    Ok(s.to_owned())
+                }
+            },
+        ));
+    }
+    let tls_seeds = cluster
+        .iter()
+        .flatten()
+        .filter(|s| s.starts_with("rediss://"))
+        .count();
+    if tls_seeds != 0 && tls_seeds != cluster.len() {
+        c.problem(
+            "redis.cluster",
+            "every seed uses TLS (rediss://) or none does",
+        );
+    }
     let username = r
         .username
         .as_ref()
@@ -231,6 +263,7 @@ fn redis_settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<RedisSettings>
     }
     Some(RedisSettings {
         url: url?,
+        cluster: cluster.into_iter().collect::<Option<Vec<_>>>()?,
         username,
         password,
         tls,

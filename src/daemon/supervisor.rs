@@ -98,7 +98,15 @@ struct Daemon {
     /// `wasm.watch`: the live watches, and where they send what changed.
     watch: Option<super::watch::Watch>,
     watch_tx: mpsc::UnboundedSender<std::path::PathBuf>,
+    /// On a Redis Cluster: the streams whose outbox a relay empties, and the relays. A relay runs
+    /// until the daemon stops, also after its consumer was removed: its outbox may still hold replies.
+    relayed: std::collections::HashSet<Arc<str>>,
+    relays: JoinSet<()>,
 }
+
+/// How long a relay's delivery record outlives a crash between delivering and settling
+/// ([`crate::client::outbox`]).
+const RELAY_KEEP: Duration = Duration::from_secs(24 * 3600);
 
 /// Runs the daemon until it is stopped by a signal or a control message.
 pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunError> {
@@ -173,6 +181,8 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         control: None,
         watch: None,
         watch_tx,
+        relayed: Default::default(),
+        relays: JoinSet::new(),
     };
     d.rewatch();
     let consumers: Vec<(ConsumerSettings, Arc<Router>)> = d
@@ -343,11 +353,15 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         }
     };
     // The side tasks saw `stop` when the drain began; the heartbeat's last beat says "stopping". Give
-    // them a moment (a Redis call under way may need its timeout), not the whole drain.
+    // them a moment (a Redis call under way may need its timeout), not the whole drain. A relay cut
+    // here leaves its entries pending, to be relayed at the next start or by another daemon.
+    let mut relays = std::mem::take(&mut d.relays);
     let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        while relays.join_next().await.is_some() {}
         while side.join_next().await.is_some() {}
     })
     .await;
+    relays.abort_all();
     if ended.is_err() {
         warn!(
             tasks = side.len(),
@@ -479,6 +493,24 @@ impl Daemon {
             .await?
         {
             info!(stream = %cfg.stream, group = %cfg.group, start = %cfg.start, "created consumer group");
+        }
+        if self.client.is_cluster() && self.relayed.insert(cfg.stream.clone()) {
+            let relay = crate::engine::relay::RelaySettings {
+                source: cfg.stream.clone(),
+                consumer: cfg.consumer.clone(),
+                batch_size: cfg.batch_size,
+                block: cfg.block,
+                claim_min_idle: cfg.claim_min_idle,
+                claim_interval: cfg.claim_interval,
+                keep: RELAY_KEEP,
+                retry_min: self.settings.redis.reconnect_min_delay,
+                retry_max: self.settings.redis.reconnect_max_delay,
+            };
+            let span = tracing::info_span!("relay", stream = %cfg.stream, consumer = %cfg.consumer);
+            self.relays.spawn(
+                crate::engine::relay::run(self.client.clone(), relay, self.stop.clone())
+                    .instrument(span),
+            );
         }
         let (trigger, own) = self.stop.child();
         let router = Arc::new(ArcSwap::new(router));

@@ -13,6 +13,7 @@
 
 pub mod consumer;
 pub mod flight;
+pub mod relay;
 pub mod router;
 pub mod settings;
 

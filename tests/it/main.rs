@@ -47,6 +47,8 @@ mod retention;
 mod cli;
 // Handler authoring: drop-ins, scoped routes, check warnings, watch, handler new/build/test.
 mod authoring;
+// Redis Cluster: failover, resharding, the outbox across slots, several daemons.
+mod cluster;
 
 // Parsers under arbitrary input.
 mod props;

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: a private redis-server, settings built through the real
 //! config path, clients acting as a given identity, and polling with deadlines instead of sleeps.
 
+pub mod cluster;
 pub mod daemon;
 pub mod redis_server;
 

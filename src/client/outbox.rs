@@ -1,0 +1,424 @@
+//! Replies across hash slots on a Redis Cluster: the outbox and its relay's scripts.
+//!
+//! Owns the path that keeps a reply effectively-once when its stream lives in another slot than its
+//! source (docs/design.md, "Redis Cluster"). The commit script can only touch keys of the source's
+//! slot, so such a reply is written, atomically with the ack, to the source's *outbox* — a stream in
+//! the source's slot ([`outbox_of`]) — as `_outbox_target <stream>` followed by the reply's fields.
+//! A relay ([`crate::engine::relay`]) reads the outbox as group [`GROUP`] and moves each entry on in
+//! three steps, each safe to repeat:
+//! 1. [`DELIVER`], on the target's node: unless the target's *seen* set ([`seen_of`], in the target's
+//!    slot) records this outbox entry, XADD the reply and record it — one script, so a reply and its
+//!    record exist together or not at all;
+//! 2. [`SETTLE`], on the outbox's node: XACK and XDEL the entries that are still pending for this
+//!    relay consumer — an entry claimed away meanwhile is left to its new owner;
+//! 3. ZREM of the settled entries' records from the seen sets: nothing can deliver them again.
+//!
+//! A crash after 1 leaves the entry pending with its record: whoever claims it finds the record,
+//! writes nothing, and settles it. A crash after 2 leaves a record nobody needs, removed after
+//! `keep` by the next delivery to that target. Only a relay entry left pending longer than `keep` after
+//! its delivery (every daemon of the group down that long, mid-relay) could be delivered twice.
+
+use std::time::Duration;
+
+use redis::Value;
+
+use super::authorized::Client;
+use super::conn::Ctx;
+use super::decode;
+use super::error::{Error, Result};
+use super::info::AutoClaimed;
+use super::reader::GroupReader;
+use super::slot;
+use crate::auth::Op;
+use crate::model::envelope::{Entry, Fields};
+
+/// The consumer group relays read outboxes with.
+pub const GROUP: &str = "redstream-relay";
+
+pub use super::commit::{OUTBOX_TARGET as TARGET, outbox_of};
+
+/// The record of outbox entries delivered to `target` and not yet settled: a sorted set in
+/// `target`'s slot, scored by delivery time.
+pub fn seen_of(target: &str) -> String {
+    slot::beside(target, "redstream:seen:", "")
+}
+
+/// KEYS[1] the target stream, KEYS[2] its seen set. ARGV[1] the relay's deadline (ms), ARGV[2] how
+/// long a record is kept (ms), then per entry: its dedupe id, its pair count, its fields. Returns per
+/// entry 1 written, 0 already delivered (written before, not again), or an error text (not written;
+/// the rest of the batch is not tried when Redis refuses for a reason of the whole server).
+///
+/// The deadline fences a relay that stalled: its entries can be claimed by another relay only once
+/// they idled `claim_min_idle`, and the deadline (the time the relay asked for them plus half of that)
+/// passes before. A delivery arriving after it — a paused process, a retransmitted request — writes
+/// nothing, so it can never follow another relay's delivery and settling. The time is Redis's.
+///
+/// The XADD is the script's first write, so Redis's out-of-memory refusal can only come there, before
+/// anything of the entry is written; the ZADD after it is never refused.
+pub const DELIVER: &str = r#"
+local target, seen = KEYS[1], KEYS[2]
+local deadline, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now > deadline then
+  return redis.error_reply('TRYAGAIN the relay held these entries past its deadline; they are left to a claim')
+end
+local kind = redis.call('TYPE', target)['ok']
+if kind ~= 'stream' and kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. target .. ' holds a ' .. kind .. ', not a stream')
+end
+local skind = redis.call('TYPE', seen)['ok']
+if skind ~= 'zset' and skind ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. seen .. ' holds a ' .. skind .. ', not a sorted set')
+end
+local out, a, stop = {}, 3, false
+while a <= #ARGV do
+  local id, pairs = ARGV[a], tonumber(ARGV[a + 1])
+  local last = a + 1 + 2 * pairs
+  if stop then
+    out[#out + 1] = 'not tried'
+  elseif redis.call('ZSCORE', seen, id) then
+    out[#out + 1] = 0
+  else
+    local r = redis.pcall('XADD', target, '*', unpack(ARGV, a + 2, last))
+    if type(r) == 'table' and r['err'] then
+      out[#out + 1] = r['err']
+      for _, code in ipairs({'OOM', 'MISCONF', 'READONLY', 'NOREPLICAS', 'BUSY', 'LOADING', 'MASTERDOWN'}) do
+        if string.find(r['err'], '^' .. code) then stop = true end
+      end
+    else
+      redis.call('ZADD', seen, now, id)
+      out[#out + 1] = 1
+    end
+  end
+  a = last + 1
+end
+if redis.call('EXISTS', seen) == 1 then
+  -- Records older than `keep` are crash leftovers: their entries were settled or are long stuck.
+  redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - keep)
+  redis.call('PEXPIRE', seen, keep)
+end
+return out
+"#;
+
+/// KEYS[1] an outbox. ARGV: the group, the consumer, the first and last id, a count bound, then the
+/// ids to settle. XACKs and XDELs those of them still pending for this consumer; returns them.
+pub const SETTLE: &str = r#"
+local outbox, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local mine = {}
+for _, p in ipairs(redis.call('XPENDING', outbox, group, ARGV[3], ARGV[4], tonumber(ARGV[5]), consumer)) do
+  mine[p[1]] = true
+end
+local settled = {}
+for i = 6, #ARGV do
+  if mine[ARGV[i]] then settled[#settled + 1] = ARGV[i] end
+end
+for c = 1, #settled, 1000 do
+  local part = {unpack(settled, c, math.min(c + 999, #settled))}
+  redis.call('XACK', outbox, group, unpack(part))
+  redis.call('XDEL', outbox, unpack(part))
+end
+return settled
+"#;
+
+/// What one [`Client::relay`] did.
+#[derive(Debug, Default)]
+pub struct Relayed {
+    /// Replies written to their streams.
+    pub delivered: usize,
+    /// Entries delivered before (a crash or a claim between delivery and settling): not written again.
+    pub repeated: usize,
+    /// Entries settled: acked and deleted from the outbox.
+    pub settled: usize,
+    /// Entries left pending, each with its outbox id and why: a target refusing the write, an entry
+    /// without a target. They are tried again when claimed.
+    pub refused: Vec<(String, String)>,
+}
+
+/// An outbox entry split into its target and the reply's fields.
+fn split(entry: &Entry) -> Option<(String, Fields)> {
+    let mut fields = entry.fields.iter();
+    let (name, target) = fields.next()?;
+    if name != TARGET.as_bytes() {
+        return None;
+    }
+    let target = String::from_utf8(target.to_vec()).ok()?;
+    let mut rest = Fields::with_capacity(entry.fields.len());
+    for (n, v) in fields {
+        rest.push(n.to_vec(), v.to_vec());
+    }
+    Some((target, rest))
+}
+
+/// The relay's side of the outbox: reading, claiming, delivering, settling.
+impl Client {
+    /// A reader of `source`'s outbox for relay consumer `consumer`. The relay acts for the consumers
+    /// of `source`, so it needs their right to ack there.
+    pub fn outbox_reader(
+        &self,
+        source: &str,
+        consumer: &str,
+        max_block: Duration,
+    ) -> Result<GroupReader> {
+        self.authorize(Op::Ack, source)?;
+        GroupReader::new(self.redis(), &outbox_of(source), GROUP, consumer, max_block)
+    }
+
+    /// Creates the relay group on `source`'s outbox (and the outbox), reading from its start, unless
+    /// it exists.
+    pub async fn outbox_group(&self, source: &str) -> Result<()> {
+        self.authorize(Op::Ack, source)?;
+        let outbox = outbox_of(source);
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATE")
+            .arg(&outbox)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM");
+        match self
+            .redis()
+            .query_value(&cmd, Ctx::new("XGROUP CREATE", &outbox).group(GROUP))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(Error::Redis { source, .. }) if source.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// XAUTOCLAIM of outbox entries idle at least `min_idle` (a relay that died, or an entry whose
+    /// target refused it), to `consumer`.
+    pub async fn outbox_claim(
+        &self,
+        source: &str,
+        consumer: &str,
+        min_idle: Duration,
+        start: &str,
+        count: u64,
+    ) -> Result<AutoClaimed> {
+        self.authorize(Op::Ack, source)?;
+        let outbox = outbox_of(source);
+        let mut cmd = redis::cmd("XAUTOCLAIM");
+        cmd.arg(&outbox)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(start)
+            .arg("COUNT")
+            .arg(count);
+        let ctx = Ctx::new("XAUTOCLAIM", &outbox).group(GROUP);
+        let value = self.redis().query_value(&cmd, ctx).await?;
+        let (next, got) = decode::autoclaim(value).map_err(|detail| Error::Protocol {
+            command: "XAUTOCLAIM",
+            key: outbox.clone(),
+            detail,
+        })?;
+        Ok(AutoClaimed {
+            next,
+            entries: got.entries,
+            deleted: got.deleted,
+        })
+    }
+
+    /// Moves `entries` of `source`'s outbox (in id order, pending for `consumer`) to their streams
+    /// and settles them (see the module's three steps). `deadline_ms` (Unix ms) is when this relay's
+    /// hold on them ends (see [`DELIVER`]); `keep` bounds how long a delivery's record outlives a
+    /// crash. Entries left pending are reported, never dropped.
+    pub async fn relay(
+        &self,
+        source: &str,
+        consumer: &str,
+        entries: &[Entry],
+        deadline_ms: u64,
+        keep: Duration,
+    ) -> Result<Relayed> {
+        self.authorize(Op::Ack, source)?;
+        let outbox = outbox_of(source);
+        let mut report = Relayed::default();
+        // Per target, in first-seen order: its entries.
+        let mut targets: Vec<(String, Vec<(&str, Fields)>)> = Vec::new();
+        for e in entries {
+            let Some((target, fields)) = split(e) else {
+                report.refused.push((
+                    e.id.clone(),
+                    format!("not a relay entry: its first field is not {TARGET}"),
+                ));
+                continue;
+            };
+            match targets.iter_mut().find(|(t, _)| *t == target) {
+                Some((_, list)) => list.push((&e.id, fields)),
+                None => targets.push((target, vec![(&e.id, fields)])),
+            }
+        }
+        let mut done: Vec<&str> = Vec::new();
+        let mut records: Vec<(String, Vec<String>)> = Vec::new();
+        for (target, list) in &targets {
+            let seen = seen_of(target);
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(DELIVER)
+                .arg(2)
+                .arg(target)
+                .arg(&seen)
+                .arg(deadline_ms)
+                .arg(keep.as_millis() as u64);
+            for (id, fields) in list {
+                cmd.arg(format!("{outbox}/{id}")).arg(fields.len());
+                for (n, v) in fields.iter() {
+                    cmd.arg(n).arg(v);
+                }
+            }
+            let verdicts = match self
+                .redis()
+                .query_value(&cmd, Ctx::new("EVAL", target))
+                .await
+            {
+                Ok(Value::Array(v)) => v,
+                Ok(other) => {
+                    return Err(Error::Protocol {
+                        command: "EVAL",
+                        key: target.clone(),
+                        detail: format!("the relay's delivery answered {other:?}"),
+                    });
+                }
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    // The target as a whole refuses (a key of another type, the ACL): its entries
+                    // stay pending; the others go on.
+                    for (id, _) in list {
+                        report.refused.push(((*id).to_owned(), e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            let mut delivered = Vec::new();
+            for ((id, _), verdict) in list.iter().zip(verdicts) {
+                match verdict {
+                    Value::Int(1) => {
+                        report.delivered += 1;
+                        delivered.push(format!("{outbox}/{id}"));
+                        done.push(id);
+                    }
+                    Value::Int(0) => {
+                        report.repeated += 1;
+                        delivered.push(format!("{outbox}/{id}"));
+                        done.push(id);
+                    }
+                    other => {
+                        let why = decode::string(other).unwrap_or_else(|| "refused".into());
+                        report
+                            .refused
+                            .push(((*id).to_owned(), format!("{target}: {why}")));
+                    }
+                }
+            }
+            records.push((seen, delivered));
+        }
+        if done.is_empty() {
+            return Ok(report);
+        }
+        let settled = self.settle(&outbox, consumer, entries, &done).await?;
+        report.settled = settled.len();
+        for (seen, ids) in records {
+            let gone: Vec<&String> = ids
+                .iter()
+                .filter(|full| {
+                    full.rsplit_once('/')
+                        .is_some_and(|(_, id)| settled.iter().any(|s| s == id))
+                })
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let mut cmd = redis::cmd("ZREM");
+            cmd.arg(&seen).arg(&gone);
+            // A record left behind is removed after `keep` by the next delivery to that target.
+            if let Err(e) = self
+                .redis()
+                .query_value(&cmd, Ctx::new("ZREM", &seen))
+                .await
+            {
+                tracing::debug!(key = %seen, error = %e, "relay records not removed now");
+            }
+        }
+        Ok(report)
+    }
+
+    /// [`SETTLE`] of `done` (ids of `entries`, which hold them in order) on `outbox`.
+    async fn settle(
+        &self,
+        outbox: &str,
+        consumer: &str,
+        entries: &[Entry],
+        done: &[&str],
+    ) -> Result<Vec<String>> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(Vec::new());
+        };
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SETTLE)
+            .arg(1)
+            .arg(outbox)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(&first.id)
+            .arg(&last.id)
+            .arg(entries.len() + 16);
+        for id in done {
+            cmd.arg(*id);
+        }
+        let value = self
+            .redis()
+            .query_value(&cmd, Ctx::new("EVAL", outbox).group(GROUP))
+            .await?;
+        let Value::Array(ids) = value else {
+            return Err(Error::Protocol {
+                command: "EVAL",
+                key: outbox.to_owned(),
+                detail: format!("the relay's settle answered {value:?}"),
+            });
+        };
+        Ok(ids.into_iter().filter_map(decode::string).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_and_records_live_in_the_slot_of_their_stream() {
+        for s in ["nova:task:{boomerang}:tasks", "nova:task:boomerang:tasks"] {
+            assert_eq!(slot::of(&outbox_of(s)), slot::of(s));
+            assert_eq!(slot::of(&seen_of(s)), slot::of(s));
+        }
+        assert_eq!(
+            outbox_of("nova:task:{boomerang}:tasks"),
+            "redstream:outbox:{boomerang}"
+        );
+    }
+
+    #[test]
+    fn an_entry_splits_into_its_target_and_the_reply() {
+        let mut fields = Fields::new();
+        fields.push(TARGET, "nova:task:{b}:out");
+        fields.push("_timestamp", "1");
+        fields.push("k", "v");
+        let e = Entry {
+            id: "1-0".into(),
+            fields,
+        };
+        let (target, rest) = split(&e).expect("a relay entry");
+        assert_eq!(target, "nova:task:{b}:out");
+        assert_eq!(rest.len(), 2);
+        let mut forged = Fields::new();
+        forged.push("k", "v");
+        forged.push(TARGET, "x");
+        assert!(
+            split(&Entry {
+                id: "2-0".into(),
+                fields: forged
+            })
+            .is_none()
+        );
+    }
+}

@@ -1,0 +1,136 @@
+//! Redis Cluster key placement: hash slots, hash tags, and which master owns a slot.
+//!
+//! Owns the arithmetic the cluster mode rests on (docs/design.md, "Redis Cluster"): a key's slot is
+//! CRC16 of its hash tag (the text between the first `{` and the next `}`, when not empty) or of the
+//! whole key, modulo 16384. The commit script may only touch keys of its source stream's slot, so
+//! every key RedStream derives from a stream — its outbox, a signature's use marker, a dead-letter
+//! stream's dedupe record — is built here to share that stream's slot.
+
+use redis::Value;
+
+/// The number of hash slots of a Redis Cluster.
+pub const SLOTS: u16 = 16384;
+
+/// The hash tag of `key`: the text between its first `{` and the next `}`, if not empty.
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let close = key[open + 1..].find('}')?;
+    let tag = &key[open + 1..open + 1 + close];
+    (!tag.is_empty()).then_some(tag)
+}
+
+/// The hash slot of `key`.
+pub fn of(key: &str) -> u16 {
+    let hashed = hash_tag(key).unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(hashed.as_bytes()) % SLOTS
+}
+
+/// A hash tag that places a derived key in `key`'s slot: `key`'s own tag, else `key` itself (a
+/// key without braces hashes whole). None for a key with braces but no tag (`a{}b`, `x}y`), whose
+/// slot no tag made of its text reproduces.
+pub fn tag_for(key: &str) -> Option<String> {
+    if let Some(tag) = hash_tag(key) {
+        return Some(tag.to_owned());
+    }
+    (!key.contains(['{', '}'])).then(|| key.to_owned())
+}
+
+/// `prefix{tag}suffix` in `key`'s slot (see [`tag_for`]); for a key no tag can follow, the key
+/// itself with `suffix` — correct on one node, refused by a cluster's CROSSSLOT check.
+pub fn beside(key: &str, prefix: &str, suffix: &str) -> String {
+    match tag_for(key) {
+        Some(tag) => format!("{prefix}{{{tag}}}{suffix}"),
+        None => format!("{prefix}{key}{suffix}"),
+    }
+}
+
+/// The master serving `slot` in a CLUSTER SLOTS reply, as (host, port).
+pub fn owner(map: &Value, slot: u16) -> Option<(String, u16)> {
+    ranges(map).find_map(|(start, end, node)| (start <= slot && slot <= end).then_some(node))
+}
+
+/// Every master in a CLUSTER SLOTS reply, once each, sorted.
+pub fn masters(map: &Value) -> Vec<(String, u16)> {
+    let mut all: Vec<(String, u16)> = ranges(map).map(|(_, _, node)| node).collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// (first slot, last slot, master) of each range in a CLUSTER SLOTS reply.
+fn ranges(map: &Value) -> impl Iterator<Item = (u16, u16, (String, u16))> + '_ {
+    let items = match map {
+        Value::Array(items) => items.as_slice(),
+        _ => &[],
+    };
+    items.iter().filter_map(|range| {
+        let Value::Array(parts) = range else {
+            return None;
+        };
+        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(node))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            return None;
+        };
+        let host = match node.first()? {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            Value::SimpleString(s) => s.clone(),
+            _ => return None,
+        };
+        let Some(Value::Int(port)) = node.get(1) else {
+            return None;
+        };
+        Some((*start as u16, *end as u16, (host, *port as u16)))
+    })
+}
+
+/// A MOVED or ASK redirection in a server error (`MOVED 3999 127.0.0.1:6381`): whether it is ASK,
+/// and the node to go to.
+pub fn redirect(error: &redis::RedisError) -> Option<(bool, String, u16)> {
+    let ask = match error.code()? {
+        "MOVED" => false,
+        "ASK" => true,
+        _ => return None,
+    };
+    let detail = error.detail()?;
+    let addr = detail.split_whitespace().nth(1)?;
+    let (host, port) = addr.rsplit_once(':')?;
+    Some((ask, host.to_owned(), port.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_hash_tags_as_redis_computes_them() {
+        // Values from CLUSTER KEYSLOT on Redis 7.
+        assert_eq!(of("foo"), 12182);
+        assert_eq!(of("{user1000}.following"), of("{user1000}.followers"));
+        assert_eq!(of("nova:task:{boomerang}:tasks"), of("boomerang"));
+        assert_ne!(
+            of("foo{}{bar}"),
+            of("bar"),
+            "an empty first tag hashes the whole key"
+        );
+        assert_eq!(hash_tag("foo{}{bar}"), None);
+        assert_eq!(hash_tag("foo{{bar}}zap"), Some("{bar"));
+        assert_eq!(hash_tag("foo{bar}{zap}"), Some("bar"));
+    }
+
+    #[test]
+    fn derived_keys_share_the_slot_of_their_stream() {
+        for stream in [
+            "nova:task:boomerang:tasks",
+            "nova:task:{boomerang}:tasks",
+            "plain",
+        ] {
+            let outbox = beside(stream, "redstream:outbox:", "");
+            assert_eq!(of(&outbox), of(stream), "{outbox}");
+            let marker = beside(stream, "", ":sig:g:jti");
+            assert_eq!(of(&marker), of(stream), "{marker}");
+        }
+        assert_eq!(tag_for("x}y"), None);
+        assert_eq!(beside("x}y", "p:", ":s"), "p:x}y:s");
+    }
+}

@@ -1,0 +1,380 @@
+//! Redis Cluster: three daemons on a real 3-master + 3-replica cluster, consuming hash-tagged streams
+//! spread over every master — a daemon SIGKILLed again and again, a master killed and its replica
+//! promoted, a busy stream's slot resharded away, replies crossing slots through the outbox — and in
+//! every case each message's reply exists exactly once. Plus the relay's crash windows, step by step,
+//! on one node.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::util::cluster::{Cluster, tag_for_slot_near};
+use crate::util::{Daemon, RedisServer, admin, config_toml, wait_for};
+use redstream::client::outbox;
+
+/// A daemon config for `cluster` with consumer tables `consumers`, as instance `instance`.
+fn toml(cluster: &Cluster, instance: usize, consumers: &str) -> String {
+    let base = config_toml(
+        "redis://127.0.0.1:1/0",
+        &format!("[daemon]\ndrain_timeout = \"10s\"\ninstance = \"n{instance}\"\n{consumers}"),
+    );
+    base.replace("url = \"redis://127.0.0.1:1/0\"", &cluster.seeds_toml())
+}
+
+/// One consumer per (input, output) pair: the `faults` handler replying to the output after a short
+/// sleep, so a run lasts long enough to be hit mid-way.
+fn consumers(pairs: &[(String, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(i, o)| {
+            format!(
+                "[[consumers]]\nstream = \"{i}\"\ngroup = \"g\"\nstart = \"0\"\nblock = \"500ms\"\n\
+                 claim_min_idle = \"2s\"\nclaim_interval = \"500ms\"\nhandler_timeout = \"1s\"\n\
+                 batch_size = 20\nin_flight = 20\nhandler = \"faults\"\n\
+                 faults = {{ reply_to = \"{o}\", sleep = \"2ms\" }}\n"
+            )
+        })
+        .collect()
+}
+
+/// Three streams, one per master, each replying to a stream of its own entity (`same_slot`) or of
+/// the next one's (crossing slots).
+fn pairs(same_slot: bool) -> Vec<(String, String)> {
+    let tags: Vec<String> = [100u16, 5600, 11000]
+        .iter()
+        .map(|s| tag_for_slot_near(*s))
+        .collect();
+    (0..3)
+        .map(|i| {
+            let out = if same_slot {
+                &tags[i]
+            } else {
+                &tags[(i + 1) % 3]
+            };
+            (
+                format!("nova:task:{{{}}}:in", tags[i]),
+                format!("nova:task:{{{out}}}:out"),
+            )
+        })
+        .collect()
+}
+
+/// Publishes `n` messages to `stream` on its master, and waits until a replica has them (a failover
+/// must not lose input before the daemons are judged). Returns their ids.
+fn publish(cluster: &Cluster, stream: &str, n: usize) -> Vec<String> {
+    let mut conn = cluster.node(cluster.master_of(stream));
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("n")
+            .arg(i)
+            .query(&mut conn)
+            .expect("XADD on the stream's master");
+        ids.push(id);
+    }
+    let _: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut conn)
+        .expect("WAIT");
+    ids
+}
+
+/// Every id of `ids` has exactly one reply in `out` (by `_cause`), and nothing else does.
+fn assert_exactly_once(cluster: &Cluster, input: &str, out: &str, ids: &[String]) {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for e in cluster.entries(out) {
+        let cause = e.get("_cause").expect("every reply has _cause");
+        let id = cause
+            .strip_prefix(&format!("{input}/"))
+            .expect("the cause names the input")
+            .to_owned();
+        *seen.entry(id).or_insert(0) += 1;
+    }
+    let lost = ids.iter().filter(|id| !seen.contains_key(*id)).count();
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let strangers = seen.keys().filter(|id| !ids.contains(id)).count();
+    println!("{input} → {out}: lost={lost} duplicates={duplicates}");
+    assert_eq!(
+        (lost, duplicates, strangers),
+        (0, 0, 0),
+        "lost, duplicated, unknown"
+    );
+}
+
+/// Waits until every output holds as many replies as its input has messages.
+fn wait_done(cluster: &Cluster, pairs: &[(String, String)], ids: &[Vec<String>], limit: Duration) {
+    wait_for("every reply", limit, || {
+        pairs
+            .iter()
+            .zip(ids)
+            .all(|((_, o), ids)| cluster.xlen(o) >= ids.len() as u64)
+            .then_some(())
+    });
+}
+
+fn start_daemons(cluster: &Cluster, pairs: &[(String, String)]) -> Vec<Daemon> {
+    (0..3)
+        .map(|i| Daemon::running(&toml(cluster, i, &consumers(pairs)), &[]))
+        .collect()
+}
+
+fn stop_all(daemons: &mut [Daemon]) {
+    for d in daemons {
+        assert_eq!(d.stop(Duration::from_secs(15)), 0, "a clean drain exits 0");
+    }
+}
+
+#[test]
+fn three_daemons_on_three_masters_survive_one_of_them_sigkilled_again_and_again() {
+    let cluster = Cluster::start();
+    let pairs = pairs(true);
+    let mut daemons = start_daemons(&cluster, &pairs);
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
+    for _ in 0..3 {
+        for (i, (input, _)) in pairs.iter().enumerate() {
+            ids[i].extend(publish(&cluster, input, 150));
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        daemons[0].kill9();
+        std::thread::sleep(Duration::from_millis(300));
+        daemons[0] = Daemon::running(&toml(&cluster, 0, &consumers(&pairs)), &[]);
+    }
+    wait_done(&cluster, &pairs, &ids, Duration::from_secs(60));
+    for (input, _) in &pairs {
+        wait_for("nothing pending", Duration::from_secs(15), || {
+            (cluster.pending(input, "g") == 0).then_some(())
+        });
+    }
+    stop_all(&mut daemons);
+    for ((input, out), ids) in pairs.iter().zip(&ids) {
+        assert_exactly_once(&cluster, input, out, ids);
+    }
+}
+
+#[test]
+fn a_master_killed_mid_run_fails_over_to_its_replica_without_loss_or_duplicates() {
+    let mut cluster = Cluster::start();
+    let pairs = pairs(true);
+    let mut daemons = start_daemons(&cluster, &pairs);
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
+    for (i, (input, _)) in pairs.iter().enumerate() {
+        ids[i].extend(publish(&cluster, input, 300));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let victim = &pairs[1].0;
+    let before = cluster.master_of(victim);
+    let after = cluster.fail_master_of(victim);
+    assert_ne!(before, after, "the replica took the slot over");
+    for (i, (input, _)) in pairs.iter().enumerate() {
+        ids[i].extend(publish(&cluster, input, 100));
+    }
+    wait_done(&cluster, &pairs, &ids, Duration::from_secs(90));
+    for (input, _) in &pairs {
+        wait_for("nothing pending", Duration::from_secs(20), || {
+            (cluster.pending(input, "g") == 0).then_some(())
+        });
+    }
+    assert!(
+        daemons
+            .iter()
+            .any(|d| d.count_log("reading again after Redis trouble") > 0),
+        "the failover was felt, and recovered from"
+    );
+    stop_all(&mut daemons);
+    for ((input, out), ids) in pairs.iter().zip(&ids) {
+        assert_exactly_once(&cluster, input, out, ids);
+    }
+}
+
+#[test]
+fn a_busy_streams_slot_resharded_mid_run_is_followed_without_loss_or_duplicates() {
+    let cluster = Cluster::start();
+    // The first stream's tag hashes near slot 100, among the lowest slots of the first master,
+    // which the reshard moves.
+    let pairs = pairs(true);
+    let mut daemons = start_daemons(&cluster, &pairs);
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
+    for (i, (input, _)) in pairs.iter().enumerate() {
+        ids[i].extend(publish(&cluster, input, 300));
+    }
+    let busy = &pairs[0].0;
+    let before = cluster.master_of(busy);
+    let to = cluster.reshard_from_master_of(busy, 200);
+    assert_eq!(cluster.master_of(busy), to, "the busy stream's slot moved");
+    assert_ne!(before, to);
+    for (i, (input, _)) in pairs.iter().enumerate() {
+        ids[i].extend(publish(&cluster, input, 100));
+    }
+    wait_done(&cluster, &pairs, &ids, Duration::from_secs(60));
+    for (input, _) in &pairs {
+        wait_for("nothing pending", Duration::from_secs(15), || {
+            (cluster.pending(input, "g") == 0).then_some(())
+        });
+    }
+    assert!(
+        daemons
+            .iter()
+            .any(|d| d.count_log("the stream's slot moved; following it") > 0),
+        "a reader followed MOVED"
+    );
+    stop_all(&mut daemons);
+    for ((input, out), ids) in pairs.iter().zip(&ids) {
+        assert_exactly_once(&cluster, input, out, ids);
+    }
+}
+
+#[test]
+fn replies_crossing_slots_go_through_the_outbox_exactly_once_under_sigkill() {
+    let cluster = Cluster::start();
+    let pairs = pairs(false);
+    for (i, o) in &pairs {
+        assert_ne!(
+            redstream::client::slot::of(i),
+            redstream::client::slot::of(o),
+            "the replies cross slots"
+        );
+    }
+    let mut daemons = start_daemons(&cluster, &pairs);
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
+    for _ in 0..3 {
+        for (i, (input, _)) in pairs.iter().enumerate() {
+            ids[i].extend(publish(&cluster, input, 150));
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        daemons[0].kill9();
+        std::thread::sleep(Duration::from_millis(300));
+        daemons[0] = Daemon::running(&toml(&cluster, 0, &consumers(&pairs)), &[]);
+    }
+    wait_done(&cluster, &pairs, &ids, Duration::from_secs(90));
+    for (input, _) in &pairs {
+        let outbox = outbox::outbox_of(input);
+        wait_for("every outbox settled", Duration::from_secs(30), || {
+            (cluster.pending(input, "g") == 0
+                && cluster.xlen(&outbox) == 0
+                && cluster.pending(&outbox, outbox::GROUP) == 0)
+                .then_some(())
+        });
+    }
+    let repeated: usize = daemons
+        .iter()
+        .map(|d| d.count_log("outbox entries delivered before"))
+        .sum();
+    println!("relay passes that found entries delivered before a crash: {repeated}");
+    stop_all(&mut daemons);
+    for ((input, out), ids) in pairs.iter().zip(&ids) {
+        assert_exactly_once(&cluster, input, out, ids);
+    }
+    let cli = std::process::Command::new(crate::util::bin())
+        .args(["check", "--config"])
+        .arg({
+            let p = std::env::temp_dir().join(format!("rs-cluster-{}.toml", std::process::id()));
+            std::fs::write(&p, toml(&cluster, 0, &consumers(&pairs))).unwrap();
+            p
+        })
+        .output()
+        .expect("redstream check");
+    let shown = String::from_utf8_lossy(&cli.stdout);
+    assert!(cli.status.success(), "{shown}");
+    assert!(
+        shown.contains("replies to other slots effectively-once through the outbox"),
+        "{shown}"
+    );
+}
+
+/// The relay's crash windows on one node, where each step can be stopped between: an entry
+/// delivered and not settled (a crash) is settled by the next relay without a second write; a relay
+/// past its deadline (a stalled process) writes nothing.
+#[test]
+fn the_relay_never_writes_an_outbox_entry_twice() {
+    let server = RedisServer::start();
+    let source = "nova:task:{relay}:in";
+    let target = "nova:task:{other}:out";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = admin(&server);
+        client.outbox_group(source).await.unwrap();
+        let box_ = outbox::outbox_of(source);
+        for n in 0..3 {
+            server.xadd(
+                &box_,
+                &[
+                    (outbox::TARGET, target),
+                    ("n", &n.to_string()),
+                    ("_cause", "x/1"),
+                ],
+            );
+        }
+        let mut alpha = client
+            .outbox_reader(source, "alpha", Duration::from_secs(1))
+            .unwrap();
+        let got = alpha
+            .read(redstream::client::ReadFrom::New, 10, None)
+            .await
+            .unwrap();
+        assert_eq!(got.entries.len(), 3);
+        let far = redstream::model::envelope::now_ms() + 60_000;
+        let keep = Duration::from_secs(3600);
+        // A relay that does not own the entries delivers them but settles none: "alpha crashed after
+        // delivering" as seen by the one who claims them next.
+        let crashed = client
+            .relay(source, "nobody", &got.entries, far, keep)
+            .await
+            .unwrap();
+        assert_eq!((crashed.delivered, crashed.settled), (3, 0));
+        assert_eq!(server.xlen(target), 3);
+        // The owner relays them again: nothing written twice, all settled, the records removed.
+        let again = client
+            .relay(source, "alpha", &got.entries, far, keep)
+            .await
+            .unwrap();
+        assert_eq!((again.delivered, again.repeated, again.settled), (0, 3, 3));
+        assert_eq!(server.xlen(target), 3, "no second write");
+        assert_eq!(server.xlen(&box_), 0, "settled entries are deleted");
+        let seen: u64 = redis::cmd("ZCARD")
+            .arg(outbox::seen_of(target))
+            .query(&mut server.conn())
+            .unwrap();
+        assert_eq!(seen, 0, "settled entries' records are removed");
+
+        // A relay past its deadline writes nothing; the entry stays pending for a claim.
+        server.xadd(&box_, &[(outbox::TARGET, target), ("n", "late")]);
+        let got = alpha
+            .read(redstream::client::ReadFrom::New, 10, None)
+            .await
+            .unwrap();
+        let past = redstream::model::envelope::now_ms() - 1;
+        let late = client
+            .relay(source, "alpha", &got.entries, past, keep)
+            .await;
+        assert!(late.is_err(), "a stalled relay is refused: {late:?}");
+        assert_eq!(server.xlen(target), 3, "nothing written");
+        assert_eq!(server.pending(&box_, outbox::GROUP), 1, "still pending");
+
+        // An entry a target refuses (a key of another type) stays pending; the others go on.
+        let _: () = redis::cmd("SET")
+            .arg("nova:task:{bad}:out")
+            .arg("x")
+            .query(&mut server.conn())
+            .unwrap();
+        server.xadd(
+            &box_,
+            &[(outbox::TARGET, "nova:task:{bad}:out"), ("n", "w")],
+        );
+        let mut beta = client
+            .outbox_reader(source, "beta", Duration::from_secs(1))
+            .unwrap();
+        let got = beta
+            .read(redstream::client::ReadFrom::New, 10, None)
+            .await
+            .unwrap();
+        let refused = client
+            .relay(source, "beta", &got.entries, far, keep)
+            .await
+            .unwrap();
+        assert_eq!(refused.refused.len(), 1, "{refused:?}");
+        assert!(refused.refused[0].1.contains("WRONGTYPE"), "{refused:?}");
+        assert_eq!(server.pending(&box_, outbox::GROUP), 2);
+    });
+}

@@ -1,0 +1,360 @@
+//! A private Redis Cluster per test: 3 masters and 3 replicas on free loopback ports, created with
+//! `redis-cli --cluster create`, killed by their pids on drop. Small on purpose (2 cores here): no
+//! persistence, 32 MB each, a 2 s node timeout so a failover takes seconds.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::redis_server::free_port;
+use super::wait_for;
+
+struct Node {
+    child: Option<Child>,
+    port: u16,
+    bus: u16,
+}
+
+pub struct Cluster {
+    nodes: Vec<Node>,
+    dir: tempfile::TempDir,
+}
+
+fn binary() -> String {
+    std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+/// A hash tag whose slot is `slot` (found by search: "t0", "t1", …).
+pub fn tag_for_slot_near(slot: u16) -> String {
+    (0..200_000)
+        .map(|i| format!("t{i}"))
+        .min_by_key(|t| redstream::client::slot::of(t).abs_diff(slot))
+        .expect("some tag")
+}
+
+impl Cluster {
+    /// Six nodes, three of them masters (slots 0-5460, 5461-10922, 10923-16383), each with a replica.
+    pub fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir for the cluster");
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        for i in 0..6 {
+            let node = cluster.spawn_node(i);
+            cluster.nodes.push(node);
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        cluster.wait_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    fn spawn_node(&self, i: usize) -> Node {
+        for _ in 0..5 {
+            let (port, bus) = (free_port(), free_port());
+            if port == bus {
+                continue;
+            }
+            let dir: PathBuf = self.dir.path().join(format!("n{i}-{port}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut child = Command::new(binary())
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--cluster-node-timeout", "2000"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .args(["--maxmemory", "32mb", "--io-threads", "1"])
+                .arg("--dir")
+                .arg(&dir)
+                .arg("--logfile")
+                .arg(dir.join("redis.log"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server (is it installed? .ci/run installs it)");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut ours = false;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                match answering_pid(port) {
+                    Some(pid) => {
+                        ours = pid == child.id();
+                        break;
+                    }
+                    None => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            if ours {
+                return Node {
+                    child: Some(child),
+                    port,
+                    bus,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not start a cluster node on a free port after 5 tries");
+    }
+
+    /// `redis.cluster = [...]` for a config.
+    pub fn seeds_toml(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("\"redis://127.0.0.1:{}\"", n.port))
+            .collect();
+        format!("cluster = [{}]", seeds.join(", "))
+    }
+
+    /// A synchronous cluster connection for set-up and inspection.
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect();
+        redis::cluster::ClusterClientBuilder::new(seeds)
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(Duration::from_secs(5))
+            .build()
+            .expect("cluster client")
+            .get_connection()
+            .expect("connect to the test cluster")
+    }
+
+    /// A plain connection to one node.
+    pub fn node(&self, port: u16) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .expect("connect to a cluster node")
+    }
+
+    /// The port of the master serving `key`'s slot now, as a live node sees it.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let slot = redstream::client::slot::of(key);
+        let live = self.live_port();
+        let map: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut self.node(live))
+            .expect("CLUSTER SLOTS");
+        let (_, port) = slot_owner(&map, slot).expect("an owner for every slot");
+        port
+    }
+
+    fn live_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .expect("a live node")
+            .port
+    }
+
+    /// Node id of the node at `port`.
+    pub fn id_of(&self, port: u16) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut self.node(port))
+            .expect("CLUSTER MYID")
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` and agrees on the masters.
+    pub fn wait_ok(&self, limit: Duration) {
+        wait_for("the cluster to be ok", limit, || {
+            let states: Vec<bool> = self
+                .nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .map(|n| {
+                    redis::Client::open(format!("redis://127.0.0.1:{}", n.port))
+                        .ok()
+                        .and_then(|c| {
+                            c.get_connection_with_timeout(Duration::from_millis(300))
+                                .ok()
+                        })
+                        .and_then(|mut c| {
+                            redis::cmd("CLUSTER")
+                                .arg("INFO")
+                                .query::<String>(&mut c)
+                                .ok()
+                        })
+                        .is_some_and(|info| info.contains("cluster_state:ok"))
+                })
+                .collect();
+            states.iter().all(|ok| *ok).then_some(())
+        });
+    }
+
+    /// SIGKILLs the master serving `key`, waits for its replica to take over, and returns the port
+    /// of the node that serves the slot now.
+    pub fn fail_master_of(&mut self, key: &str) -> u16 {
+        let old = self.master_of(key);
+        let node = self.nodes.iter_mut().find(|n| n.port == old).unwrap();
+        if let Some(mut c) = node.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        wait_for("a replica to take over", Duration::from_secs(30), || {
+            let now = std::panic::catch_unwind(|| self.master_of(key)).ok()?;
+            (now != old).then_some(now)
+        });
+        self.wait_ok(Duration::from_secs(30));
+        self.master_of(key)
+    }
+
+    /// Moves the `slots` lowest slots of the master serving `key` to another master with
+    /// `redis-cli --cluster reshard` (keys included, migrated by MIGRATE). Returns the new owner.
+    pub fn reshard_from_master_of(&self, key: &str, slots: usize) -> u16 {
+        let from = self.master_of(key);
+        let masters = self.masters();
+        let to = *masters.iter().find(|p| **p != from).unwrap();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("reshard")
+            .arg(format!("127.0.0.1:{from}"))
+            .args(["--cluster-from", &self.id_of(from)])
+            .args(["--cluster-to", &self.id_of(to)])
+            .args(["--cluster-slots", &slots.to_string()])
+            .args(["--cluster-yes", "--cluster-pipeline", "100"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster reshard");
+        assert!(
+            out.status.success(),
+            "reshard failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_ok(Duration::from_secs(30));
+        to
+    }
+
+    /// The ports of the current masters.
+    pub fn masters(&self) -> Vec<u16> {
+        let map: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut self.node(self.live_port()))
+            .expect("CLUSTER SLOTS");
+        let mut ports: Vec<u16> = (0..16384u16)
+            .step_by(512)
+            .filter_map(|s| slot_owner(&map, s).map(|(_, p)| p))
+            .collect();
+        ports.sort();
+        ports.dedup();
+        ports
+    }
+
+    /// Every entry of `stream`, read through the cluster.
+    pub fn entries(&self, stream: &str) -> Vec<HashMap<String, String>> {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query(&mut self.conn())
+            .expect("XRANGE");
+        reply
+            .ids
+            .into_iter()
+            .map(|id| {
+                id.map
+                    .into_iter()
+                    .map(|(k, v)| (k, redis::from_redis_value(v).unwrap_or_default()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// XLEN through the cluster.
+    pub fn xlen(&self, stream: &str) -> u64 {
+        redis::cmd("XLEN")
+            .arg(stream)
+            .query(&mut self.conn())
+            .expect("XLEN")
+    }
+
+    /// Entries pending in `group` of `stream` (0 when the group does not exist yet).
+    pub fn pending(&self, stream: &str, group: &str) -> u64 {
+        let reply: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .query(&mut self.conn());
+        match reply {
+            Ok(redis::Value::Array(v)) => match v.first() {
+                Some(redis::Value::Int(n)) => *n as u64,
+                _ => 0,
+            },
+            _ => 0,
+        }
+    }
+}
+
+fn slot_owner(map: &redis::Value, slot: u16) -> Option<(String, u16)> {
+    let redis::Value::Array(ranges) = map else {
+        return None;
+    };
+    ranges.iter().find_map(|r| {
+        let redis::Value::Array(parts) = r else {
+            return None;
+        };
+        let (Some(redis::Value::Int(a)), Some(redis::Value::Int(b)), Some(redis::Value::Array(n))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            return None;
+        };
+        if !(*a as u16 <= slot && slot <= *b as u16) {
+            return None;
+        }
+        let host: String = redis::from_redis_value(n.first()?.clone()).ok()?;
+        let port: i64 = redis::from_redis_value(n.get(1)?.clone()).ok()?;
+        Some((host, port as u16))
+    })
+}
+
+fn answering_pid(port: u16) -> Option<u32> {
+    let info: String = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+        .and_then(|mut c| redis::cmd("INFO").arg("server").query(&mut c))
+        .ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = n.bus;
+        }
+    }
+}
