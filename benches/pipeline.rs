@@ -2,7 +2,7 @@
 //! run, against a private redis-server this benchmark starts and stops itself.
 //!
 //!   scripts/bench            (or: cargo bench --bench pipeline; BENCH_N, BENCH_REPEATS, BENCH_LAT_SECS,
-//!                             BENCH_CASES=cd to measure only those cases)
+//!                             BENCH_CASES=cd to measure only those cases, k for the cluster table)
 //!
 //! Cases, interleaved and repeated so machine noise hits all of them; medians are reported:
 //!   a  raw redis-rs loop: XREADGROUP COUNT 500, then one XACK per batch
@@ -10,7 +10,10 @@
 //!   c  the daemon, no-op WASM handler, a reused instance
 //!   d  the daemon, echo WASM handler (one reply per message, committed atomically with the ack)
 //!   e  raw counterpart of d: XREADGROUP, then XADD per message and one XACK, pipelined
-//! then end-to-end latency (XADD time → handler) at a steady rate, for the daemon and the raw loop.
+//! then end-to-end latency (XADD time → handler) at a steady rate, for the daemon and the raw loop,
+//! and (BENCH_CLUSTER=1, the default) the echo workload on a Redis Cluster: three hash-tagged streams on
+//! 1 master with 1 daemon, on 3 masters with 3 daemons, and on 3 masters with every reply crossing
+//! slots (through the outbox).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -278,6 +281,11 @@ block = "1s"
             ),
         )
         .unwrap();
+        Daemon::spawn(&config, dir)
+    }
+
+    /// Starts `redstream run` on `config` (in `dir`) and waits for READY=1.
+    fn spawn(config: &Path, dir: tempfile::TempDir) -> Daemon {
         let sock_path = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&sock_path).unwrap();
         notify
@@ -286,7 +294,7 @@ block = "1s"
         let child = Command::new(env!("CARGO_BIN_EXE_redstream"))
             .arg("run")
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .env("NOTIFY_SOCKET", &sock_path)
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
@@ -631,6 +639,271 @@ fn soak(server: &Server, handler: &Path, n: u64) -> (u64, u64, f64) {
     (early, late, rate)
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The cluster case: a Redis Cluster of `masters` nodes (no replicas: this measures throughput and CPU),
+// slots split evenly, three streams whose hash tags land one in each third of the slot space.
+
+struct ClusterNodes {
+    nodes: Vec<Child>,
+    ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl ClusterNodes {
+    fn start(masters: usize) -> ClusterNodes {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..masters {
+            let (port, bus) = (free_port(), free_port());
+            let d = dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&d)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server (scripts/setup installs it)");
+            nodes.push(child);
+            ports.push(port);
+        }
+        let c = ClusterNodes {
+            nodes,
+            ports,
+            _dir: dir,
+        };
+        for p in &c.ports {
+            while c.node_opt(*p).is_none() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let per = 16384 / masters;
+        for (i, p) in c.ports.iter().enumerate() {
+            let mut n = c.node(*p);
+            let last = if i + 1 == masters {
+                16383
+            } else {
+                (i + 1) * per - 1
+            };
+            let _: () = redis::cmd("CLUSTER")
+                .arg(&["ADDSLOTSRANGE", &(i * per).to_string(), &last.to_string()])
+                .query(&mut n)
+                .unwrap();
+            if i > 0 {
+                let _: () = redis::cmd("CLUSTER")
+                    .arg(&["MEET", "127.0.0.1", &c.ports[0].to_string()])
+                    .query(&mut n)
+                    .unwrap();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !c.ports.iter().all(|p| {
+            redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query::<String>(&mut c.node(*p))
+                .is_ok_and(|i| i.contains("cluster_state:ok"))
+        }) {
+            assert!(Instant::now() < deadline, "the bench cluster did not form");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    fn node_opt(&self, port: u16) -> Option<redis::Connection> {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .ok()?
+            .get_connection()
+            .ok()?;
+        redis::cmd("PING").query::<String>(&mut c).ok()?;
+        Some(c)
+    }
+
+    fn node(&self, port: u16) -> redis::Connection {
+        self.node_opt(port)
+            .expect("connect to a bench cluster node")
+    }
+
+    /// The node serving `key` (slots are split evenly, in port order).
+    fn owner(&self, key: &str) -> u16 {
+        let per = 16384 / self.ports.len();
+        let i = (redstream::client::slot::of(key) as usize / per).min(self.ports.len() - 1);
+        self.ports[i]
+    }
+
+    fn cpu_us(&self) -> u64 {
+        self.nodes.iter().map(|n| cpu_us(n.id())).sum()
+    }
+}
+
+impl Drop for ClusterNodes {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.kill();
+            let _ = n.wait();
+        }
+    }
+}
+
+/// Three streams (input, output), one per third of the slot space; `cross` sends each one's replies
+/// to the next one's output, in another slot.
+fn cluster_streams(cross: bool) -> Vec<(String, String)> {
+    let tags: Vec<String> = [2730u16, 8192, 13653]
+        .iter()
+        .map(|slot| {
+            (0..100_000)
+                .map(|i| format!("b{i}"))
+                .min_by_key(|t| redstream::client::slot::of(t).abs_diff(*slot))
+                .unwrap()
+        })
+        .collect();
+    (0..3)
+        .map(|i| {
+            let out = if cross { &tags[(i + 1) % 3] } else { &tags[i] };
+            (
+                format!("nova:task:{{{}}}:tasks", tags[i]),
+                format!("nova:task:{{{out}}}:out"),
+            )
+        })
+        .collect()
+}
+
+/// A daemon on the cluster: one echo handler and one consumer per stream, as instance `instance`.
+fn cluster_daemon(
+    cluster: &ClusterNodes,
+    handler: &Path,
+    streams: &[(String, String)],
+    instance: usize,
+) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bench.toml");
+    let seeds: Vec<String> = cluster
+        .ports
+        .iter()
+        .map(|p| format!("\"redis://127.0.0.1:{p}\""))
+        .collect();
+    let mut body = String::new();
+    for (i, (input, out)) in streams.iter().enumerate() {
+        body.push_str(&format!(
+            "[[handlers]]\nname = \"echo{i}\"\nfile = \"{file}\"\nroles = [\"task_write\"]\n\
+             instance = \"reuse\"\nconfig = {{ mode = \"echo\", reply_to = \"{out}\" }}\n\
+             [[consumers]]\nstream = \"{input}\"\ngroup = \"{GROUP}\"\nstart = \"0\"\n\
+             handler = \"echo{i}\"\nbatch_size = 500\nin_flight = 2000\nblock = \"1s\"\n",
+            file = handler.display()
+        ));
+    }
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[identity]
+name = "bench"
+roles = ["admin"]
+[redis]
+cluster = [{seeds}]
+[auth]
+signing_key = "k"
+[[auth.keys]]
+id = "k"
+algorithm = "HS256"
+secret = "benchmark-secret-benchmark-secret-0123456789"
+[log]
+level = "warn"
+[heartbeat]
+enabled = false
+[control]
+enabled = false
+[daemon]
+instance = "i{instance}"
+[wasm]
+cache_dir = "{cache}"
+{body}"#,
+            seeds = seeds.join(", "),
+            cache = dir.path().join("cache").display(),
+        ),
+    )
+    .unwrap();
+    Daemon::spawn(&config, dir)
+}
+
+/// Drains `n` preloaded messages spread over the three streams with `daemons` daemons.
+fn cluster_drain(masters: usize, daemons: usize, cross: bool, handler: &Path, n: usize) -> Sample {
+    let cluster = ClusterNodes::start(masters);
+    let streams = cluster_streams(cross);
+    let pad = "x".repeat(60);
+    for (s, (input, _)) in streams.iter().enumerate() {
+        let mut c = cluster.node(cluster.owner(input));
+        let share = n / 3 + usize::from(s < n % 3);
+        for chunk in (0..share).collect::<Vec<_>>().chunks(5000) {
+            let mut pipe = redis::pipe();
+            for i in chunk {
+                let task = format!(
+                    r#"{{"id":"t{i}","title":"benchmark task {pad}","status":"open","revision":1}}"#
+                );
+                pipe.cmd("XADD")
+                    .arg(input)
+                    .arg("*")
+                    .arg("type")
+                    .arg("task_snapshot")
+                    .arg("task")
+                    .arg(task)
+                    .ignore();
+            }
+            let _: () = pipe.query(&mut c).unwrap();
+        }
+        let _: () = redis::cmd("XGROUP")
+            .arg(&["CREATE", input, GROUP, "0", "MKSTREAM"])
+            .query(&mut c)
+            .unwrap();
+    }
+    let ds: Vec<Daemon> = (0..daemons)
+        .map(|i| cluster_daemon(&cluster, handler, &streams, i))
+        .collect();
+    let cpu = |ds: &[Daemon]| ds.iter().map(|d| cpu_us(d.pid())).sum::<u64>();
+    let (cpu0, redis0, t0) = (cpu(&ds), cluster.cpu_us(), Instant::now());
+    let replies = || -> u64 {
+        streams
+            .iter()
+            .map(|(_, out)| {
+                redis::cmd("XLEN")
+                    .arg(out)
+                    .query::<u64>(&mut cluster.node(cluster.owner(out)))
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    while replies() < n as u64 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = t0.elapsed();
+    let sample = Sample {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        cpu_us_per_msg: (cpu(&ds) - cpu0) as f64 / n as f64,
+        redis_us_per_msg: (cluster.cpu_us() - redis0) as f64 / n as f64,
+        rss: ds.iter().map(|d| peak_rss(d.pid())).max().unwrap_or(0),
+    };
+    assert_eq!(replies(), n as u64, "one reply per message");
+    for d in ds {
+        d.stop();
+    }
+    sample
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -710,6 +983,10 @@ fn main() {
         );
     }
     if partial {
+        if only.contains('k') {
+            drop(server);
+            cluster_cases(&handler, n, repeats);
+        }
         return;
     }
     let soak_n: u64 = env_or("BENCH_SOAK_N", 10_000_000);
@@ -754,4 +1031,58 @@ fn main() {
         d99,
         r99
     );
+    if env_or("BENCH_CLUSTER", 1) != 0 {
+        drop(server);
+        cluster_cases(&handler, n, repeats);
+    }
+}
+
+/// The cluster table (BENCH_CASES=k runs it alone).
+fn cluster_cases(handler: &Path, n: usize, repeats: usize) {
+    let cluster_cases: [(&str, usize, usize, bool); 3] = [
+        (
+            "1 master, 1 daemon, replies in the source's slot",
+            1,
+            1,
+            false,
+        ),
+        (
+            "3 masters, 3 daemons, replies in the source's slot",
+            3,
+            3,
+            false,
+        ),
+        (
+            "3 masters, 3 daemons, every reply to another slot (outbox)",
+            3,
+            3,
+            true,
+        ),
+    ];
+    eprintln!("cluster: echo handler, {n} messages over 3 hash-tagged streams, {repeats} rounds");
+    let mut cluster_samples: Vec<Vec<Sample>> = vec![Vec::new(); cluster_cases.len()];
+    for round in 0..repeats {
+        for (i, (what, masters, daemons, cross)) in cluster_cases.iter().enumerate() {
+            let s = cluster_drain(*masters, *daemons, *cross, handler, n);
+            eprintln!(
+                "round {round} cluster case {what}: {:.0} msg/s, {:.2} µs CPU/msg, redis {:.2} µs CPU/msg",
+                s.rate, s.cpu_us_per_msg, s.redis_us_per_msg
+            );
+            cluster_samples[i].push(s);
+        }
+    }
+    println!();
+    println!(
+        "| echo on a Redis Cluster | msgs/s | daemons' CPU µs/msg | redis-servers' CPU µs/msg |"
+    );
+    println!("|---|---:|---:|---:|");
+    for ((what, ..), got) in cluster_cases.iter().zip(&cluster_samples) {
+        let med = |f: fn(&Sample) -> f64| median(got.iter().map(f).collect());
+        println!(
+            "| {what} | {:.0} | {:.2} | {:.2} |",
+            med(|s| s.rate),
+            med(|s| s.cpu_us_per_msg),
+            med(|s| s.redis_us_per_msg)
+        );
+    }
 }

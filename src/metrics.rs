@@ -4,8 +4,10 @@
 //! does the work records into the families; the consumer loops cache their counters so the hot path
 //! does no label lookups. Stream-side numbers (pending, lag, length) are polled by the engine.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -80,6 +82,68 @@ pub struct Metrics {
     /// Outbox entries a relay handled (Redis Cluster), by source stream and outcome: delivered,
     /// repeated (delivered before a crash or claim; not written again), refused (left pending).
     pub relayed: Family<RelayLabels, Counter>,
+    /// Per handler, the same durations as `handler_seconds`, in a form the daemon can read back for
+    /// its heartbeat (`redstream status` shows p50/p99): Prometheus histograms cannot be read.
+    handler_quantiles: RwLock<HashMap<String, Arc<Quantiles>>>,
+}
+
+/// Durations in the buckets of [`latency_histogram`] (50 µs · 2^i, then one for the rest), counted
+/// with atomics.
+#[derive(Default)]
+pub struct Quantiles {
+    buckets: [AtomicU64; 20],
+}
+
+impl Quantiles {
+    pub fn observe(&self, secs: f64) {
+        let mut bound = 0.000_05;
+        let mut i = 0;
+        while i < 19 && secs > bound {
+            bound *= 2.0;
+            i += 1;
+        }
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many durations, and the upper bounds (ms) of the buckets holding the median and the 99th
+    /// percentile (None while empty; the last bucket has no bound: reported as its lower one).
+    pub fn snapshot(&self) -> (u64, Option<f64>, Option<f64>) {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let at = |q: f64| -> Option<f64> {
+            if total == 0 {
+                return None;
+            }
+            let want = (q * total as f64).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (i, n) in counts.iter().enumerate() {
+                seen += n;
+                if seen >= want {
+                    return Some(0.05 * 2f64.powi(i.min(18) as i32));
+                }
+            }
+            None
+        };
+        (total, at(0.5), at(0.99))
+    }
+}
+
+/// One handler's duration meters: the Prometheus histogram and its readable twin.
+#[derive(Clone)]
+pub struct HandlerTimer {
+    histogram: Histogram,
+    quantiles: Arc<Quantiles>,
+}
+
+impl HandlerTimer {
+    pub fn observe(&self, secs: f64) {
+        self.histogram.observe(secs);
+        self.quantiles.observe(secs);
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,6 +174,7 @@ impl Metrics {
             handler_peak_memory: Family::default(),
             degraded: Gauge::default(),
             relayed: Family::default(),
+            handler_quantiles: RwLock::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -181,6 +246,51 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// The duration meters of `handler` (look it up once, observe often).
+    pub fn handler_timer(&self, handler: &str) -> HandlerTimer {
+        let histogram = self
+            .handler_seconds
+            .get_or_create(&HandlerLabels {
+                handler: handler.to_owned(),
+            })
+            .clone();
+        let known = self
+            .handler_quantiles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(handler)
+            .cloned();
+        let quantiles = known.unwrap_or_else(|| {
+            self.handler_quantiles
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(handler.to_owned())
+                .or_default()
+                .clone()
+        });
+        HandlerTimer {
+            histogram,
+            quantiles,
+        }
+    }
+
+    /// Per handler since start: calls, p50 and p99 in ms (bucket bounds), sorted by name.
+    pub fn handler_quantiles(&self) -> Vec<(String, u64, Option<f64>, Option<f64>)> {
+        let map = self
+            .handler_quantiles
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = map
+            .iter()
+            .map(|(name, q)| {
+                let (n, p50, p99) = q.snapshot();
+                (name.clone(), n, p50, p99)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
@@ -272,4 +382,115 @@ pub async fn serve(listener: tokio::net::TcpListener, mut shutdown: Shutdown) {
     }
     connections.close();
     connections.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `redstream_…` metric name in `text`.
+    fn metric_names(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("redstream_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn quantiles_come_from_the_buckets_of_the_histogram() {
+        let q = Quantiles::default();
+        assert_eq!(q.snapshot(), (0, None, None));
+        for _ in 0..98 {
+            q.observe(0.000_04); // ≤ 50 µs
+        }
+        q.observe(0.003); // ≤ 3.2 ms
+        q.observe(100.0); // past the last bound
+        let (n, p50, p99) = q.snapshot();
+        assert_eq!(n, 100);
+        assert_eq!(p50, Some(0.05));
+        assert_eq!(p99, Some(3.2));
+        q.observe(100.0);
+        q.observe(100.0);
+        assert_eq!(q.snapshot().2, Some(0.05 * 2f64.powi(18)));
+    }
+
+    #[test]
+    fn the_shipped_alert_rules_and_dashboard_query_only_metrics_the_daemon_exposes() {
+        let m = Metrics::new();
+        // A family shows in the exposition once it has a series: give each one.
+        let group = GroupLabels {
+            stream: "s".into(),
+            group: "g".into(),
+        };
+        let handler = HandlerLabels {
+            handler: "h".into(),
+        };
+        m.messages
+            .get_or_create(&MessageLabels {
+                stream: "s".into(),
+                group: "g".into(),
+                handler: "h".into(),
+                outcome: "success".into(),
+            })
+            .inc();
+        m.handler_seconds.get_or_create(&handler).observe(0.1);
+        m.redis_seconds
+            .get_or_create(&OpLabels { op: "ack".into() })
+            .observe(0.1);
+        m.error("timeout");
+        m.pending.get_or_create(&group).set(1);
+        m.lag.get_or_create(&group).set(1);
+        m.stream_length
+            .get_or_create(&StreamLabels { stream: "s".into() })
+            .set(1);
+        m.dead_lettered.get_or_create(&group).inc();
+        m.publish_denied.get_or_create(&handler).inc();
+        m.reconnects.inc();
+        m.handler_peak_memory.get_or_create(&handler).set(1);
+        m.degraded.set(0);
+        m.relayed
+            .get_or_create(&RelayLabels {
+                stream: "s".into(),
+                outcome: "delivered".into(),
+            })
+            .inc();
+        let text = m.encode();
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        for (file, text) in [
+            (
+                "alerts.yml",
+                include_str!("../contrib/prometheus/alerts.yml"),
+            ),
+            (
+                "redstream.json",
+                include_str!("../contrib/grafana/redstream.json"),
+            ),
+        ] {
+            let used = metric_names(text);
+            assert!(used.len() >= 5, "{file} queries RedStream metrics");
+            for name in used {
+                let family = ["_bucket", "_count", "_sum", "_total"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(&name);
+                assert!(
+                    families.contains(&family),
+                    "{file} queries {name}, which the daemon does not expose ({families:?})"
+                );
+            }
+        }
+    }
 }

@@ -193,6 +193,35 @@ pub async fn run(cli: Cli) -> Result {
             }
             Ok(())
         }
+        Command::Status {
+            watch,
+            json,
+            interval,
+            auth,
+        } => {
+            let settings = config::load(config)?;
+            let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
+            loop {
+                let report = super::status::gather(&client, &settings).await?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&report).expect("plain structs serialize")
+                    );
+                } else {
+                    if watch {
+                        // Home and clear, so each refresh replaces the last.
+                        print!("\x1b[H\x1b[2J");
+                    }
+                    print!("{}", super::status::render(&report));
+                }
+                if !watch {
+                    return Ok(());
+                }
+                // Until interrupted: Ctrl-C ends the process as usual.
+                tokio::time::sleep(interval).await;
+            }
+        }
         Command::Streams { pattern, auth } => {
             let client = connect(config, given_token(&auth)?.as_deref()).await?;
             for s in client.list_streams(&pattern).await? {

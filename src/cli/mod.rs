@@ -7,6 +7,7 @@
 mod commands;
 mod handler;
 mod scaffold;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -188,6 +189,22 @@ pub enum Command {
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// What the daemons are doing now: every configured group (consumers, pending, lag, messages,
+    /// retries and dead letters per minute), handler p50/p99, and every daemon on the heartbeat
+    /// stream (healthy, degraded, stopping or missing) — one screen, 100 columns.
+    Status {
+        /// Refresh every --interval until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// JSON instead of text (one object per refresh).
+        #[arg(long)]
+        json: bool,
+        /// How often --watch refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
         #[command(flatten)]
         auth: AuthArgs,
     },

@@ -608,6 +608,16 @@ impl Client {
             });
         }
         self.authorize(Op::Publish, &source)?;
+        // The copy and the delete are one transaction, which a cluster allows within one slot only.
+        if self.redis.is_cluster() && super::slot::of(dlq) != super::slot::of(&source) {
+            return Err(Error::CrossSlot {
+                command: "dlq replay",
+                a: dlq.to_owned(),
+                b: source,
+                slot_a: super::slot::of(dlq),
+                slot_b: super::slot::of(to),
+            });
+        }
 
         let mut fields: Fields = entry
             .fields

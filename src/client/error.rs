@@ -49,6 +49,18 @@ pub enum Error {
         detail: String,
     },
 
+    /// An operation that must be atomic over keys a Redis Cluster keeps in different slots.
+    #[error(
+        "{command} needs {a:?} and {b:?} in one hash slot on a Redis Cluster (they are in {slot_a} and {slot_b}): give their entity a hash tag, e.g. nova:task:{{entity}}:name"
+    )]
+    CrossSlot {
+        command: &'static str,
+        a: String,
+        b: String,
+        slot_a: u16,
+        slot_b: u16,
+    },
+
     /// A task of the client's caller ended without an answer (it panicked or was cancelled).
     #[error("{command} on {key:?}: the task running it ended early: {detail}")]
     Aborted {
@@ -126,6 +138,7 @@ impl Error {
             Error::InvalidConnection(_) => "config",
             Error::NotFound { .. } => "not_found",
             Error::Aborted { .. } => "aborted",
+            Error::CrossSlot { .. } => "cross_slot",
             Error::Connection { .. } => "connection",
             Error::Timeout { .. } => "timeout",
             Error::RedisAuth { .. } => "redis_auth",

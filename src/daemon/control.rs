@@ -96,6 +96,29 @@ impl Vitals {
             "dead_lettered",
             sum(|s| s.dead_lettered.load(Ordering::Relaxed)).to_string(),
         );
+        // Per loop and per handler, for `redstream status`.
+        let groups: Vec<serde_json::Value> = stats
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "stream": s.stream,
+                    "group": s.group,
+                    "consumer": s.consumer,
+                    "processed": s.processed.load(Ordering::Relaxed),
+                    "retried": s.retried.load(Ordering::Relaxed),
+                    "dead_lettered": s.dead_lettered.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        fields.push("groups", serde_json::Value::Array(groups).to_string());
+        let handlers: Vec<serde_json::Value> = crate::metrics::global()
+            .handler_quantiles()
+            .into_iter()
+            .map(|(name, calls, p50, p99)| {
+                serde_json::json!({"handler": name, "calls": calls, "p50_ms": p50, "p99_ms": p99})
+            })
+            .collect();
+        fields.push("handlers", serde_json::Value::Array(handlers).to_string());
         fields
     }
 }

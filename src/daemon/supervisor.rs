@@ -519,7 +519,12 @@ impl Daemon {
             client: self.client.clone(),
             router: router.clone(),
             keys: self.settings.auth.keys.clone(),
-            stats: Arc::new(Stats::default()),
+            stats: Arc::new(Stats {
+                stream: cfg.stream.to_string(),
+                group: cfg.group.clone(),
+                consumer: cfg.consumer.clone(),
+                ..Stats::default()
+            }),
             liveness: self.health.register(
                 &format!("{}/{}", cfg.stream, cfg.group),
                 Duration::from_secs(30),

@@ -37,7 +37,7 @@ use crate::client::commit::{self, Committed, Committer, Effect, Finished};
 use crate::client::decode::Entries;
 use crate::client::{Client, Error, GroupReader, PendingQuery, ReadFrom, Round};
 use crate::health::Liveness;
-use crate::metrics::{self, GroupLabels, HandlerLabels, MessageLabels};
+use crate::metrics::{self, GroupLabels, MessageLabels};
 use crate::model::dead_letter as dlq;
 use crate::model::envelope::Entry;
 use crate::model::limits::{self, Size};
@@ -45,11 +45,14 @@ use crate::model::message::{BatchDone, Handled, Handler, Message, Once, Outcome,
 use crate::shutdown::Shutdown;
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
 
-/// Counters of one loop, for logs, tests and (later) metrics.
+/// Counters of one loop, for logs, tests and the heartbeat.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Whose counters these are: the loop's stream, group and consumer.
+    pub stream: String,
+    pub group: String,
+    pub consumer: String,
     /// Committed after the handler succeeded.
     pub processed: AtomicU64,
     /// Left pending by a failed handler (retry later).
@@ -132,7 +135,7 @@ struct Meters {
     group: String,
     counters: HashMap<(Arc<str>, &'static str), Counter>,
     last: Option<(Arc<str>, &'static str, Counter)>,
-    durations: HashMap<Arc<str>, Histogram>,
+    durations: HashMap<Arc<str>, metrics::HandlerTimer>,
     dead_lettered: Counter,
 }
 
@@ -182,18 +185,10 @@ impl Meters {
         self.last = Some((handler.clone(), outcome, counter));
     }
 
-    fn duration(&mut self, handler: &Arc<str>) -> Histogram {
+    fn duration(&mut self, handler: &Arc<str>) -> metrics::HandlerTimer {
         self.durations
             .entry(handler.clone())
-            .or_insert_with(|| {
-                let labels = HandlerLabels {
-                    handler: handler.to_string(),
-                };
-                metrics::global()
-                    .handler_seconds
-                    .get_or_create(&labels)
-                    .clone()
-            })
+            .or_insert_with(|| metrics::global().handler_timer(handler))
             .clone()
     }
 }

@@ -223,6 +223,33 @@ fn a_busy_streams_slot_resharded_mid_run_is_followed_without_loss_or_duplicates(
     for ((input, out), ids) in pairs.iter().zip(&ids) {
         assert_exactly_once(&cluster, input, out, ids);
     }
+    // Replaying a dead letter is one transaction: across slots it is refused, saying why.
+    let (stream, dlq) = ("nova:task:plain:in", "nova:task:plain:in-dlq");
+    let id: String = redis::cmd("XADD")
+        .arg(dlq)
+        .arg("*")
+        .arg("_dlq_source")
+        .arg(format!("{stream}/1-0"))
+        .query(&mut cluster.conn())
+        .unwrap();
+    let settings = crate::util::settings_from(&toml(&cluster, 0, "")).expect("valid");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let refused = rt.block_on(async {
+        let client = redstream::client::Client::connect(
+            settings.redis.clone(),
+            settings.naming.clone(),
+            settings.identity.clone().unwrap().identity,
+        )
+        .unwrap();
+        client.replay_dead_letter(dlq, &id, stream).await
+    });
+    let e = refused.expect_err("a replay across slots is refused");
+    assert!(
+        matches!(e, redstream::client::Error::CrossSlot { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("hash tag"), "{e}");
+    assert_eq!(cluster.xlen(dlq), 1, "the dead letter stays");
 }
 
 #[test]

@@ -433,3 +433,128 @@ fn an_operator_without_the_signing_key_gets_tokens_and_signatures_from_the_excha
     );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// `redstream status --config … [--json]` as an operator runs it.
+fn status(config: &std::path::Path, json: bool) -> String {
+    let mut cmd = std::process::Command::new(crate::util::bin());
+    cmd.arg("status").arg("--config").arg(config);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd
+        .env_remove("REDSTREAM_CONFIG")
+        .output()
+        .expect("run redstream status");
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn group<'a>(report: &'a serde_json::Value, stream: &str) -> &'a serde_json::Value {
+    report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["stream"] == stream)
+        .unwrap_or_else(|| panic!("no group for {stream} in {report}"))
+}
+
+#[test]
+fn status_shows_groups_rates_handlers_and_every_daemon_seen() {
+    let server = RedisServer::start();
+    // A key of another type: every forward there is dead-lettered at once.
+    let _: () = redis::cmd("SET")
+        .arg("nova:task:status:bad")
+        .arg("x")
+        .query(&mut server.conn())
+        .unwrap();
+    let consumers = "[heartbeat]\ninterval = \"200ms\"\nmax_len = 200\n\
+        [[consumers]]\nstream = \"nova:task:status:in\"\ngroup = \"g\"\nstart = \"0\"\n\
+        handler = \"forward\"\nforward_to = \"nova:task:status:out\"\n\
+        [[consumers]]\nstream = \"nova:task:status:doomed\"\ngroup = \"g\"\nstart = \"0\"\n\
+        handler = \"forward\"\nforward_to = \"nova:task:status:bad\"\n";
+    let toml = daemon_toml(&server.url(), consumers);
+    let mut d = Daemon::running(&toml, &[]);
+    // Heartbeats before the traffic, so the minute's window holds counters that moved.
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..30 {
+        server.xadd("nova:task:status:in", &[("n", &i.to_string())]);
+    }
+    for i in 0..3 {
+        server.xadd("nova:task:status:doomed", &[("n", &i.to_string())]);
+    }
+    let report = wait_for(
+        "status with the traffic's rates",
+        Duration::from_secs(15),
+        || {
+            let r: serde_json::Value =
+                serde_json::from_str(&status(&d.config_path(), true)).unwrap();
+            let done = group(&r, "nova:task:status:in")["per_minute"]["processed"]
+                .as_f64()
+                .unwrap_or(0.0);
+            let dead = group(&r, "nova:task:status:doomed")["per_minute"]["dead_lettered"]
+                .as_f64()
+                .unwrap_or(0.0);
+            (done > 0.0 && dead > 0.0).then_some(r)
+        },
+    );
+    let good = group(&report, "nova:task:status:in");
+    assert_eq!(good["pending"], 0, "{report}");
+    assert_eq!(good["lag"], 0, "{report}");
+    assert_eq!(good["consumers"].as_array().unwrap().len(), 1, "{report}");
+    let forward = report["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["handler"] == "forward")
+        .unwrap_or_else(|| panic!("forward's latency is reported: {report}"));
+    assert!(forward["calls"].as_u64().unwrap() >= 33, "{report}");
+    assert!(forward["p99_ms"].as_f64().is_some(), "{report}");
+    let daemons = report["daemons"].as_array().unwrap();
+    assert_eq!(daemons.len(), 1, "{report}");
+    assert_eq!(daemons[0]["status"], "healthy", "{report}");
+
+    // The screen: every group, handler and daemon, within 100 columns.
+    let text = status(&d.config_path(), false);
+    println!("{text}");
+    for line in text.lines() {
+        assert!(line.chars().count() <= 100, "too wide: {line}");
+    }
+    for needle in [
+        "STREAM / GROUP",
+        "nova:task:status:in / g",
+        "nova:task:status:doomed / g",
+        "forward",
+        "healthy",
+    ] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
+
+    // A second instance killed: missing once three intervals pass; the first, stopped: stopping.
+    let mut other = Daemon::running(
+        &toml.replace("[daemon]", "[daemon]\ninstance = \"other\""),
+        &[],
+    );
+    wait_for("two daemons seen", Duration::from_secs(10), || {
+        let r: serde_json::Value = serde_json::from_str(&status(&d.config_path(), true)).unwrap();
+        (r["daemons"].as_array().unwrap().len() == 2).then_some(())
+    });
+    other.kill9();
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    let r = wait_for("stopping and missing", Duration::from_secs(10), || {
+        let r: serde_json::Value =
+            serde_json::from_str(&status(&other.config_path(), true)).unwrap();
+        let mut seen: Vec<String> = r["daemons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["status"].as_str().unwrap().to_owned())
+            .collect();
+        seen.sort();
+        (seen == ["missing", "stopping"]).then_some(r)
+    });
+    println!("{r}");
+}

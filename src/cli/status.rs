@@ -1,0 +1,375 @@
+//! `redstream status`: what the daemons on one Redis (or cluster) are doing now, on one screen.
+//!
+//! Owns gathering and presenting it. Everything comes from Redis, so it works from any host with a
+//! token: per configured group XINFO (consumers, pending, lag), and the heartbeat stream, where every
+//! daemon publishes its status, uptime, per-loop counters and per-handler latency quantiles
+//! ([`crate::daemon::control::Vitals`]). Rates over the last minute are the difference between a
+//! daemon's newest heartbeat and its oldest one of the minute before. A daemon whose newest heartbeat
+//! is older than three intervals, and that did not say it was stopping, is `missing`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::client::{Client, ConsumerInfo, ReadOptions};
+use crate::config::Settings;
+use crate::model::envelope::{Entry, now_ms};
+
+/// One screen's worth.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub redis: String,
+    pub taken_at_ms: u64,
+    pub groups: Vec<GroupRow>,
+    pub handlers: Vec<HandlerRow>,
+    pub daemons: Vec<DaemonRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GroupRow {
+    pub stream: String,
+    pub group: String,
+    /// None when the group does not exist (yet).
+    pub exists: bool,
+    pub consumers: Vec<ConsumerInfo>,
+    pub pending: u64,
+    pub lag: Option<u64>,
+    /// Over the last minute, from the heartbeats of every daemon running this group; None without two
+    /// heartbeats a while apart.
+    pub per_minute: Option<Rates>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Rates {
+    pub processed: f64,
+    pub retried: f64,
+    pub dead_lettered: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HandlerRow {
+    pub handler: String,
+    /// Calls since each daemon started, summed over the live ones.
+    pub calls: u64,
+    /// The highest of the live daemons' (bucket bounds, ms).
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DaemonRow {
+    pub server_id: String,
+    /// healthy, degraded, stopping or missing.
+    pub status: String,
+    pub degraded_reasons: Option<String>,
+    pub last_seen_ms_ago: u64,
+    pub uptime_s: u64,
+    pub consumers: u64,
+}
+
+/// A heartbeat, decoded.
+struct Beat {
+    at_ms: u64,
+    status: String,
+    reasons: Option<String>,
+    uptime_s: u64,
+    consumers: u64,
+    groups: Vec<serde_json::Value>,
+    handlers: Vec<serde_json::Value>,
+}
+
+fn beat(e: &Entry) -> Option<(String, Beat)> {
+    let text = |k: &str| e.fields.get_str(k).map(str::to_owned);
+    let num = |k: &str| text(k).and_then(|v| v.parse::<u64>().ok());
+    let json = |k: &str| {
+        text(k)
+            .and_then(|v| serde_json::from_str::<Vec<serde_json::Value>>(&v).ok())
+            .unwrap_or_default()
+    };
+    Some((
+        text("server_id")?,
+        Beat {
+            at_ms: num("timestamp")?,
+            status: text("status")?,
+            reasons: text("degraded_reasons"),
+            uptime_s: num("uptime").unwrap_or(0),
+            consumers: num("consumers").unwrap_or(0),
+            groups: json("groups"),
+            handlers: json("handlers"),
+        },
+    ))
+}
+
+/// Gathers one report.
+pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Result<Report> {
+    let now = now_ms();
+    // Every daemon's heartbeats, newest first (the stream is trimmed to its max_len).
+    let mut beats: BTreeMap<String, Vec<Beat>> = BTreeMap::new();
+    let mut interval = Duration::from_secs(10);
+    if let Some(h) = &settings.heartbeat {
+        interval = h.interval;
+        let opts = ReadOptions {
+            count: Some(h.max_len.max(1)),
+            reverse: true,
+            ..ReadOptions::default()
+        };
+        for e in client.read(&h.stream, &opts).await? {
+            if let Some((id, b)) = beat(&e) {
+                beats.entry(id).or_default().push(b);
+            }
+        }
+    }
+    let mut daemons = Vec::new();
+    let mut rates: BTreeMap<(String, String), Rates> = BTreeMap::new();
+    let mut handlers: BTreeMap<String, HandlerRow> = BTreeMap::new();
+    for (id, list) in &beats {
+        let newest = &list[0];
+        let age = now.saturating_sub(newest.at_ms);
+        let status = if newest.status != "stopping" && age > 3 * interval.as_millis() as u64 {
+            "missing".to_owned()
+        } else {
+            newest.status.clone()
+        };
+        let live = status == "healthy" || status == "degraded";
+        daemons.push(DaemonRow {
+            server_id: id.clone(),
+            status,
+            degraded_reasons: newest.reasons.clone(),
+            last_seen_ms_ago: age,
+            uptime_s: newest.uptime_s,
+            consumers: newest.consumers,
+        });
+        if !live {
+            continue;
+        }
+        // The oldest heartbeat of the minute before the newest: counters moved between the two.
+        if let Some(old) = list
+            .iter()
+            .rev()
+            .find(|b| newest.at_ms - b.at_ms <= 60_000 && b.at_ms < newest.at_ms)
+        {
+            let span_min = (newest.at_ms - old.at_ms) as f64 / 60_000.0;
+            for g in &newest.groups {
+                let key = (
+                    g["stream"].as_str().unwrap_or_default().to_owned(),
+                    g["group"].as_str().unwrap_or_default().to_owned(),
+                );
+                let before = old.groups.iter().find(|o| {
+                    o["stream"] == g["stream"]
+                        && o["group"] == g["group"]
+                        && o["consumer"] == g["consumer"]
+                });
+                // A counter that went down was restarted (a reload): count from zero.
+                let delta = |k: &str| {
+                    let now = g[k].as_u64().unwrap_or(0);
+                    let then = before.and_then(|b| b[k].as_u64()).unwrap_or(0);
+                    (if now >= then { now - then } else { now }) as f64 / span_min
+                };
+                let r = rates.entry(key).or_default();
+                r.processed += delta("processed");
+                r.retried += delta("retried");
+                r.dead_lettered += delta("dead_lettered");
+            }
+        }
+        for h in &newest.handlers {
+            let name = h["handler"].as_str().unwrap_or_default().to_owned();
+            let row = handlers.entry(name.clone()).or_insert(HandlerRow {
+                handler: name,
+                calls: 0,
+                p50_ms: None,
+                p99_ms: None,
+            });
+            row.calls += h["calls"].as_u64().unwrap_or(0);
+            let max = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            row.p50_ms = max(row.p50_ms, h["p50_ms"].as_f64());
+            row.p99_ms = max(row.p99_ms, h["p99_ms"].as_f64());
+        }
+    }
+    let mut groups = Vec::new();
+    for c in &settings.consumers {
+        let info = client
+            .groups(&c.stream)
+            .await
+            .ok()
+            .and_then(|gs| gs.into_iter().find(|g| g.name == c.group));
+        let consumers = match &info {
+            Some(_) => client.consumers(&c.stream, &c.group).await?,
+            None => Vec::new(),
+        };
+        groups.push(GroupRow {
+            stream: c.stream.to_string(),
+            group: c.group.clone(),
+            exists: info.is_some(),
+            consumers,
+            pending: info.as_ref().map_or(0, |g| g.pending),
+            lag: info.as_ref().and_then(|g| g.lag),
+            per_minute: rates.get(&(c.stream.to_string(), c.group.clone())).copied(),
+        });
+    }
+    let redis = if settings.redis.cluster.is_empty() {
+        crate::client::redact_url(&settings.redis.url)
+    } else {
+        format!(
+            "cluster {}",
+            settings
+                .redis
+                .cluster
+                .iter()
+                .map(|u| crate::client::redact_url(u))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    Ok(Report {
+        redis,
+        taken_at_ms: now,
+        groups,
+        handlers: handlers.into_values().collect(),
+        daemons,
+    })
+}
+
+/// `s` cut to `width` characters (the last one an ellipsis when cut).
+fn fit(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(width - 1).collect();
+    out.push('…');
+    out
+}
+
+fn ago(ms: u64) -> String {
+    match ms / 1000 {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s => format!("{}h ago", s / 3600),
+    }
+}
+
+fn uptime(s: u64) -> String {
+    match s {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m {}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d {}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// The report as text, at most 100 columns wide.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let rate = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{v:.0}"));
+    out.push_str(&fit(&format!("redis {}", r.redis), 100));
+    out.push_str("\n\n");
+    out.push_str(&format!(
+        "{:<46} {:>4} {:>8} {:>8} {:>9} {:>9} {:>9}\n",
+        "STREAM / GROUP", "CONS", "PENDING", "LAG", "DONE/MIN", "RETRY/MIN", "DLQ/MIN"
+    ));
+    for g in &r.groups {
+        let name = fit(&format!("{} / {}", g.stream, g.group), 46);
+        if !g.exists {
+            out.push_str(&format!("{name:<46} (no such group yet)\n"));
+            continue;
+        }
+        out.push_str(&format!(
+            "{name:<46} {:>4} {:>8} {:>8} {:>9} {:>9} {:>9}\n",
+            g.consumers.len(),
+            g.pending,
+            g.lag.map_or("?".to_owned(), |l| l.to_string()),
+            rate(g.per_minute.map(|p| p.processed)),
+            rate(g.per_minute.map(|p| p.retried)),
+            rate(g.per_minute.map(|p| p.dead_lettered)),
+        ));
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "{:<46} {:>12} {:>10} {:>10}\n",
+        "HANDLER", "CALLS", "P50 MS", "P99 MS"
+    ));
+    if r.handlers.is_empty() {
+        out.push_str("(no handler calls reported)\n");
+    }
+    let ms = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("≤{v:.2}"));
+    for h in &r.handlers {
+        out.push_str(&format!(
+            "{:<46} {:>12} {:>10} {:>10}\n",
+            fit(&h.handler, 46),
+            h.calls,
+            ms(h.p50_ms),
+            ms(h.p99_ms)
+        ));
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "{:<46} {:<10} {:>10} {:>10} {:>6}\n",
+        "DAEMON", "STATUS", "SEEN", "UPTIME", "LOOPS"
+    ));
+    if r.daemons.is_empty() {
+        out.push_str("(no heartbeats: is [heartbeat] enabled, and a daemon running?)\n");
+    }
+    for d in &r.daemons {
+        out.push_str(&format!(
+            "{:<46} {:<10} {:>10} {:>10} {:>6}\n",
+            fit(&d.server_id, 46),
+            d.status,
+            ago(d.last_seen_ms_ago),
+            uptime(d.uptime_s),
+            d.consumers
+        ));
+        if let (Some(why), "degraded") = (&d.degraded_reasons, d.status.as_str()) {
+            out.push_str(&format!("  {}\n", fit(why, 98)));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_screen_fits_100_columns_whatever_the_names() {
+        let long = "nova:task:an-entity-with-a-very-long-name-indeed:and-a-long-function-too";
+        let r = Report {
+            redis: format!("redis://{}:6379/0", "h".repeat(200)),
+            taken_at_ms: 0,
+            groups: vec![GroupRow {
+                stream: long.into(),
+                group: "workers-with-a-long-name".into(),
+                exists: true,
+                consumers: vec![],
+                pending: 12_345_678,
+                lag: Some(99_999_999),
+                per_minute: Some(Rates {
+                    processed: 123_456_789.0,
+                    retried: 1.0,
+                    dead_lettered: 0.0,
+                }),
+            }],
+            handlers: vec![HandlerRow {
+                handler: long.into(),
+                calls: 123_456_789_012,
+                p50_ms: Some(0.05),
+                p99_ms: Some(6553.6),
+            }],
+            daemons: vec![DaemonRow {
+                server_id: long.into(),
+                status: "degraded".into(),
+                degraded_reasons: Some("x".repeat(300)),
+                last_seen_ms_ago: 3_000,
+                uptime_s: 90_061,
+                consumers: 3,
+            }],
+        };
+        let text = render(&r);
+        for line in text.lines() {
+            assert!(line.chars().count() <= 100, "{} > 100: {line}", line.len());
+        }
+        assert!(text.contains("1d 1h") && text.contains("3s ago"), "{text}");
+    }
+}
