@@ -47,6 +47,8 @@ mod retention;
 mod cli;
 // Handler authoring: drop-ins, scoped routes, check warnings, watch, handler new/build/test.
 mod authoring;
+// The Debian package, installed into a scratch root.
+mod package;
 // Redis Cluster: failover, resharding, the outbox across slots, several daemons.
 mod cluster;
 
