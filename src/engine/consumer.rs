@@ -611,7 +611,12 @@ impl Consumer {
                     self.stats.processed.fetch_add(1, Ordering::Relaxed);
                 }
                 (Committed::Yes, Effect::DeadLetter(reason)) => {
-                    warn!(message_id = %id, handler = %f.handler, outcome = "dead-lettered", reason = ?reason, dead_letter = %self.cfg.dead_letter, "dead-lettered");
+                    let trace = f
+                        .msg
+                        .fields
+                        .get_str(crate::model::envelope::TRACE_ID)
+                        .unwrap_or("");
+                    warn!(message_id = %id, handler = %f.handler, trace_id = %trace, outcome = "dead-lettered", reason = ?reason, dead_letter = %self.cfg.dead_letter, "dead-lettered");
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 }
                 (Committed::Yes, Effect::TooLarge(size)) => {
@@ -1000,10 +1005,15 @@ impl Consumer {
             }
             Err(reason) => {
                 let (id, deliveries) = (msg.id.clone(), msg.deliveries);
+                let trace = msg
+                    .fields
+                    .get_str(crate::model::envelope::TRACE_ID)
+                    .unwrap_or("")
+                    .to_owned();
                 st.flight.ran(msg, None, handler.clone());
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 st.meters.count(&handler, "retry");
-                self.log_retry(st, &handler, &id, deliveries, &reason);
+                self.log_retry(st, &handler, (&id, &trace), deliveries, &reason);
             }
         }
     }
@@ -1014,7 +1024,7 @@ impl Consumer {
         &self,
         st: &mut State,
         handler: &Arc<str>,
-        id: &str,
+        (id, trace): (&str, &str),
         deliveries: u64,
         reason: &str,
     ) {
@@ -1032,6 +1042,8 @@ impl Consumer {
         warn!(
             message_id = %id,
             handler = %handler,
+            trace_id = %trace,
+            outcome = "retry",
             deliveries,
             max_deliveries = self.cfg.max_deliveries,
             // Debug-quoted: a guest's text cannot forge log lines.

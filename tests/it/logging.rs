@@ -1,5 +1,5 @@
-//! Log destinations: a rolling file written in the background, and the fallback to stderr when
-//! JOURNAL_STREAM is set but journald is not there to take the lines.
+//! Log destinations: journald with its fields (a private journald), a rolling file written in the
+//! background, and the fallback to stderr when JOURNAL_STREAM is set but journald is not there.
 
 use std::time::Duration;
 
@@ -112,4 +112,151 @@ fn a_publisher_newline_in_a_reason_never_starts_a_log_line() {
         logs.iter().all(|l| !l.starts_with("FORGED")),
         "a forged line: {logs:#?}"
     );
+}
+
+/// Under systemd, logs go to journald with the fields README's `journalctl` examples filter on. A
+/// private systemd-journald serves a private mount namespace (tmpfs over /run and the persistent
+/// journal directory, so nothing global changes); the daemon runs in it with JOURNAL_STREAM set, and
+/// `journalctl -o json` in the same namespace reads back what it stored. Needs root.
+#[test]
+fn journald_stores_the_fields_operators_filter_on() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "SKIPPED journald_stores_the_fields_operators_filter_on: starting a private \
+             systemd-journald needs root (unshare -m); run the suite as root to cover journald"
+        );
+        return;
+    }
+    let journald = "/lib/systemd/systemd-journald";
+    assert!(
+        std::path::Path::new(journald).exists(),
+        "{journald} (Debian's systemd package, installed by scripts/setup)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("journald.pid");
+    let private = format!(
+        "set -e; mount -t tmpfs tmpfs /run; mkdir -p /run/systemd/journal /run/log/journal; \
+         if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal; fi; \
+         {journald} </dev/null >/dev/null 2>&1 & echo $! > {pid}; \
+         i=0; while [ ! -S /run/systemd/journal/socket ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; \
+         exec \"$0\" \"$@\"",
+        pid = pidfile.display()
+    );
+    let server = RedisServer::start();
+    let consumers = "[[consumers]]\nstream = \"nova:task:journal:in\"\ngroup = \"journal\"\nstart = \"0\"\n\
+         block = \"500ms\"\nclaim_min_idle = \"1s\"\nclaim_interval = \"200ms\"\nhandler_timeout = \"500ms\"\n\
+         max_deliveries = 2\nhandler = \"faults\"\n\
+         faults = { reply_to = \"nova:task:journal:out\", fail_field = \"poison\" }\n";
+    let mut d = Daemon::start_wrapped(
+        &daemon_toml(&server.url(), consumers),
+        &[("JOURNAL_STREAM", "8:12345")],
+        &[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &private,
+        ],
+    );
+    let good = server.xadd("nova:task:journal:in", &[("n", "1")]);
+    let poison = server.xadd(
+        "nova:task:journal:in",
+        &[("poison", "1"), ("_trace_id", "trace-journal-7")],
+    );
+    crate::util::wait_for("the poison dead-lettered", Duration::from_secs(20), || {
+        (server.xlen("nova:task:journal:in-dlq") == 1 && server.xlen("nova:task:journal:out") == 1)
+            .then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert!(
+        d.logs().iter().all(|l| !l.contains("redstream running")),
+        "under journald nothing goes to stderr: {:?}",
+        d.logs()
+    );
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+    // journald outlives the daemon (it holds the namespace); it is stopped however the test ends.
+    struct Stop(String);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill").arg(&self.0).status();
+        }
+    }
+    let _journald = Stop(pid.clone());
+    // journalctl in journald's namespace, with README's field filters.
+    let query = |filters: &[&str]| -> Vec<serde_json::Value> {
+        let out = std::process::Command::new("nsenter")
+            .args([
+                "-t",
+                &pid,
+                "-m",
+                "journalctl",
+                "-D",
+                "/run/log/journal",
+                "-o",
+                "json",
+            ])
+            .args(["--no-pager", "SYSLOG_IDENTIFIER=redstream"])
+            .args(filters)
+            .output()
+            .expect("nsenter journalctl");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let all = crate::util::wait_for(
+        "the daemon's lines in the journal",
+        Duration::from_secs(5),
+        || {
+            let got = query(&[]);
+            got.iter()
+                .any(|e| e["MESSAGE"] == "redstream running")
+                .then_some(got)
+        },
+    );
+    let field = |e: &serde_json::Value, k: &str| e[k].as_str().map(str::to_owned);
+    // journalctl GROUP=… STREAM=… OUTCOME=dead-lettered: the dead letter, naming its message.
+    let dead = query(&[
+        "STREAM=nova:task:journal:in",
+        "GROUP=journal",
+        "OUTCOME=dead-lettered",
+    ]);
+    assert_eq!(dead.len(), 1, "one dead-letter line: {dead:?}");
+    let e = &dead[0];
+    assert_eq!(
+        field(e, "MESSAGE_ID").as_deref(),
+        Some(poison.as_str()),
+        "{e}"
+    );
+    assert_eq!(field(e, "HANDLER").as_deref(), Some("faults"), "{e}");
+    assert_eq!(
+        field(e, "TRACE_ID").as_deref(),
+        Some("trace-journal-7"),
+        "{e}"
+    );
+    assert_eq!(
+        field(e, "PRIORITY").as_deref(),
+        Some("4"),
+        "WARN is priority 4: {e}"
+    );
+    assert!(
+        field(e, "CONSUMER").is_some_and(|c| c.starts_with("test-daemon")),
+        "{e}"
+    );
+    // journalctl MESSAGE_ID=… and TRACE_ID=…: everything about the message, its retry included.
+    let by_id = query(&[&format!("MESSAGE_ID={poison}")]);
+    assert!(
+        by_id
+            .iter()
+            .any(|e| field(e, "OUTCOME").as_deref() == Some("retry")),
+        "{by_id:?}"
+    );
+    assert_eq!(query(&["TRACE_ID=trace-journal-7"]).len(), by_id.len());
+    // journalctl HANDLER=… -p warning: the retry and the dead letter, not the start-up lines.
+    let warnings = query(&["HANDLER=faults", "-p", "warning"]);
+    assert!(warnings.len() >= 2, "{warnings:?}");
+    assert!(all.len() > warnings.len());
+    assert!(query(&[&format!("MESSAGE_ID={good}"), "-p", "warning"]).is_empty());
 }
