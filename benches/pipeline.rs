@@ -114,24 +114,7 @@ impl Server {
     fn preload(&self, n: usize) {
         let mut c = self.conn();
         let _: () = redis::cmd("FLUSHALL").query(&mut c).unwrap();
-        let pad = "x".repeat(60);
-        for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-            let mut pipe = redis::pipe();
-            for i in chunk {
-                let task = format!(
-                    r#"{{"id":"t{i}","title":"benchmark task {pad}","status":"open","revision":1}}"#
-                );
-                pipe.cmd("XADD")
-                    .arg(STREAM)
-                    .arg("*")
-                    .arg("type")
-                    .arg("task_snapshot")
-                    .arg("task")
-                    .arg(task)
-                    .ignore();
-            }
-            let _: () = pipe.query(&mut c).unwrap();
-        }
+        load_tasks(&mut c, STREAM, n);
         let _: () = redis::cmd("XGROUP")
             .arg(&["CREATE", STREAM, GROUP, "0", "MKSTREAM"])
             .query(&mut c)
@@ -163,6 +146,28 @@ impl Server {
             }
         }
         (0, 0)
+    }
+}
+
+/// Adds `n` task messages of about 200 bytes to `stream`, pipelined.
+fn load_tasks(c: &mut redis::Connection, stream: &str, n: usize) {
+    let pad = "x".repeat(60);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let task = format!(
+                r#"{{"id":"t{i}","title":"benchmark task {pad}","status":"open","revision":1}}"#
+            );
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("type")
+                .arg("task_snapshot")
+                .arg("task")
+                .arg(task)
+                .ignore();
+        }
+        let _: () = pipe.query(c).unwrap();
     }
 }
 
@@ -646,6 +651,8 @@ fn soak(server: &Server, handler: &Path, n: u64) -> (u64, u64, f64) {
 struct ClusterNodes {
     nodes: Vec<Child>,
     ports: Vec<u16>,
+    /// Cluster bus ports (free ports, not port + 10000).
+    buses: Vec<u16>,
     _dir: tempfile::TempDir,
 }
 
@@ -662,6 +669,7 @@ impl ClusterNodes {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         let mut ports = Vec::new();
+        let mut buses = Vec::new();
         for i in 0..masters {
             let (port, bus) = (free_port(), free_port());
             let d = dir.path().join(format!("n{i}"));
@@ -682,10 +690,12 @@ impl ClusterNodes {
                 .expect("redis-server (scripts/setup installs it)");
             nodes.push(child);
             ports.push(port);
+            buses.push(bus);
         }
         let c = ClusterNodes {
             nodes,
             ports,
+            buses,
             _dir: dir,
         };
         for p in &c.ports {
@@ -707,7 +717,12 @@ impl ClusterNodes {
                 .unwrap();
             if i > 0 {
                 let _: () = redis::cmd("CLUSTER")
-                    .arg(&["MEET", "127.0.0.1", &c.ports[0].to_string()])
+                    .arg(&[
+                        "MEET",
+                        "127.0.0.1",
+                        &c.ports[0].to_string(),
+                        &c.buses[0].to_string(),
+                    ])
                     .query(&mut n)
                     .unwrap();
             }
@@ -845,27 +860,10 @@ cache_dir = "{cache}"
 fn cluster_drain(masters: usize, daemons: usize, cross: bool, handler: &Path, n: usize) -> Sample {
     let cluster = ClusterNodes::start(masters);
     let streams = cluster_streams(cross);
-    let pad = "x".repeat(60);
     for (s, (input, _)) in streams.iter().enumerate() {
         let mut c = cluster.node(cluster.owner(input));
         let share = n / 3 + usize::from(s < n % 3);
-        for chunk in (0..share).collect::<Vec<_>>().chunks(5000) {
-            let mut pipe = redis::pipe();
-            for i in chunk {
-                let task = format!(
-                    r#"{{"id":"t{i}","title":"benchmark task {pad}","status":"open","revision":1}}"#
-                );
-                pipe.cmd("XADD")
-                    .arg(input)
-                    .arg("*")
-                    .arg("type")
-                    .arg("task_snapshot")
-                    .arg("task")
-                    .arg(task)
-                    .ignore();
-            }
-            let _: () = pipe.query(&mut c).unwrap();
-        }
+        load_tasks(&mut c, input, share);
         let _: () = redis::cmd("XGROUP")
             .arg(&["CREATE", input, GROUP, "0", "MKSTREAM"])
             .query(&mut c)
@@ -875,28 +873,40 @@ fn cluster_drain(masters: usize, daemons: usize, cross: bool, handler: &Path, n:
         .map(|i| cluster_daemon(&cluster, handler, &streams, i))
         .collect();
     let cpu = |ds: &[Daemon]| ds.iter().map(|d| cpu_us(d.pid())).sum::<u64>();
-    let (cpu0, redis0, t0) = (cpu(&ds), cluster.cpu_us(), Instant::now());
-    let replies = || -> u64 {
-        streams
-            .iter()
-            .map(|(_, out)| {
-                redis::cmd("XLEN")
-                    .arg(out)
-                    .query::<u64>(&mut cluster.node(cluster.owner(out)))
-                    .unwrap_or(0)
-            })
+    // One connection per output, kept: polling must not cost the servers connection set-ups.
+    let mut outs: Vec<(String, redis::Connection)> = streams
+        .iter()
+        .map(|(_, out)| (out.clone(), cluster.node(cluster.owner(out))))
+        .collect();
+    let mut replies = || -> u64 {
+        outs.iter_mut()
+            .map(|(out, c)| redis::cmd("XLEN").arg(&*out).query::<u64>(c).unwrap_or(0))
             .sum()
+    };
+    // Measured between 10 % and 90 % of the replies: the daemons start one after another, and the
+    // first may be well under way before the last is ready.
+    let (low, high) = (n as u64 / 10, n as u64 * 9 / 10);
+    let mut from = None;
+    let sample = loop {
+        let done = replies();
+        if from.is_none() && done >= low {
+            from = Some((done, cpu(&ds), cluster.cpu_us(), Instant::now()));
+        }
+        if done >= high {
+            let (done0, cpu0, redis0, t0) = from.expect("10 % comes first");
+            let msgs = (done - done0) as f64;
+            break Sample {
+                rate: msgs / t0.elapsed().as_secs_f64(),
+                cpu_us_per_msg: (cpu(&ds) - cpu0) as f64 / msgs,
+                redis_us_per_msg: (cluster.cpu_us() - redis0) as f64 / msgs,
+                rss: ds.iter().map(|d| peak_rss(d.pid())).max().unwrap_or(0),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(2));
     };
     while replies() < n as u64 {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let elapsed = t0.elapsed();
-    let sample = Sample {
-        rate: n as f64 / elapsed.as_secs_f64(),
-        cpu_us_per_msg: (cpu(&ds) - cpu0) as f64 / n as f64,
-        redis_us_per_msg: (cluster.cpu_us() - redis0) as f64 / n as f64,
-        rss: ds.iter().map(|d| peak_rss(d.pid())).max().unwrap_or(0),
-    };
     assert_eq!(replies(), n as u64, "one reply per message");
     for d in ds {
         d.stop();

@@ -397,10 +397,12 @@ impl Redis {
                     .query_value(redis::cmd("CLUSTER").arg("SLOTS"), ctx)
                     .await?;
                 let (host, port) =
-                    super::slot::owner(&map, slot).ok_or_else(|| Error::Protocol {
-                        command: "CLUSTER SLOTS",
-                        key: key.to_owned(),
-                        detail: format!("no master serves slot {slot} now"),
+                    super::slot::owner(&map, slot, &self.seed_host()).ok_or_else(|| {
+                        Error::Protocol {
+                            command: "CLUSTER SLOTS",
+                            key: key.to_owned(),
+                            detail: format!("no master serves slot {slot} now"),
+                        }
                     })?;
                 Ok(Some(self.cluster_target(login, host, port)))
             }
@@ -527,7 +529,18 @@ impl Redis {
         let map = self
             .query_value(redis::cmd("CLUSTER").arg("SLOTS"), ctx)
             .await?;
-        Ok(Some(super::slot::masters(&map)))
+        Ok(Some(super::slot::masters(&map, &self.seed_host())))
+    }
+
+    /// The host of the first seed: where a node that does not know its own address is reached.
+    fn seed_host(&self) -> String {
+        self.shared
+            .settings
+            .cluster
+            .first()
+            .and_then(|u| url::Url::parse(u).ok())
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_else(|| "127.0.0.1".into())
     }
 
     /// Runs one command on the cluster node at `host:port` (see [`Redis::masters`]); on one node,

@@ -44,21 +44,26 @@ pub fn beside(key: &str, prefix: &str, suffix: &str) -> String {
     }
 }
 
-/// The master serving `slot` in a CLUSTER SLOTS reply, as (host, port).
-pub fn owner(map: &Value, slot: u16) -> Option<(String, u16)> {
-    ranges(map).find_map(|(start, end, node)| (start <= slot && slot <= end).then_some(node))
+/// The master serving `slot` in a CLUSTER SLOTS reply, as (host, port). A node that does not know
+/// its own address (a one-node cluster nobody met) reports an empty or `?` endpoint, meaning "the node
+/// you asked": `asked` stands in for it.
+pub fn owner(map: &Value, slot: u16, asked: &str) -> Option<(String, u16)> {
+    ranges(map, asked).find_map(|(start, end, node)| (start <= slot && slot <= end).then_some(node))
 }
 
-/// Every master in a CLUSTER SLOTS reply, once each, sorted.
-pub fn masters(map: &Value) -> Vec<(String, u16)> {
-    let mut all: Vec<(String, u16)> = ranges(map).map(|(_, _, node)| node).collect();
+/// Every master in a CLUSTER SLOTS reply, once each, sorted (`asked` as in [`owner`]).
+pub fn masters(map: &Value, asked: &str) -> Vec<(String, u16)> {
+    let mut all: Vec<(String, u16)> = ranges(map, asked).map(|(_, _, node)| node).collect();
     all.sort();
     all.dedup();
     all
 }
 
 /// (first slot, last slot, master) of each range in a CLUSTER SLOTS reply.
-fn ranges(map: &Value) -> impl Iterator<Item = (u16, u16, (String, u16))> + '_ {
+fn ranges<'a>(
+    map: &'a Value,
+    asked: &'a str,
+) -> impl Iterator<Item = (u16, u16, (String, u16))> + 'a {
     let items = match map {
         Value::Array(items) => items.as_slice(),
         _ => &[],
@@ -79,6 +84,11 @@ fn ranges(map: &Value) -> impl Iterator<Item = (u16, u16, (String, u16))> + '_ {
         };
         let Some(Value::Int(port)) = node.get(1) else {
             return None;
+        };
+        let host = if host.is_empty() || host == "?" {
+            asked.to_owned()
+        } else {
+            host
         };
         Some((*start as u16, *end as u16, (host, *port as u16)))
     })
@@ -101,6 +111,28 @@ pub fn redirect(error: &redis::RedisError) -> Option<(bool, String, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_endpoint_is_the_node_asked() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let map = Value::Array(vec![
+            Value::Array(vec![Value::Int(0), Value::Int(8191), node("", 7000)]),
+            Value::Array(vec![
+                Value::Int(8192),
+                Value::Int(16383),
+                node("10.0.0.2", 7001),
+            ]),
+        ]);
+        assert_eq!(owner(&map, 5, "seed"), Some(("seed".into(), 7000)));
+        assert_eq!(owner(&map, 9000, "seed"), Some(("10.0.0.2".into(), 7001)));
+        assert_eq!(masters(&map, "seed").len(), 2);
+    }
 
     #[test]
     fn slots_follow_hash_tags_as_redis_computes_them() {

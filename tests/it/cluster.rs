@@ -103,8 +103,16 @@ fn assert_exactly_once(cluster: &Cluster, input: &str, out: &str, ids: &[String]
     );
 }
 
-/// Waits until every output holds as many replies as its input has messages.
-fn wait_done(cluster: &Cluster, pairs: &[(String, String)], ids: &[Vec<String>], limit: Duration) {
+/// Publishes `n` more messages to every input, adding their ids to `ids`.
+fn publish_all(cluster: &Cluster, pairs: &[(String, String)], ids: &mut [Vec<String>], n: usize) {
+    for (i, (input, _)) in pairs.iter().enumerate() {
+        ids[i].extend(publish(cluster, input, n));
+    }
+}
+
+/// Waits until every output holds as many replies as its input has messages, and nothing is
+/// pending any more.
+fn settle(cluster: &Cluster, pairs: &[(String, String)], ids: &[Vec<String>], limit: Duration) {
     wait_for("every reply", limit, || {
         pairs
             .iter()
@@ -112,6 +120,41 @@ fn wait_done(cluster: &Cluster, pairs: &[(String, String)], ids: &[Vec<String>],
             .all(|((_, o), ids)| cluster.xlen(o) >= ids.len() as u64)
             .then_some(())
     });
+    for (input, _) in pairs {
+        wait_for("nothing pending", Duration::from_secs(20), || {
+            (cluster.pending(input, "g") == 0).then_some(())
+        });
+    }
+}
+
+/// Three times: 150 more messages per input, then the first daemon SIGKILLed mid-run and started
+/// again.
+fn sigkill_the_first_again_and_again(
+    cluster: &Cluster,
+    pairs: &[(String, String)],
+    ids: &mut [Vec<String>],
+    daemons: &mut [Daemon],
+) {
+    for _ in 0..3 {
+        publish_all(cluster, pairs, ids, 150);
+        std::thread::sleep(Duration::from_millis(150));
+        daemons[0].kill9();
+        std::thread::sleep(Duration::from_millis(300));
+        daemons[0] = Daemon::running(&toml(cluster, 0, &consumers(pairs)), &[]);
+    }
+}
+
+/// Stops every daemon (a clean drain) and checks each input's replies: exactly one per message.
+fn judge(
+    cluster: &Cluster,
+    pairs: &[(String, String)],
+    ids: &[Vec<String>],
+    daemons: &mut [Daemon],
+) {
+    stop_all(daemons);
+    for ((input, out), ids) in pairs.iter().zip(ids) {
+        assert_exactly_once(cluster, input, out, ids);
+    }
 }
 
 fn start_daemons(cluster: &Cluster, pairs: &[(String, String)]) -> Vec<Daemon> {
@@ -132,25 +175,9 @@ fn three_daemons_on_three_masters_survive_one_of_them_sigkilled_again_and_again(
     let pairs = pairs(true);
     let mut daemons = start_daemons(&cluster, &pairs);
     let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
-    for _ in 0..3 {
-        for (i, (input, _)) in pairs.iter().enumerate() {
-            ids[i].extend(publish(&cluster, input, 150));
-        }
-        std::thread::sleep(Duration::from_millis(150));
-        daemons[0].kill9();
-        std::thread::sleep(Duration::from_millis(300));
-        daemons[0] = Daemon::running(&toml(&cluster, 0, &consumers(&pairs)), &[]);
-    }
-    wait_done(&cluster, &pairs, &ids, Duration::from_secs(60));
-    for (input, _) in &pairs {
-        wait_for("nothing pending", Duration::from_secs(15), || {
-            (cluster.pending(input, "g") == 0).then_some(())
-        });
-    }
-    stop_all(&mut daemons);
-    for ((input, out), ids) in pairs.iter().zip(&ids) {
-        assert_exactly_once(&cluster, input, out, ids);
-    }
+    sigkill_the_first_again_and_again(&cluster, &pairs, &mut ids, &mut daemons);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(60));
+    judge(&cluster, &pairs, &ids, &mut daemons);
 }
 
 #[test]
@@ -159,33 +186,21 @@ fn a_master_killed_mid_run_fails_over_to_its_replica_without_loss_or_duplicates(
     let pairs = pairs(true);
     let mut daemons = start_daemons(&cluster, &pairs);
     let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
-    for (i, (input, _)) in pairs.iter().enumerate() {
-        ids[i].extend(publish(&cluster, input, 300));
-    }
+    publish_all(&cluster, &pairs, &mut ids, 300);
     std::thread::sleep(Duration::from_millis(100));
     let victim = &pairs[1].0;
     let before = cluster.master_of(victim);
     let after = cluster.fail_master_of(victim);
     assert_ne!(before, after, "the replica took the slot over");
-    for (i, (input, _)) in pairs.iter().enumerate() {
-        ids[i].extend(publish(&cluster, input, 100));
-    }
-    wait_done(&cluster, &pairs, &ids, Duration::from_secs(90));
-    for (input, _) in &pairs {
-        wait_for("nothing pending", Duration::from_secs(20), || {
-            (cluster.pending(input, "g") == 0).then_some(())
-        });
-    }
+    publish_all(&cluster, &pairs, &mut ids, 100);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(90));
     assert!(
         daemons
             .iter()
             .any(|d| d.count_log("reading again after Redis trouble") > 0),
         "the failover was felt, and recovered from"
     );
-    stop_all(&mut daemons);
-    for ((input, out), ids) in pairs.iter().zip(&ids) {
-        assert_exactly_once(&cluster, input, out, ids);
-    }
+    judge(&cluster, &pairs, &ids, &mut daemons);
 }
 
 #[test]
@@ -196,33 +211,21 @@ fn a_busy_streams_slot_resharded_mid_run_is_followed_without_loss_or_duplicates(
     let pairs = pairs(true);
     let mut daemons = start_daemons(&cluster, &pairs);
     let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
-    for (i, (input, _)) in pairs.iter().enumerate() {
-        ids[i].extend(publish(&cluster, input, 300));
-    }
+    publish_all(&cluster, &pairs, &mut ids, 300);
     let busy = &pairs[0].0;
     let before = cluster.master_of(busy);
     let to = cluster.reshard_from_master_of(busy, 200);
     assert_eq!(cluster.master_of(busy), to, "the busy stream's slot moved");
     assert_ne!(before, to);
-    for (i, (input, _)) in pairs.iter().enumerate() {
-        ids[i].extend(publish(&cluster, input, 100));
-    }
-    wait_done(&cluster, &pairs, &ids, Duration::from_secs(60));
-    for (input, _) in &pairs {
-        wait_for("nothing pending", Duration::from_secs(15), || {
-            (cluster.pending(input, "g") == 0).then_some(())
-        });
-    }
+    publish_all(&cluster, &pairs, &mut ids, 100);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(60));
     assert!(
         daemons
             .iter()
             .any(|d| d.count_log("the stream's slot moved; following it") > 0),
         "a reader followed MOVED"
     );
-    stop_all(&mut daemons);
-    for ((input, out), ids) in pairs.iter().zip(&ids) {
-        assert_exactly_once(&cluster, input, out, ids);
-    }
+    judge(&cluster, &pairs, &ids, &mut daemons);
     // Replaying a dead letter is one transaction: across slots it is refused, saying why.
     let (stream, dlq) = ("nova:task:plain:in", "nova:task:plain:in-dlq");
     let id: String = redis::cmd("XADD")
@@ -265,16 +268,8 @@ fn replies_crossing_slots_go_through_the_outbox_exactly_once_under_sigkill() {
     }
     let mut daemons = start_daemons(&cluster, &pairs);
     let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
-    for _ in 0..3 {
-        for (i, (input, _)) in pairs.iter().enumerate() {
-            ids[i].extend(publish(&cluster, input, 150));
-        }
-        std::thread::sleep(Duration::from_millis(150));
-        daemons[0].kill9();
-        std::thread::sleep(Duration::from_millis(300));
-        daemons[0] = Daemon::running(&toml(&cluster, 0, &consumers(&pairs)), &[]);
-    }
-    wait_done(&cluster, &pairs, &ids, Duration::from_secs(90));
+    sigkill_the_first_again_and_again(&cluster, &pairs, &mut ids, &mut daemons);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(90));
     for (input, _) in &pairs {
         let outbox = outbox::outbox_of(input);
         wait_for("every outbox settled", Duration::from_secs(30), || {
@@ -289,10 +284,7 @@ fn replies_crossing_slots_go_through_the_outbox_exactly_once_under_sigkill() {
         .map(|d| d.count_log("outbox entries delivered before"))
         .sum();
     println!("relay passes that found entries delivered before a crash: {repeated}");
-    stop_all(&mut daemons);
-    for ((input, out), ids) in pairs.iter().zip(&ids) {
-        assert_exactly_once(&cluster, input, out, ids);
-    }
+    judge(&cluster, &pairs, &ids, &mut daemons);
     let cli = std::process::Command::new(crate::util::bin())
         .args(["check", "--config"])
         .arg({

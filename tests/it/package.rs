@@ -114,20 +114,8 @@ fn the_package_installs_a_service_that_systemd_and_check_accept() {
             installed.replace("/usr/bin/redstream", &redstream.to_string_lossy()),
         )
         .unwrap();
-        let out = Command::new("systemd-analyze")
-            .args(["verify", instance])
-            .current_dir(&units)
-            .output()
-            .expect("systemd-analyze (installed by scripts/setup)");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && text.trim().is_empty(),
-            "verify {instance}: {text}"
-        );
+        let (ok, text) = crate::systemd::analyze(&["verify", instance], &units);
+        assert!(ok && text.trim().is_empty(), "verify {instance}: {text}");
     }
 
     // The installed config is valid as shipped, and after the one edit a user makes: an identity and

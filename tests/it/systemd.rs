@@ -17,7 +17,8 @@ fn staged(unit: &str, dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
-fn analyze(args: &[&str], dir: &std::path::Path) -> (bool, String) {
+/// `systemd-analyze ARGS` run in `dir` (where the units under test are): success, and what it said.
+pub fn analyze(args: &[&str], dir: &std::path::Path) -> (bool, String) {
     let out = Command::new("systemd-analyze")
         .args(args)
         .current_dir(dir)
