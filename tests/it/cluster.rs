@@ -302,6 +302,63 @@ fn replies_crossing_slots_go_through_the_outbox_exactly_once_under_sigkill() {
     );
 }
 
+/// A Redis ACL user, as on one node: every connection the daemon makes — the cluster client's to each
+/// master and the group readers' own — logs in as it, and the work gets done.
+#[test]
+fn an_acl_user_logs_in_on_every_master_for_every_connection() {
+    let cluster = Cluster::start();
+    for port in cluster.ports() {
+        let _: String = redis::cmd("ACL")
+            .arg(&[
+                "SETUSER",
+                "rsuser",
+                "on",
+                ">rs-cluster-pw",
+                "~*",
+                "&*",
+                "+@all",
+            ])
+            .query(&mut cluster.node(port))
+            .expect("ACL SETUSER on every node");
+    }
+    let pairs = pairs(true);
+    let config = toml(&cluster, 0, &consumers(&pairs)).replace(
+        "[redis]\n",
+        "[redis]\nusername = \"rsuser\"\npassword = \"rs-cluster-pw\"\n",
+    );
+    assert!(config.contains("username = \"rsuser\""), "{config}");
+    let mut daemon = Daemon::running(&config, &[]);
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
+    publish_all(&cluster, &pairs, &mut ids, 50);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(30));
+    // On every master: the daemon's group reader (XREADGROUP on the plain connection) as rsuser.
+    for (input, _) in &pairs {
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(&mut cluster.node(cluster.master_of(input)))
+            .unwrap();
+        let readers: Vec<&str> = clients
+            .lines()
+            .filter(|l| l.contains("cmd=xreadgroup"))
+            .collect();
+        assert!(
+            !readers.is_empty(),
+            "a reader on {input}'s master:\n{clients}"
+        );
+        assert!(
+            readers.iter().all(|l| l.contains("user=rsuser")),
+            "readers log in as the ACL user:\n{clients}"
+        );
+        assert!(
+            !clients
+                .lines()
+                .any(|l| l.contains("user=default") && l.contains("cmd=evalsha")),
+            "no commit as the default user:\n{clients}"
+        );
+    }
+    judge(&cluster, &pairs, &ids, std::slice::from_mut(&mut daemon));
+}
+
 /// The relay's crash windows on one node, where each step can be stopped between: an entry
 /// delivered and not settled (a crash) is settled by the next relay without a second write; a relay
 /// past its deadline (a stalled process) writes nothing.

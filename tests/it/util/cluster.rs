@@ -122,6 +122,15 @@ impl Cluster {
         panic!("could not start a cluster node on a free port after 5 tries");
     }
 
+    /// The ports of the live nodes, masters and replicas.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect()
+    }
+
     /// `redis.cluster = [...]` for a config.
     pub fn seeds_toml(&self) -> String {
         let seeds: Vec<String> = self
