@@ -62,7 +62,10 @@ async fn pass(
     backoff: &mut Backoff,
 ) -> Result<()> {
     client.outbox_group(&s.source).await?;
-    let mut reader = client.outbox_reader(&s.source, &s.consumer, s.block)?;
+    // An entry read at the end of a long BLOCK still needs most of its deadline (see [`deadline`]):
+    // block at most a quarter of claim_min_idle.
+    let block = s.block.min(s.claim_min_idle / 4);
+    let mut reader = client.outbox_reader(&s.source, &s.consumer, block)?;
     let count = s.batch_size as u64;
     // Our own pending entries: what a crash left between delivering and settling.
     let mut after = "0".to_owned();
@@ -86,7 +89,7 @@ async fn pass(
         }
         let asked = deadline(s);
         let got = tokio::select! {
-            got = reader.read(ReadFrom::New, count, Some(s.block)) => got?,
+            got = reader.read(ReadFrom::New, count, Some(block)) => got?,
             _ = stop.wait() => return Ok(()),
         };
         if !got.entries.is_empty() {
@@ -125,7 +128,9 @@ async fn claim_idle(client: &Client, s: &RelaySettings) -> Result<()> {
 }
 
 /// When this relay's hold on entries asked for now ends: half of `claim_min_idle` from now, so it
-/// ends before any other relay may claim them.
+/// ends before any other relay may claim them (which needs them idle `claim_min_idle`, counted from
+/// when Redis handed them over: after the asking). Reads block at most a quarter of it, so an entry
+/// arriving late in a read keeps at least a quarter for its delivery.
 fn deadline(s: &RelaySettings) -> u64 {
     crate::model::envelope::now_ms() + (s.claim_min_idle / 2).as_millis() as u64
 }

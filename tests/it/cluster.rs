@@ -302,6 +302,32 @@ fn replies_crossing_slots_go_through_the_outbox_exactly_once_under_sigkill() {
     );
 }
 
+/// A consumer whose BLOCK is long against its claim_min_idle: replies arriving late in a relay's read
+/// still make their deadline (the relay blocks at most a quarter of claim_min_idle), so the relay
+/// never fails over its own fence.
+#[test]
+fn a_long_block_never_makes_the_relay_miss_its_deadline() {
+    let cluster = Cluster::start();
+    let pairs = pairs(false);
+    let long = consumers(&pairs).replace("block = \"500ms\"", "block = \"2s\"");
+    assert!(long.contains("block = \"2s\""));
+    let mut daemon = Daemon::running(&toml(&cluster, 0, &long), &[]);
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
+    // Spread out, so replies reach the outboxes at every point of the relays' reads.
+    for _ in 0..12 {
+        publish_all(&cluster, &pairs, &mut ids, 2);
+        std::thread::sleep(Duration::from_millis(170));
+    }
+    settle(&cluster, &pairs, &ids, Duration::from_secs(30));
+    assert_eq!(
+        daemon.count_log("outbox relay failed"),
+        0,
+        "{}",
+        daemon.logs().join("\n")
+    );
+    judge(&cluster, &pairs, &ids, std::slice::from_mut(&mut daemon));
+}
+
 /// A Redis ACL user, as on one node: every connection the daemon makes — the cluster client's to each
 /// master and the group readers' own — logs in as it, and the work gets done.
 #[test]
