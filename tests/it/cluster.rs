@@ -385,6 +385,140 @@ fn an_acl_user_logs_in_on_every_master_for_every_connection() {
     judge(&cluster, &pairs, &ids, std::slice::from_mut(&mut daemon));
 }
 
+/// A cluster whose nodes speak only TLS (`rediss://` seeds, the test CA): commands, group reads
+/// (over the cluster client, as the fast plain reader cannot speak TLS), same-slot atomic commits and
+/// replies crossing slots through the outbox, with a daemon SIGKILLed again and again — every reply
+/// exactly once.
+#[test]
+fn a_tls_cluster_gets_the_same_guarantees_over_rediss() {
+    let cluster = Cluster::start_tls();
+    let same = pairs(true);
+    let crossing = pairs(false);
+    // Two streams replying in their own slot, one crossing to another master's.
+    let pairs = vec![
+        same[0].clone(),
+        same[1].clone(),
+        (
+            crossing[2].0.clone(),
+            crossing[2].1.replace(":out", ":relayed"),
+        ),
+    ];
+    assert_ne!(
+        redstream::client::slot::of(&pairs[2].0),
+        redstream::client::slot::of(&pairs[2].1),
+        "the third pair crosses slots"
+    );
+    let config = toml(&cluster, 0, &consumers(&pairs));
+    assert!(
+        config.contains("rediss://") && config.contains("tls_ca"),
+        "{config}"
+    );
+    let mut daemons = vec![
+        Daemon::running(&config, &[]),
+        Daemon::running(&toml(&cluster, 1, &consumers(&pairs)), &[]),
+    ];
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
+    sigkill_the_first_again_and_again(&cluster, &pairs, &mut ids, &mut daemons);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(90));
+    let outbox = outbox::outbox_of(&pairs[2].0);
+    wait_for("the outbox settled", Duration::from_secs(30), || {
+        (cluster.xlen(&outbox) == 0 && cluster.pending(&outbox, outbox::GROUP) == 0).then_some(())
+    });
+    judge(&cluster, &pairs, &ids, &mut daemons);
+}
+
+/// A slot held half-migrated (source MIGRATING, target IMPORTING, the stream's keys already moved):
+/// the source answers ASK for the stream, and the group reader must send ASKING to the target for
+/// each read — treating ASK as MOVED would bounce between the two nodes (the target answers MOVED
+/// without ASKING) and nothing published meanwhile would be handled. Then the migration completes
+/// and the reader follows MOVED.
+#[test]
+fn a_stream_whose_slot_is_mid_migration_is_read_through_ask() {
+    let cluster = Cluster::start();
+    let pairs = pairs(true);
+    let mut daemon = Daemon::running(&toml(&cluster, 0, &consumers(&pairs)), &[]);
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
+    publish_all(&cluster, &pairs, &mut ids, 30);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(30));
+
+    let (input, _) = &pairs[0];
+    let slot = redstream::client::slot::of(input);
+    let from = cluster.master_of(input);
+    let to = *cluster.masters().iter().find(|p| **p != from).unwrap();
+    let (from_id, to_id) = (cluster.id_of(from), cluster.id_of(to));
+    let setslot = |port: u16, state: &str, id: &str| {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(state)
+            .arg(id)
+            .query(&mut cluster.node(port))
+            .expect("CLUSTER SETSLOT");
+    };
+    setslot(to, "IMPORTING", &from_id);
+    setslot(from, "MIGRATING", &to_id);
+    // Move every key of the slot (the daemon may create one meanwhile: repeat until none is left).
+    wait_for("the slot's keys moved", Duration::from_secs(20), || {
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100)
+            .query(&mut cluster.node(from))
+            .expect("GETKEYSINSLOT");
+        if keys.is_empty() {
+            return Some(());
+        }
+        let _: redis::Value = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query(&mut cluster.node(from))
+            .expect("MIGRATE");
+        None
+    });
+    // Published on the target, after ASKING: only a reader that follows ASK sees these.
+    let mut conn = cluster.node(to);
+    for i in 0..40 {
+        let (_, id): ((), String) = redis::pipe()
+            .cmd("ASKING")
+            .cmd("XADD")
+            .arg(input)
+            .arg("*")
+            .arg("n")
+            .arg(1000 + i)
+            .query(&mut conn)
+            .expect("XADD on the importing node");
+        ids[0].push(id);
+    }
+    let out = &pairs[0].1;
+    wait_for(
+        "replies to what was published mid-migration",
+        Duration::from_secs(30),
+        || (cluster.xlen(out) >= ids[0].len() as u64).then_some(()),
+    );
+    // Complete the migration: every master learns the new owner; the reader follows MOVED.
+    for port in cluster.masters() {
+        setslot(port, "NODE", &to_id);
+    }
+    cluster.wait_ok(Duration::from_secs(30));
+    wait_for(
+        "every node to see the new owner",
+        Duration::from_secs(30),
+        || (cluster.master_of(input) == to).then_some(()),
+    );
+    publish_all(&cluster, &pairs, &mut ids, 30);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(30));
+    assert!(
+        daemon.count_log("the stream's slot moved; following it") > 0,
+        "the reader followed MOVED after the migration"
+    );
+    judge(&cluster, &pairs, &ids, std::slice::from_mut(&mut daemon));
+}
+
 /// The relay's crash windows on one node, where each step can be stopped between: an entry
 /// delivered and not settled (a crash) is settled by the next relay without a second write; a relay
 /// past its deadline (a stalled process) writes nothing.

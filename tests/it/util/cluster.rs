@@ -1,6 +1,8 @@
 //! A private Redis Cluster per test: 3 masters and 3 replicas on free loopback ports, created with
 //! `redis-cli --cluster create`, killed by their pids on drop. Small on purpose (2 cores here): no
-//! persistence, 32 MB each, a 2 s node timeout so a failover takes seconds.
+//! persistence, 32 MB each, a 2 s node timeout so a failover takes seconds. [`Cluster::start_tls`]
+//! starts one whose nodes speak only TLS, clients and cluster bus alike (the test CA in
+//! tests/fixtures/tls).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::redis_server::free_port;
-use super::wait_for;
+use super::{fixture, wait_for};
 
 struct Node {
     child: Option<Child>,
@@ -19,6 +21,7 @@ struct Node {
 pub struct Cluster {
     nodes: Vec<Node>,
     dir: tempfile::TempDir,
+    tls: bool,
 }
 
 fn binary() -> String {
@@ -36,10 +39,21 @@ pub fn tag_for_slot_near(slot: u16) -> String {
 impl Cluster {
     /// Six nodes, three of them masters (slots 0-5460, 5461-10922, 10923-16383), each with a replica.
     pub fn start() -> Cluster {
+        Cluster::start_with(false)
+    }
+
+    /// As [`Cluster::start`], every node listening only on a TLS port (`--port 0`), its cluster bus
+    /// and replication on TLS too; clients need no certificate of their own.
+    pub fn start_tls() -> Cluster {
+        Cluster::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir for the cluster");
         let mut cluster = Cluster {
             nodes: Vec::new(),
             dir,
+            tls,
         };
         for i in 0..6 {
             let node = cluster.spawn_node(i);
@@ -50,7 +64,8 @@ impl Cluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
+        let out = cluster
+            .cli()
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -67,6 +82,31 @@ impl Cluster {
         cluster
     }
 
+    /// `redis-cli`, with the TLS options when the nodes speak TLS — under `timeout`: `--cluster
+    /// create` waits forever for nodes that cannot meet.
+    fn cli(&self) -> Command {
+        let mut cli = Command::new("timeout");
+        cli.args(["120", "redis-cli"]);
+        if self.tls {
+            cli.arg("--tls").arg("--cacert").arg(fixture("tls/ca.pem"));
+        }
+        cli
+    }
+
+    /// A client for the node at `port`, trusting the test CA when the nodes speak TLS.
+    fn client(&self, port: u16) -> redis::Client {
+        if self.tls {
+            redis::Client::build_with_tls(format!("rediss://127.0.0.1:{port}"), certificates())
+        } else {
+            redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        }
+        .expect("a client for a cluster node")
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls { "rediss" } else { "redis" }
+    }
+
     fn spawn_node(&self, i: usize) -> Node {
         for _ in 0..5 {
             let (port, bus) = (free_port(), free_port());
@@ -75,8 +115,29 @@ impl Cluster {
             }
             let dir: PathBuf = self.dir.path().join(format!("n{i}-{port}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let mut child = Command::new(binary())
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let mut command = Command::new(binary());
+            if self.tls {
+                command
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                    .arg("--tls-cert-file")
+                    .arg(fixture("tls/server.pem"))
+                    .arg("--tls-key-file")
+                    .arg(fixture("tls/server.key"))
+                    .arg("--tls-ca-cert-file")
+                    .arg(fixture("tls/ca.pem"))
+                    // The cluster bus always asks its peers for a certificate: the nodes present
+                    // the client one (the server's is for server authentication only).
+                    .arg("--tls-client-cert-file")
+                    .arg(fixture("tls/client.pem"))
+                    .arg("--tls-client-key-file")
+                    .arg(fixture("tls/client.key"))
+                    .args(["--tls-auth-clients", "no"]);
+            } else {
+                command.args(["--port", &port.to_string()]);
+            }
+            let mut child = command
+                .args(["--bind", "127.0.0.1"])
                 .args([
                     "--cluster-enabled",
                     "yes",
@@ -101,7 +162,7 @@ impl Cluster {
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
                 }
-                match answering_pid(port) {
+                match answering_pid(&self.client(port)) {
                     Some(pid) => {
                         ours = pid == child.id();
                         break;
@@ -131,14 +192,19 @@ impl Cluster {
             .collect()
     }
 
-    /// `redis.cluster = [...]` for a config.
+    /// `redis.cluster = [...]` for a config (and the CA to trust, for a TLS cluster).
     pub fn seeds_toml(&self) -> String {
         let seeds: Vec<String> = self
             .nodes
             .iter()
-            .map(|n| format!("\"redis://127.0.0.1:{}\"", n.port))
+            .map(|n| format!("\"{}://127.0.0.1:{}\"", self.scheme(), n.port))
             .collect();
-        format!("cluster = [{}]", seeds.join(", "))
+        let mut toml = format!("cluster = [{}]", seeds.join(", "));
+        if self.tls {
+            let ca = fixture("tls/ca.pem");
+            toml.push_str(&format!("\ntls_ca = {{ file = \"{}\" }}", ca.display()));
+        }
+        toml
     }
 
     /// A synchronous cluster connection for set-up and inspection.
@@ -147,9 +213,13 @@ impl Cluster {
             .nodes
             .iter()
             .filter(|n| n.child.is_some())
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .map(|n| format!("{}://127.0.0.1:{}", self.scheme(), n.port))
             .collect();
-        redis::cluster::ClusterClientBuilder::new(seeds)
+        let mut builder = redis::cluster::ClusterClientBuilder::new(seeds);
+        if self.tls {
+            builder = builder.certs(certificates());
+        }
+        builder
             .connection_timeout(Duration::from_secs(2))
             .response_timeout(Duration::from_secs(5))
             .build()
@@ -160,8 +230,7 @@ impl Cluster {
 
     /// A plain connection to one node.
     pub fn node(&self, port: u16) -> redis::Connection {
-        redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .unwrap()
+        self.client(port)
             .get_connection_with_timeout(Duration::from_secs(2))
             .expect("connect to a cluster node")
     }
@@ -202,12 +271,9 @@ impl Cluster {
                 .iter()
                 .filter(|n| n.child.is_some())
                 .map(|n| {
-                    redis::Client::open(format!("redis://127.0.0.1:{}", n.port))
+                    self.client(n.port)
+                        .get_connection_with_timeout(Duration::from_millis(300))
                         .ok()
-                        .and_then(|c| {
-                            c.get_connection_with_timeout(Duration::from_millis(300))
-                                .ok()
-                        })
                         .and_then(|mut c| {
                             redis::cmd("CLUSTER")
                                 .arg("INFO")
@@ -244,7 +310,8 @@ impl Cluster {
         let from = self.master_of(key);
         let masters = self.masters();
         let to = *masters.iter().find(|p| **p != from).unwrap();
-        let out = Command::new("redis-cli")
+        let out = self
+            .cli()
             .arg("--cluster")
             .arg("reshard")
             .arg(format!("127.0.0.1:{from}"))
@@ -346,9 +413,17 @@ fn slot_owner(map: &redis::Value, slot: u16) -> Option<(String, u16)> {
     })
 }
 
-fn answering_pid(port: u16) -> Option<u32> {
-    let info: String = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-        .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+/// The test CA, for clients of a TLS cluster.
+fn certificates() -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(std::fs::read(fixture("tls/ca.pem")).expect("the test CA")),
+    }
+}
+
+fn answering_pid(client: &redis::Client) -> Option<u32> {
+    let info: String = client
+        .get_connection_with_timeout(Duration::from_millis(200))
         .and_then(|mut c| redis::cmd("INFO").arg("server").query(&mut c))
         .ok()?;
     info.lines()
