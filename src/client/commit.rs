@@ -21,9 +21,14 @@ use crate::model::message::{Message, Once, Reply};
 /// checks the same bound and refuses a larger write before anything is written).
 pub const MAX_WRITE_VALUES: usize = 7900;
 
+/// The most arguments the script adds around one write's values: XADD's key and id and the
+/// envelope pairs it writes itself (`_outbox_target`, `_timestamp`, `_source`, `_trace_id`, `_cause`).
+const WRITE_OVERHEAD: usize = 12;
+
 // The widest entry or reply `[limits]` allows, with the envelope or the dead-letter record (at most 10
-// pairs) and XADD's key and id, is one write.
-const _: () = assert!(2 * (crate::model::limits::MAX_FIELDS + 10) + 2 <= MAX_WRITE_VALUES);
+// pairs) and what the script adds, is one write.
+const _: () =
+    assert!(2 * (crate::model::limits::MAX_FIELDS + 10) + WRITE_OVERHEAD <= MAX_WRITE_VALUES);
 
 /// The first field of an outbox entry: the stream its entry goes to ([`super::outbox`]).
 pub const OUTBOX_TARGET: &str = "_outbox_target";
@@ -104,14 +109,15 @@ pub enum Committed {
 
 /// KEYS[1] source stream, KEYS[2..] streams written. ARGV: group, consumer, message count, layout,
 /// first and last id of the messages that write, XPENDING count, `_timestamp`, `_source`; then per
-/// message its id followed by the field names and values of each of its writes.
+/// message its id followed by the values of each of its writes.
 /// The layout says how those arguments divide, two bytes per number (big-endian), so the script never
 /// parses numbers from text: per message its write count, then per write the key index, the number
-/// of field pairs, and one byte: 1 if the script puts `_timestamp` and `_source` first (replies), 0
-/// if the fields are complete (dead letters), 2 for a signed message's use marker (one pair: the
-/// owning entry and the expiry, SET NX PXAT; always the message's first write), 3 for a reply to
-/// the outbox (its first pair, `_outbox_target`, then `_timestamp` and `_source`, then the rest). The envelope values
-/// shared by the batch travel once.
+/// of values it takes from ARGV, and one byte for its kind: 1 a reply (its `_trace_id` value, then
+/// its own field pairs; the script writes `_timestamp`, `_source`, `_trace_id` and `_cause` =
+/// `<source stream>/<id>` first), 3 a reply to the outbox (the same after the target's name, written
+/// as `_outbox_target`), 0 an entry complete as given (dead letters), 2 a signed message's use
+/// marker (the owning entry and the expiry: SET NX PXAT; always the message's first write). What the
+/// batch shares — the envelope's time and source, the cause's prefix — travels once.
 ///
 /// Returns per message: 1 committed, 0 not ours, 2 not tried, or `{code, key, detail}`: -1 the ACL
 /// refuses a write to `key`, -2 `key` holds another type (`detail`), -3 the entry for `key` is too
@@ -132,17 +138,19 @@ pub enum Committed {
 /// nothing was written. A message without writes (a handler that published nothing, an entry that
 /// vanished) is simply acked: whoever commits it first decides its effects, and "none" is a complete
 /// set. All acks of the batch go in one XACK at the end, which never needs memory.
+///
+/// Both passes walk the arguments the same way and keep nothing per message but its verdict: the
+/// script's cost is mostly Redis's own per argument and per call (docs/performance.md, "Where the
+/// commit's time goes"), so it does no per-message allocation it can avoid.
 pub const SOURCE: &str = r#"
 local src, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local n, layout = tonumber(ARGV[3]), ARGV[4]
 local ts, source = ARGV[8], ARGV[9]
-local byte, find = string.byte, string.find
--- Lua's unpack stops near 8,000 values: one XADD must stay below it.
-local MAX_VALUES = 7900
-local function num(at)
-  local hi, lo = byte(layout, at, at + 1)
-  return hi * 256 + lo
-end
+local byte, find, unpack = string.byte, string.find, unpack
+local cause = src .. '/'
+-- Lua's unpack stops near 8,000 values: one XADD must stay below it, with the script's own
+-- arguments around a write's values (key, id, envelope: at most OVERHEAD).
+local MAX_VALUES, OVERHEAD = 7900, 12
 -- Errors about the server, not about one key: the batch stops writing and is retried later.
 local function global(err)
   for _, code in ipairs({'OOM', 'MISCONF', 'READONLY', 'NOREPLICAS', 'BUSY', 'LOADING', 'MASTERDOWN'}) do
@@ -161,21 +169,18 @@ if ARGV[5] ~= '' then
     mine[p[1]] = true
   end
 end
--- Per target, checked once per call: nil when a write may go there, else the refusal.
+-- Per target, checked once per call: false when a write may go there, else the refusal.
 local checked = {}
 local function refusal(key)
-  local r = checked[key]
-  if r == nil then
-    r = false
-    if not redis.acl_check_cmd('XADD', key, '*', 'f', 'v') then
-      r = {-1, key, ''}
-    else
-      local kind = redis.call('TYPE', key)['ok']
-      if kind ~= 'stream' and kind ~= 'none' then r = {-2, key, kind} end
-    end
-    checked[key] = r
+  local r = false
+  if not redis.acl_check_cmd('XADD', key, '*', 'f', 'v') then
+    r = {-1, key, ''}
+  else
+    local kind = redis.call('TYPE', key)['ok']
+    if kind ~= 'stream' and kind ~= 'none' then r = {-2, key, kind} end
   end
-  return r or nil
+  checked[key] = r
+  return r
 end
 -- A signature's use marker (a string key holding the owning entry): nil when this message may
 -- take it, else the refusal; -7 when another entry took effect with the same signature.
@@ -196,79 +201,92 @@ local function replayed(key, owner)
   if prior and prior ~= owner then return {-7, key, prior} end
   return nil
 end
--- Pass 1, before anything is written: every message's verdict from the checks, and where its
--- arguments start.
-local verdicts, at = {}, {}
+-- Pass 1, before anything is written: every message's verdict from the checks. (Both passes walk
+-- the arguments the same way; nothing per message is kept but the verdict.)
+local verdicts = {}
 local a, l = 10, 1
 for m = 1, n do
-  local id, writes = ARGV[a], num(l)
-  at[m] = {a, l}
+  local hi, lo = byte(layout, l, l + 1)
+  local writes, verdict = hi * 256 + lo, 1
+  if writes > 0 and not mine[ARGV[a]] then verdict = 0 end
   a, l = a + 1, l + 2
-  local verdict = 1
-  if writes > 0 and not mine[id] then verdict = 0 end
-  local marks = {}
+  local marks
   for w = 1, writes do
-    local key, pairs = KEYS[num(l)], num(l + 2)
+    local k1, k2, c1, c2, kind = byte(layout, l, l + 4)
+    local key, count = KEYS[k1 * 256 + k2], c1 * 256 + c2
     if verdict == 1 then
-      if byte(layout, l + 4) == 2 then
+      if kind == 2 then
+        marks = marks or {}
         marks[#marks + 1] = {key, ARGV[a]}
         verdict = replayed(key, ARGV[a]) or 1
-      elseif 2 * pairs + 4 > MAX_VALUES then
-        verdict = {-3, key, tostring(2 * pairs + 4)}
+      elseif count + OVERHEAD > MAX_VALUES then
+        verdict = {-3, key, tostring(count + OVERHEAD)}
       else
-        verdict = refusal(key) or 1
+        local r = checked[key]
+        if r == nil then r = refusal(key) end
+        verdict = r or 1
       end
     end
-    a, l = a + 2 * pairs, l + 5
+    a, l = a + count, l + 5
   end
-  if verdict == 1 then
+  if marks and verdict == 1 then
     for _, mark in ipairs(marks) do owners[mark[1]] = mark[2] end
   end
   verdicts[m] = verdict
 end
 -- Pass 2: the writes, each under pcall, so no error can end the script with writes unacked.
-local out, ack = {}, {}
+local out, ack, acks = {}, {}, 0
 local broken = false
+a, l = 10, 1
 for m = 1, n do
-  local a, l = at[m][1], at[m][2]
-  local id, writes = ARGV[a], num(l)
+  local hi, lo = byte(layout, l, l + 1)
+  local writes, verdict, id = hi * 256 + lo, verdicts[m], ARGV[a]
   a, l = a + 1, l + 2
-  local verdict = verdicts[m]
-  if writes > 0 and broken and verdict == 1 then verdict = 2 end
-  if writes > 0 and verdict == 1 then
-    for w = 1, writes do
-      local key, last = KEYS[num(l)], a + 2 * num(l + 2) - 1
+  if writes > 0 and verdict == 1 and broken then verdict = 2 end
+  local w = 1
+  if verdict == 1 then
+    while w <= writes do
+      local k1, k2, c1, c2, kind = byte(layout, l, l + 4)
+      local key, last = KEYS[k1 * 256 + k2], a + c1 * 256 + c2 - 1
       local r
-      local kind = byte(layout, l + 4)
-      if kind == 2 then
-        r = redis.pcall('SET', key, ARGV[a], 'NX', 'PXAT', ARGV[a + 1])
-      elseif kind == 1 then
-        r = redis.pcall('XADD', key, '*', '_timestamp', ts, '_source', source, unpack(ARGV, a, last))
+      if kind == 1 then
+        r = redis.pcall('XADD', key, '*', '_timestamp', ts, '_source', source, '_trace_id', ARGV[a],
+          '_cause', cause .. id, unpack(ARGV, a + 1, last))
       elseif kind == 3 then
-        r = redis.pcall('XADD', key, '*', ARGV[a], ARGV[a + 1], '_timestamp', ts, '_source', source, unpack(ARGV, a + 2, last))
+        r = redis.pcall('XADD', key, '*', '_outbox_target', ARGV[a], '_timestamp', ts, '_source', source,
+          '_trace_id', ARGV[a + 1], '_cause', cause .. id, unpack(ARGV, a + 2, last))
+      elseif kind == 2 then
+        r = redis.pcall('SET', key, ARGV[a], 'NX', 'PXAT', ARGV[a + 1])
       else
         r = redis.pcall('XADD', key, '*', unpack(ARGV, a, last))
       end
-      if type(r) == 'table' and r['err'] then
-        local err = r['err']
+      if type(r) == 'table' and r.err then
         if w > 1 then
-          verdict = {-5, key, err}
-        elseif global(err) then
+          verdict = {-5, key, r.err}
+        elseif global(r.err) then
           broken = true
-          verdict = {-4, key, err}
+          verdict = {-4, key, r.err}
         else
-          verdict = {-6, key, err}
+          verdict = {-6, key, r.err}
         end
         break
       end
-      a, l = last + 1, l + 5
+      a, l, w = last + 1, l + 5, w + 1
     end
   end
-  if verdict == 1 or (type(verdict) == 'table' and verdict[1] == -5) then ack[#ack + 1] = id end
+  -- The arguments of writes not made.
+  while w <= writes do
+    local c1, c2 = byte(layout, l + 2, l + 3)
+    a, l, w = a + c1 * 256 + c2, l + 5, w + 1
+  end
+  if verdict == 1 or (verdict ~= 0 and verdict ~= 2 and verdict[1] == -5) then
+    acks = acks + 1
+    ack[acks] = id
+  end
   out[m] = verdict
 end
-for c = 1, #ack, 1000 do
-  redis.call('XACK', src, group, unpack(ack, c, math.min(c + 999, #ack)))
+for c = 1, acks, 1000 do
+  redis.call('XACK', src, group, unpack(ack, c, math.min(c + 999, acks)))
 end
 return out
 "#;
@@ -375,19 +393,19 @@ impl Committer {
                 // The marker goes first: if Redis refuses it, nothing of the message is written.
                 put(&mut layout, writes_of(f) + 1);
                 put(&mut layout, index(key));
-                put(&mut layout, 1);
+                put(&mut layout, 2);
                 layout.push(2);
             }
             let put_reply = |layout: &mut Vec<u8>, r: &Reply| {
                 let (key, via) = self.place(&r.stream);
                 put(layout, index(key));
-                put(layout, reply_pairs(r) + usize::from(via));
+                put(layout, reply_values(r) + usize::from(via));
                 layout.push(if via { 3 } else { 1 });
             };
             let put_dead_letter = |layout: &mut Vec<u8>, fields: &Fields| {
                 let (key, via) = self.place(&self.dead_letter);
                 put(layout, index(key));
-                put(layout, fields.len() + 1 + usize::from(via));
+                put(layout, 2 * (fields.len() + 1 + usize::from(via)));
                 layout.push(0);
             };
             // The marker's write is counted with the message's writes above.
@@ -435,7 +453,7 @@ impl Committer {
                 Effect::Replies(replies) => {
                     for r in replies {
                         if self.place(&r.stream).1 {
-                            cmd.arg(OUTBOX_TARGET).arg(&r.stream);
+                            cmd.arg(&r.stream);
                         }
                         self.reply_args(&mut cmd, &f.msg, r);
                     }
@@ -471,26 +489,23 @@ impl Committer {
             .map(|once| signature_key(&self.stream, &self.group, &once.jti, self.cluster.is_some()))
     }
 
-    /// A reply's fields, minus the envelope the script and this add: `_trace_id` (the handler's, else
-    /// the source's, else a new one) and `_cause`. Writes [`reply_pairs`] pairs.
+    /// A reply's values for the script: its `_trace_id` (the handler's, else the source's, else a new
+    /// one), then its fields without the envelope (the script writes that). [`reply_values`] of them.
     fn reply_args(&self, cmd: &mut Cmd, msg: &Message, reply: &Reply) {
-        let mut trace: Option<&[u8]> = None;
-        for (name, value) in reply.fields.iter() {
-            match envelope_field(name) {
-                Some(envelope::TRACE_ID) => trace = Some(value).filter(|v| !v.is_empty()),
-                Some(_) => {}
-                None => {
-                    cmd.arg(name).arg(value);
-                }
-            }
-        }
-        cmd.arg(envelope::TRACE_ID);
-        match trace.or_else(|| msg.fields.get(envelope::TRACE_ID).filter(|v| !v.is_empty())) {
+        let trace = reply
+            .fields
+            .get(envelope::TRACE_ID)
+            .filter(|v| !v.is_empty())
+            .or_else(|| msg.fields.get(envelope::TRACE_ID).filter(|v| !v.is_empty()));
+        match trace {
             Some(t) => cmd.arg(t),
             None => cmd.arg(envelope::new_trace_id()),
         };
-        cmd.arg(envelope::CAUSE)
-            .arg(format!("{}/{}", self.stream, msg.id));
+        for (name, value) in reply.fields.iter() {
+            if envelope_field(name).is_none() {
+                cmd.arg(name).arg(value);
+            }
+        }
     }
 
     /// A dead letter's fields but `_dlq_timestamp` (which goes last, with the batch's time): the
@@ -499,7 +514,7 @@ impl Committer {
     /// readable at `_dlq_source` until retention removes it).
     fn dead_letter_fields(&self, f: &Finished) -> Fields {
         let msg = &f.msg;
-        let copy = 2 * (msg.fields.len() + 6) + 4 <= MAX_WRITE_VALUES;
+        let copy = 2 * (msg.fields.len() + 6) + WRITE_OVERHEAD <= MAX_WRITE_VALUES;
         let mut fields = match &f.effect {
             Effect::TooLarge(size) => {
                 let mut by_reference = Fields::with_capacity(8);
@@ -551,15 +566,14 @@ fn envelope_field(name: &[u8]) -> Option<&'static str> {
     .find(|e| e.as_bytes() == name)
 }
 
-/// How many field pairs [`Committer::reply_args`] writes for `reply`: its own fields without the
-/// envelope, then `_trace_id` and `_cause`.
-fn reply_pairs(reply: &Reply) -> usize {
-    reply
+/// How many values [`Committer::reply_args`] passes for `reply`: the trace id, then its own field
+/// pairs without the envelope.
+fn reply_values(reply: &Reply) -> usize {
+    1 + 2 * reply
         .fields
         .iter()
         .filter(|(n, _)| envelope_field(n).is_none())
         .count()
-        + 2
 }
 
 /// What committing this message weighs: its writes, and about the bytes it sends.
@@ -670,7 +684,22 @@ mod tests {
 
     #[test]
     fn the_script_and_the_host_agree_on_the_largest_write() {
-        assert!(SOURCE.contains(&format!("local MAX_VALUES = {MAX_WRITE_VALUES}\n")));
+        assert!(SOURCE.contains(&format!(
+            "local MAX_VALUES, OVERHEAD = {MAX_WRITE_VALUES}, {WRITE_OVERHEAD}\n"
+        )));
+    }
+
+    #[test]
+    fn the_script_writes_the_envelope_under_the_hosts_names() {
+        for name in [
+            OUTBOX_TARGET,
+            envelope::TIMESTAMP,
+            envelope::SOURCE,
+            envelope::TRACE_ID,
+            envelope::CAUSE,
+        ] {
+            assert!(SOURCE.contains(&format!("'{name}'")), "{name}");
+        }
     }
 
     #[test]

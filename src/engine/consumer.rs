@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, trace, warn};
 
 use super::flight::{Flight, Job, key_of};
+use super::pace::Pace;
 use super::router::{Router, Selection, Unmatched};
 use super::settings::ConsumerSettings;
 use crate::auth::Op;
@@ -126,6 +127,8 @@ struct State {
     claim_cursor: String,
     /// How many entries the round in progress asked for.
     round_count: usize,
+    /// How much to read at once and hold in flight.
+    pace: Pace,
     meters: Meters,
 }
 
@@ -223,6 +226,7 @@ impl Consumer {
             last_new: "0".into(),
             claim_cursor: "0-0".into(),
             round_count: 0,
+            pace: Pace::new(cfg.batch_size, cfg.in_flight, cfg.claim_min_idle),
             meters: Meters::new(&cfg.stream, &cfg.group),
         };
         let mut claim_tick =
@@ -232,6 +236,10 @@ impl Consumer {
         let mut pulse = tokio::time::interval(Duration::from_secs(1));
 
         loop {
+            if st.flight.is_empty() {
+                st.pace.idle(Instant::now().into_std());
+            }
+            st.flight.set_limit(st.pace.window());
             // Hand what was routed (and what its order_by key let go) to the handlers.
             self.launch(&mut st, &tx);
 
@@ -261,9 +269,12 @@ impl Consumer {
                 _ = shutdown.wait(), if !st.draining => self.drain(&mut st),
                 Some(batch) = rx.recv() => {
                     st.last_progress = Instant::now();
+                    let mut n = 0;
                     for done in std::iter::once(batch).chain(std::iter::from_fn(|| rx.try_recv().ok())).flatten() {
                         self.finish(done, &mut st);
+                        n += 1;
                     }
+                    st.pace.finished(n, st.last_progress.into_std());
                 }
                 joined = async { (&mut round.as_mut().expect("guarded").0).await }, if round.is_some() => {
                     self.round_ended(&mut st, joined).await?;
@@ -305,7 +316,7 @@ impl Consumer {
             (!batch.is_empty()).then(|| committer.command(sha, &batch, st.flight.in_flight()));
         st.in_round = batch;
         let from = st.recover.clone();
-        st.round_count = st.flight.free().min(self.cfg.batch_size);
+        st.round_count = st.flight.free().min(st.pace.read());
         let count = st.round_count as u64;
         // A round carrying a commit does not block: its verdicts come back with the read's reply,
         // and must not wait out an idle BLOCK (the entries are committed in Redis at once, but their
@@ -419,6 +430,14 @@ impl Consumer {
                     std::future::pending::<()>().await;
                 }
                 let asked = st.round_count;
+                let got = entries.entries.len() + entries.deleted.len() + entries.too_large.len();
+                let bytes: usize = entries
+                    .entries
+                    .iter()
+                    .flat_map(|e| e.fields.iter())
+                    .map(|(n, v)| n.len() + v.len())
+                    .sum();
+                st.pace.read_returned(asked, got, bytes);
                 self.delivered(entries, asked, st);
             }
             Err(e) => st.retry_at = Some(self.trouble(e, st).await?),

@@ -73,6 +73,11 @@ impl Flight {
         }
     }
 
+    /// Changes how many entries may be in flight (what is in flight already stays).
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     /// How many more entries may be taken in.
     pub fn free(&self) -> usize {
         self.limit.saturating_sub(self.in_flight.len())

@@ -4,6 +4,8 @@
 //!   Redis trouble waited out with backoff.
 //! - [`flight`]: the loop's bookkeeping without I/O — admission, in-flight limit, per-key order,
 //!   commit batches and what their verdicts release; unit-tested on its own.
+//! - [`pace`]: how much the loop reads at once and holds in flight, adapted to backlog and handler
+//!   speed within the configured caps; plain arithmetic, unit-tested on its own.
 //! - [`router`]: which handler a message goes to (stream pattern + field predicates).
 //! - [`settings`]: what one loop runs with ([`ConsumerSettings`], [`HandlerSpec`]).
 //!
@@ -13,6 +15,7 @@
 
 pub mod consumer;
 pub mod flight;
+pub mod pace;
 pub mod relay;
 pub mod router;
 pub mod settings;

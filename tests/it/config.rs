@@ -332,7 +332,13 @@ fn consumers_need_permissions_for_everything_they_will_do() {
         c.consumer
     );
     assert_eq!(
-        (c.start.as_str(), c.batch_size, c.max_deliveries),
-        ("$", 100, 5)
+        (
+            c.start.as_str(),
+            c.batch_size,
+            c.in_flight,
+            c.max_deliveries
+        ),
+        ("$", 500, 2000, 5),
+        "defaults: the caps the pace adapts within"
     );
 }

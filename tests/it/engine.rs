@@ -834,3 +834,68 @@ fn run_exits_69_when_redis_stays_away_and_78_on_a_bad_consumer() {
         d.logs().join("\n")
     );
 }
+
+/// How many XREADGROUP calls `server` has served.
+fn reads(server: &RedisServer) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut server.conn())
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_xreadgroup:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// With the default consumer settings, reads follow the backlog: 20,000 waiting entries are drained
+/// in reads that double up to the 500 cap (a fixed read of 100, the old default, would take 200
+/// reads), and once the backlog is gone each lone message is still handled at once.
+#[test]
+fn default_reads_grow_with_a_backlog_and_lone_messages_still_go_at_once() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    for chunk in 0..20 {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            pipe.cmd("XADD")
+                .arg(IN)
+                .arg("*")
+                .arg("n")
+                .arg(chunk * 1000 + i)
+                .ignore();
+        }
+        let _: () = pipe.query(&mut conn).unwrap();
+    }
+    let toml = daemon_toml(&server.url(), &forward("g", &[]));
+    assert!(!toml.contains("batch_size") && !toml.contains("in_flight"));
+    let mut d = Daemon::running(&toml, &[]);
+    wait_for("the backlog drained", Duration::from_secs(60), || {
+        (server.xlen(OUT) == 20_000 && server.pending(IN, "g") == 0).then_some(())
+    });
+    let backlog_reads = reads(&server);
+    println!("20,000 entries drained in {backlog_reads} reads");
+    assert!(
+        backlog_reads < 120,
+        "{backlog_reads} reads: the read size did not grow"
+    );
+    // Lone messages afterwards: each is handled promptly (a small read returns what is there).
+    for i in 0..5 {
+        let started = Instant::now();
+        server.xadd(IN, &[("n", &format!("late{i}"))]);
+        wait_for("the late reply", Duration::from_secs(5), || {
+            (server.xlen(OUT) == 20_001 + i).then_some(())
+        });
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_exactly_once_forwarded(&server, 20_005);
+}
+
+/// Every entry of IN has exactly one reply in OUT.
+fn assert_exactly_once_forwarded(server: &RedisServer, n: usize) {
+    let seen = causes(server);
+    assert_eq!(seen.len(), n, "one reply per entry");
+    assert!(seen.values().all(|c| *c == 1), "no duplicates");
+}
