@@ -533,7 +533,7 @@ fn raw_drain(server: &Server, echo: bool, n: usize, shape: Shape) -> Sample {
     }
 }
 
-/// The redis-py + hiredis loop (p), as a child process: None when no such Python is at hand.
+/// The redis-py + hiredis loop (p), as a child process of `python` (BENCH_PYTHON).
 fn python_drain(server: &Server, python: &Path, n: usize, shape: Shape) -> Sample {
     server.preload_shape(n, shape);
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/raw_loop.py");
