@@ -71,6 +71,9 @@ pub struct Metrics {
     pub errors: Family<KindLabels, Counter>,
     pub pending: Family<GroupLabels, Gauge>,
     pub lag: Family<GroupLabels, Gauge>,
+    /// What a loop's pace allows now (engine/pace.rs): entries per read, and entries in flight.
+    pub read_size: Family<GroupLabels, Gauge>,
+    pub window: Family<GroupLabels, Gauge>,
     pub stream_length: Family<StreamLabels, Gauge>,
     pub dead_lettered: Family<GroupLabels, Counter>,
     pub publish_denied: Family<HandlerLabels, Counter>,
@@ -167,6 +170,8 @@ impl Metrics {
             errors: Family::default(),
             pending: Family::default(),
             lag: Family::default(),
+            read_size: Family::default(),
+            window: Family::default(),
             stream_length: Family::default(),
             dead_lettered: Family::default(),
             publish_denied: Family::default(),
@@ -202,6 +207,16 @@ impl Metrics {
             "group_lag",
             "Entries not yet delivered to a group",
             m.lag.clone(),
+        );
+        registry.register(
+            "read_size",
+            "Entries a group's next read asks for, as its pace sets it (at most batch_size)",
+            m.read_size.clone(),
+        );
+        registry.register(
+            "in_flight_window",
+            "Entries a group may hold in flight, as its pace sets it (at most in_flight)",
+            m.window.clone(),
         );
         registry.register(
             "stream_length",
@@ -449,6 +464,8 @@ mod tests {
         m.error("timeout");
         m.pending.get_or_create(&group).set(1);
         m.lag.get_or_create(&group).set(1);
+        m.read_size.get_or_create(&group).set(16);
+        m.window.get_or_create(&group).set(64);
         m.stream_length
             .get_or_create(&StreamLabels { stream: "s".into() })
             .set(1);

@@ -46,6 +46,7 @@ use crate::model::message::{BatchDone, Handled, Handler, Message, Once, Outcome,
 use crate::shutdown::Shutdown;
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// Counters of one loop, for logs, tests and the heartbeat.
 #[derive(Debug, Default)]
@@ -140,6 +141,9 @@ struct Meters {
     last: Option<(Arc<str>, &'static str, Counter)>,
     durations: HashMap<Arc<str>, metrics::HandlerTimer>,
     dead_lettered: Counter,
+    /// What the pace allows now: entries per read, entries in flight.
+    read_size: Gauge,
+    window: Gauge,
 }
 
 impl Meters {
@@ -158,6 +162,8 @@ impl Meters {
                 .dead_lettered
                 .get_or_create(&labels)
                 .clone(),
+            read_size: metrics::global().read_size.get_or_create(&labels).clone(),
+            window: metrics::global().window.get_or_create(&labels).clone(),
         }
     }
 
@@ -239,7 +245,10 @@ impl Consumer {
             if st.flight.is_empty() {
                 st.pace.idle(Instant::now().into_std());
             }
-            st.flight.set_limit(st.pace.window());
+            let window = st.pace.window();
+            st.flight.set_limit(window);
+            st.meters.window.set(window as i64);
+            st.meters.read_size.set(st.pace.read() as i64);
             // Hand what was routed (and what its order_by key let go) to the handlers.
             self.launch(&mut st, &tx);
 

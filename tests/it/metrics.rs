@@ -242,3 +242,51 @@ fn verdicts_are_counted_promptly_even_while_reads_block() {
         "a drain redid no commit whose verdict it had lost"
     );
 }
+
+/// The pace is visible: under a backlog the read size climbs to `batch_size` and the window past its
+/// idle size (within `in_flight`); once the stream is drained both settle back to the floor.
+#[test]
+fn the_pace_shows_in_the_read_size_and_window_gauges() {
+    const IN: &str = "nova:task:metrics:bulk";
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    for chunk in 0..30 {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            pipe.cmd("XADD")
+                .arg(IN)
+                .arg("*")
+                .arg("n")
+                .arg(chunk * 1000 + i);
+        }
+        pipe.query::<Vec<String>>(&mut conn).unwrap();
+    }
+    let port = free_port();
+    let extra = format!(
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\
+         [[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"0\"\nhandler = \"forward\"\n\
+         forward_to = \"nova:task:metrics:bulk-out\"\nbatch_size = 128\nin_flight = 1024\n"
+    );
+    let mut d = Daemon::running(&daemon_toml(&server.url(), &extra), &[]);
+    let labels = [&format!("stream=\"{IN}\"") as &str, "group=\"g\""];
+    let (mut most_read, mut most_window) = (0.0f64, 0.0f64);
+    wait_for("the backlog drained", Duration::from_secs(60), || {
+        let (_, text) = get(port, "/metrics");
+        most_read = most_read.max(sample(&text, "redstream_read_size", &labels));
+        most_window = most_window.max(sample(&text, "redstream_in_flight_window", &labels));
+        (server.pending(IN, "g") == 0 && server.xlen("nova:task:metrics:bulk-out") == 30_000)
+            .then_some(())
+    });
+    assert_eq!(most_read, 128.0, "the read size never reached batch_size");
+    assert!(
+        most_window > 64.0 && most_window <= 1024.0,
+        "window peaked at {most_window}"
+    );
+    wait_for("the pace settled", Duration::from_secs(20), || {
+        let (_, text) = get(port, "/metrics");
+        (sample(&text, "redstream_read_size", &labels) == 16.0
+            && sample(&text, "redstream_in_flight_window", &labels) == 64.0)
+            .then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
