@@ -855,19 +855,7 @@ fn reads(server: &RedisServer) -> u64 {
 #[test]
 fn default_reads_grow_with_a_backlog_and_lone_messages_still_go_at_once() {
     let server = RedisServer::start();
-    let mut conn = server.conn();
-    let mut ids: Vec<String> = Vec::new();
-    for chunk in 0..20 {
-        let mut pipe = redis::pipe();
-        for i in 0..1000 {
-            pipe.cmd("XADD")
-                .arg(IN)
-                .arg("*")
-                .arg("n")
-                .arg(chunk * 1000 + i);
-        }
-        ids.extend(pipe.query::<Vec<String>>(&mut conn).unwrap());
-    }
+    let mut ids = server.xadd_backlog(IN, 20_000);
     let toml = daemon_toml(&server.url(), &forward("g", &[]));
     assert!(!toml.contains("batch_size") && !toml.contains("in_flight"));
     let mut d = Daemon::running(&toml, &[]);

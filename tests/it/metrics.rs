@@ -249,18 +249,7 @@ fn verdicts_are_counted_promptly_even_while_reads_block() {
 fn the_pace_shows_in_the_read_size_and_window_gauges() {
     const IN: &str = "nova:task:metrics:bulk";
     let server = RedisServer::start();
-    let mut conn = server.conn();
-    for chunk in 0..30 {
-        let mut pipe = redis::pipe();
-        for i in 0..1000 {
-            pipe.cmd("XADD")
-                .arg(IN)
-                .arg("*")
-                .arg("n")
-                .arg(chunk * 1000 + i);
-        }
-        pipe.query::<Vec<String>>(&mut conn).unwrap();
-    }
+    server.xadd_backlog(IN, 30_000);
     let port = free_port();
     let extra = format!(
         "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\

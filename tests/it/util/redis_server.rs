@@ -150,6 +150,20 @@ impl RedisServer {
         cmd.query(&mut self.conn()).expect("XADD")
     }
 
+    /// A backlog: `n` entries `n = 0, 1, …` added in pipelines of 1,000; their ids in order.
+    pub fn xadd_backlog(&self, stream: &str, n: usize) -> Vec<String> {
+        let mut conn = self.conn();
+        let mut ids = Vec::with_capacity(n);
+        for start in (0..n).step_by(1000) {
+            let mut pipe = redis::pipe();
+            for i in start..n.min(start + 1000) {
+                pipe.cmd("XADD").arg(stream).arg("*").arg("n").arg(i);
+            }
+            ids.extend(pipe.query::<Vec<String>>(&mut conn).expect("XADD"));
+        }
+        ids
+    }
+
     pub fn xlen(&self, stream: &str) -> u64 {
         redis::cmd("XLEN")
             .arg(stream)
