@@ -13,6 +13,9 @@
 //!   entries long enough for another consumer to claim them while they wait — and at most
 //!   [`BUDGET`] bytes of entries of the size the reads have been bringing, so that wide or large
 //!   messages are not held by the thousand.
+//! - A read asks for at most [`READ_BUDGET`] bytes of such entries (never fewer than [`FLOOR`]):
+//!   500 entries of 4 KiB would make one 2 MiB reply for Redis to build and the daemon to hold;
+//!   128 of them drain as fast and hold a third of the memory (docs/performance.md).
 //!
 //! Plain arithmetic, no I/O: the loop reports reads and finished messages, and asks for sizes.
 
@@ -23,6 +26,9 @@ pub const FLOOR: usize = 16;
 
 /// About how many bytes of entries the window may hold.
 pub const BUDGET: usize = 64 << 20;
+
+/// About how many bytes of entries one read brings.
+pub const READ_BUDGET: usize = 512 << 10;
 
 /// How often the finishing rate is sampled.
 const SAMPLE: Duration = Duration::from_millis(250);
@@ -59,7 +65,10 @@ impl Pace {
 
     /// How many entries the next read asks for (before the room in the window bounds it).
     pub fn read(&self) -> usize {
-        self.read
+        match READ_BUDGET.checked_div(self.entry_bytes) {
+            Some(by_bytes) => self.read.min(by_bytes.max(FLOOR)),
+            None => self.read,
+        }
     }
 
     /// How many entries may be in flight now.
@@ -170,6 +179,25 @@ mod tests {
             p.read_returned(p.read(), p.read(), p.read() * 100);
         }
         assert_eq!(p.window(), 2000);
+    }
+
+    #[test]
+    fn wide_entries_hold_each_read_to_the_read_budget() {
+        let mut p = Pace::new(500, 2000, Duration::from_secs(60));
+        for _ in 0..10 {
+            p.read_returned(p.read(), p.read(), p.read() * 4096);
+        }
+        assert_eq!(p.read(), READ_BUDGET / 4096, "128 entries of 4 KiB a read");
+        // Entries past the budget alone: still the floor, not nothing.
+        for _ in 0..10 {
+            p.read_returned(p.read(), p.read(), p.read() << 20);
+        }
+        assert_eq!(p.read(), FLOOR);
+        // Small entries again: the read goes back to where the backlog had taken it.
+        for _ in 0..20 {
+            p.read_returned(p.read(), p.read(), p.read() * 200);
+        }
+        assert_eq!(p.read(), 500);
     }
 
     #[test]

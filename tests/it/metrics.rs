@@ -258,13 +258,8 @@ fn the_pace_shows_in_the_read_size_and_window_gauges() {
     );
     let mut d = Daemon::running(&daemon_toml(&server.url(), &extra), &[]);
     let labels = [&format!("stream=\"{IN}\"") as &str, "group=\"g\""];
-    let (mut most_read, mut most_window) = (0.0f64, 0.0f64);
-    wait_for("the backlog drained", Duration::from_secs(60), || {
-        let (_, text) = get(port, "/metrics");
-        most_read = most_read.max(sample(&text, "redstream_read_size", &labels));
-        most_window = most_window.max(sample(&text, "redstream_in_flight_window", &labels));
-        (server.pending(IN, "g") == 0 && server.xlen("nova:task:metrics:bulk-out") == 30_000)
-            .then_some(())
+    let (most_read, most_window) = peak_pace(port, &labels, || {
+        server.pending(IN, "g") == 0 && server.xlen("nova:task:metrics:bulk-out") == 30_000
     });
     assert_eq!(most_read, 128.0, "the read size never reached batch_size");
     assert!(
@@ -278,4 +273,42 @@ fn the_pace_shows_in_the_read_size_and_window_gauges() {
             .then_some(())
     });
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+/// Wide entries hold each read to about 512 KiB of them, whatever `batch_size` allows: 4 KiB entries
+/// under a backlog are read by at most 128, not 500.
+#[test]
+fn wide_entries_hold_the_read_size_to_the_read_budget() {
+    const IN: &str = "nova:task:metrics:wide";
+    let server = RedisServer::start();
+    server.xadd_wide_backlog(IN, 10_000, 4096);
+    let port = free_port();
+    let extra = format!(
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\
+         [[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"0\"\nhandler = \"forward\"\n\
+         forward_to = \"nova:task:metrics:wide-out\"\n"
+    );
+    let mut d = Daemon::running(&daemon_toml(&server.url(), &extra), &[]);
+    let labels = [&format!("stream=\"{IN}\"") as &str, "group=\"g\""];
+    let (most_read, _) = peak_pace(port, &labels, || {
+        server.pending(IN, "g") == 0 && server.xlen("nova:task:metrics:wide-out") == 10_000
+    });
+    assert!(
+        most_read > 16.0 && most_read <= 128.0,
+        "4 KiB entries were read {most_read} at a time (the backlog should grow the read, the read \
+         budget hold it to 128)"
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+/// The highest read size and window a group's gauges showed until `done` (within 60 s).
+fn peak_pace(port: u16, labels: &[&str], mut done: impl FnMut() -> bool) -> (f64, f64) {
+    let (mut most_read, mut most_window) = (0.0f64, 0.0f64);
+    wait_for("the backlog drained", Duration::from_secs(60), || {
+        let (_, text) = get(port, "/metrics");
+        most_read = most_read.max(sample(&text, "redstream_read_size", labels));
+        most_window = most_window.max(sample(&text, "redstream_in_flight_window", labels));
+        done().then_some(())
+    });
+    (most_read, most_window)
 }

@@ -152,12 +152,21 @@ impl RedisServer {
 
     /// A backlog: `n` entries `n = 0, 1, …` added in pipelines of 1,000; their ids in order.
     pub fn xadd_backlog(&self, stream: &str, n: usize) -> Vec<String> {
+        self.xadd_wide_backlog(stream, n, 0)
+    }
+
+    /// [`Self::xadd_backlog`] with a `pad` field of `pad` bytes in each entry.
+    pub fn xadd_wide_backlog(&self, stream: &str, n: usize, pad: usize) -> Vec<String> {
         let mut conn = self.conn();
         let mut ids = Vec::with_capacity(n);
+        let padding = "x".repeat(pad);
         for start in (0..n).step_by(1000) {
             let mut pipe = redis::pipe();
             for i in start..n.min(start + 1000) {
-                pipe.cmd("XADD").arg(stream).arg("*").arg("n").arg(i);
+                let cmd = pipe.cmd("XADD").arg(stream).arg("*").arg("n").arg(i);
+                if pad > 0 {
+                    cmd.arg("pad").arg(&padding);
+                }
             }
             ids.extend(pipe.query::<Vec<String>>(&mut conn).expect("XADD"));
         }
