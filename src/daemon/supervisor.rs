@@ -102,6 +102,8 @@ struct Daemon {
     /// until the daemon stops, also after its consumer was removed: its outbox may still hold replies.
     relayed: std::collections::HashSet<Arc<str>>,
     relays: JoinSet<()>,
+    /// The consumers the metrics poller polls: the config's, as of the last reload.
+    polled: tokio::sync::watch::Sender<Vec<ConsumerSettings>>,
 }
 
 /// How long a relay's delivery record outlives a crash between delivering and settling
@@ -168,6 +170,7 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         commands_tx.clone(),
         stop.clone(),
     ));
+    let (polled, polled_rx) = tokio::sync::watch::channel(settings.consumers.clone());
     let mut d = Daemon {
         settings,
         prepared,
@@ -183,6 +186,7 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         watch_tx,
         relayed: Default::default(),
         relays: JoinSet::new(),
+        polled,
     };
     d.rewatch();
     let consumers: Vec<(ConsumerSettings, Arc<Router>)> = d
@@ -220,7 +224,7 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     let pending = Arc::new(std::sync::atomic::AtomicU64::new(0));
     side.spawn(poll_streams(
         d.client.clone(),
-        d.settings.consumers.clone(),
+        polled_rx,
         d.settings.metrics_poll,
         pending.clone(),
         d.stop.clone(),
@@ -662,6 +666,7 @@ impl Daemon {
         };
         let file = self.settings.file.clone();
         self.settings = Settings { file, ..new };
+        self.polled.send_replace(self.settings.consumers.clone());
         self.rewatch();
     }
 
@@ -740,21 +745,51 @@ async fn supervise(consumer: Consumer, shutdown: Shutdown) {
 }
 
 /// Polls pending entries, lag and length of every consumed stream into the metrics (and the total
-/// pending count into `pending`, for the status line).
+/// pending count into `pending`, for the status line). Follows reloads: the series of a group or
+/// stream the config no longer consumes are removed, on every poll (the group's own loop may still be
+/// draining, and setting its pace gauges, when the reload lands).
 async fn poll_streams(
     client: Client,
-    consumers: Vec<ConsumerSettings>,
+    consumers: tokio::sync::watch::Receiver<Vec<ConsumerSettings>>,
     every: Duration,
     pending: Arc<std::sync::atomic::AtomicU64>,
     mut shutdown: Shutdown,
 ) {
     use crate::metrics::{GroupLabels, StreamLabels, global};
+    use std::collections::HashSet;
     let mut tick = tokio::time::interval(every);
+    let (mut seen_groups, mut seen_streams) = (HashSet::new(), HashSet::new());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.wait() => return,
         }
+        let consumers = consumers.borrow().clone();
+        let groups: HashSet<GroupLabels> = consumers
+            .iter()
+            .map(|c| GroupLabels {
+                stream: c.stream.to_string(),
+                group: c.group.clone(),
+            })
+            .collect();
+        let streams: HashSet<StreamLabels> = consumers
+            .iter()
+            .map(|c| StreamLabels {
+                stream: c.stream.to_string(),
+            })
+            .collect();
+        let m = global();
+        for gone in seen_groups.difference(&groups) {
+            m.pending.remove(gone);
+            m.lag.remove(gone);
+            m.read_size.remove(gone);
+            m.window.remove(gone);
+        }
+        for gone in seen_streams.difference(&streams) {
+            m.stream_length.remove(gone);
+        }
+        seen_groups.extend(groups);
+        seen_streams.extend(streams);
         let mut total = 0;
         for c in &consumers {
             let labels = GroupLabels {

@@ -312,3 +312,66 @@ fn peak_pace(port: u16, labels: &[&str], mut done: impl FnMut() -> bool) -> (f64
     });
     (most_read, most_window)
 }
+
+/// A reload that removes a group removes its series — pending, lag, pace and the stream's length —
+/// instead of leaving their last values to be scraped forever; the kept group's stay.
+#[test]
+fn a_reload_that_removes_a_group_removes_its_gauges() {
+    let server = RedisServer::start();
+    let port = free_port();
+    let head = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\npoll_interval = \"200ms\"\n");
+    let group = |s: &str| {
+        format!(
+            "[[consumers]]\nstream = \"nova:task:metrics:{s}\"\ngroup = \"g\"\nstart = \"0\"\n\
+             block = \"500ms\"\nhandler = \"forward\"\nforward_to = \"nova:task:metrics:{s}-out\"\n"
+        )
+    };
+    let both = daemon_toml(
+        &server.url(),
+        &[head.clone(), group("kept"), group("gone")].concat(),
+    );
+    let mut d = Daemon::running(&both, &[]);
+    server.xadd_backlog("nova:task:metrics:kept", 10);
+    server.xadd_backlog("nova:task:metrics:gone", 10);
+    let names = [
+        "redstream_pending_entries",
+        "redstream_group_lag",
+        "redstream_read_size",
+        "redstream_in_flight_window",
+        "redstream_stream_length",
+    ];
+    let shows = |text: &str, s: &str| {
+        let label = format!("stream=\"nova:task:metrics:{s}\"");
+        names
+            .iter()
+            .filter(|n| {
+                text.lines()
+                    .any(|l| l.starts_with(*n) && l.contains(&label))
+            })
+            .count()
+    };
+    wait_for("both groups' series", Duration::from_secs(20), || {
+        let (_, text) = get(port, "/metrics");
+        (shows(&text, "kept") == names.len() && shows(&text, "gone") == names.len()).then_some(())
+    });
+    std::fs::write(
+        d.config_path(),
+        daemon_toml(&server.url(), &[head, group("kept")].concat()),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        d.wait_log("reloaded the config", Duration::from_secs(20)),
+        "{:?}",
+        d.logs()
+    );
+    wait_for(
+        "the removed group's series gone",
+        Duration::from_secs(20),
+        || {
+            let (_, text) = get(port, "/metrics");
+            (shows(&text, "gone") == 0 && shows(&text, "kept") == names.len()).then_some(())
+        },
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
