@@ -35,6 +35,9 @@ pub struct GroupRow {
     pub consumers: Vec<ConsumerInfo>,
     pub pending: u64,
     pub lag: Option<u64>,
+    /// Why the group could not be read (the key is of another type, the ACL refuses XINFO, …); None
+    /// when it was read or simply does not exist yet.
+    pub error: Option<String>,
     /// Over the last minute, from the heartbeats of every daemon running this group; None without two
     /// heartbeats a while apart.
     pub per_minute: Option<Rates>,
@@ -191,11 +194,15 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
     }
     let mut groups = Vec::new();
     for c in &settings.consumers {
-        let info = client
-            .groups(&c.stream)
-            .await
-            .ok()
-            .and_then(|gs| gs.into_iter().find(|g| g.name == c.group));
+        // A stream not created yet has no groups; any other error is the operator's to see, not a
+        // group that "does not exist".
+        let (info, error) = match client.groups(&c.stream).await {
+            Ok(gs) => (gs.into_iter().find(|g| g.name == c.group), None),
+            Err(e) if no_such_key(&e) => (None, None),
+            // Redis's own words for its refusals (the row names the stream and group).
+            Err(crate::client::Error::Redis { source, .. }) => (None, Some(source.to_string())),
+            Err(e) => (None, Some(e.to_string())),
+        };
         let consumers = match &info {
             Some(_) => client.consumers(&c.stream, &c.group).await?,
             None => Vec::new(),
@@ -207,6 +214,7 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
             consumers,
             pending: info.as_ref().map_or(0, |g| g.pending),
             lag: info.as_ref().and_then(|g| g.lag),
+            error,
             per_minute: rates.get(&(c.stream.to_string(), c.group.clone())).copied(),
         });
     }
@@ -231,6 +239,11 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
         handlers: handlers.into_values().collect(),
         daemons,
     })
+}
+
+/// XINFO's answer for a key that is not there.
+fn no_such_key(e: &crate::client::Error) -> bool {
+    matches!(e, crate::client::Error::Redis { source, .. } if source.to_string().contains("no such key"))
 }
 
 /// `s` cut to `width` characters (the last one an ellipsis when cut).
@@ -272,6 +285,11 @@ pub fn render(r: &Report) -> String {
     ));
     for g in &r.groups {
         let name = fit(&format!("{} / {}", g.stream, g.group), 46);
+        if let Some(e) = &g.error {
+            out.push_str(&fit(&format!("{name:<46} cannot read: {e}"), 100));
+            out.push('\n');
+            continue;
+        }
         if !g.exists {
             out.push_str(&format!("{name:<46} (no such group yet)\n"));
             continue;
@@ -345,6 +363,7 @@ mod tests {
                 consumers: vec![],
                 pending: 12_345_678,
                 lag: Some(99_999_999),
+                error: None,
                 per_minute: Some(Rates {
                     processed: 123_456_789.0,
                     retried: 1.0,

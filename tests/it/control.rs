@@ -462,6 +462,58 @@ fn group<'a>(report: &'a serde_json::Value, stream: &str) -> &'a serde_json::Val
         .unwrap_or_else(|| panic!("no group for {stream} in {report}"))
 }
 
+/// A group `status` cannot read is shown with Redis's reason, not as a group that does not exist yet;
+/// a stream not created yet still reads as "no such group yet".
+#[test]
+fn status_names_why_a_group_cannot_be_read() {
+    let server = RedisServer::start();
+    let _: () = redis::cmd("SET")
+        .arg("nova:task:status:text")
+        .arg("x")
+        .query(&mut server.conn())
+        .unwrap();
+    let consumers = "[[consumers]]\nstream = \"nova:task:status:text\"\ngroup = \"g\"\n\
+        handler = \"forward\"\nforward_to = \"nova:task:status:out\"\n\
+        [[consumers]]\nstream = \"nova:task:status:later\"\ngroup = \"g\"\n\
+        handler = \"forward\"\nforward_to = \"nova:task:status:out\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("redstream.toml");
+    std::fs::write(&config, daemon_toml(&server.url(), consumers)).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&status(&config, true)).unwrap();
+    let text = group(&r, "nova:task:status:text");
+    assert_eq!(text["exists"], false, "{r}");
+    assert!(
+        text["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("WRONGTYPE"),
+        "{r}"
+    );
+    let later = group(&r, "nova:task:status:later");
+    assert_eq!(
+        (&later["exists"], &later["error"]),
+        (&false.into(), &serde_json::Value::Null),
+        "{r}"
+    );
+    let screen = status(&config, false);
+    assert!(
+        screen.contains("nova:task:status:text / g")
+            && screen.contains("cannot read: ")
+            && screen.contains("WRONGTYPE"),
+        "{screen}"
+    );
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.starts_with("nova:task:status:later / g")
+                && l.contains("(no such group yet)")),
+        "{screen}"
+    );
+    for line in screen.lines() {
+        assert!(line.chars().count() <= 100, "too wide: {line}");
+    }
+}
+
 #[test]
 fn status_shows_groups_rates_handlers_and_every_daemon_seen() {
     let server = RedisServer::start();
