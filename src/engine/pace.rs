@@ -15,7 +15,8 @@
 //!   messages are not held by the thousand.
 //! - A read asks for at most [`READ_BUDGET`] bytes of such entries (never fewer than [`FLOOR`]):
 //!   500 entries of 4 KiB would make one 2 MiB reply for Redis to build and the daemon to hold;
-//!   128 of them drain as fast and hold a third of the memory (docs/performance.md).
+//!   128 of them drain as fast (within the benchmark's noise) with about half the daemon's memory
+//!   (docs/performance.md).
 //!
 //! Plain arithmetic, no I/O: the loop reports reads and finished messages, and asks for sizes.
 
