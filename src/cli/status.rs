@@ -243,7 +243,7 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
 
 /// XINFO's answer for a key that is not there.
 fn no_such_key(e: &crate::client::Error) -> bool {
-    matches!(e, crate::client::Error::Redis { source, .. } if source.to_string().contains("no such key"))
+    matches!(e, crate::client::Error::Redis { source, .. } if source.detail() == Some("no such key"))
 }
 
 /// `s` cut to `width` characters (the last one an ellipsis when cut).

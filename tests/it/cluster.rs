@@ -589,11 +589,7 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
         assert_eq!(server.pending(&box_, outbox::GROUP), 1, "still pending");
 
         // An entry a target refuses (a key of another type) stays pending; the others go on.
-        let _: () = redis::cmd("SET")
-            .arg("nova:task:{bad}:out")
-            .arg("x")
-            .query(&mut server.conn())
-            .unwrap();
+        server.set_string("nova:task:{bad}:out");
         server.xadd(
             &box_,
             &[(outbox::TARGET, "nova:task:{bad}:out"), ("n", "w")],

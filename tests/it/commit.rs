@@ -91,11 +91,7 @@ fn only_the_culprit_is_dead_lettered(
 #[test]
 fn a_reply_to_a_key_of_another_type_dead_letters_that_message_and_commits_the_rest() {
     let server = RedisServer::start();
-    let _: () = redis::cmd("SET")
-        .arg("nova:task:cache:data")
-        .arg("x")
-        .query(&mut server.conn())
-        .unwrap();
+    server.set_string("nova:task:cache:data");
     // 50 messages in one batch; the 25th asks the echo handler to reply to the string key.
     let (ids, poison) =
         fifty_with_one_poison(&server, 24, &[("_reply_to", "nova:task:cache:data")]);

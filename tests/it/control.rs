@@ -467,11 +467,7 @@ fn group<'a>(report: &'a serde_json::Value, stream: &str) -> &'a serde_json::Val
 #[test]
 fn status_names_why_a_group_cannot_be_read() {
     let server = RedisServer::start();
-    let _: () = redis::cmd("SET")
-        .arg("nova:task:status:text")
-        .arg("x")
-        .query(&mut server.conn())
-        .unwrap();
+    server.set_string("nova:task:status:text");
     let consumers = "[[consumers]]\nstream = \"nova:task:status:text\"\ngroup = \"g\"\n\
         handler = \"forward\"\nforward_to = \"nova:task:status:out\"\n\
         [[consumers]]\nstream = \"nova:task:status:later\"\ngroup = \"g\"\n\
@@ -518,11 +514,7 @@ fn status_names_why_a_group_cannot_be_read() {
 fn status_shows_groups_rates_handlers_and_every_daemon_seen() {
     let server = RedisServer::start();
     // A key of another type: every forward there is dead-lettered at once.
-    let _: () = redis::cmd("SET")
-        .arg("nova:task:status:bad")
-        .arg("x")
-        .query(&mut server.conn())
-        .unwrap();
+    server.set_string("nova:task:status:bad");
     let consumers = "[heartbeat]\ninterval = \"200ms\"\nmax_len = 200\n\
         [[consumers]]\nstream = \"nova:task:status:in\"\ngroup = \"g\"\nstart = \"0\"\n\
         handler = \"forward\"\nforward_to = \"nova:task:status:out\"\n\

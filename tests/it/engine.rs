@@ -709,11 +709,7 @@ fn effectively_once_under_repeated_sigkill() {
     // Among them, poison of every kind a commit meets: a reply aimed at a key of another type, an
     // entry with more fields than [limits] allows, and one with more bytes. Each must reach the
     // dead-letter stream exactly once.
-    let _: () = redis::cmd("SET")
-        .arg("nova:task:cache:data")
-        .arg("x")
-        .query(&mut server.conn())
-        .unwrap();
+    server.set_string("nova:task:cache:data");
     let all: Vec<String> = {
         let mut conn = server.conn();
         let mut pipe = redis::pipe();

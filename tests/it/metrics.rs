@@ -251,21 +251,19 @@ fn the_pace_shows_in_the_read_size_and_window_gauges() {
     let server = RedisServer::start();
     server.xadd_backlog(IN, 30_000);
     let port = free_port();
-    let extra = format!(
-        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\
-         [[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"0\"\nhandler = \"forward\"\n\
-         forward_to = \"nova:task:metrics:bulk-out\"\nbatch_size = 128\nin_flight = 1024\n"
+    let (mut d, most_read, most_window) = drain_watching_pace(
+        &server,
+        IN,
+        30_000,
+        port,
+        "batch_size = 128\nin_flight = 1024\n",
     );
-    let mut d = Daemon::running(&daemon_toml(&server.url(), &extra), &[]);
-    let labels = [&format!("stream=\"{IN}\"") as &str, "group=\"g\""];
-    let (most_read, most_window) = peak_pace(port, &labels, || {
-        server.pending(IN, "g") == 0 && server.xlen("nova:task:metrics:bulk-out") == 30_000
-    });
     assert_eq!(most_read, 128.0, "the read size never reached batch_size");
     assert!(
         most_window > 64.0 && most_window <= 1024.0,
         "window peaked at {most_window}"
     );
+    let labels = [&format!("stream=\"{IN}\"") as &str, "group=\"g\""];
     wait_for("the pace settled", Duration::from_secs(20), || {
         let (_, text) = get(port, "/metrics");
         (sample(&text, "redstream_read_size", &labels) == 16.0
@@ -282,17 +280,7 @@ fn wide_entries_hold_the_read_size_to_the_read_budget() {
     const IN: &str = "nova:task:metrics:wide";
     let server = RedisServer::start();
     server.xadd_wide_backlog(IN, 10_000, 4096);
-    let port = free_port();
-    let extra = format!(
-        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\
-         [[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"0\"\nhandler = \"forward\"\n\
-         forward_to = \"nova:task:metrics:wide-out\"\n"
-    );
-    let mut d = Daemon::running(&daemon_toml(&server.url(), &extra), &[]);
-    let labels = [&format!("stream=\"{IN}\"") as &str, "group=\"g\""];
-    let (most_read, _) = peak_pace(port, &labels, || {
-        server.pending(IN, "g") == 0 && server.xlen("nova:task:metrics:wide-out") == 10_000
-    });
+    let (mut d, most_read, _) = drain_watching_pace(&server, IN, 10_000, free_port(), "");
     assert!(
         most_read > 16.0 && most_read <= 128.0,
         "4 KiB entries were read {most_read} at a time (the backlog should grow the read, the read \
@@ -301,16 +289,32 @@ fn wide_entries_hold_the_read_size_to_the_read_budget() {
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
 
-/// The highest read size and window a group's gauges showed until `done` (within 60 s).
-fn peak_pace(port: u16, labels: &[&str], mut done: impl FnMut() -> bool) -> (f64, f64) {
+/// Runs a daemon forwarding `stream` (holding a backlog of `n` entries) to `{stream}-out` in group
+/// `g`, `tuning` added to its consumer and metrics served on `port`; returns it once the backlog is
+/// drained (within 60 s), with the highest read size and window its gauges showed meanwhile.
+fn drain_watching_pace(
+    server: &RedisServer,
+    stream: &str,
+    n: u64,
+    port: u16,
+    tuning: &str,
+) -> (Daemon, f64, f64) {
+    let out = format!("{stream}-out");
+    let extra = format!(
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\
+         [[consumers]]\nstream = \"{stream}\"\ngroup = \"g\"\nstart = \"0\"\nhandler = \"forward\"\n\
+         forward_to = \"{out}\"\n{tuning}"
+    );
+    let d = Daemon::running(&daemon_toml(&server.url(), &extra), &[]);
+    let labels = [&format!("stream=\"{stream}\"") as &str, "group=\"g\""];
     let (mut most_read, mut most_window) = (0.0f64, 0.0f64);
     wait_for("the backlog drained", Duration::from_secs(60), || {
         let (_, text) = get(port, "/metrics");
-        most_read = most_read.max(sample(&text, "redstream_read_size", labels));
-        most_window = most_window.max(sample(&text, "redstream_in_flight_window", labels));
-        done().then_some(())
+        most_read = most_read.max(sample(&text, "redstream_read_size", &labels));
+        most_window = most_window.max(sample(&text, "redstream_in_flight_window", &labels));
+        (server.pending(stream, "g") == 0 && server.xlen(&out) == n).then_some(())
     });
-    (most_read, most_window)
+    (d, most_read, most_window)
 }
 
 /// A reload that removes a group removes its series — pending, lag, pace and the stream's length —

@@ -173,6 +173,15 @@ impl RedisServer {
         ids
     }
 
+    /// Puts a string at `key`: a key of another type where a stream is expected.
+    pub fn set_string(&self, key: &str) {
+        redis::cmd("SET")
+            .arg(key)
+            .arg("x")
+            .query::<()>(&mut self.conn())
+            .expect("SET");
+    }
+
     pub fn xlen(&self, stream: &str) -> u64 {
         redis::cmd("XLEN")
             .arg(stream)
