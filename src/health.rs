@@ -20,6 +20,10 @@ pub struct Liveness {
     /// Whether `degraded` holds a reason: [`Liveness::recover`] runs after every commit, and must not
     /// take the lock when there is nothing to clear.
     is_degraded: AtomicBool,
+    /// A refusal that outlasts Redis coming back (a dead-letter stream that refuses): set by
+    /// [`Liveness::refused`], cleared only by [`Liveness::accepted`], not by `recover`.
+    refusal: Mutex<Option<String>>,
+    is_refused: AtomicBool,
 }
 
 impl Liveness {
@@ -44,6 +48,23 @@ impl Liveness {
             .take();
     }
 
+    /// Something the loop needs refuses it and will until someone fixes it: says why, until
+    /// [`Liveness::accepted`] — whatever else recovers meanwhile.
+    pub fn refused(&self, reason: String) {
+        *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.is_refused.store(true, Ordering::Release);
+    }
+
+    /// What [`Liveness::refused`] reported works again.
+    pub fn accepted(&self) {
+        if self.is_refused.swap(false, Ordering::AcqRel) {
+            self.refusal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+        }
+    }
+
     fn is_healthy(&self, now: Instant) -> bool {
         self.until_ms.load(Ordering::Relaxed) > millis(now)
     }
@@ -65,6 +86,8 @@ impl Health {
             until_ms: AtomicU64::new(millis(Instant::now() + grace)),
             degraded: Mutex::new(None),
             is_degraded: AtomicBool::new(false),
+            refusal: Mutex::new(None),
+            is_refused: AtomicBool::new(false),
         });
         self.loops
             .lock()
@@ -106,6 +129,9 @@ impl Health {
             if !l.is_healthy(now) {
                 out.push(format!("loop {} is not making progress", l.name));
             } else if let Some(why) = &*l.degraded.lock().unwrap_or_else(|p| p.into_inner()) {
+                out.push(format!("{}: {why}", l.name));
+            }
+            if let Some(why) = &*l.refusal.lock().unwrap_or_else(|p| p.into_inner()) {
                 out.push(format!("{}: {why}", l.name));
             }
         }
@@ -175,6 +201,15 @@ mod tests {
             "a degraded loop still feeds the watchdog"
         );
         b.recover();
+        assert!(h.degraded().is_empty());
+        b.refused("the dead-letter stream refuses".into());
+        b.recover();
+        assert_eq!(
+            h.degraded(),
+            ["b: the dead-letter stream refuses"],
+            "a refusal outlasts Redis recovering"
+        );
+        b.accepted();
         assert!(h.degraded().is_empty());
     }
 }

@@ -79,9 +79,13 @@ pub struct Metrics {
     pub publish_denied: Family<HandlerLabels, Counter>,
     /// Times a loop got Redis back after losing it.
     pub reconnects: Counter,
+    /// Times a loop found its stream gone or made anew, by stream: Redis lost data it had.
+    pub data_loss: Family<StreamLabels, Counter>,
     pub handler_peak_memory: Family<HandlerLabels, Gauge>,
     /// 1 while the daemon is degraded (heartbeat `status`), else 0.
     pub degraded: Gauge,
+    /// 1 while a reloaded config holds settings only a restart applies (`[redis]`, `[identity]`).
+    pub restart_needed: Gauge,
     /// Outbox entries a relay handled (Redis Cluster), by source stream and outcome: delivered,
     /// repeated (delivered before a crash or claim; not written again), refused (left pending).
     pub relayed: Family<RelayLabels, Counter>,
@@ -176,8 +180,10 @@ impl Metrics {
             dead_lettered: Family::default(),
             publish_denied: Family::default(),
             reconnects: Counter::default(),
+            data_loss: Family::default(),
             handler_peak_memory: Family::default(),
             degraded: Gauge::default(),
+            restart_needed: Gauge::default(),
             relayed: Family::default(),
             handler_quantiles: RwLock::default(),
             registry: Registry::default(),
@@ -239,6 +245,11 @@ impl Metrics {
             m.reconnects.clone(),
         );
         registry.register(
+            "redis_data_loss",
+            "Times a consumer loop found its stream gone or made anew (Redis lost its data), by stream",
+            m.data_loss.clone(),
+        );
+        registry.register(
             "handler_peak_memory_bytes",
             "The most linear memory a handler instance asked for",
             m.handler_peak_memory.clone(),
@@ -247,6 +258,11 @@ impl Metrics {
             "degraded",
             "1 while the daemon is degraded (failing commits, Redis trouble, a lapsing token, a stuck loop)",
             m.degraded.clone(),
+        );
+        registry.register(
+            "restart_needed",
+            "1 while the config file holds [redis] or [identity] settings the running daemon does not (applied at the next restart)",
+            m.restart_needed.clone(),
         );
         registry.register(
             "relayed",
@@ -472,6 +488,9 @@ mod tests {
         m.dead_lettered.get_or_create(&group).inc();
         m.publish_denied.get_or_create(&handler).inc();
         m.reconnects.inc();
+        m.data_loss
+            .get_or_create(&StreamLabels { stream: "s".into() })
+            .inc();
         m.handler_peak_memory.get_or_create(&handler).set(1);
         m.degraded.set(0);
         m.relayed

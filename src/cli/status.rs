@@ -198,7 +198,7 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
         // group that "does not exist".
         let (info, error) = match client.groups(&c.stream).await {
             Ok(gs) => (gs.into_iter().find(|g| g.name == c.group), None),
-            Err(e) if no_such_key(&e) => (None, None),
+            Err(e) if e.is_missing_key() => (None, None),
             // Redis's own words for its refusals (the row names the stream and group).
             Err(crate::client::Error::Redis { source, .. }) => (None, Some(source.to_string())),
             Err(e) => (None, Some(e.to_string())),
@@ -239,11 +239,6 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
         handlers: handlers.into_values().collect(),
         daemons,
     })
-}
-
-/// XINFO's answer for a key that is not there.
-fn no_such_key(e: &crate::client::Error) -> bool {
-    matches!(e, crate::client::Error::Redis { source, .. } if source.detail() == Some("no such key"))
 }
 
 /// `s` cut to `width` characters (the last one an ellipsis when cut).

@@ -22,8 +22,9 @@ use crate::model::message::{Message, Once, Reply};
 pub const MAX_WRITE_VALUES: usize = 7900;
 
 /// The most arguments the script adds around one write's values: XADD's key and id and the
-/// envelope pairs it writes itself (`_outbox_target`, `_timestamp`, `_source`, `_trace_id`, `_cause`).
-const WRITE_OVERHEAD: usize = 12;
+/// envelope pairs it writes itself (`_outbox_target`, `_outbox_reply`, `_timestamp`, `_source`,
+/// `_trace_id`, `_cause`).
+const WRITE_OVERHEAD: usize = 14;
 
 // The widest entry or reply `[limits]` allows, with the envelope or the dead-letter record (at most 10
 // pairs) and what the script adds, is one write.
@@ -32,6 +33,8 @@ const _: () =
 
 /// The first field of an outbox entry: the stream its entry goes to ([`super::outbox`]).
 pub const OUTBOX_TARGET: &str = "_outbox_target";
+/// The second field of an outbox reply: its index among its message's replies ([`super::outbox`]).
+pub const OUTBOX_REPLY: &str = "_outbox_reply";
 
 /// The outbox of writes committed from `source` to streams in other cluster slots: a stream in
 /// `source`'s slot, emptied by the relay ([`super::outbox`]).
@@ -114,8 +117,9 @@ pub enum Committed {
 /// parses numbers from text: per message its write count, then per write the key index, the number
 /// of values it takes from ARGV, and one byte for its kind: 1 a reply (its `_trace_id` value, then
 /// its own field pairs; the script writes `_timestamp`, `_source`, `_trace_id` and `_cause` =
-/// `<source stream>/<id>` first), 3 a reply to the outbox (the same after the target's name, written
-/// as `_outbox_target`), 0 an entry complete as given (dead letters), 2 a signed message's use
+/// `<source stream>/<id>` first), 3 a reply to the outbox (the same after the target's name and the
+/// reply's index among the message's replies, written as `_outbox_target` and `_outbox_reply`: the
+/// relay's dedupe names the effect by cause and index), 0 an entry complete as given (dead letters), 2 a signed message's use
 /// marker (the owning entry and the expiry: SET NX PXAT; always the message's first write). What the
 /// batch shares — the envelope's time and source, the cause's prefix — travels once.
 ///
@@ -150,7 +154,7 @@ local byte, find, unpack = string.byte, string.find, unpack
 local cause = src .. '/'
 -- Lua's unpack stops near 8,000 values: one XADD must stay below it, with the script's own
 -- arguments around a write's values (key, id, envelope: at most OVERHEAD).
-local MAX_VALUES, OVERHEAD = 7900, 12
+local MAX_VALUES, OVERHEAD = 7900, 14
 -- Errors about the server, not about one key: the batch stops writing and is retried later.
 local function global(err)
   for _, code in ipairs({'OOM', 'MISCONF', 'READONLY', 'NOREPLICAS', 'BUSY', 'LOADING', 'MASTERDOWN'}) do
@@ -253,8 +257,9 @@ for m = 1, n do
         r = redis.pcall('XADD', key, '*', '_timestamp', ts, '_source', source, '_trace_id', ARGV[a],
           '_cause', cause .. id, unpack(ARGV, a + 1, last))
       elseif kind == 3 then
-        r = redis.pcall('XADD', key, '*', '_outbox_target', ARGV[a], '_timestamp', ts, '_source', source,
-          '_trace_id', ARGV[a + 1], '_cause', cause .. id, unpack(ARGV, a + 2, last))
+        r = redis.pcall('XADD', key, '*', '_outbox_target', ARGV[a], '_outbox_reply', ARGV[a + 1],
+          '_timestamp', ts, '_source', source, '_trace_id', ARGV[a + 2], '_cause', cause .. id,
+          unpack(ARGV, a + 3, last))
       elseif kind == 2 then
         r = redis.pcall('SET', key, ARGV[a], 'NX', 'PXAT', ARGV[a + 1])
       else
@@ -399,7 +404,8 @@ impl Committer {
             let put_reply = |layout: &mut Vec<u8>, r: &Reply| {
                 let (key, via) = self.place(&r.stream);
                 put(layout, index(key));
-                put(layout, reply_values(r) + usize::from(via));
+                // Through the outbox: the target's name and the reply's index come first.
+                put(layout, reply_values(r) + 2 * usize::from(via));
                 layout.push(if via { 3 } else { 1 });
             };
             let put_dead_letter = |layout: &mut Vec<u8>, fields: &Fields| {
@@ -451,9 +457,9 @@ impl Committer {
             }
             match &f.effect {
                 Effect::Replies(replies) => {
-                    for r in replies {
+                    for (i, r) in replies.iter().enumerate() {
                         if self.place(&r.stream).1 {
-                            cmd.arg(&r.stream);
+                            cmd.arg(&r.stream).arg(i);
                         }
                         self.reply_args(&mut cmd, &f.msg, r);
                     }
@@ -693,6 +699,7 @@ mod tests {
     fn the_script_writes_the_envelope_under_the_hosts_names() {
         for name in [
             OUTBOX_TARGET,
+            OUTBOX_REPLY,
             envelope::TIMESTAMP,
             envelope::SOURCE,
             envelope::TRACE_ID,

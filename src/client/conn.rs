@@ -49,6 +49,57 @@ pub struct RedisSettings {
     pub reconnect_attempts: usize,
 }
 
+impl RedisSettings {
+    /// The `redis.*` keys whose values differ in `other`: what a reload cannot apply to a running
+    /// daemon (its connections were made with these), named for "restart needed".
+    pub fn differing_keys(&self, other: &RedisSettings) -> Vec<&'static str> {
+        let RedisSettings {
+            url,
+            cluster,
+            username,
+            password,
+            tls,
+            connect_timeout,
+            command_timeout,
+            reconnect_min_delay,
+            reconnect_max_delay,
+            reconnect_attempts,
+        } = self;
+        let pairs = [
+            ("redis.url", url != &other.url),
+            ("redis.cluster", cluster != &other.cluster),
+            ("redis.username", username != &other.username),
+            ("redis.password", password != &other.password),
+            ("redis.tls", tls != &other.tls),
+            (
+                "redis.connect_timeout",
+                connect_timeout != &other.connect_timeout,
+            ),
+            (
+                "redis.command_timeout",
+                command_timeout != &other.command_timeout,
+            ),
+            (
+                "redis.reconnect_min_delay",
+                reconnect_min_delay != &other.reconnect_min_delay,
+            ),
+            (
+                "redis.reconnect_max_delay",
+                reconnect_max_delay != &other.reconnect_max_delay,
+            ),
+            (
+                "redis.reconnect_attempts",
+                reconnect_attempts != &other.reconnect_attempts,
+            ),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(_, d)| *d)
+            .map(|(k, _)| k)
+            .collect()
+    }
+}
+
 impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
@@ -563,6 +614,33 @@ impl Redis {
         }
     }
 
+    /// Runs `pipe` on the master that serves `key`'s slot — on a cluster, over the node connection
+    /// that commands keyed by `key` use (so WAIT there covers them). The crate sends a routed command
+    /// to some other node when it has no connection to the one asked for: a caller whose answer
+    /// depends on the node checks which one answered (CLUSTER MYID first in the pipeline). On one
+    /// node, there.
+    pub async fn query_pipe_at_master_of(
+        &self,
+        key: &str,
+        pipe: Pipeline,
+        ctx: Ctx<'_>,
+    ) -> Result<Vec<Value>> {
+        use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+        match &self.link {
+            Link::Single(_) => self.query_pipe(&pipe, ctx).await,
+            Link::Cluster(c) => {
+                let mut conn = c.clone();
+                let count = pipe.len();
+                let route = Route::new(super::slot::of(key), SlotAddr::Master);
+                let routing = SingleNodeRoutingInfo::SpecificNode(route);
+                self.timed(ctx, async move {
+                    conn.route_pipeline(pipe, 0, count, routing).await
+                })
+                .await
+            }
+        }
+    }
+
     /// Awaits one round trip with the outer time bound, records its latency, classifies its error.
     async fn timed<T>(
         &self,
@@ -603,6 +681,18 @@ impl Redis {
                 addr: self.shared.addr.clone(),
                 user: self.shared.user.clone(),
                 detail: e.to_string(),
+            };
+        }
+        // Redis at `maxclients` answers a new connection with this error and closes it: the server is
+        // full for now, as a refused connection would say — wait and try again.
+        if e.code() == Some("ERR")
+            && e.detail()
+                .is_some_and(|d| d.starts_with("max number of clients reached"))
+        {
+            return Error::Connection {
+                addr: self.shared.addr.clone(),
+                command: ctx.command,
+                source: e,
             };
         }
         match e.code() {

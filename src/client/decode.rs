@@ -25,6 +25,10 @@ pub struct Entries {
     /// Delivery counts by id, where the reply carries them (a re-read of this consumer's pending
     /// entries, [`super::recover`]); empty for a read of new entries, which are all first deliveries.
     pub deliveries: HashMap<String, u64>,
+    /// A claim's reply only ([`super::recover::CLAIM`]): where its scan goes on (`0-0` when it reached
+    /// the end), and the ids Redis dropped from the PEL because their entries were deleted.
+    pub next: Option<String>,
+    pub dropped: Vec<String>,
 }
 
 impl Entries {
@@ -124,6 +128,15 @@ pub fn read_one_stream(value: Value) -> Result<Entries, String> {
                             return Err(format!("delivery count of {id} is not a number"));
                         };
                         out.deliveries.insert(id, n.max(0) as u64);
+                    }
+                }
+                if let Some(next) = parts.next() {
+                    out.next = Some(string(next).ok_or("claim cursor is not a string")?);
+                    if let Some(Value::Array(dropped)) = parts.next() {
+                        for id in dropped {
+                            out.dropped
+                                .push(string(id).ok_or("dropped id is not a string")?);
+                        }
                     }
                 }
                 Ok(out)

@@ -168,6 +168,11 @@ impl Error {
 }
 
 impl Error {
+    /// Redis's answer to XINFO (and other commands that need it) for a key that does not exist.
+    pub fn is_missing_key(&self) -> bool {
+        matches!(self, Error::Redis { source, .. } if source.detail() == Some("no such key"))
+    }
+
     /// Errors about this connection's rights, which no retry and no other batch can fix: the loop
     /// stops and says so.
     pub fn is_permanent(&self) -> bool {

@@ -48,6 +48,11 @@ pub struct StreamInfo {
     pub first_id: Option<String>,
     pub last_id: Option<String>,
     pub last_generated_id: String,
+    /// Entries ever added to this key, and the largest id deleted or trimmed from it (Redis 7.0+;
+    /// None before). A key whose count of entries ever added equals its length, and which never lost
+    /// one, holds every entry it ever had.
+    pub entries_added: Option<u64>,
+    pub max_deleted_id: Option<String>,
 }
 
 /// One XINFO GROUPS row.

@@ -10,6 +10,7 @@
 //! - [`reader`]: a consumer's group reads on a connection of its own.
 //! - [`recover`]: the script re-reading a consumer's own pending entries without counting a delivery.
 //! - [`wire`]: the plain RESP connection that group reads use without TLS, decoded straight into entries.
+//! - [`restore`]: where a group Redis no longer has starts again, and whether Redis lost data.
 //! - [`retention`]: trimming that spares what groups still need, computed inside Redis.
 //! - [`commit`]: the commit script — replies and the ack in one atomic step.
 //! - [`slot`]: Redis Cluster hash slots: which keys share a slot, which master owns one.
@@ -26,6 +27,7 @@ pub mod info;
 pub mod outbox;
 pub mod reader;
 pub mod recover;
+pub mod restore;
 pub mod retention;
 pub mod slot;
 pub(crate) mod wire;
@@ -35,3 +37,4 @@ pub use conn::{RedisSettings, TlsFiles, redact_url, wait_ready};
 pub use error::{Error, Result};
 pub use info::{AutoClaimed, ConsumerInfo, GroupInfo, PendingEntry, PendingSummary, StreamInfo};
 pub use reader::{GroupReader, ReadFrom, Round};
+pub use restore::{Lost, Restored};

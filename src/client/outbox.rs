@@ -3,20 +3,28 @@
 //! Owns the path that keeps a reply effectively-once when its stream lives in another slot than its
 //! source (docs/design.md, "Redis Cluster"). The commit script can only touch keys of the source's
 //! slot, so such a reply is written, atomically with the ack, to the source's *outbox* — a stream in
-//! the source's slot ([`outbox_of`]) — as `_outbox_target <stream>` followed by the reply's fields.
-//! A relay ([`crate::engine::relay`]) reads the outbox as group [`GROUP`] and moves each entry on in
-//! three steps, each safe to repeat:
+//! the source's slot ([`outbox_of`]) — as `_outbox_target <stream>`, `_outbox_reply <index>` followed
+//! by the reply's fields. A relay ([`crate::engine::relay`]) reads the outbox as group [`GROUP`] and
+//! moves each entry on in three steps, each safe to repeat:
 //! 1. [`DELIVER`], on the target's node: unless the target's *seen* set ([`seen_of`], in the target's
-//!    slot) records this outbox entry, XADD the reply and record it — one script, so a reply and its
-//!    record exist together or not at all;
-//! 2. [`SETTLE`], on the outbox's node: XACK and XDEL the entries that are still pending for this
-//!    relay consumer — an entry claimed away meanwhile is left to its new owner;
-//! 3. ZREM of the settled entries' records from the seen sets: nothing can deliver them again.
+//!    slot) records this effect, XADD the reply and record it — one script, so a reply and its record
+//!    exist together or not at all. The record names the effect, not the outbox entry: `<cause>#<index>`
+//!    (the source entry and the reply's place among its replies; a dead letter by its `_dlq_source`).
+//!    A message that runs again because its commit was lost with its master (a failover that lost
+//!    writes) makes a new outbox entry for the same effect, and the record stops it;
+//! 2. WAIT, on the target's node, when the cluster knows replicas of it: the delivery (and its record)
+//!    must be on a replica before anything is settled — a master killed before its replica got them
+//!    would take them along, and a settled entry would never be delivered again. Not on a replica yet:
+//!    the entry stays pending, and the next pass (a claim after `claim_min_idle`) delivers it again
+//!    (the record makes that write nothing while the master lives, and writes it anew on a promoted
+//!    replica that never got it);
+//! 3. [`SETTLE`], on the outbox's node: XACK and XDEL the entries that are still pending for this
+//!    relay consumer — an entry claimed away meanwhile is left to its new owner.
 //!
-//! A crash after 1 leaves the entry pending with its record: whoever claims it finds the record,
-//! writes nothing, and settles it. A crash after 2 leaves a record nobody needs, removed after
-//! `keep` by the next delivery to that target. Only a relay entry left pending longer than `keep` after
-//! its delivery (every daemon of the group down that long, mid-relay) could be delivered twice.
+//! Records are kept `keep` after their delivery (the next delivery to the target removes older ones),
+//! long enough for a message whose commit was lost to run again. A crash after 1 leaves the entry
+//! pending with its record: whoever claims it finds the record, writes nothing, and settles it. Only
+//! an effect made again more than `keep` after its first delivery could be written twice.
 
 use std::time::Duration;
 
@@ -30,12 +38,16 @@ use super::info::AutoClaimed;
 use super::reader::GroupReader;
 use super::slot;
 use crate::auth::Op;
-use crate::model::envelope::{Entry, Fields};
+use crate::model::dead_letter as dlq;
+use crate::model::envelope::{self, Entry, Fields};
 
 /// The consumer group relays read outboxes with.
 pub const GROUP: &str = "redstream-relay";
 
-pub use super::commit::{OUTBOX_TARGET as TARGET, outbox_of};
+pub use super::commit::{OUTBOX_REPLY, OUTBOX_TARGET as TARGET, outbox_of};
+
+/// How long a relay waits for a replica to take its deliveries before it leaves them to a later pass.
+pub const REPLICA_WAIT: Duration = Duration::from_secs(1);
 
 /// The record of outbox entries delivered to `target` and not yet settled: a sorted set in
 /// `target`'s slot, scored by delivery time.
@@ -130,24 +142,44 @@ pub struct Relayed {
     pub repeated: usize,
     /// Entries settled: acked and deleted from the outbox.
     pub settled: usize,
+    /// Entries delivered whose target's replica has not confirmed them yet: left pending, delivered
+    /// again (or found recorded) by a later pass.
+    pub unreplicated: usize,
     /// Entries left pending, each with its outbox id and why: a target refusing the write, an entry
     /// without a target. They are tried again when claimed.
     pub refused: Vec<(String, String)>,
 }
 
-/// An outbox entry split into its target and the reply's fields.
-fn split(entry: &Entry) -> Option<(String, Fields)> {
-    let mut fields = entry.fields.iter();
+/// One outbox entry on its way: its id, the fields to write, the name of its effect.
+type Outgoing<'a> = (&'a str, Fields, String);
+
+/// An outbox entry split into its target, the fields to write there, and the name of its effect for
+/// the dedupe record: `<cause>#<reply index>` for a reply, `<_dlq_source>#dead-letter` for a dead
+/// letter, else (an entry of an older version) `<outbox>/<entry id>`.
+fn split(entry: &Entry, outbox: &str) -> Option<(String, Fields, String)> {
+    let mut fields = entry.fields.iter().peekable();
     let (name, target) = fields.next()?;
     if name != TARGET.as_bytes() {
         return None;
     }
     let target = String::from_utf8(target.to_vec()).ok()?;
+    let reply = fields
+        .next_if(|(n, _)| *n == OUTBOX_REPLY.as_bytes())
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
     let mut rest = Fields::with_capacity(entry.fields.len());
     for (n, v) in fields {
         rest.push(n.to_vec(), v.to_vec());
     }
-    Some((target, rest))
+    let effect = match (
+        reply,
+        rest.get_str(envelope::CAUSE),
+        rest.get_str(dlq::SOURCE),
+    ) {
+        (Some(i), Some(cause), _) => format!("{cause}#{i}"),
+        (None, _, Some(source)) => format!("{source}#dead-letter"),
+        _ => format!("{outbox}/{}", entry.id),
+    };
+    Some((target, rest, effect))
 }
 
 /// The relay's side of the outbox: reading, claiming, delivering, settling.
@@ -236,9 +268,9 @@ impl Client {
         let outbox = outbox_of(source);
         let mut report = Relayed::default();
         // Per target, in first-seen order: its entries.
-        let mut targets: Vec<(String, Vec<(&str, Fields)>)> = Vec::new();
+        let mut targets: Vec<(String, Vec<Outgoing>)> = Vec::new();
         for e in entries {
-            let Some((target, fields)) = split(e) else {
+            let Some((target, fields, effect)) = split(e, &outbox) else {
                 report.refused.push((
                     e.id.clone(),
                     format!("not a relay entry: its first field is not {TARGET}"),
@@ -246,12 +278,11 @@ impl Client {
                 continue;
             };
             match targets.iter_mut().find(|(t, _)| *t == target) {
-                Some((_, list)) => list.push((&e.id, fields)),
-                None => targets.push((target, vec![(&e.id, fields)])),
+                Some((_, list)) => list.push((&e.id, fields, effect)),
+                None => targets.push((target, vec![(&e.id, fields, effect)])),
             }
         }
         let mut done: Vec<&str> = Vec::new();
-        let mut records: Vec<(String, Vec<String>)> = Vec::new();
         for (target, list) in &targets {
             let seen = seen_of(target);
             let mut cmd = redis::cmd("EVAL");
@@ -261,8 +292,8 @@ impl Client {
                 .arg(&seen)
                 .arg(deadline_ms)
                 .arg(keep.as_millis() as u64);
-            for (id, fields) in list {
-                cmd.arg(format!("{outbox}/{id}")).arg(fields.len());
+            for (_, fields, effect) in list {
+                cmd.arg(effect).arg(fields.len());
                 for (n, v) in fields.iter() {
                     cmd.arg(n).arg(v);
                 }
@@ -284,24 +315,22 @@ impl Client {
                 Err(e) => {
                     // The target as a whole refuses (a key of another type, the ACL): its entries
                     // stay pending; the others go on.
-                    for (id, _) in list {
+                    for (id, _, _) in list {
                         report.refused.push(((*id).to_owned(), e.to_string()));
                     }
                     continue;
                 }
             };
             let mut delivered = Vec::new();
-            for ((id, _), verdict) in list.iter().zip(verdicts) {
+            for ((id, _, _), verdict) in list.iter().zip(verdicts) {
                 match verdict {
                     Value::Int(1) => {
                         report.delivered += 1;
-                        delivered.push(format!("{outbox}/{id}"));
-                        done.push(id);
+                        delivered.push(*id);
                     }
                     Value::Int(0) => {
                         report.repeated += 1;
-                        delivered.push(format!("{outbox}/{id}"));
-                        done.push(id);
+                        delivered.push(*id);
                     }
                     other => {
                         let why = decode::string(other).unwrap_or_else(|| "refused".into());
@@ -311,36 +340,63 @@ impl Client {
                     }
                 }
             }
-            records.push((seen, delivered));
+            if delivered.is_empty() {
+                continue;
+            }
+            if self.replicated(target).await? {
+                done.extend(delivered);
+            } else {
+                report.unreplicated += delivered.len();
+            }
         }
         if done.is_empty() {
             return Ok(report);
         }
         let settled = self.settle(&outbox, consumer, entries, &done).await?;
         report.settled = settled.len();
-        for (seen, ids) in records {
-            let gone: Vec<&String> = ids
-                .iter()
-                .filter(|full| {
-                    full.rsplit_once('/')
-                        .is_some_and(|(_, id)| settled.iter().any(|s| s == id))
-                })
-                .collect();
-            if gone.is_empty() {
-                continue;
-            }
-            let mut cmd = redis::cmd("ZREM");
-            cmd.arg(&seen).arg(&gone);
-            // A record left behind is removed after `keep` by the next delivery to that target.
-            if let Err(e) = self
-                .redis()
-                .query_value(&cmd, Ctx::new("ZREM", &seen))
-                .await
-            {
-                tracing::debug!(key = %seen, error = %e, "relay records not removed now");
-            }
-        }
         Ok(report)
+    }
+
+    /// Whether what this connection wrote on `key`'s master has reached a replica (WAIT 1, at most
+    /// [`REPLICA_WAIT`]) — or the cluster knows no replica of that master, or this is one node.
+    /// Replicas are counted from CLUSTER NODES whatever their state: one whose link is cut may still
+    /// be promoted with what it has. WAIT travels behind CLUSTER MYID on the master's connection: an
+    /// answer from another node (the crate's fallback when it has no connection to that master) proves
+    /// nothing, and counts as not yet.
+    async fn replicated(&self, key: &str) -> Result<bool> {
+        if !self.is_cluster() {
+            return Ok(true);
+        }
+        let ctx = || Ctx::new("WAIT", key);
+        let mut ask = redis::pipe();
+        ask.cmd("CLUSTER").arg("NODES");
+        let nodes = self
+            .redis()
+            .query_pipe_at_master_of(key, ask, ctx())
+            .await?;
+        let nodes = nodes
+            .into_iter()
+            .next()
+            .and_then(decode::string)
+            .unwrap_or_default();
+        let Some((master, replicas)) = slot::master_of(&nodes, slot::of(key)) else {
+            return Ok(false);
+        };
+        if replicas == 0 {
+            return Ok(true);
+        }
+        let mut wait = redis::pipe();
+        wait.cmd("CLUSTER").arg("MYID");
+        wait.cmd("WAIT").arg(1).arg(REPLICA_WAIT.as_millis() as u64);
+        let got = self
+            .redis()
+            .query_pipe_at_master_of(key, wait, ctx())
+            .await?;
+        let (Some(id), Some(acked)) = (got.first().cloned().and_then(decode::string), got.get(1))
+        else {
+            return Ok(false);
+        };
+        Ok(id == master && decode::int(acked).is_some_and(|n| n >= 1))
     }
 
     /// [`SETTLE`] of `done` (ids of `entries`, which hold them in order) on `outbox`.
@@ -407,17 +463,46 @@ mod tests {
             id: "1-0".into(),
             fields,
         };
-        let (target, rest) = split(&e).expect("a relay entry");
+        let (target, rest, effect) = split(&e, "box").expect("a relay entry");
         assert_eq!(target, "nova:task:{b}:out");
         assert_eq!(rest.len(), 2);
+        assert_eq!(
+            effect, "box/1-0",
+            "an entry without a cause is its own effect"
+        );
+        let mut reply = Fields::new();
+        reply.push(TARGET, "nova:task:{b}:out");
+        reply.push(OUTBOX_REPLY, "2");
+        reply.push("_cause", "nova:task:{a}:in/5-0");
+        reply.push("k", "v");
+        let (_, rest, effect) = split(
+            &Entry {
+                id: "9-0".into(),
+                fields: reply,
+            },
+            "box",
+        )
+        .unwrap();
+        assert_eq!(
+            effect, "nova:task:{a}:in/5-0#2",
+            "a reply is named by its cause and index"
+        );
+        assert_eq!(
+            rest.get(OUTBOX_REPLY),
+            None,
+            "the index is not written to the target"
+        );
         let mut forged = Fields::new();
         forged.push("k", "v");
         forged.push(TARGET, "x");
         assert!(
-            split(&Entry {
-                id: "2-0".into(),
-                fields: forged
-            })
+            split(
+                &Entry {
+                    id: "2-0".into(),
+                    fields: forged
+                },
+                "box"
+            )
             .is_none()
         );
     }

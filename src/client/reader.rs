@@ -25,6 +25,10 @@ pub enum ReadFrom<'a> {
     /// This consumer's own pending entries after the given id (`0` for all of them), re-read without
     /// counting a delivery ([`super::recover`]); the reply carries their delivery counts.
     Pending(&'a str),
+    /// Entries of any consumer idle at least `min_idle`, claimed to this one, scanning the PEL from
+    /// `cursor` ([`super::recover::CLAIM`]): each claim counts a delivery; the reply carries the counts,
+    /// the scan's next cursor and the ids Redis dropped.
+    Idle { cursor: &'a str, min_idle: Duration },
 }
 
 /// Reads one consumer's share of a group, on its own connection: a [`super::wire`] connection
@@ -125,6 +129,14 @@ impl GroupReader {
             ReadFrom::Pending(after) => {
                 recover::command(&self.stream, &self.group, &self.consumer, after, count)
             }
+            ReadFrom::Idle { cursor, min_idle } => recover::claim_command(
+                &self.stream,
+                &self.group,
+                &self.consumer,
+                min_idle.as_millis() as u64,
+                cursor,
+                count,
+            ),
         };
         let before = before.map(|c| c.0);
         if self.wire.is_some() {

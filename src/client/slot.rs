@@ -51,6 +51,34 @@ pub fn owner(map: &Value, slot: u16, asked: &str) -> Option<(String, u16)> {
     ranges(map, asked).find_map(|(start, end, node)| (start <= slot && slot <= end).then_some(node))
 }
 
+/// How many replicas the cluster knows for the master serving `slot`, from a CLUSTER NODES reply —
+/// whatever their state: a replica whose link is cut, or that is failing, still counts, since it may be
+/// promoted with what it has (and a write it lacks would then be lost).
+pub fn replicas_of(nodes: &str, slot: u16) -> usize {
+    master_of(nodes, slot).map_or(0, |(_, n)| n)
+}
+
+/// The id of the master serving `slot`, and how many replicas the cluster knows for it (see
+/// [`replicas_of`]), from a CLUSTER NODES reply.
+pub fn master_of(nodes: &str, slot: u16) -> Option<(String, usize)> {
+    let lines: Vec<Vec<&str>> = nodes
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|f: &Vec<&str>| f.len() >= 8)
+        .collect();
+    let serves = |fields: &[&str]| {
+        fields[8..].iter().any(|range| {
+            let (a, b) = range.split_once('-').unwrap_or((range, range));
+            matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+        })
+    };
+    let master = lines
+        .iter()
+        .find(|f| f[2].split(',').any(|flag| flag == "master") && serves(f))?;
+    let replicas = lines.iter().filter(|f| f[3] == master[0]).count();
+    Some((master[0].to_owned(), replicas))
+}
+
 /// Every master in a CLUSTER SLOTS reply, once each, sorted (`asked` as in [`owner`]).
 pub fn masters(map: &Value, asked: &str) -> Vec<(String, u16)> {
     let mut all: Vec<(String, u16)> = ranges(map, asked).map(|(_, _, node)| node).collect();
@@ -111,6 +139,22 @@ pub fn redirect(error: &redis::RedisError) -> Option<(bool, String, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_are_counted_whatever_their_state() {
+        let nodes = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b1 127.0.0.1:7002@17002 master - 0 0 2 connected 5461-10922
+c1 127.0.0.1:7003@17003 master - 0 0 3 connected 10923-16383 16000
+r1 127.0.0.1:7004@17004 slave,fail a1 0 0 1 disconnected
+r2 127.0.0.1:7005@17005 slave b1 0 0 2 connected
+r3 127.0.0.1:7006@17006 slave b1 0 0 2 connected
+";
+        assert_eq!(replicas_of(nodes, 100), 1, "a failing replica counts");
+        assert_eq!(replicas_of(nodes, 6000), 2);
+        assert_eq!(replicas_of(nodes, 12000), 0);
+        assert_eq!(master_of(nodes, 6000), Some(("b1".into(), 2)));
+    }
 
     #[test]
     fn an_unknown_endpoint_is_the_node_asked() {

@@ -433,7 +433,8 @@ impl<'a> Cursor<'a> {
 /// An XREADGROUP (or XREAD) reply for one stream, RESP2: nil on timeout, else
 /// `[[stream, [[id, [f, v, …] | nil], …]]]`. Entries deleted while pending come back with nil fields;
 /// entries the [`Scanner`] bounded, with its marker. The recovery script's reply has a third element
-/// per stream, `[id, count, …]`: the entries' delivery counts.
+/// per stream, `[id, count, …]`: the entries' delivery counts; the claim script's two more, the scan's
+/// next cursor and the ids Redis dropped (see [`super::recover`]).
 pub fn read_reply(frame: &[u8]) -> Result<Entries, String> {
     let mut c = Cursor { buf: frame, pos: 0 };
     let mut out = Entries::default();
@@ -444,7 +445,7 @@ pub fn read_reply(frame: &[u8]) -> Result<Entries, String> {
         return Ok(out);
     }
     let parts = c.array()?;
-    if parts != Some(2) && parts != Some(3) {
+    if !matches!(parts, Some(2 | 3 | 5)) {
         return Err("expected [stream, entries]".into());
     }
     c.bulk()?; // the stream's name
@@ -477,12 +478,20 @@ pub fn read_reply(frame: &[u8]) -> Result<Entries, String> {
         }
         out.entries.push(Entry { id, fields });
     }
-    if parts == Some(3) {
+    if parts >= Some(3) {
         let counts = c.array()?.unwrap_or(0);
         for _ in 0..counts / 2 {
             let id = String::from_utf8_lossy(c.bulk()?).into_owned();
             let n = c.int()?;
             out.deliveries.insert(id, n.max(0) as u64);
+        }
+    }
+    // A claim's reply: the scan's next cursor and the ids Redis dropped.
+    if parts == Some(5) {
+        out.next = Some(String::from_utf8_lossy(c.bulk()?).into_owned());
+        for _ in 0..c.array()?.unwrap_or(0) {
+            out.dropped
+                .push(String::from_utf8_lossy(c.bulk()?).into_owned());
         }
     }
     Ok(out)
@@ -634,6 +643,41 @@ mod tests {
             2,
             "50 fields are allowed"
         );
+    }
+
+    #[test]
+    fn a_claim_reply_is_bounded_and_brings_its_cursor_and_dropped_ids() {
+        let mut frame = read_frame(&[
+            ("1-0", vec![field("blob", vec![b'x'; 5000])]),
+            ("2-0", vec![field("a", b"b".to_vec())]),
+        ]);
+        // The recovery shape plus the claim's two parts: counts, next cursor, dropped ids.
+        frame[4..8].copy_from_slice(b"*5\r\n");
+        frame.extend_from_slice(
+            b"*4\r\n$3\r\n1-0\r\n:2\r\n$3\r\n2-0\r\n:3\r\n$3\r\n7-0\r\n*1\r\n$3\r\n0-5\r\n",
+        );
+        let limit = EntryLimit {
+            fields: 10,
+            bytes: 1000,
+        };
+        let (buf, end, peak) = scan(&frame, 64, Some(limit));
+        assert_eq!(end, buf.len());
+        assert!(peak < 1000, "the big field was never held: {peak}");
+        let got = read_reply(&buf[..end]).unwrap();
+        assert_eq!(got.entries.len(), 1);
+        assert_eq!(
+            got.too_large,
+            [(
+                "1-0".to_string(),
+                Size {
+                    fields: 1,
+                    bytes: 5004
+                }
+            )]
+        );
+        assert_eq!(got.deliveries.get("1-0"), Some(&2));
+        assert_eq!(got.next.as_deref(), Some("7-0"));
+        assert_eq!(got.dropped, ["0-5"]);
     }
 
     #[test]

@@ -106,9 +106,14 @@ struct Daemon {
     polled: tokio::sync::watch::Sender<Vec<ConsumerSettings>>,
 }
 
-/// How long a relay's delivery record outlives a crash between delivering and settling
-/// ([`crate::client::outbox`]).
-const RELAY_KEEP: Duration = Duration::from_secs(24 * 3600);
+/// The health condition of a reload that changed what only a restart applies.
+const RESTART_NEEDED: &str = "restart needed";
+
+/// How long a relay's delivery record is kept ([`crate::client::outbox`]): the window in which a
+/// message whose commit was lost (a failover that lost writes) can run again, or a relay entry stay
+/// pending after its delivery, without its reply being written twice. About 100 bytes per reply
+/// that crosses slots, held this long.
+const RELAY_KEEP: Duration = Duration::from_secs(3600);
 
 /// Runs the daemon until it is stopped by a signal or a control message.
 pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunError> {
@@ -594,12 +599,7 @@ impl Daemon {
 
     /// Applies a config that [`Daemon::begin_reload`] read and prepared.
     async fn reload(&mut self, new: Settings, prepared: Prepared) {
-        if new.redis != self.settings.redis
-            || new.identity.as_ref().map(|i| &i.identity)
-                != self.settings.identity.as_ref().map(|i| &i.identity)
-        {
-            warn!("changes to [redis] and [identity] take effect at the next restart");
-        }
+        self.note_restart_needed(&new);
         let wanted: HashMap<Key, (ConsumerSettings, Arc<Router>)> = new
             .consumers
             .iter()
@@ -664,10 +664,44 @@ impl Daemon {
             runtime,
             ..prepared
         };
-        let file = self.settings.file.clone();
-        self.settings = Settings { file, ..new };
+        // The running connections and identity stay what they were made with until a restart.
+        let (file, redis, identity) = (
+            self.settings.file.clone(),
+            self.settings.redis.clone(),
+            self.settings.identity.clone(),
+        );
+        self.settings = Settings {
+            file,
+            redis,
+            identity,
+            ..new
+        };
         self.polled.send_replace(self.settings.consumers.clone());
         self.rewatch();
+    }
+
+    /// `[redis]` and `[identity]` cannot change under a running daemon: when the reloaded file's
+    /// differ from the running ones, the daemon says "restart needed: <keys>" (warning, degraded
+    /// reason in status and heartbeat, `redstream_restart_needed`) until a restart — or a reload of a
+    /// file that matches again.
+    fn note_restart_needed(&self, new: &Settings) {
+        let mut keys = self.settings.redis.differing_keys(&new.redis);
+        if new.identity.as_ref().map(|i| &i.identity)
+            != self.settings.identity.as_ref().map(|i| &i.identity)
+        {
+            keys.push("identity");
+        }
+        crate::metrics::global()
+            .restart_needed
+            .set(i64::from(!keys.is_empty()));
+        if keys.is_empty() {
+            self.health.recover(RESTART_NEEDED);
+            return;
+        }
+        let keys = keys.join(", ");
+        warn!(keys = %keys, "the reloaded config changes settings a running daemon cannot apply; they take effect at the next restart");
+        self.health
+            .degrade(RESTART_NEEDED, format!("restart needed: {keys}"));
     }
 
     /// Starts, follows or stops the `wasm.watch` watches to match the settings.

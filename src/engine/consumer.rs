@@ -36,9 +36,10 @@ use crate::auth::signature;
 use crate::backoff::Backoff;
 use crate::client::commit::{self, Committed, Committer, Effect, Finished};
 use crate::client::decode::Entries;
-use crate::client::{Client, Error, GroupReader, PendingQuery, ReadFrom, Round};
+use crate::client::{Client, Error, GroupReader, ReadFrom, Round};
 use crate::health::Liveness;
-use crate::metrics::{self, GroupLabels, MessageLabels};
+use crate::metrics::{self, GroupLabels, MessageLabels, StreamLabels};
+use crate::model::StreamId;
 use crate::model::dead_letter as dlq;
 use crate::model::envelope::Entry;
 use crate::model::limits::{self, Size};
@@ -125,13 +126,31 @@ struct State {
     recover: Option<String>,
     /// The highest id a `>` read gave us; a lost read's entries are pending after it.
     last_new: String,
+    /// The group's position as this loop last knew it (its last-delivered id at start, then the
+    /// newest entry read): how a lost group tells an intact stream from one Redis made anew.
+    position: Option<StreamId>,
     claim_cursor: String,
-    /// How many entries the round in progress asked for.
+    /// Claim rounds still due: set by the claim timer, spent while claims come back full.
+    claim_passes: u8,
+    /// What the round in progress reads, and how many entries it asked for.
+    reading: Reading,
     round_count: usize,
     /// How much to read at once and hold in flight.
     pace: Pace,
     meters: Meters,
 }
+
+/// What a round reads: new entries, this consumer's own pending ones (recovery), or entries idle
+/// long enough to claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    New,
+    Pending,
+    Idle,
+}
+
+/// How many claim rounds one tick of the claim timer may run in a row while claims come back full.
+const CLAIM_PASSES: u8 = 8;
 
 /// The loop's metrics, looked up once per handler and outcome rather than per message.
 struct Meters {
@@ -214,6 +233,16 @@ impl Consumer {
             &cfg.consumer,
             &cfg.dead_letter,
         )?;
+        // Exported at 0 from the start, so that an alert on its increase sees the first loss.
+        let _ = metrics::global().data_loss.get_or_create(&StreamLabels {
+            stream: cfg.stream.to_string(),
+        });
+        // Where the group stands; unknown (None) if Redis cannot say now — the read will tell.
+        let position = self
+            .client
+            .group_position(&cfg.stream, &cfg.group)
+            .await
+            .unwrap_or(None);
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Done>>();
         let mut st = State {
             flight: Flight::new(cfg.in_flight, cfg.order_by.clone()),
@@ -230,7 +259,10 @@ impl Consumer {
             retry_logged: HashMap::new(),
             recover: Some("0".into()),
             last_new: "0".into(),
+            position,
             claim_cursor: "0-0".into(),
+            claim_passes: 0,
+            reading: Reading::Pending,
             round_count: 0,
             pace: Pace::new(cfg.batch_size, cfg.in_flight, cfg.claim_min_idle),
             meters: Meters::new(&cfg.stream, &cfg.group),
@@ -292,10 +324,10 @@ impl Consumer {
                 joined = async { (&mut commit.as_mut().expect("guarded").0).await }, if commit.is_some() => {
                     self.commit_ended(&mut st, joined).await?;
                 }
+                // Claims travel as rounds on the reader's connection (bounded like every read): the
+                // next round claims, once the one in progress is back.
                 _ = claim_tick.tick(), if !st.draining && st.recover.is_none() && st.retry_at.is_none() => {
-                    if let Err(e) = self.claim(&mut st).await {
-                        st.retry_at = Some(self.trouble(e, &mut st).await?);
-                    }
+                    st.claim_passes = CLAIM_PASSES;
                 }
                 _ = sleep_until(st.retry_at), if st.retry_at.is_some() => st.retry_at = None,
             }
@@ -325,16 +357,30 @@ impl Consumer {
             (!batch.is_empty()).then(|| committer.command(sha, &batch, st.flight.in_flight()));
         st.in_round = batch;
         let from = st.recover.clone();
+        st.reading = match (&from, st.claim_passes) {
+            (Some(_), _) => Reading::Pending,
+            (None, 0) => Reading::New,
+            (None, _) => Reading::Idle,
+        };
         st.round_count = st.flight.free().min(st.pace.read());
         let count = st.round_count as u64;
         // A round carrying a commit does not block: its verdicts come back with the read's reply,
         // and must not wait out an idle BLOCK (the entries are committed in Redis at once, but their
         // slots, counters and logs would lag by up to `block`, and a drain would redo the commit and
         // count its messages as not ours).
-        let block = (from.is_none() && call.is_none()).then_some(self.cfg.block);
-        trace!(from = ?from, count, commits = st.in_round.len(), "round");
+        let block = (st.reading == Reading::New && call.is_none()).then_some(self.cfg.block);
+        let (reading, cursor, min_idle) =
+            (st.reading, st.claim_cursor.clone(), self.cfg.claim_min_idle);
+        trace!(from = ?from, ?reading, count, commits = st.in_round.len(), "round");
         let task = tokio::spawn(async move {
-            let read_from = from.as_deref().map_or(ReadFrom::New, ReadFrom::Pending);
+            let read_from = match (reading, from.as_deref()) {
+                (Reading::Pending, Some(after)) => ReadFrom::Pending(after),
+                (Reading::Idle, _) => ReadFrom::Idle {
+                    cursor: &cursor,
+                    min_idle,
+                },
+                _ => ReadFrom::New,
+            };
             let result = reader.round(call, read_from, count, block).await;
             (reader, result)
         });
@@ -494,20 +540,9 @@ impl Consumer {
         metrics::global().error(e.kind());
         self.liveness.degrade(format!("Redis trouble: {e}"));
         if let Error::NoGroup { .. } = e {
-            warn!(error = %e, start = %self.cfg.start, "group is gone; re-creating it");
-            match self
-                .client
-                .create_group(&self.cfg.stream, &self.cfg.group, &self.cfg.start)
-                .await
-            {
+            match self.restore_group(st).await {
                 // A new group has an empty PEL: nothing of ours to recover.
-                Ok(_) => {
-                    info!(start = %self.cfg.start, "re-created the group");
-                    st.recover = None;
-                    st.last_new = "0".into();
-                    st.claim_cursor = "0-0".into();
-                    return Ok(Instant::now() + delay.min(Duration::from_millis(50)));
-                }
+                Ok(()) => return Ok(Instant::now() + delay.min(Duration::from_millis(50))),
                 Err(e) if e.is_transient() => {
                     debug!(error = %e, "re-creating the group failed; will retry")
                 }
@@ -525,6 +560,49 @@ impl Consumer {
             st.recover = Some(st.last_new.clone());
         }
         Ok(Instant::now() + delay)
+    }
+
+    /// The group is gone: re-creates it where nothing is skipped ([`crate::client::restore`]) and,
+    /// when Redis lost data, says so loudly — an ERROR naming the stream, the data-loss counter, and
+    /// the loop degraded with the reason until it reads again.
+    async fn restore_group(&self, st: &mut State) -> Result<(), Error> {
+        let c = &*self.cfg;
+        let restored = self
+            .client
+            .restore_group(&c.stream, &c.group, &c.start, st.position)
+            .await?;
+        let lost = restored.lost;
+        if lost.is_data_loss() {
+            error!(stream = %c.stream, group = %c.group, at = %restored.at, reason = lost.describe(), "Redis lost this stream's data: entries not yet handled may be gone; the group is re-created from the start of the stream Redis has now, so nothing published since is skipped");
+            metrics::global()
+                .data_loss
+                .get_or_create(&StreamLabels {
+                    stream: c.stream.to_string(),
+                })
+                .inc();
+            self.liveness.degrade(format!(
+                "Redis lost the data of {}: {}",
+                c.stream,
+                lost.describe()
+            ));
+        } else {
+            warn!(stream = %c.stream, group = %c.group, at = %restored.at, reason = lost.describe(), "the consumer group was gone; re-created it");
+        }
+        if restored.created {
+            info!(stream = %c.stream, group = %c.group, at = %restored.at, "re-created the group");
+        }
+        st.recover = None;
+        st.last_new = "0".into();
+        st.claim_cursor = "0-0".into();
+        st.position = match restored.at.as_str() {
+            "$" => self
+                .client
+                .group_position(&c.stream, &c.group)
+                .await
+                .unwrap_or(None),
+            at => StreamId::parse(at).ok(),
+        };
+        Ok(())
     }
 
     /// Applies the script's verdicts to a committed batch. On a transient failure the batch waits for
@@ -609,6 +687,10 @@ impl Consumer {
                     // (it is never lost) and is claimed again later, until an operator fixes the stream.
                     error!(message_id = %id, handler = %f.handler, reason = ?reason, dead_letter = %self.cfg.dead_letter, "the dead-letter stream refused this message; it stays pending");
                     metrics::global().error("dead_letter_refused");
+                    self.liveness.refused(format!(
+                        "the dead-letter stream {} refuses messages ({reason}); they stay pending until it is fixed",
+                        self.cfg.dead_letter
+                    ));
                     "refused"
                 }
                 (Committed::Failed(_) | Committed::NotTried, _) => {
@@ -639,6 +721,7 @@ impl Consumer {
                     self.stats.processed.fetch_add(1, Ordering::Relaxed);
                 }
                 (Committed::Yes, Effect::DeadLetter(reason)) => {
+                    self.liveness.accepted();
                     let trace = f
                         .msg
                         .fields
@@ -648,6 +731,7 @@ impl Consumer {
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 }
                 (Committed::Yes, Effect::TooLarge(size)) => {
+                    self.liveness.accepted();
                     let limit = &self.cfg.entry_limit;
                     warn!(message_id = %id, outcome = "dead-lettered", reason = dlq::TOO_LARGE, fields = size.fields, bytes = size.bytes, limit_fields = limit.fields, limit_bytes = limit.bytes, dead_letter = %self.cfg.dead_letter, "an entry over [limits] was dead-lettered by reference; its content was not read");
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -703,6 +787,10 @@ impl Consumer {
             }
             Effect::DeadLetter(_) | Effect::TooLarge(_) => {
                 error!(message_id = %id, handler = %f.handler, error = %e, dead_letter = %self.cfg.dead_letter, "Redis refuses this message's dead letter; it stays pending and is claimed again later");
+                self.liveness.refused(format!(
+                    "Redis refuses a dead letter to {} ({e}); the message stays pending",
+                    self.cfg.dead_letter
+                ));
                 st.flight.committed(&id);
             }
         }
@@ -712,8 +800,37 @@ impl Consumer {
     /// with their delivery counts.
     fn delivered(&self, got: Entries, asked: usize, st: &mut State) {
         let seen = got.entries.len() + got.deleted.len() + got.too_large.len();
-        match &mut st.recover {
-            Some(after) => {
+        match (&mut st.recover, st.reading) {
+            (_, Reading::Idle) => {
+                // Claimed from consumers that left them idle (dead ones, or our own failures).
+                st.claim_cursor = got.next.clone().unwrap_or_else(|| "0-0".into());
+                if !got.dropped.is_empty() {
+                    debug!(
+                        count = got.dropped.len(),
+                        "claimed entries had been deleted; Redis dropped them from the PEL"
+                    );
+                    self.stats
+                        .vanished
+                        .fetch_add(got.dropped.len() as u64, Ordering::Relaxed);
+                }
+                let fresh = got
+                    .entries
+                    .iter()
+                    .map(|e| &e.id)
+                    .chain(got.too_large.iter().map(|(id, _)| id))
+                    .filter(|id| !st.flight.contains(id))
+                    .count();
+                if fresh > 0 {
+                    info!(count = fresh, "claimed idle entries");
+                }
+                let full = seen + got.dropped.len() >= asked.max(1);
+                st.claim_passes = match st.claim_cursor.as_str() {
+                    "0-0" => 0,
+                    _ if !full => 0,
+                    _ => st.claim_passes.saturating_sub(1),
+                };
+            }
+            (Some(after), Reading::Pending) => {
                 // Re-reading our own PEL: page on, or switch to new entries when it is exhausted.
                 let last = got
                     .entries
@@ -737,7 +854,7 @@ impl Consumer {
                     }
                 }
             }
-            None => {
+            _ => {
                 let last = got
                     .entries
                     .iter()
@@ -745,6 +862,7 @@ impl Consumer {
                     .chain(got.too_large.iter().map(|(id, _)| id))
                     .max_by(|a, b| cmp_ids(a, b));
                 if let Some(last) = last {
+                    st.position = st.position.max(Some(key_of(last)));
                     st.last_new = last.clone();
                 }
             }
@@ -768,67 +886,6 @@ impl Consumer {
                 handler: "redstream".into(),
             });
         }
-    }
-
-    /// XAUTOCLAIM of entries idle at least `claim_min_idle` — from dead consumers, or our own failures.
-    /// Scans on while claims come back full and there is room, a bounded number of times.
-    async fn claim(&self, st: &mut State) -> Result<(), Error> {
-        let c = &*self.cfg;
-        for _ in 0..8 {
-            let count = st.flight.free().min(c.batch_size);
-            if count == 0 {
-                return Ok(());
-            }
-            let got = self
-                .client
-                .autoclaim(
-                    &c.stream,
-                    &c.group,
-                    &c.consumer,
-                    c.claim_min_idle,
-                    &st.claim_cursor,
-                    count as u64,
-                )
-                .await?;
-            st.claim_cursor = got.next;
-            let seen = got.entries.len() + got.deleted.len();
-            if !got.deleted.is_empty() {
-                debug!(
-                    count = got.deleted.len(),
-                    "claimed entries had been deleted; Redis dropped them from the PEL"
-                );
-                self.stats
-                    .vanished
-                    .fetch_add(got.deleted.len() as u64, Ordering::Relaxed);
-            }
-            let mut fresh = Entries {
-                entries: got
-                    .entries
-                    .into_iter()
-                    .filter(|e| !st.flight.contains(&e.id))
-                    .collect(),
-                ..Entries::default()
-            };
-            fresh.enforce(&c.entry_limit);
-            if !fresh.entries.is_empty() || !fresh.too_large.is_empty() {
-                let counts = pending_counts(&self.client, c, &fresh.entries).await?;
-                info!(
-                    count = fresh.entries.len() + fresh.too_large.len(),
-                    "claimed idle entries"
-                );
-                for (id, size) in fresh.too_large {
-                    self.too_large(id, size, 2, st);
-                }
-                for entry in fresh.entries {
-                    let n = counts.get(&entry.id).copied().unwrap_or(2);
-                    self.dispatch(entry, n, st);
-                }
-            }
-            if st.claim_cursor == "0-0" || seen < count {
-                return Ok(());
-            }
-        }
-        Ok(())
     }
 
     fn message(
@@ -1119,29 +1176,6 @@ fn decide(
         Outcome::Retry(reason) => Err(reason),
         Outcome::Reject(reason) => Ok(Effect::DeadLetter(reason)),
     }
-}
-
-/// XPENDING over the id range of `entries`, for this consumer.
-async fn pending_counts(
-    client: &Client,
-    cfg: &ConsumerSettings,
-    entries: &[Entry],
-) -> Result<HashMap<String, u64>, Error> {
-    let (Some(first), Some(last)) = (
-        entries.iter().map(|e| &e.id).min_by(|a, b| cmp_ids(a, b)),
-        entries.iter().map(|e| &e.id).max_by(|a, b| cmp_ids(a, b)),
-    ) else {
-        return Ok(HashMap::new());
-    };
-    let q = PendingQuery {
-        start: first.clone(),
-        end: last.clone(),
-        count: entries.len() as u64 * 2 + 16,
-        consumer: Some(cfg.consumer.clone()),
-        min_idle: None,
-    };
-    let rows = client.pending(&cfg.stream, &cfg.group, &q).await?;
-    Ok(rows.into_iter().map(|r| (r.id, r.deliveries)).collect())
 }
 
 /// Orders stream ids numerically.

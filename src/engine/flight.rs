@@ -49,6 +49,11 @@ pub struct Flight {
     /// Batches that must be committed alone, in order, before the rest: the halves of a commit that
     /// failed as a whole, narrowing down to the message that makes it fail.
     isolated: VecDeque<Vec<Finished>>,
+    /// With `order_by`: the messages in a commit whose verdict is not back yet, by id, with their
+    /// value, and how many each value has there. A message whose value has one waits for that verdict
+    /// before it is taken into a commit (see [`Flight::take_batch`]).
+    committing: HashMap<StreamId, Vec<u8>>,
+    committing_keys: HashMap<Vec<u8>, usize>,
 }
 
 /// An entry's id as the in-flight set and the commit order know it. Redis hands out nothing but valid
@@ -70,6 +75,8 @@ impl Flight {
             ready: Vec::new(),
             finished: Vec::new(),
             isolated: VecDeque::new(),
+            committing: HashMap::new(),
+            committing_keys: HashMap::new(),
         }
     }
 
@@ -152,8 +159,55 @@ impl Flight {
         }
     }
 
+    /// Whether a commit can be made now: something is decided, and not all of it waits behind a
+    /// commit of its `order_by` value.
     pub fn has_finished(&self) -> bool {
-        !self.finished.is_empty() || !self.isolated.is_empty()
+        if self.committing_keys.is_empty() {
+            return !self.finished.is_empty() || !self.isolated.is_empty();
+        }
+        match self.isolated.front() {
+            Some(batch) => !batch.iter().any(|f| self.held(f)),
+            None => self.finished.iter().any(|f| !self.held(f)),
+        }
+    }
+
+    /// Whether `f` must wait: a message of its `order_by` value is in a commit whose verdict is not
+    /// back. Two commits can be under way at once (one with the read, one alone), and a commit can
+    /// fail and be made again later: without this, a later message of a key could be written first.
+    fn held(&self, f: &Finished) -> bool {
+        !self.committing_keys.is_empty()
+            && self
+                .order_key(&f.msg)
+                .is_some_and(|k| self.committing_keys.contains_key(&k))
+    }
+
+    /// `batch` goes into a commit: its keyed messages hold back the later ones of their values.
+    fn hold(&mut self, batch: &[Finished]) {
+        if self.order_by.is_none() {
+            return;
+        }
+        for f in batch {
+            if let Some(k) = self.order_key(&f.msg) {
+                *self.committing_keys.entry(k.clone()).or_default() += 1;
+                self.committing.insert(key_of(&f.msg.id), k);
+            }
+        }
+    }
+
+    /// The verdict of `id`'s commit is back (whatever it says): later messages of its value may go.
+    fn release(&mut self, id: &str) {
+        if self.committing.is_empty() {
+            return;
+        }
+        let Some(k) = self.committing.remove(&key_of(id)) else {
+            return;
+        };
+        if let Some(n) = self.committing_keys.get_mut(&k) {
+            *n -= 1;
+            if *n == 0 {
+                self.committing_keys.remove(&k);
+            }
+        }
     }
 
     /// Everything decided, as one commit batch: in stream order when any message writes (the commit
@@ -162,11 +216,33 @@ impl Flight {
     /// At most [`MAX_COMMIT`] messages, [`MAX_COMMIT_WRITES`] writes and about [`MAX_COMMIT_BYTES`] go
     /// in one batch (always at least one message); the rest wait for the next.
     /// An isolated batch goes first, alone.
+    ///
+    /// With `order_by`, the commits of one value are applied in delivery order whichever path carries
+    /// them: a message waits (stays decided, out of the batch) while a message of its value is in a
+    /// commit whose verdict is not back; messages of one value that go together are in stream order.
+    /// The batch may then be empty.
     pub fn take_batch(&mut self) -> Vec<Finished> {
-        if let Some(batch) = self.isolated.pop_front() {
-            return batch;
+        let batch = self.pick_batch();
+        self.hold(&batch);
+        batch
+    }
+
+    fn pick_batch(&mut self) -> Vec<Finished> {
+        if let Some(front) = self.isolated.front() {
+            if front.iter().any(|f| self.held(f)) {
+                return Vec::new();
+            }
+            return self.isolated.pop_front().unwrap_or_default();
         }
         let mut batch = std::mem::take(&mut self.finished);
+        if !self.committing_keys.is_empty() {
+            let (held, free): (Vec<_>, Vec<_>) = batch.into_iter().partition(|f| self.held(f));
+            self.finished = held;
+            batch = free;
+            if batch.is_empty() {
+                return batch;
+            }
+        }
         if batch.iter().any(commit::writes) {
             batch.sort_by_cached_key(|f| key_of(&f.msg.id));
         }
@@ -183,7 +259,7 @@ impl Flight {
             .unwrap_or(batch.len().min(MAX_COMMIT))
             .max(1);
         if batch.len() > fits {
-            self.finished = batch.split_off(fits);
+            self.finished.extend(batch.split_off(fits));
         }
         batch
     }
@@ -191,6 +267,9 @@ impl Flight {
     /// A batch whose commit's fate is unknown: it is committed again later (the ownership check makes
     /// a second run of an applied commit write nothing).
     pub fn recommit(&mut self, batch: Vec<Finished>) {
+        for f in &batch {
+            self.release(&f.msg.id);
+        }
         self.finished.extend(batch);
     }
 
@@ -198,6 +277,9 @@ impl Flight {
     /// halves are committed apart, each alone, before anything else — splitting again where one fails,
     /// until the message that makes it fail is alone. A batch of one is committed alone as it is.
     pub fn isolate(&mut self, mut batch: Vec<Finished>) {
+        for f in &batch {
+            self.release(&f.msg.id);
+        }
         if batch.len() > 1 {
             let second = batch.split_off(batch.len() / 2);
             self.isolated.push_front(second);
@@ -207,6 +289,7 @@ impl Flight {
 
     /// A commit's verdict for `id` is known: the entry leaves flight.
     pub fn committed(&mut self, id: &str) {
+        self.release(id);
         self.in_flight.remove(&key_of(id));
     }
 
@@ -450,6 +533,80 @@ mod tests {
         assert_eq!(ids(&alone.expect("the culprit ends up alone")), ["1-5"]);
         committed.sort();
         assert_eq!(committed, ["1-0", "1-1", "1-2", "1-3", "1-4", "1-6", "1-7"]);
+    }
+
+    /// Runs `ids` (all of one order_by value unless given) to a reply each, in order.
+    fn decided(f: &mut Flight, ids: &[(&str, &str)]) {
+        for (id, key) in ids {
+            f.admit(id);
+            f.enqueue(job(id, Some(key)));
+        }
+        // One value runs one message at a time: finish each as it becomes ready.
+        while f.running() > 0 || !f.ready.is_empty() {
+            for j in f.start_ready() {
+                f.ran(j.msg, reply(), "nop".into());
+            }
+        }
+    }
+
+    fn batch_ids(b: &[Finished]) -> Vec<&str> {
+        b.iter().map(|f| f.msg.id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_key_is_committed_in_order_across_commits_under_way() {
+        let mut f = Flight::new(10, Some("key".into()));
+        decided(&mut f, &[("1-1", "a"), ("1-2", "b")]);
+        let first = f.take_batch();
+        assert_eq!(batch_ids(&first), ["1-1", "1-2"]);
+        // While that commit is out (with the read), later messages of a and c finish.
+        decided(&mut f, &[("1-3", "a"), ("1-4", "c")]);
+        assert!(f.has_finished(), "c may go");
+        let second = f.take_batch();
+        assert_eq!(
+            batch_ids(&second),
+            ["1-4"],
+            "1-3 waits for 1-1's verdict: a second commit under way could land first"
+        );
+        assert!(!f.has_finished(), "nothing else may go");
+        assert!(f.take_batch().is_empty());
+        // 1-1's commit failed and is made again: 1-3 goes with it, after it, never before.
+        f.recommit(first);
+        let again = f.take_batch();
+        assert_eq!(batch_ids(&again), ["1-1", "1-2", "1-3"]);
+        for x in again.iter().chain(&second) {
+            f.committed(&x.msg.id);
+        }
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn a_verdict_of_any_kind_lets_the_next_of_its_key_go() {
+        let mut f = Flight::new(10, Some("key".into()));
+        decided(&mut f, &[("1-1", "a")]);
+        let first = f.take_batch();
+        decided(&mut f, &[("1-2", "a")]);
+        assert!(!f.has_finished());
+        // Refused as a whole: its halves are isolated, and the next of its key still waits for them.
+        f.isolate(first);
+        assert_eq!(batch_ids(&f.take_batch()), ["1-1"]);
+        assert!(!f.has_finished(), "1-2 waits for the isolated 1-1");
+        f.committed("1-1");
+        assert_eq!(batch_ids(&f.take_batch()), ["1-2"]);
+    }
+
+    #[test]
+    fn without_order_by_nothing_waits() {
+        let mut f = Flight::new(10, None);
+        for id in ["1-1", "1-2"] {
+            f.admit(id);
+            f.enqueue(job(id, Some("a")));
+        }
+        let jobs = f.start_ready();
+        f.ran(jobs[0].msg.clone(), reply(), "nop".into());
+        assert_eq!(batch_ids(&f.take_batch()), ["1-1"]);
+        f.ran(jobs[1].msg.clone(), reply(), "nop".into());
+        assert_eq!(batch_ids(&f.take_batch()), ["1-2"]);
     }
 
     #[test]

@@ -36,6 +36,14 @@ pub struct RelaySettings {
 
 /// Runs the relay until `stop`; Redis trouble is retried with backoff.
 pub async fn run(client: Client, s: RelaySettings, mut stop: Shutdown) {
+    // Deliveries wait for a replica (WAIT blocks its connection): on a connection of the relay's own.
+    let client = match client.dedicated(crate::client::outbox::REPLICA_WAIT) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(stream = %s.source, error = %e, "cannot open the outbox relay's connection");
+            return;
+        }
+    };
     let mut backoff = Backoff::new(s.retry_min, s.retry_max);
     loop {
         match pass(&client, &s, &mut stop, &mut backoff).await {
@@ -153,6 +161,10 @@ async fn relay(client: &Client, s: &RelaySettings, entries: &[Entry], deadline: 
     count("delivered", done.delivered);
     count("repeated", done.repeated);
     count("refused", done.refused.len());
+    count("unreplicated", done.unreplicated);
+    if done.unreplicated > 0 {
+        warn!(stream = %s.source, entries = done.unreplicated, "delivered replies have not reached a replica of their target's master yet; they stay pending and are checked again after claim_min_idle");
+    }
     if done.repeated > 0 {
         info!(stream = %s.source, entries = done.repeated, "outbox entries delivered before were settled without writing them again");
     }

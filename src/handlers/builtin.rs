@@ -51,7 +51,7 @@ pub struct Faults {
     pub fail_deliveries: u64,
     /// Fail every Nth invocation (counted across messages).
     pub fail_every: u64,
-    /// Take this long per message.
+    /// Take this long per message (and a message's own `faults_sleep_ms` more).
     pub sleep: std::time::Duration,
     pub calls: std::sync::atomic::AtomicU64,
 }
@@ -69,6 +69,14 @@ impl Handler for Faults {
             let started = crate::model::envelope::now_us();
             if !self.sleep.is_zero() {
                 tokio::time::sleep(self.sleep).await;
+            }
+            // A message may ask to be slow itself (`faults_sleep_ms`), so tests can mix slow and fast.
+            if let Some(ms) = msg
+                .fields
+                .get_str("faults_sleep_ms")
+                .and_then(|v| v.parse().ok())
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
             if let Some(field) = &self.fail_field
                 && msg.fields.get(field).is_some()

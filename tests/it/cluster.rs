@@ -302,6 +302,76 @@ fn replies_crossing_slots_go_through_the_outbox_exactly_once_under_sigkill() {
     );
 }
 
+/// A failover that loses the last writes of a reply's target: its replica is cut off (paused, its
+/// replication link killed) while replies crossing slots are relayed to the master, which is then
+/// killed — its replica promoted without those replies. The relay settles nothing a replica does not
+/// have, so every reply whose input survived is delivered again to the new master; and the messages
+/// whose acks died with that master (it also serves another pair's input) run again without
+/// writing their replies twice: lost=0, duplicates=0.
+#[test]
+fn a_failover_that_loses_the_targets_last_writes_loses_no_reply() {
+    let mut cluster = Cluster::start();
+    let pairs = pairs(false);
+    let (input, target) = (pairs[0].0.clone(), pairs[0].1.clone());
+    let master = cluster.master_of(&target);
+    let replica = cluster.replica_of(master);
+    assert_ne!(
+        cluster.master_of(&input),
+        master,
+        "the input is safe elsewhere"
+    );
+    let mut daemons = start_daemons(&cluster, &pairs);
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
+    publish_all(&cluster, &pairs, &mut ids, 30);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(60));
+
+    // Cut the replica off: it stops, and the master closes its replication link.
+    cluster.pause(replica);
+    let _: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "replica"])
+        .query(&mut cluster.node(master))
+        .unwrap();
+    ids[0].extend(publish(&cluster, &input, 100));
+    let xlen = |cluster: &Cluster, port: u16| -> u64 {
+        redis::cmd("XLEN")
+            .arg(&target)
+            .query(&mut cluster.node(port))
+            .unwrap()
+    };
+    wait_for(
+        "the replies on the cut-off master",
+        Duration::from_secs(30),
+        || (xlen(&cluster, master) >= ids[0].len() as u64).then_some(()),
+    );
+
+    // The master dies; the replica comes back and is promoted without the last replies.
+    cluster.kill(master);
+    cluster.resume(replica);
+    wait_for("the replica to take over", Duration::from_secs(40), || {
+        let now = std::panic::catch_unwind(|| cluster.master_of(&target)).ok()?;
+        (now == replica).then_some(())
+    });
+    cluster.wait_ok(Duration::from_secs(30));
+    let kept = xlen(&cluster, replica);
+    println!(
+        "replies the promoted replica had: {kept} of {}",
+        ids[0].len()
+    );
+    assert!(
+        kept < ids[0].len() as u64,
+        "the failover must lose writes, or this test proves nothing"
+    );
+    settle(&cluster, &pairs, &ids, Duration::from_secs(90));
+    for (input, _) in &pairs {
+        let outbox = outbox::outbox_of(input);
+        wait_for("every outbox settled", Duration::from_secs(30), || {
+            (cluster.xlen(&outbox) == 0 && cluster.pending(&outbox, outbox::GROUP) == 0)
+                .then_some(())
+        });
+    }
+    judge(&cluster, &pairs, &ids, &mut daemons);
+}
+
 /// A consumer whose BLOCK is long against its claim_min_idle: replies arriving late in a relay's read
 /// still make their deadline (the relay blocks at most a quarter of claim_min_idle), so the relay
 /// never fails over its own fence.
@@ -560,7 +630,8 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
             .unwrap();
         assert_eq!((crashed.delivered, crashed.settled), (3, 0));
         assert_eq!(server.xlen(target), 3);
-        // The owner relays them again: nothing written twice, all settled, the records removed.
+        // The owner relays them again: nothing written twice, all settled; the records stay (for a
+        // message that runs again, below).
         let again = client
             .relay(source, "alpha", &got.entries, far, keep)
             .await
@@ -572,7 +643,58 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
             .arg(outbox::seen_of(target))
             .query(&mut server.conn())
             .unwrap();
-        assert_eq!(seen, 0, "settled entries' records are removed");
+        assert_eq!(seen, 3, "the records outlive the settling");
+
+        // A message whose commit was lost with its master runs again: its commit makes new outbox
+        // entries for the same effects (same cause, same reply index). Nothing is written twice; a
+        // reply of another index, or of another message, is.
+        let rerun = |n: &str, cause: &str, index: &str| {
+            server.xadd(
+                &box_,
+                &[
+                    (outbox::TARGET, target),
+                    (outbox::OUTBOX_REPLY, index),
+                    ("n", n),
+                    ("_cause", cause),
+                ],
+            )
+        };
+        rerun("first", "nova:task:{relay}:in/7-0", "0");
+        let got = alpha
+            .read(redstream::client::ReadFrom::New, 10, None)
+            .await
+            .unwrap();
+        let first = client
+            .relay(source, "alpha", &got.entries, far, keep)
+            .await
+            .unwrap();
+        assert_eq!((first.delivered, first.settled), (1, 1));
+        rerun("again", "nova:task:{relay}:in/7-0", "0");
+        rerun("second reply", "nova:task:{relay}:in/7-0", "1");
+        rerun("another message", "nova:task:{relay}:in/8-0", "0");
+        let got = alpha
+            .read(redstream::client::ReadFrom::New, 10, None)
+            .await
+            .unwrap();
+        let again = client
+            .relay(source, "alpha", &got.entries, far, keep)
+            .await
+            .unwrap();
+        assert_eq!((again.delivered, again.repeated, again.settled), (2, 1, 3));
+        let written: Vec<String> = server
+            .entries(target)
+            .iter()
+            .skip(3)
+            .map(|e| e.fields.get_str("n").unwrap().to_owned())
+            .collect();
+        assert_eq!(written, ["first", "second reply", "another message"]);
+        assert!(
+            server
+                .entries(target)
+                .iter()
+                .all(|e| e.fields.get(outbox::OUTBOX_REPLY).is_none()),
+            "the index stays in the outbox"
+        );
 
         // A relay past its deadline writes nothing; the entry stays pending for a claim.
         server.xadd(&box_, &[(outbox::TARGET, target), ("n", "late")]);
@@ -585,7 +707,7 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
             .relay(source, "alpha", &got.entries, past, keep)
             .await;
         assert!(late.is_err(), "a stalled relay is refused: {late:?}");
-        assert_eq!(server.xlen(target), 3, "nothing written");
+        assert_eq!(server.xlen(target), 6, "nothing written");
         assert_eq!(server.pending(&box_, outbox::GROUP), 1, "still pending");
 
         // An entry a target refuses (a key of another type) stays pending; the others go on.

@@ -294,6 +294,76 @@ fn the_widest_entry_the_limits_allow_is_forwarded_and_dead_lettered_whole() {
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
 
+/// A dead-letter stream that refuses (a string at its name) loses nothing — the message stays pending
+/// — and is visible: the heartbeat says degraded with the stream and the reason, and so does
+/// `redstream_degraded`, while other commits keep going; once the key is fixed, the message is claimed
+/// again, dead-lettered, and the daemon is healthy again.
+#[test]
+fn a_refusing_dead_letter_stream_degrades_the_daemon_until_it_is_fixed() {
+    use crate::metrics::{get, sample};
+    let server = RedisServer::start();
+    let port = crate::util::redis_server::free_port();
+    let dlq = "nova:task:commit:refusing-dlq";
+    server.set_string(dlq);
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[heartbeat]\ninterval = \"200ms\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"0\"\nmax_deliveries = 1\n\
+             claim_min_idle = \"500ms\"\nclaim_interval = \"200ms\"\nhandler_timeout = \"200ms\"\n\
+             dead_letter = \"{dlq}\"\nhandler = \"faults\"\n\
+             faults = {{ fail_field = \"poison\", reply_to = \"{OUT}\" }}\n"
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let poison = server.xadd(IN, &[("poison", "1")]);
+    let beat = wait_for("a degraded heartbeat", Duration::from_secs(15), || {
+        let beat = server.entries("nova:system:mcp:heartbeat").pop()?;
+        (beat.fields.get_str("status") == Some("degraded")).then_some(beat)
+    });
+    let reasons = beat.fields.get_str("degraded_reasons").unwrap_or("");
+    assert!(
+        reasons.contains(dlq) && reasons.contains("refuses"),
+        "{reasons}"
+    );
+    wait_for("redstream_degraded = 1", Duration::from_secs(10), || {
+        let (_, t) = get(port, "/metrics");
+        (sample(&t, "redstream_degraded", &[]) == 1.0).then_some(())
+    });
+    // Healthy messages still flow, and the refusal outlasts their commits.
+    let healthy = server.xadd(IN, &[("n", "1")]);
+    wait_for("the healthy reply", Duration::from_secs(10), || {
+        (server.xlen(OUT) == 1).then_some(())
+    });
+    assert_exactly_once(&server, &[healthy]);
+    assert_eq!(
+        server.pending(IN, "g"),
+        1,
+        "the refused message stays pending"
+    );
+    let beat = server.entries("nova:system:mcp:heartbeat").pop().unwrap();
+    assert_eq!(beat.fields.get_str("status"), Some("degraded"));
+
+    // Fixed: the next claim dead-letters it, and the daemon is healthy again.
+    let _: i64 = redis::cmd("DEL")
+        .arg(dlq)
+        .query(&mut server.conn())
+        .unwrap();
+    let letter = wait_for("the dead letter", Duration::from_secs(15), || {
+        server.entries(dlq).pop()
+    });
+    assert_eq!(
+        letter.fields.get_str("_dlq_source"),
+        Some(format!("{IN}/{poison}").as_str())
+    );
+    wait_for("a healthy heartbeat", Duration::from_secs(15), || {
+        let beat = server.entries("nova:system:mcp:heartbeat").pop()?;
+        (beat.fields.get_str("status") == Some("healthy")).then_some(())
+    });
+    assert_eq!(server.pending(IN, "g"), 0);
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
 /// Redis at `maxmemory` with `noeviction` for 45 s in the middle of a run: commits are refused with
 /// nothing written, retried without restarting the loop (which would re-read pending entries and count
 /// extra deliveries), and everything flows once memory is back — nothing lost, nothing written twice,
@@ -429,6 +499,73 @@ fn replies_of_empty_or_too_many_fields_are_refused_to_the_handler() {
     let grown = peak_rss_kib(d.pid()).saturating_sub(before);
     println!("peak RSS grew by {grown} KiB");
     assert!(grown < 64 * 1024, "peak RSS grew by {grown} KiB");
+    wait_for("nothing pending", Duration::from_secs(10), || {
+        (server.pending(IN, "g") == 0).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+/// Claimed entries are bounded before they are buffered, as fresh reads are: three 100 MB entries left
+/// pending by a dead consumer are claimed and dead-lettered by reference, and the claiming daemon's
+/// peak memory stays within 64 MiB of what it was before.
+#[test]
+fn entries_claimed_from_a_dead_consumer_are_bounded_before_they_are_buffered() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let huge = vec![b'x'; 100 << 20];
+    let ids: Vec<String> = (0..3)
+        .map(|_| {
+            redis::cmd("XADD")
+                .arg(IN)
+                .arg("*")
+                .arg("blob")
+                .arg(&huge[..])
+                .query(&mut conn)
+                .unwrap()
+        })
+        .collect();
+    drop(huge);
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", IN, "g", "0"])
+        .query(&mut conn)
+        .unwrap();
+    // A consumer reads them and dies: they stay pending on it.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&["GROUP", "g", "dead", "COUNT", "3", "STREAMS", IN, ">"])
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(server.pending_of(IN, "g", "dead"), 3);
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            "handler = \"forward\"\nforward_to = \"nova:task:commit:out\"",
+            "",
+        )
+        .replace("claim_min_idle = \"2s\"", "claim_min_idle = \"200ms\"")
+        .replace("claim_interval = \"500ms\"", "claim_interval = \"100ms\"")
+        .replace("handler_timeout = \"1s\"", "handler_timeout = \"100ms\""),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let before = peak_rss_kib(d.pid());
+    let letters = wait_for("three dead letters", Duration::from_secs(30), || {
+        let l = server.entries(DLQ);
+        (l.len() == 3).then_some(l)
+    });
+    let grown = peak_rss_kib(d.pid()).saturating_sub(before);
+    println!("peak RSS grew by {grown} KiB");
+    assert!(grown < 64 * 1024, "peak RSS grew by {grown} KiB");
+    let mut sources: Vec<&str> = letters
+        .iter()
+        .map(|l| l.fields.get_str("_dlq_source").unwrap())
+        .collect();
+    sources.sort();
+    let mut want: Vec<String> = ids.iter().map(|id| format!("{IN}/{id}")).collect();
+    want.sort();
+    assert_eq!(sources, want);
+    for letter in &letters {
+        assert_eq!(letter.fields.get_str("_dlq_reason"), Some("too_large"));
+        assert_eq!(letter.fields.get("blob"), None, "referred to, not copied");
+    }
     wait_for("nothing pending", Duration::from_secs(10), || {
         (server.pending(IN, "g") == 0).then_some(())
     });

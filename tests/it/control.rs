@@ -602,3 +602,99 @@ fn status_shows_groups_rates_handlers_and_every_daemon_seen() {
     });
     println!("{r}");
 }
+
+/// Redis restarted without its data under quiet streams read from `$`, and a producer writes before
+/// the daemon is back (its reconnect delay is 3 s): nothing published after Redis came back is
+/// skipped, no loop is restarted, the loss is counted and logged as an error naming the stream, and the
+/// control loop — whose stream nobody writes — recovers too: a signed status_request is answered.
+#[test]
+fn redis_back_empty_skips_nothing_and_the_control_loop_recovers() {
+    use crate::metrics::{get, sample};
+    const IN: &str = "nova:task:control:in";
+    const OUT: &str = "nova:task:control:out";
+    let mut server = RedisServer::start();
+    let port = crate::util::redis_server::free_port();
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[heartbeat]\ninterval = \"500ms\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"$\"\nblock = \"1s\"\n\
+             handler = \"forward\"\nforward_to = \"{OUT}\"\n"
+        ),
+    );
+    let env = [
+        ("REDSTREAM_REDIS__RECONNECT_MIN_DELAY", "3s"),
+        ("REDSTREAM_REDIS__RECONNECT_MAX_DELAY", "4s"),
+    ];
+    let mut d = Daemon::running(&toml, &env);
+    server.xadd(IN, &[("n", "before")]);
+    wait_for("the first reply", Duration::from_secs(10), || {
+        (server.xlen(OUT) == 1).then_some(())
+    });
+
+    server.restart();
+    let ids = server.xadd_backlog(IN, 100);
+    let groups: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg(&["GROUPS", IN])
+        .query(&mut server.conn())
+        .unwrap();
+    assert!(
+        groups.is_empty(),
+        "the producer must write before the daemon is back, or this test proves nothing"
+    );
+    let replies = wait_for("100 replies", Duration::from_secs(30), || {
+        let r = server.entries(OUT);
+        (r.len() >= 100).then_some(r)
+    });
+    let mut causes: Vec<String> = replies
+        .iter()
+        .map(|e| e.fields.get_str("_cause").unwrap().to_owned())
+        .collect();
+    causes.sort();
+    let mut want: Vec<String> = ids.iter().map(|id| format!("{IN}/{id}")).collect();
+    want.sort();
+    assert_eq!(causes, want, "each message published after the loss, once");
+
+    let (_, metrics) = get(port, "/metrics");
+    assert!(
+        sample(&metrics, "redstream_redis_data_loss_total", &[IN]) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "redstream_errors_total",
+            &["kind=\"loop_restart\""]
+        ),
+        0.0,
+        "the loss is waited out, never by restarting a loop"
+    );
+    let line = d.logs().into_iter().find(|l| {
+        l.contains("ERROR") && l.contains("Redis lost this stream's data") && l.contains(IN)
+    });
+    assert!(line.is_some(), "{}", d.logs().join("\n"));
+
+    // The control loop is back: a signed command sent now is obeyed.
+    let request = signed(
+        &server,
+        &["system_write"],
+        &[
+            ("type", "status_request"),
+            ("target", "all"),
+            ("request_id", "after-loss"),
+        ],
+    );
+    xadd(&server, &request);
+    wait_for("a status reply", Duration::from_secs(15), || {
+        server
+            .entries(HEARTBEAT)
+            .into_iter()
+            .find(|e| e.fields.get_str("request_id") == Some("after-loss"))
+    });
+    // And the daemon says healthy again once every loop reads again.
+    wait_for("a healthy heartbeat", Duration::from_secs(15), || {
+        let last = server.entries(HEARTBEAT).pop()?;
+        (last.fields.get_str("status") == Some("healthy")).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}

@@ -294,11 +294,84 @@ fn redis_restart_without_persistence_recreates_the_group_without_a_hot_loop() {
     let after = publish(&server, 5);
     wait_replies(&server, 5, Duration::from_secs(20));
     assert_exactly_once(&server, &after);
-    assert!(d.count_log("re-creating") >= 1, "{}", d.logs().join("\n"));
+    assert!(
+        d.count_log("re-created the group") >= 1,
+        "{}",
+        d.logs().join("\n")
+    );
     assert!(
         outage_lines <= 15,
         "{outage_lines} log lines in a 3 s outage:\n{}",
         d.logs()[lines_before..].join("\n")
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+/// Redis at `maxclients` refuses every new connection: the daemon degrades and waits — no loop is
+/// restarted — and messages flow again once connections can be made.
+#[test]
+fn maxclients_degrades_and_waits_without_restarting_loops() {
+    use crate::metrics::{get, sample};
+    let server = RedisServer::start();
+    let port = crate::util::redis_server::free_port();
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[metrics]\nlisten = \"127.0.0.1:{port}\"\n{}",
+            forward("crowded", &[])
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    publish(&server, 1);
+    wait_replies(&server, 1, Duration::from_secs(10));
+
+    // Only this connection may stay: every other is closed and no new one is let in.
+    let mut admin = server.conn();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients", "1"])
+        .query(&mut admin)
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query(&mut admin)
+        .unwrap();
+    let refused = |t: &str| sample(t, "redstream_errors_total", &["kind=\"connection\""]);
+    let (_, before) = get(port, "/metrics");
+    wait_for(
+        "degraded after refused reconnects",
+        Duration::from_secs(20),
+        || {
+            let (_, t) = get(port, "/metrics");
+            (sample(&t, "redstream_degraded", &[]) == 1.0 && refused(&t) >= refused(&before) + 3.0)
+                .then_some(())
+        },
+    );
+    let (_, during) = get(port, "/metrics");
+    assert_eq!(
+        sample(
+            &during,
+            "redstream_errors_total",
+            &["kind=\"loop_restart\""]
+        ),
+        0.0,
+        "a full server is waited out, not a reason to restart loops:\n{}",
+        d.logs().join("\n")
+    );
+
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients", "10000"])
+        .query(&mut admin)
+        .unwrap();
+    publish(&server, 1);
+    wait_replies(&server, 2, Duration::from_secs(20));
+    wait_for("healthy again", Duration::from_secs(20), || {
+        let (_, t) = get(port, "/metrics");
+        (sample(&t, "redstream_degraded", &[]) == 0.0).then_some(())
+    });
+    let (_, after) = get(port, "/metrics");
+    assert_eq!(
+        sample(&after, "redstream_errors_total", &["kind=\"loop_restart\""]),
+        0.0
     );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
@@ -685,6 +758,63 @@ fn order_by_keeps_each_key_in_order_while_keys_run_in_parallel() {
         .filter(|w| w[1].2 < w[0].2 + 40_000 && w[0].0 != w[1].0)
         .count();
     assert!(busy >= 10, "keys ran in parallel ({busy} overlaps)");
+}
+
+/// Per-key order holds for the replies as written, not only for the handler calls: slow messages (50 of
+/// 5,000, 300 ms each) spread over every key (a commit of one key out while the next of that key finishes and is committed
+/// alone) never put a later message's reply before an earlier one's of the same key.
+#[test]
+fn order_by_keeps_each_keys_replies_in_order_with_slow_messages_on_every_key() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            "ordered-commits",
+            &[
+                ("handler", "\"faults\""),
+                ("order_by", "\"k\""),
+                ("handler_timeout", "\"2s\""),
+                ("claim_min_idle", "\"10s\""),
+                ("faults", "{ reply_to = \"nova:task:engine:out\" }"),
+            ],
+        ),
+    );
+    const KEYS: usize = 20;
+    const N: usize = 5000;
+    let ids: Vec<String> = {
+        let mut conn = server.conn();
+        let mut pipe = redis::pipe();
+        for i in 0..N {
+            let cmd = pipe.cmd("XADD").arg(IN).arg("*");
+            cmd.arg("k").arg(i % KEYS).arg("n").arg(i);
+            // Every key has slow messages: 50 of 5,000 take 300 ms.
+            if i % 97 == 3 {
+                cmd.arg("faults_sleep_ms").arg(300);
+            }
+        }
+        pipe.query(&mut conn).unwrap()
+    };
+    let mut d = Daemon::running(&toml, &[]);
+    wait_replies(&server, N as u64, Duration::from_secs(60));
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert_exactly_once(&server, &ids);
+    let mut last: HashMap<String, usize> = HashMap::new();
+    let mut inversions = Vec::new();
+    for e in server.entries(OUT) {
+        let k = e.fields.get_str("k").unwrap().to_owned();
+        let n: usize = e.fields.get_str("n").unwrap().parse().unwrap();
+        if let Some(&before) = last.get(&k)
+            && before > n
+        {
+            inversions.push(format!("key {k}: {n} written after {before}"));
+        }
+        last.insert(k, n);
+    }
+    assert!(
+        inversions.is_empty(),
+        "{} inversions: {inversions:?}",
+        inversions.len()
+    );
 }
 
 #[test]

@@ -312,3 +312,62 @@ fn twenty_reloads_of_a_reused_handler_under_traffic_leave_the_flow_as_it_was() {
     );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// A reload that changes `[redis]` cannot apply it to the running daemon: it says "restart needed"
+/// with the keys, in the heartbeat and in `redstream_restart_needed`, while consuming goes on as
+/// before; a reload of a file that matches the running settings again clears it.
+#[test]
+fn a_reload_that_changes_redis_settings_says_restart_needed_until_it_matches_again() {
+    use crate::metrics::{get, sample};
+    let server = RedisServer::start();
+    let port = crate::util::redis_server::free_port();
+    let v1 = daemon_toml(
+        &server.url(),
+        &format!(
+            "[heartbeat]\ninterval = \"200ms\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n{}",
+            consumer("a", &forward("out-a"))
+        ),
+    );
+    let v2 = v1.replace("command_timeout = \"2s\"", "command_timeout = \"3s\"");
+    assert_ne!(v1, v2);
+    let mut d = Daemon::running(&v1, &[]);
+    let restart_needed = || sample(&get(port, "/metrics").1, "redstream_restart_needed", &[]);
+    assert_eq!(restart_needed(), 0.0);
+
+    std::fs::write(d.config_path(), &v2).unwrap();
+    d.signal(libc::SIGHUP);
+    let beat = wait_for(
+        "a heartbeat saying restart needed",
+        Duration::from_secs(15),
+        || {
+            let beat = server.entries("nova:system:mcp:heartbeat").pop()?;
+            beat.fields
+                .get_str("degraded_reasons")
+                .is_some_and(|r| r.contains("restart needed: redis.command_timeout"))
+                .then_some(beat)
+        },
+    );
+    assert_eq!(beat.fields.get_str("status"), Some("degraded"));
+    assert_eq!(restart_needed(), 1.0);
+    // Consuming goes on meanwhile, and a second reload of the same file still says so.
+    server.xadd("nova:task:reload:a", &[("n", "1")]);
+    wait_for("the forward", Duration::from_secs(10), || {
+        (server.xlen("nova:task:reload:out-a") == 1).then_some(())
+    });
+    d.signal(libc::SIGHUP);
+    wait_for("the second reload", Duration::from_secs(10), || {
+        (d.count_log("reloaded the config") == 2).then_some(())
+    });
+    assert_eq!(restart_needed(), 1.0);
+
+    std::fs::write(d.config_path(), &v1).unwrap();
+    d.signal(libc::SIGHUP);
+    wait_for("restart no longer needed", Duration::from_secs(10), || {
+        (restart_needed() == 0.0).then_some(())
+    });
+    wait_for("a healthy heartbeat", Duration::from_secs(15), || {
+        let beat = server.entries("nova:system:mcp:heartbeat").pop()?;
+        (beat.fields.get_str("status") == Some("healthy")).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}

@@ -16,6 +16,14 @@ struct Node {
     child: Option<Child>,
     port: u16,
     bus: u16,
+    /// SIGSTOPped by [`Cluster::pause`]: not asked anything until resumed.
+    paused: bool,
+}
+
+impl Node {
+    fn live(&self) -> bool {
+        self.child.is_some() && !self.paused
+    }
 }
 
 pub struct Cluster {
@@ -175,6 +183,7 @@ impl Cluster {
                     child: Some(child),
                     port,
                     bus,
+                    paused: false,
                 };
             }
             let _ = child.kill();
@@ -187,7 +196,7 @@ impl Cluster {
     pub fn ports(&self) -> Vec<u16> {
         self.nodes
             .iter()
-            .filter(|n| n.child.is_some())
+            .filter(|n| n.live())
             .map(|n| n.port)
             .collect()
     }
@@ -212,7 +221,7 @@ impl Cluster {
         let seeds: Vec<String> = self
             .nodes
             .iter()
-            .filter(|n| n.child.is_some())
+            .filter(|n| n.live())
             .map(|n| format!("{}://127.0.0.1:{}", self.scheme(), n.port))
             .collect();
         let mut builder = redis::cluster::ClusterClientBuilder::new(seeds);
@@ -250,7 +259,7 @@ impl Cluster {
     fn live_port(&self) -> u16 {
         self.nodes
             .iter()
-            .find(|n| n.child.is_some())
+            .find(|n| n.live())
             .expect("a live node")
             .port
     }
@@ -269,7 +278,7 @@ impl Cluster {
             let states: Vec<bool> = self
                 .nodes
                 .iter()
-                .filter(|n| n.child.is_some())
+                .filter(|n| n.live())
                 .map(|n| {
                     self.client(n.port)
                         .get_connection_with_timeout(Duration::from_millis(300))
@@ -285,6 +294,57 @@ impl Cluster {
                 .collect();
             states.iter().all(|ok| *ok).then_some(())
         });
+    }
+
+    /// The port of the replica of the master at `port` (the first, if it has several).
+    pub fn replica_of(&self, port: u16) -> u16 {
+        let id = self.id_of(port);
+        wait_for("a replica of that master", Duration::from_secs(20), || {
+            let nodes: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query(&mut self.node(port))
+                .expect("CLUSTER NODES");
+            nodes
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|f| f.len() > 3 && f[3] == id)
+                .and_then(|f| f[1].split(['@', ':']).nth(1)?.parse().ok())
+        })
+    }
+
+    /// SIGSTOPs the node at `port` (it answers nothing, its links stay open) until [`Cluster::resume`].
+    pub fn pause(&mut self, port: u16) {
+        self.signal(port, libc::SIGSTOP);
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap()
+            .paused = true;
+    }
+
+    pub fn resume(&mut self, port: u16) {
+        self.signal(port, libc::SIGCONT);
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap()
+            .paused = false;
+    }
+
+    fn signal(&self, port: u16, sig: i32) {
+        let node = self.nodes.iter().find(|n| n.port == port).unwrap();
+        let pid = node.child.as_ref().expect("a running node").id() as i32;
+        // SAFETY: a signal to a child process this cluster started.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    /// SIGKILLs the node at `port`.
+    pub fn kill(&mut self, port: u16) {
+        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
+        if let Some(mut c) = node.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// SIGKILLs the master serving `key`, waits for its replica to take over, and returns the port
