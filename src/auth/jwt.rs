@@ -380,6 +380,11 @@ impl KeySet {
         self.signature_ttl
     }
 
+    /// How far past `exp` a token or signature is still accepted (`auth.leeway`).
+    pub fn leeway(&self) -> Duration {
+        self.leeway
+    }
+
     /// Signs a token for `subject` with `roles`, valid from now for `ttl`. Returns it with its expiry.
     pub fn issue(
         &self,

@@ -9,6 +9,15 @@
 //! message's commit, and the control handler before it acts, so each signed message takes effect once
 //! per consumer group.
 //!
+//! Single use holds whatever the clocks: a signature is accepted until `exp` + `auth.leeway` by the
+//! verifying daemon's clock, and its use record must outlive that by Redis's. It is therefore written
+//! with a *relative* expiry (`SET … NX PX`, [`marker_ttl_ms`]): the time left until `exp` + leeway +
+//! [`SKEW_MARGIN`] by the daemon's own clock, so a daemon whose clock differs from Redis's keeps the
+//! record exactly as long as it would accept the signature (an absolute `PXAT` computed from `exp`
+//! would be in the past for Redis as soon as `exp` passed — and Redis deletes such a key at once —
+//! while the leeway still accepted copies). The margin covers clocks of different daemons that differ
+//! from one another by up to a minute.
+//!
 //! The digest is SHA-256 over the stream name and every field but `_sig` and `_token`, in the order
 //! sent, each as a 4-byte big-endian length and the bytes: no separator can be forged, and names and
 //! values are bytes exact.
@@ -23,6 +32,25 @@ use sha2::{Digest as _, Sha256};
 use super::Identity;
 use super::jwt::{KeySet, TokenError};
 use crate::model::envelope::Fields;
+
+/// How much longer than its acceptance window a signature's use is remembered: the most two daemons'
+/// clocks may differ for single use to hold across them.
+pub const SKEW_MARGIN: Duration = Duration::from_secs(60);
+
+/// The relative expiry (ms) of a use record that must be kept until `until_ms` (the daemon's clock),
+/// written at `now_ms` (the same clock): the time left, and never less than [`SKEW_MARGIN`] — a commit
+/// made late (a slow handler) still keeps the record past every acceptance of a copy.
+pub fn marker_ttl_ms(until_ms: u64, now_ms: u64) -> u64 {
+    until_ms
+        .saturating_sub(now_ms)
+        .max(SKEW_MARGIN.as_millis() as u64)
+}
+
+/// Until when (ms since the epoch) the use of a signature expiring at `exp_s` must be remembered, by
+/// the clock of a daemon accepting it with `leeway`: its last acceptance, plus [`SKEW_MARGIN`].
+pub fn remember_until_ms(exp_s: u64, leeway: Duration) -> u64 {
+    (Duration::from_secs(exp_s) + leeway + SKEW_MARGIN).as_millis() as u64
+}
 
 /// The field carrying a message's signature.
 pub const FIELD: &str = "_sig";
@@ -55,9 +83,9 @@ struct MessageClaims {
 pub struct Signed {
     pub identity: Identity,
     pub jti: String,
-    /// When the signature expires, in milliseconds since the epoch: its `jti` need not be remembered
-    /// past that.
-    pub expires_at_ms: u64,
+    /// Until when its `jti` must be remembered, in milliseconds since the epoch by this daemon's
+    /// clock: `exp` + `auth.leeway` + [`SKEW_MARGIN`] (no copy is accepted after `exp` + leeway).
+    pub remember_until_ms: u64,
 }
 
 /// The digest a signature covers: base64url SHA-256 of the stream and the fields (see the module doc).
@@ -165,7 +193,7 @@ impl KeySet {
         Ok(Signed {
             identity: super::jwt::identity(claims.sub, &claims.roles)?,
             jti: claims.jti,
-            expires_at_ms: claims.exp.saturating_mul(1000),
+            remember_until_ms: remember_until_ms(claims.exp, self.leeway()),
         })
     }
 }
@@ -173,6 +201,16 @@ impl KeySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_use_record_outlives_the_acceptance_window_by_the_margin_and_never_less() {
+        let until = remember_until_ms(1_000, Duration::from_secs(30));
+        assert_eq!(until, (1_000 + 30 + 60) * 1000);
+        // Written 2 s after exp (inside the leeway): kept 88 s more, relative to now.
+        assert_eq!(marker_ttl_ms(until, 1_002_000), 88_000);
+        // Written late (a slow handler): never less than the margin.
+        assert_eq!(marker_ttl_ms(until, 2_000_000), 60_000);
+    }
 
     #[test]
     fn the_digest_binds_stream_names_values_and_order_and_skips_the_signature() {

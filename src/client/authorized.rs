@@ -569,8 +569,9 @@ impl Client {
 
     /// Records that signature `once` took effect with the entry `owner` (`<stream>/<id>`) for `group`
     /// of `stream`, unless another entry did first: None when this one holds it (now, or already — a
-    /// retry of the same entry), else the entry that does. The record lives until the signature
-    /// expires; the commit script checks and writes the same key ([`commit::signature_key`]).
+    /// retry of the same entry), else the entry that does. The record outlives every acceptance of the
+    /// signature (a relative expiry, [`signature::marker_ttl_ms`]); the commit script checks and writes
+    /// the same key ([`commit::signature_key`]).
     pub async fn claim_signature(
         &self,
         stream: &str,
@@ -580,12 +581,13 @@ impl Client {
     ) -> Result<Option<String>> {
         self.authorize(Op::Publish, stream)?;
         let key = commit::signature_key(stream, group, &once.jti, self.redis.is_cluster());
+        let ttl = signature::marker_ttl_ms(once.until_ms, envelope::now_ms());
         let mut cmd = redis::cmd("SET");
         cmd.arg(&key)
             .arg(owner)
             .arg("NX")
-            .arg("PXAT")
-            .arg(once.until_ms)
+            .arg("PX")
+            .arg(ttl)
             .arg("GET");
         let prior: Option<String> = self.redis.query(&cmd, Ctx::new("SET", &key)).await?;
         Ok(prior.filter(|p| p != owner))

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use redis::{Cmd, Value};
 
 use super::slot;
+use crate::auth::signature;
 use crate::model::dead_letter as dlq;
 use crate::model::envelope::{self, Fields};
 use crate::model::limits::Size;
@@ -120,7 +121,7 @@ pub enum Committed {
 /// `<source stream>/<id>` first), 3 a reply to the outbox (the same after the target's name and the
 /// reply's index among the message's replies, written as `_outbox_target` and `_outbox_reply`: the
 /// relay's dedupe names the effect by cause and index), 0 an entry complete as given (dead letters), 2 a signed message's use
-/// marker (the owning entry and the expiry: SET NX PXAT; always the message's first write). What the
+/// marker (the owning entry and its relative expiry: SET NX PX; always the message's first write). What the
 /// batch shares — the envelope's time and source, the cause's prefix — travels once.
 ///
 /// Returns per message: 1 committed, 0 not ours, 2 not tried, or `{code, key, detail}`: -1 the ACL
@@ -261,7 +262,7 @@ for m = 1, n do
           '_timestamp', ts, '_source', source, '_trace_id', ARGV[a + 2], '_cause', cause .. id,
           unpack(ARGV, a + 3, last))
       elseif kind == 2 then
-        r = redis.pcall('SET', key, ARGV[a], 'NX', 'PXAT', ARGV[a + 1])
+        r = redis.pcall('SET', key, ARGV[a], 'NX', 'PX', ARGV[a + 1])
       else
         r = redis.pcall('XADD', key, '*', unpack(ARGV, a, last))
       end
@@ -436,7 +437,8 @@ impl Committer {
             }
         }
 
-        let now = envelope::now_ms().to_string();
+        let now_ms = envelope::now_ms();
+        let now = now_ms.to_string();
         let mut dead_letters = dead_letters.into_iter();
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(sha).arg(keys.len()).arg(&keys);
@@ -453,7 +455,7 @@ impl Committer {
             cmd.arg(&f.msg.id);
             if let Some(once) = self.once(f) {
                 cmd.arg(format!("{}/{}", self.stream, f.msg.id))
-                    .arg(once.until_ms);
+                    .arg(signature::marker_ttl_ms(once.until_ms, now_ms));
             }
             match &f.effect {
                 Effect::Replies(replies) => {

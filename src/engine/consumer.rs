@@ -980,7 +980,9 @@ impl Consumer {
             subject: verified.identity.subject,
             once: Some(Once {
                 jti: verified.jti,
-                until_ms: verified.expires_at_ms,
+                // A copy accepted at the last moment may commit a handler's deadline later: the
+                // record outlives that too.
+                until_ms: verified.remember_until_ms + self.cfg.handler_timeout.as_millis() as u64,
             }),
         }));
         Ok(())

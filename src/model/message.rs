@@ -39,7 +39,8 @@ pub struct Sender {
     pub once: Option<Once>,
 }
 
-/// A signature's `jti` and until when it must be remembered (ms since the epoch).
+/// A signature's `jti` and until when it must be remembered (ms since the epoch, by this daemon's
+/// clock: the record is written with the time left, relative, so Redis's clock does not matter).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Once {
     pub jti: String,

@@ -698,3 +698,73 @@ fn redis_back_empty_skips_nothing_and_the_control_loop_recovers() {
     });
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// Copies of a signed command sent after its `exp`, inside `auth.leeway` (where it is still accepted):
+/// it is obeyed once, the copies are dead-lettered as replayed. (A use record written with an absolute
+/// expiry at `exp` would be gone already, and every copy obeyed.)
+#[test]
+fn copies_sent_after_expiry_inside_the_leeway_are_refused() {
+    let server = RedisServer::start();
+    let mut d = Daemon::running(&toml(&server, "1h"), &[]);
+    let keys = settings(&server.url()).auth.keys;
+    let identity = Identity {
+        subject: "operator".into(),
+        roles: Roles::parse(&["system_write"]).unwrap(),
+    };
+    let fields: Vec<(&str, &str)> = vec![
+        ("type", "status_request"),
+        ("target", "all"),
+        ("request_id", "late"),
+    ];
+    let f: Fields = fields.iter().copied().collect();
+    let sig = keys
+        .sign_message(&identity, CONTROL, &f, Duration::from_secs(1))
+        .unwrap();
+    let exp_ms = {
+        use base64::Engine as _;
+        let payload = sig.split('.').nth(1).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        claims["exp"].as_u64().unwrap() * 1000
+    };
+    // Wait on the clock until the signature has been expired for two seconds (leeway 30 s).
+    wait_for("the signature to expire", Duration::from_secs(10), || {
+        (redstream::model::envelope::now_ms() > exp_ms + 2000).then_some(())
+    });
+    let mut signed: Vec<(String, String)> = fields
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    signed.push(("_sig".into(), sig));
+    for _ in 0..4 {
+        xadd(&server, &signed);
+    }
+    let reasons = wait_for(
+        "three copies dead-lettered",
+        Duration::from_secs(15),
+        || {
+            let r: Vec<String> = server
+                .entries(CONTROL_DLQ)
+                .iter()
+                .map(|e| e.fields.get_str("_dlq_reason").unwrap_or("").to_owned())
+                .collect();
+            (r.len() >= 3).then_some(r)
+        },
+    );
+    assert!(
+        reasons.iter().all(|r| r.contains("replayed")),
+        "{reasons:?}"
+    );
+    let answers = server
+        .entries(HEARTBEAT)
+        .iter()
+        .filter(|e| e.fields.get_str("request_id") == Some("late"))
+        .count();
+    assert_eq!(answers, 1, "obeyed once");
+    assert_eq!(server.xlen(CONTROL_DLQ), 3);
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}

@@ -67,3 +67,44 @@ proptest! {
         let _ = settings_from(&text);
     }
 }
+
+proptest! {
+    /// "A jti is obeyed at most once, whatever the clocks": daemon A accepts a signed message (its
+    /// clock at most `exp` + leeway) and commits it a handler's deadline later at most, writing the use
+    /// record with the relative expiry the code computes; Redis counts that expiry on its own clock,
+    /// which does not enter (it is relative). Daemon B, whose clock differs from A's by less than the
+    /// margin, accepts a copy as late as its clock allows and commits it as late as its handler may:
+    /// the record must still be there — over every exp, leeway, skew and delay.
+    #[test]
+    fn a_signature_is_obeyed_at_most_once_whatever_the_clocks(
+        exp_s in 1_000_000u64..2_000_000_000,
+        leeway_s in 0u64..300,
+        skew_a_ms in -3_600_000i64..3_600_000,
+        skew_ab_ms in -59_000i64..59_000,
+        accepted_early_ms in 0u64..600_000,
+        handler_ms in 0u64..30_000,
+        commit_a_ms in 0u64..30_000,
+    ) {
+        use redstream::auth::signature::{marker_ttl_ms, remember_until_ms};
+        let leeway = Duration::from_secs(leeway_s);
+        let last_ms = (exp_s + leeway_s) * 1000; // the last acceptance, by any verifier's clock
+        let true_of = |clock_ms: u64, skew: i64| (clock_ms as i64 - skew) as i128;
+        let skew_b_ms = skew_a_ms + skew_ab_ms;
+        // A accepts at its clock's last_ms - accepted_early_ms, commits commit_a_ms later (within its
+        // handler deadline), with the record kept until remember_until + the deadline (as dispatch does).
+        let deadline_ms = 30_000;
+        let a_accept = last_ms.saturating_sub(accepted_early_ms);
+        let a_commit = a_accept + commit_a_ms;
+        let until = remember_until_ms(exp_s, leeway) + deadline_ms;
+        let ttl = marker_ttl_ms(until, a_commit);
+        let record_gone_at = true_of(a_commit, skew_a_ms) + ttl as i128;
+        // B accepts its copy at its clock's last moment and commits it handler_ms later.
+        let b_commit_true = true_of(last_ms, skew_b_ms) + handler_ms as i128;
+        let a_commit_true = true_of(a_commit, skew_a_ms);
+        // Obeyed twice would need B's commit after A's and after the record is gone.
+        prop_assert!(
+            b_commit_true <= a_commit_true || b_commit_true < record_gone_at,
+            "B commits at {b_commit_true}, the record is gone at {record_gone_at}"
+        );
+    }
+}
