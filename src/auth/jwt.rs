@@ -309,6 +309,16 @@ impl KeySet {
         token: &str,
         now: SystemTime,
     ) -> Result<(T, &Key), TokenError> {
+        self.decode_checking(token, now, true)
+    }
+
+    /// [`KeySet::decode`], with the expiry checked or not (authorship of an old record).
+    pub(super) fn decode_checking<T: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        now: SystemTime,
+        check_exp: bool,
+    ) -> Result<(T, &Key), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             ErrorKind::Json(_) => TokenError::Malformed(
                 "header is not valid JSON or names an unsupported algorithm (alg \"none\" is never accepted)"
@@ -332,6 +342,10 @@ impl KeySet {
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.validate_nbf = true;
+        validation.validate_exp = check_exp;
+        if !check_exp {
+            validation.required_spec_claims.remove("exp");
+        }
         validation.leeway = self.leeway.as_secs();
         let data = jsonwebtoken::decode::<T>(token, &key.decoding, &validation)
             .map_err(|e| map_error(e.into_kind()))?;

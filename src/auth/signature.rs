@@ -160,6 +160,25 @@ impl KeySet {
             .map_err(|e| TokenError::Signing(e.to_string()))
     }
 
+    /// Who signed the entry `fields` of `stream` (a heartbeat), expired or not: the signature must be
+    /// a message signature by the key set, for that stream and exactly those fields. Says nothing about
+    /// when it was written — the entry's id does.
+    pub fn signer_of(
+        &self,
+        signature: &str,
+        stream: &str,
+        fields: &Fields,
+    ) -> Result<Identity, TokenError> {
+        let (claims, _) =
+            self.decode_checking::<MessageClaims>(signature, SystemTime::now(), false)?;
+        if claims.typ != TYP || claims.stream != stream || claims.dig != digest(stream, fields) {
+            return Err(TokenError::InvalidClaim(
+                "not a signature of this entry".into(),
+            ));
+        }
+        super::jwt::identity(claims.sub, &claims.roles)
+    }
+
     /// Verifies `signature` for the message `fields` as read from `stream`.
     pub fn verify_message(
         &self,

@@ -4,16 +4,25 @@
 //! token: per configured group XINFO (consumers, pending, lag), and the heartbeat stream, where every
 //! daemon publishes its status, uptime, per-loop counters and per-handler latency quantiles
 //! ([`crate::daemon::control::Vitals`]). Rates over the last minute are the difference between a
-//! daemon's newest heartbeat and its oldest one of the minute before. A daemon whose newest heartbeat
-//! is older than three intervals, and that did not say it was stopping, is `missing`.
+//! daemon's newest heartbeat and its oldest one of the minute before.
+//!
+//! A heartbeat's age is judged by its entry id, which Redis stamps with its own clock, against Redis's
+//! TIME — never by a field the writer chose. A daemon whose newest heartbeat is older than two
+//! intervals (plus a second), and that did not say it stopped, is `missing`. Its author is judged by its
+//! signature: a daemon that holds the signing key signs its heartbeats, and one whose newest heartbeat
+//! is not signed by the identity its `server_id` names is shown `unverified` (anyone who may XADD to
+//! the heartbeat stream could have written it); a daemon that has signed beats is judged by those only.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::auth::jwt::KeySet;
+use crate::auth::signature;
 use crate::client::{Client, ConsumerInfo, ReadOptions};
 use crate::config::Settings;
+use crate::model::StreamId;
 use crate::model::envelope::{Entry, now_ms};
 
 /// One screen's worth.
@@ -63,9 +72,11 @@ pub struct HandlerRow {
 #[derive(Debug, Serialize)]
 pub struct DaemonRow {
     pub server_id: String,
-    /// healthy, degraded, stopping or missing.
+    /// healthy, degraded, stopping, stopped or missing.
     pub status: String,
     pub degraded_reasons: Option<String>,
+    /// Whether its newest heartbeat is signed by the identity its server id names.
+    pub verified: bool,
     pub last_seen_ms_ago: u64,
     pub uptime_s: u64,
     pub consumers: u64,
@@ -73,7 +84,9 @@ pub struct DaemonRow {
 
 /// A heartbeat, decoded.
 struct Beat {
+    /// When Redis added it (its entry id).
     at_ms: u64,
+    verified: bool,
     status: String,
     reasons: Option<String>,
     uptime_s: u64,
@@ -82,7 +95,7 @@ struct Beat {
     handlers: Vec<serde_json::Value>,
 }
 
-fn beat(e: &Entry) -> Option<(String, Beat)> {
+fn beat(e: &Entry, stream: &str, keys: &KeySet) -> Option<(String, Beat)> {
     let text = |k: &str| e.fields.get_str(k).map(str::to_owned);
     let num = |k: &str| text(k).and_then(|v| v.parse::<u64>().ok());
     let json = |k: &str| {
@@ -90,10 +103,15 @@ fn beat(e: &Entry) -> Option<(String, Beat)> {
             .and_then(|v| serde_json::from_str::<Vec<serde_json::Value>>(&v).ok())
             .unwrap_or_default()
     };
+    let server_id = text("server_id")?;
+    let verified = text(signature::FIELD)
+        .and_then(|sig| keys.signer_of(&sig, stream, &e.fields).ok())
+        .is_some_and(|who| server_id.split('@').next() == Some(who.subject.as_str()));
     Some((
-        text("server_id")?,
+        server_id,
         Beat {
-            at_ms: num("timestamp")?,
+            at_ms: StreamId::parse(&e.id).ok()?.ms,
+            verified,
             status: text("status")?,
             reasons: text("degraded_reasons"),
             uptime_s: num("uptime").unwrap_or(0),
@@ -106,7 +124,8 @@ fn beat(e: &Entry) -> Option<(String, Beat)> {
 
 /// Gathers one report.
 pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Result<Report> {
-    let now = now_ms();
+    // Redis's clock, which stamped the heartbeats' ids (this host's may differ).
+    let now = client.server_time_ms().await.unwrap_or_else(|_| now_ms());
     // Every daemon's heartbeats, newest first (the stream is trimmed to its max_len).
     let mut beats: BTreeMap<String, Vec<Beat>> = BTreeMap::new();
     let mut interval = Duration::from_secs(10);
@@ -118,7 +137,7 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
             ..ReadOptions::default()
         };
         for e in client.read(&h.stream, &opts).await? {
-            if let Some((id, b)) = beat(&e) {
+            if let Some((id, b)) = beat(&e, &h.stream, &settings.auth.keys) {
                 beats.entry(id).or_default().push(b);
             }
         }
@@ -127,9 +146,14 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
     let mut rates: BTreeMap<(String, String), Rates> = BTreeMap::new();
     let mut handlers: BTreeMap<String, HandlerRow> = BTreeMap::new();
     for (id, list) in &beats {
-        let newest = &list[0];
+        // A daemon that signs is judged by its own beats: an unsigned entry in its name (anyone's
+        // XADD) neither keeps it alive nor speaks for it.
+        let signs = list.iter().any(|b| b.verified);
+        let list: Vec<&Beat> = list.iter().filter(|b| b.verified || !signs).collect();
+        let newest = list[0];
         let age = now.saturating_sub(newest.at_ms);
-        let status = if newest.status != "stopping" && age > 3 * interval.as_millis() as u64 {
+        let missing_after = 2 * interval.as_millis() as u64 + 1000;
+        let status = if newest.status != "stopped" && age > missing_after {
             "missing".to_owned()
         } else {
             newest.status.clone()
@@ -139,6 +163,7 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
             server_id: id.clone(),
             status,
             degraded_reasons: newest.reasons.clone(),
+            verified: newest.verified,
             last_seen_ms_ago: age,
             uptime_s: newest.uptime_s,
             consumers: newest.consumers,
@@ -150,7 +175,7 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
         if let Some(old) = list
             .iter()
             .rev()
-            .find(|b| newest.at_ms - b.at_ms <= 60_000 && b.at_ms < newest.at_ms)
+            .find(|b| b.at_ms < newest.at_ms && newest.at_ms - b.at_ms <= 60_000)
         {
             let span_min = (newest.at_ms - old.at_ms) as f64 / 60_000.0;
             for g in &newest.groups {
@@ -319,7 +344,7 @@ pub fn render(r: &Report) -> String {
     }
     out.push('\n');
     out.push_str(&format!(
-        "{:<46} {:<10} {:>10} {:>10} {:>6}\n",
+        "{:<36} {:<20} {:>10} {:>10} {:>6}\n",
         "DAEMON", "STATUS", "SEEN", "UPTIME", "LOOPS"
     ));
     if r.daemons.is_empty() {
@@ -327,9 +352,13 @@ pub fn render(r: &Report) -> String {
     }
     for d in &r.daemons {
         out.push_str(&format!(
-            "{:<46} {:<10} {:>10} {:>10} {:>6}\n",
-            fit(&d.server_id, 46),
-            d.status,
+            "{:<36} {:<20} {:>10} {:>10} {:>6}\n",
+            fit(&d.server_id, 36),
+            if d.verified {
+                d.status.clone()
+            } else {
+                format!("{} (unverified)", d.status)
+            },
             ago(d.last_seen_ms_ago),
             uptime(d.uptime_s),
             d.consumers
@@ -375,6 +404,7 @@ mod tests {
                 server_id: long.into(),
                 status: "degraded".into(),
                 degraded_reasons: Some("x".repeat(300)),
+                verified: false,
                 last_seen_ms_ago: 3_000,
                 uptime_s: 90_061,
                 consumers: 3,
@@ -385,5 +415,6 @@ mod tests {
             assert!(line.chars().count() <= 100, "{} > 100: {line}", line.len());
         }
         assert!(text.contains("1d 1h") && text.contains("3s ago"), "{text}");
+        assert!(text.contains("degraded (unverified)"), "{text}");
     }
 }

@@ -593,6 +593,15 @@ impl Client {
         Ok(prior.filter(|p| p != owner))
     }
 
+    /// Redis's clock (TIME), in milliseconds since the epoch: what entry ids are stamped with.
+    pub async fn server_time_ms(&self) -> Result<u64> {
+        let (secs, micros): (u64, u64) = self
+            .redis
+            .query(&redis::cmd("TIME"), Ctx::new("TIME", ""))
+            .await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
     /// Loads the commit script into Redis's script cache (at start, and after EVALSHA met NOSCRIPT).
     pub async fn load_commit_script(&self, stream: &str) -> Result<()> {
         let mut cmd = redis::cmd("SCRIPT");

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use crate::auth::jwt::KeySet;
 use crate::auth::{Op, Roles};
 use crate::client::{Client, PublishOptions};
 use crate::config::HeartbeatSettings;
@@ -33,6 +34,7 @@ pub struct Vitals {
     stats: Mutex<Vec<Arc<Stats>>>,
     health: Arc<Health>,
     stopping: AtomicBool,
+    stopped: AtomicBool,
 }
 
 impl Vitals {
@@ -43,6 +45,7 @@ impl Vitals {
             stats: Mutex::new(Vec::new()),
             health,
             stopping: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
         }
     }
 
@@ -55,9 +58,17 @@ impl Vitals {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
-    /// `healthy`, `degraded` (a loop is not making progress, or a condition such as a lapsing token)
-    /// or `stopping`, with the reasons when degraded.
+    /// Drained: the last heartbeat says so.
+    pub fn stopped(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// `healthy`, `degraded` (a loop is not making progress, or a condition such as a lapsing token),
+    /// `stopping` or `stopped`, with the reasons when degraded.
     fn status(&self) -> (&'static str, Vec<String>) {
+        if self.stopped.load(Ordering::Relaxed) {
+            return ("stopped", Vec::new());
+        }
         if self.stopping.load(Ordering::Relaxed) {
             return ("stopping", Vec::new());
         }
@@ -134,30 +145,46 @@ fn resident_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Publishes a heartbeat every interval until shutdown, and a last one saying `stopping`.
-pub async fn heartbeat(
-    client: Client,
-    settings: HeartbeatSettings,
-    vitals: Arc<Vitals>,
-    mut shutdown: Shutdown,
-) {
-    let opts = PublishOptions {
-        maxlen: Some(settings.max_len),
-    };
-    let mut tick = tokio::time::interval(settings.interval);
-    loop {
-        let last = tokio::select! {
-            _ = tick.tick() => false,
-            _ = shutdown.wait() => true,
+/// Writes heartbeats: signed by the daemon's identity when its key set can sign, so that `redstream
+/// status` can tell a daemon's own beats from anyone's XADD (a heartbeat's age is judged by the entry
+/// id Redis assigned, its author by the signature).
+#[derive(Clone)]
+pub struct Beats {
+    pub client: Client,
+    pub settings: HeartbeatSettings,
+    pub vitals: Arc<Vitals>,
+    pub keys: Option<Arc<KeySet>>,
+}
+
+impl Beats {
+    /// One heartbeat now.
+    pub async fn beat(&self) {
+        let opts = PublishOptions {
+            maxlen: Some(self.settings.max_len),
         };
-        if let Err(e) = client
-            .publish(&settings.stream, vitals.fields(), opts)
-            .await
-        {
+        let (stream, fields) = (&self.settings.stream, self.vitals.fields());
+        let sent = match &self.keys {
+            Some(keys) => self.client.publish_signed(stream, fields, keys, opts).await,
+            None => self.client.publish(stream, fields, opts).await,
+        };
+        if let Err(e) = sent {
             tracing::debug!(error = %e, "heartbeat not published");
         }
-        if last {
-            return;
+    }
+
+    /// A heartbeat every interval until shutdown, and one saying `stopping` then. (The daemon writes
+    /// a last one saying `stopped` once it has drained.)
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(self.settings.interval);
+        loop {
+            let last = tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.wait() => true,
+            };
+            self.beat().await;
+            if last {
+                return;
+            }
         }
     }
 }

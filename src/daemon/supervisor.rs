@@ -210,13 +210,19 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
             .map_err(RunError::Failed)?;
     }
     d.vitals.set_stats(d.all_stats());
-    if let Some(h) = d.settings.heartbeat.clone() {
-        side.spawn(control::heartbeat(
-            d.client.clone(),
-            h,
-            d.vitals.clone(),
-            d.stop.clone(),
-        ));
+    let beats = d.settings.heartbeat.clone().map(|settings| control::Beats {
+        client: d.client.clone(),
+        settings,
+        vitals: d.vitals.clone(),
+        keys: d
+            .settings
+            .auth
+            .keys
+            .can_sign()
+            .then(|| d.settings.auth.keys.clone()),
+    });
+    if let Some(b) = beats.clone() {
+        side.spawn(b.run(d.stop.clone()));
     }
     if !d.settings.retention.is_empty() {
         side.spawn(super::retention::run(
@@ -378,6 +384,16 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         );
         side.abort_all();
         while side.join_next().await.is_some() {}
+    }
+    // A last heartbeat after the drain: `redstream status` shows this daemon stopped, not missing.
+    if let Some(b) = beats {
+        d.vitals.stopped();
+        if tokio::time::timeout(Duration::from_secs(2), b.beat())
+            .await
+            .is_err()
+        {
+            tracing::debug!("the last heartbeat was not written in time");
+        }
     }
     Ok(stopped)
 }

@@ -84,11 +84,17 @@ fn heartbeats_are_published_and_trimmed() {
             > 1 << 20
     );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
-    let last = server.entries(HEARTBEAT).pop().unwrap();
+    let beats = server.entries(HEARTBEAT);
+    let statuses: Vec<&str> = beats
+        .iter()
+        .rev()
+        .take(2)
+        .map(|b| b.fields.get_str("status").unwrap())
+        .collect();
     assert_eq!(
-        last.fields.get_str("status"),
-        Some("stopping"),
-        "a last beat on the way out"
+        statuses,
+        ["stopped", "stopping"],
+        "a beat when the drain begins, a last one once drained"
     );
 }
 
@@ -577,18 +583,44 @@ fn status_shows_groups_rates_handlers_and_every_daemon_seen() {
         assert!(text.contains(needle), "{needle} missing:\n{text}");
     }
 
-    // A second instance killed: missing once three intervals pass; the first, stopped: stopping.
+    // A second instance killed: missing once two intervals pass, whatever anyone writes in its name
+    // (an unsigned beat claiming it is healthy, with a timestamp a year ahead); the first, stopped
+    // cleanly: stopped.
     let mut other = Daemon::running(
         &toml.replace("[daemon]", "[daemon]\ninstance = \"other\""),
         &[],
     );
-    wait_for("two daemons seen", Duration::from_secs(10), || {
+    let other_id = wait_for("two daemons seen", Duration::from_secs(10), || {
         let r: serde_json::Value = serde_json::from_str(&status(&d.config_path(), true)).unwrap();
-        (r["daemons"].as_array().unwrap().len() == 2).then_some(())
+        let ids: Vec<String> = r["daemons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["server_id"].as_str().unwrap().to_owned())
+            .collect();
+        (ids.len() == 2).then(|| ids.into_iter().find(|i| i.ends_with("#other")).unwrap())
     });
+    let report: serde_json::Value = serde_json::from_str(&status(&d.config_path(), true)).unwrap();
+    assert!(
+        report["daemons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["verified"] == true),
+        "the daemons sign their heartbeats: {report}"
+    );
     other.kill9();
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
-    let r = wait_for("stopping and missing", Duration::from_secs(10), || {
+    let year_ahead = (redstream::model::envelope::now_ms() + 365 * 86_400_000).to_string();
+    let forged = [
+        ("server_id", other_id.as_str()),
+        ("timestamp", year_ahead.as_str()),
+        ("status", "healthy"),
+    ];
+    server.xadd(HEARTBEAT, &forged);
+    let r = wait_for("stopped and missing", Duration::from_secs(10), || {
+        // Keep forging while waiting: the newest entry is always a forgery.
+        server.xadd(HEARTBEAT, &forged);
         let r: serde_json::Value =
             serde_json::from_str(&status(&other.config_path(), true)).unwrap();
         let mut seen: Vec<String> = r["daemons"]
@@ -598,7 +630,7 @@ fn status_shows_groups_rates_handlers_and_every_daemon_seen() {
             .map(|d| d["status"].as_str().unwrap().to_owned())
             .collect();
         seen.sort();
-        (seen == ["missing", "stopping"]).then_some(r)
+        (seen == ["missing", "stopped"]).then_some(r)
     });
     println!("{r}");
 }
