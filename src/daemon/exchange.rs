@@ -11,15 +11,17 @@
 //! the `_sig` for that message, which the caller adds and publishes. The exchange never sees the
 //! message itself. Every refusal is a 4xx with `{"error"}` naming the reason.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Roles;
@@ -61,19 +63,18 @@ impl Exchange {
         let wanted = if roles.is_empty() {
             key.roles.clone()
         } else {
-            Roles::parse(roles).map_err(|m| format!("roles: {m}"))?
+            Roles::parse(roles).map_err(|_| "roles: not a list of valid role names".to_owned())?
         };
         if !key.roles.covers(&wanted) {
             return Err(format!(
-                "API key {:?} may be issued {}, not {}",
-                key.name, key.roles, wanted
+                "API key {:?} may not be issued the roles asked (it may be issued {})",
+                key.name, key.roles
             ));
         }
         let ttl = ttl.unwrap_or(self.auth.token_ttl);
         if ttl > self.auth.max_token_ttl {
             return Err(format!(
-                "ttl {} is above auth.max_token_ttl ({})",
-                humantime::format_duration(ttl),
+                "the ttl asked is above auth.max_token_ttl ({})",
                 humantime::format_duration(self.auth.max_token_ttl)
             ));
         }
@@ -103,6 +104,8 @@ impl Exchange {
             .map_err(|e| e.to_string())
     }
 
+    /// The answer to one request, or why not — a reason that repeats no value of the request (an
+    /// API key or a token sent in the wrong field must not end up in a reply or a log).
     fn answer(&self, path: &str, body: &[u8]) -> Result<Value, String> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -119,24 +122,36 @@ impl Exchange {
             stream: String,
             digest: String,
         }
+        // serde's messages quote the offending value: say where, and what was expected, instead.
+        let malformed = |e: serde_json::Error, fields: &str| {
+            format!(
+                "request: not a JSON object of {fields} ({:?} error at line {} column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            )
+        };
         match path {
             "/token" => {
-                let r: TokenRequest =
-                    serde_json::from_slice(body).map_err(|e| format!("request: {e}"))?;
+                let r: TokenRequest = serde_json::from_slice(body)
+                    .map_err(|e| malformed(e, "api_key, roles?, ttl?"))?;
                 let ttl = r
                     .ttl
-                    .map(|t| humantime::parse_duration(&t).map_err(|e| format!("ttl: {e}")))
+                    .map(|t| {
+                        humantime::parse_duration(&t)
+                            .map_err(|_| "ttl: not a duration such as 10m or 1h".to_owned())
+                    })
                     .transpose()?;
                 let (token, expires_at) = self.issue(&r.api_key, &r.roles, ttl)?;
                 Ok(json!({"token": token, "expires_at": expires_at}))
             }
             "/sign" => {
-                let r: SignRequest =
-                    serde_json::from_slice(body).map_err(|e| format!("request: {e}"))?;
+                let r: SignRequest = serde_json::from_slice(body)
+                    .map_err(|e| malformed(e, "token, stream, digest"))?;
                 let signature = self.sign(&r.token, &r.stream, &r.digest)?;
                 Ok(json!({ "signature": signature }))
             }
-            other => Err(format!("no such endpoint {other:?}: POST /token or /sign")),
+            _ => Err("no such endpoint: POST /token or /sign".to_owned()),
         }
     }
 }
@@ -154,7 +169,64 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Serves the exchange until `shutdown`; connections are closed at shutdown.
+/// The most connections the exchange holds at once: a new one past it closes the oldest. (Requests are
+/// one round trip each; idle connections are all an attacker could pile up.)
+const MAX_CONNECTIONS: usize = 64;
+/// How long one connection may last, from accept to its last answer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests per peer uid (SO_PEERCRED): a burst of this many, then [`RATE_PER_SEC`] a second.
+const RATE_BURST: f64 = 20.0;
+const RATE_PER_SEC: f64 = 10.0;
+/// Refused requests are logged once per peer uid per this interval, with how many there were.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Per peer uid: the rate limit's bucket, and the refusals not logged yet.
+#[derive(Default)]
+struct Peers {
+    buckets: HashMap<u32, (f64, Instant)>,
+    refused: HashMap<u32, (Instant, u64)>,
+}
+
+impl Peers {
+    /// Takes one request of `uid` from its bucket; false when the bucket is empty.
+    fn admit(&mut self, uid: u32, now: Instant) -> bool {
+        if self.buckets.len() > 10_000 {
+            self.buckets.clear(); // uids are few; a flood of them forgets, it does not grow
+        }
+        let (tokens, at) = self.buckets.entry(uid).or_insert((RATE_BURST, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * RATE_PER_SEC).min(RATE_BURST);
+        *at = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+
+    /// A refused request of `uid`: how many to report now (the first of an interval), or None while
+    /// the line of this interval was written already.
+    fn refused(&mut self, uid: u32, now: Instant) -> Option<u64> {
+        if self.refused.len() > 10_000 {
+            self.refused.clear();
+        }
+        let (since, count) = self
+            .refused
+            .entry(uid)
+            .or_insert((now - LOG_EVERY - LOG_EVERY, 0));
+        *count += 1;
+        if now.duration_since(*since) < LOG_EVERY {
+            return None;
+        }
+        *since = now;
+        Some(std::mem::take(count))
+    }
+}
+
+/// Serves the exchange until `shutdown`; connections are closed at shutdown. Bounded whatever its
+/// clients do: at most [`MAX_CONNECTIONS`] (the oldest closed first), each for at most
+/// [`CONNECTION_TIMEOUT`], requests rate-limited per peer uid, refusals logged once per peer and
+/// interval with a count — so a local user in the socket's group cannot starve the daemon of file
+/// descriptors (its Redis connections) or fill the journal.
 pub async fn serve(listener: tokio::net::UnixListener, exchange: Exchange, mut shutdown: Shutdown) {
     if let Ok(addr) = listener.local_addr()
         && let Some(path) = addr.as_pathname()
@@ -163,6 +235,9 @@ pub async fn serve(listener: tokio::net::UnixListener, exchange: Exchange, mut s
     }
     let connections = TaskTracker::new();
     let exchange = Arc::new(exchange);
+    let peers = Arc::new(Mutex::new(Peers::default()));
+    let open: Arc<Mutex<VecDeque<(u64, CancellationToken)>>> = Arc::default();
+    let mut next_id = 0u64;
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -177,16 +252,38 @@ pub async fn serve(listener: tokio::net::UnixListener, exchange: Exchange, mut s
             },
             _ = shutdown.wait() => break,
         };
-        let exchange = exchange.clone();
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+        let id = next_id;
+        next_id += 1;
+        let closed = CancellationToken::new();
+        {
+            let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+            while open.len() >= MAX_CONNECTIONS {
+                if let Some((_, oldest)) = open.pop_front() {
+                    oldest.cancel();
+                }
+            }
+            open.push_back((id, closed.clone()));
+        }
+        let (exchange, peers, open) = (exchange.clone(), peers.clone(), open.clone());
         let stop = shutdown.clone();
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let exchange = exchange.clone();
-                async move { Ok::<_, std::io::Error>(respond(&exchange, req).await) }
+                let (exchange, peers) = (exchange.clone(), peers.clone());
+                async move { Ok::<_, std::io::Error>(respond(&exchange, &peers, uid, req).await) }
             });
-            if let Err(e) = crate::http::serve_connection(stream, service, stop).await {
-                tracing::debug!(error = %e, "credential exchange connection ended with an error");
+            let conn = crate::http::serve_connection(stream, service, stop);
+            tokio::select! {
+                r = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => match r {
+                    Ok(Err(e)) => tracing::debug!(error = %e, "credential exchange connection ended with an error"),
+                    Err(_) => tracing::debug!(uid, "credential exchange connection timed out"),
+                    Ok(Ok(())) => {}
+                },
+                _ = closed.cancelled() => tracing::debug!(uid, "credential exchange connection closed for a newer one"),
             }
+            open.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(i, _)| *i != id);
         });
     }
     connections.close();
@@ -195,6 +292,8 @@ pub async fn serve(listener: tokio::net::UnixListener, exchange: Exchange, mut s
 
 async fn respond(
     exchange: &Exchange,
+    peers: &Mutex<Peers>,
+    uid: u32,
     req: Request<hyper::body::Incoming>,
 ) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, body: Value| {
@@ -202,23 +301,56 @@ async fn respond(
         *r.status_mut() = status;
         r
     };
-    if req.method() != Method::POST {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            json!({"error": "POST /token or /sign"}),
+    let path = req.uri().path().to_owned();
+    let refuse = |status: StatusCode, why: String| {
+        let report = peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused(uid, Instant::now());
+        if let Some(count) = report {
+            // The endpoint and the status, never the request's values or the reason's text.
+            let endpoint = match path.as_str() {
+                "/token" | "/sign" => path.as_str(),
+                _ => "another path",
+            };
+            tracing::warn!(
+                uid,
+                endpoint,
+                status = status.as_u16(),
+                refused = count,
+                "credential exchange refused requests from this peer (one line per peer every 10 s)"
+            );
+        }
+        reply(status, json!({ "error": why }))
+    };
+    if !peers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(uid, Instant::now())
+    {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many requests from this user; slow down".into(),
         );
     }
-    let path = req.uri().path().to_owned();
+    if req.method() != Method::POST {
+        return refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST /token or /sign".into(),
+        );
+    }
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return reply(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+        Err(_) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read (at most 64 KiB)".into(),
+            );
+        }
     };
     match exchange.answer(&path, &body) {
         Ok(v) => reply(StatusCode::OK, v),
-        Err(e) => {
-            tracing::warn!(endpoint = %path, reason = ?e, "credential exchange refused a request");
-            reply(StatusCode::FORBIDDEN, json!({ "error": e }))
-        }
+        Err(e) => refuse(StatusCode::FORBIDDEN, e),
     }
 }
 

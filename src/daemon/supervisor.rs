@@ -117,6 +117,7 @@ const RELAY_KEEP: Duration = Duration::from_secs(3600);
 
 /// Runs the daemon until it is stopped by a signal or a control message.
 pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunError> {
+    harden_process();
     let identity = settings
         .identity
         .as_ref()
@@ -739,6 +740,36 @@ impl Daemon {
                     warn!(error = %e, "wasm.watch: cannot watch files; reload with SIGHUP instead")
                 }
             },
+        }
+    }
+}
+
+/// What the process does for itself before it holds secrets and sockets: no core dumps and no
+/// ptrace by other users' processes (PR_SET_DUMPABLE 0 — a core would hold the Redis password and the
+/// signing key), and the soft limit of open files raised to the hard one (the shipped units set
+/// LimitNOFILE=, and forbid setrlimit: there this fails quietly, having nothing to do).
+fn harden_process() {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes an integer argument and touches no memory of ours.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot turn off core dumps (PR_SET_DUMPABLE)");
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let old = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                tracing::debug!(
+                    from = old,
+                    to = limit.rlim_max,
+                    "raised the open-files limit"
+                );
+            }
         }
     }
 }

@@ -800,3 +800,83 @@ fn copies_sent_after_expiry_inside_the_leeway_are_refused() {
     assert_eq!(server.xlen(CONTROL_DLQ), 3);
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// The credential exchange cannot be starved, nor flood the journal: 1,100 idle connections from a
+/// local user while the daemon's open-file limit is 1,024 (hard), and Redis restarted meanwhile —
+/// messages are still forwarded and a legitimate /token is answered; 3,000 requests with wrong API keys
+/// are rate-limited, logged in one line per peer per interval, and no line repeats a key.
+#[test]
+fn the_exchange_cannot_be_starved_nor_flood_the_log() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("ed25519.key");
+    std::fs::copy(crate::util::fixture("keys/ed25519.key"), &private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let socket = dir.path().join("auth.sock");
+    let toml = format!(
+        "[identity]\nname = \"test-daemon\"\nroles = [\"admin\"]\n\
+         [redis]\nurl = \"{}\"\nreconnect_max_delay = \"500ms\"\n\
+         [auth]\nendpoint = \"{}\"\nsigning_key = \"e\"\n\
+         [[auth.keys]]\nid = \"e\"\nalgorithm = \"EdDSA\"\nprivate_key = {{ file = \"{}\" }}\n\
+         public_key = {{ file = \"{}\" }}\n\
+         [[auth.api_keys]]\nname = \"ops\"\nhash = \"sha256:21f346b6024a20bef3c9fd4ab56bdfebbf693d669978c8c8a74567801cae9028\"\n\
+         identity = \"alice@ops\"\nroles = [\"task_write\"]\n\
+         [daemon]\ndrain_timeout = \"10s\"\n\
+         [[consumers]]\nstream = \"nova:task:control:in\"\ngroup = \"g\"\nstart = \"0\"\nblock = \"1s\"\n\
+         handler = \"forward\"\nforward_to = \"nova:task:control:out\"\n",
+        server.url(),
+        socket.display(),
+        private.display(),
+        crate::util::fixture("keys/ed25519.pub").display(),
+    );
+    let mut d = Daemon::running_wrapped(&toml, &[], &["prlimit", "--nofile=1024:1024", "--"]);
+    // 1,100 connections that send nothing, held open.
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..1100)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).expect("connect"))
+        .collect();
+    server.restart();
+    let ids = server.xadd_backlog("nova:task:control:in", 50);
+    wait_for(
+        "50 forwards after the restart",
+        Duration::from_secs(30),
+        || (server.xlen("nova:task:control:out") == 50).then_some(()),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ask = |key: &str| {
+        rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                redstream::daemon::exchange::request(
+                    &socket,
+                    "/token",
+                    &serde_json::json!({ "api_key": key }),
+                ),
+            )
+            .await
+        })
+        .expect("the exchange answers within 10 s")
+    };
+    let token = ask("rsk_dev_demo_key").expect("a legitimate /token is answered");
+    assert!(token["token"].as_str().is_some_and(|t| t.len() > 20));
+    drop(idle);
+
+    let before = d.count_log("credential exchange refused");
+    let mut limited = 0;
+    for i in 0..3000 {
+        match ask(&format!("rsk_wrong_{i:06}")) {
+            Err(e) if e.contains("too many requests") => limited += 1,
+            Err(_) => {}
+            Ok(v) => panic!("a wrong key got a token: {v}"),
+        }
+    }
+    assert!(limited > 2500, "rate-limited: {limited} of 3000");
+    let lines = d.count_log("credential exchange refused") - before;
+    assert!(lines <= 2, "{lines} log lines for one peer's flood");
+    assert!(
+        d.logs().iter().all(|l| !l.contains("rsk_")),
+        "a key reached the log"
+    );
+    let _ = ids;
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
