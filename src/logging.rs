@@ -18,6 +18,17 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+/// Text from outside — a guest's log line, a message's `_trace_id` — made safe for a log line:
+/// control characters (a newline that would start a forged line) escaped, cut at `max` bytes.
+pub fn escape(bytes: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(max)]);
+    let mut out: String = text.chars().flat_map(char::escape_debug).collect();
+    if bytes.len() > max {
+        out.push('…');
+    }
+    out
+}
+
 /// The `[log]` settings.
 #[derive(Clone, Debug)]
 pub struct LogSettings {

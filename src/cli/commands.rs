@@ -569,9 +569,23 @@ async fn token(config: Option<&Path>, cmd: TokenCommand) -> Result {
     match cmd {
         TokenCommand::Issue {
             api_key,
+            api_key_file,
             ttl,
             roles,
         } => {
+            let api_key = super::secret_input(
+                api_key.as_deref(),
+                api_key_file.as_deref(),
+                "REDSTREAM_API_KEY",
+                "--api-key",
+            )
+            .map_err(|m| Failure::new(Exit::Failure, m))?
+            .ok_or_else(|| {
+                Failure::new(
+                    Exit::Failure,
+                    "no API key: set $REDSTREAM_API_KEY, or pass --api-key-file PATH or --api-key - (stdin)",
+                )
+            })?;
             let settings = config::load(config)?;
             let auth = &settings.auth;
             if !auth.keys.can_sign()
@@ -597,7 +611,19 @@ async fn token(config: Option<&Path>, cmd: TokenCommand) -> Result {
             println!("{token}");
             Ok(())
         }
-        TokenCommand::Verify { token } => {
+        TokenCommand::Verify { token, token_file } => {
+            let token = super::AuthArgs {
+                token: token.or_else(|| std::env::var("REDSTREAM_TOKEN").ok()),
+                token_file,
+            }
+            .resolve()
+            .map_err(|m| Failure::new(Exit::Failure, m))?
+            .ok_or_else(|| {
+                Failure::new(
+                    Exit::Failure,
+                    "no token: give it as - (stdin), --token-file PATH or $REDSTREAM_TOKEN",
+                )
+            })?;
             let settings = config::load(config)?;
             let v = settings
                 .auth

@@ -364,9 +364,18 @@ pub enum DlqCommand {
 pub enum TokenCommand {
     /// Exchange an API key for a signed JWT; prints the token.
     Issue {
-        /// The API key (better: $REDSTREAM_API_KEY, which stays out of shell history and ps).
-        #[arg(long, env = "REDSTREAM_API_KEY", hide_env_values = true)]
-        api_key: String,
+        /// The API key: `-` reads it from stdin. Better: $REDSTREAM_API_KEY or --api-key-file — a key
+        /// typed here is readable by every local user (/proc/PID/cmdline), and is refused.
+        #[arg(
+            long,
+            env = "REDSTREAM_API_KEY",
+            hide_env_values = true,
+            value_name = "KEY"
+        )]
+        api_key: Option<String>,
+        /// Read the API key from this file.
+        #[arg(long, value_name = "PATH", conflicts_with = "api_key")]
+        api_key_file: Option<std::path::PathBuf>,
         /// Lifetime, e.g. 15m or 8h (default auth.token_ttl, at most auth.max_token_ttl).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<std::time::Duration>,
@@ -375,7 +384,15 @@ pub enum TokenCommand {
         roles: Vec<String>,
     },
     /// Verify a token against the configured keys; prints its identity and roles as JSON.
-    Verify { token: String },
+    Verify {
+        /// The JWT; `-` reads it from stdin, and without it $REDSTREAM_TOKEN is used. (On the command
+        /// line it is readable by every local user: it is used, with a warning.)
+        #[arg(value_name = "JWT")]
+        token: Option<String>,
+        /// Read the JWT from this file.
+        #[arg(long, value_name = "PATH", conflicts_with = "token")]
+        token_file: Option<std::path::PathBuf>,
+    },
     /// Generate a new API key; prints it once, with the config entry that stores only its hash.
     NewApiKey {
         /// Name of the config entry, for logs.
@@ -435,6 +452,35 @@ impl AuthArgs {
                 Ok(Some(t.to_owned()))
             }
         }
+    }
+}
+
+/// A secret given as `-` (stdin), a file, or an environment variable `env` — never accepted typed on
+/// the command line, where every local user can read it: `what` names the option in the refusal.
+pub fn secret_input(
+    given: Option<&str>,
+    file: Option<&std::path::Path>,
+    env: &str,
+    what: &str,
+) -> Result<Option<String>, String> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{what}-file {}: {e}", path.display()))?;
+        return Ok(Some(text.trim().to_owned()));
+    }
+    match given {
+        None => Ok(None),
+        Some("-") => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| format!("{what} -: cannot read stdin: {e}"))?;
+            Ok(Some(text.trim().to_owned()))
+        }
+        Some(v) if std::env::var(env).ok().as_deref() == Some(v) => Ok(Some(v.to_owned())),
+        Some(_) => Err(format!(
+            "{what} given on the command line is readable by every local user (/proc/PID/cmdline): \
+             use {what}-file PATH, {what} - (stdin) or ${env}"
+        )),
     }
 }
 

@@ -141,6 +141,9 @@ pub fn from_figment(
         .map(Path::to_path_buf);
     let mut checker = checker::Checker::new(figment, base_dir.as_deref(), credentials_dir);
     let built = validate::settings(&raw, &mut checker);
+    if let Some(file) = &file {
+        inline_secrets_readable_by_others(&raw, figment, file, &mut checker);
+    }
     let problems = std::mem::take(&mut checker.problems);
     match built {
         Some(mut settings) if problems.is_empty() => {
@@ -149,6 +152,59 @@ pub fn from_figment(
             Ok(settings)
         }
         _ => Err(ConfigError { file, problems }),
+    }
+}
+
+/// Warns about every secret written inline in `file` when the file is readable by group or others:
+/// whoever can read the config then holds the secret. (Inline values from the environment, and files
+/// only their owner reads, are fine.)
+fn inline_secrets_readable_by_others(
+    raw: &raw::RawConfig,
+    figment: &Figment,
+    file: &Path,
+    c: &mut checker::Checker<'_>,
+) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(mode) = std::fs::metadata(file).map(|m| m.permissions().mode() & 0o777) else {
+        return;
+    };
+    if mode & 0o044 == 0 {
+        return;
+    }
+    let mut inline: Vec<String> = Vec::new();
+    let mut note = |path: String, secret: Option<&raw::RawSecret>| {
+        if matches!(secret, Some(raw::RawSecret::Inline(_))) {
+            inline.push(path);
+        }
+    };
+    note("identity.token".into(), raw.identity.token.as_ref());
+    note("redis.password".into(), raw.redis.password.as_ref());
+    note("redis.tls_key".into(), raw.redis.tls_key.as_ref());
+    for (i, k) in raw.auth.keys.iter().enumerate() {
+        note(format!("auth.keys[{i}].secret"), k.secret.as_ref());
+        note(
+            format!("auth.keys[{i}].private_key"),
+            k.private_key.as_ref(),
+        );
+    }
+    for path in inline {
+        let from_file = figment
+            // An array comes whole from one source: its metadata is the array's.
+            .find_metadata(path.split('[').next().unwrap_or(&path))
+            .and_then(|m| m.source.as_ref())
+            .and_then(|s| s.file_path())
+            .is_some_and(|p| p == file);
+        if from_file {
+            c.warn(
+                &path,
+                format!(
+                    "a secret written inline in {} (mode {mode:04o}), which other users can read: \
+                     use {{ file = \"/path\" }} (mode 0600) or {{ credential = \"name\" }}, or make the \
+                     config file 0600",
+                    file.display()
+                ),
+            );
+        }
     }
 }
 

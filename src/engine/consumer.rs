@@ -722,11 +722,7 @@ impl Consumer {
                 }
                 (Committed::Yes, Effect::DeadLetter(reason)) => {
                     self.liveness.accepted();
-                    let trace = f
-                        .msg
-                        .fields
-                        .get_str(crate::model::envelope::TRACE_ID)
-                        .unwrap_or("");
+                    let trace = trace_of(&f.msg);
                     warn!(message_id = %id, handler = %f.handler, trace_id = %trace, outcome = "dead-lettered", reason = ?reason, dead_letter = %self.cfg.dead_letter, "dead-lettered");
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1051,7 +1047,7 @@ impl Consumer {
             message_id = %msg.id,
             deliveries = msg.deliveries,
             handler = handler.name(),
-            trace_id = msg.fields.get_str(crate::model::envelope::TRACE_ID).unwrap_or("")
+            trace_id = %trace_of(&msg)
         );
         tokio::spawn(
             async move {
@@ -1092,11 +1088,7 @@ impl Consumer {
             }
             Err(reason) => {
                 let (id, deliveries) = (msg.id.clone(), msg.deliveries);
-                let trace = msg
-                    .fields
-                    .get_str(crate::model::envelope::TRACE_ID)
-                    .unwrap_or("")
-                    .to_owned();
+                let trace = trace_of(&msg);
                 st.flight.ran(msg, None, handler.clone());
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 st.meters.count(&handler, "retry");
@@ -1178,6 +1170,15 @@ fn decide(
         Outcome::Retry(reason) => Err(reason),
         Outcome::Reject(reason) => Ok(Effect::DeadLetter(reason)),
     }
+}
+
+/// A message's `_trace_id` as it may appear in a log line: whatever a publisher wrote, escaped and cut
+/// at 128 bytes (a newline in it must not start a forged line).
+fn trace_of(msg: &Message) -> String {
+    msg.fields
+        .get(crate::model::envelope::TRACE_ID)
+        .map(|t| crate::logging::escape(t, 128))
+        .unwrap_or_default()
 }
 
 /// Orders stream ids numerically.

@@ -361,6 +361,27 @@ forward = "nova:task:a:copies"
     );
 }
 
+/// An inline secret in a config file other users can read is a warning naming the key and the mode,
+/// and what to use instead; the same file private to its owner is not.
+#[test]
+fn check_warns_about_inline_secrets_in_a_file_others_can_read() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (_dir, path) = config_file("");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, stdout, _) = redstream(&["--config", path.to_str().unwrap(), "check"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("warning: auth.keys[0].secret: a secret written inline")
+            && stdout.contains("mode 0644")
+            && stdout.contains("{ file = \"/path\" }"),
+        "{stdout}"
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, stdout, _) = redstream(&["--config", path.to_str().unwrap(), "check"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(!stdout.contains("written inline"), "{stdout}");
+}
+
 /// `wasm.watch = true`: a rebuilt component copied over the old one is picked up without SIGHUP, and
 /// the reload says which handler changed; replies come from the new build.
 #[test]

@@ -217,7 +217,52 @@ fn tokens_from_api_keys_act_with_their_roles() {
     );
     assert_eq!(issue.status.code(), Some(0), "{:?}", text(&issue));
     let token = text(&issue).0.trim().to_owned();
+    // An API key typed on the command line (readable by every local user) is refused; stdin works.
+    let typed = run(
+        &[
+            "token",
+            "issue",
+            "--api-key",
+            "rsk_dev_demo_key",
+            dev[0],
+            dev[1],
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(typed.status.code(), Some(1), "{:?}", text(&typed));
+    assert!(
+        text(&typed).1.contains("--api-key-file"),
+        "{:?}",
+        text(&typed)
+    );
+    let piped = run(
+        &["token", "issue", "--api-key", "-", dev[0], dev[1]],
+        &[],
+        Some("rsk_dev_demo_key\n"),
+    );
+    assert_eq!(piped.status.code(), Some(0), "{:?}", text(&piped));
+    // token verify reads the token from stdin, $REDSTREAM_TOKEN or a file, as well as an argument.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &token).unwrap();
+    let path = file.path().to_str().unwrap();
+    for (args, env, stdin) in [
+        (vec!["token", "verify", "-"], vec![], Some(token.as_str())),
+        (
+            vec!["token", "verify"],
+            vec![("REDSTREAM_TOKEN", token.as_str())],
+            None,
+        ),
+        (vec!["token", "verify", "--token-file", path], vec![], None),
+    ] {
+        let args: Vec<&str> = args.into_iter().chain(dev).collect();
+        let v = run(&args, &env, stdin);
+        assert_eq!(v.status.code(), Some(0), "{args:?}: {:?}", text(&v));
+        let claims: Value = serde_json::from_str(text(&v).0.trim()).unwrap();
+        assert_eq!(claims["subject"], "demo@dev");
+    }
     let verify = run(&["token", "verify", &token, dev[0], dev[1]], &[], None);
+    assert!(text(&verify).1.contains("readable by every local user"));
     let claims: Value = serde_json::from_str(text(&verify).0.trim()).unwrap();
     assert_eq!(claims["subject"], "demo@dev");
     assert_eq!(

@@ -1006,3 +1006,48 @@ fn default_reads_grow_with_a_backlog_and_lone_messages_still_go_at_once() {
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
     assert_exactly_once(&server, &ids);
 }
+
+/// A `_trace_id` is a publisher's text: one with a newline must not forge a log line — not in the
+/// retry line of a failing handler, the message span, nor the dead-letter line.
+#[test]
+fn a_trace_id_with_a_newline_forges_no_log_line() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            "forgery",
+            &[
+                ("handler", "\"faults\""),
+                ("max_deliveries", "2"),
+                ("faults", "{ fail_field = \"poison\" }"),
+            ],
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[("RUST_LOG", "debug")]);
+    server.xadd(
+        IN,
+        &[
+            ("poison", "1"),
+            (
+                "_trace_id",
+                "t-1\nFORGED ERROR redstream: all is lost\r\nFORGED too",
+            ),
+        ],
+    );
+    wait_for("the dead letter", Duration::from_secs(20), || {
+        (server.xlen(DLQ) == 1).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    let logs = d.logs();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("handler failed") && l.contains("t-1\\nFORGED")),
+        "the trace id is logged, escaped:\n{}",
+        logs.join("\n")
+    );
+    assert!(
+        logs.iter().all(|l| !l.starts_with("FORGED")),
+        "a forged line:\n{}",
+        logs.join("\n")
+    );
+}

@@ -183,7 +183,7 @@ impl Host {
         for (stream, capture) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
             let (bytes, dropped) = capture.take();
             if !bytes.is_empty() {
-                let text = escape(&bytes, MAX_STDIO);
+                let text = crate::logging::escape(&bytes, MAX_STDIO);
                 tracing::info!(handler = %name, message_id = %self.msg_id, stream, dropped, output = %text, "guest output");
                 if let Some(t) = &mut self.transcript {
                     t.push((stream, String::from_utf8_lossy(&bytes).into_owned()));
@@ -276,7 +276,7 @@ impl host::Host for Host {
             return;
         }
         self.log_lines += 1;
-        let text = escape(text.as_bytes(), MAX_LOG_LINE);
+        let text = crate::logging::escape(text.as_bytes(), MAX_LOG_LINE);
         if let Some(t) = &mut self.transcript {
             let at = match level {
                 types::Level::Trace => "log:trace",
@@ -300,16 +300,6 @@ impl host::Host for Host {
     fn config(&mut self, key: String) -> Option<String> {
         self.meta.config.get(&key).cloned()
     }
-}
-
-/// Text a guest wrote, made safe for a log line: control characters escaped, cut at `max` bytes.
-pub fn escape(bytes: &[u8], max: usize) -> String {
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(max)]);
-    let mut out: String = text.chars().flat_map(char::escape_debug).collect();
-    if bytes.len() > max {
-        out.push('…');
-    }
-    out
 }
 
 /// What a message keeps while its fields are lent to the guest.
