@@ -52,5 +52,8 @@ mod package;
 // Redis Cluster: failover, resharding, the outbox across slots, several daemons.
 mod cluster;
 
+// The nemesis: seeded random fault schedules, judged from what Redis holds.
+mod nemesis;
+
 // Parsers under arbitrary input.
 mod props;

@@ -130,6 +130,18 @@ impl RedisServer {
         panic!("redis-server did not come back on port {}", self.port);
     }
 
+    /// Kill, forget whatever the server had persisted (its AOF and RDB files), and start again on the
+    /// same port: a server that comes back empty even with persistence on.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        for name in ["appendonlydir", "dump.rdb"] {
+            let path = self.dir.path().join(name);
+            let _ = std::fs::remove_dir_all(&path);
+            let _ = std::fs::remove_file(&path);
+        }
+        self.restart();
+    }
+
     /// A plain synchronous connection for test set-up and inspection.
     pub fn conn(&self) -> redis::Connection {
         redis::Client::open(self.url())
