@@ -11,8 +11,9 @@
 //!
 //! Promises checked at the end, once everything settled: every input Redis still holds has exactly one
 //! reply (inputs Redis lost in a restart without data are counted as Redis's loss, apart); no reply
-//! without an input; each key's replies in order for the group one daemon consumes alone; nothing
-//! pending; nothing dead-lettered (every message is healthy).
+//! without an input; each key's replies in order for the group one daemon consumes alone; every signed
+//! message obeyed at most once, whatever copies of it arrive (at once, or after its expiry inside the
+//! leeway); nothing pending; nothing dead-lettered (every message is healthy).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -24,6 +25,8 @@ const IN: &str = "nova:task:nemesis:in";
 const OUT: &str = "nova:task:nemesis:out";
 const ORDERED: &str = "nova:task:nemesis:ordered";
 const DLQ: &str = "nova:task:nemesis:in-dlq";
+const SIGNED: &str = "nova:task:nemesis:signed";
+const REPORT: &str = "nova:task:nemesis:report";
 
 /// One fault of a schedule.
 #[derive(Clone, Copy, Debug)]
@@ -81,8 +84,9 @@ impl fmt::Display for Schedule {
 }
 
 /// Daemon `instance`'s config: both consume group `g` (start `$`, as the reference default); daemon 0
-/// alone also consumes group `o`, whose replies must keep each key's order (one consumer's promise).
-fn config(server: &RedisServer, instance: usize) -> String {
+/// alone also consumes group `o`, whose replies must keep each key's order (one consumer's promise);
+/// both consume the signed stream, whose handler requires a signed sender and reports who signed.
+fn config(server: &RedisServer, instance: usize, cache: &std::path::Path) -> String {
     let group = |g: &str, out: &str| {
         format!(
             "[[consumers]]\nstream = \"{IN}\"\ngroup = \"{g}\"\nstart = \"$\"\nblock = \"500ms\"\n\
@@ -95,6 +99,18 @@ fn config(server: &RedisServer, instance: usize) -> String {
     if instance == 0 {
         consumers.push_str(&group("o", ORDERED));
     }
+    consumers.push_str(&format!(
+        "[wasm]\nworkers = 1\ncache_dir = \"{}\"\n\
+         [[handlers]]\nname = \"whoami\"\nfile = \"{}\"\nroles = [\"task_write\"]\n\
+         timeout = \"900ms\"\nrequire_sender_token = true\nconfig = {{ report = \"{REPORT}\" }}\n\
+         [[consumers]]\nstream = \"{SIGNED}\"\ngroup = \"s\"\nstart = \"$\"\nblock = \"500ms\"\n\
+         claim_min_idle = \"2s\"\nclaim_interval = \"300ms\"\nhandler_timeout = \"1s\"\n\
+         max_deliveries = 1000\nhandler = \"whoami\"\n",
+        cache.display(),
+        crate::util::root()
+            .join("handlers/build/hostile.wasm")
+            .display()
+    ));
     daemon_toml(&server.url(), &consumers)
         .replace("[daemon]", &format!("[daemon]\ninstance = \"n{instance}\""))
 }
@@ -109,15 +125,23 @@ struct Verdict {
     dead_lettered: u64,
     /// Replies of group `o` written after a later message's reply of the same key.
     inversions: usize,
+    /// Signed messages obeyed more than once (an original and its copies, by signer).
+    replayed: usize,
 }
 
 /// Runs `schedule` and judges what Redis holds at the end. Returns the verdict and how many inputs
 /// Redis itself lost (restarts without data).
 fn run(schedule: &Schedule) -> (Verdict, usize) {
     let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let cache = tempfile::tempdir().unwrap();
+    let config = |server: &RedisServer, i: usize| config(server, i, cache.path());
     let mut daemons: Vec<Daemon> = (0..2)
         .map(|i| Daemon::running(&config(&server, i), &[]))
         .collect();
+    let keys = crate::util::settings(&server.url()).auth.keys;
+    // Signed messages, one signer each, valid for a second: each is sent with a copy at once, and
+    // copied again at the next steps — after its expiry, inside the 30 s leeway.
+    let mut signed: Vec<Vec<(String, String)>> = Vec::new();
     let mut published: Vec<String> = Vec::new();
     let mut n = 0usize;
     for (count, fault, wait) in &schedule.steps {
@@ -131,6 +155,21 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
             }
             published.push(server.xadd(IN, &fields));
             n += 1;
+        }
+        let signer = redstream::auth::Identity {
+            subject: format!("signer-{}", signed.len()),
+            roles: redstream::auth::Roles::parse(&["task_read"]).unwrap(),
+        };
+        let body: redstream::model::envelope::Fields = [("do", "whoami")].into_iter().collect();
+        let sig = keys
+            .sign_message(&signer, SIGNED, &body, Duration::from_secs(1))
+            .unwrap();
+        signed.push(vec![("do".into(), "whoami".into()), ("_sig".into(), sig)]);
+        let copies = signed.len().saturating_sub(3)..signed.len();
+        for m in signed[copies].iter().chain(signed.last()) {
+            let pairs: Vec<(&str, &str)> =
+                m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            server.xadd(SIGNED, &pairs);
         }
         match *fault {
             Fault::KillDaemon(i) => {
@@ -173,6 +212,7 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
             && server.xlen(ORDERED) >= held
             && server.pending(IN, "g") == 0
             && server.pending(IN, "o") == 0
+            && server.pending(SIGNED, "s") == 0
         {
             break;
         }
@@ -209,11 +249,18 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
         }
         last.insert(k, n);
     }
+    let mut obeyed: HashMap<String, usize> = HashMap::new();
+    for e in server.entries(REPORT) {
+        let who = e.fields.get_str("detail").unwrap_or("").to_owned();
+        let who = who.split(' ').next().unwrap_or("").to_owned();
+        *obeyed.entry(who).or_insert(0) += 1;
+    }
     let verdict = Verdict {
+        replayed: obeyed.values().filter(|n| **n > 1).count(),
         lost: held.iter().filter(|id| !replies.contains_key(*id)).count(),
         duplicates: replies.values().map(|n| n.saturating_sub(1)).sum(),
         strangers: replies.keys().filter(|id| !held.contains(id)).count(),
-        pending: server.pending(IN, "g") + server.pending(IN, "o"),
+        pending: server.pending(IN, "g") + server.pending(IN, "o") + server.pending(SIGNED, "s"),
         dead_lettered: server.xlen(DLQ),
         inversions,
     };
