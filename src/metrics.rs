@@ -269,7 +269,31 @@ impl Metrics {
             "Outbox entries relayed to streams in other cluster slots, by source stream and outcome",
             m.relayed.clone(),
         );
+        // Counters are exported at 0 from the start, so that dashboards and rate() work on a healthy
+        // daemon and an alert sees the first increment.
+        for kind in ERROR_KINDS {
+            let _ = m.errors.get_or_create(&KindLabels {
+                kind: (*kind).to_owned(),
+            });
+        }
         Metrics { registry, ..m }
+    }
+
+    /// A handler's own series at 0 (publish refusals), once it is loaded.
+    pub fn handler_loaded(&self, handler: &str) {
+        let _ = self.publish_denied.get_or_create(&HandlerLabels {
+            handler: handler.to_owned(),
+        });
+    }
+
+    /// A relay's series at 0, by outcome, once it starts.
+    pub fn relay_started(&self, stream: &str) {
+        for outcome in ["delivered", "repeated", "refused", "unreplicated"] {
+            let _ = self.relayed.get_or_create(&RelayLabels {
+                stream: stream.to_owned(),
+                outcome: outcome.to_owned(),
+            });
+        }
     }
 
     /// The Prometheus text exposition of everything.
@@ -334,6 +358,32 @@ impl Metrics {
             .inc();
     }
 }
+
+/// Every `kind` of `redstream_errors_total`: the client's error kinds ([`crate::client::Error::kind`])
+/// and the engine's own.
+pub const ERROR_KINDS: &[&str] = &[
+    "invalid_name",
+    "unauthenticated",
+    "unauthorized",
+    "config",
+    "not_found",
+    "aborted",
+    "cross_slot",
+    "connection",
+    "timeout",
+    "redis_auth",
+    "redis_denied",
+    "no_group",
+    "redis",
+    "protocol",
+    "loop_restart",
+    "commit_failed",
+    "commit_partial",
+    "commit_refused",
+    "dead_letter_refused",
+    "reply_refused",
+    "replayed",
+];
 
 /// The process-wide metrics.
 pub fn global() -> &'static Metrics {

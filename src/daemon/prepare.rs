@@ -59,6 +59,7 @@ pub fn prepare_with(
             let h = rt
                 .load(spec)
                 .map_err(|m| fail(format!("handlers[{i}].file"), m))?;
+            crate::metrics::global().handler_loaded(&spec.name);
             handlers.insert(spec.name.clone(), h);
         }
         Some(rt)

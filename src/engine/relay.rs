@@ -44,6 +44,7 @@ pub async fn run(client: Client, s: RelaySettings, mut stop: Shutdown) {
             return;
         }
     };
+    crate::metrics::global().relay_started(&s.source);
     let mut backoff = Backoff::new(s.retry_min, s.retry_max);
     loop {
         match pass(&client, &s, &mut stop, &mut backoff).await {

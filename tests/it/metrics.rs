@@ -51,6 +51,14 @@ fn metrics_move_with_traffic() {
     let mut d = Daemon::running(&daemon_toml(&server.url(), &extra), &[]);
     let (status, before) = get(port, "/metrics");
     assert_eq!(status, 200, "{before}");
+    // Counters are there at 0 before anything happened, so rate() and dashboards work from the start.
+    for zero in [
+        "redstream_errors_total{kind=\"connection\"} 0",
+        "redstream_errors_total{kind=\"dead_letter_refused\"} 0",
+        "redstream_publish_denied_total{handler=\"hostile\"} 0",
+    ] {
+        assert!(before.contains(zero), "{zero} missing:\n{before}");
+    }
     assert_eq!(get(port, "/nope").0, 404);
 
     for i in 0..20 {
