@@ -518,7 +518,7 @@ impl Daemon {
             .create_group(&cfg.stream, &cfg.group, &cfg.start)
             .await?
         {
-            info!(stream = %cfg.stream, group = %cfg.group, start = %cfg.start, "created consumer group");
+            info!(stream = %cfg.stream, group = %cfg.group, start = %cfg.start, "created consumer group {} on {} at {}", cfg.group, cfg.stream, cfg.start);
         }
         if self.client.is_cluster() && self.relayed.insert(cfg.stream.clone()) {
             let relay = crate::engine::relay::RelaySettings {

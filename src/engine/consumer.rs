@@ -723,7 +723,11 @@ impl Consumer {
                 (Committed::Yes, Effect::DeadLetter(reason)) => {
                     self.liveness.accepted();
                     let trace = trace_of(&f.msg);
-                    warn!(message_id = %id, handler = %f.handler, trace_id = %trace, outcome = "dead-lettered", reason = ?reason, dead_letter = %self.cfg.dead_letter, "dead-lettered");
+                    // The text names what journalctl -u shows without -o verbose; the fields stay.
+                    let reason = crate::logging::escape(reason.as_bytes(), 1000);
+                    let (c, dlq) = (&self.cfg, &self.cfg.dead_letter);
+                    warn!(message_id = %id, handler = %f.handler, trace_id = %trace, outcome = "dead-lettered", reason = %reason, dead_letter = %dlq,
+                        "dead-lettered {id} of {} (group {}) to {dlq}: {reason}", c.stream, c.group);
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 }
                 (Committed::Yes, Effect::TooLarge(size)) => {
@@ -1118,6 +1122,7 @@ impl Consumer {
         }
         let skipped = std::mem::take(&mut entry.1);
         entry.0 = now;
+        let reason = crate::logging::escape(reason.as_bytes(), 1000);
         warn!(
             message_id = %id,
             handler = %handler,
@@ -1125,10 +1130,13 @@ impl Consumer {
             outcome = "retry",
             deliveries,
             max_deliveries = self.cfg.max_deliveries,
-            // Debug-quoted: a guest's text cannot forge log lines.
-            reason = ?reason,
+            // Escaped: a guest's text cannot forge log lines.
+            reason = %reason,
             skipped,
-            "handler failed; the message stays pending and will be retried"
+            "handler failed; the message stays pending and will be retried: {id} of {} (group {}), delivery {deliveries} of {}: {reason}",
+            self.cfg.stream,
+            self.cfg.group,
+            self.cfg.max_deliveries
         );
     }
 }

@@ -231,6 +231,18 @@ fn journald_stores_the_fields_operators_filter_on() {
         "{e}"
     );
     assert_eq!(field(e, "HANDLER").as_deref(), Some("faults"), "{e}");
+    // The text alone (journalctl -u redstream, no -o verbose) names the message, where it was, and why;
+    // REASON holds the reason itself, without quotes.
+    let text = field(e, "MESSAGE").unwrap_or_default();
+    let reason = field(e, "REASON").unwrap_or_default();
+    assert!(
+        text.contains(poison.as_str())
+            && text.contains("nova:task:journal:in")
+            && text.contains("journal")
+            && text.contains(&reason),
+        "{text}"
+    );
+    assert!(!reason.starts_with('"') && !reason.is_empty(), "{reason}");
     assert_eq!(
         field(e, "TRACE_ID").as_deref(),
         Some("trace-journal-7"),
