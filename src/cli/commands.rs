@@ -201,8 +201,37 @@ pub async fn run(cli: Cli) -> Result {
         } => {
             let settings = config::load(config)?;
             let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
+            // While watching, an outage is shown, not fatal: the screen it is for is the incident's.
+            let mut unreachable_since: Option<u64> = None;
             loop {
-                let report = super::status::gather(&client, &settings).await?;
+                let report = match super::status::gather(&client, &settings).await {
+                    Ok(r) => {
+                        unreachable_since = None;
+                        r
+                    }
+                    Err(e) if watch && (e.is_transient() || e.is_missing_key()) => {
+                        let now = crate::model::envelope::now_ms();
+                        let since = *unreachable_since.get_or_insert(now);
+                        if json {
+                            println!(
+                                "{}",
+                                json!({"error": e.to_string(), "unreachable_since_ms": since})
+                            );
+                        } else {
+                            print!("\x1b[H\x1b[2J");
+                            println!(
+                                "Redis unreachable since {} ({} s): {e}",
+                                humantime::format_rfc3339_seconds(
+                                    std::time::UNIX_EPOCH + Duration::from_millis(since)
+                                ),
+                                (now - since) / 1000
+                            );
+                        }
+                        tokio::time::sleep(interval).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 if json {
                     println!(
                         "{}",

@@ -880,3 +880,63 @@ fn the_exchange_cannot_be_starved_nor_flood_the_log() {
     let _ = ids;
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// `status --watch` keeps running through a Redis outage — it is the screen of that incident — and
+/// says since when Redis is unreachable, then shows the report again once Redis is back.
+#[test]
+fn status_watch_keeps_running_through_a_redis_outage() {
+    use std::io::BufRead as _;
+    let mut server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("redstream.toml");
+    std::fs::write(&config, toml(&server, "1h")).unwrap();
+    let mut child = std::process::Command::new(crate::util::bin())
+        .args([
+            "status",
+            "--watch",
+            "--json",
+            "--interval",
+            "200ms",
+            "--config",
+        ])
+        .arg(&config)
+        .env_remove("REDSTREAM_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run redstream status --watch");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line with {want}"));
+            if line.contains(want) {
+                return line;
+            }
+        }
+    };
+    next("\"groups\"");
+    server.kill();
+    let down = next("unreachable_since_ms");
+    assert!(down.contains("error"), "{down}");
+    next("unreachable_since_ms");
+    assert!(child.try_wait().unwrap().is_none(), "still watching");
+    server.restart();
+    next("\"groups\"");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
