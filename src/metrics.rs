@@ -79,6 +79,9 @@ pub struct Metrics {
     pub publish_denied: Family<HandlerLabels, Counter>,
     /// Times a loop got Redis back after losing it.
     pub reconnects: Counter,
+    /// Redis outages this daemon got over: loops getting Redis back within 30 s of each other count
+    /// once (one Redis restart is one outage, however many loops the daemon runs).
+    pub outages: Counter,
     /// Times a loop found its stream gone or made anew, by stream: Redis lost data it had.
     pub data_loss: Family<StreamLabels, Counter>,
     pub handler_peak_memory: Family<HandlerLabels, Gauge>,
@@ -180,6 +183,7 @@ impl Metrics {
             dead_lettered: Family::default(),
             publish_denied: Family::default(),
             reconnects: Counter::default(),
+            outages: Counter::default(),
             data_loss: Family::default(),
             handler_peak_memory: Family::default(),
             degraded: Gauge::default(),
@@ -243,6 +247,11 @@ impl Metrics {
             "redis_reconnects",
             "Times a consumer loop got Redis back",
             m.reconnects.clone(),
+        );
+        registry.register(
+            "redis_outages",
+            "Redis outages the daemon got over (its loops reconnecting within 30 s count once)",
+            m.outages.clone(),
         );
         registry.register(
             "redis_data_loss",
@@ -347,6 +356,22 @@ impl Metrics {
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// A loop got Redis back: counts the reconnect, and an outage unless another loop's reconnect
+    /// counted one in the last 30 s.
+    pub fn reconnected(&self) {
+        static LAST_OUTAGE_MS: AtomicU64 = AtomicU64::new(0);
+        self.reconnects.inc();
+        let now = crate::model::envelope::now_ms();
+        let last = LAST_OUTAGE_MS.load(Ordering::Relaxed);
+        if now.saturating_sub(last) > 30_000
+            && LAST_OUTAGE_MS
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.outages.inc();
+        }
     }
 
     /// Counts an error of `kind`.
@@ -538,6 +563,7 @@ mod tests {
         m.dead_lettered.get_or_create(&group).inc();
         m.publish_denied.get_or_create(&handler).inc();
         m.reconnects.inc();
+        m.outages.inc();
         m.data_loss
             .get_or_create(&StreamLabels { stream: "s".into() })
             .inc();

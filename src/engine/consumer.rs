@@ -473,7 +473,7 @@ impl Consumer {
                 let failures = st.backoff.succeed();
                 if failures > 0 {
                     info!(failures, "reading again after Redis trouble");
-                    metrics::global().reconnects.inc();
+                    metrics::global().reconnected();
                     self.liveness.recover();
                 }
                 #[cfg(feature = "fault-injection")]

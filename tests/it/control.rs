@@ -701,6 +701,16 @@ fn redis_back_empty_skips_nothing_and_the_control_loop_recovers() {
         0.0,
         "the loss is waited out, never by restarting a loop"
     );
+    // Both loops got Redis back, and that was one outage (what the reconnect-storm alert counts).
+    let metrics = wait_for("both loops reconnected", Duration::from_secs(15), || {
+        let (_, m) = get(port, "/metrics");
+        (sample(&m, "redstream_redis_reconnects_total", &[]) >= 2.0).then_some(m)
+    });
+    assert_eq!(
+        sample(&metrics, "redstream_redis_outages_total", &[]),
+        1.0,
+        "{metrics}"
+    );
     let line = d.logs().into_iter().find(|l| {
         l.contains("ERROR") && l.contains("Redis lost this stream's data") && l.contains(IN)
     });
