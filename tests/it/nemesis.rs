@@ -5,7 +5,8 @@
 //!
 //! Faults drawn (docs/design.md, "The nemesis" lists fault × promise): SIGKILL of a daemon (started
 //! again), SIGSTOP/SIGCONT of a daemon, SIGHUP reload, Redis restarted with its data (AOF) and without
-//! it, CLIENT KILL of every connection, CLIENT PAUSE, DEBUG SLEEP. Between faults the producer
+//! it (a producer writing at once, before the daemons are back), CLIENT KILL of every connection,
+//! CLIENT PAUSE, DEBUG SLEEP. Between faults the producer
 //! publishes batches of messages with `order_by` keys; the handler replies to each (the built-in
 //! `faults` handler, a few of them slow).
 //!
@@ -183,7 +184,15 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
             }
             Fault::Reload(i) => daemons[i].signal(libc::SIGHUP),
             Fault::RedisRestart => server.restart(),
-            Fault::RedisRestartEmpty => server.restart_empty(),
+            Fault::RedisRestartEmpty => {
+                server.restart_empty();
+                // A producer writes before the daemons are back (they reconnect with backoff).
+                for _ in 0..10 {
+                    let seq = n.to_string();
+                    published.push(server.xadd(IN, &[("k", "x"), ("n", seq.as_str())]));
+                    n += 1;
+                }
+            }
             Fault::ClientKill => {
                 let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
                     .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
