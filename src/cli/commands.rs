@@ -607,6 +607,7 @@ async fn token(config: Option<&Path>, cmd: TokenCommand) -> Result {
                 api_key_file.as_deref(),
                 "REDSTREAM_API_KEY",
                 "--api-key",
+                super::Typed::Refuse,
             )
             .map_err(|m| Failure::new(Exit::Failure, m))?
             .ok_or_else(|| {

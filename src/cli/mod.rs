@@ -429,45 +429,43 @@ impl AuthArgs {
     /// The token to act as, from wherever it was given; a token typed on the command line is used,
     /// with a warning.
     pub fn resolve(&self) -> Result<Option<String>, String> {
-        if let Some(path) = &self.token_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
-            return Ok(Some(text.trim().to_owned()));
-        }
-        match self.token.as_deref() {
-            None => Ok(None),
-            Some("-") => {
-                let mut text = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                    .map_err(|e| format!("--token -: cannot read stdin: {e}"))?;
-                Ok(Some(text.trim().to_owned()))
-            }
-            Some(t) => {
-                if std::env::var("REDSTREAM_TOKEN").ok().as_deref() != Some(t) {
-                    eprintln!(
-                        "redstream: warning: a token given with --token is readable by every local user \
-                         (/proc/PID/cmdline); use --token-file PATH, --token - or $REDSTREAM_TOKEN"
-                    );
-                }
-                Ok(Some(t.to_owned()))
-            }
-        }
+        secret_input(
+            self.token.as_deref(),
+            self.token_file.as_deref(),
+            "REDSTREAM_TOKEN",
+            "--token",
+            Typed::Warn,
+        )
     }
 }
 
-/// A secret given as `-` (stdin), a file, or an environment variable `env` — never accepted typed on
-/// the command line, where every local user can read it: `what` names the option in the refusal.
+/// What to do with a secret typed on the command line, where every local user can read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Typed {
+    /// Use it, and say so on stderr (a token: short-lived).
+    Warn,
+    /// Refuse it (an API key: long-lived).
+    Refuse,
+}
+
+/// A secret given as `-` (stdin), a file, the environment variable `env` (clap hands its value over
+/// as if typed), or typed on the command line, which `typed` decides about: `what` names the option.
 pub fn secret_input(
     given: Option<&str>,
     file: Option<&std::path::Path>,
     env: &str,
     what: &str,
+    typed: Typed,
 ) -> Result<Option<String>, String> {
     if let Some(path) = file {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("{what}-file {}: {e}", path.display()))?;
         return Ok(Some(text.trim().to_owned()));
     }
+    let advice = format!(
+        "{what} given on the command line is readable by every local user (/proc/PID/cmdline): \
+         use {what}-file PATH, {what} - (stdin) or ${env}"
+    );
     match given {
         None => Ok(None),
         Some("-") => {
@@ -477,10 +475,13 @@ pub fn secret_input(
             Ok(Some(text.trim().to_owned()))
         }
         Some(v) if std::env::var(env).ok().as_deref() == Some(v) => Ok(Some(v.to_owned())),
-        Some(_) => Err(format!(
-            "{what} given on the command line is readable by every local user (/proc/PID/cmdline): \
-             use {what}-file PATH, {what} - (stdin) or ${env}"
-        )),
+        Some(v) => match typed {
+            Typed::Refuse => Err(advice),
+            Typed::Warn => {
+                eprintln!("redstream: warning: {advice}");
+                Ok(Some(v.to_owned()))
+            }
+        },
     }
 }
 
