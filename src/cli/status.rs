@@ -152,7 +152,7 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
         let list: Vec<&Beat> = list.iter().filter(|b| b.verified || !signs).collect();
         let newest = list[0];
         let age = now.saturating_sub(newest.at_ms);
-        let missing_after = 2 * interval.as_millis() as u64 + 1000;
+        let missing_after = missing_after_ms(interval);
         let status = if newest.status != "stopped" && age > missing_after {
             "missing".to_owned()
         } else {
@@ -266,6 +266,11 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
     })
 }
 
+/// How long without a heartbeat before a daemon counts as missing: two intervals (and a second).
+fn missing_after_ms(interval: Duration) -> u64 {
+    2 * interval.as_millis() as u64 + 1000
+}
+
 /// `s` cut to `width` characters (the last one an ellipsis when cut).
 fn fit(s: &str, width: usize) -> String {
     if s.chars().count() <= width {
@@ -372,6 +377,14 @@ pub fn render(r: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_killed_daemon_with_default_settings_is_missing_within_a_minute() {
+        let defaults = crate::config::raw::RawHeartbeat::default();
+        let interval =
+            humantime::parse_duration(defaults.interval.value.as_ref().unwrap()).unwrap();
+        assert!(super::missing_after_ms(interval) <= 60_000, "{interval:?}");
+    }
+
     use super::*;
 
     #[test]

@@ -435,7 +435,7 @@ impl Default for RawHeartbeat {
         RawHeartbeat {
             enabled: Loose::ok(true),
             stream: Loose::ok("nova:system:mcp:heartbeat".into()),
-            interval: Loose::ok("30s".into()),
+            interval: Loose::ok("20s".into()),
             max_len: Loose::ok(1000),
         }
     }
