@@ -98,6 +98,15 @@ fn heartbeats_are_published_and_trimmed() {
     );
 }
 
+/// The test EdDSA private key, copied into `dir` with the owner-only mode a private key must have.
+fn private_key_in(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let private = dir.join("ed25519.key");
+    std::fs::copy(crate::util::fixture("keys/ed25519.key"), &private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    private
+}
+
 /// `fields` with a signature (`_sig`) made for the control stream as `operator` with `roles`.
 fn signed(server: &RedisServer, roles: &[&str], fields: &[(&str, &str)]) -> Vec<(String, String)> {
     let keys = settings(&server.url()).auth.keys;
@@ -352,12 +361,9 @@ fn a_lapsing_identity_token_degrades_the_daemon_and_a_self_issued_one_is_renewed
 /// signature there — as the token's identity, only for streams it may publish to.
 #[test]
 fn an_operator_without_the_signing_key_gets_tokens_and_signatures_from_the_exchange() {
-    use std::os::unix::fs::PermissionsExt as _;
     let server = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let private = dir.path().join("ed25519.key");
-    std::fs::copy(crate::util::fixture("keys/ed25519.key"), &private).unwrap();
-    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let private = private_key_in(dir.path());
     let public = crate::util::fixture("keys/ed25519.pub");
     let socket = dir.path().join("auth.sock");
     let common = |keys: &str, extra: &str| {
@@ -817,12 +823,9 @@ fn copies_sent_after_expiry_inside_the_leeway_are_refused() {
 /// are rate-limited, logged in one line per peer per interval, and no line repeats a key.
 #[test]
 fn the_exchange_cannot_be_starved_nor_flood_the_log() {
-    use std::os::unix::fs::PermissionsExt as _;
     let mut server = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let private = dir.path().join("ed25519.key");
-    std::fs::copy(crate::util::fixture("keys/ed25519.key"), &private).unwrap();
-    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let private = private_key_in(dir.path());
     let socket = dir.path().join("auth.sock");
     let toml = format!(
         "[identity]\nname = \"test-daemon\"\nroles = [\"admin\"]\n\
@@ -847,11 +850,25 @@ fn the_exchange_cannot_be_starved_nor_flood_the_log() {
         .collect();
     server.restart();
     let ids = server.xadd_backlog("nova:task:control:in", 50);
-    wait_for(
+    let out = wait_for(
         "50 forwards after the restart",
         Duration::from_secs(30),
-        || (server.xlen("nova:task:control:out") == 50).then_some(()),
+        || {
+            let out = server.entries("nova:task:control:out");
+            (out.len() == 50).then_some(out)
+        },
     );
+    let mut causes: Vec<&str> = out
+        .iter()
+        .map(|e| e.fields.get_str("_cause").unwrap())
+        .collect();
+    causes.sort();
+    let mut want: Vec<String> = ids
+        .iter()
+        .map(|id| format!("nova:task:control:in/{id}"))
+        .collect();
+    want.sort();
+    assert_eq!(causes, want, "each message forwarded once");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ask = |key: &str| {
         rt.block_on(async {
@@ -887,7 +904,6 @@ fn the_exchange_cannot_be_starved_nor_flood_the_log() {
         d.logs().iter().all(|l| !l.contains("rsk_")),
         "a key reached the log"
     );
-    let _ = ids;
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
 
