@@ -24,6 +24,8 @@ pub struct Liveness {
     /// [`Liveness::refused`], cleared only by [`Liveness::accepted`], not by `recover`.
     refusal: Mutex<Option<String>>,
     is_refused: AtomicBool,
+    /// Whether the degradation is Redis out of reach (set by [`Liveness::unreachable`]).
+    unreachable: AtomicBool,
 }
 
 impl Liveness {
@@ -38,10 +40,18 @@ impl Liveness {
         self.is_degraded.store(true, Ordering::Release);
     }
 
+    /// Like [`Liveness::degrade`], because Redis cannot be reached: counted by
+    /// [`Health::redis_unreachable`] until [`Liveness::recover`].
+    pub fn unreachable(&self, reason: String) {
+        self.degrade(reason);
+        self.unreachable.store(true, Ordering::Release);
+    }
+
     pub fn recover(&self) {
         if !self.is_degraded.swap(false, Ordering::AcqRel) {
             return;
         }
+        self.unreachable.store(false, Ordering::Release);
         self.degraded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -88,6 +98,7 @@ impl Health {
             is_degraded: AtomicBool::new(false),
             refusal: Mutex::new(None),
             is_refused: AtomicBool::new(false),
+            unreachable: AtomicBool::new(false),
         });
         self.loops
             .lock()
@@ -143,6 +154,15 @@ impl Health {
                 .cloned(),
         );
         out
+    }
+
+    /// Whether a loop cannot reach Redis now.
+    pub fn redis_unreachable(&self) -> bool {
+        self.loops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|l| l.unreachable.load(Ordering::Acquire))
     }
 
     /// Names of the loops that are not healthy now (empty when all are).

@@ -87,6 +87,12 @@ pub struct Metrics {
     pub handler_peak_memory: Family<HandlerLabels, Gauge>,
     /// 1 while the daemon is degraded (heartbeat `status`), else 0.
     pub degraded: Gauge,
+    /// 1 while a consumer loop cannot reach Redis (between its first failed read and its next good
+    /// one), else 0.
+    pub redis_unreachable: Gauge,
+    /// When this process started (Unix seconds): `changes()` over it counts restarts, which a scrape
+    /// that misses the few seconds a crashed daemon is down would not see in `up`.
+    pub start_time: Gauge,
     /// 1 while a reloaded config holds settings only a restart applies (`[redis]`, `[identity]`).
     pub restart_needed: Gauge,
     /// Outbox entries a relay handled (Redis Cluster), by source stream and outcome: delivered,
@@ -187,6 +193,8 @@ impl Metrics {
             data_loss: Family::default(),
             handler_peak_memory: Family::default(),
             degraded: Gauge::default(),
+            redis_unreachable: Gauge::default(),
+            start_time: Gauge::default(),
             restart_needed: Gauge::default(),
             relayed: Family::default(),
             handler_quantiles: RwLock::default(),
@@ -268,6 +276,18 @@ impl Metrics {
             "1 while the daemon is degraded (failing commits, Redis trouble, a lapsing token, a stuck loop)",
             m.degraded.clone(),
         );
+        registry.register(
+            "redis_unreachable",
+            "1 while a consumer loop cannot reach Redis",
+            m.redis_unreachable.clone(),
+        );
+        registry.register(
+            "start_time_seconds",
+            "When the daemon process started, in Unix seconds",
+            m.start_time.clone(),
+        );
+        m.start_time
+            .set((crate::model::envelope::now_ms() / 1000) as i64);
         registry.register(
             "restart_needed",
             "1 while the config file holds [redis] or [identity] settings the running daemon does not (applied at the next restart)",
@@ -569,6 +589,7 @@ mod tests {
             .inc();
         m.handler_peak_memory.get_or_create(&handler).set(1);
         m.degraded.set(0);
+        m.redis_unreachable.set(0);
         m.relayed
             .get_or_create(&RelayLabels {
                 stream: "s".into(),

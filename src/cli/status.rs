@@ -80,6 +80,8 @@ pub struct DaemonRow {
     pub last_seen_ms_ago: u64,
     pub uptime_s: u64,
     pub consumers: u64,
+    /// Times it started again in the last hour, as its kept heartbeats show (uptime going back).
+    pub restarts_1h: u64,
 }
 
 /// A heartbeat, decoded.
@@ -90,6 +92,8 @@ struct Beat {
     status: String,
     reasons: Option<String>,
     uptime_s: u64,
+    /// The process's start (ms, its host's clock): a new value is a new process.
+    started_ms: Option<u64>,
     consumers: u64,
     groups: Vec<serde_json::Value>,
     handlers: Vec<serde_json::Value>,
@@ -115,6 +119,7 @@ fn beat(e: &Entry, stream: &str, keys: &KeySet) -> Option<(String, Beat)> {
             status: text("status")?,
             reasons: text("degraded_reasons"),
             uptime_s: num("uptime").unwrap_or(0),
+            started_ms: num("started"),
             consumers: num("consumers").unwrap_or(0),
             groups: json("groups"),
             handlers: json("handlers"),
@@ -159,6 +164,7 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
             newest.status.clone()
         };
         let live = status == "healthy" || status == "degraded";
+        let restarts_1h = restarts_since(&list, now.saturating_sub(3_600_000));
         daemons.push(DaemonRow {
             server_id: id.clone(),
             status,
@@ -167,6 +173,7 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
             last_seen_ms_ago: age,
             uptime_s: newest.uptime_s,
             consumers: newest.consumers,
+            restarts_1h,
         });
         if !live {
             continue;
@@ -281,6 +288,22 @@ fn fit(s: &str, width: usize) -> String {
     out
 }
 
+/// How often a daemon started again after `since_ms`, from its beats (newest first): each beat whose
+/// process start differs from the one before it (or, from a daemon that does not send `started`,
+/// whose uptime is below it) is a new process.
+fn restarts_since(beats: &[&Beat], since_ms: u64) -> u64 {
+    beats
+        .windows(2)
+        .filter(|w| {
+            let new_process = match (w[0].started_ms, w[1].started_ms) {
+                (Some(now), Some(before)) => now != before,
+                _ => w[0].uptime_s < w[1].uptime_s,
+            };
+            w[0].at_ms >= since_ms && new_process
+        })
+        .count() as u64
+}
+
 fn ago(ms: u64) -> String {
     match ms / 1000 {
         s if s < 120 => format!("{s}s ago"),
@@ -349,15 +372,15 @@ pub fn render(r: &Report) -> String {
     }
     out.push('\n');
     out.push_str(&format!(
-        "{:<36} {:<20} {:>10} {:>10} {:>6}\n",
-        "DAEMON", "STATUS", "SEEN", "UPTIME", "LOOPS"
+        "{:<36} {:<20} {:>10} {:>10} {:>6} {:>9}\n",
+        "DAEMON", "STATUS", "SEEN", "UPTIME", "LOOPS", "RESTARTS"
     ));
     if r.daemons.is_empty() {
         out.push_str("(no heartbeats: is [heartbeat] enabled, and a daemon running?)\n");
     }
     for d in &r.daemons {
         out.push_str(&format!(
-            "{:<36} {:<20} {:>10} {:>10} {:>6}\n",
+            "{:<36} {:<20} {:>10} {:>10} {:>6} {:>9}\n",
             fit(&d.server_id, 36),
             if d.verified {
                 d.status.clone()
@@ -366,7 +389,8 @@ pub fn render(r: &Report) -> String {
             },
             ago(d.last_seen_ms_ago),
             uptime(d.uptime_s),
-            d.consumers
+            d.consumers,
+            format!("{}/1h", d.restarts_1h)
         ));
         if let (Some(why), "degraded") = (&d.degraded_reasons, d.status.as_str()) {
             out.push_str(&format!("  {}\n", fit(why, 98)));
@@ -421,6 +445,7 @@ mod tests {
                 last_seen_ms_ago: 3_000,
                 uptime_s: 90_061,
                 consumers: 3,
+                restarts_1h: 12,
             }],
         };
         let text = render(&r);
@@ -429,5 +454,47 @@ mod tests {
         }
         assert!(text.contains("1d 1h") && text.contains("3s ago"), "{text}");
         assert!(text.contains("degraded (unverified)"), "{text}");
+        assert!(text.contains("12/1h"), "{text}");
+    }
+
+    fn beat(at_ms: u64, uptime_s: u64) -> Beat {
+        Beat {
+            at_ms,
+            verified: true,
+            status: "healthy".into(),
+            reasons: None,
+            uptime_s,
+            started_ms: None,
+            consumers: 1,
+            groups: vec![],
+            handlers: vec![],
+        }
+    }
+
+    #[test]
+    fn restarts_are_counted_where_uptime_goes_back() {
+        // Newest first: up 5 s (after a restart), 40 s and 20 s (after another), 70 s, 50 s.
+        let beats = [
+            beat(200_000, 5),
+            beat(180_000, 40),
+            beat(160_000, 20),
+            beat(140_000, 70),
+            beat(120_000, 50),
+        ];
+        let list: Vec<&Beat> = beats.iter().collect();
+        assert_eq!(restarts_since(&list, 0), 2);
+        assert_eq!(
+            restarts_since(&list, 170_000),
+            1,
+            "only the last hour counts"
+        );
+        assert_eq!(restarts_since(&list[..1], 0), 0);
+        // With `started`: a restart within the same second of uptime is still a new process.
+        let mut quick = [beat(3_000, 0), beat(2_000, 0), beat(1_000, 0)];
+        quick[0].started_ms = Some(2_500);
+        quick[1].started_ms = Some(500);
+        quick[2].started_ms = Some(500);
+        let list: Vec<&Beat> = quick.iter().collect();
+        assert_eq!(restarts_since(&list, 0), 1);
     }
 }

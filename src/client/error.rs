@@ -168,6 +168,14 @@ impl Error {
 }
 
 impl Error {
+    /// Redis cannot be reached or cannot serve now (connection lost or refused, no answer in time, a
+    /// server loading, busy or without its cluster): an outage, as opposed to an answer.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::Connection { .. } | Error::Timeout { .. })
+            || matches!(self, Error::Redis { source, .. } if source.is_unrecoverable_error()
+                || matches!(source.code(), Some("LOADING" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN")))
+    }
+
     /// Redis's answer to XINFO (and other commands that need it) for a key that does not exist.
     pub fn is_missing_key(&self) -> bool {
         matches!(self, Error::Redis { source, .. } if source.detail() == Some("no such key"))

@@ -37,6 +37,16 @@ pub fn resolve(
         bytes.pop();
     }
     if bytes.is_empty() {
+        if let RawSecret::From(SecretFrom {
+            credential: Some(name),
+            ..
+        }) = secret
+        {
+            // The shipped units give an absent credential file an empty fallback.
+            return Err(format!(
+                "credential {name:?} is empty: its file (LoadCredential={name}:…) is absent or empty"
+            ));
+        }
         return Err("the secret is empty".into());
     }
     Ok(bytes)
@@ -96,6 +106,23 @@ mod tests {
             credential: credential.map(Into::into),
             env: None,
         })
+    }
+
+    #[test]
+    fn an_absent_credential_the_units_fill_with_a_newline_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        // What SetCredential=redis-password:\n leaves when the LoadCredential= file is absent.
+        std::fs::write(dir.path().join("redis-password"), "\n").unwrap();
+        let err = resolve(
+            &from(None, Some("redis-password")),
+            Some(dir.path()),
+            Privacy::Private,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("\"redis-password\" is empty") && err.contains("absent"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! signed commands.
 //!
 //! Owns [`Vitals`] (what a heartbeat or a status reply says: `server_id`, `timestamp`, `status`,
-//! `memory_usage`, `uptime` and counters), the heartbeat task (XADD with `MAXLEN ~`), and the [`Control`]
+//! `memory_usage`, `uptime`, `started` and counters), the heartbeat task (XADD with `MAXLEN ~`), and the [`Control`]
 //! handler. Control messages arrive on a group of this instance's own (every instance sees every
 //! command); their route requires a message signature (`_sig`, [`crate::auth::signature`]) — an
 //! unsigned, forged or altered one is dead-lettered and logged by the consumer loop, never obeyed — whose
@@ -31,6 +31,9 @@ use crate::shutdown::Shutdown;
 pub struct Vitals {
     pub server_id: String,
     started: Instant,
+    /// When this process started, by this host's clock (ms): the heartbeat's `started`, which tells
+    /// one process from the next (`redstream status` counts restarts by it).
+    started_ms: u64,
     stats: Mutex<Vec<Arc<Stats>>>,
     health: Arc<Health>,
     stopping: AtomicBool,
@@ -42,6 +45,7 @@ impl Vitals {
         Vitals {
             server_id,
             started: Instant::now(),
+            started_ms: envelope::now_ms(),
             stats: Mutex::new(Vec::new()),
             health,
             stopping: AtomicBool::new(false),
@@ -94,6 +98,7 @@ impl Vitals {
         }
         fields.push("memory_usage", resident_bytes().to_string());
         fields.push("uptime", self.started.elapsed().as_secs().to_string());
+        fields.push("started", self.started_ms.to_string());
         fields.push("consumers", stats.len().to_string());
         fields.push(
             "processed",

@@ -307,9 +307,9 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
             }
             _ = token_check.tick() => {
                 d.watch_token(token_lifetime);
-                crate::metrics::global()
-                    .degraded
-                    .set(i64::from(!d.health.degraded().is_empty()));
+                let m = crate::metrics::global();
+                m.degraded.set(i64::from(!d.health.degraded().is_empty()));
+                m.redis_unreachable.set(i64::from(d.health.redis_unreachable()));
                 continue;
             }
             _ = status_tick.tick() => {

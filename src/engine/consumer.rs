@@ -538,7 +538,11 @@ impl Consumer {
     async fn trouble(&self, e: Error, st: &mut State) -> Result<Instant, Error> {
         let delay = st.backoff.fail();
         metrics::global().error(e.kind());
-        self.liveness.degrade(format!("Redis trouble: {e}"));
+        if e.is_unreachable() {
+            self.liveness.unreachable(format!("Redis trouble: {e}"));
+        } else {
+            self.liveness.degrade(format!("Redis trouble: {e}"));
+        }
         if let Error::NoGroup { .. } = e {
             match self.restore_group(st).await {
                 // A new group has an empty PEL: nothing of ours to recover.

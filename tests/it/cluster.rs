@@ -12,7 +12,7 @@ use crate::util::{Daemon, RedisServer, admin, config_toml, wait_for};
 use redstream::client::outbox;
 
 /// A daemon config for `cluster` with consumer tables `consumers`, as instance `instance`.
-fn toml(cluster: &Cluster, instance: usize, consumers: &str) -> String {
+pub(crate) fn toml(cluster: &Cluster, instance: usize, consumers: &str) -> String {
     let base = config_toml(
         "redis://127.0.0.1:1/0",
         &format!("[daemon]\ndrain_timeout = \"10s\"\ninstance = \"n{instance}\"\n{consumers}"),
@@ -22,7 +22,7 @@ fn toml(cluster: &Cluster, instance: usize, consumers: &str) -> String {
 
 /// One consumer per (input, output) pair: the `faults` handler replying to the output after a short
 /// sleep, so a run lasts long enough to be hit mid-way.
-fn consumers(pairs: &[(String, String)]) -> String {
+pub(crate) fn consumers(pairs: &[(String, String)]) -> String {
     pairs
         .iter()
         .map(|(i, o)| {
@@ -38,7 +38,7 @@ fn consumers(pairs: &[(String, String)]) -> String {
 
 /// Three streams, one per master, each replying to a stream of its own entity (`same_slot`) or of
 /// the next one's (crossing slots).
-fn pairs(same_slot: bool) -> Vec<(String, String)> {
+pub(crate) fn pairs(same_slot: bool) -> Vec<(String, String)> {
     let tags: Vec<String> = [100u16, 5600, 11000]
         .iter()
         .map(|s| tag_for_slot_near(*s))
@@ -60,7 +60,7 @@ fn pairs(same_slot: bool) -> Vec<(String, String)> {
 
 /// Publishes `n` messages to `stream` on its master, and waits until a replica has them (a failover
 /// must not lose input before the daemons are judged). Returns their ids.
-fn publish(cluster: &Cluster, stream: &str, n: usize) -> Vec<String> {
+pub(crate) fn publish(cluster: &Cluster, stream: &str, n: usize) -> Vec<String> {
     let mut conn = cluster.node(cluster.master_of(stream));
     let mut ids = Vec::new();
     for i in 0..n {
@@ -104,7 +104,12 @@ fn assert_exactly_once(cluster: &Cluster, input: &str, out: &str, ids: &[String]
 }
 
 /// Publishes `n` more messages to every input, adding their ids to `ids`.
-fn publish_all(cluster: &Cluster, pairs: &[(String, String)], ids: &mut [Vec<String>], n: usize) {
+pub(crate) fn publish_all(
+    cluster: &Cluster,
+    pairs: &[(String, String)],
+    ids: &mut [Vec<String>],
+    n: usize,
+) {
     for (i, (input, _)) in pairs.iter().enumerate() {
         ids[i].extend(publish(cluster, input, n));
     }

@@ -639,6 +639,25 @@ fn status_shows_groups_rates_handlers_and_every_daemon_seen() {
         (seen == ["missing", "stopped"]).then_some(r)
     });
     println!("{r}");
+
+    // The killed one started again: healthy, and one restart in the last hour.
+    let mut again = Daemon::running(
+        &toml.replace("[daemon]", "[daemon]\ninstance = \"other\""),
+        &[],
+    );
+    wait_for("the restart counted", Duration::from_secs(10), || {
+        let r: serde_json::Value =
+            serde_json::from_str(&status(&again.config_path(), true)).unwrap();
+        let row = r["daemons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["server_id"] == other_id.as_str())?
+            .clone();
+        (row["status"] == "healthy" && row["restarts_1h"] == 1).then_some(())
+    });
+    assert!(status(&again.config_path(), false).contains("1/1h"));
+    assert_eq!(again.stop(Duration::from_secs(10)), 0);
 }
 
 /// Redis restarted without its data under quiet streams read from `$`, and a producer writes before

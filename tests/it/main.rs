@@ -52,6 +52,9 @@ mod package;
 // Redis Cluster: failover, resharding, the outbox across slots, several daemons.
 mod cluster;
 
+// The shipped alert rules against a real Prometheus: time from fault to firing alert.
+mod alerting;
+
 // The nemesis: seeded random fault schedules, judged from what Redis holds.
 mod nemesis;
 

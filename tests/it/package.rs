@@ -126,6 +126,10 @@ fn the_package_installs_a_service_that_systemd_and_check_accept() {
         .arg(&config)
         .env_remove("REDSTREAM_CONFIG"));
     let shipped = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        shipped.contains("\nlisten = \"127.0.0.1:9464\""),
+        "a fresh install serves metrics on loopback"
+    );
     let handlers = sys.join("usr/lib/redstream/handlers");
     let edited = shipped
         .replace(

@@ -16,6 +16,8 @@ struct Node {
     child: Option<Child>,
     port: u16,
     bus: u16,
+    /// Its working directory (nodes.conf), so [`Cluster::revive`] brings back the same node.
+    dir: PathBuf,
     /// SIGSTOPped by [`Cluster::pause`]: not asked anything until resumed.
     paused: bool,
 }
@@ -123,73 +125,98 @@ impl Cluster {
             }
             let dir: PathBuf = self.dir.path().join(format!("n{i}-{port}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let mut command = Command::new(binary());
-            if self.tls {
-                command
-                    .args(["--port", "0", "--tls-port", &port.to_string()])
-                    .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
-                    .arg("--tls-cert-file")
-                    .arg(fixture("tls/server.pem"))
-                    .arg("--tls-key-file")
-                    .arg(fixture("tls/server.key"))
-                    .arg("--tls-ca-cert-file")
-                    .arg(fixture("tls/ca.pem"))
-                    // The cluster bus always asks its peers for a certificate: the nodes present
-                    // the client one (the server's is for server authentication only).
-                    .arg("--tls-client-cert-file")
-                    .arg(fixture("tls/client.pem"))
-                    .arg("--tls-client-key-file")
-                    .arg(fixture("tls/client.key"))
-                    .args(["--tls-auth-clients", "no"]);
-            } else {
-                command.args(["--port", &port.to_string()]);
-            }
-            let mut child = command
-                .args(["--bind", "127.0.0.1"])
-                .args([
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus.to_string(),
-                ])
-                .args(["--cluster-node-timeout", "2000"])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .args(["--maxmemory", "32mb", "--io-threads", "1"])
-                .arg("--dir")
-                .arg(&dir)
-                .arg("--logfile")
-                .arg(dir.join("redis.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn redis-server (is it installed? .ci/run installs it)");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut ours = false;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                match answering_pid(&self.client(port)) {
-                    Some(pid) => {
-                        ours = pid == child.id();
-                        break;
-                    }
-                    None => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-            if ours {
+            if let Some(child) = self.spawn_at(port, bus, &dir) {
                 return Node {
                     child: Some(child),
                     port,
                     bus,
+                    dir,
                     paused: false,
                 };
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("could not start a cluster node on a free port after 5 tries");
+    }
+
+    /// Starts redis-server as a cluster node on `port` and `bus` in `dir`; None when another process
+    /// answered on that port (taken meanwhile) or the node exited.
+    fn spawn_at(&self, port: u16, bus: u16, dir: &std::path::Path) -> Option<Child> {
+        let mut command = Command::new(binary());
+        if self.tls {
+            command
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .arg("--tls-cert-file")
+                .arg(fixture("tls/server.pem"))
+                .arg("--tls-key-file")
+                .arg(fixture("tls/server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(fixture("tls/ca.pem"))
+                // The cluster bus always asks its peers for a certificate: the nodes present
+                // the client one (the server's is for server authentication only).
+                .arg("--tls-client-cert-file")
+                .arg(fixture("tls/client.pem"))
+                .arg("--tls-client-key-file")
+                .arg(fixture("tls/client.key"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            command.args(["--port", &port.to_string()]);
+        }
+        let mut child = command
+            .args(["--bind", "127.0.0.1"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus.to_string(),
+            ])
+            .args(["--cluster-node-timeout", "2000"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--maxmemory", "32mb", "--io-threads", "1"])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--logfile")
+            .arg(dir.join("redis.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (is it installed? .ci/run installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            match answering_pid(&self.client(port)) {
+                Some(pid) if pid == child.id() => return Some(child),
+                Some(_) => break,
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    /// Starts a killed node again on its port, from its nodes.conf and without data: it rejoins the
+    /// cluster — a master whose slots were taken over comes back as a replica of the new owner and
+    /// syncs from it. Waits until its replication link is up and the cluster is ok.
+    pub fn revive(&mut self, port: u16) {
+        let i = self.nodes.iter().position(|n| n.port == port).unwrap();
+        assert!(self.nodes[i].child.is_none(), "revive a killed node");
+        let (bus, dir) = (self.nodes[i].bus, self.nodes[i].dir.clone());
+        let child = wait_for("the node to start again", Duration::from_secs(20), || {
+            self.spawn_at(port, bus, &dir)
+        });
+        self.nodes[i].child = Some(child);
+        wait_for("the revived node to sync", Duration::from_secs(40), || {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut self.node(port))
+                .ok()?;
+            (info.contains("role:slave") && info.contains("master_link_status:up")).then_some(())
+        });
+        self.wait_ok(Duration::from_secs(30));
     }
 
     /// The ports of the live nodes, masters and replicas.
@@ -498,7 +525,6 @@ impl Drop for Cluster {
                 let _ = c.kill();
                 let _ = c.wait();
             }
-            let _ = n.bus;
         }
     }
 }
