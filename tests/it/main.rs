@@ -49,6 +49,8 @@ mod cli;
 mod authoring;
 // The Debian package, installed into a scratch root.
 mod package;
+// The .deb booted under a real systemd (systemd-nspawn).
+mod boot;
 // Redis Cluster: failover, resharding, the outbox across slots, several daemons.
 mod cluster;
 

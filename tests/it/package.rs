@@ -9,7 +9,7 @@ use std::process::Command;
 
 use crate::util::{bin, root};
 
-fn run(cmd: &mut Command) -> String {
+pub(crate) fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     let text = format!(
         "{}{}",
@@ -28,6 +28,21 @@ fn mode(path: &Path) -> u32 {
         & 0o7777
 }
 
+/// The package around this build's binary, in `dir`: scripts/package --no-build packages
+/// $CARGO_TARGET_DIR/release/redstream as it is.
+pub(crate) fn build_deb(dir: &Path) -> std::path::PathBuf {
+    let target = dir.join("target");
+    std::fs::create_dir_all(target.join("release")).unwrap();
+    std::fs::copy(bin(), target.join("release/redstream")).unwrap();
+    let deb = dir.join("redstream.deb");
+    run(Command::new(root().join("scripts/package"))
+        .args(["--no-build", "--fast", "--output"])
+        .arg(&deb)
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(root()));
+    deb
+}
+
 #[test]
 fn the_package_installs_a_service_that_systemd_and_check_accept() {
     if !nix_is_root() {
@@ -35,17 +50,13 @@ fn the_package_installs_a_service_that_systemd_and_check_accept() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    // The package around this build's binary: scripts/package --no-build packages
-    // $CARGO_TARGET_DIR/release/redstream as it is.
-    let target = tmp.path().join("target");
-    std::fs::create_dir_all(target.join("release")).unwrap();
-    std::fs::copy(bin(), target.join("release/redstream")).unwrap();
-    let deb = tmp.path().join("redstream.deb");
-    run(Command::new(root().join("scripts/package"))
-        .args(["--no-build", "--fast", "--output"])
+    let deb = build_deb(tmp.path());
+    // ExecReload= runs /bin/kill, which minimal Debian roots (containers, debootstrap) lack.
+    let depends = run(Command::new("dpkg-deb")
+        .args(["-f"])
         .arg(&deb)
-        .env("CARGO_TARGET_DIR", &target)
-        .current_dir(root()));
+        .arg("Depends"));
+    assert!(depends.contains("procps"), "Depends: {depends}");
 
     // Installed into a scratch root: a dpkg database of its own, scripts run with $DPKG_ROOT.
     let sys = tmp.path().join("root");
@@ -179,7 +190,7 @@ fn the_package_installs_a_service_that_systemd_and_check_accept() {
     );
 }
 
-fn nix_is_root() -> bool {
+pub(crate) fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }

@@ -131,9 +131,21 @@ impl Cache {
     }
 }
 
-/// The cache directory must be this user's, and no one else's to write into.
+/// The cache directory must be this user's, and no one else's to write into. A symlink to it is
+/// followed when root or this user owns the link: systemd's `CacheDirectory=` under `DynamicUser=` is
+/// `/var/cache/<name>`, a root-owned link into `/var/cache/private/`.
 fn private_dir(dir: &Path) -> Result<(), String> {
-    let meta = std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+    let mut meta = std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+    if meta.file_type().is_symlink() {
+        if meta.uid() != 0 && meta.uid() != euid() {
+            return Err(format!(
+                "the cache directory {} is a symlink owned by uid {}, neither root nor this process",
+                dir.display(),
+                meta.uid()
+            ));
+        }
+        meta = std::fs::metadata(dir).map_err(|e| e.to_string())?;
+    }
     if !meta.file_type().is_dir() {
         return Err(format!("{} is not a directory", dir.display()));
     }
@@ -157,4 +169,30 @@ fn private_dir(dir: &Path) -> Result<(), String> {
 fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::private_dir;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn a_link_to_a_private_directory_is_followed_and_judged_by_its_target() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("private/redstream");
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = tmp.path().join("redstream");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        // As systemd's CacheDirectory= under DynamicUser= lays it out.
+        assert_eq!(private_dir(&link), Ok(()));
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = private_dir(&link).unwrap_err();
+        assert!(err.contains("others may write"), "{err}");
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        std::os::unix::fs::symlink(&file, tmp.path().join("to-file")).unwrap();
+        let err = private_dir(&tmp.path().join("to-file")).unwrap_err();
+        assert!(err.contains("not a directory"), "{err}");
+    }
 }
