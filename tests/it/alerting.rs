@@ -227,9 +227,14 @@ fn each_fault_fires_its_alert_within_a_minute_and_a_healthy_daemon_fires_none() 
     let mut next_kill = t0 + Duration::from_secs(10);
     let mut next_start = Some(t0 + Duration::from_secs(2));
     // Until every fault fired, and long enough after the healthy daemon's restart and reload for an
-    // alert of theirs to fire too.
-    while (fired.len() < cases.len() - 1 || t0.elapsed() < Duration::from_secs(80))
-        && t0.elapsed() < Duration::from_secs(90)
+    // alert of theirs to fire too (80 s; ALERTING_HEALTHY_SECS=600 keeps the healthy daemon watched
+    // for ten minutes, as README's figure was measured).
+    let healthy_for = std::env::var("ALERTING_HEALTHY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(80), Duration::from_secs);
+    while (fired.len() < cases.len() - 1 || t0.elapsed() < healthy_for)
+        && (t0.elapsed() < Duration::from_secs(90) || fired.len() == cases.len() - 1)
     {
         let now = Instant::now();
         if next_start.is_some_and(|at| now >= at) {

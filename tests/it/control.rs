@@ -985,3 +985,38 @@ fn status_watch_keeps_running_through_a_redis_outage() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The daemon makes itself non-dumpable at start (PR_SET_DUMPABLE 0): no core file holds the Redis
+/// password or the signing key, and no other process of its user may ptrace it. The kernel shows it
+/// from outside: a non-dumpable process's /proc files belong to root, whoever it runs as. Run as
+/// nobody (setpriv, which execs it: a plain exec leaves a process dumpable).
+#[test]
+fn the_running_daemon_is_not_dumpable() {
+    use std::os::unix::fs::MetadataExt as _;
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        "[[consumers]]\nstream = \"nova:task:control:in\"\ngroup = \"g\"\n\
+         handler = \"forward\"\nforward_to = \"nova:task:control:out\"\n",
+    );
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+    ];
+    let mut d = Daemon::running_wrapped(&toml, &[], &nobody);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap();
+    assert_eq!(uid, "65534", "it runs as nobody");
+    let owner = std::fs::metadata(format!("/proc/{}/environ", d.pid()))
+        .unwrap()
+        .uid();
+    assert_eq!(owner, 0, "its /proc files are root's: it is not dumpable");
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}

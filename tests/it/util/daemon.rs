@@ -30,6 +30,12 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("redstream.toml");
         std::fs::write(&config, toml).unwrap();
+        if wrapper.first() == Some(&"setpriv") {
+            // Run as another user: it must read its config.
+            use std::os::unix::fs::PermissionsExt as _;
+            let open = std::fs::Permissions::from_mode(0o755);
+            std::fs::set_permissions(dir.path(), open).unwrap();
+        }
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
