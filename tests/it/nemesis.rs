@@ -4,17 +4,22 @@
 //! `scripts/nemesis --minutes M` searches new seeds. CI runs the fixed seeds of [`fixed_seeds`].
 //!
 //! Faults drawn (docs/design.md, "The nemesis" lists fault × promise): SIGKILL of a daemon (started
-//! again), SIGSTOP/SIGCONT of a daemon, SIGHUP reload, Redis restarted with its data (AOF) and without
-//! it (a producer writing at once, before the daemons are back), CLIENT KILL of every connection,
-//! CLIENT PAUSE, DEBUG SLEEP. Between faults the producer
-//! publishes batches of messages with `order_by` keys; the handler replies to each (the built-in
-//! `faults` handler, a few of them slow).
+//! again), SIGSTOP/SIGCONT of a daemon, SIGHUP reload (also with a changed config), Redis restarted with
+//! its data (AOF) and without it (a producer writing at once, before the daemons are back), CLIENT KILL
+//! of every connection or of one at a time, CLIENT PAUSE, DEBUG SLEEP, maxmemory (OOM), maxclients, a
+//! dead-letter stream of the wrong type. Between faults the producer publishes batches of messages with
+//! `order_by` keys — some slow, poison (a wrong-type reply target), wide, huge or over `[limits]`; the
+//! handler replies to each (the built-in `faults` handler).
 //!
 //! Promises checked at the end, once everything settled: every input Redis still holds has exactly one
-//! reply (inputs Redis lost in a restart without data are counted as Redis's loss, apart); no reply
-//! without an input; each key's replies in order for the group one daemon consumes alone; every signed
-//! message obeyed at most once, whatever copies of it arrive (at once, or after its expiry inside the
-//! leeway); nothing pending; nothing dead-lettered (every message is healthy).
+//! reply per group, or — poison and over-limit ones — exactly one dead letter per group (inputs Redis
+//! lost in a restart without data are counted as Redis's loss, apart); no reply without an input; each
+//! key's replies in order for the group one daemon consumes alone; every signed message obeyed at most
+//! once, whatever copies of it arrive (at once, or after its expiry inside the leeway); nothing
+//! pending; no healthy message dead-lettered.
+//!
+//! The cluster nemesis ([`run_cluster`]) does the same on a 3+3 Redis Cluster with replies crossing
+//! slots: failovers that lose writes, graceful failovers, paused masters, reshards.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -53,6 +58,9 @@ enum Fault {
     WrongTypeDeadLetters(u64),
     /// A reload with a changed config: the signed stream's handler file and the timeouts switch.
     ReloadChanged(usize),
+    /// For this long, one connection at a time killed (CLIENT KILL ID, a random one every 50–150
+    /// ms): a commit can fail while the next one, on another connection, goes through.
+    ClientKillRandom(u64),
 }
 
 impl Fault {
@@ -79,6 +87,7 @@ impl Fault {
             1 => Some(Fault::MaxClients(rng.u64(300..2500))),
             2 => Some(Fault::WrongTypeDeadLetters(rng.u64(500..4000))),
             3 => Some(Fault::ReloadChanged(d)),
+            4 => Some(Fault::ClientKillRandom(rng.u64(500..3000))),
             _ => None,
         }
     }
@@ -433,6 +442,29 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
                         .arg(&["SET", "maxclients", "10000"])
                         .query(&mut c)
                         .unwrap();
+                }
+                Fault::ClientKillRandom(ms) => {
+                    let mut c = server.conn();
+                    let mut pick = fastrand::Rng::with_seed(schedule.seed ^ *index as u64);
+                    let until = Instant::now() + Duration::from_millis(ms);
+                    while Instant::now() < until {
+                        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut c).unwrap();
+                        let me: i64 = redis::cmd("CLIENT").arg("ID").query(&mut c).unwrap();
+                        let ids: Vec<i64> = list
+                            .lines()
+                            .filter_map(|l| l.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+                            .filter(|id| *id != me)
+                            .collect();
+                        if !ids.is_empty() {
+                            let victim = ids[pick.usize(0..ids.len())];
+                            let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                                .arg("KILL")
+                                .arg("ID")
+                                .arg(victim)
+                                .query(&mut c);
+                        }
+                        std::thread::sleep(Duration::from_millis(pick.u64(50..150)));
+                    }
                 }
                 Fault::WrongTypeDeadLetters(ms) => {
                     // Set the dead letters written so far aside and put a string in their place, in
