@@ -90,6 +90,8 @@ pub struct Metrics {
     /// 1 while a consumer loop cannot reach Redis (between its first failed read and its next good
     /// one), else 0.
     pub redis_unreachable: Gauge,
+    /// 1 while heartbeats cannot be published (failing for 4 s or more), else 0.
+    pub heartbeat_failing: Gauge,
     /// When this process started (Unix seconds): `changes()` over it counts restarts, which a scrape
     /// that misses the few seconds a crashed daemon is down would not see in `up`.
     pub start_time: Gauge,
@@ -194,6 +196,7 @@ impl Metrics {
             handler_peak_memory: Family::default(),
             degraded: Gauge::default(),
             redis_unreachable: Gauge::default(),
+            heartbeat_failing: Gauge::default(),
             start_time: Gauge::default(),
             restart_needed: Gauge::default(),
             relayed: Family::default(),
@@ -280,6 +283,11 @@ impl Metrics {
             "redis_unreachable",
             "1 while a consumer loop cannot reach Redis",
             m.redis_unreachable.clone(),
+        );
+        registry.register(
+            "heartbeat_failing",
+            "1 while the daemon's heartbeats cannot be published (redstream status counts it missing)",
+            m.heartbeat_failing.clone(),
         );
         registry.register(
             "start_time_seconds",
@@ -590,6 +598,7 @@ mod tests {
         m.handler_peak_memory.get_or_create(&handler).set(1);
         m.degraded.set(0);
         m.redis_unreachable.set(0);
+        m.heartbeat_failing.set(0);
         m.relayed
             .get_or_create(&RelayLabels {
                 stream: "s".into(),

@@ -35,7 +35,7 @@ pub struct Vitals {
     /// one process from the next (`redstream status` counts restarts by it).
     started_ms: u64,
     stats: Mutex<Vec<Arc<Stats>>>,
-    health: Arc<Health>,
+    pub health: Arc<Health>,
     stopping: AtomicBool,
     stopped: AtomicBool,
 }
@@ -161,32 +161,68 @@ pub struct Beats {
     pub keys: Option<Arc<KeySet>>,
 }
 
+/// How long heartbeats may fail before the daemon reports it (a Redis restart takes less), and how
+/// often it tries again meanwhile.
+const HEARTBEAT_FAILING_AFTER: std::time::Duration = std::time::Duration::from_secs(4);
+const HEARTBEAT_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Beats {
     /// One heartbeat now.
-    pub async fn beat(&self) {
+    pub async fn beat(&self) -> Result<(), crate::client::Error> {
         let opts = PublishOptions {
             maxlen: Some(self.settings.max_len),
         };
         let (stream, fields) = (&self.settings.stream, self.vitals.fields());
-        let sent = match &self.keys {
+        match &self.keys {
             Some(keys) => self.client.publish_signed(stream, fields, keys, opts).await,
             None => self.client.publish(stream, fields, opts).await,
-        };
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "heartbeat not published");
         }
+        .map(|_| ())
     }
 
     /// A heartbeat every interval until shutdown, and one saying `stopping` then. (The daemon writes
-    /// a last one saying `stopped` once it has drained.)
+    /// a last one saying `stopped` once it has drained.) A heartbeat that fails is tried again every
+    /// 2 s; failing for 4 s is reported — a WARN naming the stream, `redstream_heartbeat_failing` 1 and
+    /// the daemon degraded — since `redstream status` will count this daemon missing.
     pub async fn run(self, mut shutdown: Shutdown) {
         let mut tick = tokio::time::interval(self.settings.interval);
+        let mut failing_since: Option<Instant> = None;
+        let mut reported = false;
         loop {
             let last = tokio::select! {
                 _ = tick.tick() => false,
+                _ = tokio::time::sleep(HEARTBEAT_RETRY), if failing_since.is_some() => false,
                 _ = shutdown.wait() => true,
             };
-            self.beat().await;
+            match self.beat().await {
+                Ok(()) => {
+                    if reported {
+                        tracing::info!(stream = %self.settings.stream, "heartbeats are published again");
+                        crate::metrics::global().heartbeat_failing.set(0);
+                        self.vitals.health.recover("heartbeat");
+                    }
+                    failing_since = None;
+                    reported = false;
+                }
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if !reported && since.elapsed() >= HEARTBEAT_FAILING_AFTER {
+                        tracing::warn!(stream = %self.settings.stream, error = %e,
+                            "heartbeats cannot be published to {}: `redstream status` counts this daemon missing", self.settings.stream);
+                        crate::metrics::global().heartbeat_failing.set(1);
+                        self.vitals.health.degrade(
+                            "heartbeat",
+                            format!(
+                                "heartbeats cannot be published to {}: {e}",
+                                self.settings.stream
+                            ),
+                        );
+                        reported = true;
+                    } else {
+                        tracing::debug!(error = %e, "heartbeat not published");
+                    }
+                }
+            }
             if last {
                 return;
             }

@@ -389,11 +389,10 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     // A last heartbeat after the drain: `redstream status` shows this daemon stopped, not missing.
     if let Some(b) = beats {
         d.vitals.stopped();
-        if tokio::time::timeout(Duration::from_secs(2), b.beat())
-            .await
-            .is_err()
-        {
-            tracing::debug!("the last heartbeat was not written in time");
+        match tokio::time::timeout(Duration::from_secs(2), b.beat()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "the last heartbeat was not written"),
+            Err(_) => tracing::debug!("the last heartbeat was not written in time"),
         }
     }
     Ok(stopped)

@@ -626,6 +626,21 @@ impl Consumer {
             })
         }) {
             Ok(v) => v,
+            Err(Error::NoGroup { .. }) => {
+                // The group (or the stream) is gone — Redis lost its data, or XGROUP DESTROY — and
+                // with it the delivery of every message in this batch: no commit of them can ever
+                // succeed (the script wrote nothing). They leave flight unacked; whatever entries Redis
+                // still holds are delivered again once the group is re-created (the next read does
+                // that; a draining loop leaves it to its successor). Retrying instead would hold a
+                // drain forever.
+                warn!(messages = n, stream = %self.cfg.stream, group = %self.cfg.group,
+                    "the consumer group is gone: {n} decided message(s) cannot be committed and leave this loop; entries Redis still holds are delivered again");
+                metrics::global().error("no_group");
+                for f in batch {
+                    st.flight.committed(&f.msg.id);
+                }
+                return Ok(true);
+            }
             Err(e) => {
                 if matches!(&e, Error::Redis { source, .. } if source.code() == Some("NOSCRIPT")) {
                     self.load_script().await?;

@@ -1,8 +1,8 @@
 //! The shipped alert rules against a real Prometheus (Debian's, taken out of its package beside
 //! promtool by scripts/setup) scraping live daemons every 15 s and evaluating
-//! contrib/prometheus/alerts.yml every 15 s — the intervals Debian's prometheus.yml sets. Six daemons,
-//! each on its own redis-server: five meet a fault at the same moment, one stays healthy through a
-//! Redis restart and a reload. Each fault must fire its alert within a minute; the healthy one must
+//! contrib/prometheus/alerts.yml every 15 s — the intervals Debian's prometheus.yml sets. Seven
+//! daemons, each on its own redis-server: six meet a fault at the same moment, one stays healthy
+//! through a Redis restart and a reload. Each fault must fire its alert within a minute; the healthy one must
 //! fire nothing. The measured times are what the README's "Alerts" table quotes.
 
 use std::collections::HashMap;
@@ -189,6 +189,7 @@ fn each_fault_fires_its_alert_within_a_minute_and_a_healthy_daemon_fires_none() 
         Case::new("Redis down", "RedStreamRedisUnreachable", 100),
         Case::new("handler failing", "RedStreamHandlerErrors", 100),
         Case::new("dead letters", "RedStreamDeadLettersRising", 1),
+        Case::new("heartbeat failing", "RedStreamHeartbeatFailing", 100),
         Case::new("healthy", "", 100),
     ];
     let ports: Vec<u16> = cases.iter().map(|c| c.port).collect();
@@ -219,6 +220,9 @@ fn each_fault_fires_its_alert_within_a_minute_and_a_healthy_daemon_fires_none() 
     let redis = case(&cases, "Redis down");
     cases[redis].server.kill();
     cases[redis].redis_up = false;
+    // The heartbeat stream made a string: every beat is refused (the shipped 20 s interval).
+    let beats = case(&cases, "heartbeat failing");
+    cases[beats].server.set_string("nova:system:mcp:heartbeat");
     let healthy = case(&cases, "healthy");
     let mut fired: HashMap<&'static str, Duration> = HashMap::new();
     let mut healthy_fired = Vec::new();

@@ -625,3 +625,40 @@ fn restarts_do_not_count_as_deliveries() {
     assert_eq!(server.xlen(DLQ), 0, "no message was dead-lettered");
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// The daemon is asked to stop while messages are in their handler, and Redis then forgets everything
+/// (FLUSHALL): their commits can never succeed (the group is gone, and with it their delivery), so
+/// the drain lets them go — saying so — instead of retrying them until `drain_timeout`, and the daemon
+/// exits 0. (The nemesis found a reload's drain held forever this way, its successor never started.)
+#[test]
+fn a_drain_after_redis_forgot_the_group_lets_its_messages_go() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            &format!("handler = \"faults\"\nfaults = {{ reply_to = \"{OUT}\" }}"),
+            "",
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    for i in 0..5 {
+        server.xadd(IN, &[("n", &i.to_string()), ("faults_sleep_ms", "800")]);
+    }
+    wait_for(
+        "the messages in their handler",
+        Duration::from_secs(10),
+        || (server.pending(IN, "g") == 5).then_some(()),
+    );
+    // The drain begins (reads stop), then Redis forgets, while the handlers still run.
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_log("draining: reads stopped", Duration::from_secs(5)));
+    let _: () = redis::cmd("FLUSHALL").query(&mut server.conn()).unwrap();
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "a clean drain"
+    );
+    assert_eq!(d.count_log("drain timed out"), 0);
+    assert!(d.count_log("the consumer group is gone") >= 1);
+    assert_eq!(server.xlen(OUT), 0, "nothing was written for them");
+}

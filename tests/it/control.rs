@@ -1020,3 +1020,48 @@ fn the_running_daemon_is_not_dumpable() {
     assert_eq!(owner, 0, "its /proc files are root's: it is not dumpable");
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// Heartbeats Redis refuses (the heartbeat stream holds a string): after a few seconds of failures the
+/// daemon says so once — a WARN naming the stream, `redstream_heartbeat_failing` 1, degraded — while it
+/// keeps working; once the key is fixed, beats flow again and the gauge is back to 0.
+#[test]
+fn heartbeats_that_cannot_be_published_are_reported_once_and_recover() {
+    use crate::metrics::{get, sample};
+    let server = RedisServer::start();
+    let port = crate::util::redis_server::free_port();
+    server.set_string(HEARTBEAT);
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[heartbeat]\ninterval = \"1s\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[consumers]]\nstream = \"nova:task:control:in\"\ngroup = \"g\"\nstart = \"0\"\n\
+             handler = \"forward\"\nforward_to = \"nova:task:control:out\"\n"
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let gauge = |name: &str| sample(&get(port, "/metrics").1, name, &[]);
+    wait_for("heartbeat_failing = 1", Duration::from_secs(20), || {
+        (gauge("redstream_heartbeat_failing") == 1.0).then_some(())
+    });
+    wait_for("degraded = 1", Duration::from_secs(5), || {
+        (gauge("redstream_degraded") == 1.0).then_some(())
+    });
+    server.xadd("nova:task:control:in", &[("n", "1")]);
+    wait_for("work goes on", Duration::from_secs(10), || {
+        (server.xlen("nova:task:control:out") == 1).then_some(())
+    });
+    let _: i64 = redis::cmd("DEL")
+        .arg(HEARTBEAT)
+        .query(&mut server.conn())
+        .unwrap();
+    wait_for("heartbeats again", Duration::from_secs(10), || {
+        (gauge("redstream_heartbeat_failing") == 0.0 && server.xlen(HEARTBEAT) > 0).then_some(())
+    });
+    assert_eq!(
+        d.count_log("heartbeats cannot be published to nova:system:mcp:heartbeat"),
+        1,
+        "reported once, naming the stream"
+    );
+    assert_eq!(d.count_log("heartbeats are published again"), 1);
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}

@@ -217,7 +217,7 @@ impl fmt::Display for Schedule {
 /// signed stream, whose handler requires a signed sender and reports who signed. `changed` is the
 /// config a [`Fault::ReloadChanged`] switches to and back.
 fn config(server: &RedisServer, instance: usize, cache: &Path, changed: bool) -> String {
-    let timeout = if changed { "2s" } else { "1s" };
+    let timeout = if changed { "1500ms" } else { "1s" };
     let group = |g: &str, out: &str, dlq: &str, faults: &str| {
         format!(
             "[[consumers]]\nstream = \"{IN}\"\ngroup = \"{g}\"\nstart = \"$\"\nblock = \"500ms\"\n\
@@ -331,6 +331,8 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
     // Group g's dead-letter streams set aside by WrongTypeDeadLetters.
     let mut set_aside: Vec<String> = Vec::new();
     let mut n = 0usize;
+    // A reload the daemon refuses would test nothing: the harness's own configs must be valid.
+    let mut refused_reloads = 0;
     for step in &schedule.steps {
         for content in &step.contents {
             let key = (n % 7).to_string();
@@ -373,6 +375,7 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
             match *fault {
                 Fault::KillDaemon(i) => {
                     daemons[i].kill9();
+                    refused_reloads += daemons[i].count_log("reload refused");
                     daemons[i] = Daemon::running(&config(&server, i, changed[i]), &[]);
                 }
                 Fault::PauseDaemon(i, ms) => {
@@ -516,7 +519,12 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
             0,
             "{schedule}: a clean drain"
         );
+        refused_reloads += d.count_log("reload refused");
     }
+    assert_eq!(
+        refused_reloads, 0,
+        "{schedule}: the harness's reloads are valid"
+    );
     let mut lost = 0;
     let mut duplicates = 0;
     let mut strangers = 0;
