@@ -28,6 +28,7 @@ use crate::engine::router::Router;
 use crate::engine::{Consumer, ConsumerSettings, Stats};
 use crate::health::Health;
 use crate::model::EntryLimit;
+use crate::model::id::StreamId;
 use crate::notify::Notifier;
 use crate::shutdown::{self, Shutdown, Signal, Trigger};
 
@@ -203,7 +204,7 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         .zip(d.prepared.routers.iter().cloned())
         .collect();
     for (c, router) in consumers {
-        d.start(c, router).await.map_err(RunError::Failed)?;
+        d.start(c, router, None).await.map_err(RunError::Failed)?;
     }
     if let Some(c) = d.settings.control.clone() {
         d.start_control(c, commands_tx.clone())
@@ -460,9 +461,16 @@ impl Daemon {
     }
 
     /// Creates the group if needed and starts a supervised loop for it.
-    async fn start(&mut self, cfg: ConsumerSettings, router: Arc<Router>) -> Result<(), Error> {
+    /// Starts a consumer; `known` is Some for a reload's successor: where its predecessor last knew
+    /// the group, if it did.
+    async fn start(
+        &mut self,
+        cfg: ConsumerSettings,
+        router: Arc<Router>,
+        known: Option<Option<StreamId>>,
+    ) -> Result<(), Error> {
         let k = key(&cfg);
-        let running = self.spawn(cfg, router).await?;
+        let running = self.spawn(cfg, router, known).await?;
         self.running.insert(k, running);
         self.vitals.set_stats(self.all_stats());
         Ok(())
@@ -502,20 +510,26 @@ impl Daemon {
             group: cfg.group.clone(),
         };
         let router = Arc::new(Router::single(Arc::new(handler), true));
-        self.control = Some(self.spawn(cfg, router).await?);
+        self.control = Some(self.spawn(cfg, router, None).await?);
         Ok(())
     }
 
-    /// Creates the group if needed and starts its supervised loop.
+    /// Creates the group if needed and starts its supervised loop. A reload's successor (`known`:
+    /// where its predecessor last knew the group) creates nothing here: its group exists, or Redis lost
+    /// it, and then its first read meets NOGROUP and re-creates it as any loop does
+    /// ([`crate::client::restore`], against that position) — never at `start` past entries published
+    /// since, and without a Redis call here that an outage would fail (leaving no loop at all).
     async fn spawn(
         &mut self,
         cfg: ConsumerSettings,
         router: Arc<Router>,
+        known: Option<Option<StreamId>>,
     ) -> Result<Running, Error> {
-        if self
-            .client
-            .create_group(&cfg.stream, &cfg.group, &cfg.start)
-            .await?
+        if known.is_none()
+            && self
+                .client
+                .create_group(&cfg.stream, &cfg.group, &cfg.start)
+                .await?
         {
             info!(stream = %cfg.stream, group = %cfg.group, start = %cfg.start, "created consumer group {} on {} at {}", cfg.group, cfg.stream, cfg.start);
         }
@@ -548,6 +562,7 @@ impl Daemon {
                 stream: cfg.stream.to_string(),
                 group: cfg.group.clone(),
                 consumer: cfg.consumer.clone(),
+                position: std::sync::Mutex::new(known.flatten()),
                 ..Stats::default()
             }),
             liveness: self.health.register(
@@ -590,7 +605,8 @@ impl Daemon {
         match self.waiting.remove(&k) {
             Some((cfg, router)) => {
                 info!(stream = %cfg.stream, group = %cfg.group, "restarting the consumer with its new settings");
-                if let Err(e) = self.start(cfg, router).await {
+                let known = old.stats.position();
+                if let Err(e) = self.start(cfg, router, Some(known)).await {
                     error!(error = %e, "cannot start the reloaded consumer");
                 }
             }
@@ -651,7 +667,7 @@ impl Daemon {
         }
         for (k, (cfg, router)) in wanted {
             if !self.running.contains_key(&k) {
-                match self.start(cfg, router).await {
+                match self.start(cfg, router, None).await {
                     Ok(()) => started += 1,
                     Err(e) => error!(error = %e, "cannot start a consumer added by the reload"),
                 }

@@ -65,6 +65,21 @@ pub struct Stats {
     pub vanished: AtomicU64,
     /// Commits skipped because another consumer owned the entry by then.
     pub not_ours: AtomicU64,
+    /// The group's position as the loop last knew it: what a restarted loop, or a reload's successor,
+    /// re-creates a vanished group against, so that nothing published after Redis lost its data is
+    /// skipped.
+    pub position: std::sync::Mutex<Option<StreamId>>,
+}
+
+impl Stats {
+    fn note_position(&self, position: Option<StreamId>) {
+        *self.position.lock().unwrap_or_else(|p| p.into_inner()) = position;
+    }
+
+    /// The group's position as the loop last knew it.
+    pub fn position(&self) -> Option<StreamId> {
+        *self.position.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Everything a loop needs; cheap to clone for a restart.
@@ -237,12 +252,15 @@ impl Consumer {
         let _ = metrics::global().data_loss.get_or_create(&StreamLabels {
             stream: cfg.stream.to_string(),
         });
-        // Where the group stands; unknown (None) if Redis cannot say now — the read will tell.
+        // Where the group stands; unknown (None) if Redis cannot say now — the read will tell. A
+        // group Redis no longer has stands where this loop (or its predecessor) last knew it.
         let position = self
             .client
             .group_position(&cfg.stream, &cfg.group)
             .await
-            .unwrap_or(None);
+            .unwrap_or(None)
+            .or(self.stats.position());
+        self.stats.note_position(position);
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Done>>();
         let mut st = State {
             flight: Flight::new(cfg.in_flight, cfg.order_by.clone()),
@@ -606,6 +624,7 @@ impl Consumer {
                 .unwrap_or(None),
             at => StreamId::parse(at).ok(),
         };
+        self.stats.note_position(st.position);
         Ok(())
     }
 
@@ -882,6 +901,7 @@ impl Consumer {
                     .max_by(|a, b| cmp_ids(a, b));
                 if let Some(last) = last {
                     st.position = st.position.max(Some(key_of(last)));
+                    self.stats.note_position(st.position);
                     st.last_new = last.clone();
                 }
             }

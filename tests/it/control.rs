@@ -1065,3 +1065,56 @@ fn heartbeats_that_cannot_be_published_are_reported_once_and_recover() {
     assert_eq!(d.count_log("heartbeats are published again"), 1);
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// Redis restarted without its data under a quiet stream read from `$`, a producer writes at once, and
+/// a reload with changed settings restarts the consumer before it got Redis back: its successor must
+/// re-create the group where nothing published since is skipped (from `0`, the stream being new), not
+/// at `$` as a first start would. (The nemesis found the successor skipping them.)
+#[test]
+fn a_reload_successor_after_redis_came_back_empty_skips_nothing() {
+    const IN: &str = "nova:task:control:succ-in";
+    const OUT: &str = "nova:task:control:succ-out";
+    let mut server = RedisServer::start();
+    let url = server.url();
+    let consumer = |timeout: &str| {
+        daemon_toml(
+            &url,
+            &format!(
+                "[[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"$\"\nblock = \"1s\"\n\
+                 handler_timeout = \"{timeout}\"\nhandler = \"forward\"\nforward_to = \"{OUT}\"\n"
+            ),
+        )
+    };
+    let env = [
+        ("REDSTREAM_REDIS__RECONNECT_MIN_DELAY", "5s"),
+        ("REDSTREAM_REDIS__RECONNECT_MAX_DELAY", "6s"),
+    ];
+    let mut d = Daemon::running(&consumer("1s"), &env);
+    server.xadd(IN, &[("n", "before")]);
+    wait_for("the first reply", Duration::from_secs(10), || {
+        (server.xlen(OUT) == 1).then_some(())
+    });
+    server.restart_empty();
+    let ids = server.xadd_backlog(IN, 10);
+    // The reload restarts the loop (its handler_timeout changed) while it waits to reconnect.
+    std::fs::write(d.config_path(), consumer("2s")).unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(d.wait_log(
+        "restarting the consumer with its new settings",
+        Duration::from_secs(10)
+    ));
+    let replies = wait_for("10 replies", Duration::from_secs(30), || {
+        let r = server.entries(OUT);
+        (r.len() >= 10).then_some(r)
+    });
+    let causes: Vec<String> = replies
+        .iter()
+        .map(|e| e.fields.get_str("_cause").unwrap().to_owned())
+        .collect();
+    let want: Vec<String> = ids.iter().map(|id| format!("{IN}/{id}")).collect();
+    assert_eq!(
+        causes, want,
+        "every message published after Redis came back, once"
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
