@@ -3,8 +3,8 @@
 //! daemons' logs. A failing run prints its seed and schedule; `scripts/nemesis --seed S` replays it,
 //! `scripts/nemesis --minutes M` searches new seeds. CI runs the fixed seeds of [`fixed_seeds`].
 //!
-//! Faults drawn (docs/design.md, "The nemesis" lists fault × promise): SIGKILL of a daemon (started
-//! again), SIGSTOP/SIGCONT of a daemon, SIGHUP reload (also with a changed config), Redis restarted with
+//! Faults drawn (docs/design.md, "The nemesis" lists fault × promise): SIGKILL or SIGTERM of a daemon
+//! (started again), SIGSTOP/SIGCONT of a daemon, SIGHUP reload (also with a changed config), Redis restarted with
 //! its data (AOF) and without it (a producer writing at once, before the daemons are back), CLIENT KILL
 //! of every connection or of one at a time, CLIENT PAUSE, DEBUG SLEEP, maxmemory (OOM), maxclients, a
 //! dead-letter stream of the wrong type. Between faults the producer publishes batches of messages with
@@ -58,6 +58,8 @@ enum Fault {
     WrongTypeDeadLetters(u64),
     /// A reload with a changed config: the signed stream's handler file and the timeouts switch.
     ReloadChanged(usize),
+    /// SIGTERM of a daemon (it drains), started again.
+    StopDaemon(usize),
     /// For this long, one connection at a time killed (CLIENT KILL ID, a random one every 50–150
     /// ms): a commit can fail while the next one, on another connection, goes through.
     ClientKillRandom(u64),
@@ -152,9 +154,19 @@ impl Schedule {
             (index - 1, f)
         };
         let steps = (0..steps)
-            .map(|_| {
+            .map(|step| {
                 let count = rng.usize(20..120);
-                let first = fault(Fault::draw(&mut rng));
+                let first = match Fault::draw(&mut rng) {
+                    // Half the kills are a SIGTERM instead, decided by a stream of their own so the
+                    // other draws stay what they were.
+                    Fault::KillDaemon(d)
+                        if fastrand::Rng::with_seed(seed ^ 0x51c7_e4a1 ^ step as u64).bool() =>
+                    {
+                        Fault::StopDaemon(d)
+                    }
+                    f => f,
+                };
+                let first = fault(first);
                 let wait = rng.u64(0..600);
                 let contents = (0..count).map(|_| Content::draw(&mut more)).collect();
                 let mut faults = vec![first];
@@ -375,6 +387,15 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
             match *fault {
                 Fault::KillDaemon(i) => {
                     daemons[i].kill9();
+                    refused_reloads += daemons[i].count_log("reload refused");
+                    daemons[i] = Daemon::running(&config(&server, i, changed[i]), &[]);
+                }
+                Fault::StopDaemon(i) => {
+                    assert_eq!(
+                        daemons[i].stop(Duration::from_secs(30)),
+                        0,
+                        "{schedule}: a clean drain at SIGTERM"
+                    );
                     refused_reloads += daemons[i].count_log("reload refused");
                     daemons[i] = Daemon::running(&config(&server, i, changed[i]), &[]);
                 }
