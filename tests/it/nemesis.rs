@@ -36,6 +36,9 @@ const DLQ: &str = "nova:task:nemesis:in-dlq";
 const DLQ_O: &str = "nova:task:nemesis:in-dlq-o";
 const SIGNED: &str = "nova:task:nemesis:signed";
 const REPORT: &str = "nova:task:nemesis:report";
+const SIGNED_DLQ: &str = "nova:task:nemesis:signed-dlq";
+/// Where a signed `publish-denied` asks the task_write handler to write: it needs system_write.
+const FORBIDDEN: &str = "nova:system:mcp:control";
 /// A string where a poison message asks its reply to go: a wrong-type target.
 const CACHE: &str = "nova:task:nemesis:cache";
 
@@ -253,7 +256,7 @@ fn config(server: &RedisServer, instance: usize, cache: &Path, changed: bool) ->
          timeout = \"900ms\"\nrequire_sender_token = true\nconfig = {{ report = \"{REPORT}\" }}\n\
          [[consumers]]\nstream = \"{SIGNED}\"\ngroup = \"s\"\nstart = \"$\"\nblock = \"{}\"\n\
          claim_min_idle = \"2s\"\nclaim_interval = \"300ms\"\nhandler_timeout = \"{timeout}\"\n\
-         max_deliveries = 1000\nhandler = \"whoami\"\n",
+         max_deliveries = 4\ndead_letter = \"{SIGNED_DLQ}\"\nhandler = \"whoami\"\n",
         cache.display(),
         whoami.display(),
         if changed { "250ms" } else { "500ms" },
@@ -291,12 +294,15 @@ struct Verdict {
     pending: u64,
     /// Dead letters of healthy messages.
     healthy_dead_lettered: usize,
-    /// Doomed messages (poison, too large) not dead-lettered exactly once by each group.
+    /// Doomed messages (poison, too large; signed ones whose handler traps) not dead-lettered exactly
+    /// once by each group.
     doomed_not_once: usize,
     /// Replies of group `o` written after a later message's reply of the same key.
     inversions: usize,
     /// Signed messages obeyed more than once (an original and its copies, by signer).
     replayed: usize,
+    /// Handler writes to a stream its roles forbid.
+    unauthorized: usize,
 }
 
 /// How many entries of `stream` each cause (`<stream>/<id>` in `field`) has, by the cause's id.
@@ -340,6 +346,8 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
     let mut signed: Vec<Vec<(String, String)>> = Vec::new();
     let mut published: Vec<String> = Vec::new();
     let mut doomed: BTreeSet<String> = BTreeSet::new();
+    // Signed messages whose handler traps: each must be dead-lettered exactly once.
+    let mut trapping: BTreeSet<String> = BTreeSet::new();
     // Group g's dead-letter streams set aside by WrongTypeDeadLetters.
     let mut set_aside: Vec<String> = Vec::new();
     let mut n = 0usize;
@@ -379,6 +387,26 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
             let pairs: Vec<(&str, &str)> =
                 m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             server.xadd(SIGNED, &pairs);
+        }
+        // Now and then, from a stream of their own, a signed message whose handler traps (a panic:
+        // dead-lettered after max_deliveries, 4), or asks it to write where its roles forbid.
+        let mut odd = fastrand::Rng::with_seed(schedule.seed ^ 0x7a3d_19c5 ^ signed.len() as u64);
+        for what in ["panic", "publish-denied"] {
+            if odd.u32(0..3) != 0 {
+                continue;
+            }
+            let body: redstream::model::envelope::Fields =
+                [("do", what), ("target", FORBIDDEN)].into_iter().collect();
+            let sig = keys
+                .sign_message(&signer, SIGNED, &body, Duration::from_secs(60))
+                .unwrap();
+            let id = server.xadd(
+                SIGNED,
+                &[("do", what), ("target", FORBIDDEN), ("_sig", sig.as_str())],
+            );
+            if what == "panic" {
+                trapping.insert(id);
+            }
         }
         for (index, fault) in &step.faults {
             if schedule.without.contains(index) {
@@ -585,8 +613,46 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
         }
         last.insert(k, n);
     }
+    // The signed stream: trapping messages dead-lettered once each; nothing else but the copies of
+    // messages that already took effect ("replayed").
+    let mut trapped: HashMap<String, usize> = HashMap::new();
+    for e in server.entries(SIGNED_DLQ) {
+        let source = e.fields.get_str("_dlq_source").unwrap_or("");
+        let id = source.rsplit('/').next().unwrap_or("").to_owned();
+        let reason = e.fields.get_str("_dlq_reason").unwrap_or("");
+        if trapping.contains(&id) {
+            *trapped.entry(id).or_insert(0) += 1;
+        } else if !reason.starts_with("replayed") {
+            healthy_dead_lettered += 1;
+        }
+    }
+    let signed_held: BTreeSet<String> = server.entries(SIGNED).into_iter().map(|e| e.id).collect();
+    doomed_not_once += trapping
+        .iter()
+        .filter(|id| signed_held.contains(*id) && trapped.get(*id) != Some(&1))
+        .count();
+    let denied = server
+        .entries(REPORT)
+        .iter()
+        .filter(|e| e.fields.get_str("what") == Some("publish-denied"))
+        .count();
+    println!(
+        "nemesis seed {}: {} trapping signed messages ({} dead-lettered), {denied} publishes refused by roles",
+        schedule.seed,
+        trapping.len(),
+        trapped.values().sum::<usize>()
+    );
+    // Nothing written without the right role: the forbidden stream holds none of the handler's writes.
+    let unauthorized = server
+        .entries(FORBIDDEN)
+        .iter()
+        .filter(|e| e.fields.get_str("evil").is_some())
+        .count();
     let mut obeyed: HashMap<String, usize> = HashMap::new();
     for e in server.entries(REPORT) {
+        if e.fields.get_str("what") != Some("whoami") {
+            continue;
+        }
         let who = e.fields.get_str("detail").unwrap_or("").to_owned();
         let who = who.split(' ').next().unwrap_or("").to_owned();
         *obeyed.entry(who).or_insert(0) += 1;
@@ -600,6 +666,7 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
         healthy_dead_lettered,
         doomed_not_once,
         inversions,
+        unauthorized,
     };
     let lost_by_redis = published.iter().filter(|id| !held.contains(id)).count();
     (verdict, lost_by_redis)
