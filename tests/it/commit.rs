@@ -43,6 +43,17 @@ fn consumer(handler: &str, extra: &str) -> String {
     )
 }
 
+/// A daemon config whose `faults` handler replies to OUT.
+fn faults_replying(server: &RedisServer) -> String {
+    daemon_toml(
+        &server.url(),
+        &consumer(
+            &format!("handler = \"faults\"\nfaults = {{ reply_to = \"{OUT}\" }}"),
+            "",
+        ),
+    )
+}
+
 /// 50 messages on IN, the 25th (or `at`th) with `poison` fields too. Returns the other ids and its.
 fn fifty_with_one_poison(
     server: &RedisServer,
@@ -134,13 +145,7 @@ fn a_reply_target_redis_refuses_dead_letters_that_message_and_not_its_neighbours
         .query(&mut server.conn())
         .unwrap();
     let (ids, poison) = fifty_with_one_poison(&server, 24, &[("_reply_to", full)]);
-    let toml = daemon_toml(
-        &server.url(),
-        &consumer(
-            &format!("handler = \"faults\"\nfaults = {{ reply_to = \"{OUT}\" }}"),
-            "",
-        ),
-    );
+    let toml = faults_replying(&server);
     let mut d = Daemon::running(&toml, &[]);
     let reason = only_the_culprit_is_dead_lettered(&server, &d, &ids, &poison);
     assert!(
@@ -158,13 +163,7 @@ fn a_reply_target_redis_refuses_dead_letters_that_message_and_not_its_neighbours
 fn a_commit_refused_as_a_whole_is_split_until_its_culprit_is_alone() {
     let server = RedisServer::start();
     let (ids, poison) = fifty_with_one_poison(&server, 31, &[("breaks_commit", "1")]);
-    let toml = daemon_toml(
-        &server.url(),
-        &consumer(
-            &format!("handler = \"faults\"\nfaults = {{ reply_to = \"{OUT}\" }}"),
-            "",
-        ),
-    );
+    let toml = faults_replying(&server);
     let mut d = Daemon::running(&toml, &[("RSFAULT_COMMIT_REFUSE", "breaks_commit")]);
     let reason = only_the_culprit_is_dead_lettered(&server, &d, &ids, &poison);
     assert!(reason.contains("injected"), "{reason}");
@@ -633,13 +632,7 @@ fn restarts_do_not_count_as_deliveries() {
 #[test]
 fn a_drain_after_redis_forgot_the_group_lets_its_messages_go() {
     let server = RedisServer::start();
-    let toml = daemon_toml(
-        &server.url(),
-        &consumer(
-            &format!("handler = \"faults\"\nfaults = {{ reply_to = \"{OUT}\" }}"),
-            "",
-        ),
-    );
+    let toml = faults_replying(&server);
     let mut d = Daemon::running(&toml, &[]);
     for i in 0..5 {
         server.xadd(IN, &[("n", &i.to_string()), ("faults_sleep_ms", "800")]);

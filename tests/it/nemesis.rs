@@ -305,6 +305,16 @@ struct Verdict {
     unauthorized: usize,
 }
 
+/// CONFIG SET `key` `value` on the harness's own connection.
+fn config_set(c: &mut redis::Connection, key: &str, value: &str) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(key)
+        .arg(value)
+        .query(c)
+        .unwrap();
+}
+
 /// How many entries of `stream` each cause (`<stream>/<id>` in `field`) has, by the cause's id.
 fn causes(server: &RedisServer, stream: &str, field: &str) -> HashMap<String, usize> {
     let mut by_id = HashMap::new();
@@ -469,31 +479,19 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
                 }
                 Fault::OutOfMemory(ms) => {
                     let mut c = server.conn();
-                    let _: () = redis::cmd("CONFIG")
-                        .arg(&["SET", "maxmemory", "1"])
-                        .query(&mut c)
-                        .unwrap();
+                    config_set(&mut c, "maxmemory", "1");
                     std::thread::sleep(Duration::from_millis(ms));
-                    let _: () = redis::cmd("CONFIG")
-                        .arg(&["SET", "maxmemory", "0"])
-                        .query(&mut c)
-                        .unwrap();
+                    config_set(&mut c, "maxmemory", "0");
                 }
                 Fault::MaxClients(ms) => {
                     // The harness keeps its own connection, so it can lift the limit again.
                     let mut c = server.conn();
-                    let _: () = redis::cmd("CONFIG")
-                        .arg(&["SET", "maxclients", "1"])
-                        .query(&mut c)
-                        .unwrap();
+                    config_set(&mut c, "maxclients", "1");
                     let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
                         .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
                         .query(&mut c);
                     std::thread::sleep(Duration::from_millis(ms));
-                    let _: () = redis::cmd("CONFIG")
-                        .arg(&["SET", "maxclients", "10000"])
-                        .query(&mut c)
-                        .unwrap();
+                    config_set(&mut c, "maxclients", "10000");
                 }
                 Fault::ClientKillRandom(ms) => {
                     let mut c = server.conn();
