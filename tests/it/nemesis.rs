@@ -59,7 +59,8 @@ enum Fault {
     MaxClients(u64),
     /// Group `g`'s dead-letter stream replaced by a string for this long (its entries kept aside).
     WrongTypeDeadLetters(u64),
-    /// A reload with a changed config: the signed stream's handler file and the timeouts switch.
+    /// A reload with a changed config: the signed stream's route (to a handler of another name and
+    /// file) and the timeouts switch.
     ReloadChanged(usize),
     /// SIGTERM of a daemon (it drains), started again.
     StopDaemon(usize),
@@ -250,13 +251,15 @@ fn config(server: &RedisServer, instance: usize, cache: &Path, changed: bool) ->
     } else {
         crate::util::root().join("handlers/build/hostile.wasm")
     };
+    // The changed config also routes the signed stream to a handler of another name (a route change).
+    let name = if changed { "whoami-b" } else { "whoami" };
     consumers.push_str(&format!(
         "[wasm]\nworkers = 1\ncache_dir = \"{}\"\n\
-         [[handlers]]\nname = \"whoami\"\nfile = \"{}\"\nroles = [\"task_write\"]\n\
+         [[handlers]]\nname = \"{name}\"\nfile = \"{}\"\nroles = [\"task_write\"]\n\
          timeout = \"900ms\"\nrequire_sender_token = true\nconfig = {{ report = \"{REPORT}\" }}\n\
          [[consumers]]\nstream = \"{SIGNED}\"\ngroup = \"s\"\nstart = \"$\"\nblock = \"{}\"\n\
          claim_min_idle = \"2s\"\nclaim_interval = \"300ms\"\nhandler_timeout = \"{timeout}\"\n\
-         max_deliveries = 4\ndead_letter = \"{SIGNED_DLQ}\"\nhandler = \"whoami\"\n",
+         max_deliveries = 4\ndead_letter = \"{SIGNED_DLQ}\"\nhandler = \"{name}\"\n",
         cache.display(),
         whoami.display(),
         if changed { "250ms" } else { "500ms" },
