@@ -815,6 +815,9 @@ enum ClusterFault {
     LossyFailover(usize),
     /// CLUSTER FAILOVER on the replica of a pair's input master: a graceful handover.
     Failover(usize),
+    /// The master of a pair's input SIGKILLed with its replication link intact: its replica takes
+    /// over; the old master rejoins as a replica.
+    KillMaster(usize),
     /// The master of a pair's input SIGSTOPped for this long (below the node timeout: no failover).
     PauseMaster(usize, u64),
     /// Every client connection of every node killed.
@@ -845,7 +848,20 @@ fn run_cluster(seed: u64, steps: usize, without: &BTreeSet<usize>) -> Result<(),
 
     let mut rng = fastrand::Rng::with_seed(seed);
     let schedule: Vec<(usize, ClusterFault)> = (0..steps)
-        .map(|_| (rng.usize(20..80), ClusterFault::draw(&mut rng)))
+        .map(|step| {
+            let count = rng.usize(20..80);
+            let fault = match ClusterFault::draw(&mut rng) {
+                // Half the handovers are a master killed instead, decided by a stream of their own so
+                // the other draws stay what they were.
+                ClusterFault::Failover(p)
+                    if fastrand::Rng::with_seed(seed ^ 0x2b8e_55d3 ^ step as u64).bool() =>
+                {
+                    ClusterFault::KillMaster(p)
+                }
+                f => f,
+            };
+            (count, fault)
+        })
         .collect();
     let shown = format!("cluster seed {seed}: {schedule:?} without {without:?}");
     println!("nemesis {shown}");
@@ -913,6 +929,11 @@ fn run_cluster(seed: u64, steps: usize, without: &BTreeSet<usize>) -> Result<(),
                     (now == replica).then_some(())
                 });
                 cluster.wait_ok(Duration::from_secs(30));
+            }
+            ClusterFault::KillMaster(p) => {
+                let old = cluster.master_of(&pairs[p].0);
+                cluster.fail_master_of(&pairs[p].0);
+                cluster.revive(old);
             }
             ClusterFault::PauseMaster(p, ms) => {
                 let master = cluster.master_of(&pairs[p].0);
