@@ -99,6 +99,13 @@ impl Fault {
     }
 }
 
+/// A random stream of its own for one decision of a schedule (`salt` names the decision, `n` the
+/// step or fault): what is drawn from it leaves the seed's main draws — and so every recorded
+/// schedule — as they were.
+fn side_stream(seed: u64, salt: u64, n: u64) -> fastrand::Rng {
+    fastrand::Rng::with_seed(seed ^ salt ^ n)
+}
+
 /// What a message carries beyond its key and number; drawn per message from the content stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Content {
@@ -151,7 +158,7 @@ impl Schedule {
         let mut rng = fastrand::Rng::with_seed(seed);
         // Faults and content added after the first seeds were recorded come from a second stream, so
         // the first stream's schedule for a seed stays what it was.
-        let mut more = fastrand::Rng::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15);
+        let mut more = side_stream(seed, 0x9e37_79b9_7f4a_7c15, 0);
         let mut index = 0;
         let mut fault = |f: Fault| {
             index += 1;
@@ -161,11 +168,8 @@ impl Schedule {
             .map(|step| {
                 let count = rng.usize(20..120);
                 let first = match Fault::draw(&mut rng) {
-                    // Half the kills are a SIGTERM instead, decided by a stream of their own so the
-                    // other draws stay what they were.
-                    Fault::KillDaemon(d)
-                        if fastrand::Rng::with_seed(seed ^ 0x51c7_e4a1 ^ step as u64).bool() =>
-                    {
+                    // Half the kills are a SIGTERM instead.
+                    Fault::KillDaemon(d) if side_stream(seed, 0x51c7_e4a1, step as u64).bool() => {
                         Fault::StopDaemon(d)
                     }
                     f => f,
@@ -403,7 +407,7 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
         }
         // Now and then, from a stream of their own, a signed message whose handler traps (a panic:
         // dead-lettered after max_deliveries, 4), or asks it to write where its roles forbid.
-        let mut odd = fastrand::Rng::with_seed(schedule.seed ^ 0x7a3d_19c5 ^ signed.len() as u64);
+        let mut odd = side_stream(schedule.seed, 0x7a3d_19c5, signed.len() as u64);
         for what in ["panic", "publish-denied"] {
             if odd.u32(0..3) != 0 {
                 continue;
@@ -498,7 +502,7 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
                 }
                 Fault::ClientKillRandom(ms) => {
                     let mut c = server.conn();
-                    let mut pick = fastrand::Rng::with_seed(schedule.seed ^ *index as u64);
+                    let mut pick = side_stream(schedule.seed, 0, *index as u64);
                     let until = Instant::now() + Duration::from_millis(ms);
                     while Instant::now() < until {
                         let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut c).unwrap();
@@ -851,11 +855,8 @@ fn run_cluster(seed: u64, steps: usize, without: &BTreeSet<usize>) -> Result<(),
         .map(|step| {
             let count = rng.usize(20..80);
             let fault = match ClusterFault::draw(&mut rng) {
-                // Half the handovers are a master killed instead, decided by a stream of their own so
-                // the other draws stay what they were.
-                ClusterFault::Failover(p)
-                    if fastrand::Rng::with_seed(seed ^ 0x2b8e_55d3 ^ step as u64).bool() =>
-                {
+                // Half the handovers are a master killed instead.
+                ClusterFault::Failover(p) if side_stream(seed, 0x2b8e_55d3, step as u64).bool() => {
                     ClusterFault::KillMaster(p)
                 }
                 f => f,
