@@ -212,6 +212,9 @@ pub struct KeySet {
     signature_ttl: Duration,
 }
 
+/// `typ` of a message signature ([`super::signature`]): a token carrying it is never an identity.
+pub const SIGNATURE_TYP: &str = "redstream-message";
+
 /// `signature_ttl` when none is configured.
 const DEFAULT_SIGNATURE_TTL: Duration = Duration::from_secs(300);
 
@@ -289,7 +292,7 @@ impl KeySet {
     /// Verifies `token` as of `now` (the key-retirement check; the library reads the clock for `exp`).
     pub fn verify_at(&self, token: &str, now: SystemTime) -> Result<Verified, TokenError> {
         let (claims, key) = self.decode::<Claims>(token, now)?;
-        if claims.typ.as_deref() == Some(super::signature::TYP) {
+        if claims.typ.as_deref() == Some(SIGNATURE_TYP) {
             return Err(TokenError::InvalidClaim(
                 "this is a message signature, not an identity token".into(),
             ));

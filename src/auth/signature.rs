@@ -57,7 +57,7 @@ pub const FIELD: &str = "_sig";
 /// The bearer-token field of earlier versions: never obeyed, always stripped.
 pub const TOKEN_FIELD: &str = "_token";
 /// `typ` of a message signature, so one is never taken for an identity token.
-pub const TYP: &str = "redstream-message";
+pub const TYP: &str = super::jwt::SIGNATURE_TYP;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct MessageClaims {

@@ -16,6 +16,7 @@ use figment::providers::{Format, Toml};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::scaffold::Project;
 use super::{Exit, Failure, HandlerArgs, HandlerCommand, LocalCall};
 use crate::auth::Roles;
 use crate::config;
@@ -25,49 +26,6 @@ use crate::model::message::{Message, Outcome};
 use crate::model::naming::Naming;
 
 type Result<T = ()> = std::result::Result<T, Failure>;
-
-/// `redstream-handler.toml`, the manifest of a project made by `handler new`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Project {
-    pub name: String,
-    pub lang: String,
-    /// The built component, relative to the project directory.
-    pub component: PathBuf,
-}
-
-pub const MANIFEST: &str = "redstream-handler.toml";
-
-impl Project {
-    /// The project in `dir`, or why `dir` is not one.
-    pub fn open(dir: &Path) -> Result<Project> {
-        let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            Failure::new(
-                Exit::Failure,
-                format!(
-                    "{} is not a handler project ({}: {e}); make one with `redstream handler new NAME --lang rust|js|python`",
-                    dir.display(),
-                    path.display()
-                ),
-            )
-        })?;
-        let project: Project = Figment::from(Toml::string(&text))
-            .extract()
-            .map_err(|e| Failure::new(Exit::Config, format!("{}: {e}", path.display())))?;
-        if !["rust", "js", "python"].contains(&project.lang.as_str()) {
-            return Err(Failure::new(
-                Exit::Config,
-                format!(
-                    "{}: lang {:?} is not rust, js or python",
-                    path.display(),
-                    project.lang
-                ),
-            ));
-        }
-        Ok(project)
-    }
-}
 
 /// The settings of a local call, as described at the top of this module.
 pub fn spec(config_file: Option<&Path>, args: &HandlerArgs) -> Result<WasmSpec> {

@@ -11,10 +11,56 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use super::handler::Project;
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use serde::Deserialize;
+
 use super::{Exit, Failure};
 
 type Result<T = ()> = std::result::Result<T, Failure>;
+
+/// `redstream-handler.toml`, the manifest of a project made by `handler new`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Project {
+    pub name: String,
+    pub lang: String,
+    /// The built component, relative to the project directory.
+    pub component: PathBuf,
+}
+
+pub const MANIFEST: &str = "redstream-handler.toml";
+
+impl Project {
+    /// The project in `dir`, or why `dir` is not one.
+    pub fn open(dir: &Path) -> Result<Project> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Failure::new(
+                Exit::Failure,
+                format!(
+                    "{} is not a handler project ({}: {e}); make one with `redstream handler new NAME --lang rust|js|python`",
+                    dir.display(),
+                    path.display()
+                ),
+            )
+        })?;
+        let project: Project = Figment::from(Toml::string(&text))
+            .extract()
+            .map_err(|e| Failure::new(Exit::Config, format!("{}: {e}", path.display())))?;
+        if !["rust", "js", "python"].contains(&project.lang.as_str()) {
+            return Err(Failure::new(
+                Exit::Config,
+                format!(
+                    "{}: lang {:?} is not rust, js or python",
+                    path.display(),
+                    project.lang
+                ),
+            ));
+        }
+        Ok(project)
+    }
+}
 
 const WIT: &str = include_str!("../../handlers/wit/handler.wit");
 

@@ -55,7 +55,7 @@ pub struct Settings {
     /// `wasm.watch`: reload when a handler file, the config file or a drop-in changes.
     pub watch: bool,
     /// What `check` warns about: allowed, but almost certainly not meant.
-    pub warnings: Vec<super::Problem>,
+    pub warnings: Vec<super::checker::Problem>,
 }
 
 /// The daemon's verified identity and the token proving it.

@@ -114,7 +114,7 @@ impl Watch {
 /// Turns changes into reload requests, one per quiet period, until `stop`.
 pub async fn debounce(
     mut changed: mpsc::UnboundedReceiver<PathBuf>,
-    reload: mpsc::UnboundedSender<super::Command>,
+    reload: mpsc::UnboundedSender<super::control::Command>,
     mut stop: Shutdown,
 ) {
     loop {
@@ -135,7 +135,7 @@ pub async fn debounce(
         }
         let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
         info!(changed = ?shown, "wasm.watch: files changed; reloading");
-        if reload.send(super::Command::Reload).is_err() {
+        if reload.send(super::control::Command::Reload).is_err() {
             return;
         }
     }

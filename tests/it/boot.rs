@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::package::{build_deb, nix_is_root};
+use crate::package::build_deb;
 use crate::util::{root, wait_for};
 
 fn systemd_root() -> PathBuf {
@@ -152,11 +152,9 @@ systemctl daemon-reload
 "#;
 
 #[test]
+#[ignore = "needs root"]
 fn the_deb_under_a_real_systemd_starts_notifies_restarts_journals_and_reloads() {
-    if !nix_is_root() {
-        eprintln!("SKIPPED: booting a container with systemd-nspawn needs root");
-        return;
-    }
+    crate::util::assert_root("booting a container with systemd-nspawn");
     assert!(
         systemd_root().join("usr/lib/systemd/systemd").exists(),
         "no Debian root at {}: scripts/setup debootstraps it",

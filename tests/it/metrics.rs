@@ -34,6 +34,19 @@ pub fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// The value of a series the daemon on `port` exports, which must be there: an assertion that it is
+/// 0 cannot pass because the series was renamed or never registered.
+pub fn exported(port: u16, name: &str, labels: &[&str]) -> f64 {
+    let (status, text) = get(port, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(name) && labels.iter().all(|lb| l.contains(lb))),
+        "{name}{labels:?} is not exported:\n{text}"
+    );
+    sample(&text, name, labels)
+}
+
 #[test]
 fn metrics_move_with_traffic() {
     let server = RedisServer::start();

@@ -96,6 +96,27 @@ pub fn fixture(rel: &str) -> PathBuf {
     root().join("tests/fixtures").join(rel)
 }
 
+/// `toml` with a `[metrics]` endpoint on a free loopback port, and the port.
+pub fn with_metrics(toml: &str) -> (String, u16) {
+    assert!(!toml.contains("[metrics]"), "{toml}");
+    let port = redis_server::free_port();
+    (
+        format!("{toml}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        port,
+    )
+}
+
+/// For a test marked `#[ignore = "needs root"]` (scripts/test runs those when it runs as root, as
+/// CI does): fails, naming what needs root, when run by anyone else.
+pub fn assert_root(what: &str) {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "{what} needs root: run this test as root (scripts/test does, as root)"
+    );
+}
+
 /// Polls `check` every 20 ms until it returns Some, or panics with `what` after `limit`.
 pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + limit;
