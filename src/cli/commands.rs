@@ -5,12 +5,12 @@
 //! identity's roles do not allow.
 
 use std::io::{Read as _, Write as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use super::{Cli, Command, DlqCommand, Exit, Failure, TokenCommand};
+use super::{AuthArgs, Cli, Command, DlqCommand, Exit, Failure, TokenCommand};
 use crate::auth::apikey;
 use crate::auth::{Identity, Roles};
 use crate::client::{Client, PendingQuery, PublishOptions, ReadOptions};
@@ -32,54 +32,13 @@ pub async fn run(cli: Cli) -> Result {
             maxlen,
             sign,
             auth,
-        } => {
-            let settings = config::load(config)?;
-            let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
-            let mut all = match json {
-                Some(path) => json_fields(&path)?,
-                None => Fields::new(),
-            };
-            for (name, value) in fields {
-                all.set(&name, value);
-            }
-            let opts = PublishOptions { maxlen };
-            let id = if sign {
-                let token = given_token(&auth)?;
-                publish_signed(&settings, &client, token.as_deref(), &stream, all, opts).await?
-            } else {
-                client.publish(&stream, all, opts).await?
-            };
-            println!("{id}");
-            Ok(())
-        }
+        } => publish(config, stream, fields, json, maxlen, sign, auth).await,
         Command::Control {
             command,
             target,
             request_id,
             auth,
-        } => {
-            let settings = config::load(config)?;
-            let stream = settings
-                .control
-                .as_ref()
-                .map(|c| c.stream.clone())
-                .ok_or_else(|| {
-                    Failure::new(Exit::Config, "control.enabled: the control stream is off")
-                })?;
-            let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
-            let mut fields = Fields::new();
-            fields.push("type", command.as_str());
-            fields.push(crate::daemon::control::TARGET, target.as_str());
-            if let Some(r) = request_id {
-                fields.push("request_id", r);
-            }
-            let token = given_token(&auth)?;
-            let opts = PublishOptions::default();
-            let id =
-                publish_signed(&settings, &client, token.as_deref(), &stream, fields, opts).await?;
-            println!("{id}");
-            Ok(())
-        }
+        } => control(config, command, target, request_id, auth).await,
         Command::Read {
             stream,
             count,
@@ -87,48 +46,8 @@ pub async fn run(cli: Cli) -> Result {
             end,
             reverse,
             auth,
-        } => {
-            let client = connect(config, given_token(&auth)?.as_deref()).await?;
-            let opts = ReadOptions {
-                count: Some(count),
-                start,
-                end,
-                reverse,
-            };
-            let entries = client.read(&stream, &opts).await?;
-            let mut out = std::io::stdout().lock();
-            for e in entries {
-                writeln!(out, "{}", e.to_json(&stream)).map_err(io_failure)?;
-            }
-            Ok(())
-        }
-        Command::Groups { stream, json, auth } => {
-            let client = connect(config, given_token(&auth)?.as_deref()).await?;
-            let groups = client.groups(&stream).await?;
-            if json {
-                for g in &groups {
-                    println!(
-                        "{}",
-                        serde_json::to_string(g).expect("plain struct serializes")
-                    );
-                }
-            } else if groups.is_empty() {
-                println!("{stream} has no consumer groups");
-            } else {
-                println!(
-                    "{:<24} {:>9} {:>8} {:>6}  LAST-DELIVERED",
-                    "GROUP", "CONSUMERS", "PENDING", "LAG"
-                );
-                for g in &groups {
-                    let lag = g.lag.map_or("?".to_string(), |l| l.to_string());
-                    println!(
-                        "{:<24} {:>9} {:>8} {:>6}  {}",
-                        g.name, g.consumers, g.pending, lag, g.last_delivered_id
-                    );
-                }
-            }
-            Ok(())
-        }
+        } => read(config, stream, count, start, end, reverse, auth).await,
+        Command::Groups { stream, json, auth } => groups(config, stream, json, auth).await,
         Command::Pending {
             stream,
             group,
@@ -138,194 +57,349 @@ pub async fn run(cli: Cli) -> Result {
             json,
             auth,
         } => {
-            let client = connect(config, given_token(&auth)?.as_deref()).await?;
-            if detail {
-                let q = PendingQuery {
+            pending(
+                config,
+                stream,
+                group,
+                detail.then_some(PendingQuery {
                     count,
                     consumer,
                     ..PendingQuery::default()
-                };
-                let rows = client.pending(&stream, &group, &q).await?;
-                if json {
-                    for r in &rows {
-                        println!(
-                            "{}",
-                            serde_json::to_string(r).expect("plain struct serializes")
-                        );
-                    }
-                } else {
-                    println!(
-                        "{:<22} {:<28} {:>12} {:>10}",
-                        "ID", "CONSUMER", "IDLE", "DELIVERIES"
-                    );
-                    for r in &rows {
-                        let idle =
-                            humantime::format_duration(Duration::from_secs(r.idle_ms / 1000));
-                        println!(
-                            "{:<22} {:<28} {:>12} {:>10}",
-                            r.id,
-                            r.consumer,
-                            idle.to_string(),
-                            r.deliveries
-                        );
-                    }
-                }
-            } else {
-                let s = client.pending_summary(&stream, &group).await?;
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string(&s).expect("plain struct serializes")
-                    );
-                } else if s.count == 0 {
-                    println!("{stream} {group}: nothing pending");
-                } else {
-                    println!(
-                        "{stream} {group}: {} pending ({} .. {})",
-                        s.count,
-                        s.min_id.as_deref().unwrap_or("?"),
-                        s.max_id.as_deref().unwrap_or("?")
-                    );
-                    for (c, n) in &s.consumers {
-                        println!("  {c:<28} {n:>8}");
-                    }
-                }
-            }
-            Ok(())
+                }),
+                json,
+                auth,
+            )
+            .await
         }
         Command::Status {
             watch,
             json,
             interval,
             auth,
-        } => {
-            let settings = config::load(config)?;
-            let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
-            // While watching, an outage is shown, not fatal: the screen it is for is the incident's.
-            let mut unreachable_since: Option<u64> = None;
-            loop {
-                let report = match super::status::gather(&client, &settings).await {
-                    Ok(r) => {
-                        unreachable_since = None;
-                        r
-                    }
-                    Err(e) if watch && (e.is_transient() || e.is_missing_key()) => {
-                        let now = crate::model::envelope::now_ms();
-                        let since = *unreachable_since.get_or_insert(now);
-                        if json {
-                            println!(
-                                "{}",
-                                json!({"error": e.to_string(), "unreachable_since_ms": since})
-                            );
-                        } else {
-                            print!("\x1b[H\x1b[2J");
-                            println!(
-                                "Redis unreachable since {} ({} s): {e}",
-                                humantime::format_rfc3339_seconds(
-                                    std::time::UNIX_EPOCH + Duration::from_millis(since)
-                                ),
-                                (now - since) / 1000
-                            );
-                        }
-                        tokio::time::sleep(interval).await;
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string(&report).expect("plain structs serialize")
-                    );
-                } else {
-                    if watch {
-                        // Home and clear, so each refresh replaces the last.
-                        print!("\x1b[H\x1b[2J");
-                    }
-                    print!("{}", super::status::render(&report));
-                }
-                if !watch {
-                    return Ok(());
-                }
-                // Until interrupted: Ctrl-C ends the process as usual.
-                tokio::time::sleep(interval).await;
-            }
-        }
-        Command::Streams { pattern, auth } => {
-            let client = connect(config, given_token(&auth)?.as_deref()).await?;
-            for s in client.list_streams(&pattern).await? {
-                println!("{s}");
-            }
-            Ok(())
-        }
+        } => status(config, watch, json, interval, auth).await,
+        Command::Streams { pattern, auth } => streams(config, pattern, auth).await,
         Command::Token(cmd) => token(config, cmd).await,
         Command::Dlq(DlqCommand::List {
             stream,
             count,
             auth,
-        }) => {
-            let client = connect(config, given_token(&auth)?.as_deref()).await?;
-            let opts = ReadOptions {
-                count: Some(count),
-                ..ReadOptions::default()
-            };
-            let mut out = std::io::stdout().lock();
-            for e in client.read(&stream, &opts).await? {
-                writeln!(out, "{}", dlq::describe(&stream, &e)).map_err(io_failure)?;
-            }
-            Ok(())
-        }
+        }) => dlq_list(config, stream, count, auth).await,
         Command::Dlq(DlqCommand::Replay {
             stream,
             ids,
             all,
             auth,
-        }) => {
-            let settings = config::load(config)?;
-            let to = replay_target(&settings, &stream)?;
-            let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
-            let ids = if all {
-                let opts = ReadOptions {
-                    count: None,
-                    ..ReadOptions::default()
-                };
-                client
-                    .read(&stream, &opts)
-                    .await?
-                    .into_iter()
-                    .map(|e| e.id)
-                    .collect()
-            } else {
-                ids
-            };
-            // One refused entry (a forged _dlq_source) does not stop the others; the exit code says so.
-            let mut refused = 0;
-            for id in ids {
-                match client.replay_dead_letter(&stream, &id, &to).await {
-                    Ok(new_id) => {
-                        println!("{}", json!({"dead_letter": id, "stream": to, "id": new_id}))
-                    }
-                    Err(e @ crate::client::Error::NotFound { .. }) if all => {
-                        eprintln!("redstream: {e}");
-                        refused += 1;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            if refused > 0 {
-                return Err(Failure::new(
-                    Exit::Failure,
-                    format!("{refused} dead letter(s) of {stream} refused, left where they are"),
-                ));
-            }
-            Ok(())
-        }
+        }) => dlq_replay(config, stream, ids, all, auth).await,
         Command::Run | Command::Handler(_) | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!(
                 "`run`, `handler`, `completions` and `man` are dispatched before the one-shot runtime starts"
             )
         }
     }
+}
+
+/// `redstream publish`: one entry, signed with `--sign`.
+async fn publish(
+    config: Option<&Path>,
+    stream: String,
+    fields: Vec<(String, String)>,
+    json: Option<PathBuf>,
+    maxlen: Option<u64>,
+    sign: bool,
+    auth: AuthArgs,
+) -> Result {
+    let settings = config::load(config)?;
+    let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
+    let mut all = match json {
+        Some(path) => json_fields(&path)?,
+        None => Fields::new(),
+    };
+    for (name, value) in fields {
+        all.set(&name, value);
+    }
+    let opts = PublishOptions { maxlen };
+    let id = if sign {
+        let token = given_token(&auth)?;
+        publish_signed(&settings, &client, token.as_deref(), &stream, all, opts).await?
+    } else {
+        client.publish(&stream, all, opts).await?
+    };
+    println!("{id}");
+    Ok(())
+}
+
+/// `redstream control`: a signed command on the control stream.
+async fn control(
+    config: Option<&Path>,
+    command: String,
+    target: String,
+    request_id: Option<String>,
+    auth: AuthArgs,
+) -> Result {
+    let settings = config::load(config)?;
+    let stream = settings
+        .control
+        .as_ref()
+        .map(|c| c.stream.clone())
+        .ok_or_else(|| Failure::new(Exit::Config, "control.enabled: the control stream is off"))?;
+    let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
+    let mut fields = Fields::new();
+    fields.push("type", command.as_str());
+    fields.push(crate::daemon::control::TARGET, target.as_str());
+    if let Some(r) = request_id {
+        fields.push("request_id", r);
+    }
+    let token = given_token(&auth)?;
+    let opts = PublishOptions::default();
+    let id = publish_signed(&settings, &client, token.as_deref(), &stream, fields, opts).await?;
+    println!("{id}");
+    Ok(())
+}
+
+/// `redstream read`: entries as JSON lines.
+async fn read(
+    config: Option<&Path>,
+    stream: String,
+    count: u64,
+    start: String,
+    end: String,
+    reverse: bool,
+    auth: AuthArgs,
+) -> Result {
+    let client = connect(config, given_token(&auth)?.as_deref()).await?;
+    let opts = ReadOptions {
+        count: Some(count),
+        start,
+        end,
+        reverse,
+    };
+    let entries = client.read(&stream, &opts).await?;
+    let mut out = std::io::stdout().lock();
+    for e in entries {
+        writeln!(out, "{}", e.to_json(&stream)).map_err(io_failure)?;
+    }
+    Ok(())
+}
+
+/// `redstream groups`: a stream's consumer groups.
+async fn groups(config: Option<&Path>, stream: String, json: bool, auth: AuthArgs) -> Result {
+    let client = connect(config, given_token(&auth)?.as_deref()).await?;
+    let groups = client.groups(&stream).await?;
+    if json {
+        for g in &groups {
+            println!(
+                "{}",
+                serde_json::to_string(g).expect("plain struct serializes")
+            );
+        }
+    } else if groups.is_empty() {
+        println!("{stream} has no consumer groups");
+    } else {
+        println!(
+            "{:<24} {:>9} {:>8} {:>6}  LAST-DELIVERED",
+            "GROUP", "CONSUMERS", "PENDING", "LAG"
+        );
+        for g in &groups {
+            let lag = g.lag.map_or("?".to_string(), |l| l.to_string());
+            println!(
+                "{:<24} {:>9} {:>8} {:>6}  {}",
+                g.name, g.consumers, g.pending, lag, g.last_delivered_id
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `redstream pending`: a group's pending entries, summed up or one by one (`detail`).
+/// (`detail`: one row per entry, as this query asks.)
+async fn pending(
+    config: Option<&Path>,
+    stream: String,
+    group: String,
+    detail: Option<PendingQuery>,
+    json: bool,
+    auth: AuthArgs,
+) -> Result {
+    let client = connect(config, given_token(&auth)?.as_deref()).await?;
+    if let Some(q) = detail {
+        let rows = client.pending(&stream, &group, &q).await?;
+        if json {
+            for r in &rows {
+                println!(
+                    "{}",
+                    serde_json::to_string(r).expect("plain struct serializes")
+                );
+            }
+        } else {
+            println!(
+                "{:<22} {:<28} {:>12} {:>10}",
+                "ID", "CONSUMER", "IDLE", "DELIVERIES"
+            );
+            for r in &rows {
+                let idle = humantime::format_duration(Duration::from_secs(r.idle_ms / 1000));
+                println!(
+                    "{:<22} {:<28} {:>12} {:>10}",
+                    r.id,
+                    r.consumer,
+                    idle.to_string(),
+                    r.deliveries
+                );
+            }
+        }
+    } else {
+        let s = client.pending_summary(&stream, &group).await?;
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string(&s).expect("plain struct serializes")
+            );
+        } else if s.count == 0 {
+            println!("{stream} {group}: nothing pending");
+        } else {
+            println!(
+                "{stream} {group}: {} pending ({} .. {})",
+                s.count,
+                s.min_id.as_deref().unwrap_or("?"),
+                s.max_id.as_deref().unwrap_or("?")
+            );
+            for (c, n) in &s.consumers {
+                println!("  {c:<28} {n:>8}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `redstream status`: every group and daemon, once or refreshed (`watch`).
+async fn status(
+    config: Option<&Path>,
+    watch: bool,
+    json: bool,
+    interval: Duration,
+    auth: AuthArgs,
+) -> Result {
+    let settings = config::load(config)?;
+    let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
+    // While watching, an outage is shown, not fatal: the screen it is for is the incident's.
+    let mut unreachable_since: Option<u64> = None;
+    loop {
+        let report = match super::status::gather(&client, &settings).await {
+            Ok(r) => {
+                unreachable_since = None;
+                r
+            }
+            Err(e) if watch && (e.is_transient() || e.is_missing_key()) => {
+                let now = crate::model::envelope::now_ms();
+                let since = *unreachable_since.get_or_insert(now);
+                if json {
+                    println!(
+                        "{}",
+                        json!({"error": e.to_string(), "unreachable_since_ms": since})
+                    );
+                } else {
+                    print!("\x1b[H\x1b[2J");
+                    println!(
+                        "Redis unreachable since {} ({} s): {e}",
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_millis(since)
+                        ),
+                        (now - since) / 1000
+                    );
+                }
+                tokio::time::sleep(interval).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("plain structs serialize")
+            );
+        } else {
+            if watch {
+                // Home and clear, so each refresh replaces the last.
+                print!("\x1b[H\x1b[2J");
+            }
+            print!("{}", super::status::render(&report));
+        }
+        if !watch {
+            return Ok(());
+        }
+        // Until interrupted: Ctrl-C ends the process as usual.
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// `redstream streams`: the streams matching a pattern.
+async fn streams(config: Option<&Path>, pattern: String, auth: AuthArgs) -> Result {
+    let client = connect(config, given_token(&auth)?.as_deref()).await?;
+    for s in client.list_streams(&pattern).await? {
+        println!("{s}");
+    }
+    Ok(())
+}
+
+/// `redstream dlq list`: dead letters as JSON lines.
+async fn dlq_list(config: Option<&Path>, stream: String, count: u64, auth: AuthArgs) -> Result {
+    let client = connect(config, given_token(&auth)?.as_deref()).await?;
+    let opts = ReadOptions {
+        count: Some(count),
+        ..ReadOptions::default()
+    };
+    let mut out = std::io::stdout().lock();
+    for e in client.read(&stream, &opts).await? {
+        writeln!(out, "{}", dlq::describe(&stream, &e)).map_err(io_failure)?;
+    }
+    Ok(())
+}
+
+/// `redstream dlq replay`: dead letters published again to their source.
+async fn dlq_replay(
+    config: Option<&Path>,
+    stream: String,
+    ids: Vec<String>,
+    all: bool,
+    auth: AuthArgs,
+) -> Result {
+    let settings = config::load(config)?;
+    let to = replay_target(&settings, &stream)?;
+    let client = connect_with(&settings, given_token(&auth)?.as_deref()).await?;
+    let ids = if all {
+        let opts = ReadOptions {
+            count: None,
+            ..ReadOptions::default()
+        };
+        client
+            .read(&stream, &opts)
+            .await?
+            .into_iter()
+            .map(|e| e.id)
+            .collect()
+    } else {
+        ids
+    };
+    // One refused entry (a forged _dlq_source) does not stop the others; the exit code says so.
+    let mut refused = 0;
+    for id in ids {
+        match client.replay_dead_letter(&stream, &id, &to).await {
+            Ok(new_id) => {
+                println!("{}", json!({"dead_letter": id, "stream": to, "id": new_id}))
+            }
+            Err(e @ crate::client::Error::NotFound { .. }) if all => {
+                eprintln!("redstream: {e}");
+                refused += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if refused > 0 {
+        return Err(Failure::new(
+            Exit::Failure,
+            format!("{refused} dead letter(s) of {stream} refused, left where they are"),
+        ));
+    }
+    Ok(())
 }
 
 async fn check(config: Option<&Path>, ping: bool) -> Result {

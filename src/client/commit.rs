@@ -14,8 +14,8 @@ use redis::{Cmd, Value};
 use super::slot;
 use crate::auth::signature;
 use crate::model::dead_letter as dlq;
+use crate::model::decided::{Committed, Effect, Finished};
 use crate::model::envelope::{self, Fields};
-use crate::model::limits::Size;
 use crate::model::message::{Message, Once, Reply};
 
 /// The most values one XADD in the script may take: Lua's `unpack` stops near 8,000 (the script
@@ -43,29 +43,6 @@ pub fn outbox_of(source: &str) -> String {
     slot::beside(source, "redstream:outbox:", "")
 }
 
-/// What committing a message does.
-#[derive(Clone, Debug)]
-pub enum Effect {
-    /// Publish these replies (maybe none) and ack.
-    Replies(Vec<Reply>),
-    /// Copy the message to the dead-letter stream with this reason, and ack.
-    DeadLetter(String),
-    /// The entry is over the consumer's `[limits]` (its fields were never kept): dead-letter it by
-    /// reference — `_dlq_reason = too_large`, `_dlq_size`, `_dlq_fields_omitted` — and ack.
-    TooLarge(Size),
-    /// The entry no longer exists (deleted or trimmed while pending): just ack.
-    Vanished,
-}
-
-/// A message whose fate is decided, waiting to be committed.
-#[derive(Clone, Debug)]
-pub struct Finished {
-    pub msg: Message,
-    pub effect: Effect,
-    /// The handler that decided, for `_dlq_handler`.
-    pub handler: Arc<str>,
-}
-
 /// Builds commit script calls for one consumer of one group. Made by
 /// [`super::Client::committer`], which checks the permissions it needs.
 pub struct Committer {
@@ -84,32 +61,6 @@ pub struct Committer {
 /// front of a group read ([`super::reader::GroupReader::round`]).
 #[derive(Clone, Debug)]
 pub struct CommitCall(pub(super) Cmd);
-
-/// How the script reports each message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Committed {
-    /// Replies written and acked.
-    Yes,
-    /// Not pending for this consumer any more (acked, claimed by another, or the group was lost):
-    /// nothing written.
-    NotOurs,
-    /// One of the message's targets refused it — a check before the first write (Redis's ACL, a key
-    /// of another type, an entry too large to write) or Redis refusing the write to that key itself
-    /// (its ids exhausted) — so nothing of it was written and it is still pending. The reason names
-    /// the key and the problem. It is about this message: the rest of the batch went on.
-    Refused(String),
-    /// Redis refused the write for a reason of the whole server (out of memory, read-only): nothing of
-    /// the message was written, it is still pending, and the batch's later writers were not attempted.
-    Failed(String),
-    /// Not attempted because an earlier write of the batch failed: still pending, nothing written.
-    NotTried,
-    /// A signed message whose signature already took effect with another entry (named here): a
-    /// copy of a signed message. Nothing of it was written; it is still pending.
-    Replayed(String),
-    /// Some of its writes were made, then one failed. It was acked all the same, so that no retry
-    /// can write the first ones twice; its effects are incomplete.
-    Partial(String),
-}
 
 /// KEYS[1] source stream, KEYS[2..] streams written. ARGV: group, consumer, message count, layout,
 /// first and last id of the messages that write, XPENDING count, `_timestamp`, `_source`; then per
@@ -358,7 +309,7 @@ impl Committer {
 
     fn build(&self, sha: &str, batch: &[Finished], in_flight: usize) -> Cmd {
         // Nothing to write: a plain XACK is all it takes, and much cheaper for Redis than the script.
-        let mut writers = batch.iter().filter(|f| writes(f));
+        let mut writers = batch.iter().filter(|f| f.writes_anything());
         let Some(first) = writers.next() else {
             let mut cmd = redis::cmd("XACK");
             cmd.arg(&*self.stream).arg(&self.group);
@@ -397,7 +348,7 @@ impl Committer {
             let marked = usize::from(marker.is_some());
             if let Some(key) = marker {
                 // The marker goes first: if Redis refuses it, nothing of the message is written.
-                put(&mut layout, writes_of(f) + 1);
+                put(&mut layout, f.writes() + 1);
                 put(&mut layout, index(key));
                 put(&mut layout, 2);
                 layout.push(2);
@@ -584,28 +535,6 @@ fn reply_values(reply: &Reply) -> usize {
         .count()
 }
 
-/// What committing this message weighs: its writes, and about the bytes it sends.
-pub fn weight(f: &Finished) -> (usize, usize) {
-    let fields = |fields: &Fields| {
-        fields
-            .iter()
-            .map(|(n, v)| n.len() + v.len() + 16)
-            .sum::<usize>()
-    };
-    let (writes, bytes) = match &f.effect {
-        Effect::Replies(r) => (r.len(), r.iter().map(|r| fields(&r.fields) + 128).sum()),
-        Effect::DeadLetter(_) => (1, fields(&f.msg.fields) + 256),
-        Effect::TooLarge(_) => (1, 256),
-        Effect::Vanished => (0, 32),
-    };
-    // A signed message's use marker is one more (small) write.
-    let marker = usize::from(
-        !matches!(f.effect, Effect::Vanished)
-            && f.msg.sender.as_ref().is_some_and(|s| s.once.is_some()),
-    );
-    (writes + marker, bytes + 96 * marker)
-}
-
 /// Where the use of signature `jti` by `group` of `stream` is recorded: a string holding
 /// `<stream>/<id>` of the entry that took effect with it, kept until the signature expires. On a
 /// cluster it must share the stream's slot: a stream without a hash tag is wrapped in one.
@@ -614,25 +543,6 @@ pub fn signature_key(stream: &str, group: &str, jti: &str, cluster: bool) -> Str
         slot::beside(stream, "", &format!(":sig:{group}:{jti}"))
     } else {
         format!("{stream}:sig:{group}:{jti}")
-    }
-}
-
-/// The writes of a message's effect, without its marker.
-fn writes_of(f: &Finished) -> usize {
-    match &f.effect {
-        Effect::Replies(r) => r.len(),
-        Effect::DeadLetter(_) | Effect::TooLarge(_) => 1,
-        Effect::Vanished => 0,
-    }
-}
-
-/// Whether committing this message writes anything (replies, a dead letter, a signature's marker).
-pub fn writes(f: &Finished) -> bool {
-    let signed = f.msg.sender.as_ref().is_some_and(|s| s.once.is_some());
-    match &f.effect {
-        Effect::Replies(r) => !r.is_empty() || signed,
-        Effect::DeadLetter(_) | Effect::TooLarge(_) => true,
-        Effect::Vanished => false,
     }
 }
 

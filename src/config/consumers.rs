@@ -99,15 +99,57 @@ fn consumer(
     rc: &RawConsumer,
     ctx: &Context<'_>,
 ) -> (Option<(String, String)>, Option<ConsumerSettings>) {
+    let p = |k: &str| format!("consumers[{i}].{k}");
+    let (stream, group, consumer) = names(c, &p, rc, ctx);
+    let t = timing(c, &p, rc);
+    let dead_letter = dead_letter(c, &p, rc, ctx, &stream);
+    let handler = handler_spec(c, i, rc, ctx.naming, ctx.handlers);
+    let (table, unmatched) = route_table(c, &p, rc, ctx, &stream, &handler, t.handler_timeout);
+    permissions(c, &p, ctx, &stream, &dead_letter, &handler);
+    let names = stream.clone().zip(group.clone());
+    // Every key was read and every relation checked above; build only if all of it held.
+    let built = (|| {
+        let handler = handler?;
+        let routes = if handler.is_some() { Vec::new() } else { table };
+        Some(ConsumerSettings {
+            stream: stream?.into(),
+            group: group?,
+            consumer: consumer?,
+            start: t.start?,
+            batch_size: t.batch_size? as usize,
+            block: t.block?,
+            claim_min_idle: t.claim_min_idle?,
+            claim_interval: t.claim_interval?,
+            max_deliveries: t.max_deliveries?,
+            dead_letter: dead_letter?,
+            in_flight: t.in_flight? as usize,
+            order_by: t.order_by,
+            handler,
+            routes,
+            unmatched: unmatched?,
+            handler_timeout: t.handler_timeout?,
+            entry_limit: ctx.entry_limit,
+        })
+    })();
+    (names, built)
+}
+
+/// A key's path in this consumer's table.
+type KeyPath<'p> = &'p dyn Fn(&str) -> String;
+
+/// The consumer's stream, group and consumer name (the consumer's defaults to the daemon's).
+fn names(
+    c: &mut Checker<'_>,
+    p: KeyPath<'_>,
+    rc: &RawConsumer,
+    ctx: &Context<'_>,
+) -> (Option<String>, Option<String>, Option<String>) {
     let Context {
         naming,
         identity,
         daemon,
-        handlers,
-        routes,
         ..
     } = *ctx;
-    let p = |k: &str| format!("consumers[{i}].{k}");
     let stream = match &rc.stream {
         Some(s) => c.parse(&p("stream"), s, "a stream name", |s| {
             naming
@@ -141,6 +183,25 @@ fn consumer(
             identity.map(|id| default_consumer(&id.identity.subject, daemon.instance.as_deref()))
         }
     };
+    (stream, group, consumer)
+}
+
+/// Where the loop starts, how much it reads and holds, and its clocks.
+struct Timing {
+    start: Option<String>,
+    batch_size: Option<u32>,
+    block: Option<Duration>,
+    claim_min_idle: Option<Duration>,
+    claim_interval: Option<Duration>,
+    max_deliveries: Option<u32>,
+    in_flight: Option<u32>,
+    handler_timeout: Option<Duration>,
+    order_by: Option<String>,
+}
+
+/// The loop's start, sizes and clocks, and how they must relate: entries still being handled are
+/// never claimed, and a read blocks at most 5 minutes.
+fn timing(c: &mut Checker<'_>, p: KeyPath<'_>, rc: &RawConsumer) -> Timing {
     let start = c.parse(&p("start"), &rc.start, "\"$\", \"0\" or an entry id", |s| {
         if s == "$" || is_entry_id(s) {
             Ok(s.to_owned())
@@ -177,7 +238,29 @@ fn consumer(
             format!("{} is above the 5 min limit", fmt_d(b)),
         );
     }
-    let dead_letter = match (&rc.dead_letter, &stream) {
+    Timing {
+        start,
+        batch_size,
+        block,
+        claim_min_idle,
+        claim_interval,
+        max_deliveries,
+        in_flight,
+        handler_timeout,
+        order_by,
+    }
+}
+
+/// The dead-letter stream: given, or `<stream>-dlq`; never the stream consumed.
+fn dead_letter(
+    c: &mut Checker<'_>,
+    p: KeyPath<'_>,
+    rc: &RawConsumer,
+    ctx: &Context<'_>,
+    stream: &Option<String>,
+) -> Option<String> {
+    let naming = ctx.naming;
+    let dead_letter = match (&rc.dead_letter, stream) {
         (Some(d), _) => c.parse(&p("dead_letter"), d, "a stream name", |s| {
             naming
                 .parse(s)
@@ -187,7 +270,7 @@ fn consumer(
         (None, Some(s)) => naming.parse(s).ok().map(|n| default_dead_letter(&n)),
         (None, None) => None,
     };
-    if let (Some(d), Some(s)) = (&dead_letter, &stream)
+    if let (Some(d), Some(s)) = (&dead_letter, stream)
         && d == s
     {
         c.problem(
@@ -195,8 +278,28 @@ fn consumer(
             "the dead-letter stream must differ from the stream consumed",
         );
     }
-    let handler = handler_spec(c, i, rc, naming, handlers);
-    // The consumer's route table: its own [[consumers.routes]], else the top-level routes for its stream.
+    dead_letter
+}
+
+/// The consumer's route table — its own [[consumers.routes]], else the top-level routes for its
+/// stream — and its unmatched policy; a consumer must have a handler or a route, and every WASM
+/// handler it reaches must have a deadline that fits in the consumer's.
+fn route_table(
+    c: &mut Checker<'_>,
+    p: KeyPath<'_>,
+    rc: &RawConsumer,
+    ctx: &Context<'_>,
+    stream: &Option<String>,
+    handler: &Option<Option<HandlerSpec>>,
+    handler_timeout: Option<Duration>,
+) -> (Vec<RouteSpec>, Option<Unmatched>) {
+    let Context {
+        naming,
+        identity,
+        handlers,
+        routes,
+        ..
+    } = *ctx;
     let own_routes = !rc.routes.is_empty();
     if own_routes && rc.handler.is_some() {
         c.problem(
@@ -204,7 +307,7 @@ fn consumer(
             "give handler = NAME or [[consumers.routes]], not both",
         );
     }
-    let table: Vec<RouteSpec> = match &stream {
+    let table: Vec<RouteSpec> = match stream {
         Some(s) if own_routes => super::handlers::routes(
             &rc.routes,
             &p("routes"),
@@ -231,7 +334,7 @@ fn consumer(
             _ => Err("unknown policy".into()),
         },
     );
-    if let (Some(None), Some(s)) = (&handler, &stream)
+    if let (Some(None), Some(s)) = (handler, stream)
         && table.is_empty()
         && !own_routes
     {
@@ -241,7 +344,7 @@ fn consumer(
         );
     }
     // A WASM handler's own deadline must fit in the consumer's.
-    if let (Some(h), Some(s), Some(outer)) = (&handler, &stream, handler_timeout) {
+    if let (Some(h), Some(s), Some(outer)) = (handler, stream, handler_timeout) {
         let reachable: Vec<String> = match h {
             Some(HandlerSpec::Wasm(name)) => vec![name.clone()],
             Some(_) => Vec::new(),
@@ -261,9 +364,21 @@ fn consumer(
         super::handlers::timeouts_fit(c, &p("handler_timeout"), outer, timeouts);
     }
 
-    // Resolve everything before starting anything: the identity must be allowed every operation
-    // this consumer will perform.
-    if let (Some(id), Some(s)) = (identity, &stream) {
+    (table, unmatched)
+}
+
+/// Resolved before anything starts: the identity must be allowed every operation this consumer
+/// performs, and every write its dead letters and handler make.
+fn permissions(
+    c: &mut Checker<'_>,
+    p: KeyPath<'_>,
+    ctx: &Context<'_>,
+    stream: &Option<String>,
+    dead_letter: &Option<String>,
+    handler: &Option<Option<HandlerSpec>>,
+) {
+    let (naming, identity) = (ctx.naming, ctx.identity);
+    if let (Some(id), Some(s)) = (identity, stream) {
         for op in [
             Op::ReadGroup,
             Op::Ack,
@@ -292,32 +407,6 @@ fn consumer(
             }
         }
     }
-    let names = stream.clone().zip(group.clone());
-    // Every key was read and every relation checked above; build only if all of it held.
-    let built = (|| {
-        let handler = handler?;
-        let routes = if handler.is_some() { Vec::new() } else { table };
-        Some(ConsumerSettings {
-            stream: stream?.into(),
-            group: group?,
-            consumer: consumer?,
-            start: start?,
-            batch_size: batch_size? as usize,
-            block: block?,
-            claim_min_idle: claim_min_idle?,
-            claim_interval: claim_interval?,
-            max_deliveries: max_deliveries?,
-            dead_letter: dead_letter?,
-            in_flight: in_flight? as usize,
-            order_by,
-            handler,
-            routes,
-            unmatched: unmatched?,
-            handler_timeout: handler_timeout?,
-            entry_limit: ctx.entry_limit,
-        })
-    })();
-    (names, built)
 }
 
 /// The most entries one read may ask for: what one commit call carries ([`MAX_COMMIT`]), so a read's

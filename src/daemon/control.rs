@@ -58,6 +58,11 @@ impl Vitals {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
     }
 
+    /// The loops whose counters are reported.
+    pub fn stats(&self) -> Vec<Arc<Stats>> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn stopping(&self) {
         self.stopping.store(true, Ordering::Relaxed);
     }

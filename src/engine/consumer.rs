@@ -1,12 +1,9 @@
 //! One consumer of one group: the read / claim / ack loop (docs/design.md, "Data flow" and "Delivery").
 //!
-//! Owns the life of a message from delivery to commit: it re-reads this consumer's own pending entries
-//! at start (and after a read whose reply was lost), then reads new ones; claims entries that other
-//! (dead) consumers left idle; dead-letters what was delivered too often; runs the handler with a
-//! deadline, contained panics and per-key ordering; and commits outcomes in batches — the commit of
-//! batch N travels in the same round trip as the read of batch N+1, or alone over the shared connection
-//! when the read is blocked. It recovers from every Redis fault it can name (lost connections, timeouts,
-//! a lost group) with backoff, and returns only on drain or on an error no retry can fix.
+//! Owns the loop's I/O and timing: rounds (a read, or a claim, carrying the commit of what had
+//! finished — or a commit alone when the read blocks), the handler calls ([`super::call`]), backoff on
+//! Redis trouble and the drain. What each result means is decided without I/O ([`super::machine`],
+//! [`super::cursor`], [`super::flight`]) and reported as events ([`super::events`]).
 //!
 //! Why nothing is lost: an entry is acked only by the commit script, after its handler succeeded, in
 //! the same atomic step as its replies. Everything else — a crash, a cancelled read, a drain that runs
@@ -14,73 +11,35 @@
 //! re-read or another consumer's XAUTOCLAIM finds it again. Only *waits* are cancelled on shutdown (the
 //! blocking read, backoff sleeps); handler calls and commits run to completion.
 
-use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, error, info, trace, warn};
+use tracing::trace;
 
-use super::flight::{Flight, Job, key_of};
+use super::call::{Calls, Done};
+use super::cursor::{Cursor, Reading};
+use super::events::{Events, Stats};
+use super::flight::{Flight, Job};
+use super::machine::{self, CommitFailure, Dispatch, Isolated, Settle};
 use super::pace::Pace;
-use super::router::{Router, Selection, Unmatched};
+use super::router::Router;
 use super::settings::ConsumerSettings;
-use crate::auth::Op;
 use crate::auth::jwt::KeySet;
 use crate::auth::signature;
 use crate::backoff::Backoff;
-use crate::client::commit::{self, Committed, Committer, Effect, Finished};
+use crate::client::commit::{self, Committer};
 use crate::client::decode::Entries;
 use crate::client::{Client, Error, GroupReader, ReadFrom, Round};
 use crate::health::Liveness;
-use crate::metrics::{self, GroupLabels, MessageLabels, StreamLabels};
 use crate::model::StreamId;
-use crate::model::dead_letter as dlq;
+use crate::model::decided::{Effect, Finished};
 use crate::model::envelope::Entry;
-use crate::model::limits::{self, Size};
-use crate::model::message::{BatchDone, Handled, Handler, Message, Once, Outcome, Sender};
+use crate::model::message::Message;
 use crate::shutdown::Shutdown;
 use arc_swap::ArcSwap;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-
-/// Counters of one loop, for logs, tests and the heartbeat.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Whose counters these are: the loop's stream, group and consumer.
-    pub stream: String,
-    pub group: String,
-    pub consumer: String,
-    /// Committed after the handler succeeded.
-    pub processed: AtomicU64,
-    /// Left pending by a failed handler (retry later).
-    pub retried: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    /// Entries deleted or trimmed while pending: acked, never dispatched.
-    pub vanished: AtomicU64,
-    /// Commits skipped because another consumer owned the entry by then.
-    pub not_ours: AtomicU64,
-    /// The group's position as the loop last knew it: what a restarted loop, or a reload's successor,
-    /// re-creates a vanished group against, so that nothing published after Redis lost its data is
-    /// skipped.
-    pub position: std::sync::Mutex<Option<StreamId>>,
-}
-
-impl Stats {
-    fn note_position(&self, position: Option<StreamId>) {
-        *self.position.lock().unwrap_or_else(|p| p.into_inner()) = position;
-    }
-
-    /// The group's position as the loop last knew it.
-    pub fn position(&self) -> Option<StreamId> {
-        *self.position.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
 
 /// Everything a loop needs; cheap to clone for a restart.
 #[derive(Clone)]
@@ -98,13 +57,6 @@ pub struct Consumer {
     /// Backoff bounds for Redis trouble.
     pub retry_min: Duration,
     pub retry_max: Duration,
-}
-
-/// A message that left its handler: what to commit, or why it stays pending for a retry.
-struct Done {
-    msg: Message,
-    effect: Result<Effect, String>,
-    handler: Arc<str>,
 }
 
 /// What the round task hands back.
@@ -133,107 +85,11 @@ struct State {
     draining: bool,
     /// When a handler, a round or a commit last came back (for liveness).
     last_progress: Instant,
-    /// Commits refused in a row (Redis out of memory…), for logging the first loudly.
-    commit_failures: u32,
-    /// Per handler: when a retry was last logged at WARN, and how many were not logged since.
-    retry_logged: HashMap<Arc<str>, (Instant, u64)>,
-    /// While re-reading our own pending entries: the id to continue after.
-    recover: Option<String>,
-    /// The highest id a `>` read gave us; a lost read's entries are pending after it.
-    last_new: String,
-    /// The group's position as this loop last knew it (its last-delivered id at start, then the
-    /// newest entry read): how a lost group tells an intact stream from one Redis made anew.
-    position: Option<StreamId>,
-    claim_cursor: String,
-    /// Claim rounds still due: set by the claim timer, spent while claims come back full.
-    claim_passes: u8,
-    /// What the round in progress reads, and how many entries it asked for.
-    reading: Reading,
-    round_count: usize,
+    /// What the loop reads next, and where the group stands as far as it has read.
+    cursor: Cursor,
     /// How much to read at once and hold in flight.
     pace: Pace,
-    meters: Meters,
-}
-
-/// What a round reads: new entries, this consumer's own pending ones (recovery), or entries idle
-/// long enough to claim.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Reading {
-    New,
-    Pending,
-    Idle,
-}
-
-/// How many claim rounds one tick of the claim timer may run in a row while claims come back full.
-const CLAIM_PASSES: u8 = 8;
-
-/// The loop's metrics, looked up once per handler and outcome rather than per message.
-struct Meters {
-    stream: String,
-    group: String,
-    counters: HashMap<(Arc<str>, &'static str), Counter>,
-    last: Option<(Arc<str>, &'static str, Counter)>,
-    durations: HashMap<Arc<str>, metrics::HandlerTimer>,
-    dead_lettered: Counter,
-    /// What the pace allows now: entries per read, entries in flight.
-    read_size: Gauge,
-    window: Gauge,
-}
-
-impl Meters {
-    fn new(stream: &str, group: &str) -> Self {
-        let labels = GroupLabels {
-            stream: stream.to_owned(),
-            group: group.to_owned(),
-        };
-        Meters {
-            stream: stream.to_owned(),
-            group: group.to_owned(),
-            counters: HashMap::new(),
-            last: None,
-            durations: HashMap::new(),
-            dead_lettered: metrics::global()
-                .dead_lettered
-                .get_or_create(&labels)
-                .clone(),
-            read_size: metrics::global().read_size.get_or_create(&labels).clone(),
-            window: metrics::global().window.get_or_create(&labels).clone(),
-        }
-    }
-
-    fn count(&mut self, handler: &Arc<str>, outcome: &'static str) {
-        // Batches are mostly one handler and one outcome: skip the map for a repeat.
-        if let Some((h, o, c)) = &self.last
-            && Arc::ptr_eq(h, handler)
-            && *o == outcome
-        {
-            c.inc();
-            return;
-        }
-        let (stream, group) = (&self.stream, &self.group);
-        let counter = self
-            .counters
-            .entry((handler.clone(), outcome))
-            .or_insert_with(|| {
-                let labels = MessageLabels {
-                    stream: stream.clone(),
-                    group: group.clone(),
-                    handler: handler.to_string(),
-                    outcome: outcome.to_owned(),
-                };
-                metrics::global().messages.get_or_create(&labels).clone()
-            })
-            .clone();
-        counter.inc();
-        self.last = Some((handler.clone(), outcome, counter));
-    }
-
-    fn duration(&mut self, handler: &Arc<str>) -> metrics::HandlerTimer {
-        self.durations
-            .entry(handler.clone())
-            .or_insert_with(|| metrics::global().handler_timer(handler))
-            .clone()
-    }
+    events: Events,
 }
 
 impl Consumer {
@@ -248,10 +104,6 @@ impl Consumer {
             &cfg.consumer,
             &cfg.dead_letter,
         )?;
-        // Exported at 0 from the start, so that an alert on its increase sees the first loss.
-        let _ = metrics::global().data_loss.get_or_create(&StreamLabels {
-            stream: cfg.stream.to_string(),
-        });
         // Where the group stands; unknown (None) if Redis cannot say now — the read will tell. A
         // group Redis no longer has stands where this loop (or its predecessor) last knew it.
         let position = self
@@ -261,30 +113,13 @@ impl Consumer {
             .unwrap_or(None)
             .or(self.stats.position());
         self.stats.note_position(position);
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Done>>();
-        let mut st = State {
-            flight: Flight::new(cfg.in_flight, cfg.order_by.clone()),
-            reader: Some(self.new_reader()?),
-            round: None,
-            in_round: Vec::new(),
-            commit: None,
-            committing: Vec::new(),
-            retry_at: None,
-            backoff: Backoff::new(self.retry_min, self.retry_max),
-            draining: false,
-            last_progress: Instant::now(),
-            commit_failures: 0,
-            retry_logged: HashMap::new(),
-            recover: Some("0".into()),
-            last_new: "0".into(),
-            position,
-            claim_cursor: "0-0".into(),
-            claim_passes: 0,
-            reading: Reading::Pending,
-            round_count: 0,
-            pace: Pace::new(cfg.batch_size, cfg.in_flight, cfg.claim_min_idle),
-            meters: Meters::new(&cfg.stream, &cfg.group),
+        let (results, mut rx) = mpsc::unbounded_channel::<Vec<Done>>();
+        let calls = Calls {
+            cfg: self.cfg.clone(),
+            client: self.client.clone(),
+            results,
         };
+        let mut st = self.state(position)?;
         let mut claim_tick =
             tokio::time::interval_at(Instant::now() + cfg.claim_interval, cfg.claim_interval);
         claim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -297,10 +132,12 @@ impl Consumer {
             }
             let window = st.pace.window();
             st.flight.set_limit(window);
-            st.meters.window.set(window as i64);
-            st.meters.read_size.set(st.pace.read() as i64);
+            st.events.pace(st.pace.read(), window);
             // Hand what was routed (and what its order_by key let go) to the handlers.
-            self.launch(&mut st, &tx);
+            let ready = st.flight.start_ready();
+            if !ready.is_empty() {
+                calls.launch(ready, &mut st.events);
+            }
 
             // Commit now what cannot wait for the next round: the read is out (and may block), or no
             // round can start. (Before starting a round: a commit that frees room must be followed by
@@ -344,12 +181,32 @@ impl Consumer {
                 }
                 // Claims travel as rounds on the reader's connection (bounded like every read): the
                 // next round claims, once the one in progress is back.
-                _ = claim_tick.tick(), if !st.draining && st.recover.is_none() && st.retry_at.is_none() => {
-                    st.claim_passes = CLAIM_PASSES;
+                _ = claim_tick.tick(), if !st.draining && !st.cursor.recovering() && st.retry_at.is_none() => {
+                    st.cursor.claim_due();
                 }
                 _ = sleep_until(st.retry_at), if st.retry_at.is_some() => st.retry_at = None,
             }
         }
+    }
+
+    /// A loop's state at its start, with the group standing at `position`.
+    fn state(&self, position: Option<StreamId>) -> Result<State, Error> {
+        let cfg = &*self.cfg;
+        Ok(State {
+            flight: Flight::new(cfg.in_flight, cfg.order_by.clone()),
+            reader: Some(self.new_reader()?),
+            round: None,
+            in_round: Vec::new(),
+            commit: None,
+            committing: Vec::new(),
+            retry_at: None,
+            backoff: Backoff::new(self.retry_min, self.retry_max),
+            draining: false,
+            last_progress: Instant::now(),
+            cursor: Cursor::new(position),
+            pace: Pace::new(cfg.batch_size, cfg.in_flight, cfg.claim_min_idle),
+            events: Events::new(self.cfg.clone(), self.stats.clone(), self.liveness.clone()),
+        })
     }
 
     /// Sends what has finished as one commit on its own task, so messages keep flowing to the handlers
@@ -374,30 +231,20 @@ impl Consumer {
         let call =
             (!batch.is_empty()).then(|| committer.command(sha, &batch, st.flight.in_flight()));
         st.in_round = batch;
-        let from = st.recover.clone();
-        st.reading = match (&from, st.claim_passes) {
-            (Some(_), _) => Reading::Pending,
-            (None, 0) => Reading::New,
-            (None, _) => Reading::Idle,
-        };
-        st.round_count = st.flight.free().min(st.pace.read());
-        let count = st.round_count as u64;
+        let count = st.flight.free().min(st.pace.read());
+        let reading = st.cursor.next(count);
         // A round carrying a commit does not block: its verdicts come back with the read's reply,
         // and must not wait out an idle BLOCK (the entries are committed in Redis at once, but their
         // slots, counters and logs would lag by up to `block`, and a drain would redo the commit and
         // count its messages as not ours).
-        let block = (st.reading == Reading::New && call.is_none()).then_some(self.cfg.block);
-        let (reading, cursor, min_idle) =
-            (st.reading, st.claim_cursor.clone(), self.cfg.claim_min_idle);
-        trace!(from = ?from, ?reading, count, commits = st.in_round.len(), "round");
+        let block = (reading == Reading::New && call.is_none()).then_some(self.cfg.block);
+        let (count, min_idle) = (count as u64, self.cfg.claim_min_idle);
+        trace!(?reading, count, commits = st.in_round.len(), "round");
         let task = tokio::spawn(async move {
-            let read_from = match (reading, from.as_deref()) {
-                (Reading::Pending, Some(after)) => ReadFrom::Pending(after),
-                (Reading::Idle, _) => ReadFrom::Idle {
-                    cursor: &cursor,
-                    min_idle,
-                },
-                _ => ReadFrom::New,
+            let read_from = match &reading {
+                Reading::Pending(after) => ReadFrom::Pending(after),
+                Reading::Idle(cursor) => ReadFrom::Idle { cursor, min_idle },
+                Reading::New => ReadFrom::New,
             };
             let result = reader.round(call, read_from, count, block).await;
             (reader, result)
@@ -436,10 +283,7 @@ impl Consumer {
             st.flight.recommit(std::mem::take(&mut st.in_round));
         }
         let released = st.flight.release_queued();
-        info!(
-            running = st.flight.running(),
-            released, "draining: reads stopped, finishing messages in flight"
-        );
+        st.events.draining(st.flight.running(), released);
     }
 
     /// A round came back: apply the verdicts of the commit it carried, then dispatch what it read —
@@ -490,9 +334,7 @@ impl Consumer {
                 );
                 let failures = st.backoff.succeed();
                 if failures > 0 {
-                    info!(failures, "reading again after Redis trouble");
-                    metrics::global().reconnected();
-                    self.liveness.recover();
+                    st.events.reading_again(failures);
                 }
                 #[cfg(feature = "fault-injection")]
                 if !entries.entries.is_empty()
@@ -502,7 +344,7 @@ impl Consumer {
                     // completes would.
                     std::future::pending::<()>().await;
                 }
-                let asked = st.round_count;
+                let asked = st.cursor.asked();
                 let got = entries.entries.len() + entries.deleted.len() + entries.too_large.len();
                 let bytes: usize = entries
                     .entries
@@ -511,7 +353,7 @@ impl Consumer {
                     .map(|(n, v)| n.len() + v.len())
                     .sum();
                 st.pace.read_returned(asked, got, bytes);
-                self.delivered(entries, asked, st);
+                self.delivered(entries, st);
             }
             Err(e) => st.retry_at = Some(self.trouble(e, st).await?),
         }
@@ -552,71 +394,39 @@ impl Consumer {
     }
 
     /// Handles a read or claim failure: returns when to try again, or the error if retrying cannot
-    /// help. Logs the first failure of a streak loudly and the rest quietly.
+    /// help.
     async fn trouble(&self, e: Error, st: &mut State) -> Result<Instant, Error> {
         let delay = st.backoff.fail();
-        metrics::global().error(e.kind());
-        if e.is_unreachable() {
-            self.liveness.unreachable(format!("Redis trouble: {e}"));
-        } else {
-            self.liveness.degrade(format!("Redis trouble: {e}"));
-        }
+        st.events.redis_failed(&e);
         if let Error::NoGroup { .. } = e {
             match self.restore_group(st).await {
                 // A new group has an empty PEL: nothing of ours to recover.
                 Ok(()) => return Ok(Instant::now() + delay.min(Duration::from_millis(50))),
                 Err(e) if e.is_transient() => {
-                    debug!(error = %e, "re-creating the group failed; will retry")
+                    tracing::debug!(error = %e, "re-creating the group failed; will retry")
                 }
                 Err(e) => return Err(e),
             }
         } else if !e.is_transient() {
             return Err(e);
-        } else if st.backoff.failures() == 1 {
-            warn!(error = %e, retry_in = ?delay, "Redis trouble; retrying with backoff");
         } else {
-            debug!(error = %e, failures = st.backoff.failures(), retry_in = ?delay, "Redis still in trouble");
+            st.events.redis_trouble(&e, st.backoff.failures(), delay);
         }
         // A read whose reply was lost may have delivered entries to us: find them in our PEL.
-        if st.recover.is_none() {
-            st.recover = Some(st.last_new.clone());
-        }
+        st.cursor.read_lost();
         Ok(Instant::now() + delay)
     }
 
-    /// The group is gone: re-creates it where nothing is skipped ([`crate::client::restore`]) and,
-    /// when Redis lost data, says so loudly — an ERROR naming the stream, the data-loss counter, and
-    /// the loop degraded with the reason until it reads again.
+    /// The group is gone: re-creates it where nothing is skipped ([`crate::client::restore`]), saying
+    /// so (loudly when Redis lost data), and reads from where the new group stands.
     async fn restore_group(&self, st: &mut State) -> Result<(), Error> {
         let c = &*self.cfg;
         let restored = self
             .client
-            .restore_group(&c.stream, &c.group, &c.start, st.position)
+            .restore_group(&c.stream, &c.group, &c.start, st.cursor.position)
             .await?;
-        let lost = restored.lost;
-        if lost.is_data_loss() {
-            error!(stream = %c.stream, group = %c.group, at = %restored.at, reason = lost.describe(), "Redis lost this stream's data: entries not yet handled may be gone; the group is re-created from the start of the stream Redis has now, so nothing published since is skipped");
-            metrics::global()
-                .data_loss
-                .get_or_create(&StreamLabels {
-                    stream: c.stream.to_string(),
-                })
-                .inc();
-            self.liveness.degrade(format!(
-                "Redis lost the data of {}: {}",
-                c.stream,
-                lost.describe()
-            ));
-        } else {
-            warn!(stream = %c.stream, group = %c.group, at = %restored.at, reason = lost.describe(), "the consumer group was gone; re-created it");
-        }
-        if restored.created {
-            info!(stream = %c.stream, group = %c.group, at = %restored.at, "re-created the group");
-        }
-        st.recover = None;
-        st.last_new = "0".into();
-        st.claim_cursor = "0-0".into();
-        st.position = match restored.at.as_str() {
+        st.events.group_restored(&restored);
+        let position = match restored.at.as_str() {
             "$" => self
                 .client
                 .group_position(&c.stream, &c.group)
@@ -624,12 +434,13 @@ impl Consumer {
                 .unwrap_or(None),
             at => StreamId::parse(at).ok(),
         };
-        self.stats.note_position(st.position);
+        st.cursor.group_restored(position);
+        st.events.position(position);
         Ok(())
     }
 
-    /// Applies the script's verdicts to a committed batch. On a transient failure the batch waits for
-    /// the next try and this returns false.
+    /// Applies the script's verdicts to a committed batch ([`machine::settle`]). On a transient failure
+    /// the batch waits for the next try and this returns false.
     async fn apply_commit(
         &self,
         batch: Vec<Finished>,
@@ -637,278 +448,112 @@ impl Consumer {
         st: &mut State,
     ) -> Result<bool, Error> {
         let n = batch.len();
-        let verdicts = match result.and_then(|v| {
+        let decoded = result.and_then(|v| {
             commit::decode(v, n).map_err(|detail| Error::Protocol {
                 command: "EVALSHA",
                 key: self.cfg.stream.to_string(),
                 detail,
             })
-        }) {
+        });
+        let verdicts = match decoded {
             Ok(v) => v,
-            Err(Error::NoGroup { .. }) => {
-                // The group (or the stream) is gone — Redis lost its data, or XGROUP DESTROY — and
-                // with it the delivery of every message in this batch: no commit of them can ever
-                // succeed (the script wrote nothing). They leave flight unacked; whatever entries Redis
-                // still holds are delivered again once the group is re-created (the next read does
-                // that; a draining loop leaves it to its successor). Retrying instead would hold a
-                // drain forever.
-                warn!(messages = n, stream = %self.cfg.stream, group = %self.cfg.group,
-                    "the consumer group is gone: {n} decided message(s) cannot be committed and leave this loop; entries Redis still holds are delivered again");
-                metrics::global().error("no_group");
+            Err(e) => return self.commit_failed(batch, e, st).await,
+        };
+        let mut again = false;
+        for (f, verdict) in batch.into_iter().zip(verdicts) {
+            match machine::settle(verdict, f) {
+                Settle::Done(f, fate) => {
+                    st.events.settled(&f, &fate);
+                    st.flight.committed(&f.msg.id);
+                }
+                Settle::Redo(f, why) => {
+                    st.events.redo(&f, &why);
+                    st.flight.recommit(vec![f]);
+                }
+                Settle::Again(f, refusal) => {
+                    if let Some(refusal) = &refusal {
+                        st.events.commit_refused(&f.msg.id, refusal);
+                    }
+                    st.flight.recommit(vec![f]);
+                    again = true;
+                }
+            }
+        }
+        if !again {
+            st.events.commits_flow();
+        }
+        Ok(!again)
+    }
+
+    /// A commit that failed as a whole ([`machine::on_commit_error`]): nothing of it was written.
+    async fn commit_failed(
+        &self,
+        batch: Vec<Finished>,
+        e: Error,
+        st: &mut State,
+    ) -> Result<bool, Error> {
+        match machine::on_commit_error(&e) {
+            CommitFailure::GroupGone => {
+                // Retrying instead would hold a drain forever: they leave flight unacked, and the
+                // entries Redis still holds are delivered again once the group is re-created (the
+                // next read does that; a draining loop leaves it to its successor).
+                st.events.group_gone(batch.len());
                 for f in batch {
                     st.flight.committed(&f.msg.id);
                 }
                 return Ok(true);
             }
-            Err(e) => {
-                if matches!(&e, Error::Redis { source, .. } if source.code() == Some("NOSCRIPT")) {
-                    self.load_script().await?;
-                } else if e.is_permanent() {
-                    return Err(e);
-                } else if !e.is_transient() {
-                    // Refused as a whole, with nothing written (the script's writes run under pcall
-                    // after every check): find the message that causes it, and let the rest through.
-                    self.isolate(batch, &e, st);
-                    return Ok(true);
-                } else {
-                    debug!(error = %e, messages = n, "commit failed; will retry");
-                    metrics::global().error(e.kind());
-                    self.liveness.degrade(format!("commits fail: {e}"));
-                }
-                st.flight.recommit(batch);
-                return Ok(false);
-            }
-        };
-        let mut again = false;
-        for (f, verdict) in batch.into_iter().zip(verdicts) {
-            let id = &f.msg.id;
-            let outcome = match (&verdict, &f.effect) {
-                (Committed::Yes, Effect::Replies(_)) => "success",
-                (Committed::Yes, Effect::DeadLetter(_) | Effect::TooLarge(_)) => "dead_lettered",
-                (Committed::Yes, Effect::Vanished) => "vanished",
-                (Committed::NotOurs, _) => "not_ours",
-                (Committed::Partial(_), _) => "partial",
-                (Committed::Refused(reason), Effect::Replies(_)) => {
-                    // Nothing of it was written: it goes to the dead-letter stream in the next commit,
-                    // and the rest of the batch is committed.
-                    warn!(message_id = %id, handler = %f.handler, reason = ?reason, "a reply target refused this message before anything was written; dead-lettering it");
-                    metrics::global().error("reply_refused");
-                    st.flight.recommit(vec![Finished {
-                        effect: Effect::DeadLetter(format!("reply refused: {reason}")),
-                        ..f
-                    }]);
-                    continue;
-                }
-                (Committed::Replayed(owner), _) => {
-                    // A copy of a signed message that already took effect: nothing of it was written.
-                    // Its dead letter records no use of the signature (that is the original's).
-                    warn!(message_id = %id, handler = %f.handler, original = %owner, "a signed message was replayed; dead-lettering the copy");
-                    metrics::global().error("replayed");
-                    let mut msg = f.msg;
-                    msg.sender = msg.sender.map(|s| {
-                        Arc::new(Sender {
-                            once: None,
-                            ..(*s).clone()
-                        })
-                    });
-                    st.flight.recommit(vec![Finished {
-                        msg,
-                        effect: Effect::DeadLetter(format!(
-                            "replayed: this signed message already took effect as {owner}"
-                        )),
-                        handler: f.handler,
-                    }]);
-                    continue;
-                }
-                (Committed::Refused(reason), _) => {
-                    // The dead-letter stream itself cannot take it: the entry stays pending in Redis
-                    // (it is never lost) and is claimed again later, until an operator fixes the stream.
-                    error!(message_id = %id, handler = %f.handler, reason = ?reason, dead_letter = %self.cfg.dead_letter, "the dead-letter stream refused this message; it stays pending");
-                    metrics::global().error("dead_letter_refused");
-                    self.liveness.refused(format!(
-                        "the dead-letter stream {} refuses messages ({reason}); they stay pending until it is fixed",
-                        self.cfg.dead_letter
-                    ));
-                    "refused"
-                }
-                (Committed::Failed(_) | Committed::NotTried, _) => {
-                    // Nothing of it was written: commit it again after a backoff.
-                    if let Committed::Failed(e) = &verdict {
-                        // Loud once per streak of refused commits, quiet after.
-                        st.commit_failures += 1;
-                        if st.commit_failures == 1 {
-                            warn!(message_id = %id, error = ?e, "Redis refused a commit's write; nothing of the message was written, retrying");
-                        } else {
-                            debug!(message_id = %id, error = ?e, failures = st.commit_failures, "commit still refused");
-                        }
-                        metrics::global().error("commit_failed");
-                        self.liveness.degrade(format!("commits are refused: {e}"));
+            CommitFailure::ScriptMissing => self.load_script().await?,
+            CommitFailure::Fatal => return Err(e),
+            CommitFailure::Isolate => {
+                // Refused as a whole, with nothing written (the script's writes run under pcall
+                // after every check): find the message that causes it, and let the rest through.
+                match machine::isolate(batch, &e) {
+                    Isolated::Halves(batch) => {
+                        st.events.halving(batch.len(), &e);
+                        st.flight.isolate(batch);
                     }
-                    st.flight.recommit(vec![f]);
-                    again = true;
-                    continue;
+                    Isolated::DeadLetter(f) => {
+                        st.events.culprit(&f, &e, false);
+                        st.flight.isolate(vec![f]);
+                    }
+                    Isolated::Stranded(f) => {
+                        st.events.culprit(&f, &e, true);
+                        st.flight.committed(&f.msg.id);
+                    }
+                    Isolated::Empty => {}
                 }
-            };
-            st.meters.count(&f.handler, outcome);
-            if outcome == "dead_lettered" {
-                st.meters.dead_lettered.inc();
+                return Ok(true);
             }
-            match (verdict, &f.effect) {
-                (Committed::Yes, Effect::Replies(r)) => {
-                    debug!(message_id = %id, handler = %f.handler, outcome = "committed", replies = r.len(), "committed");
-                    self.stats.processed.fetch_add(1, Ordering::Relaxed);
-                }
-                (Committed::Yes, Effect::DeadLetter(reason)) => {
-                    self.liveness.accepted();
-                    let trace = trace_of(&f.msg);
-                    // The text names what journalctl -u shows without -o verbose; the fields stay.
-                    let reason = crate::logging::escape(reason.as_bytes(), 1000);
-                    let (c, dlq) = (&self.cfg, &self.cfg.dead_letter);
-                    warn!(message_id = %id, handler = %f.handler, trace_id = %trace, outcome = "dead-lettered", reason = %reason, dead_letter = %dlq,
-                        "dead-lettered {id} of {} (group {}) to {dlq}: {reason}", c.stream, c.group);
-                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                }
-                (Committed::Yes, Effect::TooLarge(size)) => {
-                    self.liveness.accepted();
-                    let limit = &self.cfg.entry_limit;
-                    warn!(message_id = %id, outcome = "dead-lettered", reason = dlq::TOO_LARGE, fields = size.fields, bytes = size.bytes, limit_fields = limit.fields, limit_bytes = limit.bytes, dead_letter = %self.cfg.dead_letter, "an entry over [limits] was dead-lettered by reference; its content was not read");
-                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                }
-                (Committed::Yes, Effect::Vanished) => {
-                    self.stats.vanished.fetch_add(1, Ordering::Relaxed);
-                }
-                (Committed::NotOurs, _) => {
-                    info!(message_id = %id, handler = %f.handler, outcome = "not-ours", "another consumer owned the entry by commit time; this result was discarded");
-                    self.stats.not_ours.fetch_add(1, Ordering::Relaxed);
-                }
-                (Committed::Partial(e), _) => {
-                    error!(message_id = %id, handler = %f.handler, error = %e, "a commit's write failed after others of the same message were made; the message was acked so none is written twice, and its effects are incomplete");
-                    metrics::global().error("commit_partial");
-                }
-                _ => {}
-            }
-            st.flight.committed(id);
+            CommitFailure::Retry => st.events.commit_failed(&e, batch.len()),
         }
-        if !again {
-            if std::mem::take(&mut st.commit_failures) > 0 {
-                info!("commits go through again");
-            }
-            self.liveness.recover();
-        }
-        Ok(!again)
+        st.flight.recommit(batch);
+        Ok(false)
     }
 
-    /// A commit that Redis refused as a whole for a reason that is not the server's: its halves are
-    /// committed apart until the message that makes it fail is alone. That message is dead-lettered
-    /// with the error; if even its dead letter cannot be committed, it leaves flight and stays pending
-    /// in Redis (claimed again later, never acked without its effects) while everything else flows.
-    fn isolate(&self, batch: Vec<Finished>, e: &Error, st: &mut State) {
-        metrics::global().error("commit_refused");
-        if batch.len() > 1 {
-            warn!(messages = batch.len(), error = %e, "Redis refused a commit as a whole; committing its halves apart to find the message that causes it");
-            st.flight.isolate(batch);
-            return;
+    /// Dispatches what a round read ([`Cursor::advance`] says where to read next): new entries are
+    /// first deliveries; re-read pending ones and claimed ones come with their delivery counts.
+    fn delivered(&self, got: Entries, st: &mut State) {
+        if let Some(position) = st.cursor.advance(&got) {
+            st.events.position(position);
         }
-        let Some(f) = batch.into_iter().next() else {
-            return;
-        };
-        let id = f.msg.id.clone();
-        self.liveness
-            .degrade(format!("a message's commit is refused: {e}"));
-        match f.effect {
-            Effect::Replies(_) | Effect::Vanished => {
-                error!(message_id = %id, handler = %f.handler, error = %e, "Redis refuses this message's commit whatever it is batched with; dead-lettering it");
-                st.flight.isolate(vec![Finished {
-                    effect: Effect::DeadLetter(format!("commit refused: {e}")),
-                    ..f
-                }]);
-            }
-            Effect::DeadLetter(_) | Effect::TooLarge(_) => {
-                error!(message_id = %id, handler = %f.handler, error = %e, dead_letter = %self.cfg.dead_letter, "Redis refuses this message's dead letter; it stays pending and is claimed again later");
-                self.liveness.refused(format!(
-                    "Redis refuses a dead letter to {} ({e}); the message stays pending",
-                    self.cfg.dead_letter
-                ));
-                st.flight.committed(&id);
-            }
+        if st.cursor.claiming() {
+            // Claimed from consumers that left them idle (dead ones, or our own failures).
+            let fresh = (got.entries.iter().map(|e| &e.id))
+                .chain(got.too_large.iter().map(|(id, _)| id))
+                .filter(|id| !st.flight.contains(id))
+                .count();
+            st.events.claimed(fresh, got.dropped.len());
         }
-    }
-
-    /// Dispatches what a round read: new entries are first deliveries; re-read pending ones come
-    /// with their delivery counts.
-    fn delivered(&self, got: Entries, asked: usize, st: &mut State) {
-        let seen = got.entries.len() + got.deleted.len() + got.too_large.len();
-        match (&mut st.recover, st.reading) {
-            (_, Reading::Idle) => {
-                // Claimed from consumers that left them idle (dead ones, or our own failures).
-                st.claim_cursor = got.next.clone().unwrap_or_else(|| "0-0".into());
-                if !got.dropped.is_empty() {
-                    debug!(
-                        count = got.dropped.len(),
-                        "claimed entries had been deleted; Redis dropped them from the PEL"
-                    );
-                    self.stats
-                        .vanished
-                        .fetch_add(got.dropped.len() as u64, Ordering::Relaxed);
-                }
-                let fresh = got
-                    .entries
-                    .iter()
-                    .map(|e| &e.id)
-                    .chain(got.too_large.iter().map(|(id, _)| id))
-                    .filter(|id| !st.flight.contains(id))
-                    .count();
-                if fresh > 0 {
-                    info!(count = fresh, "claimed idle entries");
-                }
-                let full = seen + got.dropped.len() >= asked.max(1);
-                st.claim_passes = match st.claim_cursor.as_str() {
-                    "0-0" => 0,
-                    _ if !full => 0,
-                    _ => st.claim_passes.saturating_sub(1),
-                };
-            }
-            (Some(after), Reading::Pending) => {
-                // Re-reading our own PEL: page on, or switch to new entries when it is exhausted.
-                let last = got
-                    .entries
-                    .iter()
-                    .map(|e| &e.id)
-                    .chain(got.deleted.iter())
-                    .chain(got.too_large.iter().map(|(id, _)| id))
-                    .max_by(|a, b| cmp_ids(a, b));
-                match last {
-                    Some(last) if seen >= asked.max(1) => *after = last.clone(),
-                    _ => st.recover = None,
-                }
-                // Entries deleted while pending come back with no fields: ack them, never dispatch them.
-                for id in got.deleted {
-                    if st.flight.admit(&id) {
-                        st.flight.settle(Finished {
-                            msg: self.message(id, Default::default(), 0),
-                            effect: Effect::Vanished,
-                            handler: "redstream".into(),
-                        });
-                    }
-                }
-            }
-            _ => {
-                let last = got
-                    .entries
-                    .iter()
-                    .map(|e| &e.id)
-                    .chain(got.too_large.iter().map(|(id, _)| id))
-                    .max_by(|a, b| cmp_ids(a, b));
-                if let Some(last) = last {
-                    st.position = st.position.max(Some(key_of(last)));
-                    self.stats.note_position(st.position);
-                    st.last_new = last.clone();
-                }
+        if st.cursor.rereading() {
+            // Entries deleted while pending come back with no fields: ack them, never dispatch them.
+            for id in &got.deleted {
+                self.settle(id.clone(), 0, Effect::Vanished, st);
             }
         }
         let count = |id: &str| got.deliveries.get(id).copied().unwrap_or(1);
         for (id, size) in &got.too_large {
-            self.too_large(id.clone(), *size, count(id), st);
+            self.settle(id.clone(), count(id), Effect::TooLarge(*size), st);
         }
         for entry in got.entries {
             let n = count(&entry.id);
@@ -916,13 +561,14 @@ impl Consumer {
         }
     }
 
-    /// An entry over the consumer's limits, its fields never kept: dead-lettered by reference.
-    fn too_large(&self, id: String, size: Size, deliveries: u64, st: &mut State) {
+    /// An entry decided without its fields: gone from the stream, or over the consumer's limits (its
+    /// fields never kept: dead-lettered by reference).
+    fn settle(&self, id: String, deliveries: u64, effect: Effect, st: &mut State) {
         if st.flight.admit(&id) {
             st.flight.settle(Finished {
                 msg: self.message(id, Default::default(), deliveries),
-                effect: Effect::TooLarge(size),
-                handler: "redstream".into(),
+                effect,
+                handler: machine::ENGINE.into(),
             });
         }
     }
@@ -942,8 +588,9 @@ impl Consumer {
         }
     }
 
-    /// Takes a delivered entry into flight: dead-letter it if it was delivered too often, route it,
-    /// check its sender token if its route wants one, queue it behind its order_by key, or start it.
+    /// Takes a delivered entry into flight: settle it if it is decided without a handler
+    /// ([`machine::dispatch`]: delivered too often, dropped or unmatched, its sender refused), else
+    /// queue it behind its order_by key, or start it.
     fn dispatch(&self, entry: Entry, deliveries: u64, st: &mut State) {
         if !st.flight.admit(&entry.id) {
             return; // already ours and in flight
@@ -954,168 +601,27 @@ impl Consumer {
         // could replay it); a signature is checked against the fields it covers.
         let token = msg.fields.take(signature::TOKEN_FIELD);
         let signed = msg.fields.take(signature::FIELD);
-        let settle = |st: &mut State, msg: Message, effect: Effect, handler: &str| {
-            st.flight.settle(Finished {
+        let router = self.router.load();
+        let selection = router.select(&msg);
+        let verify = || {
+            let grace = self.cfg.handler_timeout;
+            msg.sender = Some(Arc::new(machine::sender(
+                &self.keys,
+                &msg,
+                signed,
+                token.is_some(),
+                grace,
+            )?));
+            Ok(())
+        };
+        match machine::dispatch(deliveries, self.cfg.max_deliveries, selection, verify) {
+            Dispatch::Settle { effect, by } => st.flight.settle(Finished {
                 msg,
                 effect,
-                handler: handler.into(),
-            });
-        };
-        if deliveries > u64::from(self.cfg.max_deliveries) {
-            let reason = format!(
-                "delivered {deliveries} times, more than max_deliveries ({})",
-                self.cfg.max_deliveries
-            );
-            return settle(st, msg, Effect::DeadLetter(reason), "redstream");
-        }
-        let router = self.router.load();
-        let (handler, require_sender_token) = match router.select(&msg) {
-            Selection::Run {
-                handler,
-                require_sender_token,
-            } => (handler.clone(), require_sender_token),
-            Selection::Drop => return settle(st, msg, Effect::Replies(Vec::new()), "drop"),
-            Selection::Unmatched(Unmatched::Ack) => {
-                return settle(st, msg, Effect::Replies(Vec::new()), "unmatched");
-            }
-            Selection::Unmatched(Unmatched::DeadLetter) => {
-                let reason = "unmatched: no route matches this message".to_string();
-                return settle(st, msg, Effect::DeadLetter(reason), "router");
-            }
-        };
-        if require_sender_token && let Err(reason) = self.sender(&mut msg, signed, token.is_some())
-        {
-            return settle(st, msg, Effect::DeadLetter(reason), handler.name());
-        }
-        st.flight.enqueue(Job { msg, handler });
-    }
-
-    /// Verifies the message's signature (`_sig`) against its fields and stream, and puts the signer's
-    /// claims into `sender`: the handler gets the verified claims, never a credential.
-    fn sender(
-        &self,
-        msg: &mut Message,
-        signed: Option<Vec<u8>>,
-        bare_token: bool,
-    ) -> Result<(), String> {
-        let Some(signed) = signed else {
-            return Err(if bare_token {
-                "unauthenticated: the route requires a signed message (_sig); a bare _token is not \
-                 accepted, anyone who reads the stream could replay it"
-                    .to_string()
-            } else {
-                "unauthenticated: the route requires a signed message (_sig) and there is none"
-                    .to_string()
-            });
-        };
-        let signed = std::str::from_utf8(&signed)
-            .map_err(|_| "unauthenticated: _sig is not text".to_string())?;
-        let verified = self
-            .keys
-            .verify_message(signed, &msg.stream, &msg.fields)
-            .map_err(|e| format!("unauthenticated: {e}"))?;
-        msg.sender = Some(Arc::new(Sender {
-            roles: verified.identity.roles.to_strings(),
-            subject: verified.identity.subject,
-            once: Some(Once {
-                jti: verified.jti,
-                // A copy accepted at the last moment may commit a handler's deadline later: the
-                // record outlives that too.
-                until_ms: verified.remember_until_ms + self.cfg.handler_timeout.as_millis() as u64,
+                handler: by,
             }),
-        }));
-        Ok(())
-    }
-
-    /// Starts every ready job: batch-capable handlers get their messages in one hand-off (per handler),
-    /// the others one task per message.
-    fn launch(&self, st: &mut State, tx: &mpsc::UnboundedSender<Vec<Done>>) {
-        let ready = st.flight.start_ready();
-        if ready.is_empty() {
-            return;
+            Dispatch::Run(handler) => st.flight.enqueue(Job { msg, handler }),
         }
-        let mut batches: Vec<(Arc<dyn Handler>, Vec<Message>)> = Vec::new();
-        for job in ready {
-            if job.handler.batch().is_none() {
-                self.start(job, st, tx);
-                continue;
-            }
-            match batches
-                .iter_mut()
-                .find(|(h, _)| Arc::ptr_eq(h, &job.handler))
-            {
-                Some((_, msgs)) => msgs.push(job.msg),
-                None => batches.push((job.handler, vec![job.msg])),
-            }
-        }
-        for (handler, msgs) in batches {
-            let name: Arc<str> = handler.name().into();
-            let duration = st.meters.duration(&name);
-            let client = self.client.clone();
-            let cfg = self.cfg.clone();
-            let tx = tx.clone();
-            let done: BatchDone = Arc::new(move |results| {
-                let batch = results
-                    .into_iter()
-                    .map(|(msg, outcome, took): Handled| {
-                        duration.observe(took.as_secs_f64());
-                        let effect = decide(outcome, &msg, &cfg, &client);
-                        Done {
-                            msg,
-                            effect,
-                            handler: name.clone(),
-                        }
-                    })
-                    .collect();
-                let _ = tx.send(batch);
-            });
-            handler
-                .batch()
-                .expect("checked above")
-                .run_batch(msgs, done);
-        }
-    }
-
-    /// Runs the handler on its own task, with the deadline, and with panics contained.
-    fn start(&self, job: Job, st: &mut State, tx: &mpsc::UnboundedSender<Vec<Done>>) {
-        let Job { msg, handler } = job;
-        let name: Arc<str> = handler.name().into();
-        let duration = st.meters.duration(&name);
-        let client = self.client.clone();
-        let timeout = self.cfg.handler_timeout;
-        let cfg = self.cfg.clone();
-        let tx = tx.clone();
-        let span = tracing::debug_span!(
-            "message",
-            message_id = %msg.id,
-            deliveries = msg.deliveries,
-            handler = handler.name(),
-            trace_id = %trace_of(&msg)
-        );
-        tokio::spawn(
-            async move {
-                let call = tokio::time::timeout(timeout, handler.handle(&msg));
-                let started = std::time::Instant::now();
-                let result = AssertUnwindSafe(call).catch_unwind().await;
-                duration.observe(started.elapsed().as_secs_f64());
-                let outcome = match result {
-                    Ok(Ok(outcome)) => outcome,
-                    Ok(Err(_)) => Outcome::Retry(format!(
-                        "handler timed out after {}",
-                        humantime::format_duration(timeout)
-                    )),
-                    Err(_) => Outcome::Retry("handler panicked".into()),
-                };
-                let effect = decide(outcome, &msg, &cfg, &client);
-                // The loop outlives its handler tasks except at an immediate exit, when this is moot.
-                let _ = tx.send(vec![Done {
-                    msg,
-                    effect,
-                    handler: handler.name().into(),
-                }]);
-            }
-            .instrument(span),
-        );
     }
 
     /// Takes a finished handler's result into the commit queue and lets the next message of its key run.
@@ -1130,125 +636,16 @@ impl Consumer {
                 st.flight.ran(msg, Some(effect), handler);
             }
             Err(reason) => {
-                let (id, deliveries) = (msg.id.clone(), msg.deliveries);
-                let trace = trace_of(&msg);
-                st.flight.ran(msg, None, handler.clone());
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                st.meters.count(&handler, "retry");
-                self.log_retry(st, &handler, (&id, &trace), deliveries, &reason);
+                st.events.retried(&msg, &handler, &reason);
+                st.flight.ran(msg, None, handler);
             }
         }
     }
-
-    /// A failing handler is visible at once: each retry at WARN with its reason and delivery count, at
-    /// most one line per handler per second (the lines skipped meanwhile are counted in the next).
-    fn log_retry(
-        &self,
-        st: &mut State,
-        handler: &Arc<str>,
-        (id, trace): (&str, &str),
-        deliveries: u64,
-        reason: &str,
-    ) {
-        let now = Instant::now();
-        let entry = st
-            .retry_logged
-            .entry(handler.clone())
-            .or_insert((now - Duration::from_secs(2), 0));
-        if now.duration_since(entry.0) < Duration::from_secs(1) {
-            entry.1 += 1;
-            return;
-        }
-        let skipped = std::mem::take(&mut entry.1);
-        entry.0 = now;
-        let reason = crate::logging::escape(reason.as_bytes(), 1000);
-        warn!(
-            message_id = %id,
-            handler = %handler,
-            trace_id = %trace,
-            outcome = "retry",
-            deliveries,
-            max_deliveries = self.cfg.max_deliveries,
-            // Escaped: a guest's text cannot forge log lines.
-            reason = %reason,
-            skipped,
-            "handler failed; the message stays pending and will be retried: {id} of {} (group {}), delivery {deliveries} of {}: {reason}",
-            self.cfg.stream,
-            self.cfg.group,
-            self.cfg.max_deliveries
-        );
-    }
-}
-
-/// Turns a handler outcome into what to commit, or the reason the entry stays pending for a retry.
-fn decide(
-    outcome: Outcome,
-    msg: &Message,
-    cfg: &ConsumerSettings,
-    client: &Client,
-) -> Result<Effect, String> {
-    match outcome {
-        Outcome::Success(replies) => {
-            // Handlers may only reply where their identity may publish; WASM handlers are checked
-            // (roles and `[limits]`) at publish time too, this is the last line.
-            for r in &replies {
-                if let Err(e) = client.authorize(Op::Publish, &r.stream) {
-                    return Ok(Effect::DeadLetter(format!("reply refused: {e}")));
-                }
-                // One reply is one XADD in the commit script: it must fit in one call.
-                if r.fields.len() > limits::MAX_FIELDS {
-                    return Ok(Effect::DeadLetter(format!(
-                        "reply refused: the reply to {} has {} fields, more than one commit writes ({})",
-                        r.stream,
-                        r.fields.len(),
-                        limits::MAX_FIELDS
-                    )));
-                }
-            }
-            Ok(Effect::Replies(replies))
-        }
-        Outcome::Retry(reason) if msg.deliveries >= u64::from(cfg.max_deliveries) => {
-            Ok(Effect::DeadLetter(format!(
-                "{reason} (gave up after {} deliveries)",
-                msg.deliveries
-            )))
-        }
-        // Logged by the loop (rate-limited, with the delivery count).
-        Outcome::Retry(reason) => Err(reason),
-        Outcome::Reject(reason) => Ok(Effect::DeadLetter(reason)),
-    }
-}
-
-/// A message's `_trace_id` as it may appear in a log line: whatever a publisher wrote, escaped and cut
-/// at 128 bytes (a newline in it must not start a forged line).
-fn trace_of(msg: &Message) -> String {
-    msg.fields
-        .get(crate::model::envelope::TRACE_ID)
-        .map(|t| crate::logging::escape(t, 128))
-        .unwrap_or_default()
-}
-
-/// Orders stream ids numerically.
-fn cmp_ids(a: &str, b: &str) -> std::cmp::Ordering {
-    key_of(a).cmp(&key_of(b))
 }
 
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::cmp_ids;
-    use std::cmp::Ordering::*;
-
-    #[test]
-    fn ids_compare_numerically() {
-        assert_eq!(cmp_ids("10-0", "9-5"), Greater);
-        assert_eq!(cmp_ids("5-10", "5-9"), Greater);
-        assert_eq!(cmp_ids("5-1", "5-1"), Equal);
     }
 }

@@ -12,8 +12,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use crate::client::commit::{self, Effect, Finished};
 use crate::model::StreamId;
+use crate::model::decided::{Effect, Finished};
 use crate::model::message::{Handler, Message};
 
 /// The most messages one commit carries.
@@ -243,7 +243,7 @@ impl Flight {
                 return batch;
             }
         }
-        if batch.iter().any(commit::writes) {
+        if batch.iter().any(Finished::writes_anything) {
             batch.sort_by_cached_key(|f| key_of(&f.msg.id));
         }
         let (mut writes, mut bytes) = (0, 0);
@@ -251,7 +251,7 @@ impl Flight {
             .iter()
             .take(MAX_COMMIT)
             .position(|f| {
-                let (w, b) = commit::weight(f);
+                let (w, b) = f.weight();
                 writes += w;
                 bytes += b;
                 writes > MAX_COMMIT_WRITES || bytes > MAX_COMMIT_BYTES

@@ -88,7 +88,8 @@ pub type Handled = (Message, Outcome, std::time::Duration);
 pub type BatchDone = Arc<dyn Fn(Vec<Handled>) + Send + Sync>;
 
 /// A handler taking batches: it calls every message with its own deadline and reports the results
-/// through `done`, in one or more chunks, each message exactly once.
+/// through `done`, in one or more chunks, each message exactly once. Whatever the calls log is logged
+/// inside `span` (the consumer loop's: its stream, group and consumer), on whichever thread they run.
 pub trait BatchHandler: Send + Sync {
-    fn run_batch(&self, msgs: Vec<Message>, done: BatchDone);
+    fn run_batch(&self, msgs: Vec<Message>, span: tracing::Span, done: BatchDone);
 }

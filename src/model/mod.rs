@@ -8,14 +8,18 @@
 //! - [`limits`]: how large an entry read and a handler's replies may be ([`EntryLimit`], [`ReplyLimit`]).
 //! - [`message`]: the handler seam — [`Message`] in, [`Outcome`] with [`Reply`]s out, the [`Handler`]
 //!   trait.
+//! - [`decided`]: a message whose fate is decided ([`Effect`], [`Finished`]) and what its commit
+//!   reported ([`Committed`]).
 
 pub mod dead_letter;
+pub mod decided;
 pub mod envelope;
 pub mod id;
 pub mod limits;
 pub mod message;
 pub mod naming;
 
+pub use decided::{Committed, Effect, Finished};
 pub use envelope::{Entry, Fields};
 pub use id::StreamId;
 pub use limits::{EntryLimit, ReplyLimit};

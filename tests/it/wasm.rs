@@ -66,6 +66,49 @@ fn wasm_section(cache: &std::path::Path, workers: u32) -> String {
     )
 }
 
+/// A guest's log lines run on a worker thread, yet say where they come from as the loop's own lines
+/// do: the consumer's stream, group and consumer (the loop's span), the handler, the message id and
+/// the message's trace id.
+#[test]
+fn guest_log_lines_carry_the_stream_group_message_and_trace_id() {
+    let server = RedisServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let stream = "nova:task:wasm:guestlog";
+    let toml = daemon_toml(
+        &server.url(),
+        &[
+            wasm_section(cache.path(), 1),
+            handler(
+                "hostile",
+                "hostile",
+                &format!("roles = [\"task_write\"]\nconfig = {{ report = \"{REPORT}\" }}"),
+            ),
+            consumer(stream, Some("hostile"), "max_deliveries = 1"),
+        ]
+        .concat(),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let id = server.xadd(stream, &[("do", "panic"), ("_trace_id", "trace-guest-9")]);
+    wait_for("the dead letter", Duration::from_secs(20), || {
+        (server.xlen(&format!("{stream}-dlq")) == 1).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    let logs = d.logs();
+    let line = logs
+        .iter()
+        .find(|l| l.contains("about to give up"))
+        .unwrap_or_else(|| panic!("the guest's line: {logs:#?}"));
+    for expected in [
+        stream,
+        "group=g",
+        "handler=hostile",
+        &format!("message_id={id}"),
+        "trace_id=trace-guest-9",
+    ] {
+        assert!(line.contains(expected), "{expected} in {line}");
+    }
+}
+
 #[test]
 fn hostile_handlers_are_contained_while_a_neighbour_keeps_working() {
     let server = RedisServer::start();

@@ -390,7 +390,7 @@ impl Inner {
     ) -> (Outcome, Vec<(&'static str, String)>) {
         let mut store = self.new_store();
         store.data_mut().transcript = Some(Vec::new());
-        store.data_mut().begin(&msg.id);
+        store.data_mut().begin(msg);
         store.set_epoch_deadline(self.ticks);
         let result = WARM
             .with(|warm| self.instantiate(&mut store, &mut warm.borrow_mut()))
@@ -407,7 +407,7 @@ impl Inner {
         match self.reuse {
             None => {
                 let mut store = self.new_store();
-                store.data_mut().begin(&msg.id);
+                store.data_mut().begin(msg);
                 store.set_epoch_deadline(self.ticks);
                 let result = WARM
                     .with(|warm| self.instantiate(&mut store, &mut warm.borrow_mut()))
@@ -436,7 +436,7 @@ impl Inner {
                     bindings,
                     uses,
                 } = entry;
-                store.data_mut().begin(&msg.id);
+                store.data_mut().begin(msg);
                 // Deadlines count from the current epoch: re-arm before every call.
                 store.set_epoch_deadline(self.ticks);
                 let result = bindings.call_handle(&mut store, msg);
@@ -521,13 +521,15 @@ const MIN_CHUNK: usize = 16;
 impl BatchHandler for WasmHandler {
     /// Splits the batch into one chunk per worker; each worker calls its messages in order, lending
     /// each message's fields to the guest (no copies), and reports its chunk at once.
-    fn run_batch(&self, msgs: Vec<Message>, done: BatchDone) {
+    fn run_batch(&self, msgs: Vec<Message>, span: tracing::Span, done: BatchDone) {
         let chunk = msgs.len().div_ceil(self.pool.workers).max(MIN_CHUNK);
         let mut msgs = msgs.into_iter().peekable();
         while msgs.peek().is_some() {
             let part: Vec<Message> = msgs.by_ref().take(chunk).collect();
-            let (inner, done) = (self.inner.clone(), done.clone());
+            let (inner, done, span) = (self.inner.clone(), done.clone(), span.clone());
             let job: Job = Box::new(move || {
+                // The guest's log lines carry the loop's stream, group and consumer.
+                let _in_loop = span.enter();
                 let mut results = Vec::with_capacity(part.len());
                 // One clock read per call: each call ends where the next one starts.
                 let mut started = std::time::Instant::now();

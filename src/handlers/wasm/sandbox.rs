@@ -105,6 +105,9 @@ pub struct Host {
     outbox_bytes: usize,
     /// The message being handled, for logs.
     msg_id: String,
+    /// The escaped `_trace_id` of the message in the call, for the guest's log lines (the loop's span
+    /// adds its stream, group and consumer).
+    trace_id: String,
     log_lines: u32,
     log_dropped: u32,
     denied: u32,
@@ -157,6 +160,7 @@ impl Host {
             outbox: Vec::new(),
             outbox_bytes: 0,
             msg_id: String::new(),
+            trace_id: String::new(),
             log_lines: 0,
             log_dropped: 0,
             denied: 0,
@@ -167,11 +171,15 @@ impl Host {
     }
 
     /// Readies the store data for a call (a reused instance keeps its store across calls).
-    pub fn begin(&mut self, msg_id: &str) {
+    pub fn begin(&mut self, msg: &types::Message) {
         self.outbox.clear();
         self.outbox_bytes = 0;
         self.msg_id.clear();
-        self.msg_id.push_str(msg_id);
+        self.msg_id.push_str(&msg.id);
+        self.trace_id = msg
+            .trace_id
+            .as_deref()
+            .map_or_else(String::new, |t| crate::logging::escape(t.as_bytes(), 128));
         self.log_lines = 0;
         self.log_dropped = 0;
         self.denied = 0;
@@ -184,7 +192,7 @@ impl Host {
             let (bytes, dropped) = capture.take();
             if !bytes.is_empty() {
                 let text = crate::logging::escape(&bytes, MAX_STDIO);
-                tracing::info!(handler = %name, message_id = %self.msg_id, stream, dropped, output = %text, "guest output");
+                tracing::info!(handler = %name, message_id = %self.msg_id, trace_id = %self.trace_id, fd = stream, dropped, output = %text, "guest output");
                 if let Some(t) = &mut self.transcript {
                     t.push((stream, String::from_utf8_lossy(&bytes).into_owned()));
                 }
@@ -287,13 +295,23 @@ impl host::Host for Host {
             };
             t.push((at, text.clone()));
         }
-        let (name, id) = (&self.meta.name, &self.msg_id);
+        let (name, id, trace) = (&self.meta.name, &self.msg_id, &self.trace_id);
         match level {
-            types::Level::Trace => tracing::trace!(handler = %name, message_id = %id, "{text}"),
-            types::Level::Debug => tracing::debug!(handler = %name, message_id = %id, "{text}"),
-            types::Level::Info => tracing::info!(handler = %name, message_id = %id, "{text}"),
-            types::Level::Warn => tracing::warn!(handler = %name, message_id = %id, "{text}"),
-            types::Level::Error => tracing::error!(handler = %name, message_id = %id, "{text}"),
+            types::Level::Trace => {
+                tracing::trace!(handler = %name, message_id = %id, trace_id = %trace, "{text}")
+            }
+            types::Level::Debug => {
+                tracing::debug!(handler = %name, message_id = %id, trace_id = %trace, "{text}")
+            }
+            types::Level::Info => {
+                tracing::info!(handler = %name, message_id = %id, trace_id = %trace, "{text}")
+            }
+            types::Level::Warn => {
+                tracing::warn!(handler = %name, message_id = %id, trace_id = %trace, "{text}")
+            }
+            types::Level::Error => {
+                tracing::error!(handler = %name, message_id = %id, trace_id = %trace, "{text}")
+            }
         }
     }
 
