@@ -42,6 +42,9 @@ impl fmt::Display for Problem {
 pub struct ConfigError {
     pub file: Option<PathBuf>,
     pub problems: Vec<Problem>,
+    /// The component files the config names, there or not: a refused reload is tried again when one
+    /// of them appears or changes (`wasm.watch`).
+    pub named: Vec<PathBuf>,
 }
 
 impl fmt::Display for ConfigError {
@@ -66,6 +69,7 @@ impl ConfigError {
                 message,
                 origin: None,
             }],
+            named: Vec::new(),
         }
     }
 }
@@ -80,6 +84,8 @@ pub struct Checker<'a> {
     /// What is allowed but almost certainly not meant (a route that can never match…): reported by
     /// `check` and logged at start and reload, never refused.
     pub warnings: Vec<Problem>,
+    /// Component files named, there or not ([`ConfigError::named`]).
+    pub named: Vec<PathBuf>,
 }
 
 impl<'a> Checker<'a> {
@@ -94,6 +100,7 @@ impl<'a> Checker<'a> {
             credentials_dir,
             problems: Vec::new(),
             warnings: Vec::new(),
+            named: Vec::new(),
         }
     }
 

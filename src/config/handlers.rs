@@ -69,11 +69,13 @@ pub(super) fn handlers(
                     .clone()
                     .or_else(|| c.source_dir(f.tag))
                     .or_else(|| base_dir.map(Path::to_path_buf));
-                c.parse(&p("file"), f, "a .wasm component file", |s| {
+                let mut named = None;
+                let file = c.parse(&p("file"), f, "a .wasm component file", |s| {
                     let path = match &dir {
                         Some(base) if Path::new(s).is_relative() => base.join(s),
                         _ => Path::new(s).to_path_buf(),
                     };
+                    named = Some(path.clone());
                     if path.is_file() {
                         Ok(path)
                     } else {
@@ -84,7 +86,9 @@ pub(super) fn handlers(
                             path.display()
                         ))
                     }
-                })
+                });
+                c.named.extend(named);
+                file
             }
             None => {
                 c.problem(&p("file"), "missing: the component file");

@@ -134,6 +134,7 @@ pub fn from_figment(
     let raw: raw::RawConfig = figment.extract().map_err(|e| ConfigError {
         file: file.clone(),
         problems: e.into_iter().map(|e| figment_problem(&e)).collect(),
+        named: Vec::new(),
     })?;
     let base_dir = file
         .as_deref()
@@ -151,7 +152,11 @@ pub fn from_figment(
             settings.warnings = std::mem::take(&mut checker.warnings);
             Ok(settings)
         }
-        _ => Err(ConfigError { file, problems }),
+        _ => Err(ConfigError {
+            file,
+            problems,
+            named: checker.named,
+        }),
     }
 }
 

@@ -43,6 +43,8 @@ pub fn prepare_with(
             message,
             origin: None,
         }],
+        // A component that does not compile may be replaced by one that does.
+        named: settings.handlers.iter().map(|h| h.file.clone()).collect(),
     };
     let mut handlers = HashMap::new();
     let runtime = if settings.handlers.is_empty() {

@@ -5,18 +5,34 @@
 //! start. An invalid config is refused and the running one stays.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tracing::{error, info, warn};
 
 use super::loops::{Daemon, Key, key};
 use super::prepare::{Changes, Prepared, prepare_with};
-use crate::config::{self, Settings};
+use crate::config::{self, ConfigError, Settings};
 use crate::engine::ConsumerSettings;
 use crate::engine::router::Router;
 
 /// A config being read and prepared on a blocking thread.
-pub type Reading = tokio::task::JoinHandle<Result<(Settings, Prepared), String>>;
+pub type Reading = tokio::task::JoinHandle<Result<(Settings, Prepared), Refused>>;
+
+/// Why a reload's config was not applied, and the component files it named.
+pub struct Refused {
+    message: String,
+    named: Vec<PathBuf>,
+}
+
+impl From<ConfigError> for Refused {
+    fn from(e: ConfigError) -> Self {
+        Refused {
+            message: e.to_string(),
+            named: e.named,
+        }
+    }
+}
 
 /// The health condition of a reload that changed what only a restart applies.
 const RESTART_NEEDED: &str = "restart needed";
@@ -25,11 +41,26 @@ impl Daemon {
     /// A config read for a reload came back: applied, or refused with the running one staying.
     pub(super) async fn reloaded(
         &mut self,
-        read: Result<Result<(Settings, Prepared), String>, tokio::task::JoinError>,
+        read: Result<Result<(Settings, Prepared), Refused>, tokio::task::JoinError>,
     ) {
         match read {
             Ok(Ok((new, prepared))) => self.reload(new, prepared).await,
-            Ok(Err(e)) => error!(error = %e, "reload refused: the running config stays"),
+            Ok(Err(refused)) => {
+                error!(error = %refused.message, "reload refused: the running config stays");
+                // A file it named that is missing or broken now may arrive or be fixed: try again then.
+                if let Some(watch) = &mut self.watch
+                    && !refused.named.is_empty()
+                {
+                    let files: Vec<String> = (refused.named.iter())
+                        .map(|f| f.display().to_string())
+                        .collect();
+                    info!(
+                        ?files,
+                        "wasm.watch: reloading again when one of these files appears or changes"
+                    );
+                    watch.also(&refused.named);
+                }
+            }
             Err(e) => error!(error = %e, "reload failed; this is a bug: the running config stays"),
         }
     }
@@ -40,11 +71,14 @@ impl Daemon {
         let path = self.settings.file.clone();
         let runtime = self.prepared.runtime.clone();
         tokio::task::spawn_blocking(move || {
-            let new = config::load(path.as_deref()).map_err(|e| e.to_string())?;
+            let new = config::load(path.as_deref())?;
             if new.consumers.is_empty() {
-                return Err("the new config has no [[consumers]]".into());
+                return Err(Refused {
+                    message: "the new config has no [[consumers]]".into(),
+                    named: Vec::new(),
+                });
             }
-            let prepared = prepare_with(&new, runtime).map_err(|e| e.to_string())?;
+            let prepared = prepare_with(&new, runtime)?;
             Ok((new, prepared))
         })
     }

@@ -94,10 +94,26 @@ impl Watch {
         Ok(watch)
     }
 
+    /// Follows a refused reload: the component files its config named are watched too (until the next
+    /// reload that applies), so that one arriving after the config that names it — a `.wasm` copied in
+    /// after its drop-in — or one rebuilt after it failed to compile, reloads again.
+    pub fn also(&mut self, files: &[PathBuf]) {
+        let dirs = {
+            let mut t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+            t.files.extend(files.iter().cloned());
+            t.dirs()
+        };
+        self.watch_dirs(dirs);
+    }
+
     /// Follows a reloaded config: new handler files are watched, dropped ones no longer.
     pub fn update(&mut self, settings: &Settings) {
         let targets = Targets::of(settings);
-        let dirs = targets.dirs();
+        self.watch_dirs(targets.dirs());
+        *self.targets.lock().unwrap_or_else(|p| p.into_inner()) = targets;
+    }
+
+    fn watch_dirs(&mut self, dirs: HashSet<PathBuf>) {
         for gone in self.dirs.difference(&dirs) {
             let _ = self.watcher.unwatch(gone);
         }
@@ -107,7 +123,6 @@ impl Watch {
             }
         }
         self.dirs = dirs;
-        *self.targets.lock().unwrap_or_else(|p| p.into_inner()) = targets;
     }
 }
 

@@ -468,6 +468,64 @@ handler = "h"
     assert_eq!(d.stop(Duration::from_secs(20)), 0);
 }
 
+/// `wasm.watch` never misses a handler whose files arrive one by one: a drop-in naming a component
+/// that is not there yet is refused, and the component's arrival applies it; a component copied in
+/// first is loaded once its drop-in arrives.
+#[test]
+fn watch_loads_a_handler_whichever_of_its_files_arrives_first() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let handlers = dir.path().join("handlers");
+    std::fs::create_dir(&handlers).unwrap();
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[wasm]\nwatch = true\nhandlers_dir = \"{}\"\n\n\
+             [[consumers]]\nstream = \"nova:task:arrive:base\"\ngroup = \"g\"\nhandler = \"drop\"\n",
+            handlers.display()
+        ),
+    );
+    let mut d = Daemon::start(&toml, &[]);
+    let dropins = redstream::config::dropin_dir(&d.config_path());
+    std::fs::create_dir(&dropins).unwrap();
+    assert!(d.wait_log("redstream running", Duration::from_secs(20)));
+    // What one drop-in deploys: handler `name` from `name.wasm`, answering on its own stream.
+    let dropin = |name: &str| {
+        format!(
+            "[[handlers]]\nname = \"{name}\"\nfile = \"{name}.wasm\"\nroles = [\"task_write\"]\n\
+             config = {{ reply_to = \"nova:task:arrive:{name}-out\" }}\n\
+             [[consumers]]\nstream = \"nova:task:arrive:{name}\"\ngroup = \"g\"\nstart = \"0\"\nhandler = \"{name}\"\n"
+        )
+    };
+    // A component arrives by rename, as build tools and package managers write them.
+    let arrive = |name: &str| {
+        let tmp = handlers.join(format!("{name}.wasm.tmp"));
+        std::fs::copy(echo_wasm(), &tmp).unwrap();
+        std::fs::rename(&tmp, handlers.join(format!("{name}.wasm"))).unwrap();
+    };
+    let answers = |name: &str| {
+        server.xadd(&format!("nova:task:arrive:{name}"), &[("n", name)]);
+        crate::util::wait_for(&format!("{name}'s echo"), Duration::from_secs(20), || {
+            (server.xlen(&format!("nova:task:arrive:{name}-out")) == 1).then_some(())
+        });
+    };
+
+    // The drop-in first: refused (its component is missing), then applied when the component comes.
+    let refused = d.count_log("reload refused");
+    write(&dropins.join("10-first.toml"), &dropin("first"));
+    crate::util::wait_for("the refused reload", Duration::from_secs(20), || {
+        (d.count_log("reload refused") > refused).then_some(())
+    });
+    arrive("first");
+    answers("first");
+
+    // The component first: nothing to do until its drop-in names it.
+    arrive("second");
+    write(&dropins.join("20-second.toml"), &dropin("second"));
+    answers("second");
+    assert_eq!(d.stop(Duration::from_secs(20)), 0);
+}
+
 fn redstream(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(bin())
         .args(args)

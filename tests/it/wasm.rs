@@ -68,9 +68,9 @@ fn wasm_section(cache: &std::path::Path, workers: u32) -> String {
 
 /// A guest's log lines run on a worker thread, yet say where they come from as the loop's own lines
 /// do: the consumer's stream, group and consumer (the loop's span), the handler, the message id and
-/// the message's trace id.
+/// the message's trace id. And when the guest panics, the panic's words are the reason.
 #[test]
-fn guest_log_lines_carry_the_stream_group_message_and_trace_id() {
+fn guest_log_lines_carry_the_stream_group_message_and_trace_id_and_a_panic_its_words() {
     let server = RedisServer::start();
     let cache = tempfile::tempdir().unwrap();
     let stream = "nova:task:wasm:guestlog";
@@ -89,10 +89,25 @@ fn guest_log_lines_carry_the_stream_group_message_and_trace_id() {
     );
     let mut d = Daemon::running(&toml, &[]);
     let id = server.xadd(stream, &[("do", "panic"), ("_trace_id", "trace-guest-9")]);
-    wait_for("the dead letter", Duration::from_secs(20), || {
-        (server.xlen(&format!("{stream}-dlq")) == 1).then_some(())
+    let dead = wait_for("the dead letter", Duration::from_secs(20), || {
+        server.entries(&format!("{stream}-dlq")).pop()
     });
+    // The panic's own words lead the reason, where the trap alone would say `unreachable`.
+    let reason = dead.fields.get_str("_dlq_reason").unwrap_or_default();
+    assert!(
+        reason.starts_with("panicked at ")
+            && reason.contains("src/lib.rs:")
+            && reason.contains(&format!("the guest gave up on {id}"))
+            && reason.contains("unreachable"),
+        "{reason}"
+    );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains("dead-lettered") && l.contains("the guest gave up on")),
+        "the WARN line names the panic"
+    );
     let logs = d.logs();
     let line = logs
         .iter()

@@ -13,11 +13,13 @@
 //! - [`cache`]: compiled artifacts on disk, trusted only when they are provably this process's own.
 //! - [`sandbox`]: one call's store — limits, deadline, the `host` interface, buffered replies.
 //! - [`output`]: the guest's stdout/stderr, captured for the log.
+//! - [`crash`]: a guest's panic or uncaught exception in one line, for the reason of its trap.
 //! - [`pool`]: the worker threads.
 //! - [`bindings`]: the host side generated from `handlers/wit`.
 
 pub mod bindings;
 mod cache;
+mod crash;
 mod output;
 mod pool;
 pub mod runtime;

@@ -105,6 +105,8 @@ pub struct Host {
     outbox_bytes: usize,
     /// The message being handled, for logs.
     msg_id: String,
+    /// What the call wrote to stderr, kept for its trap's reason ([`super::crash`]).
+    stderr_text: Vec<u8>,
     /// The escaped `_trace_id` of the message in the call, for the guest's log lines (the loop's span
     /// adds its stream, group and consumer).
     trace_id: String,
@@ -161,6 +163,7 @@ impl Host {
             outbox_bytes: 0,
             msg_id: String::new(),
             trace_id: String::new(),
+            stderr_text: Vec::new(),
             log_lines: 0,
             log_dropped: 0,
             denied: 0,
@@ -183,6 +186,7 @@ impl Host {
         self.log_lines = 0;
         self.log_dropped = 0;
         self.denied = 0;
+        self.stderr_text.clear();
     }
 
     /// Logs what the call wrote to stdout/stderr and what was dropped, and returns its replies.
@@ -195,6 +199,9 @@ impl Host {
                 tracing::info!(handler = %name, message_id = %self.msg_id, trace_id = %self.trace_id, fd = stream, dropped, output = %text, "guest output");
                 if let Some(t) = &mut self.transcript {
                     t.push((stream, String::from_utf8_lossy(&bytes).into_owned()));
+                }
+                if stream == "stderr" {
+                    self.stderr_text = bytes;
                 }
             }
         }
@@ -434,7 +441,14 @@ pub fn outcome(
         Ok(Ok(())) => Outcome::Success(replies),
         Ok(Err(types::HandlerError::Retry(reason))) => Outcome::Retry(reason),
         Ok(Err(types::HandlerError::Reject(reason))) => Outcome::Reject(reason),
-        Err(e) => Outcome::Retry(trap_reason(&e, store.data().meta.as_ref())),
+        Err(e) => {
+            let trap = trap_reason(&e, store.data().meta.as_ref());
+            // A panic or an uncaught exception printed why before the trap: that leads the reason.
+            Outcome::Retry(match super::crash::describe(&store.data().stderr_text) {
+                Some(crash) => format!("{crash} ({trap})"),
+                None => trap,
+            })
+        }
     }
 }
 
