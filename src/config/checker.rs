@@ -86,6 +86,9 @@ pub struct Checker<'a> {
     pub warnings: Vec<Problem>,
     /// Component files named, there or not ([`ConfigError::named`]).
     pub named: Vec<PathBuf>,
+    /// Where each table of an array came from (`consumers[2]` → its drop-in), for warnings about
+    /// merged indexes.
+    elements: Vec<(String, String)>,
 }
 
 impl<'a> Checker<'a> {
@@ -101,16 +104,36 @@ impl<'a> Checker<'a> {
             problems: Vec::new(),
             warnings: Vec::new(),
             named: Vec::new(),
+            elements: Vec::new(),
         }
     }
 
-    /// Records a warning about `path`.
+    /// Records a warning about `path`, naming the file its table came from when known (an index like
+    /// `consumers[2]` is of the merged config: the drop-in that wrote it says which one).
     pub fn warn(&mut self, path: &str, message: impl Into<String>) {
+        let origin = self
+            .elements
+            .iter()
+            .find(|(element, _)| {
+                path.strip_prefix(element.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+            })
+            .map(|(_, origin)| origin.clone());
         self.warnings.push(Problem {
             path: path.to_owned(),
             message: message.into(),
-            origin: None,
+            origin,
         });
+    }
+
+    /// Notes where the table `element` (e.g. `consumers[2]`) came from: the source of its value
+    /// behind `tag`, when that is a file.
+    pub fn note_element(&mut self, element: String, tag: Tag) {
+        if let Some(meta) = self.figment.get_metadata(tag)
+            && let Some(Source::File(file)) = &meta.source
+        {
+            self.elements.push((element, file.display().to_string()));
+        }
     }
 
     /// The directory of the file the value behind `tag` came from (a drop-in or the main file).

@@ -126,6 +126,22 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
         return None;
     }
     let own_routes: Vec<bool> = raw.consumers.iter().map(|r| !r.routes.is_empty()).collect();
+    // Warnings name merged indexes: say which file each table came from.
+    for (i, rc) in raw.consumers.iter().enumerate() {
+        if let Some(s) = &rc.stream {
+            c.note_element(format!("consumers[{i}]"), s.tag);
+        }
+    }
+    for (i, h) in raw.handlers.iter().enumerate() {
+        if let Some(n) = &h.name {
+            c.note_element(format!("handlers[{i}]"), n.tag);
+        }
+    }
+    for (i, r) in raw.routes.iter().enumerate() {
+        if let Some(s) = &r.stream {
+            c.note_element(format!("routes[{i}]"), s.tag);
+        }
+    }
     super::lint::lint(c, &naming, &handlers, &routes, &consumers, &own_routes);
     Some(Settings {
         retention_interval: retention_interval?,

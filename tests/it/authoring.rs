@@ -359,6 +359,24 @@ forward = "nova:task:a:copies"
             .contains("  warning: routes[1]: can never match: routes[0] (nova:task:a:tasks, drop)"),
         "{stdout}"
     );
+    // Indexes are of the merged config: a warning about a table a drop-in wrote names that file.
+    let dropins = config::dropin_dir(&path);
+    std::fs::create_dir(&dropins).unwrap();
+    let late = dropins.join("50-late.toml");
+    write(
+        &late,
+        "[[routes]]\nstream = \"nova:task:a:tasks\"\nforward = \"nova:task:a:later\"\n",
+    );
+    let (code, stdout, _) = redstream(&["--config", path.to_str().unwrap(), "check"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("warning: routes[2]"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        line.ends_with(&format!("(from {})", late.display())),
+        "{line}"
+    );
 }
 
 /// An inline secret in a config file other users can read is a warning naming the key and the mode,

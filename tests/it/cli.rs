@@ -209,7 +209,7 @@ fn tokens_from_api_keys_act_with_their_roles() {
     let dev = ["--config", "config/dev.toml"];
     let redis_env = ("REDSTREAM_REDIS__URL", url.as_str());
 
-    // The demo key of config/dev.toml may be issued task_write and task_read.
+    // The demo key of config/dev.toml may be issued task_write, task_read and system_read.
     let issue = run(
         &["token", "issue", "--ttl", "10m", dev[0], dev[1]],
         &[("REDSTREAM_API_KEY", "rsk_dev_demo_key")],
@@ -267,8 +267,15 @@ fn tokens_from_api_keys_act_with_their_roles() {
     assert_eq!(claims["subject"], "demo@dev");
     assert_eq!(
         claims["roles"],
-        serde_json::json!(["task_read", "task_write"])
+        serde_json::json!(["system_read", "task_read", "task_write"])
     );
+    // Enough for `redstream status`, which reads the heartbeat stream.
+    let status = run(
+        &["status", dev[0], dev[1]],
+        &[redis_env, ("REDSTREAM_TOKEN", &token)],
+        None,
+    );
+    assert_eq!(status.status.code(), Some(0), "{:?}", text(&status));
 
     let published = run(
         &["publish", "nova:task:cli:tok", "a=1", dev[0], dev[1]],

@@ -744,4 +744,18 @@ fn handler_run_and_bench_work_without_redis() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("fresh") && text.contains("reused"), "{text}");
+
+    // A message the handler rejects is measured too (a rejection is an answer), and said so.
+    let out = Command::new(bin())
+        .args(["handler", "bench"])
+        .arg(&echo)
+        .args(["--message", r#"{"n":"1"}"#, "--n", "50"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("rejects this message: no _reply_to") && text.contains("reused"),
+        "{text}"
+    );
 }
