@@ -295,6 +295,57 @@ fn step(dir: &Path, program: &Path, args: &[&str], missing: &str) -> Result {
     }
 }
 
+/// The project's own source files with extension `ext` (in `dir` and `dir/src`, not in dependencies).
+fn sources(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = [dir.to_path_buf(), dir.join("src")]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == ext))
+        .collect();
+    found.sort();
+    found
+}
+
+/// Checks each source's syntax with `program args… FILE` before a toolchain that reports errors
+/// without a place sees it: the first failure is the build's error, as the checker tells it (file,
+/// line, the line itself, the message), without the checker's own stack.
+fn syntax(dir: &Path, program: &Path, args: &[&str], files: &[PathBuf]) -> Result {
+    for file in files {
+        let shown = file.strip_prefix(dir).unwrap_or(file);
+        let Ok(out) = Command::new(program)
+            .args(args)
+            .arg(shown)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+        else {
+            return Ok(()); // no checker here: the toolchain reports what it can
+        };
+        if out.status.success() {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&out.stderr);
+        let told: Vec<&str> = text
+            .lines()
+            .take_while(|l| !l.trim_start().starts_with("at ") && !l.starts_with("Node.js v"))
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        return Err(Failure::new(
+            Exit::Failure,
+            format!("{}: syntax error:\n{}", shown.display(), told.join("\n")),
+        ));
+    }
+    Ok(())
+}
+
+/// Compiles the file named by its argument without writing bytecode, printing only where a syntax
+/// error is.
+const PY_SYNTAX: &str = "import sys, traceback
+try: compile(open(sys.argv[1]).read(), sys.argv[1], 'exec')
+except SyntaxError as e: sys.stderr.write(''.join(traceback.format_exception_only(type(e), e))); sys.exit(1)";
+
 /// Whether `program --version` runs.
 fn present(program: &str) -> bool {
     Command::new(program)
@@ -407,6 +458,8 @@ fn build_js(dir: &Path) -> Result {
             NODE,
         )?;
     }
+    // componentize-js names no file or line for a syntax error; node does.
+    syntax(dir, Path::new("node"), &["--check"], &sources(dir, "js"))?;
     step(dir, Path::new("npm"), &["run", "--silent", "build"], NODE)
 }
 
@@ -431,6 +484,13 @@ fn build_python(dir: &Path, out: &Path) -> Result {
             PYTHON,
         )?;
     }
+    // componentize-py buries a syntax error in its own backtrace; Python's compiler says where.
+    syntax(
+        dir,
+        &venv.join("bin/python"),
+        &["-c", PY_SYNTAX],
+        &sources(dir, "py"),
+    )?;
     let out = out.strip_prefix(dir).unwrap_or(out).to_string_lossy();
     step(
         dir,

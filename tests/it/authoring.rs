@@ -596,6 +596,24 @@ fn new_build_test_in_each_language() {
             out.contains("FAILED  greets") && out.contains("1 of 2 cases passed"),
             "{out}"
         );
+        // A syntax error is reported where it is, in a few lines, before the toolchain runs.
+        let broken = match lang {
+            "js" => Some(("src/handler.js", "export const = ;\n", "src/handler.js:")),
+            "python" => Some(("app.py", "x = (\n", "File \"app.py\", line")),
+            _ => None,
+        };
+        if let Some((file, bad, says)) = broken {
+            let path = project.join(file);
+            let good = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, format!("{good}\n{bad}")).unwrap();
+            let (code, out, err) = redstream(&["handler", "build", p]);
+            assert_eq!(code, Some(1), "{lang}: {out}{err}");
+            assert!(
+                err.contains(says) && err.contains("SyntaxError") && err.lines().count() <= 8,
+                "{lang}: {err}"
+            );
+            std::fs::write(&path, good).unwrap();
+        }
     }
     // No toolchain on PATH: the message names what to install.
     let empty = tempfile::tempdir().unwrap();
