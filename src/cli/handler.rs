@@ -186,8 +186,9 @@ fn local_handler(spec: &WasmSpec) -> Result<(Runtime, WasmHandler)> {
     };
     let runtime = Runtime::new(&settings, std::sync::Arc::new(Naming::default()))
         .map_err(|m| Failure::new(Exit::Failure, m))?;
+    // A first call after a build compiles the component: say so on stderr, not in silence.
     let handler = runtime
-        .load(spec)
+        .load_reporting(spec, &|line| eprintln!("redstream: {line}"))
         .map_err(|m| Failure::new(Exit::Config, m))?;
     Ok((runtime, handler))
 }

@@ -745,6 +745,30 @@ fn handler_run_and_bench_work_without_redis() {
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("fresh") && text.contains("reused"), "{text}");
 
+    // The first call compiles the component and says so on stderr; the next finds it in the cache.
+    let cache = tempfile::tempdir().unwrap();
+    let run_cached = || {
+        Command::new(bin())
+            .args(["handler", "run"])
+            .arg(&echo)
+            .args(["--message", r#"{"_reply_to":"nova:task:demo:replies"}"#])
+            .env("CACHE_DIRECTORY", cache.path())
+            .output()
+            .unwrap()
+    };
+    let first = run_cached();
+    let said = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(first.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains(&format!("compiling {} (", echo.display())) && said.contains("compiled "),
+        "{said}"
+    );
+    let again = run_cached();
+    assert!(
+        !String::from_utf8_lossy(&again.stderr).contains("compiling"),
+        "cached"
+    );
+
     // A message the handler rejects is measured too (a rejection is an answer), and said so.
     let out = Command::new(bin())
         .args(["handler", "bench"])

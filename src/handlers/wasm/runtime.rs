@@ -162,13 +162,23 @@ impl Runtime {
     /// Compiles (or loads from the cache) and pre-links a handler. The error names the file and, for
     /// a missing import, the import.
     pub fn load(&self, spec: &WasmSpec) -> Result<WasmHandler, String> {
+        self.load_reporting(spec, &|line| tracing::info!(handler = %spec.name, "{line}"))
+    }
+
+    /// [`Runtime::load`], telling `report` when the component is compiled (not found in the cache):
+    /// seconds for a JavaScript or Python component, which must not pass in silence.
+    pub fn load_reporting(
+        &self,
+        spec: &WasmSpec,
+        report: &dyn Fn(&str),
+    ) -> Result<WasmHandler, String> {
         let bytes = std::fs::read(&spec.file)
             .map_err(|e| format!("cannot read {}: {e}", spec.file.display()))?;
         if let Some(why) = not_a_component(&bytes) {
             return Err(format!("{}: {why}", spec.file.display()));
         }
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        let component = self.compile(&bytes, &digest, &spec.file)?;
+        let component = self.compile(&bytes, &digest, &spec.file, report)?;
         let hint = |component: &Component| {
             diagnose(&self.engine, component)
                 .map(|h| format!("; {h}"))
@@ -214,7 +224,13 @@ impl Runtime {
         })
     }
 
-    fn compile(&self, bytes: &[u8], source: &[u8; 32], file: &Path) -> Result<Component, String> {
+    fn compile(
+        &self,
+        bytes: &[u8],
+        source: &[u8; 32],
+        file: &Path,
+        report: &dyn Fn(&str),
+    ) -> Result<Component, String> {
         let source = *source;
         let cached = self.cache_dir.as_ref().map(|dir| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -228,12 +244,25 @@ impl Runtime {
         {
             return Ok(component);
         }
+        let size = bytes.len() as f64 / f64::from(1 << 20);
+        report(&format!("compiling {} ({size:.1} MiB) …", file.display()));
+        let started = std::time::Instant::now();
         let component = Component::new(&self.engine, bytes).map_err(|e| {
             format!(
                 "{} is not a valid WebAssembly component: {e:#}",
                 file.display()
             )
         })?;
+        report(&format!(
+            "compiled {} in {:.1} s{}",
+            file.display(),
+            started.elapsed().as_secs_f64(),
+            if self.cache_dir.is_some() {
+                " (cached for the next start)"
+            } else {
+                ""
+            }
+        ));
         if let Some((cache, path)) = cached
             && let Err(e) = cache.store(&component, &path, &source)
         {
