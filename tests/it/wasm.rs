@@ -769,6 +769,37 @@ fn handler_run_and_bench_work_without_redis() {
         "cached"
     );
 
+    // handler test: a case names the reply fields that matter (others are ignored) unless it asks
+    // for an exact match; a failing case shows only what the replies hold.
+    let cases = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        cases.path(),
+        concat!(
+            r#"{"name":"subset","message":{"_reply_to":"nova:task:demo:replies","n":"1"},"expect":{"outcome":"success","replies":[{"stream":"nova:task:demo:replies","fields":{"n":"1"}}]}}"#,
+            "\n",
+            r#"{"name":"exact","message":{"_reply_to":"nova:task:demo:replies","n":"1"},"expect":{"outcome":"success","exact":true,"replies":[{"stream":"nova:task:demo:replies","fields":{"n":"1"}}]}}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["handler", "test"])
+        .arg(&echo)
+        .arg("--cases")
+        .arg(cases.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("ok      subset")
+            && text.contains("FAILED  exact")
+            && text.contains("\"in_reply_to\"")
+            && !text.contains("binary")
+            && text.contains("1 of 2 cases passed"),
+        "{text}"
+    );
+
     // A message the handler rejects is measured too (a rejection is an answer), and said so.
     let out = Command::new(bin())
         .args(["handler", "bench"])
