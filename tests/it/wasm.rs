@@ -706,6 +706,36 @@ fn handler_run_and_bench_work_without_redis() {
     assert_eq!(v["outcome"], "retry");
     assert!(v["reason"].as_str().unwrap().contains("deadline"), "{v}");
 
+    // A publish the handler's roles refuse is reported with the call's output, not as a log line in
+    // the middle of it.
+    let out = Command::new(bin())
+        .args(["handler", "run"])
+        .arg(component("hostile"))
+        .args([
+            "--message",
+            r#"{"do":"publish-denied"}"#,
+            "--role",
+            "task_write",
+            "--set",
+            "report=nova:task:demo:report",
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "success", "{v}");
+    assert!(
+        v["output"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"at": "host", "text": "1 publish(es) denied"})),
+        "{v}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A panicking guest: its panic message and its log lines are in the outcome, without RUST_LOG.
     let out = Command::new(bin())
         .args(["handler", "run"])

@@ -205,14 +205,31 @@ impl Host {
                 }
             }
         }
+        // A local call (`handler run/test`) reports these with its output rather than in the log.
         if self.log_dropped > 0 {
-            tracing::warn!(handler = %name, message_id = %self.msg_id, dropped = self.log_dropped, "guest log lines over the per-message limit were dropped");
+            match &mut self.transcript {
+                Some(t) => t.push((
+                    "host",
+                    format!(
+                        "{} log lines over the per-message limit were dropped",
+                        self.log_dropped
+                    ),
+                )),
+                None => {
+                    tracing::warn!(handler = %name, message_id = %self.msg_id, dropped = self.log_dropped, "guest log lines over the per-message limit were dropped")
+                }
+            }
         }
         let labels = crate::metrics::HandlerLabels {
             handler: name.clone(),
         };
         if self.denied > 0 {
-            tracing::warn!(handler = %name, message_id = %self.msg_id, denied = self.denied, "guest publishes were denied");
+            match &mut self.transcript {
+                Some(t) => t.push(("host", format!("{} publish(es) denied", self.denied))),
+                None => {
+                    tracing::warn!(handler = %name, message_id = %self.msg_id, denied = self.denied, "guest publishes were denied")
+                }
+            }
             crate::metrics::global()
                 .publish_denied
                 .get_or_create(&labels)
