@@ -288,6 +288,16 @@ fn fit(s: &str, width: usize) -> String {
     out
 }
 
+/// A row whose first column is `name`: on one line when the name fits `width`, else the whole name
+/// on a line of its own (up to 100 columns) and the rest of the row under it.
+fn row(name: &str, width: usize, rest: &str) -> String {
+    if name.chars().count() <= width {
+        format!("{name:<width$} {rest}\n")
+    } else {
+        format!("{}\n{:<width$} {rest}\n", fit(name, 100), "")
+    }
+}
+
 /// How often a daemon started again after `since_ms`, from its beats (newest first): each beat whose
 /// process start differs from the one before it (or, from a daemon that does not send `started`,
 /// whose uptime is below it) is a new process.
@@ -332,25 +342,25 @@ pub fn render(r: &Report) -> String {
         "STREAM / GROUP", "CONS", "PENDING", "LAG", "DONE/MIN", "RETRY/MIN", "DLQ/MIN"
     ));
     for g in &r.groups {
-        let name = fit(&format!("{} / {}", g.stream, g.group), 46);
+        let name = format!("{} / {}", g.stream, g.group);
         if let Some(e) = &g.error {
-            out.push_str(&fit(&format!("{name:<46} cannot read: {e}"), 100));
-            out.push('\n');
+            out.push_str(&row(&name, 46, &fit(&format!("cannot read: {e}"), 53)));
             continue;
         }
         if !g.exists {
-            out.push_str(&format!("{name:<46} (no such group yet)\n"));
+            out.push_str(&row(&name, 46, "(no such group yet)"));
             continue;
         }
-        out.push_str(&format!(
-            "{name:<46} {:>4} {:>8} {:>8} {:>9} {:>9} {:>9}\n",
+        let figures = format!(
+            "{:>4} {:>8} {:>8} {:>9} {:>9} {:>9}",
             g.consumers.len(),
             g.pending,
             g.lag.map_or("?".to_owned(), |l| l.to_string()),
             rate(g.per_minute.map(|p| p.processed)),
             rate(g.per_minute.map(|p| p.retried)),
             rate(g.per_minute.map(|p| p.dead_lettered)),
-        ));
+        );
+        out.push_str(&row(&name, 46, &figures));
     }
     out.push('\n');
     out.push_str(&format!(
@@ -358,17 +368,14 @@ pub fn render(r: &Report) -> String {
         "HANDLER", "CALLS", "P50 MS", "P99 MS"
     ));
     if r.handlers.is_empty() {
-        out.push_str("(no handler calls reported)\n");
+        out.push_str(
+            "(no handler calls reported yet: each heartbeat reports the calls since start)\n",
+        );
     }
     let ms = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("≤{v:.2}"));
     for h in &r.handlers {
-        out.push_str(&format!(
-            "{:<46} {:>12} {:>10} {:>10}\n",
-            fit(&h.handler, 46),
-            h.calls,
-            ms(h.p50_ms),
-            ms(h.p99_ms)
-        ));
+        let figures = format!("{:>12} {:>10} {:>10}", h.calls, ms(h.p50_ms), ms(h.p99_ms));
+        out.push_str(&row(&h.handler, 46, &figures));
     }
     out.push('\n');
     out.push_str(&format!(
@@ -455,6 +462,13 @@ mod tests {
         assert!(text.contains("1d 1h") && text.contains("3s ago"), "{text}");
         assert!(text.contains("degraded (unverified)"), "{text}");
         assert!(text.contains("12/1h"), "{text}");
+        // Long names are shown whole, on a line of their own, their figures under them.
+        let group_name = format!("{long} / workers-with-a-long-name");
+        assert!(text.lines().any(|l| l == group_name), "{text}");
+        assert!(
+            text.lines().any(|l| l == long),
+            "the handler's name: {text}"
+        );
     }
 
     fn beat(at_ms: u64, uptime_s: u64) -> Beat {
