@@ -95,6 +95,11 @@ fn files(lang: &str) -> Vec<(&'static str, &'static str)> {
                 "Cargo.toml",
                 include_str!("../../handlers/scaffold/rust/Cargo.toml"),
             ),
+            // The versions the SDK is tested with (handlers/Cargo.lock): a new project builds with them.
+            (
+                "Cargo.lock",
+                include_str!("../../handlers/scaffold/rust/Cargo.lock"),
+            ),
             (
                 ".cargo/config.toml",
                 include_str!("../../handlers/scaffold/rust/.cargo/config.toml"),

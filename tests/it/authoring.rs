@@ -571,6 +571,10 @@ fn new_build_test_in_each_language() {
         assert_eq!(code, Some(0), "{out}{err}");
         let project = dir.path().join(&name);
         let p = project.to_str().unwrap();
+        if lang == "rust" {
+            let lock = std::fs::read_to_string(project.join("Cargo.lock")).unwrap();
+            assert!(lock.contains(&format!("name = \"{name}\"")), "{lock}");
+        }
         let (code, out, err) = redstream(&["handler", "build", p]);
         assert_eq!(code, Some(0), "{lang}: {out}{err}");
         assert!(
@@ -771,6 +775,31 @@ fn sdk_copies_in_the_examples_match_their_sources() {
             std::fs::read_to_string(h.join(copy)).unwrap(),
             std::fs::read_to_string(h.join(source)).unwrap(),
             "handlers/{copy} differs from handlers/{source}: copy it again"
+        );
+    }
+    // The Rust template's Cargo.lock pins what the SDK is tested with: every package it names at the
+    // version handlers/Cargo.lock has. (To refresh it: `handler new` a project, `cargo
+    // generate-lockfile` there, and put its name back as {{name}}.)
+    let packages = |path: &str| -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(h.join(path)).unwrap();
+        text.split("[[package]]")
+            .filter_map(|p| {
+                let field = |k: &str| {
+                    p.lines()
+                        .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
+                        .map(|v| v.trim_end_matches('"').to_owned())
+                };
+                Some((field("name")?, field("version")?))
+            })
+            .collect()
+    };
+    let tested = packages("Cargo.lock");
+    let template = packages("scaffold/rust/Cargo.lock");
+    assert!(template.len() > 20, "{template:?}");
+    for (name, version) in template.iter().filter(|(n, _)| n != "{{name}}") {
+        assert!(
+            tested.contains(&(name.clone(), version.clone())),
+            "handlers/scaffold/rust/Cargo.lock has {name} {version}, which handlers/Cargo.lock does not"
         );
     }
 }
