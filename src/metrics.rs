@@ -110,6 +110,8 @@ pub struct Metrics {
 #[derive(Default)]
 pub struct Quantiles {
     buckets: [AtomicU64; 20],
+    /// Calls that failed: a retry, or a dead letter the handler decided (reject, last retry).
+    failed: AtomicU64,
 }
 
 impl Quantiles {
@@ -148,6 +150,22 @@ impl Quantiles {
         };
         (total, at(0.5), at(0.99))
     }
+
+    /// Failed calls so far.
+    pub fn failures(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// One handler's figures as the heartbeat reports them: calls since start, the p50 and p99 bucket
+/// bounds (ms), failed calls.
+#[derive(Debug, serde::Serialize)]
+pub struct HandlerFigures {
+    pub handler: String,
+    pub calls: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub failed: u64,
 }
 
 /// One handler's duration meters: the Prometheus histogram and its readable twin.
@@ -161,6 +179,11 @@ impl HandlerTimer {
     pub fn observe(&self, secs: f64) {
         self.histogram.observe(secs);
         self.quantiles.observe(secs);
+    }
+
+    /// A call of this handler failed (for `redstream status`; the outcome counters have it too).
+    pub fn failed(&self) {
+        self.quantiles.failed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -370,7 +393,7 @@ impl Metrics {
     }
 
     /// Per handler since start: calls, p50 and p99 in ms (bucket bounds), sorted by name.
-    pub fn handler_quantiles(&self) -> Vec<(String, u64, Option<f64>, Option<f64>)> {
+    pub fn handler_quantiles(&self) -> Vec<HandlerFigures> {
         let map = self
             .handler_quantiles
             .read()
@@ -378,11 +401,17 @@ impl Metrics {
         let mut out: Vec<_> = map
             .iter()
             .map(|(name, q)| {
-                let (n, p50, p99) = q.snapshot();
-                (name.clone(), n, p50, p99)
+                let (calls, p50_ms, p99_ms) = q.snapshot();
+                HandlerFigures {
+                    handler: name.clone(),
+                    calls,
+                    p50_ms,
+                    p99_ms,
+                    failed: q.failures(),
+                }
             })
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by(|a, b| a.handler.cmp(&b.handler));
         out
     }
 

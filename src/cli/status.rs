@@ -67,6 +67,8 @@ pub struct HandlerRow {
     /// The highest of the live daemons' (bucket bounds, ms).
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// Failed calls (retries, and dead letters it decided) since each daemon started, summed.
+    pub failed: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -214,8 +216,10 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
                 calls: 0,
                 p50_ms: None,
                 p99_ms: None,
+                failed: 0,
             });
             row.calls += h["calls"].as_u64().unwrap_or(0);
+            row.failed += h["failed"].as_u64().unwrap_or(0);
             let max = |a: Option<f64>, b: Option<f64>| match (a, b) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 (a, b) => a.or(b),
@@ -364,8 +368,8 @@ pub fn render(r: &Report) -> String {
     }
     out.push('\n');
     out.push_str(&format!(
-        "{:<46} {:>12} {:>10} {:>10}\n",
-        "HANDLER", "CALLS", "P50 MS", "P99 MS"
+        "{:<46} {:>12} {:>10} {:>10} {:>10}\n",
+        "HANDLER", "CALLS", "P50 MS", "P99 MS", "FAILED"
     ));
     if r.handlers.is_empty() {
         out.push_str(
@@ -374,7 +378,13 @@ pub fn render(r: &Report) -> String {
     }
     let ms = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("≤{v:.2}"));
     for h in &r.handlers {
-        let figures = format!("{:>12} {:>10} {:>10}", h.calls, ms(h.p50_ms), ms(h.p99_ms));
+        let figures = format!(
+            "{:>12} {:>10} {:>10} {:>10}",
+            h.calls,
+            ms(h.p50_ms),
+            ms(h.p99_ms),
+            h.failed
+        );
         out.push_str(&row(&h.handler, 46, &figures));
     }
     out.push('\n');
@@ -443,6 +453,7 @@ mod tests {
                 calls: 123_456_789_012,
                 p50_ms: Some(0.05),
                 p99_ms: Some(6553.6),
+                failed: 9_876_543_210,
             }],
             daemons: vec![DaemonRow {
                 server_id: long.into(),

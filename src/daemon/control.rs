@@ -135,9 +135,7 @@ impl Vitals {
         let handlers: Vec<serde_json::Value> = crate::metrics::global()
             .handler_quantiles()
             .into_iter()
-            .map(|(name, calls, p50, p99)| {
-                serde_json::json!({"handler": name, "calls": calls, "p50_ms": p50, "p99_ms": p99})
-            })
+            .map(|figures| serde_json::json!(figures))
             .collect();
         fields.push("handlers", serde_json::Value::Array(handlers).to_string());
         fields

@@ -113,6 +113,7 @@ impl Events {
             }
             Fate::DeadLettered(reason) => {
                 self.meters.dead_lettered.inc();
+                self.handler_failed(handler);
                 self.liveness.accepted();
                 // The text names what journalctl -u shows without -o verbose; the fields stay.
                 let reason = crate::logging::escape(reason.as_bytes(), 1000);
@@ -232,6 +233,7 @@ impl Events {
     /// counted in the next).
     pub fn retried(&mut self, msg: &Message, handler: &Arc<str>, reason: &str) {
         self.stats.retried.fetch_add(1, Ordering::Relaxed);
+        self.handler_failed(handler);
         self.meters.count(handler, "retry");
         let now = Instant::now();
         let entry = self
@@ -330,6 +332,14 @@ impl Events {
         }
         if fresh > 0 {
             info!(count = fresh, "claimed idle entries");
+        }
+    }
+
+    /// A failure a handler decided or caused, counted for it (dead letters the engine or the router
+    /// decided — delivered too often, unmatched — are no handler's: no handler that ran has them).
+    fn handler_failed(&mut self, handler: &Arc<str>) {
+        if let Some(timer) = self.meters.durations.get(handler) {
+            timer.failed();
         }
     }
 

@@ -556,7 +556,12 @@ fn status_shows_groups_rates_handlers_and_every_daemon_seen() {
             let dead = group(&r, "nova:task:status:doomed")["per_minute"]["dead_lettered"]
                 .as_f64()
                 .unwrap_or(0.0);
-            (done > 0.0 && dead > 0.0).then_some(r)
+            // The doomed messages are forward's failures: it decided them (its reply was refused).
+            let failed = (r["handlers"].as_array())
+                .and_then(|hs| hs.iter().find(|h| h["handler"] == "forward"))
+                .and_then(|h| h["failed"].as_u64())
+                .unwrap_or(0);
+            (done > 0.0 && dead > 0.0 && failed >= 3).then_some(r)
         },
     );
     let good = group(&report, "nova:task:status:in");
@@ -582,6 +587,7 @@ fn status_shows_groups_rates_handlers_and_every_daemon_seen() {
         assert!(line.chars().count() <= 100, "too wide: {line}");
     }
     for needle in [
+        "FAILED",
         "STREAM / GROUP",
         "nova:task:status:in / g",
         "nova:task:status:doomed / g",
