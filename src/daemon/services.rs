@@ -1,6 +1,7 @@
 //! The services that run beside the consumer loops — the metrics endpoint, the credential exchange,
-//! `wasm.watch`, the heartbeat, retention, the stream poller ([`start`]), and once the daemon is
-//! ready systemd's watchdog and STATUS and the identity token's watch — as one list of named tasks: each returns
+//! `wasm.watch` ([`listen`], before any loop), the heartbeat, retention, the stream poller
+//! ([`beside_loops`], once the loops run), and once the daemon is ready systemd's watchdog and STATUS
+//! and the identity token's watch — as one list of named tasks: each returns
 //! when the daemon's stop is triggered, and [`Services::stop`] awaits them all uniformly, stopping
 //! those that do not end in time by name.
 
@@ -60,27 +61,26 @@ impl Services {
     }
 }
 
-/// What the side services are made from.
+/// What the services beside the loops are made from.
 pub struct Wiring {
     pub client: Client,
     pub vitals: Arc<Vitals>,
     pub status: Arc<std::sync::Mutex<Status>>,
-    pub commands: mpsc::UnboundedSender<Command>,
-    /// What `wasm.watch` saw change.
-    pub changed: mpsc::UnboundedReceiver<std::path::PathBuf>,
     /// The consumers the poller polls: the config's, as of the last reload.
     pub polled: watch::Receiver<Vec<ConsumerSettings>>,
     pub stop: Shutdown,
 }
 
-/// Starts every side service the settings ask for. Binding the metrics address or the exchange's
-/// socket can fail: the daemon does not start then.
-pub async fn start(
+/// Starts what must be up before any loop: the metrics endpoint and the credential exchange (a
+/// daemon that cannot bind their address or socket does not start), and `wasm.watch`'s debounce,
+/// which turns what `changed` reports into reloads on `commands`.
+pub async fn listen(
     settings: &Settings,
-    w: Wiring,
-) -> Result<(Services, Option<control::Beats>), RunError> {
+    changed: mpsc::UnboundedReceiver<std::path::PathBuf>,
+    commands: mpsc::UnboundedSender<Command>,
+    stop: &Shutdown,
+) -> Result<Services, RunError> {
     let mut services = Services::default();
-    let stop = &w.stop;
     if let Some(addr) = settings.metrics_listen {
         let listener = crate::metrics::bind(addr)
             .await
@@ -98,8 +98,22 @@ pub async fn start(
         let serve = super::exchange::serve(listener, exchange, stop.clone());
         services.spawn("exchange", serve);
     }
-    let debounce = super::watch::debounce(w.changed, w.commands, stop.clone());
-    services.spawn("watch", debounce);
+    services.spawn(
+        "watch",
+        super::watch::debounce(changed, commands, stop.clone()),
+    );
+    Ok(services)
+}
+
+/// Starts, once the loops run, what reports on them or works beside them: the heartbeat (its first
+/// beat counts the loops), retention and the stream poller. Returns the heartbeat, for the last beat
+/// after the drain.
+pub fn beside_loops(
+    services: &mut Services,
+    settings: &Settings,
+    w: Wiring,
+) -> Option<control::Beats> {
+    let stop = &w.stop;
     let beats = settings.heartbeat.clone().map(|hb| control::Beats {
         client: w.client.clone(),
         settings: hb,
@@ -111,29 +125,15 @@ pub async fn start(
     }
     if !settings.retention.is_empty() {
         let rules = settings.retention.clone();
-        let trim = super::retention::run(
-            w.client.clone(),
-            rules,
-            settings.retention_interval,
-            stop.clone(),
-        );
+        let every = settings.retention_interval;
+        let trim = super::retention::run(w.client.clone(), rules, every, stop.clone());
         services.spawn("retention", trim);
     }
-    let pending = w
-        .status
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .pending
-        .clone();
-    let poll = poll_streams(
-        w.client.clone(),
-        w.polled,
-        settings.metrics_poll,
-        pending,
-        stop.clone(),
-    );
+    let pending = (w.status.lock().unwrap_or_else(|p| p.into_inner()).pending).clone();
+    let every = settings.metrics_poll;
+    let poll = poll_streams(w.client.clone(), w.polled, every, pending, stop.clone());
     services.spawn("poller", poll);
-    Ok((services, beats))
+    beats
 }
 
 /// Polls pending entries, lag and length of every consumed stream into the metrics (and the total

@@ -63,16 +63,7 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     let status = Arc::new(Mutex::new(Status::new(vitals.clone())));
     let (watch_tx, changed) = mpsc::unbounded_channel();
     let (polled, polled_rx) = tokio::sync::watch::channel(settings.consumers.clone());
-    let wiring = Wiring {
-        client: client.clone(),
-        vitals: vitals.clone(),
-        status: status.clone(),
-        commands: commands_tx.clone(),
-        changed,
-        polled: polled_rx,
-        stop: stop.clone(),
-    };
-    let (mut side, beats) = services::start(&settings, wiring).await?;
+    let mut side = services::listen(&settings, changed, commands_tx.clone(), &stop).await?;
     let identity = settings.identity.clone();
     let mut d = Daemon {
         settings,
@@ -93,6 +84,14 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     };
     d.rewatch();
     d.start_all(commands_tx).await.map_err(RunError::Failed)?;
+    let wiring = Wiring {
+        client: d.client.clone(),
+        vitals: d.vitals.clone(),
+        status: status.clone(),
+        polled: polled_rx,
+        stop: d.stop.clone(),
+    };
+    let beats = services::beside_loops(&mut side, &d.settings, wiring);
     info!(
         consumers = d.running.len(),
         identity = %d.client.identity().subject,

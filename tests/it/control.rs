@@ -32,6 +32,29 @@ fn token(server: &RedisServer, roles: &[&str]) -> String {
     .0
 }
 
+/// The first heartbeat already counts the loops: the heartbeat starts once they run, so
+/// `redstream status` never shows a fresh daemon with no loops and no groups.
+#[test]
+fn the_first_heartbeat_counts_the_loops() {
+    let server = RedisServer::start();
+    // Several groups: their creation takes Redis round trips a heartbeat started first would beat.
+    let more: String = (0..4)
+        .map(|i| {
+            format!(
+                "[[consumers]]\nstream = \"nova:task:control:more{i}\"\ngroup = \"g\"\nhandler = \"drop\"\n"
+            )
+        })
+        .collect();
+    let mut d = Daemon::running(&format!("{}{more}", toml(&server, "1h")), &[]);
+    let first = wait_for("the first heartbeat", Duration::from_secs(10), || {
+        server.entries(HEARTBEAT).into_iter().next()
+    });
+    let groups = first.fields.get_str("groups").unwrap_or_default();
+    assert_eq!(first.fields.get_str("consumers"), Some("5"), "{groups}");
+    assert!(groups.contains("nova:task:control:more3"), "{groups}");
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
 #[test]
 fn heartbeats_are_published_and_trimmed() {
     let server = RedisServer::start();
