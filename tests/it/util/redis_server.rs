@@ -89,12 +89,21 @@ impl RedisServer {
         false
     }
 
-    /// The pid of whatever redis-server answers on our port, if one does.
+    /// The pid of whatever redis-server answers on our port, once it has loaded its data (while it
+    /// loads, every command but a few is refused with LOADING: not started yet).
     fn answering_pid(&self) -> Option<u32> {
         let info: String = redis::Client::open(self.url())
             .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-            .and_then(|mut c| redis::cmd("INFO").arg("server").query(&mut c))
+            .and_then(|mut c| {
+                redis::cmd("INFO")
+                    .arg("server")
+                    .arg("persistence")
+                    .query(&mut c)
+            })
             .ok()?;
+        if info.lines().any(|l| l.trim() == "loading:1") {
+            return None;
+        }
         info.lines()
             .find_map(|l| l.strip_prefix("process_id:"))
             .and_then(|p| p.trim().parse().ok())
