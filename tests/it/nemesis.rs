@@ -452,8 +452,12 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
                 Fault::Reload(i) => daemons[i].signal(libc::SIGHUP),
                 Fault::ReloadChanged(i) => {
                     changed[i] = !changed[i];
-                    std::fs::write(daemons[i].config_path(), config(&server, i, changed[i]))
-                        .unwrap();
+                    // Written whole and renamed into place, as a deploy tool does: a reload still
+                    // under way from an earlier SIGHUP must not read a half-written file.
+                    let path = daemons[i].config_path();
+                    let tmp = path.with_extension("toml.new");
+                    std::fs::write(&tmp, config(&server, i, changed[i])).unwrap();
+                    std::fs::rename(&tmp, &path).unwrap();
                     daemons[i].signal(libc::SIGHUP);
                 }
                 Fault::RedisRestart => server.restart(),
