@@ -100,7 +100,7 @@ pub fn dropin_dir(file: &Path) -> PathBuf {
 }
 
 /// The `*.toml` files of `file`'s drop-in directory in lexical order (none when it does not exist).
-fn dropins_of(file: &Path) -> Result<Vec<PathBuf>, String> {
+pub fn dropins_of(file: &Path) -> Result<Vec<PathBuf>, String> {
     let dir = dropin_dir(file);
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,

@@ -127,23 +127,6 @@ impl Daemon {
                 }
             }
         }
-        let Changes {
-            handlers_added,
-            handlers_changed,
-            handlers_removed,
-            routes_changed,
-        } = &changes;
-        info!(
-            ?handlers_added,
-            ?handlers_changed,
-            ?handlers_removed,
-            ?routes_changed,
-            swapped,
-            restarted,
-            stopped,
-            started,
-            "reloaded the config"
-        );
         // The new runtime if the reload needed one (the old one lives on in handlers still finishing).
         let runtime = prepared.runtime.clone().or(self.prepared.runtime.clone());
         self.prepared = Prepared {
@@ -164,6 +147,24 @@ impl Daemon {
         };
         self.polled.send_replace(self.settings.consumers.clone());
         self.rewatch();
+        // Said once everything is in place, the watches included.
+        let Changes {
+            handlers_added,
+            handlers_changed,
+            handlers_removed,
+            routes_changed,
+        } = &changes;
+        info!(
+            ?handlers_added,
+            ?handlers_changed,
+            ?handlers_removed,
+            ?routes_changed,
+            swapped,
+            restarted,
+            stopped,
+            started,
+            "reloaded the config"
+        );
     }
 
     /// `[redis]` and `[identity]` cannot change under a running daemon: when the reloaded file's

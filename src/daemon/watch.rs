@@ -63,6 +63,8 @@ impl Targets {
 /// The live watches. Dropping it stops them.
 pub struct Watch {
     watcher: notify::RecommendedWatcher,
+    /// Where changes go (also the ones found by looking, see [`Watch::update`]).
+    changed: mpsc::UnboundedSender<PathBuf>,
     targets: Arc<Mutex<Targets>>,
     dirs: HashSet<PathBuf>,
 }
@@ -75,6 +77,7 @@ impl Watch {
     ) -> notify::Result<Watch> {
         let targets = Arc::new(Mutex::new(Targets::default()));
         let seen = targets.clone();
+        let found = changed.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
             if matches!(event.kind, EventKind::Access(_)) {
@@ -87,6 +90,7 @@ impl Watch {
         })?;
         let mut watch = Watch {
             watcher,
+            changed: found,
             targets,
             dirs: HashSet::new(),
         };
@@ -110,6 +114,13 @@ impl Watch {
     pub fn update(&mut self, settings: &Settings) {
         let targets = Targets::of(settings);
         self.watch_dirs(targets.dirs());
+        // A drop-in written after the config was read but before its directory was watched raised
+        // no event: look, and reload again if the directory holds other drop-ins than were read.
+        if let (Some(file), Some(dir)) = (settings.file.as_deref(), &targets.dropin_dir)
+            && crate::config::dropins_of(file).is_ok_and(|now| now != settings.dropins)
+        {
+            let _ = self.changed.send(dir.clone());
+        }
         *self.targets.lock().unwrap_or_else(|p| p.into_inner()) = targets;
     }
 
