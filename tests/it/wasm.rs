@@ -193,7 +193,7 @@ fn hostile_handlers_are_contained_while_a_neighbour_keeps_working() {
 
     // Traps (deadline, memory, stack, unreachable) are retries, dead-lettered after max_deliveries.
     let dlq = "nova:task:wasm:hostile-dlq";
-    wait_for("5 dead letters", Duration::from_secs(20), || {
+    wait_for("5 dead letters", Duration::from_secs(30), || {
         (server.xlen(dlq) >= 5).then_some(())
     });
     let reasons: Vec<String> = server
@@ -227,9 +227,19 @@ fn hostile_handlers_are_contained_while_a_neighbour_keeps_working() {
             .all(|e| e.fields.get_str("_dlq_deliveries") == Some("2"))
     );
 
-    // What the sandbox let through: nothing.
-    wait_for("3 reports", Duration::from_secs(10), || {
-        (reports(&server).len() >= 3).then_some(())
+    // What the sandbox let through: nothing. (The flood reports "done" — or, on a machine so loaded
+    // that it overran its 300 ms deadline both times, it was dead-lettered for that: contained too.)
+    let flood_overran = || {
+        server.entries(dlq).iter().any(|e| {
+            e.fields.get_str("do") == Some("logflood")
+                && e.fields
+                    .get_str("_dlq_reason")
+                    .is_some_and(|r| r.contains("deadline of 300ms"))
+        })
+    };
+    wait_for("the reports", Duration::from_secs(30), || {
+        let n = reports(&server).len();
+        (n >= 3 || (n >= 2 && flood_overran())).then_some(())
     });
     let reports = reports(&server);
     let detail = |what: &str| {
@@ -245,7 +255,9 @@ fn hostile_handlers_are_contained_while_a_neighbour_keeps_working() {
         snoop.contains("file=Err") && snoop.contains("env=0") && snoop.contains("socket=Err"),
         "{snoop}"
     );
-    assert_eq!(detail("logflood"), "done");
+    if !flood_overran() {
+        assert_eq!(detail("logflood"), "done");
+    }
     // (The stream exists: the daemon's control group created it. It must be empty.)
     assert_eq!(
         server.xlen("nova:system:mcp:control"),
@@ -314,7 +326,7 @@ drop = true
     server.xadd("nova:task:a:inbox", &[("x", "1")]); // no `keep`: dropped
     server.xadd("nova:task:a:inbox", &[("keep", "1")]); // nothing matches: dead-lettered
     server.xadd("nova:task:b:inbox", &[("keep", "1")]); // nothing matches: acked
-    wait_for("everything settled", Duration::from_secs(10), || {
+    wait_for("everything settled", Duration::from_secs(30), || {
         (server.pending("nova:task:a:inbox", "g") == 0
             && server.pending("nova:task:b:inbox", "g") == 0
             && server.xlen("nova:task:a:inbox-dlq") == 1)
@@ -370,7 +382,7 @@ fn routes_that_require_a_signed_sender_verify_it_once_and_hide_it() {
     let good = sign(&[("do", "whoami")]);
     let mut d = Daemon::running(&toml, &[]);
     server.xadd(stream, &[("do", "whoami"), ("_sig", &good)]);
-    wait_for("the report", Duration::from_secs(10), || {
+    wait_for("the report", Duration::from_secs(30), || {
         (server.xlen(REPORT) == 1).then_some(())
     });
     // A verbatim copy of the signed message, its signature on other content, a bare bearer token,
@@ -392,7 +404,7 @@ fn routes_that_require_a_signed_sender_verify_it_once_and_hide_it() {
     with_sig.push(("_sig", trapped_sig.as_str()));
     let trapped = server.xadd(stream, &with_sig);
     let dlq = format!("{stream}-dlq");
-    wait_for("6 dead letters", Duration::from_secs(10), || {
+    wait_for("6 dead letters", Duration::from_secs(30), || {
         (server.xlen(&dlq) == 6).then_some(())
     });
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
@@ -470,10 +482,10 @@ fn tokens_are_stripped_on_every_route() {
         &[("do", "whoami"), ("_token", "eyJhbGciOi.bearer.secret")],
     );
     server.xadd(relay, &[("n", "1"), ("_token", "eyJhbGciOi.bearer.secret")]);
-    let relayed = wait_for("the forward", Duration::from_secs(10), || {
+    let relayed = wait_for("the forward", Duration::from_secs(30), || {
         server.entries("nova:task:wasm:relayed").pop()
     });
-    wait_for("the report", Duration::from_secs(10), || {
+    wait_for("the report", Duration::from_secs(30), || {
         (server.xlen(REPORT) == 1).then_some(())
     });
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
