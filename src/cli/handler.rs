@@ -419,7 +419,7 @@ fn reply_matches(want: &ExpectedReply, got: &ExpectedReply, exact: bool) -> bool
 }
 
 /// `handler test`: every case of a JSON-lines file; exit 0 only when all pass.
-fn test(config_file: Option<&Path>, args: &HandlerArgs, cases: Option<&Path>) -> Result {
+pub(super) fn test(config_file: Option<&Path>, args: &HandlerArgs, cases: Option<&Path>) -> Result {
     let cases_path = match (cases, &args.path) {
         (Some(c), _) => c.to_path_buf(),
         (None, Some(p)) if p.is_dir() => p.join("cases.jsonl"),
@@ -523,5 +523,17 @@ pub fn run(config_file: Option<&Path>, cmd: HandlerCommand) -> Result {
             super::scaffold::new(&name, &lang, dir.as_deref())
         }
         HandlerCommand::Build { path } => super::scaffold::build(&path),
+        HandlerCommand::Dev { path, redis, send } => {
+            if let Some(file) = config_file {
+                return Err(Failure::new(
+                    Exit::Failure,
+                    format!(
+                        "handler dev writes its own config (it does not deploy into {}); give --redis URL to use another Redis",
+                        file.display()
+                    ),
+                ));
+            }
+            super::dev::dev(&path, redis.as_deref(), send)
+        }
     }
 }

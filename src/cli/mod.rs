@@ -5,6 +5,7 @@
 //! 78 (config error). The commands themselves are in [`commands`]; nothing here talks to Redis.
 
 mod commands;
+mod dev;
 mod handler;
 mod scaffold;
 mod status;
@@ -323,6 +324,26 @@ pub enum HandlerCommand {
         redstream --config /etc/redstream/redstream.toml handler run --handler greeter --message '{\"greet\":\"you\"}'"
     )]
     Run(LocalCall),
+    /// Run a handler project in a local pipeline and keep it current: build, run cases.jsonl,
+    /// deploy by its handler.toml into a daemon on a private redis-server (or --redis), print the
+    /// entries of its streams and the daemon's log; rebuild, test and redeploy on every change.
+    /// Ctrl-C stops everything it started.
+    #[command(
+        after_help = "Example:\n  redstream handler new greeter --lang rust && redstream handler dev greeter --send\n\n\
+        In another terminal, as the author (a token with the roles of the handler's streams):\n  \
+        . greeter/.redstream-dev/env && redstream publish nova:task:greeter:requests greet=you"
+    )]
+    Dev {
+        /// The project directory.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        /// Use this Redis instead of starting a private redis-server.
+        #[arg(long, value_name = "URL")]
+        redis: Option<String>,
+        /// Publish the message of the first case in cases.jsonl at start and after every redeploy.
+        #[arg(long)]
+        send: bool,
+    },
     /// Measure the cost of one call with a fresh instance per message and with a reused instance.
     Bench {
         #[command(flatten)]

@@ -139,6 +139,26 @@ impl GroupReader {
             ),
         };
         let before = before.map(|c| c.0);
+        #[cfg(feature = "fault-injection")]
+        if std::env::var("RSFAULT_READ_TIMEOUT_OVER")
+            .ok()
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|most| count > most)
+        {
+            // A failpoint for the pace test: a round asking for more entries than this runs in full
+            // (entries are delivered, a commit applied) but its reply comes too late, as one carrying
+            // entries too large to send within the command timeout does on a busy host.
+            let _ = self.round_on_wire_or_pool(before, cmd).await;
+            return Err(Error::Timeout {
+                command: "XREADGROUP",
+                key: self.stream.clone(),
+                after: self.redis.response_timeout(),
+            });
+        }
+        self.round_on_wire_or_pool(before, cmd).await
+    }
+
+    async fn round_on_wire_or_pool(&mut self, before: Option<Cmd>, cmd: Cmd) -> Result<Round> {
         if self.wire.is_some() {
             return self.round_on_wire(before, cmd).await;
         }

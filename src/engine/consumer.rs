@@ -412,6 +412,10 @@ impl Consumer {
         } else {
             st.events.redis_trouble(&e, st.backoff.failures(), delay);
         }
+        if let Error::Timeout { .. } = e {
+            // Asking for as much again would time out again (entries too large to send in time).
+            st.pace.read_timed_out();
+        }
         // A read whose reply was lost may have delivered entries to us: find them in our PEL.
         st.cursor.read_lost();
         Ok(Instant::now() + delay)

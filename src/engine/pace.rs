@@ -17,6 +17,10 @@
 //!   500 entries of 4 KiB would make one 2 MiB reply for Redis to build and the daemon to hold;
 //!   128 of them drain as fast (within the benchmark's noise) with about half the daemon's memory
 //!   (docs/performance.md).
+//! - **After a read times out** the next asks for one entry, and each read that comes back doubles
+//!   that again until the pace's own size rules once more. A read times out when its reply is too
+//!   much to build and send within `command_timeout` — a claim of a dead consumer's 100 MB entries
+//!   on a busy host — and asking for as many again would time out again, for ever.
 //!
 //! Plain arithmetic, no I/O: the loop reports reads and finished messages, and asks for sizes.
 
@@ -47,6 +51,8 @@ pub struct Pace {
     since: Instant,
     /// Bytes per entry of recent reads, smoothed.
     entry_bytes: usize,
+    /// Since a read timed out: at most this many entries a read, doubled by each read that returns.
+    after_timeout: Option<usize>,
 }
 
 impl Pace {
@@ -61,15 +67,22 @@ impl Pace {
             finished: 0,
             since: Instant::now(),
             entry_bytes: 0,
+            after_timeout: None,
         }
     }
 
     /// How many entries the next read asks for (before the room in the window bounds it).
     pub fn read(&self) -> usize {
-        match READ_BUDGET.checked_div(self.entry_bytes) {
+        let read = match READ_BUDGET.checked_div(self.entry_bytes) {
             Some(by_bytes) => self.read.min(by_bytes.max(FLOOR)),
             None => self.read,
-        }
+        };
+        self.after_timeout.map_or(read, |most| read.min(most))
+    }
+
+    /// A read (or claim) got no answer within the command timeout: the next ones ask for one entry.
+    pub fn read_timed_out(&mut self) {
+        self.after_timeout = Some(1);
     }
 
     /// How many entries may be in flight now.
@@ -90,6 +103,10 @@ impl Pace {
     pub fn read_returned(&mut self, asked: usize, got: usize, bytes: usize) {
         if asked == 0 {
             return;
+        }
+        if let Some(most) = self.after_timeout {
+            let most = most * 2;
+            self.after_timeout = (most < self.read_cap).then_some(most);
         }
         if let Some(per) = bytes.checked_div(got) {
             let per = per.max(1);
@@ -199,6 +216,33 @@ mod tests {
             p.read_returned(p.read(), p.read(), p.read() * 200);
         }
         assert_eq!(p.read(), 500);
+    }
+
+    #[test]
+    fn a_read_that_timed_out_is_followed_by_reads_of_one_that_grow_back() {
+        let mut p = Pace::new(500, 2000, Duration::from_secs(60));
+        for _ in 0..10 {
+            p.read_returned(p.read(), p.read(), p.read() * 200);
+        }
+        assert_eq!(p.read(), 500);
+        p.read_timed_out();
+        assert_eq!(
+            p.read(),
+            1,
+            "below the floor: one entry may be all a reply can carry in time"
+        );
+        p.read_timed_out();
+        assert_eq!(p.read(), 1);
+        let mut asked = vec![];
+        for _ in 0..10 {
+            asked.push(p.read());
+            p.read_returned(p.read(), p.read(), p.read() * 200);
+        }
+        assert_eq!(asked, [1, 2, 4, 8, 16, 32, 64, 128, 256, 500]);
+        assert_eq!(p.read(), 500);
+        // The window is not what timed out: it stays.
+        p.read_timed_out();
+        assert_eq!(p.window(), 2000);
     }
 
     #[test]

@@ -865,3 +865,198 @@ config = {{ reply_to = "nova:task:greeter:replies" }}
         "{err}"
     );
 }
+
+/// A process's output as it comes, line by line, from a thread per pipe.
+fn collect(pipe: impl std::io::Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<String>> {
+    use std::io::BufRead as _;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let into = seen.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            let mut s = into.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    seen
+}
+
+/// Whether `pid` runs (a zombie, dead but not yet reaped by whoever inherited it, does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// The pid following `label` in `text` ("pid 123").
+fn pid_after(text: &str, label: &str) -> u32 {
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in {text}"))
+        + label.len();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid after {label:?} in {text}"))
+}
+
+/// From `handler new` to the handler's replies in a running local pipeline with one more command:
+/// `handler dev --send` builds, tests, starts a private redis-server and a daemon with the project's
+/// handler.toml deployed, sends the first case and prints the reply; the author's token (in
+/// .redstream-dev/env) publishes and reads status within the handler's roles and no further; a source
+/// change is rebuilt, tested and redeployed, and the first case's new reply printed; Ctrl-C stops the
+/// daemon and the redis-server, and a kill -9 of `handler dev` takes them down with it.
+#[test]
+fn handler_dev_runs_a_new_project_in_a_local_pipeline_and_follows_its_changes() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().to_str().unwrap();
+    let (code, out, err) = redstream(&["handler", "new", "greeter", "--lang", "rust", "--dir", at]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let project = dir.path().join("greeter");
+    let start = |send: bool| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["handler", "dev"]).arg(&project);
+        if send {
+            cmd.arg("--send");
+        }
+        let mut child = cmd
+            .env_remove("REDSTREAM_CONFIG")
+            .env("REDSTREAM_REDIS__URL", "redis://127.0.0.1:1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = collect(child.stdout.take().unwrap());
+        let err = collect(child.stderr.take().unwrap());
+        (child, out, err)
+    };
+    let (mut dev, out, err) = start(true);
+    let shown = || {
+        format!(
+            "{}\n--- stderr\n{}",
+            out.lock().unwrap(),
+            err.lock().unwrap()
+        )
+    };
+    let seen = |what: &str, limit: Duration, wanted: &dyn Fn(&str) -> bool| {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            let o = out.lock().unwrap().clone();
+            if wanted(&o) {
+                return o;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "timed out waiting for {what}:\n{}",
+                shown()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let o = seen("the first case's reply", Duration::from_secs(600), &|o| {
+        o.lines().any(|l| {
+            l.starts_with("nova:task:greeter:replies ") && l.contains(r#""greeting":"hello, you""#)
+        })
+    });
+    assert!(o.contains("2 of 2 cases passed"), "{}", shown());
+    let (redis_pid, daemon_pid) = (
+        pid_after(&o, "private redis-server, pid "),
+        pid_after(&o, "daemon   pid "),
+    );
+    assert!(alive(redis_pid) && alive(daemon_pid));
+
+    // The author acts with the token the loop issued: publishes to the handler's stream, reads
+    // status, and is refused outside the handler's domain.
+    let env = std::fs::read_to_string(project.join(".redstream-dev/env")).unwrap();
+    let var = |name: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {env}"))
+            .to_owned()
+    };
+    let author = |args: &[&str]| {
+        let out = Command::new(bin())
+            .args(args)
+            .env("REDSTREAM_CONFIG", var("REDSTREAM_CONFIG"))
+            .env("REDSTREAM_TOKEN", var("REDSTREAM_TOKEN"))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, said) = author(&["publish", "nova:task:greeter:requests", "greet=author"]);
+    assert_eq!(code, Some(0), "{said}");
+    seen(
+        "the author's message's reply",
+        Duration::from_secs(30),
+        &|o| o.contains(r#""greeting":"hello, author""#),
+    );
+    let (code, said) = author(&["status"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("greeter"), "{said}");
+    let (code, said) = author(&["publish", "nova:agent:planner:inbox", "note=x"]);
+    assert_ne!(code, Some(0), "{said}");
+    assert!(said.contains("agent_write"), "{said}");
+
+    // A change: rebuilt, tested (the example case now fails, and says so), redeployed, and the first
+    // case sent again to the reloaded handler.
+    let lib = project.join("src/lib.rs");
+    let text = std::fs::read_to_string(&lib).unwrap();
+    std::fs::write(&lib, text.replace("hello, {who}", "hi, {who}")).unwrap();
+    let o = seen(
+        "the changed handler's reply",
+        Duration::from_secs(300),
+        &|o| {
+            o.lines().any(|l| {
+                l.starts_with("nova:task:greeter:replies ") && l.contains(r#""greeting":"hi, you""#)
+            })
+        },
+    );
+    assert!(
+        o.contains("src/lib.rs changed: rebuilding") && o.contains("1 of 2 cases passed"),
+        "{}",
+        shown()
+    );
+    assert!(
+        err.lock().unwrap().contains("reloaded the config"),
+        "{}",
+        shown()
+    );
+
+    // Ctrl-C: everything it started stops, and it exits 0.
+    let _ = Command::new("kill")
+        .args(["-INT", &dev.id().to_string()])
+        .status();
+    let status = crate::util::wait_for("handler dev to exit", Duration::from_secs(30), || {
+        dev.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0), "{}", shown());
+    assert!(!alive(redis_pid) && !alive(daemon_pid), "{}", shown());
+
+    // Killed itself, it takes its children along.
+    let (mut dev, out, _err) = start(false);
+    let o = crate::util::wait_for("handler dev to run again", Duration::from_secs(300), || {
+        let o = out.lock().unwrap().clone();
+        o.contains("is running").then_some(o)
+    });
+    let (redis_pid, daemon_pid) = (
+        pid_after(&o, "private redis-server, pid "),
+        pid_after(&o, "daemon   pid "),
+    );
+    dev.kill().unwrap();
+    dev.wait().unwrap();
+    crate::util::wait_for("its children to be gone", Duration::from_secs(10), || {
+        (!alive(redis_pid) && !alive(daemon_pid)).then_some(())
+    });
+}

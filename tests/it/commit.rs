@@ -595,6 +595,34 @@ fn entries_claimed_from_a_dead_consumer_are_bounded_before_they_are_buffered() {
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
 
+/// A read whose reply does not come within the command timeout — entries too large to send in time on
+/// a busy host, as three 100 MB entries claimed from a dead consumer were — is followed by reads of one
+/// entry that grow back, not by the same read again for ever: with every round asking for more than two
+/// entries timing out (a failpoint: the round runs in Redis, its reply is lost), 40 messages are still
+/// forwarded exactly once and none is dead-lettered.
+#[test]
+fn a_read_that_timed_out_is_followed_by_smaller_reads_not_the_same_one() {
+    let server = RedisServer::start();
+    let ids = server.xadd_backlog(IN, 40);
+    let toml = daemon_toml(
+        &server.url(),
+        &consumer(
+            "handler = \"forward\"\nforward_to = \"nova:task:commit:out\"",
+            "",
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[("RSFAULT_READ_TIMEOUT_OVER", "2")]);
+    wait_for(
+        "40 forwarded, nothing pending",
+        Duration::from_secs(60),
+        || (server.xlen(OUT) >= 40 && server.pending(IN, "g") == 0).then_some(()),
+    );
+    assert_exactly_once(&server, &ids);
+    assert_eq!(server.xlen(DLQ), 0);
+    assert!(d.count_log("timed out after") > 0, "{:?}", d.logs());
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
 /// `(id, idle ms, deliveries)` of every entry pending in IN's group.
 fn pending_rows(server: &RedisServer) -> Vec<(String, u64, u64)> {
     let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
