@@ -584,6 +584,10 @@ fn new_build_test_in_each_language() {
         let (code, out, err) = redstream(&["handler", "test", p]);
         assert_eq!(code, Some(0), "{lang}: {out}{err}");
         assert!(out.contains("2 of 2 cases passed"), "{out}");
+        if lang != "rust" {
+            // (Rust's `handler dev` has a test of its own, below.)
+            dev_answers_the_first_case(&project, &name);
+        }
         // The project's handler.toml decides the roles: taking task_write away denies the reply.
         let entry = project.join("handler.toml");
         let text = std::fs::read_to_string(&entry).unwrap();
@@ -904,6 +908,45 @@ fn pid_after(text: &str, label: &str) -> u32 {
     digits
         .parse()
         .unwrap_or_else(|_| panic!("no pid after {label:?} in {text}"))
+}
+
+/// `handler dev --send` on a built project: the first case's reply is printed; Ctrl-C ends it with 0.
+fn dev_answers_the_first_case(project: &Path, name: &str) {
+    use std::process::Stdio;
+    let mut dev = Command::new(bin())
+        .args(["handler", "dev", "--send"])
+        .arg(project)
+        .env_remove("REDSTREAM_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = collect(dev.stdout.take().unwrap());
+    let err = collect(dev.stderr.take().unwrap());
+    let replies = format!("nova:task:{name}:replies ");
+    let until = std::time::Instant::now() + Duration::from_secs(300);
+    while !out
+        .lock()
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with(&replies) && l.contains(r#""greeting":"hello, you""#))
+    {
+        assert!(
+            std::time::Instant::now() < until && dev.try_wait().unwrap().is_none(),
+            "{name}: no reply from handler dev:\n{}\n--- stderr\n{}",
+            out.lock().unwrap(),
+            err.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &dev.id().to_string()])
+        .status();
+    let status = crate::util::wait_for("handler dev to exit", Duration::from_secs(30), || {
+        dev.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0), "{name}: {}", err.lock().unwrap());
 }
 
 /// From `handler new` to the handler's replies in a running local pipeline with one more command:
