@@ -309,6 +309,31 @@ impl Client {
             .await
     }
 
+    /// Records when the retry of `id`, pending for `consumer`, is due: in `wait` by Redis's clock
+    /// ([`super::recover::SCHEDULE`]). Whether it was still ours to schedule.
+    pub async fn schedule_retry(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        id: &str,
+        wait: Duration,
+    ) -> Result<bool> {
+        self.authorize(Op::Claim, stream)?;
+        let cmd = super::recover::schedule_command(
+            stream,
+            group,
+            consumer,
+            id,
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        );
+        let scheduled: i64 = self
+            .redis
+            .query(&cmd, Ctx::new("EVAL", stream).group(group))
+            .await?;
+        Ok(scheduled == 1)
+    }
+
     /// XDEL of entries. Returns how many existed.
     pub async fn delete<S: AsRef<str>>(&self, stream: &str, ids: &[S]) -> Result<u64> {
         self.authorize(Op::Delete, stream)?;

@@ -24,9 +24,12 @@
 
 use redis::Cmd;
 
-/// KEYS[1] stream; ARGV group, consumer, the id to continue after (`0` for all), count.
+/// KEYS[1] stream, KEYS[2] the group's scheduled retries ([`due_key`]); ARGV group, consumer, the id
+/// to continue after (`0` for all), count. An entry whose retry is not due yet is left where it is
+/// (whoever's time comes first claims it, see [`CLAIM`]); one whose time has come is a retry: its
+/// delivery counts. Pages through the PEL (at most eight pages) until `count` entries are found.
 pub const SOURCE: &str = r#"
-local s, g, me = KEYS[1], ARGV[1], ARGV[2]
+local s, dk, g, me = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 -- A stream that no longer exists (Redis restarted without its data) has no group either: say so as
 -- XREADGROUP would (XGROUP CREATECONSUMER's own error for it is a plain ERR).
 if redis.call('EXISTS', s) == 0 then
@@ -39,27 +42,45 @@ else
   -- At start, the consumer shows in XINFO at once, as an XREADGROUP would have made it.
   redis.call('XGROUP', 'CREATECONSUMER', s, g, me)
 end
-local rows = redis.call('XPENDING', s, g, start, '+', tonumber(ARGV[4]), me)
+local want = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local entries, counts = {}, {}
-for i, p in ipairs(rows) do
-  local id, n = p[1], p[4]
-  local e = redis.call('XCLAIM', s, g, me, 0, id, 'RETRYCOUNT', n)[1]
-  if not e then e = {id, false} end
-  entries[i] = e
-  counts[2 * i - 1] = id
-  counts[2 * i] = n
+for _ = 1, 8 do
+  local rows = redis.call('XPENDING', s, g, start, '+', want, me)
+  for _, p in ipairs(rows) do
+    local id, n = p[1], p[4]
+    start = '(' .. id
+    local due = redis.call('ZSCORE', dk, id)
+    if not due or tonumber(due) <= now then
+      if due then
+        redis.call('ZREM', dk, id)
+        n = n + 1
+      end
+      local e = redis.call('XCLAIM', s, g, me, 0, id, 'RETRYCOUNT', n)[1]
+      if not e then e = {id, false} end
+      entries[#entries + 1] = e
+      counts[#counts + 1] = id
+      counts[#counts + 1] = n
+      if #entries >= want then break end
+    end
+  end
+  if #entries >= want or #rows < want then break end
 end
 return {{s, entries, counts}}
 "#;
 
-/// KEYS[1] stream; ARGV group, consumer, min idle (ms), the cursor to scan from, count.
+/// KEYS[1] stream, KEYS[2] the group's scheduled retries; ARGV group, consumer, min idle (ms), the
+/// cursor to scan from, count. First the retries whose time has come, whoever holds them; then entries
+/// idle at least `min idle` — but not those scheduled later, which XAUTOCLAIM (JUSTID) moves to this
+/// consumer without delivering them, to be claimed at their time.
 pub const CLAIM: &str = r#"
-local s, g, me = KEYS[1], ARGV[1], ARGV[2]
-local r = redis.call('XAUTOCLAIM', s, g, me, ARGV[3], ARGV[4], 'COUNT', tonumber(ARGV[5]), 'JUSTID')
+local s, dk, g, me = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local want = tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local entries, counts = {}, {}
-for _, id in ipairs(r[2]) do
-  local p = redis.call('XPENDING', s, g, id, id, 1)[1]
-  local n = (p and p[4] or 0) + 1
+local function take(id, n)
   local e = redis.call('XCLAIM', s, g, me, 0, id, 'RETRYCOUNT', n)[1]
   if e then
     entries[#entries + 1] = e
@@ -67,8 +88,43 @@ for _, id in ipairs(r[2]) do
     counts[#counts + 1] = n
   end
 end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', dk, '-inf', now, 'LIMIT', 0, want)) do
+  redis.call('ZREM', dk, id)
+  local p = redis.call('XPENDING', s, g, id, id, 1)[1]
+  if p then take(id, p[4] + 1) end
+end
+if #entries >= want then
+  return {{s, entries, counts, ARGV[4], {}}}
+end
+local r = redis.call('XAUTOCLAIM', s, g, me, ARGV[3], ARGV[4], 'COUNT', want - #entries, 'JUSTID')
+for _, id in ipairs(r[2]) do
+  local due = redis.call('ZSCORE', dk, id)
+  if not due or tonumber(due) <= now then
+    if due then redis.call('ZREM', dk, id) end
+    local p = redis.call('XPENDING', s, g, id, id, 1)[1]
+    take(id, (p and p[4] or 0) + 1)
+  end
+end
 return {{s, entries, counts, r[1], r[3] or {}}}
 "#;
+
+/// KEYS[1] stream, KEYS[2] the group's scheduled retries; ARGV group, consumer, id, wait (ms). Records
+/// when the entry's retry is due — by Redis's clock, so daemons on hosts whose clocks differ agree —
+/// if the entry is still pending for this consumer (else someone else has it: nothing to schedule).
+pub const SCHEDULE: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])[1]
+if not p then return 0 end
+local t = redis.call('TIME')
+local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
+redis.call('ZADD', KEYS[2], due, ARGV[3])
+return 1
+"#;
+
+/// The sorted set of a group's scheduled retries (entry id → when it is due, ms), in the stream's
+/// slot so the scripts may touch both on a cluster.
+pub fn due_key(stream: &str, group: &str) -> String {
+    super::slot::beside(stream, "redstream:retry:", &format!(":{group}"))
+}
 
 /// The claim script's call: up to `count` entries idle at least `min_idle_ms`, scanning from `cursor`.
 pub fn claim_command(
@@ -81,8 +137,9 @@ pub fn claim_command(
 ) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(CLAIM)
-        .arg(1)
+        .arg(2)
         .arg(stream)
+        .arg(due_key(stream, group))
         .arg(group)
         .arg(consumer)
         .arg(min_idle_ms)
@@ -95,11 +152,26 @@ pub fn claim_command(
 pub fn command(stream: &str, group: &str, consumer: &str, after: &str, count: u64) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(SOURCE)
-        .arg(1)
+        .arg(2)
         .arg(stream)
+        .arg(due_key(stream, group))
         .arg(group)
         .arg(consumer)
         .arg(after)
         .arg(count);
+    cmd
+}
+
+/// The call recording that `id`'s retry is due in `wait`.
+pub fn schedule_command(stream: &str, group: &str, consumer: &str, id: &str, wait_ms: u64) -> Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(SCHEDULE)
+        .arg(2)
+        .arg(stream)
+        .arg(due_key(stream, group))
+        .arg(group)
+        .arg(consumer)
+        .arg(id)
+        .arg(wait_ms);
     cmd
 }

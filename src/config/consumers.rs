@@ -103,6 +103,7 @@ fn consumer(
     let (stream, group, consumer) = names(c, &p, rc, ctx);
     let t = timing(c, &p, rc);
     let dead_letter = dead_letter(c, &p, rc, ctx, &stream);
+    let retry = retry(c, &p, rc);
     let handler = handler_spec(c, i, rc, ctx.naming, ctx.handlers);
     let (table, unmatched) = route_table(c, &p, rc, ctx, &stream, &handler, t.handler_timeout);
     permissions(c, &p, ctx, &stream, &dead_letter, &handler);
@@ -128,6 +129,7 @@ fn consumer(
             routes,
             unmatched: unmatched?,
             handler_timeout: t.handler_timeout?,
+            retry: retry?,
             entry_limit: ctx.entry_limit,
         })
     })();
@@ -249,6 +251,52 @@ fn timing(c: &mut Checker<'_>, p: KeyPath<'_>, rc: &RawConsumer) -> Timing {
         handler_timeout,
         order_by,
     }
+}
+
+/// `retry`: its backoff steps (at least one, each positive) and jitter (a percentage, 20% if not
+/// given). Some(None) when there is no `retry`; None when it is wrong.
+fn retry(
+    c: &mut Checker<'_>,
+    p: KeyPath<'_>,
+    rc: &RawConsumer,
+) -> Option<Option<crate::engine::RetrySchedule>> {
+    let Some(r) = &rc.retry else {
+        return Some(None);
+    };
+    let mut ok = true;
+    if r.backoff.is_empty() {
+        c.problem(
+            &p("retry.backoff"),
+            "empty: give the waits before each retry, e.g. [\"1s\", \"5s\", \"30s\", \"2m\", \"10m\"]",
+        );
+        ok = false;
+    }
+    let mut backoff = Vec::new();
+    for (j, step) in r.backoff.iter().enumerate() {
+        match c.positive_duration(&p(&format!("retry.backoff[{j}]")), step) {
+            Some(d) => backoff.push(d),
+            None => ok = false,
+        }
+    }
+    let jitter_percent = match &r.jitter {
+        None => Some(20),
+        Some(j) => c.parse(
+            &p("retry.jitter"),
+            j,
+            "a percentage from 0% to 100%, e.g. \"20%\"",
+            |s| {
+                s.strip_suffix('%')
+                    .and_then(|n| n.trim().parse::<u32>().ok())
+                    .filter(|n| *n <= 100)
+                    .ok_or_else(|| "not a percentage".to_string())
+            },
+        ),
+    };
+    let jitter_percent = jitter_percent?;
+    ok.then_some(Some(crate::engine::RetrySchedule {
+        backoff,
+        jitter_percent,
+    }))
 }
 
 /// The dead-letter stream: given, or `<stream>-dlq`; never the stream consumed.
@@ -544,12 +592,18 @@ fn faults_spec(
         .as_ref()
         .and_then(|x| c.duration(&p("sleep"), x))
         .unwrap_or_default();
+    let fail_while_file = f
+        .fail_while_file
+        .as_ref()
+        .and_then(|x| c.text(&p("fail_while_file"), x))
+        .map(std::path::PathBuf::from);
     Some(HandlerSpec::Faults(crate::engine::FaultSpec {
         reply_to,
         fail_field,
         fail_deliveries: u64::from(fail_deliveries),
         fail_every: u64::from(fail_every),
         sleep,
+        fail_while_file,
     }))
 }
 

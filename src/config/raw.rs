@@ -301,6 +301,15 @@ pub struct RawConsumer {
     pub routes: Vec<RawRoute>,
     /// Options of the `faults` test handler (only in builds with the `fault-injection` feature).
     pub faults: Option<RawFaults>,
+    /// `retry = { backoff = [...], jitter = "20%" }`.
+    pub retry: Option<RawRetry>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub backoff: Vec<Loose<String>>,
+    pub jitter: Option<Loose<String>>,
 }
 
 impl Default for RawConsumer {
@@ -324,6 +333,7 @@ impl Default for RawConsumer {
             unmatched: Loose::ok("dead-letter".into()),
             routes: Vec::new(),
             faults: None,
+            retry: None,
         }
     }
 }
@@ -336,6 +346,7 @@ pub struct RawFaults {
     pub fail_deliveries: Option<Loose<u32>>,
     pub fail_every: Option<Loose<u32>>,
     pub sleep: Option<Loose<String>>,
+    pub fail_while_file: Option<Loose<String>>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -135,6 +135,7 @@ impl Daemon {
             routes: Vec::new(),
             unmatched: crate::engine::router::Unmatched::DeadLetter,
             handler_timeout: Duration::from_secs(5),
+            retry: None,
             entry_limit: EntryLimit::default(),
         };
         let handler = control::Control {

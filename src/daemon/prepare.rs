@@ -118,6 +118,7 @@ fn build(spec: &HandlerSpec, wasm: &HashMap<String, WasmHandler>) -> Arc<dyn Han
             fail_deliveries: f.fail_deliveries,
             fail_every: f.fail_every,
             sleep: f.sleep,
+            fail_while_file: f.fail_while_file.clone(),
             calls: Default::default(),
         }),
     }

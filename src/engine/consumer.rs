@@ -628,6 +628,40 @@ impl Consumer {
         }
     }
 
+    /// With a `retry` schedule, records in Redis when the message a handler asked to retry is due (on
+    /// a task of its own: the loop goes on). Should that fail, the message is claimed as one without a
+    /// schedule is: once it has idled `claim_min_idle`.
+    fn schedule_retry(&self, msg: &Message) {
+        let Some(schedule) = &self.cfg.retry else {
+            return;
+        };
+        // A number in [0, 1) for the jitter; the middle if the OS has no randomness to give.
+        let unit = getrandom::u64().map_or(0.5, |r| (r >> 11) as f64 / (1u64 << 53) as f64);
+        let wait = schedule.after(msg.deliveries, unit);
+        let client = self.client.clone();
+        let (stream, group, consumer) = (
+            self.cfg.stream.clone(),
+            self.cfg.group.clone(),
+            self.cfg.consumer.clone(),
+        );
+        let id = msg.id.clone();
+        let task = async move {
+            match client
+                .schedule_retry(&stream, &group, &consumer, &id, wait)
+                .await
+            {
+                Ok(true) => tracing::debug!(id, ?wait, "retry scheduled"),
+                Ok(false) => tracing::debug!(id, "not ours any more: no retry to schedule"),
+                Err(e) => tracing::warn!(
+                    id,
+                    error = %e,
+                    "cannot schedule the retry; the message is retried once it has idled claim_min_idle"
+                ),
+            }
+        };
+        tokio::spawn(tracing::Instrument::in_current_span(task));
+    }
+
     /// Takes a finished handler's result into the commit queue and lets the next message of its key run.
     fn finish(&self, done: Done, st: &mut State) {
         let Done {
@@ -641,6 +675,7 @@ impl Consumer {
             }
             Err(reason) => {
                 st.events.retried(&msg, &handler, &reason);
+                self.schedule_retry(&msg);
                 st.flight.ran(msg, None, handler);
             }
         }

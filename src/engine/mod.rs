@@ -36,4 +36,4 @@ pub use consumer::Consumer;
 pub use events::Stats;
 #[cfg(feature = "fault-injection")]
 pub use settings::FaultSpec;
-pub use settings::{ConsumerSettings, HandlerSpec};
+pub use settings::{ConsumerSettings, HandlerSpec, RetrySchedule};

@@ -44,6 +44,9 @@ pub struct ConsumerSettings {
     /// What to do with a message no route matches.
     pub unmatched: Unmatched,
     pub handler_timeout: Duration,
+    /// When a message a handler asked to retry is tried again; None: when it has idled
+    /// `claim_min_idle`.
+    pub retry: Option<RetrySchedule>,
     /// How large an entry may be (`[limits]`); larger ones are dead-lettered by reference.
     pub entry_limit: EntryLimit,
 }
@@ -70,6 +73,7 @@ pub struct FaultSpec {
     pub fail_deliveries: u64,
     pub fail_every: u64,
     pub sleep: Duration,
+    pub fail_while_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Display for HandlerSpec {
@@ -95,5 +99,53 @@ impl HandlerSpec {
             #[cfg(feature = "fault-injection")]
             HandlerSpec::Faults(f) => f.reply_to.iter().map(String::as_str).collect(),
         }
+    }
+}
+
+/// `retry = { backoff = [...], jitter = "20%" }`: how long a message waits before its next delivery
+/// after a handler asked to retry it — the step of its delivery count, the last one repeating — give or
+/// take the jitter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetrySchedule {
+    pub backoff: Vec<Duration>,
+    /// Percent of a step added or taken at random, so retries of one outage spread out.
+    pub jitter_percent: u32,
+}
+
+impl RetrySchedule {
+    /// The wait after delivery `deliveries` failed; `unit` in [0, 1) picks within the jitter.
+    pub fn after(&self, deliveries: u64, unit: f64) -> Duration {
+        let step = usize::try_from(deliveries.saturating_sub(1)).unwrap_or(usize::MAX);
+        let base = self.backoff[step.min(self.backoff.len() - 1)];
+        let spread = f64::from(self.jitter_percent) / 100.0;
+        base.mul_f64((1.0 + spread * (2.0 * unit - 1.0)).max(0.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schedule_takes_the_step_of_the_delivery_and_repeats_its_last() {
+        let s = RetrySchedule {
+            backoff: ["1s", "5s", "30s"]
+                .iter()
+                .map(|d| humantime::parse_duration(d).unwrap())
+                .collect(),
+            jitter_percent: 0,
+        };
+        let secs = |n| s.after(n, 0.3).as_secs();
+        assert_eq!(
+            [secs(1), secs(2), secs(3), secs(4), secs(40)],
+            [1, 5, 30, 30, 30]
+        );
+        let j = RetrySchedule {
+            jitter_percent: 20,
+            ..s
+        };
+        assert_eq!(j.after(2, 0.0), Duration::from_secs(4));
+        assert_eq!(j.after(2, 0.5), Duration::from_secs(5));
+        assert!(j.after(2, 0.999) < Duration::from_secs(6));
     }
 }

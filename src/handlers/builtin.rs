@@ -53,6 +53,9 @@ pub struct Faults {
     pub fail_every: u64,
     /// Take this long per message (and a message's own `faults_sleep_ms` more).
     pub sleep: std::time::Duration,
+    /// Fail while this file exists: a downstream outage the test switches on and off (each call it
+    /// fails is written to the file's `.calls` sibling).
+    pub fail_while_file: Option<std::path::PathBuf>,
     pub calls: std::sync::atomic::AtomicU64,
 }
 
@@ -82,6 +85,24 @@ impl Handler for Faults {
                 && msg.fields.get(field).is_some()
             {
                 return Outcome::Retry(format!("poison: field {field} present"));
+            }
+            if let Some(switch) = &self.fail_while_file
+                && switch.exists()
+            {
+                // Each call failed by the outage, for the tests to count and time: `<id> <deliveries>
+                // <unix ms>` lines in the switch's `.calls` file beside it.
+                use std::io::Write as _;
+                if let Ok(mut calls) = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(switch.with_extension("calls"))
+                {
+                    // One write per line: calls of other messages append at the same time.
+                    let ms = crate::model::envelope::now_us() / 1000;
+                    let line = format!("{} {} {ms}\n", msg.id, msg.deliveries);
+                    let _ = calls.write_all(line.as_bytes());
+                }
+                return Outcome::Retry(format!("outage: {} exists", switch.display()));
             }
             if msg.deliveries <= self.fail_deliveries {
                 return Outcome::Retry(format!("transient: delivery {}", msg.deliveries));

@@ -1,5 +1,7 @@
 //! Config validation: every problem at once with its key path, secrets from files, identities.
 
+use std::time::Duration;
+
 use redstream::config::{self, Problem};
 
 use crate::util::{TEST_SECRET, settings_from};
@@ -227,6 +229,56 @@ handler = "wasm-thing"
         .find(|p| p.path == "consumers[0].claim_min_idle")
         .unwrap();
     assert!(idle.message.contains("handler_timeout"), "{idle}");
+}
+
+/// `retry`: each bad step and a bad jitter named by its path and value; a good one read as given, and
+/// none without it.
+#[test]
+fn retry_schedules_are_validated_step_by_step() {
+    let consumer = |retry: &str| {
+        format!(
+            "[[consumers]]\nstream = \"nova:task:a:b\"\ngroup = \"g\"\nhandler = \"drop\"\n{retry}\n"
+        )
+    };
+    let p = problems(&with_consumers(&format!(
+        "{}{}",
+        consumer(r#"retry = { backoff = ["1s", "soon", "0s"], jitter = "150%" }"#),
+        consumer("retry = { backoff = [] }").replace("nova:task:a:b", "nova:task:a:c"),
+    )));
+    let text: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+    for (path, says) in [
+        ("consumers[0].retry.backoff[1]", "soon"),
+        ("consumers[0].retry.backoff[2]", "above zero"),
+        ("consumers[0].retry.jitter", "150%"),
+        ("consumers[1].retry.backoff", "empty"),
+    ] {
+        assert!(
+            p.iter()
+                .any(|p| p.path == path && p.to_string().contains(says)),
+            "{path} ({says}) missing from {text:#?}"
+        );
+    }
+    assert!(
+        !paths(&p).contains(&"consumers[0].retry.backoff[0]"),
+        "{text:#?}"
+    );
+    let unknown = settings_from(&with_consumers(&consumer(r#"retry = { backof = ["1s"] }"#)))
+        .expect_err("an unknown key")
+        .to_string();
+    assert!(unknown.contains("backof"), "{unknown}");
+
+    let s = settings_from(&with_consumers(&format!(
+        "{}{}",
+        consumer(r#"retry = { backoff = ["1s", "2m"] }"#),
+        consumer("").replace("nova:task:a:b", "nova:task:a:c"),
+    )))
+    .unwrap();
+    let retry = s.consumers[0].retry.as_ref().unwrap();
+    assert_eq!(
+        (retry.backoff.clone(), retry.jitter_percent),
+        (vec![Duration::from_secs(1), Duration::from_secs(120)], 20)
+    );
+    assert_eq!(s.consumers[1].retry, None);
 }
 
 /// `[limits]`, batch_size and in_flight stay within what one commit can carry, and say so.

@@ -108,6 +108,7 @@ async fn start(
         routes: Vec::new(),
         unmatched: Unmatched::DeadLetter,
         handler_timeout: Duration::from_secs(30),
+        retry: None,
         entry_limit: redstream::model::EntryLimit::default(),
     };
     let gate = Gate::new();

@@ -62,3 +62,6 @@ mod nemesis;
 
 // Parsers under arbitrary input.
 mod props;
+
+// Retries on a schedule.
+mod retries;

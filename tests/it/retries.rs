@@ -1,0 +1,215 @@
+//! Retries on a schedule (`retry = { backoff, jitter }`): a downstream outage longer than
+//! `max_deliveries` fixed intervals dead-letters nothing, the due times live in Redis (a daemon killed
+//! mid-schedule, restarted, and a second daemon of the group keep them), and delivery counts stay
+//! handler attempts.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::util::{Daemon, RedisServer, daemon_toml, wait_for};
+
+const IN: &str = "nova:task:retry:in";
+const OUT: &str = "nova:task:retry:out";
+const DLQ: &str = "nova:task:retry:in-dlq";
+
+/// A consumer of IN whose `faults` handler fails while `switch` exists and replies to OUT otherwise;
+/// entries idle 1 s are claimed, at most five deliveries.
+fn consumer(switch: &Path, consumer: &str, retry: &str) -> String {
+    format!(
+        "[[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nconsumer = \"{consumer}\"\nstart = \"0\"\n\
+         block = \"200ms\"\nclaim_min_idle = \"1s\"\nclaim_interval = \"100ms\"\n\
+         handler_timeout = \"500ms\"\nmax_deliveries = 5\nhandler = \"faults\"\n{retry}\n\
+         faults = {{ reply_to = \"{OUT}\", fail_while_file = \"{}\" }}\n",
+        switch.display()
+    )
+}
+
+/// Waits 0.5 s, 1 s, 2 s, then 4 s: the fifth delivery comes 7.5 s after the first.
+const SCHEDULE: &str = "retry = { backoff = [\"500ms\", \"1s\", \"2s\", \"4s\"], jitter = \"0%\" }";
+
+/// Delivery count of each entry pending in IN's group.
+fn deliveries(server: &RedisServer) -> HashMap<String, u64> {
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&[IN, "g", "-", "+", "1000"])
+        .query(&mut server.conn())
+        .unwrap();
+    rows.into_iter().map(|(id, _, _, n)| (id, n)).collect()
+}
+
+/// Ten messages through an outage of 5.5 s; `during(n)` runs once all of them failed their `n`th
+/// delivery, for n = 2 and 3. Returns their ids.
+fn through_an_outage(
+    server: &RedisServer,
+    switch: &Path,
+    mut during: impl FnMut(u64),
+) -> Vec<String> {
+    std::fs::write(switch, "down").unwrap();
+    let _ = std::fs::remove_file(switch.with_extension("calls"));
+    let started = Instant::now();
+    let ids: Vec<String> = (0..10)
+        .map(|i| server.xadd(IN, &[("n", &i.to_string())]))
+        .collect();
+    for n in [2, 3] {
+        wait_for(
+            &format!("delivery {n} of each"),
+            Duration::from_secs(20),
+            || {
+                let d = deliveries(server);
+                (d.len() == ids.len() && d.values().all(|d| *d >= n)).then_some(())
+            },
+        );
+        during(n);
+    }
+    wait_for("a fourth delivery of each", Duration::from_secs(30), || {
+        let d = deliveries(server);
+        (d.len() == ids.len() && d.values().all(|n| *n >= 4)).then_some(())
+    });
+    // Five fixed intervals of claim_min_idle (1 s) would have spent all five deliveries by now.
+    let outage = Duration::from_millis(5500);
+    std::thread::sleep(outage.saturating_sub(started.elapsed()));
+    assert_eq!(server.xlen(DLQ), 0, "dead-lettered during the outage");
+    assert!(
+        deliveries(server).values().all(|n| *n == 4),
+        "{:?}",
+        deliveries(server)
+    );
+    std::fs::remove_file(switch).unwrap();
+    // The handler ran each message four times, its deliveries 1 to 4, each retry no sooner than its
+    // step of the schedule after the call before.
+    let calls = std::fs::read_to_string(switch.with_extension("calls")).unwrap();
+    let mut per_id: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+    for line in calls.lines() {
+        let mut parts = line.split(' ');
+        let (id, n, ms) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        per_id
+            .entry(id)
+            .or_default()
+            .push((n.parse().unwrap(), ms.parse().unwrap()));
+    }
+    for id in &ids {
+        let mut seen = per_id.remove(id.as_str()).unwrap_or_default();
+        seen.sort();
+        let counts: Vec<u64> = seen.iter().map(|(n, _)| *n).collect();
+        assert_eq!(counts, [1, 2, 3, 4], "{id}: {calls}");
+        for (pair, step) in seen.windows(2).zip([500, 1000, 2000]) {
+            assert!(
+                pair[1].1 >= pair[0].1 + step,
+                "{id}: delivery {} came {} ms after the one before, not after {step} ms",
+                pair[1].0,
+                pair[1].1 - pair[0].1
+            );
+        }
+    }
+    ids
+}
+
+/// Every id replied to once, nothing dead-lettered, nothing pending, no retry left scheduled.
+fn assert_drained(server: &RedisServer, ids: &[String]) {
+    wait_for("every message answered", Duration::from_secs(30), || {
+        (server.xlen(OUT) >= ids.len() as u64 && server.pending(IN, "g") == 0).then_some(())
+    });
+    let mut causes: Vec<String> = server
+        .entries(OUT)
+        .iter()
+        .map(|e| {
+            let cause = e.fields.get_str("_cause").unwrap();
+            cause.rsplit('/').next().unwrap().to_owned()
+        })
+        .collect();
+    causes.sort();
+    let mut want = ids.to_vec();
+    want.sort();
+    assert_eq!(causes, want, "each message answered exactly once");
+    assert_eq!(server.xlen(DLQ), 0);
+    let scheduled: u64 = redis::cmd("ZCARD")
+        .arg(redstream::client::recover::due_key(IN, "g"))
+        .query(&mut server.conn())
+        .unwrap();
+    assert_eq!(scheduled, 0);
+}
+
+/// A handler failing through an outage longer than five claim intervals: with the schedule, each
+/// message's fifth delivery comes after the outage and nothing is dead-lettered; without it, all ten
+/// are (the same outage, the same max_deliveries).
+#[test]
+fn an_outage_longer_than_the_fixed_intervals_dead_letters_nothing_on_a_schedule() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let switch = dir.path().join("down");
+    let toml = daemon_toml(&server.url(), &consumer(&switch, "a", SCHEDULE));
+    let mut d = Daemon::running(&toml, &[]);
+    let ids = through_an_outage(&server, &switch, |_| {});
+    assert_drained(&server, &ids);
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+
+    // The same outage without a schedule: the fixed interval spends every delivery within it.
+    let server = RedisServer::start();
+    std::fs::write(&switch, "down").unwrap();
+    let toml = daemon_toml(&server.url(), &consumer(&switch, "a", ""));
+    let mut d = Daemon::running(&toml, &[]);
+    for i in 0..10 {
+        server.xadd(IN, &[("n", &i.to_string())]);
+    }
+    let started = Instant::now();
+    wait_for("all ten dead-lettered", Duration::from_secs(30), || {
+        (server.xlen(DLQ) == 10).then_some(())
+    });
+    assert!(
+        started.elapsed() < Duration::from_millis(5500),
+        "{:?}",
+        started.elapsed()
+    );
+    std::fs::remove_file(&switch).unwrap();
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+/// Every retry of the ten is scheduled (none is in the moment between its failure and its schedule).
+fn all_scheduled(server: &RedisServer) {
+    let due = redstream::client::recover::due_key(IN, "g");
+    wait_for("ten retries scheduled", Duration::from_secs(10), || {
+        let n: u64 = redis::cmd("ZCARD")
+            .arg(&due)
+            .query(&mut server.conn())
+            .unwrap();
+        (n == 10).then_some(())
+    });
+}
+
+/// The schedule is in Redis: a daemon killed (-9) mid-schedule and started again does not run its
+/// pending messages before their time (each retry still comes its step after the call before); when
+/// it is killed again, a second daemon of the group takes the retries it held at their time; every
+/// message is answered once.
+#[test]
+fn the_schedule_holds_across_a_kill_and_a_second_daemon() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let switch = dir.path().join("down");
+    let toml_a = daemon_toml(&server.url(), &consumer(&switch, "a", SCHEDULE));
+    let toml_b = daemon_toml(&server.url(), &consumer(&switch, "b", SCHEDULE));
+    let mut a = Daemon::running(&toml_a, &[]);
+    let mut b = None;
+    let ids = through_an_outage(&server, &switch, |n| {
+        all_scheduled(&server);
+        if n == 2 {
+            assert_eq!(
+                server.pending_of(IN, "g", "a"),
+                10,
+                "the first daemon holds them all"
+            );
+            a.kill9();
+            a = Daemon::running(&toml_a, &[]);
+            b = Some(Daemon::running(&toml_b, &[]));
+        } else {
+            // The last one standing: b takes the retries a held, at their time.
+            a.kill9();
+        }
+    });
+    assert_drained(&server, &ids);
+    assert_eq!(server.pending_of(IN, "g", "a"), 0);
+    assert_eq!(b.unwrap().stop(Duration::from_secs(10)), 0);
+}
