@@ -75,6 +75,10 @@ pub struct Metrics {
     pub read_size: Family<GroupLabels, Gauge>,
     pub window: Family<GroupLabels, Gauge>,
     pub stream_length: Family<StreamLabels, Gauge>,
+    /// Delayed messages held for a stream (client::delayed), as this daemon last counted them.
+    pub delayed: Family<StreamLabels, Gauge>,
+    /// Delayed messages this daemon moved to their stream at their time.
+    pub delayed_moved: Family<StreamLabels, Counter>,
     pub dead_lettered: Family<GroupLabels, Counter>,
     pub publish_denied: Family<HandlerLabels, Counter>,
     /// Times a loop got Redis back after losing it.
@@ -211,6 +215,8 @@ impl Metrics {
             read_size: Family::default(),
             window: Family::default(),
             stream_length: Family::default(),
+            delayed: Family::default(),
+            delayed_moved: Family::default(),
             dead_lettered: Family::default(),
             publish_denied: Family::default(),
             reconnects: Counter::default(),
@@ -266,6 +272,16 @@ impl Metrics {
             "stream_length",
             "Entries in a consumed stream",
             m.stream_length.clone(),
+        );
+        registry.register(
+            "delayed_messages",
+            "Delayed messages held for a stream until their time",
+            m.delayed.clone(),
+        );
+        registry.register(
+            "delayed_moved",
+            "Delayed messages moved to their stream at their time",
+            m.delayed_moved.clone(),
         );
         registry.register(
             "dead_lettered",

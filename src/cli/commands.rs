@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use super::{AuthArgs, Cli, Command, DlqCommand, Exit, Failure, TokenCommand};
 use crate::auth::apikey;
 use crate::auth::{Identity, Roles};
+use crate::client::delayed::Due;
 use crate::client::{Client, PendingQuery, PublishOptions, ReadOptions};
 use crate::client::{Error, redact_url, wait_ready};
 use crate::config::{self, Settings};
@@ -31,8 +32,21 @@ pub async fn run(cli: Cli) -> Result {
             json,
             maxlen,
             sign,
+            delay,
+            at,
             auth,
-        } => publish(config, stream, fields, json, maxlen, sign, auth).await,
+        } => {
+            let due = match (delay, at) {
+                (Some(d), _) => Some(Due::In(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
+                (None, Some(t)) => Some(Due::At(
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                )),
+                (None, None) => None,
+            };
+            let opts = PublishOptions { maxlen };
+            publish(config, stream, fields, json, opts, sign, due, auth).await
+        }
         Command::Control {
             command,
             target,
@@ -98,14 +112,16 @@ pub async fn run(cli: Cli) -> Result {
     }
 }
 
-/// `redstream publish`: one entry, signed with `--sign`.
+/// `redstream publish`: one entry, signed with `--sign`, or held until `due`.
+#[allow(clippy::too_many_arguments)]
 async fn publish(
     config: Option<&Path>,
     stream: String,
     fields: Vec<(String, String)>,
     json: Option<PathBuf>,
-    maxlen: Option<u64>,
+    opts: PublishOptions,
     sign: bool,
+    due: Option<Due>,
     auth: AuthArgs,
 ) -> Result {
     let settings = config::load(config)?;
@@ -117,7 +133,15 @@ async fn publish(
     for (name, value) in fields {
         all.set(&name, value);
     }
-    let opts = PublishOptions { maxlen };
+    if let Some(due) = due {
+        let at = client.publish_delayed(&stream, all, due).await?;
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at);
+        println!(
+            "held for {stream} until {} (a running daemon that may publish there moves it then)",
+            humantime::format_rfc3339_millis(when)
+        );
+        return Ok(());
+    }
     let id = if sign {
         let token = given_token(&auth)?;
         publish_signed(&settings, &client, token.as_deref(), &stream, all, opts).await?

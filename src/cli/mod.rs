@@ -129,6 +129,13 @@ pub enum Command {
         /// auth.signature_ttl), as routes with require_sender_token want. Needs auth.signing_key.
         #[arg(long)]
         sign: bool,
+        /// Hold the message and publish it this much later, e.g. 10m or 2h (moved onto the stream
+        /// by a running daemon that may publish there, within 200 ms of its time).
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["sign", "maxlen", "at"])]
+        delay: Option<std::time::Duration>,
+        /// Hold the message until this time (RFC 3339, e.g. 2026-12-24T18:00:00Z).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak, conflicts_with_all = ["sign", "maxlen"])]
+        at: Option<std::time::SystemTime>,
         #[command(flatten)]
         auth: AuthArgs,
     },
@@ -531,7 +538,20 @@ pub fn main() -> ExitCode {
     init_logging("warn");
     // Handler calls use WASI's synchronous bindings, which must not run inside an async runtime.
     if let Command::Handler(cmd) = cli.command {
-        return match handler::run(cli.config.as_deref(), cmd) {
+        let result = match cmd {
+            HandlerCommand::Dev { path, redis, send } => match cli.config.as_deref() {
+                Some(file) => Err(Failure::new(
+                    Exit::Failure,
+                    format!(
+                        "handler dev writes its own config (it does not deploy into {}); give --redis URL to use another Redis",
+                        file.display()
+                    ),
+                )),
+                None => dev::dev(&path, redis.as_deref(), send),
+            },
+            cmd => handler::run(cli.config.as_deref(), cmd),
+        };
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(f) => {
                 eprintln!("redstream: {}", f.message);

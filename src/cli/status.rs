@@ -33,6 +33,16 @@ pub struct Report {
     pub groups: Vec<GroupRow>,
     pub handlers: Vec<HandlerRow>,
     pub daemons: Vec<DaemonRow>,
+    /// Streams with delayed messages held for them (`publish --delay`), those this identity may read.
+    pub delayed: Vec<DelayedRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DelayedRow {
+    pub stream: String,
+    pub held: u64,
+    /// When the next is due, ms from the report's time (negative: overdue — no daemon moving it).
+    pub next_in_ms: Option<i64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -268,12 +278,27 @@ pub async fn gather(client: &Client, settings: &Settings) -> crate::client::Resu
                 .join(", ")
         )
     };
+    let mut delayed = Vec::new();
+    for stream in client.delayed_streams().await.unwrap_or_default() {
+        if let Ok((held, next)) = client.delayed_summary(&stream).await
+            && held > 0
+        {
+            let next_in_ms = next.map(|at| at as i64 - now as i64);
+            delayed.push(DelayedRow {
+                stream,
+                held,
+                next_in_ms,
+            });
+        }
+    }
+    delayed.sort_by(|a, b| a.stream.cmp(&b.stream));
     Ok(Report {
         redis,
         taken_at_ms: now,
         groups,
         handlers: handlers.into_values().collect(),
         daemons,
+        delayed,
     })
 }
 
@@ -413,6 +438,24 @@ pub fn render(r: &Report) -> String {
             out.push_str(&format!("  {}\n", fit(why, 98)));
         }
     }
+    if !r.delayed.is_empty() {
+        out.push('\n');
+        out.push_str(&format!(
+            "{:<46} {:>12} {:>20}\n",
+            "DELAYED FOR STREAM", "HELD", "NEXT DUE"
+        ));
+        for d in &r.delayed {
+            let next = match d.next_in_ms {
+                Some(ms) if ms >= 0 => format!(
+                    "in {}",
+                    humantime::format_duration(Duration::from_secs((ms as u64).div_ceil(1000)))
+                ),
+                Some(ms) => format!("{} s overdue", (-ms) / 1000),
+                None => "—".into(),
+            };
+            out.push_str(&row(&d.stream, 46, &format!("{:>12} {next:>20}", d.held)));
+        }
+    }
     out
 }
 
@@ -447,6 +490,11 @@ mod tests {
                     retried: 1.0,
                     dead_lettered: 0.0,
                 }),
+            }],
+            delayed: vec![DelayedRow {
+                stream: long.into(),
+                held: 12_345_678_901,
+                next_in_ms: Some(-86_400_000),
             }],
             handlers: vec![HandlerRow {
                 handler: long.into(),

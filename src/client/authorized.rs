@@ -167,6 +167,59 @@ impl Client {
         self.redis.query(&cmd, Ctx::new("XADD", stream)).await
     }
 
+    /// [`Client::publish`] to appear on `stream` at `due` ([`super::delayed`]): held beside the stream
+    /// until a daemon moves it there. Returns when it is due (ms since the epoch, Redis's clock).
+    pub async fn publish_delayed(
+        &self,
+        stream: &str,
+        mut fields: Fields,
+        due: super::delayed::Due,
+    ) -> Result<u64> {
+        self.authorize(Op::Publish, stream)?;
+        fields.stamp(&self.identity.subject, envelope::now_ms());
+        let mut register = redis::cmd("SADD");
+        register.arg(super::delayed::REGISTRY).arg(stream);
+        let _: i64 = self
+            .redis
+            .query(&register, Ctx::new("SADD", super::delayed::REGISTRY))
+            .await?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let cmd = super::delayed::hold_command(stream, &id, due, &fields);
+        self.redis.query(&cmd, Ctx::new("EVAL", stream)).await
+    }
+
+    /// The streams that may hold delayed messages.
+    pub async fn delayed_streams(&self) -> Result<Vec<String>> {
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(super::delayed::REGISTRY);
+        self.redis
+            .query(&cmd, Ctx::new("SMEMBERS", super::delayed::REGISTRY))
+            .await
+    }
+
+    /// How many delayed messages are held for `stream`, and when the next is due (ms since the epoch).
+    pub async fn delayed_summary(&self, stream: &str) -> Result<(u64, Option<u64>)> {
+        self.authorize(Op::Read, stream)?;
+        let key = super::delayed::due_key(stream);
+        let mut count = redis::cmd("ZCARD");
+        count.arg(&key);
+        let held: u64 = self.redis.query(&count, Ctx::new("ZCARD", stream)).await?;
+        let mut first = redis::cmd("ZRANGE");
+        first.arg(&key).arg(0).arg(0).arg("WITHSCORES");
+        let next: Vec<(String, f64)> = self.redis.query(&first, Ctx::new("ZRANGE", stream)).await?;
+        Ok((held, next.first().map(|(_, at)| *at as u64)))
+    }
+
+    /// Moves up to `count` of `stream`'s delayed messages whose time has come onto it. Returns how
+    /// many it moved, how many are left, and when the next is due.
+    pub async fn move_delayed(&self, stream: &str, count: u64) -> Result<(u64, u64, Option<u64>)> {
+        self.authorize(Op::Publish, stream)?;
+        let cmd = super::delayed::move_command(stream, count);
+        let (moved, left, next): (u64, u64, i64) =
+            self.redis.query(&cmd, Ctx::new("EVAL", stream)).await?;
+        Ok((moved, left, u64::try_from(next).ok()))
+    }
+
     /// [`Client::publish`] with a signature (`_sig`, [`crate::auth::signature`]) made by `keys` for this
     /// client's identity over the final fields (envelope stamped) and the stream: what a route that
     /// requires a signed sender, and the control stream, accept — each copy of it at most once.

@@ -22,6 +22,7 @@ pub mod authorized;
 pub mod commit;
 pub(crate) mod conn;
 pub mod decode;
+pub mod delayed;
 pub mod error;
 pub mod info;
 pub mod outbox;

@@ -133,7 +133,63 @@ pub fn beside_loops(
     let every = settings.metrics_poll;
     let poll = poll_streams(w.client.clone(), w.polled, every, pending, stop.clone());
     services.spawn("poller", poll);
+    services.spawn("delayed", move_delayed(w.client.clone(), stop.clone()));
     beats
+}
+
+/// How often delayed messages are looked for: a message appears at most this long after its time.
+const DELAYED_EVERY: Duration = Duration::from_millis(200);
+
+/// Moves delayed messages (crate::client::delayed) onto their streams at their time: those of every
+/// stream this daemon may publish to. Any number of daemons may do it side by side; each message is
+/// moved once.
+async fn move_delayed(client: Client, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(DELAYED_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refused = HashSet::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait() => return,
+        }
+        let streams = match client.delayed_streams().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list the streams with delayed messages");
+                continue;
+            }
+        };
+        for stream in streams {
+            if let Err(e) = client.authorize(crate::auth::Op::Publish, &stream) {
+                if refused.insert(stream.clone()) {
+                    tracing::debug!(%stream, error = %e, "delayed messages for a stream this daemon may not publish to: left to others");
+                }
+                continue;
+            }
+            let labels = StreamLabels {
+                stream: stream.clone(),
+            };
+            loop {
+                match client.move_delayed(&stream, 100).await {
+                    Ok((moved, left, _next)) => {
+                        let m = global();
+                        m.delayed.get_or_create(&labels).set(left as i64);
+                        if moved > 0 {
+                            m.delayed_moved.get_or_create(&labels).inc_by(moved);
+                            tracing::debug!(%stream, moved, left, "moved delayed messages");
+                        }
+                        if moved < 100 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%stream, error = %e, "cannot move delayed messages; trying again");
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Polls pending entries, lag and length of every consumed stream into the metrics (and the total

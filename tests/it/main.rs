@@ -65,3 +65,6 @@ mod props;
 
 // Retries on a schedule.
 mod retries;
+
+// Delayed messages.
+mod delayed;

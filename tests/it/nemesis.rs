@@ -246,7 +246,11 @@ fn config(server: &RedisServer, instance: usize, cache: &Path, changed: bool) ->
              faults = {{ reply_to = \"{out}\"{faults} }}\n"
         )
     };
-    let mut consumers = group("g", OUT, DLQ, ", fail_every = 17");
+    // Group g's failures are retried on a schedule (due times in Redis, across faults); o's never fail.
+    let mut consumers = group("g", OUT, DLQ, ", fail_every = 17").replace(
+        "handler = \"faults\"\n",
+        "handler = \"faults\"\nretry = { backoff = [\"200ms\", \"1s\"], jitter = \"50%\" }\n",
+    );
     if instance == 0 {
         consumers.push_str(&group("o", ORDERED, DLQ_O, ""));
     }

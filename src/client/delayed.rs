@@ -1,0 +1,150 @@
+//! Delayed messages: published now, appearing on their stream at a later time.
+//!
+//! Owns the two scripts and where delayed messages live. A delayed message is held beside its target
+//! stream, in that stream's cluster slot: a sorted set `redstream:delayed:{<stream>}` (member: the
+//! message's own id, score: when it is due, ms by Redis's clock) and a hash
+//! `redstream:delayed:{<stream>}:fields` (the same id → its fields, encoded as netstrings so any bytes
+//! survive). [`HOLD`] writes both at once. The set `redstream:delayed` names the streams that may hold
+//! any, for the daemons to find them (written first: a name without messages is harmless).
+//!
+//! A daemon moves due messages with [`MOVE`]: XADD to the stream, and removal from the set and the
+//! hash, in one script — so a message is moved once, whoever moves it and however often daemons crash
+//! or run the script side by side; and a Redis that loses data loses the held messages with the streams.
+
+use redis::Cmd;
+
+use super::slot;
+use crate::model::envelope::Fields;
+
+/// The streams that may hold delayed messages.
+pub const REGISTRY: &str = "redstream:delayed";
+
+/// The sorted set of `stream`'s delayed messages, in its slot.
+pub fn due_key(stream: &str) -> String {
+    slot::beside(stream, "redstream:delayed:", "")
+}
+
+/// The hash of `stream`'s delayed messages' fields, in its slot.
+pub fn fields_key(stream: &str) -> String {
+    slot::beside(stream, "redstream:delayed:", ":fields")
+}
+
+/// KEYS[1] the due set, KEYS[2] the fields hash; ARGV the message's id, the wait (ms, from Redis's
+/// clock) or `@` and the due time (ms since the epoch), its encoded fields. Returns when it is due.
+pub const HOLD: &str = r#"
+local due
+if string.sub(ARGV[2], 1, 1) == '@' then
+  due = tonumber(string.sub(ARGV[2], 2))
+else
+  local t = redis.call('TIME')
+  due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[1], due, ARGV[1])
+return due
+"#;
+
+/// KEYS[1] the due set, KEYS[2] the fields hash, KEYS[3] the stream; ARGV how many to move at most.
+/// Moves the messages whose time has come, oldest first. Returns {moved, left, next due or -1}.
+pub const MOVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local moved = 0
+for _, id in ipairs(ids) do
+  local enc = redis.call('HGET', KEYS[2], id)
+  if enc then
+    local f, at = {}, 1
+    while at <= #enc do
+      local colon = string.find(enc, ':', at, true)
+      local len = tonumber(string.sub(enc, at, colon - 1))
+      f[#f + 1] = string.sub(enc, colon + 1, colon + len)
+      at = colon + len + 2
+    end
+    redis.call('XADD', KEYS[3], '*', unpack(f))
+    moved = moved + 1
+  end
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('ZREM', KEYS[1], id)
+end
+local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {moved, redis.call('ZCARD', KEYS[1]), tonumber(next[2]) or -1}
+"#;
+
+/// Fields as netstrings (`<len>:<bytes>,` for each name and value): what [`MOVE`] takes apart.
+pub fn encode(fields: &Fields) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in fields.iter() {
+        for part in [name, value] {
+            out.extend_from_slice(part.len().to_string().as_bytes());
+            out.push(b':');
+            out.extend_from_slice(part);
+            out.push(b',');
+        }
+    }
+    out
+}
+
+/// When a delayed message is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// This many ms after now, by Redis's clock.
+    In(u64),
+    /// At this time, ms since the epoch.
+    At(u64),
+}
+
+/// The [`HOLD`] call for a message of `fields` to `stream`, known by `id`.
+pub fn hold_command(stream: &str, id: &str, due: Due, fields: &Fields) -> Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(HOLD)
+        .arg(2)
+        .arg(due_key(stream))
+        .arg(fields_key(stream))
+        .arg(id);
+    match due {
+        Due::In(ms) => cmd.arg(ms),
+        Due::At(ms) => cmd.arg(format!("@{ms}")),
+    };
+    cmd.arg(encode(fields));
+    cmd
+}
+
+/// The [`MOVE`] call for `stream`, moving at most `count`.
+pub fn move_command(stream: &str, count: u64) -> Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(MOVE)
+        .arg(3)
+        .arg(due_key(stream))
+        .arg(fields_key(stream))
+        .arg(stream)
+        .arg(count);
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_encode_as_netstrings_whatever_their_bytes() {
+        let fields: Fields = vec![
+            (b"a".to_vec(), b"x:y,z".to_vec()),
+            (b"".to_vec(), vec![0, 255, b':']),
+        ]
+        .into();
+        assert_eq!(encode(&fields), b"1:a,5:x:y,z,0:,3:\x00\xff:,".to_vec());
+    }
+
+    #[test]
+    fn keys_share_the_streams_slot() {
+        assert_eq!(
+            due_key("nova:task:a:b"),
+            "redstream:delayed:{nova:task:a:b}"
+        );
+        assert_eq!(
+            fields_key("nova:task:{x}:b"),
+            "redstream:delayed:{x}:fields"
+        );
+    }
+}
