@@ -75,6 +75,8 @@ pub struct Metrics {
     pub read_size: Family<GroupLabels, Gauge>,
     pub window: Family<GroupLabels, Gauge>,
     pub stream_length: Family<StreamLabels, Gauge>,
+    /// Messages of a group waiting for their retry's time (a consumer's `retry` schedule).
+    pub retries_scheduled: Family<GroupLabels, Gauge>,
     /// Delayed messages held for a stream (client::delayed), as this daemon last counted them.
     pub delayed: Family<StreamLabels, Gauge>,
     /// Delayed messages this daemon moved to their stream at their time.
@@ -215,6 +217,7 @@ impl Metrics {
             read_size: Family::default(),
             window: Family::default(),
             stream_length: Family::default(),
+            retries_scheduled: Family::default(),
             delayed: Family::default(),
             delayed_moved: Family::default(),
             dead_lettered: Family::default(),
@@ -272,6 +275,11 @@ impl Metrics {
             "stream_length",
             "Entries in a consumed stream",
             m.stream_length.clone(),
+        );
+        registry.register(
+            "retries_scheduled",
+            "Messages of a group waiting for the time of their retry (consumers with a retry schedule)",
+            m.retries_scheduled.clone(),
         );
         registry.register(
             "delayed_messages",

@@ -387,6 +387,16 @@ impl Client {
         Ok(scheduled == 1)
     }
 
+    /// How many of the group's messages wait for their retry's time.
+    pub async fn scheduled_retries(&self, stream: &str, group: &str) -> Result<u64> {
+        self.authorize(Op::Pending, stream)?;
+        let mut cmd = redis::cmd("ZCARD");
+        cmd.arg(super::recover::due_key(stream, group));
+        self.redis
+            .query(&cmd, Ctx::new("ZCARD", stream).group(group))
+            .await
+    }
+
     /// XDEL of entries. Returns how many existed.
     pub async fn delete<S: AsRef<str>>(&self, stream: &str, ids: &[S]) -> Result<u64> {
         self.authorize(Op::Delete, stream)?;

@@ -226,6 +226,7 @@ async fn poll_streams(
             m.lag.remove(gone);
             m.read_size.remove(gone);
             m.window.remove(gone);
+            m.retries_scheduled.remove(gone);
         }
         for gone in seen_streams.difference(&streams) {
             m.stream_length.remove(gone);
@@ -244,6 +245,11 @@ async fn poll_streams(
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, stream = %c.stream, "cannot poll the group"),
+            }
+            if c.retry.is_some()
+                && let Ok(n) = client.scheduled_retries(&c.stream, &c.group).await
+            {
+                m.retries_scheduled.get_or_create(&group(c)).set(n as i64);
             }
             if let Ok(info) = client.stream_info(&c.stream).await {
                 m.stream_length

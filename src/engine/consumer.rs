@@ -631,10 +631,8 @@ impl Consumer {
     /// With a `retry` schedule, records in Redis when the message a handler asked to retry is due (on
     /// a task of its own: the loop goes on). Should that fail, the message is claimed as one without a
     /// schedule is: once it has idled `claim_min_idle`.
-    fn schedule_retry(&self, msg: &Message) {
-        let Some(schedule) = &self.cfg.retry else {
-            return;
-        };
+    fn schedule_retry(&self, msg: &Message) -> Option<Duration> {
+        let schedule = self.cfg.retry.as_ref()?;
         // A number in [0, 1) for the jitter; the middle if the OS has no randomness to give.
         let unit = getrandom::u64().map_or(0.5, |r| (r >> 11) as f64 / (1u64 << 53) as f64);
         let wait = schedule.after(msg.deliveries, unit);
@@ -660,6 +658,7 @@ impl Consumer {
             }
         };
         tokio::spawn(tracing::Instrument::in_current_span(task));
+        Some(wait)
     }
 
     /// Takes a finished handler's result into the commit queue and lets the next message of its key run.
@@ -674,8 +673,8 @@ impl Consumer {
                 st.flight.ran(msg, Some(effect), handler);
             }
             Err(reason) => {
-                st.events.retried(&msg, &handler, &reason);
-                self.schedule_retry(&msg);
+                let wait = self.schedule_retry(&msg);
+                st.events.retried(&msg, &handler, &reason, wait);
                 st.flight.ran(msg, None, handler);
             }
         }

@@ -230,8 +230,15 @@ impl Events {
 
     /// A handler failed; the message stays pending for a retry. Each retry is at WARN with its reason
     /// and delivery count, at most one line per handler per second (the lines skipped meanwhile are
-    /// counted in the next).
-    pub fn retried(&mut self, msg: &Message, handler: &Arc<str>, reason: &str) {
+    /// counted in the next). `wait`: when it is tried again on the consumer's retry schedule, if it has
+    /// one.
+    pub fn retried(
+        &mut self,
+        msg: &Message,
+        handler: &Arc<str>,
+        reason: &str,
+        wait: Option<Duration>,
+    ) {
         self.stats.retried.fetch_add(1, Ordering::Relaxed);
         self.handler_failed(handler);
         self.meters.count(handler, "retry");
@@ -258,7 +265,12 @@ impl Events {
             max_deliveries = max,
             reason = %reason,
             skipped,
-            "handler failed; the message stays pending and will be retried: {id} of {} (group {}), delivery {deliveries} of {max}: {reason}",
+            retry_in = ?wait,
+            "handler failed; the message stays pending and will be retried{}: {id} of {} (group {}), delivery {deliveries} of {max}: {reason}",
+            wait.map_or(String::new(), |w| {
+                let ms = Duration::from_millis(u64::try_from(w.as_millis()).unwrap_or(u64::MAX));
+                format!(" in {}", humantime::format_duration(ms))
+            }),
             self.cfg.stream,
             self.cfg.group,
         );

@@ -142,9 +142,26 @@ fn an_outage_longer_than_the_fixed_intervals_dead_letters_nothing_on_a_schedule(
     let dir = tempfile::tempdir().unwrap();
     let switch = dir.path().join("down");
     let toml = daemon_toml(&server.url(), &consumer(&switch, "a", SCHEDULE));
+    let (toml, metrics) = crate::util::with_metrics(&toml);
+    let toml = format!("{toml}poll_interval = \"200ms\"\n");
     let mut d = Daemon::running(&toml, &[]);
-    let ids = through_an_outage(&server, &switch, |_| {});
+    let scheduled =
+        || crate::metrics::exported(metrics, "redstream_retries_scheduled", &["group=\"g\""]);
+    let ids = through_an_outage(&server, &switch, |n| {
+        if n == 3 {
+            wait_for(
+                "the scheduled retries in the metrics",
+                Duration::from_secs(10),
+                || (scheduled() > 0.0).then_some(()),
+            );
+        }
+    });
     assert_drained(&server, &ids);
+    wait_for(
+        "no retry scheduled in the metrics",
+        Duration::from_secs(10),
+        || (scheduled() == 0.0).then_some(()),
+    );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 
     // The same outage without a schedule: the fixed interval spends every delivery within it.
