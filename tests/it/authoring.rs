@@ -871,7 +871,7 @@ config = {{ reply_to = "nova:task:greeter:replies" }}
 }
 
 /// A process's output as it comes, line by line, from a thread per pipe.
-fn collect(pipe: impl std::io::Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<String>> {
+fn collect(pipe: impl std::io::Read + Send + 'static) -> Output {
     use std::io::BufRead as _;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let into = seen.clone();
@@ -911,19 +911,31 @@ fn pid_after(text: &str, label: &str) -> u32 {
 }
 
 /// `handler dev --send` on a built project: the first case's reply is printed; Ctrl-C ends it with 0.
-fn dev_answers_the_first_case(project: &Path, name: &str) {
+/// `handler dev PROJECT [--send]`, its stdout and stderr collected as they come. The author's own
+/// `REDSTREAM_*` environment (a Redis that does not answer) must not reach what it starts.
+type Output = std::sync::Arc<std::sync::Mutex<String>>;
+fn spawn_dev(project: &Path, send: bool) -> (std::process::Child, Output, Output) {
     use std::process::Stdio;
-    let mut dev = Command::new(bin())
-        .args(["handler", "dev", "--send"])
-        .arg(project)
+    let mut cmd = Command::new(bin());
+    cmd.args(["handler", "dev"]).arg(project);
+    if send {
+        cmd.arg("--send");
+    }
+    let mut child = cmd
         .env_remove("REDSTREAM_CONFIG")
+        .env("REDSTREAM_REDIS__URL", "redis://127.0.0.1:1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = collect(dev.stdout.take().unwrap());
-    let err = collect(dev.stderr.take().unwrap());
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    (child, out, err)
+}
+
+fn dev_answers_the_first_case(project: &Path, name: &str) {
+    let (mut dev, out, err) = spawn_dev(project, true);
     let replies = format!("nova:task:{name}:replies ");
     let until = std::time::Instant::now() + Duration::from_secs(300);
     while !out
@@ -957,31 +969,12 @@ fn dev_answers_the_first_case(project: &Path, name: &str) {
 /// daemon and the redis-server, and a kill -9 of `handler dev` takes them down with it.
 #[test]
 fn handler_dev_runs_a_new_project_in_a_local_pipeline_and_follows_its_changes() {
-    use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
     let at = dir.path().to_str().unwrap();
     let (code, out, err) = redstream(&["handler", "new", "greeter", "--lang", "rust", "--dir", at]);
     assert_eq!(code, Some(0), "{out}{err}");
     let project = dir.path().join("greeter");
-    let start = |send: bool| {
-        let mut cmd = Command::new(bin());
-        cmd.args(["handler", "dev"]).arg(&project);
-        if send {
-            cmd.arg("--send");
-        }
-        let mut child = cmd
-            .env_remove("REDSTREAM_CONFIG")
-            .env("REDSTREAM_REDIS__URL", "redis://127.0.0.1:1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = collect(child.stdout.take().unwrap());
-        let err = collect(child.stderr.take().unwrap());
-        (child, out, err)
-    };
-    let (mut dev, out, err) = start(true);
+    let (mut dev, out, err) = spawn_dev(&project, true);
     let shown = || {
         format!(
             "{}\n--- stderr\n{}",
@@ -1088,7 +1081,7 @@ fn handler_dev_runs_a_new_project_in_a_local_pipeline_and_follows_its_changes() 
     assert!(!alive(redis_pid) && !alive(daemon_pid), "{}", shown());
 
     // Killed itself, it takes its children along.
-    let (mut dev, out, _err) = start(false);
+    let (mut dev, out, _err) = spawn_dev(&project, false);
     let o = crate::util::wait_for("handler dev to run again", Duration::from_secs(300), || {
         let o = out.lock().unwrap().clone();
         o.contains("is running").then_some(o)

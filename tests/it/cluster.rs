@@ -737,3 +737,65 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
         assert_eq!(server.pending(&box_, outbox::GROUP), 2);
     });
 }
+
+/// Retry schedules and delayed messages on a cluster: their keys live in each stream's slot, so every
+/// script touching them runs on that stream's master. Each message of three streams (one per master)
+/// fails its first two deliveries and is retried on a schedule, then answered once; a delayed message
+/// to each output stream arrives once.
+#[test]
+fn retry_schedules_and_delayed_messages_work_on_every_master() {
+    let cluster = Cluster::start();
+    let pairs = pairs(false);
+    let scheduled = consumers(&pairs).replace(
+        "faults = { reply_to",
+        "retry = { backoff = [\"200ms\", \"400ms\"], jitter = \"0%\" }\n\
+         faults = { fail_deliveries = 2, reply_to",
+    );
+    assert!(scheduled.contains("fail_deliveries = 2"), "{scheduled}");
+    let mut daemons: Vec<Daemon> = (0..2)
+        .map(|i| Daemon::running(&toml(&cluster, i, &scheduled), &[]))
+        .collect();
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
+    publish_all(&cluster, &pairs, &mut ids, 20);
+    for (_, out) in &pairs {
+        let said = std::process::Command::new(crate::util::bin())
+            .arg("--config")
+            .arg(daemons[0].config_path())
+            .args(["publish", out, "--delay", "300ms", "delayed=yes"])
+            .env_remove("REDSTREAM_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            said.status.success(),
+            "{}",
+            String::from_utf8_lossy(&said.stderr)
+        );
+    }
+    wait_for(
+        "every reply and delayed message",
+        Duration::from_secs(60),
+        || {
+            pairs
+                .iter()
+                .zip(&ids)
+                .all(|((_, o), ids)| cluster.xlen(o) > ids.len() as u64)
+                .then_some(())
+        },
+    );
+    for ((input, out), ids) in pairs.iter().zip(&ids) {
+        wait_for("nothing pending", Duration::from_secs(20), || {
+            (cluster.pending(input, "g") == 0).then_some(())
+        });
+        let (delayed, replies): (Vec<_>, Vec<_>) = cluster
+            .entries(out)
+            .into_iter()
+            .partition(|e| e.get("delayed").is_some());
+        assert_eq!(delayed.len(), 1, "{out}: the delayed message once");
+        assert_eq!(replies.len(), ids.len(), "{out}: one reply each");
+    }
+    assert!(
+        daemons.iter().any(|d| d.count_log("retried in 200ms") > 0),
+        "no failure was retried on the schedule"
+    );
+    stop_all(&mut daemons);
+}
