@@ -29,8 +29,12 @@ pub fn fields_key(stream: &str) -> String {
     slot::beside(stream, "redstream:delayed:", ":fields")
 }
 
-/// KEYS[1] the due set, KEYS[2] the fields hash; ARGV the message's id, the wait (ms, from Redis's
-/// clock) or `@` and the due time (ms since the epoch), its encoded fields. Returns when it is due.
+/// KEYS[1] the stream (it routes the call to its slot's node); ARGV the message's id, the wait (ms, from
+/// Redis's clock) or `@` and the due time (ms since the epoch), its encoded fields, the due set, the
+/// fields hash. Those two are arguments, not keys: while their slot migrates, Redis refuses a script
+/// whose declared keys are not all on one side (TRYAGAIN), which they seldom are (they exist only
+/// while something is held); undeclared, they are used where the stream is (the same slot).
+/// Returns when it is due.
 pub const HOLD: &str = r#"
 local due
 if string.sub(ARGV[2], 1, 1) == '@' then
@@ -39,20 +43,21 @@ else
   local t = redis.call('TIME')
   due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('ZADD', KEYS[1], due, ARGV[1])
+redis.call('HSET', ARGV[5], ARGV[1], ARGV[3])
+redis.call('ZADD', ARGV[4], due, ARGV[1])
 return due
 "#;
 
-/// KEYS[1] the due set, KEYS[2] the fields hash, KEYS[3] the stream; ARGV how many to move at most.
+/// KEYS[1] the stream; ARGV how many to move at most, the due set, the fields hash (see [`HOLD`]).
 /// Moves the messages whose time has come, oldest first. Returns {moved, left, next due or -1}.
 pub const MOVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local dk, fk = ARGV[2], ARGV[3]
+local ids = redis.call('ZRANGEBYSCORE', dk, '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 local moved = 0
 for _, id in ipairs(ids) do
-  local enc = redis.call('HGET', KEYS[2], id)
+  local enc = redis.call('HGET', fk, id)
   if enc then
     local f, at = {}, 1
     while at <= #enc do
@@ -61,14 +66,14 @@ for _, id in ipairs(ids) do
       f[#f + 1] = string.sub(enc, colon + 1, colon + len)
       at = colon + len + 2
     end
-    redis.call('XADD', KEYS[3], '*', unpack(f))
+    redis.call('XADD', KEYS[1], '*', unpack(f))
     moved = moved + 1
   end
-  redis.call('HDEL', KEYS[2], id)
-  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', fk, id)
+  redis.call('ZREM', dk, id)
 end
-local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {moved, redis.call('ZCARD', KEYS[1]), tonumber(next[2]) or -1}
+local next = redis.call('ZRANGE', dk, 0, 0, 'WITHSCORES')
+return {moved, redis.call('ZCARD', dk), tonumber(next[2]) or -1}
 "#;
 
 /// Fields as netstrings (`<len>:<bytes>,` for each name and value): what [`MOVE`] takes apart.
@@ -97,16 +102,14 @@ pub enum Due {
 /// The [`HOLD`] call for a message of `fields` to `stream`, known by `id`.
 pub fn hold_command(stream: &str, id: &str, due: Due, fields: &Fields) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(HOLD)
-        .arg(2)
-        .arg(due_key(stream))
-        .arg(fields_key(stream))
-        .arg(id);
+    cmd.arg(HOLD).arg(1).arg(stream).arg(id);
     match due {
         Due::In(ms) => cmd.arg(ms),
         Due::At(ms) => cmd.arg(format!("@{ms}")),
     };
-    cmd.arg(encode(fields));
+    cmd.arg(encode(fields))
+        .arg(due_key(stream))
+        .arg(fields_key(stream));
     cmd
 }
 
@@ -114,11 +117,11 @@ pub fn hold_command(stream: &str, id: &str, due: Due, fields: &Fields) -> Cmd {
 pub fn move_command(stream: &str, count: u64) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(MOVE)
-        .arg(3)
-        .arg(due_key(stream))
-        .arg(fields_key(stream))
+        .arg(1)
         .arg(stream)
-        .arg(count);
+        .arg(count)
+        .arg(due_key(stream))
+        .arg(fields_key(stream));
     cmd
 }
 

@@ -24,12 +24,12 @@
 
 use redis::Cmd;
 
-/// KEYS[1] stream, KEYS[2] the group's scheduled retries ([`due_key`]); ARGV group, consumer, the id
-/// to continue after (`0` for all), count. An entry whose retry is not due yet is left where it is
+/// KEYS[1] stream; ARGV group, consumer, the id to continue after (`0` for all), count, the group's
+/// scheduled retries ([`due_key`], see there why it is not in KEYS). An entry whose retry is not due yet is left where it is
 /// (whoever's time comes first claims it, see [`CLAIM`]); one whose time has come is a retry: its
 /// delivery counts. Pages through the PEL (at most eight pages) until `count` entries are found.
 pub const SOURCE: &str = r#"
-local s, dk, g, me = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local s, g, me, dk = KEYS[1], ARGV[1], ARGV[2], ARGV[5]
 -- A stream that no longer exists (Redis restarted without its data) has no group either: say so as
 -- XREADGROUP would (XGROUP CREATECONSUMER's own error for it is a plain ERR).
 if redis.call('EXISTS', s) == 0 then
@@ -70,12 +70,12 @@ end
 return {{s, entries, counts}}
 "#;
 
-/// KEYS[1] stream, KEYS[2] the group's scheduled retries; ARGV group, consumer, min idle (ms), the
-/// cursor to scan from, count. First the retries whose time has come, whoever holds them; then entries
+/// KEYS[1] stream; ARGV group, consumer, min idle (ms), the cursor to scan from, count, the group's
+/// scheduled retries. First the retries whose time has come, whoever holds them; then entries
 /// idle at least `min idle` — but not those scheduled later, which XAUTOCLAIM (JUSTID) moves to this
 /// consumer without delivering them, to be claimed at their time.
 pub const CLAIM: &str = r#"
-local s, dk, g, me = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local s, g, me, dk = KEYS[1], ARGV[1], ARGV[2], ARGV[6]
 local want = tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -108,7 +108,7 @@ end
 return {{s, entries, counts, r[1], r[3] or {}}}
 "#;
 
-/// KEYS[1] stream, KEYS[2] the group's scheduled retries; ARGV group, consumer, id, wait (ms). Records
+/// KEYS[1] stream; ARGV group, consumer, id, wait (ms), the group's scheduled retries. Records
 /// when the entry's retry is due — by Redis's clock, so daemons on hosts whose clocks differ agree —
 /// if the entry is still pending for this consumer (else someone else has it: nothing to schedule).
 pub const SCHEDULE: &str = r#"
@@ -116,12 +116,15 @@ local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
 if not p then return 0 end
 local t = redis.call('TIME')
 local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
-redis.call('ZADD', KEYS[2], due, ARGV[3])
+redis.call('ZADD', ARGV[5], due, ARGV[3])
 return 1
 "#;
 
 /// The sorted set of a group's scheduled retries (entry id → when it is due, ms), in the stream's
-/// slot so the scripts may touch both on a cluster.
+/// slot so the scripts may touch both on a cluster. The scripts get its name as an argument, not a
+/// key: most of the time it does not exist, and while its slot migrates Redis refuses a script whose
+/// declared keys are not all on one side (TRYAGAIN) — every claim and re-read of the group would fail
+/// until the migration ended. Undeclared, it is read where the stream is (the same slot).
 pub fn due_key(stream: &str, group: &str) -> String {
     super::slot::beside(stream, "redstream:retry:", &format!(":{group}"))
 }
@@ -137,14 +140,14 @@ pub fn claim_command(
 ) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(CLAIM)
-        .arg(2)
+        .arg(1)
         .arg(stream)
-        .arg(due_key(stream, group))
         .arg(group)
         .arg(consumer)
         .arg(min_idle_ms)
         .arg(cursor)
-        .arg(count);
+        .arg(count)
+        .arg(due_key(stream, group));
     cmd
 }
 
@@ -152,13 +155,13 @@ pub fn claim_command(
 pub fn command(stream: &str, group: &str, consumer: &str, after: &str, count: u64) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(SOURCE)
-        .arg(2)
+        .arg(1)
         .arg(stream)
-        .arg(due_key(stream, group))
         .arg(group)
         .arg(consumer)
         .arg(after)
-        .arg(count);
+        .arg(count)
+        .arg(due_key(stream, group));
     cmd
 }
 
@@ -166,12 +169,12 @@ pub fn command(stream: &str, group: &str, consumer: &str, after: &str, count: u6
 pub fn schedule_command(stream: &str, group: &str, consumer: &str, id: &str, wait_ms: u64) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(SCHEDULE)
-        .arg(2)
+        .arg(1)
         .arg(stream)
-        .arg(due_key(stream, group))
         .arg(group)
         .arg(consumer)
         .arg(id)
-        .arg(wait_ms);
+        .arg(wait_ms)
+        .arg(due_key(stream, group));
     cmd
 }
