@@ -182,7 +182,9 @@ fn stopping_extends_the_timeout_while_draining() {
         (server.pending("nova:task:notify:slow", "g") == 1).then_some(())
     });
     d.signal(libc::SIGTERM);
-    let seen = socket.until("EXTEND_TIMEOUT_USEC=", Duration::from_secs(5));
+    // A deadline to wait within, not a bound on when it comes (the usec figure below says that): on a
+    // saturated machine the first EXTEND came later than 5 s once.
+    let seen = socket.until("EXTEND_TIMEOUT_USEC=", Duration::from_secs(15));
     assert!(seen.iter().any(|s| s == "STOPPING=1"), "{seen:?}");
     let usec: u64 = seen
         .iter()
