@@ -85,7 +85,7 @@ impl Liveness {
 #[derive(Debug, Default)]
 pub struct Health {
     loops: Mutex<Vec<Arc<Liveness>>>,
-    conditions: Mutex<std::collections::BTreeMap<&'static str, String>>,
+    conditions: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Health {
@@ -116,15 +116,15 @@ impl Health {
     }
 
     /// Marks the daemon degraded for `what`, with a reason operators can act on.
-    pub fn degrade(&self, what: &'static str, reason: String) {
+    pub fn degrade(&self, what: &str, reason: String) {
         self.conditions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(what, reason);
+            .insert(what.to_owned(), reason);
     }
 
     /// Clears a condition set by [`Health::degrade`].
-    pub fn recover(&self, what: &'static str) {
+    pub fn recover(&self, what: &str) {
         self.conditions
             .lock()
             .unwrap_or_else(|p| p.into_inner())

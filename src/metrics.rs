@@ -82,6 +82,12 @@ pub struct Metrics {
     /// Delayed messages this daemon moved to their stream at their time.
     pub delayed_moved: Family<StreamLabels, Counter>,
     pub dead_lettered: Family<GroupLabels, Counter>,
+    /// 1 while a handler's breaker is open (or probing), else 0; only handlers with a breaker.
+    pub breaker_open: Family<HandlerLabels, Gauge>,
+    /// Messages held back by a handler's open breaker (each time it held one).
+    pub breaker_held: Family<HandlerLabels, Counter>,
+    /// Calls that waited for a permit of their handler's rate limit.
+    pub rate_waited: Family<HandlerLabels, Counter>,
     pub publish_denied: Family<HandlerLabels, Counter>,
     /// Times a loop got Redis back after losing it.
     pub reconnects: Counter,
@@ -221,6 +227,9 @@ impl Metrics {
             delayed: Family::default(),
             delayed_moved: Family::default(),
             dead_lettered: Family::default(),
+            breaker_open: Family::default(),
+            breaker_held: Family::default(),
+            rate_waited: Family::default(),
             publish_denied: Family::default(),
             reconnects: Counter::default(),
             outages: Counter::default(),
@@ -347,6 +356,21 @@ impl Metrics {
             "restart_needed",
             "1 while the config file holds [redis] or [identity] settings the running daemon does not (applied at the next restart)",
             m.restart_needed.clone(),
+        );
+        registry.register(
+            "breaker_open",
+            "1 while the handler's breaker is open: its messages wait, no delivery counted, until a probe succeeds",
+            m.breaker_open.clone(),
+        );
+        registry.register(
+            "breaker_held",
+            "Messages held back by the handler's open breaker",
+            m.breaker_held.clone(),
+        );
+        registry.register(
+            "rate_waited",
+            "Calls that waited for a permit of the handler's rate limit",
+            m.rate_waited.clone(),
         );
         registry.register(
             "relayed",
@@ -649,6 +673,7 @@ mod tests {
             .get_or_create(&StreamLabels { stream: "s".into() })
             .inc();
         m.handler_peak_memory.get_or_create(&handler).set(1);
+        m.breaker_open.get_or_create(&handler).set(0);
         m.degraded.set(0);
         m.redis_unreachable.set(0);
         m.heartbeat_failing.set(0);

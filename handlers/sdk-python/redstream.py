@@ -1,5 +1,5 @@
 """Helpers for RedStream handlers in Python, built with componentize-py against
-redstream:handler@0.1.0 (wit/handler.wit). `redstream handler new --lang python` copies this file.
+redstream:handler@0.1.1 (wit/handler.wit). `redstream handler new --lang python` copies this file.
 
 What `handle` does decides what happens to the message: returning commits the replies it sent with
 the ack; `raise retry(why)` leaves it pending for another try (up to the consumer's max_deliveries);
@@ -13,8 +13,11 @@ from componentize_py_types import Err
 from wit_world.imports import host, types
 
 
-def retry(why):
-    """Try again later. Raise it: `raise retry("database is down")`."""
+def retry(why, after_ms=None):
+    """Try again later: at the consumer's next retry step, or `after_ms` milliseconds from now when
+    given. Raise it: `raise retry("database is down")`, `raise retry("rate limited", after_ms=30000)`."""
+    if after_ms is not None:
+        host.retry_after(max(0, int(after_ms)))
     return Err(types.HandlerError_Retry(str(why)))
 
 

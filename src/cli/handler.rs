@@ -241,20 +241,32 @@ fn replies_json(outcome: &Outcome) -> Vec<Value> {
 
 fn outcome_json(outcome: &Outcome, elapsed: Duration, output: Vec<(&str, String)>) -> Value {
     let (kind, reason) = outcome_kind(outcome);
-    json!({
+    let mut out = json!({
         "outcome": kind,
         "reason": reason,
         "replies": replies_json(outcome),
         "elapsed_us": elapsed.as_micros() as u64,
         // What the guest logged, then what it printed (a panic's message goes to stderr).
         "output": output.into_iter().map(|(at, text)| json!({"at": at, "text": text})).collect::<Vec<_>>(),
-    })
+    });
+    if let (Some(ms), Some(o)) = (retry_after_ms(outcome), out.as_object_mut()) {
+        o.insert("retry_after_ms".into(), ms.into());
+    }
+    out
+}
+
+/// When a retry the handler timed itself comes, in ms.
+fn retry_after_ms(outcome: &Outcome) -> Option<u64> {
+    match outcome {
+        Outcome::RetryAfter(_, after) => Some(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)),
+        _ => None,
+    }
 }
 
 fn outcome_kind(outcome: &Outcome) -> (&'static str, Option<&str>) {
     match outcome {
         Outcome::Success(_) => ("success", None),
-        Outcome::Retry(why) => ("retry", Some(why)),
+        Outcome::Retry(why) | Outcome::RetryAfter(why, _) => ("retry", Some(why)),
         Outcome::Reject(why) => ("reject", Some(why)),
     }
 }
@@ -277,7 +289,7 @@ fn bench(config_file: Option<&Path>, call: &LocalCall, n: u32) -> Result {
         let mut rejected = None;
         for _ in 0..n.min(500) {
             match handler.call_here(&msg, None) {
-                Outcome::Retry(why) => {
+                Outcome::Retry(why) | Outcome::RetryAfter(why, _) => {
                     return Err(Failure::new(
                         Exit::Failure,
                         format!("the handler failed (a retry, not an answer to measure): {why}"),
@@ -326,6 +338,8 @@ struct Expect {
     exact: bool,
     reason: Option<String>,
     reason_contains: Option<String>,
+    /// A retry the handler timed itself (`retry-after`), in ms.
+    retry_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, PartialEq)]
@@ -368,6 +382,14 @@ fn mismatch(expect: &Expect, outcome: &Outcome) -> Option<String> {
     {
         return Some(format!(
             "expected a reason containing {part:?}, got {reason:?}"
+        ));
+    }
+    if let Some(want) = expect.retry_after_ms
+        && retry_after_ms(outcome) != Some(want)
+    {
+        return Some(format!(
+            "expected a retry after {want} ms, got {}",
+            retry_after_ms(outcome).map_or("none".into(), |ms| format!("one after {ms} ms"))
         ));
     }
     if let Some(want) = &expect.replies {

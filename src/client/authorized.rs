@@ -371,6 +371,7 @@ impl Client {
         consumer: &str,
         id: &str,
         wait: Duration,
+        held: bool,
     ) -> Result<bool> {
         self.authorize(Op::Claim, stream)?;
         let cmd = super::recover::schedule_command(
@@ -379,12 +380,31 @@ impl Client {
             consumer,
             id,
             u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            held,
         );
         let scheduled: i64 = self
             .redis
             .query(&cmd, Ctx::new("EVAL", stream).group(group))
             .await?;
         Ok(scheduled == 1)
+    }
+
+    /// Takes up to `want` permits of `handler`'s rate limit (one per `interval_us`, `burst` at most
+    /// at once) for a loop of `stream`. Returns how many it got, and when none: how long until
+    /// `want` are free.
+    pub async fn take_permits(
+        &self,
+        stream: &str,
+        handler: &str,
+        interval_us: u64,
+        burst: u64,
+        want: u64,
+    ) -> Result<(u64, Duration)> {
+        self.authorize(Op::Claim, stream)?;
+        let key = super::rate::key(handler);
+        let cmd = super::rate::command(&key, interval_us, burst, want);
+        let (got, wait_us): (u64, u64) = self.redis.query(&cmd, Ctx::new("EVAL", &key)).await?;
+        Ok((got, Duration::from_micros(wait_us)))
     }
 
     /// How many of the group's messages wait for their retry's time.

@@ -15,6 +15,7 @@
 //! - [`commit`]: the commit script — replies and the ack in one atomic step.
 //! - [`slot`]: Redis Cluster hash slots: which keys share a slot, which master owns one.
 //! - [`outbox`]: replies across slots — the outbox written with the ack, and the relay's scripts.
+//! - [`rate`]: the script handing out a handler's rate-limit permits, shared by every daemon.
 //!
 //! Depends on [`crate::model`], [`crate::auth`] and [`crate::metrics`] only.
 
@@ -26,6 +27,7 @@ pub mod delayed;
 pub mod error;
 pub mod info;
 pub mod outbox;
+pub mod rate;
 pub mod reader;
 pub mod recover;
 pub mod restore;

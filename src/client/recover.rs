@@ -108,12 +108,18 @@ end
 return {{s, entries, counts, r[1], r[3] or {}}}
 "#;
 
-/// KEYS[1] stream; ARGV group, consumer, id, wait (ms), the group's scheduled retries. Records
-/// when the entry's retry is due — by Redis's clock, so daemons on hosts whose clocks differ agree —
-/// if the entry is still pending for this consumer (else someone else has it: nothing to schedule).
+/// KEYS[1] stream; ARGV group, consumer, id, wait (ms), the group's scheduled retries, `1` to give
+/// the delivery back. Records when the entry's retry is due — by Redis's clock, so daemons on hosts
+/// whose clocks differ agree — if the entry is still pending for this consumer (else someone else has
+/// it: nothing to schedule). A message held back by an open breaker never reached its handler: its
+/// delivery count goes back down by one (the claim at its time counts it again), so holding spends
+/// no delivery however often it happens.
 pub const SCHEDULE: &str = r#"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])[1]
 if not p then return 0 end
+if ARGV[6] == '1' and p[4] > 0 then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'RETRYCOUNT', p[4] - 1, 'JUSTID')
+end
 local t = redis.call('TIME')
 local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
 redis.call('ZADD', ARGV[5], due, ARGV[3])
@@ -165,8 +171,16 @@ pub fn command(stream: &str, group: &str, consumer: &str, after: &str, count: u6
     cmd
 }
 
-/// The call recording that `id`'s retry is due in `wait`.
-pub fn schedule_command(stream: &str, group: &str, consumer: &str, id: &str, wait_ms: u64) -> Cmd {
+/// The call recording that `id`'s retry is due in `wait` (`held`: it did not run, its delivery is
+/// given back).
+pub fn schedule_command(
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    id: &str,
+    wait_ms: u64,
+    held: bool,
+) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(SCHEDULE)
         .arg(1)
@@ -175,6 +189,7 @@ pub fn schedule_command(stream: &str, group: &str, consumer: &str, id: &str, wai
         .arg(consumer)
         .arg(id)
         .arg(wait_ms)
-        .arg(due_key(stream, group));
+        .arg(due_key(stream, group))
+        .arg(if held { "1" } else { "0" });
     cmd
 }

@@ -89,6 +89,9 @@ pub struct Checker<'a> {
     /// Where each table of an array came from (`consumers[2]` → its drop-in), for warnings about
     /// merged indexes.
     elements: Vec<(String, String)>,
+    /// Names of `[[handlers]]` entries that are the faults test handler (fault-injection builds):
+    /// routes and consumers may name them like WASM handlers.
+    pub faults_handlers: Vec<String>,
 }
 
 impl<'a> Checker<'a> {
@@ -105,6 +108,7 @@ impl<'a> Checker<'a> {
             warnings: Vec::new(),
             named: Vec::new(),
             elements: Vec::new(),
+            faults_handlers: Vec::new(),
         }
     }
 
@@ -217,6 +221,23 @@ impl<'a> Checker<'a> {
     }
 
     /// Like [`Checker::duration`] but zero is refused.
+    /// A percentage from `min`% to 100% (`"20%"`); `example` goes into the message.
+    pub fn percent(
+        &mut self,
+        path: &str,
+        v: &Loose<String>,
+        min: u32,
+        example: &str,
+    ) -> Option<u32> {
+        let expected = format!("a percentage from {min}% to 100%, e.g. \"{example}\"");
+        self.parse(path, v, &expected, |s| {
+            s.strip_suffix('%')
+                .and_then(|n| n.trim().parse::<u32>().ok())
+                .filter(|n| (min..=100).contains(n))
+                .ok_or_else(|| format!("not a percentage from {min}% to 100%"))
+        })
+    }
+
     pub fn positive_duration(&mut self, path: &str, v: &Loose<String>) -> Option<Duration> {
         let d = self.duration(path, v)?;
         if d.is_zero() {

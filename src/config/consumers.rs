@@ -280,17 +280,7 @@ fn retry(
     }
     let jitter_percent = match &r.jitter {
         None => Some(20),
-        Some(j) => c.parse(
-            &p("retry.jitter"),
-            j,
-            "a percentage from 0% to 100%, e.g. \"20%\"",
-            |s| {
-                s.strip_suffix('%')
-                    .and_then(|n| n.trim().parse::<u32>().ok())
-                    .filter(|n| *n <= 100)
-                    .ok_or_else(|| "not a percentage".to_string())
-            },
-        ),
+        Some(j) => c.percent(&p("retry.jitter"), j, 0, "20%"),
     };
     let jitter_percent = jitter_percent?;
     ok.then_some(Some(crate::engine::RetrySchedule {
@@ -540,6 +530,13 @@ fn handler_spec(
         },
         "faults" => faults_spec(c, i, rc, naming)?,
         other if handlers.iter().any(|h| h.name == other) => HandlerSpec::Wasm(other.to_owned()),
+        #[cfg(feature = "fault-injection")]
+        other if c.faults_handlers.iter().any(|h| h == other) => {
+            HandlerSpec::Faults(crate::engine::FaultSpec {
+                name: other.to_owned(),
+                ..Default::default()
+            })
+        }
         other => {
             let mut known: Vec<String> = vec!["drop".into(), "forward".into()];
             known.extend(handlers.iter().map(|h| h.name.clone()));
@@ -564,47 +561,12 @@ fn faults_spec(
     naming: &Naming,
 ) -> Option<HandlerSpec> {
     let f = rc.faults.clone().unwrap_or_default();
-    let p = |k: &str| format!("consumers[{i}].faults.{k}");
-    let reply_to = f.reply_to.as_ref().and_then(|r| {
-        c.parse(&p("reply_to"), r, "a stream name", |s| {
-            naming
-                .parse(s)
-                .map(|_| s.to_owned())
-                .map_err(|e| e.to_string())
-        })
-    });
-    let fail_field = f
-        .fail_field
-        .as_ref()
-        .and_then(|x| c.text(&p("fail_field"), x));
-    let fail_deliveries = f
-        .fail_deliveries
-        .as_ref()
-        .and_then(|x| c.get(&p("fail_deliveries"), x, "an integer"))
-        .unwrap_or(0);
-    let fail_every = f
-        .fail_every
-        .as_ref()
-        .and_then(|x| c.get(&p("fail_every"), x, "an integer"))
-        .unwrap_or(0);
-    let sleep = f
-        .sleep
-        .as_ref()
-        .and_then(|x| c.duration(&p("sleep"), x))
-        .unwrap_or_default();
-    let fail_while_file = f
-        .fail_while_file
-        .as_ref()
-        .and_then(|x| c.text(&p("fail_while_file"), x))
-        .map(std::path::PathBuf::from);
-    Some(HandlerSpec::Faults(crate::engine::FaultSpec {
-        reply_to,
-        fail_field,
-        fail_deliveries: u64::from(fail_deliveries),
-        fail_every: u64::from(fail_every),
-        sleep,
-        fail_while_file,
-    }))
+    Some(HandlerSpec::Faults(super::faults::faults_options(
+        c,
+        &format!("consumers[{i}].faults"),
+        &f,
+        naming,
+    )))
 }
 
 #[cfg(not(feature = "fault-injection"))]

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::checker::Checker;
-use super::raw::{RawConfig, RawRoute};
+use super::raw::{RawBreaker, RawConfig, RawRoute};
 use super::settings::DaemonIdentity;
 use crate::auth::Op;
+use crate::engine::guard::{BreakerSpec, GuardSpec, RateSpec};
 use crate::engine::router::{Action, Predicates, RouteSpec, StreamPattern};
 use crate::handlers::wasm::{RuntimeSettings, WasmSpec};
 use crate::model::ReplyLimit;
@@ -41,6 +42,9 @@ pub(super) fn handlers(
         });
     let mut out: Vec<WasmSpec> = Vec::new();
     for (i, h) in raw.handlers.iter().enumerate() {
+        if h.faults.is_some() {
+            continue; // a faults test handler: [`faults_handlers`]
+        }
         let p = |k: &str| format!("handlers[{i}].{k}");
         let name = match &h.name {
             Some(n) => c.parse(&p("name"), n, "a handler name", |s| {
@@ -159,6 +163,141 @@ pub(super) fn handlers(
         }
     }
     out
+}
+
+#[cfg(feature = "fault-injection")]
+pub(super) type NamedFaults = Vec<(String, crate::engine::FaultSpec)>;
+#[cfg(not(feature = "fault-injection"))]
+pub(super) type NamedFaults = Vec<()>;
+
+/// `[[handlers]]` entries with `faults = {…}`: the faults test handler under their own names (in
+/// builds without fault-injection, a problem). Their names go to the checker for routes and consumers.
+pub(super) fn faults_handlers(
+    raw: &RawConfig,
+    c: &mut Checker<'_>,
+    naming: &Naming,
+) -> NamedFaults {
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_mut))]
+    let mut out = Vec::new();
+    for (i, h) in raw.handlers.iter().enumerate() {
+        let Some(f) = &h.faults else { continue };
+        let at = format!("handlers[{i}]");
+        let Some(name) = h
+            .name
+            .as_ref()
+            .and_then(|n| c.text(&format!("{at}.name"), n))
+        else {
+            c.problem(
+                &format!("{at}.name"),
+                "missing: the name routes and consumers use",
+            );
+            continue;
+        };
+        if h.file.is_some() {
+            c.problem(&format!("{at}.file"), "a faults handler has no file");
+        }
+        #[cfg(feature = "fault-injection")]
+        {
+            let mut spec = super::faults::faults_options(c, &format!("{at}.faults"), f, naming);
+            spec.name.clone_from(&name);
+            c.faults_handlers.push(name.clone());
+            out.push((name, spec));
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            let _ = (f, naming, name);
+            c.problem(
+                &format!("{at}.faults"),
+                "the faults test handler exists only in builds with the fault-injection feature",
+            );
+        }
+    }
+    out
+}
+
+/// Each `[[handlers]]` entry's `breaker` and `rate`, by name (entries with neither are left out).
+pub(super) fn guards(raw: &RawConfig, c: &mut Checker<'_>) -> Vec<(String, GuardSpec)> {
+    let mut out = Vec::new();
+    for (i, h) in raw.handlers.iter().enumerate() {
+        let p = |k: &str| format!("handlers[{i}].{k}");
+        let Some(Ok(name)) = h.name.as_ref().map(|n| n.value.clone()) else {
+            continue;
+        };
+        let breaker = h
+            .breaker
+            .as_ref()
+            .and_then(|b| breaker(c, &p("breaker"), b));
+        let rate = h.rate.as_ref().and_then(|r| {
+            c.parse(
+                &p("rate"),
+                r,
+                "calls per second, minute or hour, e.g. \"200/s\"",
+                parse_rate,
+            )
+        });
+        if breaker.is_some() || rate.is_some() {
+            out.push((name, GuardSpec { breaker, rate }));
+        }
+    }
+    out
+}
+
+/// `breaker = { failures = "50%", min_calls = 20, window = "30s", open_for = "30s" }`, each key
+/// optional (those are the defaults).
+fn breaker(c: &mut Checker<'_>, at: &str, b: &RawBreaker) -> Option<BreakerSpec> {
+    let d = BreakerSpec::default();
+    let p = |k: &str| format!("{at}.{k}");
+    let failure_percent = match &b.failures {
+        None => Some(d.failure_percent),
+        Some(f) => c.percent(&p("failures"), f, 1, "50%"),
+    };
+    let min_calls = match &b.min_calls {
+        None => Some(d.min_calls),
+        Some(n) => match c.get(&p("min_calls"), n, "a positive integer") {
+            Some(0) => {
+                c.problem(&p("min_calls"), "0: give at least 1 call");
+                None
+            }
+            n => n,
+        },
+    };
+    let window = match &b.window {
+        None => Some(d.window),
+        Some(w) => c.positive_duration(&p("window"), w),
+    };
+    let open_for = match &b.open_for {
+        None => Some(d.open_for),
+        Some(o) => c.positive_duration(&p("open_for"), o),
+    };
+    Some(BreakerSpec {
+        failure_percent: failure_percent?,
+        min_calls: min_calls?,
+        window: window?,
+        open_for: open_for?,
+    })
+}
+
+/// `"200/s"`, `"30/m"`, `"1000/h"`: a positive count per second, minute or hour.
+fn parse_rate(s: &str) -> Result<RateSpec, String> {
+    let (count, unit) = s
+        .split_once('/')
+        .ok_or_else(|| "no \"/\": write a count per s, m or h".to_string())?;
+    let count: u32 = count
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{:?} is not a positive count", count.trim()))?;
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        other => return Err(format!("unknown unit {other:?}: s, m or h")),
+    };
+    if per.as_micros() / u128::from(count) == 0 {
+        return Err("more than one call per microsecond".into());
+    }
+    Ok(RateSpec { count, per })
 }
 
 pub(super) fn wasm_settings(
@@ -296,7 +435,10 @@ fn route_action(
     match (&r.handler, &r.forward, drop) {
         (Some(h), None, false) => {
             let name = c.text(&p("handler"), h)?;
-            if handlers.iter().any(|x| x.name == name) || name == "drop" {
+            let known = handlers.iter().any(|x| x.name == name)
+                || c.faults_handlers.contains(&name)
+                || name == "drop";
+            if known {
                 Some(if name == "drop" {
                     Action::Drop
                 } else {

@@ -17,6 +17,8 @@
 
 mod checker;
 mod consumers;
+#[cfg(feature = "fault-injection")]
+mod faults;
 mod handlers;
 mod limits;
 mod lint;

@@ -386,6 +386,22 @@ pub struct RawHandler {
     pub reuse_limit: Loose<u32>,
     pub require_sender_token: Loose<bool>,
     pub config: std::collections::BTreeMap<String, Loose<String>>,
+    /// A circuit breaker: stop calling the handler while most of its calls fail.
+    pub breaker: Option<RawBreaker>,
+    /// At most this many calls per second/minute/hour (`"200/s"`), across every daemon.
+    pub rate: Option<Loose<String>>,
+    /// In builds with the `fault-injection` feature: this entry is the `faults` test handler under
+    /// its own name (no `file`), so tests can route to it beside other handlers.
+    pub faults: Option<RawFaults>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawBreaker {
+    pub failures: Option<Loose<String>>,
+    pub min_calls: Option<Loose<u32>>,
+    pub window: Option<Loose<String>>,
+    pub open_for: Option<Loose<String>>,
 }
 
 impl Default for RawHandler {
@@ -400,6 +416,9 @@ impl Default for RawHandler {
             reuse_limit: Loose::ok(10_000),
             require_sender_token: Loose::ok(false),
             config: Default::default(),
+            breaker: None,
+            rate: None,
+            faults: None,
         }
     }
 }

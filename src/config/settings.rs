@@ -49,6 +49,11 @@ pub struct Settings {
     pub retention_interval: Duration,
     pub retention: Vec<Retention>,
     pub handlers: Vec<WasmSpec>,
+    /// The breakers and rate limits of `[[handlers]]` entries, by handler name.
+    pub guards: Vec<(String, crate::engine::guard::GuardSpec)>,
+    /// Named faults handlers (`[[handlers]]` entries with `faults = {…}`; test builds only).
+    #[cfg(feature = "fault-injection")]
+    pub faults: Vec<(String, crate::engine::FaultSpec)>,
     pub routes: Vec<RouteSpec>,
     /// The drop-in files merged after `file` (`<name>.d/*.toml` beside it), in the order read.
     pub dropins: Vec<PathBuf>,

@@ -78,6 +78,10 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
     let limits = super::limits::limits(raw, c);
     let (entry_limit, reply_limit) = limits.unwrap_or_default();
     let handlers = super::handlers::handlers(raw, c, &naming, id_ref, c.base_dir);
+    let faults = super::handlers::faults_handlers(raw, c, &naming);
+    let guards = super::handlers::guards(raw, c);
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = faults;
     let wasm = super::handlers::wasm_settings(raw, c, &handlers, reply_limit);
     let routes =
         super::handlers::routes(&raw.routes, "routes", None, c, &naming, id_ref, &handlers);
@@ -154,6 +158,9 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
         consumers,
         wasm: wasm?,
         handlers,
+        guards,
+        #[cfg(feature = "fault-injection")]
+        faults,
         routes,
         identity: identity?,
         naming: Arc::new(naming),

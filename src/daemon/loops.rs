@@ -45,6 +45,8 @@ pub(super) struct Daemon {
     pub(super) prepared: Prepared,
     pub(super) client: Client,
     pub(super) health: Arc<Health>,
+    /// The handlers' breakers and rate limits, shared by every loop; reconfigured by reload.
+    pub(super) guards: Arc<crate::engine::guard::Guards>,
     pub(super) running: HashMap<Key, Running>,
     /// Consumers waiting for their predecessor (same group, changed settings) to drain.
     pub(super) waiting: HashMap<Key, (ConsumerSettings, Arc<Router>)>,
@@ -192,6 +194,7 @@ impl Daemon {
             client: self.client.clone(),
             router: router.clone(),
             keys: self.settings.auth.keys.clone(),
+            guards: self.guards.clone(),
             stats: Arc::new(Stats {
                 stream: cfg.stream.to_string(),
                 group: cfg.group.clone(),

@@ -70,6 +70,18 @@ pub fn prepare_with(
         stream: r.stream.clone(),
         when: r.when.clone(),
         target: match &r.action {
+            #[cfg(feature = "fault-injection")]
+            Action::Handler(name) if !handlers.contains_key(name) => Target::Handler {
+                handler: build(
+                    &HandlerSpec::Faults(crate::engine::FaultSpec {
+                        name: name.clone(),
+                        ..Default::default()
+                    }),
+                    &handlers,
+                    settings,
+                ),
+                require_sender_token: false,
+            },
             Action::Handler(name) => Target::Handler {
                 handler: Arc::new(handlers[name].clone()),
                 require_sender_token: handlers[name].require_sender_token,
@@ -89,7 +101,7 @@ pub fn prepare_with(
                 Some(spec) => {
                     let require =
                         matches!(spec, HandlerSpec::Wasm(n) if handlers[n].require_sender_token);
-                    Router::single(build(spec, &handlers), require)
+                    Router::single(build(spec, &handlers, settings), require)
                 }
                 None => {
                     let routes: Vec<Route> = c.routes.iter().map(resolve).collect();
@@ -105,22 +117,41 @@ pub fn prepare_with(
     })
 }
 
-/// The handler of `spec`, with WASM handlers taken from `wasm` (validation made sure the name is there).
-fn build(spec: &HandlerSpec, wasm: &HashMap<String, WasmHandler>) -> Arc<dyn Handler> {
+/// The handler of `spec`, with WASM handlers taken from `wasm` (validation made sure the name is there)
+/// and a named faults handler's options from `settings`.
+fn build(
+    spec: &HandlerSpec,
+    wasm: &HashMap<String, WasmHandler>,
+    settings: &Settings,
+) -> Arc<dyn Handler> {
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = settings;
     match spec {
         HandlerSpec::Drop => Arc::new(builtin::Drop),
         HandlerSpec::Forward { to } => Arc::new(builtin::Forward { to: to.clone() }),
         HandlerSpec::Wasm(name) => Arc::new(wasm[name].clone()),
         #[cfg(feature = "fault-injection")]
-        HandlerSpec::Faults(f) => Arc::new(builtin::Faults {
-            reply_to: f.reply_to.clone(),
-            fail_field: f.fail_field.clone(),
-            fail_deliveries: f.fail_deliveries,
-            fail_every: f.fail_every,
-            sleep: f.sleep,
-            fail_while_file: f.fail_while_file.clone(),
-            calls: Default::default(),
-        }),
+        HandlerSpec::Faults(f) => {
+            let named = settings
+                .faults
+                .iter()
+                .find(|(n, _)| !f.name.is_empty() && *n == f.name);
+            let f = named.map_or(f, |(_, spec)| spec);
+            Arc::new(builtin::Faults {
+                name: if f.name.is_empty() {
+                    "faults".into()
+                } else {
+                    f.name.clone()
+                },
+                reply_to: f.reply_to.clone(),
+                fail_field: f.fail_field.clone(),
+                fail_deliveries: f.fail_deliveries,
+                fail_every: f.fail_every,
+                sleep: f.sleep,
+                fail_while_file: f.fail_while_file.clone(),
+                calls: Default::default(),
+            })
+        }
     }
 }
 

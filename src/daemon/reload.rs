@@ -94,6 +94,7 @@ impl Daemon {
             .map(|(c, r)| (key(&c), (c, r)))
             .collect();
         let changes = Changes::between((&self.settings, &self.prepared), (&new, &prepared));
+        self.guards.configure(&new.guards);
         for w in &new.warnings {
             warn!(key = %w.path, "config: {}", w.message);
         }

@@ -65,10 +65,13 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     let (polled, polled_rx) = tokio::sync::watch::channel(settings.consumers.clone());
     let mut side = services::listen(&settings, changed, commands_tx.clone(), &stop).await?;
     let identity = settings.identity.clone();
+    let guards = Arc::new(crate::engine::guard::Guards::new(health.clone()));
+    guards.configure(&settings.guards);
     let mut d = Daemon {
         settings,
         prepared,
         client,
+        guards,
         health,
         running: HashMap::new(),
         waiting: HashMap::new(),

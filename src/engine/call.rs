@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use super::events::{Events, trace_of};
 use super::flight::Job;
+use super::guard::{Guard, Guards};
 use super::machine;
 use super::settings::ConsumerSettings;
 use crate::auth::Op;
@@ -30,6 +31,11 @@ pub struct Done {
     pub msg: Message,
     pub effect: Result<Effect, String>,
     pub handler: Arc<str>,
+    /// The call was its handler's breaker probe and failed: held until then, its delivery given
+    /// back (a probe is the breaker's attempt, not the message's).
+    pub held_until: Option<std::time::Instant>,
+    /// The handler asked to be retried after this long (`retry-after`), not at the schedule's step.
+    pub retry_after: Option<Duration>,
 }
 
 /// Where a loop's handler results go.
@@ -39,6 +45,8 @@ pub type Results = mpsc::UnboundedSender<Vec<Done>>;
 pub struct Calls {
     pub cfg: Arc<ConsumerSettings>,
     pub client: Client,
+    /// Every call's end is told to its handler's breaker, if it has one.
+    pub guards: Arc<Guards>,
     pub results: Results,
 }
 
@@ -101,6 +109,7 @@ impl Calls {
         let name: Arc<str> = handler.name().into();
         Conclude {
             timer: events.timer(&name),
+            guard: self.guards.get(&name),
             name,
             cfg: self.cfg.clone(),
             client: self.client.clone(),
@@ -113,6 +122,7 @@ impl Calls {
 struct Conclude {
     name: Arc<str>,
     timer: HandlerTimer,
+    guard: Option<Arc<Guard>>,
     cfg: Arc<ConsumerSettings>,
     client: Client,
     results: Results,
@@ -123,6 +133,33 @@ impl Conclude {
     /// may publish.
     fn done(&self, msg: Message, outcome: Outcome, took: Duration) -> Done {
         self.timer.observe(took.as_secs_f64());
+        let retry_after = match &outcome {
+            Outcome::RetryAfter(_, after) => Some(*after),
+            _ => None,
+        };
+        let mut held_until = None;
+        if let Some(breaker) = self.guard.as_ref().and_then(|g| g.breaker.as_ref()) {
+            match &outcome {
+                // Escaped: a guest's text cannot forge log lines.
+                Outcome::Retry(why) | Outcome::RetryAfter(why, _) => {
+                    held_until =
+                        breaker.record(&msg.id, Some(&crate::logging::escape(why.as_bytes(), 200)));
+                    if held_until.is_some() {
+                        return Done {
+                            effect: Err(why.clone()),
+                            msg,
+                            handler: self.name.clone(),
+                            held_until,
+                            retry_after,
+                        };
+                    }
+                }
+                // A message its handler rejects says nothing about the handler's health.
+                Outcome::Success(_) | Outcome::Reject(_) => {
+                    breaker.record(&msg.id, None);
+                }
+            }
+        }
         let may_publish = |stream: &str| self.client.authorize(Op::Publish, stream);
         let max = self.cfg.max_deliveries;
         let effect = machine::decide(outcome, msg.deliveries, max, may_publish);
@@ -130,6 +167,8 @@ impl Conclude {
             msg,
             effect,
             handler: self.name.clone(),
+            held_until,
+            retry_after,
         }
     }
 

@@ -23,6 +23,7 @@ use super::call::{Calls, Done};
 use super::cursor::{Cursor, Reading};
 use super::events::{Events, Stats};
 use super::flight::{Flight, Job};
+use super::guard::{Admit, Guard, Guards};
 use super::machine::{self, CommitFailure, Dispatch, Isolated, Settle};
 use super::pace::Pace;
 use super::router::Router;
@@ -51,6 +52,8 @@ pub struct Consumer {
     pub router: Arc<ArcSwap<Router>>,
     /// Verifies `_token` on routes that require a signed sender.
     pub keys: Arc<KeySet>,
+    /// The handlers' breakers and rate limits, shared by every loop of the daemon.
+    pub guards: Arc<Guards>,
     pub stats: Arc<Stats>,
     /// Where this loop reports until when it is healthy, for the watchdog.
     pub liveness: Arc<Liveness>,
@@ -64,6 +67,9 @@ type RoundResult = (GroupReader, Result<Round, Error>);
 
 /// What a commit task hands back: the script's reply.
 type CommitResult = Result<redis::Value, Error>;
+
+/// A job that waited for its rate limit's permit: to run (true), or released by a drain (false).
+type Permitted = (Job, bool);
 
 /// The loop's state: the entries' bookkeeping ([`Flight`]) and where the loop is in Redis.
 struct State {
@@ -90,6 +96,10 @@ struct State {
     /// How much to read at once and hold in flight.
     pace: Pace,
     events: Events,
+    /// Jobs waiting for a rate limit's permit (counted as running in `flight`), and what stops their
+    /// waits when the loop drains.
+    throttled: usize,
+    stop_waits: tokio_util::sync::CancellationToken,
 }
 
 impl Consumer {
@@ -117,8 +127,10 @@ impl Consumer {
         let calls = Calls {
             cfg: self.cfg.clone(),
             client: self.client.clone(),
+            guards: self.guards.clone(),
             results,
         };
+        let (permits, mut permitted) = mpsc::unbounded_channel::<Permitted>();
         let mut st = self.state(position)?;
         let mut claim_tick =
             tokio::time::interval_at(Instant::now() + cfg.claim_interval, cfg.claim_interval);
@@ -136,6 +148,7 @@ impl Consumer {
             // Hand what was routed (and what its order_by key let go) to the handlers.
             let ready = st.flight.start_ready();
             if !ready.is_empty() {
+                let ready = self.guard(ready, &mut st, &permits);
                 calls.launch(ready, &mut st.events);
             }
 
@@ -185,6 +198,18 @@ impl Consumer {
                     st.cursor.claim_due();
                 }
                 _ = sleep_until(st.retry_at), if st.retry_at.is_some() => st.retry_at = None,
+                Some(first) = permitted.recv() => {
+                    let mut run = Vec::new();
+                    for (job, go) in std::iter::once(first).chain(std::iter::from_fn(|| permitted.try_recv().ok())) {
+                        st.throttled -= 1;
+                        if go {
+                            run.push(job);
+                        } else {
+                            st.flight.ran(job.msg, None, job.handler.name().into());
+                        }
+                    }
+                    calls.launch(run, &mut st.events);
+                }
             }
         }
     }
@@ -206,6 +231,8 @@ impl Consumer {
             cursor: Cursor::new(position),
             pace: Pace::new(cfg.batch_size, cfg.in_flight, cfg.claim_min_idle),
             events: Events::new(self.cfg.clone(), self.stats.clone(), self.liveness.clone()),
+            throttled: 0,
+            stop_waits: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -266,8 +293,11 @@ impl Consumer {
             t + slack
         } else if let Some(t) = waiting {
             t + read_bound + slack
-        } else if st.flight.running() > 0 {
+        } else if st.flight.running() > st.throttled {
             st.last_progress + self.cfg.handler_timeout + slack
+        } else if st.throttled > 0 {
+            // Waiting for a rate limit's permits is waiting on purpose.
+            Instant::now() + slack
         } else {
             st.last_progress + slack
         }
@@ -283,6 +313,8 @@ impl Consumer {
             st.flight.recommit(std::mem::take(&mut st.in_round));
         }
         let released = st.flight.release_queued();
+        // Calls waiting for a rate limit's permit never started: they stay pending for the next start.
+        st.stop_waits.cancel();
         st.events.draining(st.flight.running(), released);
     }
 
@@ -628,27 +660,31 @@ impl Consumer {
         }
     }
 
-    /// With a `retry` schedule, records in Redis when the message a handler asked to retry is due (on
-    /// a task of its own: the loop goes on). Should that fail, the message is claimed as one without a
-    /// schedule is: once it has idled `claim_min_idle`.
+    /// With a `retry` schedule, records in Redis when the message a handler asked to retry is due.
     fn schedule_retry(&self, msg: &Message) -> Option<Duration> {
         let schedule = self.cfg.retry.as_ref()?;
-        // A number in [0, 1) for the jitter; the middle if the OS has no randomness to give.
-        let unit = getrandom::u64().map_or(0.5, |r| (r >> 11) as f64 / (1u64 << 53) as f64);
-        let wait = schedule.after(msg.deliveries, unit);
+        let wait = schedule.after(msg.deliveries, random_unit());
+        self.schedule(&msg.id, wait, false);
+        Some(wait)
+    }
+
+    /// Records in Redis when `id` is due again (on a task of its own: the loop goes on); `held`: it
+    /// did not run, and its delivery is given back. Should that fail, the message is claimed as one
+    /// without a schedule is: once it has idled `claim_min_idle`.
+    fn schedule(&self, id: &str, wait: Duration, held: bool) {
         let client = self.client.clone();
         let (stream, group, consumer) = (
             self.cfg.stream.clone(),
             self.cfg.group.clone(),
             self.cfg.consumer.clone(),
         );
-        let id = msg.id.clone();
+        let id = id.to_owned();
         let task = async move {
             match client
-                .schedule_retry(&stream, &group, &consumer, &id, wait)
+                .schedule_retry(&stream, &group, &consumer, &id, wait, held)
                 .await
             {
-                Ok(true) => tracing::debug!(id, ?wait, "retry scheduled"),
+                Ok(true) => tracing::debug!(id, ?wait, held, "retry scheduled"),
                 Ok(false) => tracing::debug!(id, "not ours any more: no retry to schedule"),
                 Err(e) => tracing::warn!(
                     id,
@@ -658,7 +694,72 @@ impl Consumer {
             }
         };
         tokio::spawn(tracing::Instrument::in_current_span(task));
-        Some(wait)
+    }
+
+    /// The jobs that may run now. A job whose handler's breaker is open is held: released, pending in
+    /// Redis with its delivery given back, due when the breaker lets a probe through. A job whose
+    /// handler's rate limit has no permit for it waits on a task of its own, and comes back through
+    /// `permits`.
+    fn guard(
+        &self,
+        ready: Vec<Job>,
+        st: &mut State,
+        permits: &mpsc::UnboundedSender<Permitted>,
+    ) -> Vec<Job> {
+        let mut run = Vec::with_capacity(ready.len());
+        for job in ready {
+            let Some(guard) = self.guards.get(job.handler.name()) else {
+                run.push(job);
+                continue;
+            };
+            if let Some(breaker) = &guard.breaker
+                && let Admit::Hold(until) = breaker.admit(&job.msg.id)
+            {
+                let wait = breaker.hold_for(until, random_unit());
+                st.events.held(&job.msg, job.handler.name(), wait);
+                self.schedule(&job.msg.id, wait, true);
+                st.flight.ran(job.msg, None, job.handler.name().into());
+                continue;
+            }
+            match &guard.rate {
+                Some(rate) if !rate.try_take() => {
+                    self.wait_for_permit(job, guard.clone(), st, permits)
+                }
+                _ => run.push(job),
+            }
+        }
+        run
+    }
+
+    /// Runs `job` once its handler's rate limit gives a permit (or hands it back when the loop drains).
+    fn wait_for_permit(
+        &self,
+        job: Job,
+        guard: Arc<Guard>,
+        st: &mut State,
+        permits: &mpsc::UnboundedSender<Permitted>,
+    ) {
+        st.throttled += 1;
+        crate::metrics::global()
+            .rate_waited
+            .get_or_create(&crate::metrics::HandlerLabels {
+                handler: job.handler.name().to_owned(),
+            })
+            .inc();
+        let (client, stream) = (self.client.clone(), self.cfg.stream.clone());
+        let (stop, permits) = (st.stop_waits.clone(), permits.clone());
+        let task = async move {
+            let go = match &guard.rate {
+                Some(rate) => tokio::select! {
+                    () = rate.acquire(&client, &stream) => true,
+                    () = stop.cancelled() => false,
+                },
+                None => true,
+            };
+            // The loop outlives its waits except at an immediate exit, when this is moot.
+            let _ = permits.send((job, go));
+        };
+        tokio::spawn(tracing::Instrument::in_current_span(task));
     }
 
     /// Takes a finished handler's result into the commit queue and lets the next message of its key run.
@@ -667,18 +768,42 @@ impl Consumer {
             msg,
             effect,
             handler,
+            held_until,
+            retry_after,
         } = done;
         match effect {
             Ok(effect) => {
                 st.flight.ran(msg, Some(effect), handler);
             }
             Err(reason) => {
-                let wait = self.schedule_retry(&msg);
+                let wait = match (held_until, self.guards.get(&handler)) {
+                    (Some(until), Some(guard)) if guard.breaker.is_some() => {
+                        let wait = guard
+                            .breaker
+                            .as_ref()
+                            .map_or(Duration::ZERO, |b| b.hold_for(until, random_unit()));
+                        self.schedule(&msg.id, wait, true);
+                        Some(wait)
+                    }
+                    // The handler said when: that, instead of the schedule's step.
+                    _ => match retry_after {
+                        Some(after) => {
+                            self.schedule(&msg.id, after, false);
+                            Some(after)
+                        }
+                        None => self.schedule_retry(&msg),
+                    },
+                };
                 st.events.retried(&msg, &handler, &reason, wait);
                 st.flight.ran(msg, None, handler);
             }
         }
     }
+}
+
+/// A number in [0, 1) for jitter; the middle if the OS has no randomness to give.
+fn random_unit() -> f64 {
+    getrandom::u64().map_or(0.5, |r| (r >> 11) as f64 / (1u64 << 53) as f64)
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -347,6 +347,24 @@ impl Events {
         }
     }
 
+    /// A message held back by its handler's open breaker: pending, its delivery given back, due again
+    /// in `wait`. Counted (`redstream_breaker_held_total`); the breaker's own lines say why.
+    pub fn held(&mut self, msg: &Message, handler: &str, wait: Duration) {
+        crate::metrics::global()
+            .breaker_held
+            .get_or_create(&crate::metrics::HandlerLabels {
+                handler: handler.to_owned(),
+            })
+            .inc();
+        tracing::debug!(
+            message_id = %msg.id,
+            handler,
+            deliveries = msg.deliveries,
+            "held back by the handler's open breaker; due again in {}",
+            humantime::format_duration(Duration::from_millis(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)))
+        );
+    }
+
     /// A failure a handler decided or caused, counted for it (dead letters the engine or the router
     /// decided — delivered too often, unmatched — are no handler's: no handler that ran has them).
     fn handler_failed(&mut self, handler: &Arc<str>) {

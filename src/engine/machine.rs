@@ -131,10 +131,14 @@ pub fn decide<E: Display>(
             }
             Ok(Effect::Replies(replies))
         }
-        Outcome::Retry(reason) if deliveries >= u64::from(max_deliveries) => Ok(
-            Effect::DeadLetter(format!("{reason} (gave up after {deliveries} deliveries)")),
-        ),
-        Outcome::Retry(reason) => Err(reason),
+        Outcome::Retry(reason) | Outcome::RetryAfter(reason, _)
+            if deliveries >= u64::from(max_deliveries) =>
+        {
+            Ok(Effect::DeadLetter(format!(
+                "{reason} (gave up after {deliveries} deliveries)"
+            )))
+        }
+        Outcome::Retry(reason) | Outcome::RetryAfter(reason, _) => Err(reason),
         Outcome::Reject(reason) => Ok(Effect::DeadLetter(reason)),
     }
 }

@@ -12,6 +12,8 @@
 //!   ([`Stats`] and the metrics) and health together.
 //! - [`flight`]: the loop's bookkeeping without I/O — admission, in-flight limit, per-key order,
 //!   commit batches and what their verdicts release; unit-tested on its own.
+//! - [`guard`]: per-handler breakers and rate limits, shared by every loop of the daemon; the
+//!   breaker's decisions unit-tested on their own.
 //! - [`pace`]: how much the loop reads at once and holds in flight, adapted to backlog and handler
 //!   speed within the configured caps; plain arithmetic, unit-tested on its own.
 //! - [`router`]: which handler a message goes to (stream pattern + field predicates).
@@ -26,6 +28,7 @@ pub mod consumer;
 pub mod cursor;
 pub mod events;
 pub mod flight;
+pub mod guard;
 pub mod machine;
 pub mod pace;
 pub mod relay;

@@ -68,6 +68,9 @@ pub enum HandlerSpec {
 #[cfg(feature = "fault-injection")]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FaultSpec {
+    /// Its `[[handlers]]` name; empty for a consumer's own (`faults`). A consumer naming a
+    /// `[[handlers]]` faults entry gets its options from there (`daemon::prepare`).
+    pub name: String,
     pub reply_to: Option<String>,
     pub fail_field: Option<String>,
     pub fail_deliveries: u64,

@@ -42,6 +42,8 @@ impl Handler for Forward {
 /// stalls and replies on command, so the tests can drive the real binary through every outcome.
 #[cfg(feature = "fault-injection")]
 pub struct Faults {
+    /// "faults", or its `[[handlers]]` name.
+    pub name: String,
     /// Publish one reply per message here (with the message's fields), or to the message's own
     /// `_reply_to` when it names one.
     pub reply_to: Option<String>,
@@ -62,7 +64,7 @@ pub struct Faults {
 #[cfg(feature = "fault-injection")]
 impl Handler for Faults {
     fn name(&self) -> &str {
-        "faults"
+        &self.name
     }
 
     fn handle<'a>(&'a self, msg: &'a Message) -> BoxFuture<'a, Outcome> {

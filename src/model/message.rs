@@ -60,9 +60,11 @@ pub struct Reply {
 pub enum Outcome {
     /// Done: commit these replies together with the ack.
     Success(Vec<Reply>),
-    /// Failed for now: leave it pending; it is redelivered after `claim_min_idle`, counted against
-    /// `max_deliveries`.
+    /// Failed for now: leave it pending; it is redelivered after `claim_min_idle` (or at the
+    /// consumer's next retry step), counted against `max_deliveries`.
     Retry(String),
+    /// Like `Retry`, at a time the handler chose: redelivered after this long.
+    RetryAfter(String, std::time::Duration),
     /// Will never succeed: dead-letter it now.
     Reject(String),
 }

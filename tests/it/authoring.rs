@@ -710,7 +710,7 @@ fn echo_parity_across_languages() {
             "task_write",
         ]);
         assert_eq!(code, Some(0), "{}: {out}{err}", c.display());
-        assert!(out.contains("6 of 6 cases passed"), "{out}");
+        assert!(out.contains("7 of 7 cases passed"), "{out}");
     }
     for line in std::fs::read_to_string(&cases).unwrap().lines() {
         let case: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -737,6 +737,36 @@ fn echo_parity_across_languages() {
         assert_eq!(outputs[0], outputs[1], "rust vs js for {message}");
         assert_eq!(outputs[0], outputs[2], "rust vs python for {message}");
     }
+}
+
+/// A component built against redstream:handler@0.1.0 (the echo example as it was before 0.1.1 added
+/// `retry-after`; kept as a fixture) links and runs unchanged on this daemon: later 0.1.x versions
+/// only add to the contract.
+#[test]
+fn a_handler_built_against_the_previous_contract_runs_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = crate::util::fixture("handlers/echo-wit-0.1.0.wasm");
+    let cases = std::fs::read_to_string(root().join("handlers/examples/echo/cases.jsonl")).unwrap();
+    let before: Vec<&str> = cases
+        .lines()
+        .filter(|l| !l.contains("retry_after_ms"))
+        .collect();
+    let file = dir.path().join("cases.jsonl");
+    std::fs::write(&file, before.join("\n")).unwrap();
+    let (code, out, err) = redstream(&[
+        "handler",
+        "test",
+        old.to_str().unwrap(),
+        "--cases",
+        file.to_str().unwrap(),
+        "--role",
+        "task_write",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains(&format!("{0} of {0} cases passed", before.len())),
+        "{out}"
+    );
 }
 
 fn copy_tree(from: &Path, to: &Path) {

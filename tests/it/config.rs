@@ -281,6 +281,67 @@ fn retry_schedules_are_validated_step_by_step() {
     assert_eq!(s.consumers[1].retry, None);
 }
 
+/// `breaker` and `rate` of a `[[handlers]]` entry: every key checked with its path, the defaults of
+/// a `breaker = {}`, and the rate's units.
+#[test]
+fn breakers_and_rate_limits_are_validated_key_by_key() {
+    let handler = |name: &str, guard: &str| {
+        format!("[[handlers]]\nname = \"{name}\"\nfaults = {{}}\n{guard}\n")
+    };
+    let consumer = "[[consumers]]\nstream = \"nova:task:a:b\"\ngroup = \"g\"\nhandler = \"h0\"\n";
+    let p = problems(&with_consumers(&format!(
+        "{consumer}{}{}{}",
+        handler(
+            "h0",
+            r#"breaker = { failures = "120%", min_calls = 0, window = "0s", open_for = "later" }"#
+        ),
+        handler("h1", r#"rate = "fast""#),
+        handler("h2", r#"rate = "10/d""#),
+    )));
+    let text: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+    for (path, says) in [
+        ("handlers[0].breaker.failures", "120%"),
+        ("handlers[0].breaker.min_calls", "at least 1"),
+        ("handlers[0].breaker.window", "above zero"),
+        ("handlers[0].breaker.open_for", "later"),
+        ("handlers[1].rate", "fast"),
+        ("handlers[2].rate", "unknown unit \"d\""),
+    ] {
+        assert!(
+            p.iter()
+                .any(|p| p.path == path && p.to_string().contains(says)),
+            "{path} ({says}) missing from {text:#?}"
+        );
+    }
+    let unknown = settings_from(&with_consumers(&format!(
+        "{consumer}{}",
+        handler("h0", r#"breaker = { failure = "50%" }"#)
+    )))
+    .expect_err("an unknown key")
+    .to_string();
+    assert!(unknown.contains("failure"), "{unknown}");
+
+    let s = settings_from(&with_consumers(&format!(
+        "{consumer}{}{}",
+        handler("h0", "breaker = {}\nrate = \"30/m\""),
+        handler("h1", r#"breaker = { failures = "25%", open_for = "1m" }"#),
+    )))
+    .unwrap();
+    let guard = |name: &str| s.guards.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let b = guard("h0").breaker.unwrap();
+    assert_eq!(
+        (b.failure_percent, b.min_calls, b.window, b.open_for),
+        (50, 20, Duration::from_secs(30), Duration::from_secs(30))
+    );
+    assert_eq!(guard("h0").rate.unwrap().to_string(), "30/m");
+    let b = guard("h1").breaker.unwrap();
+    assert_eq!(
+        (b.failure_percent, b.open_for),
+        (25, Duration::from_secs(60))
+    );
+    assert_eq!(guard("h1").rate, None);
+}
+
 /// `[limits]`, batch_size and in_flight stay within what one commit can carry, and say so.
 #[test]
 fn limits_are_capped_at_what_a_commit_carries() {

@@ -121,6 +121,9 @@ async fn start(
             false,
         ))),
         keys: settings(&server.url()).auth.keys,
+        guards: Arc::new(redstream::engine::guard::Guards::new(Arc::new(
+            Health::default(),
+        ))),
         stats: Arc::new(Stats::default()),
         liveness: health.register(me, Duration::from_secs(30)),
         retry_min: Duration::from_millis(50),

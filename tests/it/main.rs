@@ -51,6 +51,8 @@ mod authoring;
 mod package;
 // The .deb booted under a real systemd (systemd-nspawn).
 mod boot;
+// Per-handler breakers and rate limits.
+mod breaker;
 // Redis Cluster: failover, resharding, the outbox across slots, several daemons.
 mod cluster;
 

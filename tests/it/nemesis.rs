@@ -246,10 +246,19 @@ fn config(server: &RedisServer, instance: usize, cache: &Path, changed: bool) ->
              faults = {{ reply_to = \"{out}\"{faults} }}\n"
         )
     };
-    // Group g's failures are retried on a schedule (due times in Redis, across faults); o's never fail.
-    let mut consumers = group("g", OUT, DLQ, ", fail_every = 17").replace(
+    // Group g's failures are retried on a schedule (due times in Redis, across faults), and its
+    // handler has a breaker that one failure in 17 opens now and then (held messages, probes, deliveries
+    // given back, across faults); o's never fail.
+    let mut consumers = group("g", OUT, DLQ, "").replace(
         "handler = \"faults\"\n",
-        "handler = \"faults\"\nretry = { backoff = [\"200ms\", \"1s\"], jitter = \"50%\" }\n",
+        "handler = \"g-faults\"\nretry = { backoff = [\"200ms\", \"1s\"], jitter = \"50%\" }\n",
+    );
+    consumers = consumers.replace(
+        &format!("faults = {{ reply_to = \"{OUT}\" }}\n"),
+        &format!(
+            "[[handlers]]\nname = \"g-faults\"\nfaults = {{ reply_to = \"{OUT}\", fail_every = 17 }}\n\
+             breaker = {{ failures = \"5%\", min_calls = 10, window = \"2s\", open_for = \"500ms\" }}\n"
+        ),
     );
     if instance == 0 {
         consumers.push_str(&group("o", ORDERED, DLQ_O, ""));
@@ -374,6 +383,8 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
     let mut n = 0usize;
     // A reload the daemon refuses would test nothing: the harness's own configs must be valid.
     let mut refused_reloads = 0;
+    // How often group g's breaker opened (it should, now and then: its handler fails one call in 17).
+    let mut breakers_opened = 0;
     for step in &schedule.steps {
         for content in &step.contents {
             let key = (n % 7).to_string();
@@ -437,6 +448,7 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
                 Fault::KillDaemon(i) => {
                     daemons[i].kill9();
                     refused_reloads += daemons[i].count_log("reload refused");
+                    breakers_opened += daemons[i].count_log("breaker opened");
                     daemons[i] = Daemon::running(&config(&server, i, changed[i]), &[]);
                 }
                 Fault::StopDaemon(i) => {
@@ -446,6 +458,7 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
                         "{schedule}: a clean drain at SIGTERM"
                     );
                     refused_reloads += daemons[i].count_log("reload refused");
+                    breakers_opened += daemons[i].count_log("breaker opened");
                     daemons[i] = Daemon::running(&config(&server, i, changed[i]), &[]);
                 }
                 Fault::PauseDaemon(i, ms) => {
@@ -582,6 +595,7 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
             "{schedule}: a clean drain"
         );
         refused_reloads += d.count_log("reload refused");
+        breakers_opened += d.count_log("breaker opened");
     }
     assert_eq!(
         refused_reloads, 0,
@@ -650,7 +664,7 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
         .filter(|e| e.fields.get_str("what") == Some("publish-denied"))
         .count();
     println!(
-        "nemesis seed {}: {} trapping signed messages ({} dead-lettered), {denied} publishes refused by roles",
+        "nemesis seed {}: {} trapping signed messages ({} dead-lettered), {denied} publishes refused by roles, group g's breaker opened {breakers_opened} times",
         schedule.seed,
         trapping.len(),
         trapped.values().sum::<usize>()

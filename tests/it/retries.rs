@@ -30,11 +30,7 @@ const SCHEDULE: &str = "retry = { backoff = [\"500ms\", \"1s\", \"2s\", \"4s\"],
 
 /// Delivery count of each entry pending in IN's group.
 fn deliveries(server: &RedisServer) -> HashMap<String, u64> {
-    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(&[IN, "g", "-", "+", "1000"])
-        .query(&mut server.conn())
-        .unwrap();
-    rows.into_iter().map(|(id, _, _, n)| (id, n)).collect()
+    server.deliveries(IN, "g")
 }
 
 /// Ten messages through an outage of 5.5 s; `during(n)` runs once all of them failed their `n`th
@@ -113,18 +109,13 @@ fn assert_drained(server: &RedisServer, ids: &[String]) {
     wait_for("every message answered", Duration::from_secs(30), || {
         (server.xlen(OUT) >= ids.len() as u64 && server.pending(IN, "g") == 0).then_some(())
     });
-    let mut causes: Vec<String> = server
-        .entries(OUT)
-        .iter()
-        .map(|e| {
-            let cause = e.fields.get_str("_cause").unwrap();
-            cause.rsplit('/').next().unwrap().to_owned()
-        })
-        .collect();
-    causes.sort();
     let mut want = ids.to_vec();
     want.sort();
-    assert_eq!(causes, want, "each message answered exactly once");
+    assert_eq!(
+        server.answered(OUT),
+        want,
+        "each message answered exactly once"
+    );
     assert_eq!(server.xlen(DLQ), 0);
     let scheduled: u64 = redis::cmd("ZCARD")
         .arg(redstream::client::recover::due_key(IN, "g"))
@@ -229,4 +220,54 @@ fn the_schedule_holds_across_a_kill_and_a_second_daemon() {
     assert_drained(&server, &ids);
     assert_eq!(server.pending_of(IN, "g", "a"), 0);
     assert_eq!(b.unwrap().stop(Duration::from_secs(10)), 0);
+}
+
+/// A handler that says when (`retry-after`, here the echo example asked by `retry_after_ms`) is tried
+/// again then, not at the consumer's next step: with steps of 100 ms and two deliveries, a message
+/// asking for 1.5 s keeps its first delivery for 1.5 s and is dead-lettered only after its second.
+#[test]
+fn a_handler_that_says_when_is_retried_then_not_at_the_next_step() {
+    let server = RedisServer::start();
+    let echo = crate::util::root().join("handlers/build/echo.wasm");
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"0\"\nblock = \"200ms\"\n\
+             claim_min_idle = \"10s\"\nhandler_timeout = \"2s\"\nclaim_interval = \"100ms\"\nmax_deliveries = 2\n\
+             retry = {{ backoff = [\"100ms\"], jitter = \"0%\" }}\nhandler = \"echo\"\n\
+             [[handlers]]\nname = \"echo\"\nfile = \"{}\"\nroles = [\"task_write\"]\ntimeout = \"1s\"\n",
+            echo.display()
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let later = server.xadd(IN, &[("retry_after_ms", "1500"), ("_reply_to", OUT)]);
+    let soon = server.xadd(IN, &[("n", "1"), ("_reply_to", OUT)]);
+    let started = Instant::now();
+    wait_for(
+        "the other message answered",
+        Duration::from_secs(10),
+        || (server.xlen(OUT) == 1).then_some(()),
+    );
+    wait_for("the first failure", Duration::from_secs(10), || {
+        (deliveries(&server).get(&later) == Some(&1)).then_some(())
+    });
+    // Steps of 100 ms would have spent both deliveries by now.
+    while started.elapsed() < Duration::from_millis(1300) {
+        assert_eq!(deliveries(&server).get(&later), Some(&1));
+        assert_eq!(server.xlen(DLQ), 0);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let letter = wait_for("the dead letter", Duration::from_secs(10), || {
+        server.entries(DLQ).pop()
+    });
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(
+        letter.fields.get_str("_dlq_reason"),
+        Some("asked to be retried in 1500 ms (gave up after 2 deliveries)")
+    );
+    assert_eq!(
+        server.entries(OUT)[0].fields.get_str("in_reply_to"),
+        Some(soon.as_str())
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }

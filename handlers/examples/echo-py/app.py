@@ -11,6 +11,11 @@ import redstream
 
 class WitWorld(wit_world.WitWorld):
     def handle(self, msg):
+        after = redstream.text(msg, "retry_after_ms")
+        if after is not None:
+            if not after.isascii() or not after.isdigit():
+                raise redstream.reject(f"retry_after_ms is not a number: {after}")
+            raise redstream.retry(f"asked to be retried in {int(after)} ms", after_ms=int(after))
         to = redstream.text(msg, "_reply_to")
         if to is None:
             to = redstream.config("reply_to")

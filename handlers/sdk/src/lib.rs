@@ -27,7 +27,8 @@
 //!
 //! What `handle` returns decides what happens to the message: `Ok(())` commits the replies with the
 //! ack; [`HandlerError::Retry`] leaves it pending for another try (up to the consumer's
-//! max_deliveries); [`HandlerError::Reject`] dead-letters it now. A panic is a trap, counted as a retry.
+//! max_deliveries), [`HandlerError::retry_after`] for one at a time the handler chooses;
+//! [`HandlerError::Reject`] dead-letters it now. A panic is a trap, counted as a retry.
 //!
 //! Build with `cargo build --release --target wasm32-wasip2` (or `redstream handler build`); the
 //! `.wasm` file is the component to drop into RedStream's config. Replies are only buffered by `send`:
@@ -93,6 +94,14 @@ impl From<PublishError> for HandlerError {
 impl HandlerError {
     /// Try again later (counted against the consumer's max_deliveries).
     pub fn retry(why: impl fmt::Display) -> Self {
+        HandlerError::Retry(why.to_string())
+    }
+
+    /// Try again `after` from now, instead of at the consumer's next retry step (counted against
+    /// max_deliveries like any retry). Return it: `Err(HandlerError::retry_after(Duration::from_secs(30),
+    /// "rate limited"))`.
+    pub fn retry_after(after: std::time::Duration, why: impl fmt::Display) -> Self {
+        bindings::redstream::handler::host::retry_after(u64::try_from(after.as_millis()).unwrap_or(u64::MAX));
         HandlerError::Retry(why.to_string())
     }
 

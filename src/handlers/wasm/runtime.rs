@@ -273,7 +273,10 @@ impl Runtime {
 }
 
 /// The version of the `redstream:handler` WIT package this daemon speaks.
-pub const WIT_VERSION: &str = "0.1.0";
+pub const WIT_VERSION: &str = "0.1.1";
+
+/// Components built against any version of this series link (later ones only add to it).
+const WIT_SERIES: &str = "0.1.";
 
 /// Why `bytes` cannot be a component, when the first eight bytes tell: not WebAssembly at all, or a
 /// core module (what `wasm32-wasip1` and plain `wasm32-unknown-unknown` builds produce).
@@ -301,10 +304,10 @@ fn diagnose(engine: &Engine, component: &Component) -> Option<String> {
         .map(|(n, _)| n.to_owned())
         .chain(ty.exports(engine).map(|(n, _)| n.to_owned()))
         .collect();
-    let ours = format!("@{WIT_VERSION}");
+    let ours = format!("@{WIT_SERIES}");
     if let Some(other) = names
         .iter()
-        .find(|n| n.starts_with("redstream:handler") && !n.ends_with(&ours))
+        .find(|n| n.starts_with("redstream:handler") && !n.contains(&ours))
     {
         let version = other.rsplit_once('@').map_or("another version", |(_, v)| v);
         return Some(format!(

@@ -115,6 +115,8 @@ pub struct Host {
     denied: u32,
     stdout: Capture,
     stderr: Capture,
+    /// `retry-after` of this call, if it asked.
+    retry_after: Option<u64>,
     /// When set (a local `handler run`), what the guest wrote and logged, as (where, text), besides
     /// the daemon's log.
     pub transcript: Option<Vec<(&'static str, String)>>,
@@ -169,6 +171,7 @@ impl Host {
             denied: 0,
             stdout,
             stderr,
+            retry_after: None,
             transcript: None,
         }
     }
@@ -186,6 +189,7 @@ impl Host {
         self.log_lines = 0;
         self.log_dropped = 0;
         self.denied = 0;
+        self.retry_after = None;
         self.stderr_text.clear();
     }
 
@@ -342,6 +346,10 @@ impl host::Host for Host {
     fn config(&mut self, key: String) -> Option<String> {
         self.meta.config.get(&key).cloned()
     }
+
+    fn retry_after(&mut self, ms: u64) {
+        self.retry_after = Some(ms);
+    }
 }
 
 /// What a message keeps while its fields are lent to the guest.
@@ -456,7 +464,13 @@ pub fn outcome(
     let replies = store.data_mut().finish();
     match result {
         Ok(Ok(())) => Outcome::Success(replies),
-        Ok(Err(types::HandlerError::Retry(reason))) => Outcome::Retry(reason),
+        Ok(Err(types::HandlerError::Retry(reason))) => match store.data().retry_after {
+            // At most a year: a wait beyond that is a mistake, not a schedule.
+            Some(ms) => {
+                Outcome::RetryAfter(reason, Duration::from_millis(ms.min(365 * 86_400_000)))
+            }
+            None => Outcome::Retry(reason),
+        },
         Ok(Err(types::HandlerError::Reject(reason))) => Outcome::Reject(reason),
         Err(e) => {
             let trap = trap_reason(&e, store.data().meta.as_ref());

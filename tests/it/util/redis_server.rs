@@ -265,6 +265,26 @@ impl RedisServer {
     }
 
     /// Pending entries of one consumer.
+    /// The delivery count of each entry pending in `group` (at most 1000).
+    pub fn deliveries(&self, stream: &str, group: &str) -> std::collections::HashMap<String, u64> {
+        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(&[stream, group, "-", "+", "1000"])
+            .query(&mut self.conn())
+            .unwrap();
+        rows.into_iter().map(|(id, _, _, n)| (id, n)).collect()
+    }
+
+    /// The ids of the messages `stream`'s replies answer (from their `_cause`), sorted.
+    pub fn answered(&self, stream: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .entries(stream)
+            .iter()
+            .filter_map(|e| Some(e.fields.get_str("_cause")?.rsplit('/').next()?.to_owned()))
+            .collect();
+        ids.sort();
+        ids
+    }
+
     pub fn pending_of(&self, stream: &str, group: &str, consumer: &str) -> u64 {
         let v: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XPENDING")
             .arg(&[stream, group, "-", "+", "100000", consumer])

@@ -1,9 +1,15 @@
 // echo, in JavaScript: replies to the stream named in `_reply_to` — or, without one, to the
 // configured `reply_to` — with the message's own fields and `in_reply_to` = its id. Gives the same
 // replies and reasons as the Rust echo (handlers/examples/echo), checked by the parity test.
-import { text, config, userFields, reject, Reply } from './redstream.js';
+import { text, config, userFields, reject, retry, Reply } from './redstream.js';
 
 export function handle(msg) {
+  const after = text(msg, 'retry_after_ms');
+  if (after !== undefined) {
+    const ms = /^[0-9]+$/.test(after) ? Number(after) : NaN;
+    if (!Number.isSafeInteger(ms)) throw reject(`retry_after_ms is not a number: ${after}`);
+    throw retry(`asked to be retried in ${ms} ms`, { afterMs: ms });
+  }
   const to = text(msg, '_reply_to') ?? config('reply_to');
   if (to === undefined) throw reject('no _reply_to field and no reply_to configured');
   const reply = new Reply().text('in_reply_to', msg.id);

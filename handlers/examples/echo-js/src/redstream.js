@@ -1,17 +1,24 @@
 // Helpers for RedStream handlers in JavaScript, built with componentize-js against
-// redstream:handler@0.1.0 (wit/handler.wit). `redstream handler new --lang js` copies this file.
+// redstream:handler@0.1.1 (wit/handler.wit). `redstream handler new --lang js` copies this file.
 //
 // What a handler returns decides what happens to the message: returning normally commits the replies
 // it sent with the ack; `throw retry(why)` leaves it pending for another try (up to the consumer's
 // max_deliveries); `throw reject(why)` dead-letters it now. Wrapped in `handler(...)`, any other
 // exception becomes a retry naming it; unwrapped, it traps (also a retry, with the text on stderr).
-import { publish, log as hostLog, config as hostConfig } from 'redstream:handler/host@0.1.0';
+import {
+  publish,
+  log as hostLog,
+  config as hostConfig,
+  retryAfter as hostRetryAfter,
+} from 'redstream:handler/host@0.1.1';
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder('utf-8', { fatal: true });
 
-/** Try again later. Throw it: `throw retry('database is down')`. */
-export function retry(why) {
+/** Try again later: at the consumer's next retry step, or `afterMs` milliseconds from now when given.
+ * Throw it: `throw retry('database is down')`, `throw retry('rate limited', { afterMs: 30000 })`. */
+export function retry(why, { afterMs } = {}) {
+  if (afterMs !== undefined) hostRetryAfter(BigInt(Math.max(0, Math.round(afterMs))));
   return { tag: 'retry', val: String(why) };
 }
 

@@ -1,5 +1,6 @@
 //! `echo`: replies to the stream named in the message's `_reply_to` field — or, without one, to the
-//! handler's configured `reply_to` — with the message's own fields and `in_reply_to` = its id.
+//! handler's configured `reply_to` — with the message's own fields and `in_reply_to` = its id. A
+//! message with `retry_after_ms` asks to be retried that much later instead (`retry-after`).
 
 use redstream_guest::{Guest, HandlerError, Message, PublishError, Reply, export_handler};
 
@@ -7,6 +8,14 @@ struct Echo;
 
 impl Guest for Echo {
     fn handle(msg: Message) -> Result<(), HandlerError> {
+        if let Some(after) = msg.text("retry_after_ms") {
+            let ms: u64 = Some(after)
+                .filter(|a| a.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| HandlerError::Reject(format!("retry_after_ms is not a number: {after}")))?;
+            let why = format!("asked to be retried in {ms} ms");
+            return Err(HandlerError::retry_after(std::time::Duration::from_millis(ms), why));
+        }
         let to = match msg.text("_reply_to") {
             Some(to) => to.to_owned(),
             None => redstream_guest::config("reply_to")
