@@ -103,7 +103,7 @@ fn consumer(
     let (stream, group, consumer) = names(c, &p, rc, ctx);
     let t = timing(c, &p, rc);
     let dead_letter = dead_letter(c, &p, rc, ctx, &stream);
-    let retry = retry(c, &p, rc);
+    let retry = super::retry::schedule(c, &p, rc.retry.as_ref());
     let handler = handler_spec(c, i, rc, ctx.naming, ctx.handlers);
     let (table, unmatched) = route_table(c, &p, rc, ctx, &stream, &handler, t.handler_timeout);
     permissions(c, &p, ctx, &stream, &dead_letter, &handler);
@@ -251,42 +251,6 @@ fn timing(c: &mut Checker<'_>, p: KeyPath<'_>, rc: &RawConsumer) -> Timing {
         handler_timeout,
         order_by,
     }
-}
-
-/// `retry`: its backoff steps (at least one, each positive) and jitter (a percentage, 20% if not
-/// given). Some(None) when there is no `retry`; None when it is wrong.
-fn retry(
-    c: &mut Checker<'_>,
-    p: KeyPath<'_>,
-    rc: &RawConsumer,
-) -> Option<Option<crate::engine::RetrySchedule>> {
-    let Some(r) = &rc.retry else {
-        return Some(None);
-    };
-    let mut ok = true;
-    if r.backoff.is_empty() {
-        c.problem(
-            &p("retry.backoff"),
-            "empty: give the waits before each retry, e.g. [\"1s\", \"5s\", \"30s\", \"2m\", \"10m\"]",
-        );
-        ok = false;
-    }
-    let mut backoff = Vec::new();
-    for (j, step) in r.backoff.iter().enumerate() {
-        match c.positive_duration(&p(&format!("retry.backoff[{j}]")), step) {
-            Some(d) => backoff.push(d),
-            None => ok = false,
-        }
-    }
-    let jitter_percent = match &r.jitter {
-        None => Some(20),
-        Some(j) => c.percent(&p("retry.jitter"), j, 0, "20%"),
-    };
-    let jitter_percent = jitter_percent?;
-    ok.then_some(Some(crate::engine::RetrySchedule {
-        backoff,
-        jitter_percent,
-    }))
 }
 
 /// The dead-letter stream: given, or `<stream>-dlq`; never the stream consumed.

@@ -215,7 +215,8 @@ pub(super) fn faults_handlers(
     out
 }
 
-/// Each `[[handlers]]` entry's `breaker` and `rate`, by name (entries with neither are left out).
+/// Each `[[handlers]]` entry's `breaker`, `rate` and `retry`, by name (entries with none are left
+/// out).
 pub(super) fn guards(raw: &RawConfig, c: &mut Checker<'_>) -> Vec<(String, GuardSpec)> {
     let mut out = Vec::new();
     for (i, h) in raw.handlers.iter().enumerate() {
@@ -235,8 +236,16 @@ pub(super) fn guards(raw: &RawConfig, c: &mut Checker<'_>) -> Vec<(String, Guard
                 parse_rate,
             )
         });
-        if breaker.is_some() || rate.is_some() {
-            out.push((name, GuardSpec { breaker, rate }));
+        let retry = super::retry::schedule(c, &p, h.retry.as_ref()).flatten();
+        if breaker.is_some() || rate.is_some() || retry.is_some() {
+            out.push((
+                name,
+                GuardSpec {
+                    breaker,
+                    rate,
+                    retry,
+                },
+            ));
         }
     }
     out

@@ -23,6 +23,7 @@ mod handlers;
 mod limits;
 mod lint;
 pub mod raw;
+mod retry;
 mod secret;
 pub mod settings;
 mod system;

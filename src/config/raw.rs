@@ -390,6 +390,8 @@ pub struct RawHandler {
     pub breaker: Option<RawBreaker>,
     /// At most this many calls per second/minute/hour (`"200/s"`), across every daemon.
     pub rate: Option<Loose<String>>,
+    /// This handler's retry schedule, in place of its consumers' `retry`.
+    pub retry: Option<RawRetry>,
     /// In builds with the `fault-injection` feature: this entry is the `faults` test handler under
     /// its own name (no `file`), so tests can route to it beside other handlers.
     pub faults: Option<RawFaults>,
@@ -418,6 +420,7 @@ impl Default for RawHandler {
             config: Default::default(),
             breaker: None,
             rate: None,
+            retry: None,
             faults: None,
         }
     }

@@ -660,9 +660,14 @@ impl Consumer {
         }
     }
 
-    /// With a `retry` schedule, records in Redis when the message a handler asked to retry is due.
-    fn schedule_retry(&self, msg: &Message) -> Option<Duration> {
-        let schedule = self.cfg.retry.as_ref()?;
+    /// With a `retry` schedule — the handler's, else the consumer's — records in Redis when the
+    /// message a handler asked to retry is due.
+    fn schedule_retry(&self, msg: &Message, handler: &str) -> Option<Duration> {
+        let guard = self.guards.get(handler);
+        let schedule = guard
+            .as_ref()
+            .and_then(|g| g.spec.retry.as_ref())
+            .or(self.cfg.retry.as_ref())?;
         let wait = schedule.after(msg.deliveries, random_unit());
         self.schedule(&msg.id, wait, false);
         Some(wait)
@@ -791,7 +796,7 @@ impl Consumer {
                             self.schedule(&msg.id, after, false);
                             Some(after)
                         }
-                        None => self.schedule_retry(&msg),
+                        None => self.schedule_retry(&msg, &handler),
                     },
                 };
                 st.events.retried(&msg, &handler, &reason, wait);

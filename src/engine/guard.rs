@@ -19,11 +19,14 @@ use crate::client::Client;
 use crate::health::Health;
 use crate::metrics::{HandlerLabels, global};
 
-/// What guards one handler: `breaker = {…}` and `rate = "…"` of its `[[handlers]]` entry.
+/// What guards one handler: `breaker = {…}`, `rate = "…"` and `retry = {…}` of its `[[handlers]]`
+/// entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GuardSpec {
     pub breaker: Option<BreakerSpec>,
     pub rate: Option<RateSpec>,
+    /// The handler's retry schedule, in place of the consumer's.
+    pub retry: Option<super::settings::RetrySchedule>,
 }
 
 /// `breaker = { failures = "50%", min_calls = 20, window = "30s", open_for = "30s" }`.
@@ -91,7 +94,7 @@ pub struct Guards {
 
 /// One handler's guards.
 pub struct Guard {
-    spec: GuardSpec,
+    pub spec: GuardSpec,
     pub breaker: Option<Breaker>,
     pub rate: Option<RateLimit>,
 }
@@ -110,7 +113,7 @@ impl Guards {
         let old = self.map.load();
         let mut new = HashMap::new();
         for (name, spec) in specs {
-            if spec.breaker.is_none() && spec.rate.is_none() {
+            if *spec == GuardSpec::default() {
                 continue;
             }
             let guard = match old.get(name) {
@@ -545,7 +548,7 @@ mod tests {
                 min_calls: 1,
                 ..BreakerSpec::default()
             }),
-            rate: None,
+            ..GuardSpec::default()
         };
         guards.configure(&[("a".into(), open.clone()), ("b".into(), open.clone())]);
         let a = guards.get("a").unwrap();

@@ -290,13 +290,14 @@ fn breakers_and_rate_limits_are_validated_key_by_key() {
     };
     let consumer = "[[consumers]]\nstream = \"nova:task:a:b\"\ngroup = \"g\"\nhandler = \"h0\"\n";
     let p = problems(&with_consumers(&format!(
-        "{consumer}{}{}{}",
+        "{consumer}{}{}{}{}",
         handler(
             "h0",
             r#"breaker = { failures = "120%", min_calls = 0, window = "0s", open_for = "later" }"#
         ),
         handler("h1", r#"rate = "fast""#),
         handler("h2", r#"rate = "10/d""#),
+        handler("h3", r#"retry = { backoff = [] }"#),
     )));
     let text: Vec<String> = p.iter().map(|p| p.to_string()).collect();
     for (path, says) in [
@@ -306,6 +307,7 @@ fn breakers_and_rate_limits_are_validated_key_by_key() {
         ("handlers[0].breaker.open_for", "later"),
         ("handlers[1].rate", "fast"),
         ("handlers[2].rate", "unknown unit \"d\""),
+        ("handlers[3].retry.backoff", "empty"),
     ] {
         assert!(
             p.iter()
@@ -340,6 +342,16 @@ fn breakers_and_rate_limits_are_validated_key_by_key() {
         (25, Duration::from_secs(60))
     );
     assert_eq!(guard("h1").rate, None);
+    let s = settings_from(&with_consumers(&format!(
+        "{consumer}{}",
+        handler("h0", r#"retry = { backoff = ["2s"] }"#)
+    )))
+    .unwrap();
+    let retry = s.guards[0].1.retry.clone().unwrap();
+    assert_eq!(
+        (retry.backoff, retry.jitter_percent),
+        (vec![Duration::from_secs(2)], 20)
+    );
 }
 
 /// `[limits]`, batch_size and in_flight stay within what one commit can carry, and say so.

@@ -444,6 +444,12 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
             if schedule.without.contains(index) {
                 continue;
             }
+            if std::env::var_os("NEMESIS_TRACE").is_some() {
+                println!(
+                    "nemesis trace: {} ms: #{index} {fault:?}",
+                    redstream::model::envelope::now_ms()
+                );
+            }
             match *fault {
                 Fault::KillDaemon(i) => {
                     daemons[i].kill9();
@@ -608,16 +614,25 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
     let mut doomed_not_once = 0;
     let mut dead_g: Vec<&str> = set_aside.iter().map(String::as_str).collect();
     dead_g.push(DLQ);
-    for (replies, dead) in [(OUT, dead_g), (ORDERED, vec![DLQ_O])] {
-        let replies = causes(&server, replies, "_cause");
+    for (replies_stream, dead) in [(OUT, dead_g), (ORDERED, vec![DLQ_O])] {
+        let replies = causes(&server, replies_stream, "_cause");
         let mut letters = HashMap::new();
         for dlq in dead {
             merge(&mut letters, causes(&server, dlq, "_dlq_source"));
         }
-        lost += healthy
+        let missing: Vec<&&String> = healthy
             .iter()
             .filter(|id| !replies.contains_key(**id))
-            .count();
+            .collect();
+        if !missing.is_empty() {
+            println!(
+                "nemesis: {} healthy messages without a reply in {}, e.g. {:?}",
+                missing.len(),
+                replies_stream,
+                &missing[..missing.len().min(5)]
+            );
+        }
+        lost += missing.len();
         duplicates += replies.values().map(|n| n.saturating_sub(1)).sum::<usize>();
         strangers += replies.keys().filter(|id| !held.contains(id)).count();
         healthy_dead_lettered += letters.keys().filter(|id| !doomed.contains(*id)).count();

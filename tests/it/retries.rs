@@ -271,3 +271,50 @@ fn a_handler_that_says_when_is_retried_then_not_at_the_next_step() {
     );
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// A `[[handlers]]` entry's own `retry` takes precedence over its consumer's for that handler's
+/// messages: in one group, `eager` (the consumer's 100 ms steps) is dead-lettered at once, `patient`
+/// (its own 1.5 s step) only after 1.5 s.
+#[test]
+fn a_handlers_own_retry_schedule_takes_precedence_over_its_consumers() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"0\"\nblock = \"200ms\"\n\
+             claim_min_idle = \"10s\"\nhandler_timeout = \"2s\"\nclaim_interval = \"100ms\"\n\
+             max_deliveries = 2\nretry = {{ backoff = [\"100ms\"], jitter = \"0%\" }}\n\
+             [[consumers.routes]]\nequals = {{ to = \"patient\" }}\nhandler = \"patient\"\n\
+             [[consumers.routes]]\nhandler = \"eager\"\n\
+             [[handlers]]\nname = \"patient\"\nfaults = {{ fail_field = \"x\" }}\n\
+             retry = {{ backoff = [\"1500ms\"], jitter = \"0%\" }}\n\
+             [[handlers]]\nname = \"eager\"\nfaults = {{ fail_field = \"x\" }}\n"
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    let patient = server.xadd(IN, &[("to", "patient"), ("x", "1")]);
+    let eager = server.xadd(IN, &[("x", "1")]);
+    let started = Instant::now();
+    let source = |id: &str| format!("{IN}/{id}");
+    let letters = || -> Vec<String> {
+        server
+            .entries(DLQ)
+            .iter()
+            .filter_map(|e| e.fields.get_str("_dlq_source").map(str::to_owned))
+            .collect()
+    };
+    wait_for("eager's dead letter", Duration::from_secs(5), || {
+        (letters() == [source(&eager)]).then_some(())
+    });
+    while started.elapsed() < Duration::from_millis(1300) {
+        assert_eq!(letters(), [source(&eager)]);
+        assert_eq!(deliveries(&server).get(&patient), Some(&1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for("patient's dead letter", Duration::from_secs(10), || {
+        (letters().len() == 2).then_some(())
+    });
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(letters()[1], source(&patient));
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
