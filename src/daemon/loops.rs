@@ -65,6 +65,9 @@ pub(super) struct Daemon {
     pub(super) relays: Services,
     /// The consumers the metrics poller polls: the config's, as of the last reload.
     pub(super) polled: tokio::sync::watch::Sender<Vec<ConsumerSettings>>,
+    /// Where the groups stood when the last process wrote them down ([`super::positions`]): each loop
+    /// started at start-up takes its group's, as a reload's successor takes its predecessor's.
+    pub(super) known: HashMap<super::positions::Group, StreamId>,
 }
 
 /// How long a relay's delivery record is kept ([`crate::client::outbox`]): the window in which a
@@ -84,7 +87,8 @@ impl Daemon {
             .zip(self.prepared.routers.iter().cloned())
             .collect();
         for (c, router) in consumers {
-            self.start(c, router, None).await?;
+            let known = self.known.remove(&(c.stream.to_string(), c.group.clone()));
+            self.start(c, router, known.map(Some)).await?;
         }
         if let Some(c) = self.settings.control.clone() {
             self.start_control(c, commands).await?;

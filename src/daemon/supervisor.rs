@@ -67,6 +67,12 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
     let identity = settings.identity.clone();
     let guards = Arc::new(crate::engine::guard::Guards::new(health.clone()));
     guards.configure(&settings.guards);
+    let target = match settings.redis.cluster.is_empty() {
+        true => crate::client::redact_url(&settings.redis.url),
+        false => settings.redis.cluster.join(" "),
+    };
+    let positions = super::positions::Positions::new(&target, &vitals.server_id);
+    let known = positions.load();
     let mut d = Daemon {
         settings,
         prepared,
@@ -84,6 +90,7 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         relayed: Default::default(),
         relays: Services::default(),
         polled,
+        known,
     };
     d.rewatch();
     d.start_all(commands_tx).await.map_err(RunError::Failed)?;
@@ -95,6 +102,13 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
         stop: d.stop.clone(),
     };
     let beats = services::beside_loops(&mut side, &d.settings, wiring);
+    let vitals = d.vitals.clone();
+    let now = move || {
+        (vitals.stats().iter())
+            .filter_map(|s| Some(((s.stream.clone(), s.group.clone()), s.position()?)))
+            .collect()
+    };
+    side.spawn("positions", positions.keep(now, d.stop.clone()));
     info!(
         consumers = d.running.len(),
         identity = %d.client.identity().subject,

@@ -187,6 +187,14 @@ fn the_deb_under_a_real_systemd_starts_notifies_restarts_journals_and_reloads() 
     // The compiled handler is cached where CacheDirectory= put it (a link into /var/cache/private).
     let journal = c.sh("journalctl -u redstream --no-pager");
     assert!(!journal.contains("cannot cache"), "{journal}");
+    // The groups' positions are kept where StateDirectory= put it (daemon::positions).
+    wait_for("the positions file", Duration::from_secs(10), || {
+        let held = c.sh("cat /var/lib/private/redstream/positions-* 2>/dev/null || true");
+        held.contains("nova:task:echo:requests\techo\t")
+            .then_some(())
+    });
+    let journal = c.sh("journalctl -u redstream --no-pager");
+    assert!(!journal.contains("cannot write the groups"), "{journal}");
     // journald has the structured fields.
     let journal = c.sh("journalctl -u redstream -o json --no-pager");
     assert!(

@@ -307,6 +307,57 @@ fn redis_restart_without_persistence_recreates_the_group_without_a_hot_loop() {
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
 
+/// Redis loses its data while the daemon is down, and a producer writes again before it starts: the
+/// new process takes its groups' last positions from its state directory (daemon::positions), sees
+/// the stream is a new one, and re-creates the group where nothing is skipped — not at `start = "$"`,
+/// which would skip every message published since Redis came back.
+#[test]
+fn a_daemon_started_after_redis_lost_its_data_skips_nothing_published_since() {
+    let mut server = RedisServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let env = [("STATE_DIRECTORY", state.path().to_str().unwrap())];
+    let toml = daemon_toml(&server.url(), &forward("phoenix", &[("start", "\"$\"")]));
+    let mut d = Daemon::running(&toml, &env);
+    let before = publish(&server, 3);
+    wait_replies(&server, 3, Duration::from_secs(10));
+    assert_exactly_once(&server, &before);
+    // The position is written within a second.
+    let file = wait_for("the positions file", Duration::from_secs(5), || {
+        let entry = std::fs::read_dir(state.path()).ok()?.flatten().find(|e| {
+            e.file_name().to_string_lossy().starts_with("positions-")
+                && std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains(&before[2]))
+        })?;
+        Some(entry.path())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text, format!("{IN}\tphoenix\t{}\n", before[2]));
+
+    server.restart_empty();
+    let after = publish(&server, 5);
+    let mut d = Daemon::running(&toml, &env);
+    wait_replies(&server, 5, Duration::from_secs(20));
+    let replies = server.entries(OUT);
+    let mut got: Vec<String> = replies
+        .iter()
+        .filter_map(|e| e.fields.get_str("_cause").map(str::to_owned))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        after
+            .iter()
+            .map(|id| format!("{IN}/{id}"))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        d.count_log("re-created the group") >= 1,
+        "{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
 /// Redis at `maxclients` refuses every new connection: the daemon degrades and waits — no loop is
 /// restarted — and messages flow again once connections can be made.
 #[test]

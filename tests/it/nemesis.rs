@@ -367,8 +367,19 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
     let mut changed = [false; 2];
     let config =
         |server: &RedisServer, i: usize, changed: bool| config(server, i, cache.path(), changed);
+    // Each instance keeps its groups' positions across its restarts, as under systemd.
+    let state: Vec<String> = (0..2)
+        .map(|i| {
+            cache
+                .path()
+                .join(format!("state-{i}"))
+                .display()
+                .to_string()
+        })
+        .collect();
+    let env = |i: usize| [("STATE_DIRECTORY", state[i].as_str())];
     let mut daemons: Vec<Daemon> = (0..2)
-        .map(|i| Daemon::running(&config(&server, i, false), &[]))
+        .map(|i| Daemon::running(&config(&server, i, false), &env(i)))
         .collect();
     let keys = crate::util::settings(&server.url()).auth.keys;
     // Signed messages, one signer each, valid for a second: each is sent with a copy at once, and
@@ -455,7 +466,7 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
                     daemons[i].kill9();
                     refused_reloads += daemons[i].count_log("reload refused");
                     breakers_opened += daemons[i].count_log("breaker opened");
-                    daemons[i] = Daemon::running(&config(&server, i, changed[i]), &[]);
+                    daemons[i] = Daemon::running(&config(&server, i, changed[i]), &env(i));
                 }
                 Fault::StopDaemon(i) => {
                     assert_eq!(
@@ -465,7 +476,7 @@ fn run(schedule: &Schedule) -> (Verdict, usize) {
                     );
                     refused_reloads += daemons[i].count_log("reload refused");
                     breakers_opened += daemons[i].count_log("breaker opened");
-                    daemons[i] = Daemon::running(&config(&server, i, changed[i]), &[]);
+                    daemons[i] = Daemon::running(&config(&server, i, changed[i]), &env(i));
                 }
                 Fault::PauseDaemon(i, ms) => {
                     daemons[i].signal(libc::SIGSTOP);
@@ -906,8 +917,13 @@ fn run_cluster(seed: u64, steps: usize, without: &BTreeSet<usize>) -> Result<(),
     let mut cluster = Cluster::start();
     let pairs = pairs(false);
     let config = |cluster: &Cluster, i: usize| toml(cluster, i, &consumers(&pairs));
+    let state = tempfile::tempdir().unwrap();
+    let dirs: Vec<String> = (0..2)
+        .map(|i| state.path().join(i.to_string()).display().to_string())
+        .collect();
+    let env = |i: usize| [("STATE_DIRECTORY", dirs[i].as_str())];
     let mut daemons: Vec<Daemon> = (0..2)
-        .map(|i| Daemon::running(&config(&cluster, i), &[]))
+        .map(|i| Daemon::running(&config(&cluster, i), &env(i)))
         .collect();
     let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
     let mut rounds = 0;
@@ -919,7 +935,7 @@ fn run_cluster(seed: u64, steps: usize, without: &BTreeSet<usize>) -> Result<(),
         match *fault {
             ClusterFault::KillDaemon(i) => {
                 daemons[i].kill9();
-                daemons[i] = Daemon::running(&config(&cluster, i), &[]);
+                daemons[i] = Daemon::running(&config(&cluster, i), &env(i));
             }
             ClusterFault::LossyFailover(p) => {
                 let (input, target) = (&pairs[p].0, &pairs[p].1);

@@ -45,8 +45,11 @@ impl Daemon {
             None => Command::new(bin()),
         };
         cmd.arg("run").arg("--config").arg(&config);
+        // The groups' positions file (daemon::positions) of this daemon alone, unless the test gives
+        // one that survives a restart: another test's file must not say where its groups stood.
         cmd.env_remove("REDSTREAM_CONFIG")
-            .env("RUST_LOG", "info,redstream=debug");
+            .env("RUST_LOG", "info,redstream=debug")
+            .env("STATE_DIRECTORY", dir.path());
         for (k, v) in env {
             cmd.env(k, v);
         }
