@@ -416,13 +416,20 @@ impl RateLimit {
 
     /// Waits for a permit. Redis out of reach holds the call back (the limit is kept, not guessed).
     pub async fn acquire(&self, client: &Client, stream: &str) {
+        /// Counts a waiter until it has its permit or is cancelled (a drain drops the wait).
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
         let mut permits = self.permits.lock().await;
         let mut failures = 0u32;
         loop {
             if *permits > 0 {
                 *permits -= 1;
-                self.waiting.fetch_sub(1, Ordering::Relaxed);
                 return;
             }
             let want = (self.waiting.load(Ordering::Relaxed) as u64).clamp(1, self.spec.batch());
