@@ -459,10 +459,6 @@ impl RateLimit {
             }
         }
     }
-
-    pub fn spec(&self) -> &RateSpec {
-        &self.spec
-    }
 }
 
 #[cfg(test)]

@@ -42,10 +42,6 @@ fn deliveries(server: &RedisServer) -> HashMap<String, u64> {
     server.deliveries(IN, "g")
 }
 
-fn answered(server: &RedisServer, stream: &str) -> Vec<String> {
-    server.answered(stream)
-}
-
 fn sorted(mut ids: Vec<String>) -> Vec<String> {
     ids.sort();
     ids
@@ -118,7 +114,7 @@ fn a_breaker_opens_holds_its_messages_lets_others_flow_probes_and_closes() {
     wait_for("steady's replies", Duration::from_secs(10), || {
         (server.xlen(STEADY_OUT) == 20).then_some(())
     });
-    assert_eq!(answered(&server, STEADY_OUT), sorted(steady.clone()));
+    assert_eq!(server.answered(STEADY_OUT), sorted(steady.clone()));
     assert_eq!(open(), 1.0, "steady flowed while flaky's breaker was open");
 
     // Six seconds of outage: six retry intervals of 200 ms would have dead-lettered all ten many
@@ -153,7 +149,7 @@ fn a_breaker_opens_holds_its_messages_lets_others_flow_probes_and_closes() {
         Duration::from_secs(15),
         || (server.xlen(OUT) >= 10 && server.pending(IN, "g") == 0).then_some(()),
     );
-    assert_eq!(answered(&server, OUT), sorted(flaky));
+    assert_eq!(server.answered(OUT), sorted(flaky));
     assert_eq!(server.xlen(DLQ), 0);
     assert_eq!(open(), 0.0);
     wait_for("a healthy heartbeat", Duration::from_secs(5), || {
@@ -198,7 +194,7 @@ fn a_poison_message_does_not_keep_the_breaker_open() {
     wait_for("the healthy ones answered", Duration::from_secs(15), || {
         (server.xlen(OUT) >= 9).then_some(())
     });
-    assert_eq!(answered(&server, OUT), sorted(healthy));
+    assert_eq!(server.answered(OUT), sorted(healthy));
     let letter = wait_for(
         "the poison message dead-lettered",
         Duration::from_secs(15),
@@ -239,7 +235,7 @@ fn a_rate_limit_holds_across_two_daemons() {
     wait_for("all 300 answered", Duration::from_secs(30), || {
         (server.xlen(OUT) >= 300).then_some(())
     });
-    assert_eq!(answered(&server, OUT), sorted(ids));
+    assert_eq!(server.answered(OUT), sorted(ids));
     // The replies' ids carry the time Redis wrote them: 300 replies, 299 intervals of 20 ms.
     let times: Vec<u64> = server
         .entries(OUT)
