@@ -1,5 +1,5 @@
 // Helpers for RedStream handlers in JavaScript, built with componentize-js against
-// redstream:handler@0.1.1 (wit/handler.wit). `redstream handler new --lang js` copies this file.
+// redstream:handler@0.1.2 (wit/handler.wit). `redstream handler new --lang js` copies this file.
 //
 // What a handler returns decides what happens to the message: returning normally commits the replies
 // it sent with the ack; `throw retry(why)` leaves it pending for another try (up to the consumer's
@@ -7,10 +7,11 @@
 // exception becomes a retry naming it; unwrapped, it traps (also a retry, with the text on stderr).
 import {
   publish,
+  publishDelayed,
   log as hostLog,
   config as hostConfig,
   retryAfter as hostRetryAfter,
-} from 'redstream:handler/host@0.1.1';
+} from 'redstream:handler/host@0.1.2';
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder('utf-8', { fatal: true });
@@ -96,6 +97,10 @@ export const log = {
   error: (t) => hostLog('error', String(t)),
 };
 
+function ms(n) {
+  return BigInt(Math.max(0, Math.round(Number(n))));
+}
+
 function describe(p) {
   const kinds = { 'invalid-stream': 'invalid stream', denied: 'denied', 'too-large': 'too large' };
   return p && p.tag ? `${kinds[p.tag] ?? p.tag}: ${p.val}` : String(p);
@@ -118,10 +123,18 @@ export class Reply {
     return this.text(name, JSON.stringify(value));
   }
   /** Buffers the reply for `stream`. A refused publish (wrong stream, missing role, too large)
-   * rejects the message, naming why; catch it to decide otherwise. */
-  send(stream) {
+   * rejects the message, naming why; catch it to decide otherwise. With `afterMs` (milliseconds after
+   * the message's commit) or `atMs` (milliseconds since the Unix epoch) the reply is delayed: held in
+   * Redis with the ack and moved to its stream at that time, once (at most a year ahead). */
+  send(stream, { afterMs, atMs } = {}) {
     try {
-      publish(stream, this.fields);
+      if (afterMs !== undefined) {
+        publishDelayed(stream, this.fields, { tag: 'after', val: ms(afterMs) });
+      } else if (atMs !== undefined) {
+        publishDelayed(stream, this.fields, { tag: 'at', val: ms(atMs) });
+      } else {
+        publish(stream, this.fields);
+      }
     } catch (e) {
       const err = reject(`reply refused: ${describe(e.payload ?? e)}`);
       err.refusal = e.payload;

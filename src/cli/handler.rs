@@ -22,7 +22,7 @@ use crate::auth::Roles;
 use crate::config;
 use crate::handlers::wasm::{Runtime, RuntimeSettings, WasmHandler, WasmSpec};
 use crate::model::envelope::Fields;
-use crate::model::message::{Message, Outcome};
+use crate::model::message::{Due, Message, Outcome};
 use crate::model::naming::Naming;
 
 type Result<T = ()> = std::result::Result<T, Failure>;
@@ -223,8 +223,9 @@ fn call_message(call: &LocalCall) -> Result<Message> {
     }
 }
 
-/// The replies of a success as `{"stream", "fields", "binary"?}` (values that are not UTF-8 in
-/// `binary`, base64-encoded, as `redstream read` shows entries).
+/// The replies of a success as `{"stream", "fields", "binary"?, "delay_ms"? | "at_ms"?}` (values that
+/// are not UTF-8 in `binary`, base64-encoded, as `redstream read` shows entries; a delayed reply's
+/// due time as the handler gave it).
 fn replies_json(outcome: &Outcome) -> Vec<Value> {
     match outcome {
         Outcome::Success(replies) => replies
@@ -232,6 +233,11 @@ fn replies_json(outcome: &Outcome) -> Vec<Value> {
             .map(|r| {
                 let mut v = r.fields.to_json();
                 v["stream"] = Value::String(r.stream.clone());
+                match r.due {
+                    Some(Due::In(ms)) => v["delay_ms"] = ms.into(),
+                    Some(Due::At(ms)) => v["at_ms"] = ms.into(),
+                    None => {}
+                }
                 v
             })
             .collect(),
@@ -350,6 +356,10 @@ struct ExpectedReply {
     /// Values that are not UTF-8, base64-encoded.
     #[serde(default)]
     binary: serde_json::Map<String, Value>,
+    /// A delayed reply: due this long after the commit, or at this time (ms since the epoch). A case
+    /// naming neither expects a reply published at once.
+    delay_ms: Option<u64>,
+    at_ms: Option<u64>,
 }
 
 fn default_stream() -> String {
@@ -411,6 +421,12 @@ fn mismatch(expect: &Expect, outcome: &Outcome) -> Option<String> {
                         if !r.binary.is_empty() {
                             v["binary"] = Value::Object(r.binary.clone());
                         }
+                        if let Some(ms) = r.delay_ms {
+                            v["delay_ms"] = ms.into();
+                        }
+                        if let Some(ms) = r.at_ms {
+                            v["at_ms"] = ms.into();
+                        }
                         v
                     })
                     .collect();
@@ -436,6 +452,7 @@ fn reply_matches(want: &ExpectedReply, got: &ExpectedReply, exact: bool) -> bool
         wanted.iter().all(|(k, v)| had.get(k) == Some(v))
     };
     want.stream == got.stream
+        && (want.delay_ms, want.at_ms) == (got.delay_ms, got.at_ms)
         && named(&want.fields, &got.fields)
         && named(&want.binary, &got.binary)
 }

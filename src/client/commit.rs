@@ -23,9 +23,9 @@ use crate::model::message::{Message, Once, Reply};
 pub const MAX_WRITE_VALUES: usize = 7900;
 
 /// The most arguments the script adds around one write's values: XADD's key and id and the
-/// envelope pairs it writes itself (`_outbox_target`, `_outbox_reply`, `_timestamp`, `_source`,
-/// `_trace_id`, `_cause`).
-const WRITE_OVERHEAD: usize = 14;
+/// envelope pairs it writes itself (`_outbox_target`, `_outbox_reply`, `_outbox_due`, `_timestamp`,
+/// `_source`, `_trace_id`, `_cause`).
+const WRITE_OVERHEAD: usize = 16;
 
 // The widest entry or reply `[limits]` allows, with the envelope or the dead-letter record (at most 10
 // pairs) and what the script adds, is one write.
@@ -36,6 +36,8 @@ const _: () =
 pub const OUTBOX_TARGET: &str = "_outbox_target";
 /// The second field of an outbox reply: its index among its message's replies ([`super::outbox`]).
 pub const OUTBOX_REPLY: &str = "_outbox_reply";
+/// The third field of a delayed reply in the outbox: when it is due, ms since the epoch.
+pub const OUTBOX_DUE: &str = "_outbox_due";
 
 /// The outbox of writes committed from `source` to streams in other cluster slots: a stream in
 /// `source`'s slot, emptied by the relay ([`super::outbox`]).
@@ -72,8 +74,12 @@ pub struct CommitCall(pub(super) Cmd);
 /// `<source stream>/<id>` first), 3 a reply to the outbox (the same after the target's name and the
 /// reply's index among the message's replies, written as `_outbox_target` and `_outbox_reply`: the
 /// relay's dedupe names the effect by cause and index), 0 an entry complete as given (dead letters), 2 a signed message's use
-/// marker (the owning entry and its relative expiry: SET NX PX; always the message's first write). What the
-/// batch shares — the envelope's time and source, the cause's prefix — travels once.
+/// marker (the owning entry and its relative expiry: SET NX PX; always the message's first write),
+/// 4 a delayed reply held beside its stream (its key is the target stream, its values the due set,
+/// the fields hash, its member — `<cause>#<index>` —, its due time and its whole entry encoded,
+/// envelope included; [`super::delayed`]), 5 a delayed reply to the outbox (as 3, with its due time
+/// after the index, written as `_outbox_due`). What the batch shares — the envelope's time and
+/// source, the cause's prefix — travels once.
 ///
 /// Returns per message: 1 committed, 0 not ours, 2 not tried, or `{code, key, detail}`: -1 the ACL
 /// refuses a write to `key`, -2 `key` holds another type (`detail`), -3 the entry for `key` is too
@@ -81,7 +87,8 @@ pub struct CommitCall(pub(super) Cmd);
 /// memory, read-only…: `detail`; nothing of the message written, the batch's later writers not
 /// tried), -6 Redis refused the write to this key (e.g. its ids are exhausted: `detail`; nothing of
 /// the message written, the others go on), -5 a later write of the message failed after earlier ones
-/// were made (`detail`; the message is acked).
+/// were made (`detail`; the message is acked), -8 a key holding delayed replies holds another type
+/// (`detail`: `<its type>/<the type needed>`).
 ///
 /// Scripts are atomic but never rolled back, so the script runs in two passes. The first, before
 /// anything is written, decides every message's fate from the checks: that the entry is still
@@ -101,12 +108,13 @@ pub struct CommitCall(pub(super) Cmd);
 pub const SOURCE: &str = r#"
 local src, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local n, layout = tonumber(ARGV[3]), ARGV[4]
+local REGISTRY = 'redstream:delayed'
 local ts, source = ARGV[8], ARGV[9]
 local byte, find, unpack = string.byte, string.find, unpack
 local cause = src .. '/'
 -- Lua's unpack stops near 8,000 values: one XADD must stay below it, with the script's own
 -- arguments around a write's values (key, id, envelope: at most OVERHEAD).
-local MAX_VALUES, OVERHEAD = 7900, 14
+local MAX_VALUES, OVERHEAD = 7900, 16
 -- Errors about the server, not about one key: the batch stops writing and is retried later.
 local function global(err)
   for _, code in ipairs({'OOM', 'MISCONF', 'READONLY', 'NOREPLICAS', 'BUSY', 'LOADING', 'MASTERDOWN'}) do
@@ -136,6 +144,26 @@ local function refusal(key)
     if kind ~= 'stream' and kind ~= 'none' then r = {-2, key, kind} end
   end
   checked[key] = r
+  return r
+end
+-- A delayed reply's keys (its target checked as for any write): the due set, the fields hash and
+-- the registry of streams holding any must take the writes. False when they do, else the refusal.
+local function held_refusal(dk, fk)
+  local r = false
+  for _, k in ipairs({{{'ZADD', dk, '0', 'm'}, 'zset'}, {{'HSET', fk, 'm', 'v'}, 'hash'},
+      {{'SADD', REGISTRY, 'm'}, 'set'}}) do
+    local cmd, want = k[1], k[2]
+    if not redis.acl_check_cmd(unpack(cmd)) then
+      r = {-1, cmd[2], ''}
+      break
+    end
+    local kind = redis.call('TYPE', cmd[2])['ok']
+    if kind ~= want and kind ~= 'none' then
+      r = {-8, cmd[2], kind .. '/' .. want}
+      break
+    end
+  end
+  checked[dk] = r
   return r
 end
 -- A signature's use marker (a string key holding the owning entry): nil when this message may
@@ -180,6 +208,10 @@ for m = 1, n do
       else
         local r = checked[key]
         if r == nil then r = refusal(key) end
+        if not r and kind == 4 then
+          r = checked[ARGV[a]]
+          if r == nil then r = held_refusal(ARGV[a], ARGV[a + 1]) end
+        end
         verdict = r or 1
       end
     end
@@ -214,6 +246,16 @@ for m = 1, n do
           unpack(ARGV, a + 3, last))
       elseif kind == 2 then
         r = redis.pcall('SET', key, ARGV[a], 'NX', 'PX', ARGV[a + 1])
+      elseif kind == 4 then
+        -- The registry first (a name without messages is harmless), then the fields, then the due
+        -- time that makes the message live: after the first write Redis refuses none for memory.
+        r = redis.pcall('SADD', REGISTRY, key)
+        if not (type(r) == 'table' and r.err) then r = redis.pcall('HSET', ARGV[a + 1], ARGV[a + 2], ARGV[a + 4]) end
+        if not (type(r) == 'table' and r.err) then r = redis.pcall('ZADD', ARGV[a], ARGV[a + 3], ARGV[a + 2]) end
+      elseif kind == 5 then
+        r = redis.pcall('XADD', key, '*', '_outbox_target', ARGV[a], '_outbox_reply', ARGV[a + 1],
+          '_outbox_due', ARGV[a + 2], '_timestamp', ts, '_source', source, '_trace_id', ARGV[a + 3],
+          '_cause', cause .. id, unpack(ARGV, a + 4, last))
       else
         r = redis.pcall('XADD', key, '*', unpack(ARGV, a, last))
       end
@@ -281,9 +323,19 @@ impl Committer {
         }
     }
 
-    /// Whether writes to `key` are committed atomically with the ack (not through the outbox).
-    pub fn atomic_to(&self, key: &str) -> bool {
-        !self.place(key).1
+    /// Where a reply is written and as what kind of write (see [`SOURCE`]): to its stream (1), to the
+    /// outbox (3), held beside its stream when delayed (4) — or, delayed on a cluster, to the outbox
+    /// whatever its slot (5): the registry of streams holding delayed messages is a key of its own
+    /// slot, which only the relay can write.
+    fn route<'a>(&'a self, r: &'a Reply) -> (&'a str, u8) {
+        match (&self.cluster, r.due) {
+            (Some((_, outbox)), Some(_)) => (outbox, 5),
+            (_, Some(_)) => (&r.stream, 4),
+            (_, None) => match self.place(&r.stream) {
+                (key, true) => (key, 3),
+                (key, false) => (key, 1),
+            },
+        }
     }
 
     /// The EVALSHA command committing `batch`, in order. `sha` is [`script`]'s hash. Messages that write
@@ -324,9 +376,7 @@ impl Committer {
         let markers: Vec<Option<String>> = batch.iter().map(|f| self.marker(f)).collect();
         for (f, marker) in batch.iter().zip(&markers) {
             let written: Box<dyn Iterator<Item = &str>> = match &f.effect {
-                Effect::Replies(replies) => {
-                    Box::new(replies.iter().map(|r| self.place(&r.stream).0))
-                }
+                Effect::Replies(replies) => Box::new(replies.iter().map(|r| self.route(r).0)),
                 Effect::DeadLetter(_) | Effect::TooLarge(_) => {
                     Box::new(std::iter::once(self.place(&self.dead_letter).0))
                 }
@@ -354,11 +404,20 @@ impl Committer {
                 layout.push(2);
             }
             let put_reply = |layout: &mut Vec<u8>, r: &Reply| {
-                let (key, via) = self.place(&r.stream);
+                let (key, kind) = self.route(r);
                 put(layout, index(key));
-                // Through the outbox: the target's name and the reply's index come first.
-                put(layout, reply_values(r) + 2 * usize::from(via));
-                layout.push(if via { 3 } else { 1 });
+                put(
+                    layout,
+                    match kind {
+                        // Through the outbox: the target's name and the reply's index come first
+                        // (and a delayed one's due time).
+                        3 => reply_values(r) + 2,
+                        5 => reply_values(r) + 3,
+                        4 => HELD_VALUES,
+                        _ => reply_values(r),
+                    },
+                );
+                layout.push(kind);
             };
             let put_dead_letter = |layout: &mut Vec<u8>, fields: &Fields| {
                 let (key, via) = self.place(&self.dead_letter);
@@ -411,8 +470,17 @@ impl Committer {
             match &f.effect {
                 Effect::Replies(replies) => {
                     for (i, r) in replies.iter().enumerate() {
-                        if self.place(&r.stream).1 {
+                        let kind = self.route(r).1;
+                        let due = r.due.map(|d| d.at(now_ms));
+                        if let (4, Some(due)) = (kind, due) {
+                            self.held_args(&mut cmd, &f.msg, r, i, due, &now);
+                            continue;
+                        }
+                        if kind == 3 || kind == 5 {
                             cmd.arg(&r.stream).arg(i);
+                        }
+                        if let (5, Some(due)) = (kind, due) {
+                            cmd.arg(due);
                         }
                         self.reply_args(&mut cmd, &f.msg, r);
                     }
@@ -448,23 +516,45 @@ impl Committer {
             .map(|once| signature_key(&self.stream, &self.group, &once.jti, self.cluster.is_some()))
     }
 
-    /// A reply's values for the script: its `_trace_id` (the handler's, else the source's, else a new
-    /// one), then its fields without the envelope (the script writes that). [`reply_values`] of them.
+    /// A reply's values for the script: its `_trace_id`, then its fields without the envelope (the
+    /// script writes that). [`reply_values`] of them.
     fn reply_args(&self, cmd: &mut Cmd, msg: &Message, reply: &Reply) {
-        let trace = reply
-            .fields
-            .get(envelope::TRACE_ID)
-            .filter(|v| !v.is_empty())
-            .or_else(|| msg.fields.get(envelope::TRACE_ID).filter(|v| !v.is_empty()));
-        match trace {
-            Some(t) => cmd.arg(t),
-            None => cmd.arg(envelope::new_trace_id()),
-        };
+        cmd.arg(trace_of(msg, reply).as_ref());
         for (name, value) in reply.fields.iter() {
             if envelope_field(name).is_none() {
                 cmd.arg(name).arg(value);
             }
         }
+    }
+
+    /// A delayed reply's values for the script ([`HELD_VALUES`]): its due set, fields hash, member
+    /// (`<cause>#<index>`, the name the relay's dedupe gives the same effect), due time, and its whole
+    /// entry with the envelope the script would have written, encoded ([`super::delayed::encode`]).
+    fn held_args(
+        &self,
+        cmd: &mut Cmd,
+        msg: &Message,
+        reply: &Reply,
+        index: usize,
+        due: u64,
+        now: &str,
+    ) {
+        let cause = format!("{}/{}", self.stream, msg.id);
+        let mut entry = Fields::with_capacity(reply.fields.len() + 4);
+        entry.push(envelope::TIMESTAMP, now);
+        entry.push(envelope::SOURCE, self.source.as_str());
+        entry.push(envelope::TRACE_ID, trace_of(msg, reply).into_owned());
+        entry.push(envelope::CAUSE, cause.as_str());
+        for (name, value) in reply.fields.iter() {
+            if envelope_field(name).is_none() {
+                entry.push(name.to_vec(), value.to_vec());
+            }
+        }
+        cmd.arg(super::delayed::due_key(&reply.stream))
+            .arg(super::delayed::fields_key(&reply.stream))
+            .arg(format!("{cause}#{index}"))
+            .arg(due)
+            .arg(super::delayed::encode(&entry));
     }
 
     /// A dead letter's fields but `_dlq_timestamp` (which goes last, with the batch's time): the
@@ -505,6 +595,22 @@ impl Committer {
         fields.remove(dlq::TIMESTAMP);
         fields
     }
+}
+
+/// The values of a delayed reply held beside its stream (kind 4): [`Committer::held_args`].
+const HELD_VALUES: usize = 5;
+
+/// A reply's `_trace_id`: the handler's, else the source message's, else a new one.
+fn trace_of<'a>(msg: &'a Message, reply: &'a Reply) -> std::borrow::Cow<'a, [u8]> {
+    reply
+        .fields
+        .get(envelope::TRACE_ID)
+        .filter(|v| !v.is_empty())
+        .or_else(|| msg.fields.get(envelope::TRACE_ID).filter(|v| !v.is_empty()))
+        .map_or_else(
+            || std::borrow::Cow::Owned(envelope::new_trace_id().into_bytes()),
+            std::borrow::Cow::Borrowed,
+        )
 }
 
 /// Appends `n` to a layout as two big-endian bytes. (The limits on replies per message and fields per
@@ -588,6 +694,12 @@ fn verdict(v: Value) -> Result<Committed, String> {
                     "Redis refused the write to {key}: {detail}"
                 ))),
                 Value::Int(-7) => Ok(Committed::Replayed(detail)),
+                Value::Int(-8) => {
+                    let (kind, want) = detail.split_once('/').unwrap_or((&detail, "?"));
+                    Ok(Committed::Refused(format!(
+                        "{key}, where delayed replies are held, is a {kind}, not a {want}"
+                    )))
+                }
                 Value::Int(-5) => Ok(Committed::Partial(format!("XADD to {key}: {detail}"))),
                 ref other => Err(format!("unexpected verdict code {other:?}")),
             }
@@ -609,9 +721,14 @@ mod tests {
 
     #[test]
     fn the_script_writes_the_envelope_under_the_hosts_names() {
+        assert!(SOURCE.contains(&format!(
+            "local REGISTRY = '{}'\n",
+            super::super::delayed::REGISTRY
+        )));
         for name in [
             OUTBOX_TARGET,
             OUTBOX_REPLY,
+            OUTBOX_DUE,
             envelope::TIMESTAMP,
             envelope::SOURCE,
             envelope::TRACE_ID,

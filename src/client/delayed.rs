@@ -90,14 +90,7 @@ pub fn encode(fields: &Fields) -> Vec<u8> {
     out
 }
 
-/// When a delayed message is due.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Due {
-    /// This many ms after now, by Redis's clock.
-    In(u64),
-    /// At this time, ms since the epoch.
-    At(u64),
-}
+pub use crate::model::message::Due;
 
 /// The [`HOLD`] call for a message of `fields` to `stream`, known by `id`.
 pub fn hold_command(stream: &str, id: &str, due: Due, fields: &Fields) -> Cmd {

@@ -44,7 +44,7 @@ use crate::model::envelope::{self, Entry, Fields};
 /// The consumer group relays read outboxes with.
 pub const GROUP: &str = "redstream-relay";
 
-pub use super::commit::{OUTBOX_REPLY, OUTBOX_TARGET as TARGET, outbox_of};
+pub use super::commit::{OUTBOX_DUE, OUTBOX_REPLY, OUTBOX_TARGET as TARGET, outbox_of};
 
 /// How long a relay waits for a replica to take its deliveries before it leaves them to a later pass.
 pub const REPLICA_WAIT: Duration = Duration::from_secs(1);
@@ -56,9 +56,12 @@ pub fn seen_of(target: &str) -> String {
 }
 
 /// KEYS[1] the target stream, KEYS[2] its seen set. ARGV[1] the relay's deadline (ms), ARGV[2] how
-/// long a record is kept (ms), then per entry: its dedupe id, its pair count, its fields. Returns per
-/// entry 1 written, 0 already delivered (written before, not again), or an error text (not written;
-/// the rest of the batch is not tried when Redis refuses for a reason of the whole server).
+/// long a record is kept (ms), ARGV[3] and ARGV[4] the target's delayed set and fields hash
+/// ([`super::delayed`]; arguments, not keys, as there), then per entry: its dedupe id, its due time
+/// (empty unless it is a delayed reply), its value count, its values — its fields, or for a delayed
+/// reply its entry encoded, held under the dedupe id until its time. Returns per entry 1 written, 0
+/// already delivered (written before, not again), or an error text (not written; the rest of the
+/// batch is not tried when Redis refuses for a reason of the whole server).
 ///
 /// The deadline fences a relay that stalled: its entries can be claimed by another relay only once
 /// they idled `claim_min_idle`, and the deadline (the time the relay asked for them plus half of that)
@@ -79,20 +82,31 @@ local kind = redis.call('TYPE', target)['ok']
 if kind ~= 'stream' and kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. target .. ' holds a ' .. kind .. ', not a stream')
 end
-local skind = redis.call('TYPE', seen)['ok']
-if skind ~= 'zset' and skind ~= 'none' then
-  return redis.error_reply('WRONGTYPE ' .. seen .. ' holds a ' .. skind .. ', not a sorted set')
+local dk, fk = ARGV[3], ARGV[4]
+for _, k in ipairs({{seen, 'zset'}, {dk, 'zset'}, {fk, 'hash'}}) do
+  local kind = redis.call('TYPE', k[1])['ok']
+  if kind ~= k[2] and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. k[1] .. ' holds a ' .. kind .. ', not a ' .. k[2])
+  end
 end
-local out, a, stop = {}, 3, false
+local out, a, stop = {}, 5, false
 while a <= #ARGV do
-  local id, pairs = ARGV[a], tonumber(ARGV[a + 1])
-  local last = a + 1 + 2 * pairs
+  local id, due, values = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local last = a + 2 + values
   if stop then
     out[#out + 1] = 'not tried'
   elseif redis.call('ZSCORE', seen, id) then
     out[#out + 1] = 0
   else
-    local r = redis.pcall('XADD', target, '*', unpack(ARGV, a + 2, last))
+    local r
+    if due == '' then
+      r = redis.pcall('XADD', target, '*', unpack(ARGV, a + 3, last))
+    else
+      -- Held until its time: the fields first, then the due time that makes it live (after the
+      -- first write Redis refuses none for memory).
+      r = redis.pcall('HSET', fk, id, ARGV[a + 3])
+      if not (type(r) == 'table' and r['err']) then r = redis.pcall('ZADD', dk, due, id) end
+    end
     if type(r) == 'table' and r['err'] then
       out[#out + 1] = r['err']
       for _, code in ipairs({'OOM', 'MISCONF', 'READONLY', 'NOREPLICAS', 'BUSY', 'LOADING', 'MASTERDOWN'}) do
@@ -150,13 +164,15 @@ pub struct Relayed {
     pub refused: Vec<(String, String)>,
 }
 
-/// One outbox entry on its way: its id, the fields to write, the name of its effect.
-type Outgoing<'a> = (&'a str, Fields, String);
+/// One outbox entry on its way: its id, the fields to write, the name of its effect, when it is due
+/// (a delayed reply).
+type Outgoing<'a> = (&'a str, Fields, String, Option<String>);
 
-/// An outbox entry split into its target, the fields to write there, and the name of its effect for
-/// the dedupe record: `<cause>#<reply index>` for a reply, `<_dlq_source>#dead-letter` for a dead
-/// letter, else (an entry of an older version) `<outbox>/<entry id>`.
-fn split(entry: &Entry, outbox: &str) -> Option<(String, Fields, String)> {
+/// An outbox entry split into its target, the fields to write there, the name of its effect for the
+/// dedupe record — `<cause>#<reply index>` for a reply, `<_dlq_source>#dead-letter` for a dead
+/// letter, else (an entry of an older version) `<outbox>/<entry id>` — and, for a delayed reply, its
+/// due time.
+fn split(entry: &Entry, outbox: &str) -> Option<(String, Fields, String, Option<String>)> {
     let mut fields = entry.fields.iter().peekable();
     let (name, target) = fields.next()?;
     if name != TARGET.as_bytes() {
@@ -166,6 +182,13 @@ fn split(entry: &Entry, outbox: &str) -> Option<(String, Fields, String)> {
     let reply = fields
         .next_if(|(n, _)| *n == OUTBOX_REPLY.as_bytes())
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+    // Only right after the index: a handler's own field of that name comes after the envelope.
+    let due = match reply {
+        Some(_) => fields
+            .next_if(|(n, _)| *n == OUTBOX_DUE.as_bytes())
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned()),
+        None => None,
+    };
     let mut rest = Fields::with_capacity(entry.fields.len());
     for (n, v) in fields {
         rest.push(n.to_vec(), v.to_vec());
@@ -179,7 +202,7 @@ fn split(entry: &Entry, outbox: &str) -> Option<(String, Fields, String)> {
         (None, _, Some(source)) => format!("{source}#dead-letter"),
         _ => format!("{outbox}/{}", entry.id),
     };
-    Some((target, rest, effect))
+    Some((target, rest, effect, due))
 }
 
 /// The relay's side of the outbox: reading, claiming, delivering, settling.
@@ -270,7 +293,7 @@ impl Client {
         // Per target, in first-seen order: its entries.
         let mut targets: Vec<(String, Vec<Outgoing>)> = Vec::new();
         for e in entries {
-            let Some((target, fields, effect)) = split(e, &outbox) else {
+            let Some((target, fields, effect, due)) = split(e, &outbox) else {
                 report.refused.push((
                     e.id.clone(),
                     format!("not a relay entry: its first field is not {TARGET}"),
@@ -278,12 +301,22 @@ impl Client {
                 continue;
             };
             match targets.iter_mut().find(|(t, _)| *t == target) {
-                Some((_, list)) => list.push((&e.id, fields, effect)),
-                None => targets.push((target, vec![(&e.id, fields, effect)])),
+                Some((_, list)) => list.push((&e.id, fields, effect, due)),
+                None => targets.push((target, vec![(&e.id, fields, effect, due)])),
             }
         }
         let mut done: Vec<&str> = Vec::new();
         for (target, list) in &targets {
+            if list.iter().any(|(_, _, _, due)| due.is_some()) {
+                // Delayed replies: the daemons' movers must find the stream among those holding
+                // some (a name without messages is harmless, so it goes first).
+                let mut register = redis::cmd("SADD");
+                register.arg(super::delayed::REGISTRY).arg(target);
+                let _: i64 = self
+                    .redis()
+                    .query(&register, Ctx::new("SADD", super::delayed::REGISTRY))
+                    .await?;
+            }
             let seen = seen_of(target);
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(DELIVER)
@@ -291,12 +324,21 @@ impl Client {
                 .arg(target)
                 .arg(&seen)
                 .arg(deadline_ms)
-                .arg(keep.as_millis() as u64);
-            for (_, fields, effect) in list {
-                cmd.arg(effect).arg(fields.len());
-                for (n, v) in fields.iter() {
-                    cmd.arg(n).arg(v);
-                }
+                .arg(keep.as_millis() as u64)
+                .arg(super::delayed::due_key(target))
+                .arg(super::delayed::fields_key(target));
+            for (_, fields, effect, due) in list {
+                cmd.arg(effect);
+                match due {
+                    Some(due) => cmd.arg(due).arg(1).arg(super::delayed::encode(fields)),
+                    None => {
+                        cmd.arg("").arg(2 * fields.len());
+                        for (n, v) in fields.iter() {
+                            cmd.arg(n).arg(v);
+                        }
+                        &mut cmd
+                    }
+                };
             }
             let verdicts = match self
                 .redis()
@@ -315,14 +357,14 @@ impl Client {
                 Err(e) => {
                     // The target as a whole refuses (a key of another type, the ACL): its entries
                     // stay pending; the others go on.
-                    for (id, _, _) in list {
+                    for (id, _, _, _) in list {
                         report.refused.push(((*id).to_owned(), e.to_string()));
                     }
                     continue;
                 }
             };
             let mut delivered = Vec::new();
-            for ((id, _, _), verdict) in list.iter().zip(verdicts) {
+            for ((id, _, _, _), verdict) in list.iter().zip(verdicts) {
                 match verdict {
                     Value::Int(1) => {
                         report.delivered += 1;
@@ -463,7 +505,7 @@ mod tests {
             id: "1-0".into(),
             fields,
         };
-        let (target, rest, effect) = split(&e, "box").expect("a relay entry");
+        let (target, rest, effect, _) = split(&e, "box").expect("a relay entry");
         assert_eq!(target, "nova:task:{b}:out");
         assert_eq!(rest.len(), 2);
         assert_eq!(
@@ -475,7 +517,7 @@ mod tests {
         reply.push(OUTBOX_REPLY, "2");
         reply.push("_cause", "nova:task:{a}:in/5-0");
         reply.push("k", "v");
-        let (_, rest, effect) = split(
+        let (_, rest, effect, due) = split(
             &Entry {
                 id: "9-0".into(),
                 fields: reply,
@@ -491,6 +533,27 @@ mod tests {
             rest.get(OUTBOX_REPLY),
             None,
             "the index is not written to the target"
+        );
+        assert_eq!(due, None, "a reply without a due time is not delayed");
+        let mut delayed = Fields::new();
+        delayed.push(TARGET, "nova:task:{b}:out");
+        delayed.push(OUTBOX_REPLY, "0");
+        delayed.push(OUTBOX_DUE, "1700000000000");
+        delayed.push("_cause", "nova:task:{a}:in/5-0");
+        delayed.push(OUTBOX_DUE, "a handler's own field");
+        let (_, rest, _, due) = split(
+            &Entry {
+                id: "9-1".into(),
+                fields: delayed,
+            },
+            "box",
+        )
+        .unwrap();
+        assert_eq!(due.as_deref(), Some("1700000000000"));
+        assert_eq!(
+            rest.get(OUTBOX_DUE),
+            Some(&b"a handler's own field"[..]),
+            "only the field right after the index is the due time"
         );
         let mut forged = Fields::new();
         forged.push("k", "v");

@@ -315,6 +315,7 @@ impl Handler for Control {
                     Outcome::Success(vec![Reply {
                         stream: self.reply_to.clone(),
                         fields,
+                        due: None,
                     }])
                 }
                 "reload_config" => self.obey(Command::Reload),

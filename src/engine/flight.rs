@@ -365,6 +365,7 @@ mod tests {
         Some(Effect::Replies(vec![Reply {
             stream: "nova:task:t:out".into(),
             fields: Fields::default(),
+            due: None,
         }]))
     }
 
@@ -477,6 +478,7 @@ mod tests {
                 fields: (0..n)
                     .map(|i| (format!("f{i}"), vec![b'x'; 4096]))
                     .collect(),
+                due: None,
             }]))
         };
         let mut f = Flight::new(100, None);

@@ -336,6 +336,7 @@ mod tests {
         Reply {
             stream: "nova:task:m:out".into(),
             fields: f,
+            due: None,
         }
     }
 

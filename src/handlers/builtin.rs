@@ -33,6 +33,7 @@ impl Handler for Forward {
         let reply = Reply {
             stream: self.to.clone(),
             fields: msg.fields.clone(),
+            due: None,
         };
         Box::pin(async move { Outcome::Success(vec![reply]) })
     }
@@ -117,6 +118,13 @@ impl Handler for Faults {
                 Some(to) => Some(to.to_owned()),
                 None => self.reply_to.clone(),
             };
+            // A message may ask for its reply to be delayed (`faults_delay_ms`), as a handler's
+            // `publish-delayed` does.
+            let due = msg
+                .fields
+                .get_str("faults_delay_ms")
+                .and_then(|v| v.parse().ok())
+                .map(crate::model::message::Due::In);
             let replies = to
                 .iter()
                 .map(|to| {
@@ -126,6 +134,7 @@ impl Handler for Faults {
                     Reply {
                         stream: to.clone(),
                         fields,
+                        due,
                     }
                 })
                 .collect();

@@ -168,13 +168,15 @@ mod tests {
         let bomb = Reply {
             stream: "nova:task:x:out".into(),
             fields: (0..70_000).map(|_| ("", "")).collect(),
+            due: None,
         };
         let err = limit.check(&[bomb]).unwrap_err();
         assert!(err.contains("limits.reply_bytes"), "{err}");
         let many = vec![
             Reply {
                 stream: "nova:task:x:out".into(),
-                fields: Fields::new()
+                fields: Fields::new(),
+                due: None,
             };
             11
         ];

@@ -53,6 +53,43 @@ pub struct Once {
 pub struct Reply {
     pub stream: String,
     pub fields: Fields,
+    /// A delayed reply: committed with the ack, it appears on its stream at this time
+    /// ([`crate::client::delayed`]).
+    pub due: Option<Due>,
+}
+
+impl Reply {
+    /// A reply appearing on `stream` at once.
+    pub fn new(stream: impl Into<String>, fields: Fields) -> Reply {
+        Reply {
+            stream: stream.into(),
+            fields,
+            due: None,
+        }
+    }
+}
+
+/// When a delayed message is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// This many ms after now: after the commit, for a handler's reply; by Redis's clock, for a
+    /// message published with `redstream publish --delay`.
+    In(u64),
+    /// At this time, ms since the epoch.
+    At(u64),
+}
+
+impl Due {
+    /// The latest a delayed message may be due: a year ahead.
+    pub const MAX_AHEAD_MS: u64 = 366 * 24 * 3600 * 1000;
+
+    /// When it is due, ms since the epoch, counting [`Due::In`] from `now_ms`.
+    pub fn at(self, now_ms: u64) -> u64 {
+        match self {
+            Due::In(ms) => now_ms.saturating_add(ms),
+            Due::At(ms) => ms,
+        }
+    }
 }
 
 /// What became of one message.

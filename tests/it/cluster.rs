@@ -747,7 +747,8 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
 /// Retry schedules and delayed messages on a cluster: their keys live in each stream's slot, so every
 /// script touching them runs on that stream's master. Each message of three streams (one per master)
 /// fails its first two deliveries and is retried on a schedule, then answered once; a delayed message
-/// to each output stream arrives once.
+/// to each output stream arrives once, and so does a handler's delayed reply (through the outbox and
+/// the relay, which holds it beside its stream in another slot).
 #[test]
 fn retry_schedules_and_delayed_messages_work_on_every_master() {
     let cluster = Cluster::start();
@@ -763,6 +764,19 @@ fn retry_schedules_and_delayed_messages_work_on_every_master() {
         .collect();
     let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
     publish_all(&cluster, &pairs, &mut ids, 20);
+    let mut later = Vec::new();
+    for (input, _) in &pairs {
+        let id: String = redis::cmd("XADD")
+            .arg(input)
+            .arg("*")
+            .arg("faults_delay_ms")
+            .arg(300)
+            .arg("delayed_reply")
+            .arg("yes")
+            .query(&mut cluster.node(cluster.master_of(input)))
+            .unwrap();
+        later.push(id);
+    }
     for (_, out) in &pairs {
         let said = std::process::Command::new(crate::util::bin())
             .arg("--config")
@@ -784,20 +798,48 @@ fn retry_schedules_and_delayed_messages_work_on_every_master() {
             pairs
                 .iter()
                 .zip(&ids)
-                .all(|((_, o), ids)| cluster.xlen(o) > ids.len() as u64)
+                .all(|((_, o), ids)| cluster.xlen(o) > ids.len() as u64 + 1)
                 .then_some(())
         },
     );
-    for ((input, out), ids) in pairs.iter().zip(&ids) {
+    for (((input, out), ids), later) in pairs.iter().zip(&ids).zip(&later) {
         wait_for("nothing pending", Duration::from_secs(20), || {
             (cluster.pending(input, "g") == 0).then_some(())
         });
-        let (delayed, replies): (Vec<_>, Vec<_>) = cluster
+        let (delayed, rest): (Vec<_>, Vec<_>) = cluster
             .entries(out)
             .into_iter()
             .partition(|e| e.get("delayed").is_some());
+        let (delayed_replies, replies): (Vec<_>, Vec<_>) = rest
+            .into_iter()
+            .partition(|e| e.get("delayed_reply").is_some());
         assert_eq!(delayed.len(), 1, "{out}: the delayed message once");
         assert_eq!(replies.len(), ids.len(), "{out}: one reply each");
+        assert_eq!(delayed_replies.len(), 1, "{out}: the delayed reply once");
+        let reply = &delayed_replies[0];
+        assert_eq!(
+            reply.get("_cause").map(String::as_str),
+            Some(format!("{input}/{later}").as_str())
+        );
+        // Held until 300 ms after its commit (the envelope's time), not delivered by the relay at once.
+        let committed: u64 = reply["_timestamp"].parse().unwrap();
+        let range: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(out)
+            .arg("-")
+            .arg("+")
+            .query(&mut cluster.conn())
+            .unwrap();
+        let id = range
+            .ids
+            .iter()
+            .find(|e| e.map.contains_key("delayed_reply"))
+            .map(|e| e.id.clone())
+            .unwrap();
+        let arrived: u64 = id.split('-').next().unwrap().parse().unwrap();
+        assert!(
+            arrived >= committed + 300,
+            "{out}: committed at {committed}, arrived at {arrived}"
+        );
     }
     assert!(
         daemons.iter().any(|d| d.count_log("retried in 200ms") > 0),

@@ -141,6 +141,43 @@ fn a_reply_to_a_key_of_another_type_dead_letters_that_message_and_commits_the_re
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
 
+/// A delayed reply is held beside its stream by the commit script: where the key holding delayed
+/// replies for its target is of another type, that message alone is dead-lettered (naming the key and
+/// the types), nothing of it is held or registered, and the rest of the batch commits.
+#[test]
+fn a_delayed_reply_whose_due_set_is_of_another_type_dead_letters_that_message_alone() {
+    let server = RedisServer::start();
+    let late = "nova:task:commit:late";
+    let due_key = redstream::client::delayed::due_key(late);
+    server.set_string(&due_key);
+    let (ids, culprit) = fifty_with_one_poison(
+        &server,
+        24,
+        &[("faults_delay_ms", "1000"), ("_reply_to", late)],
+    );
+    let (toml, metrics) = with_metrics(&faults_replying(&server));
+    let mut d = Daemon::running(&toml, &[]);
+    let reason = only_the_culprit_is_dead_lettered(&server, metrics, &ids, &culprit);
+    assert!(
+        reason.contains(&format!(
+            "{due_key}, where delayed replies are held, is a string, not a zset"
+        )),
+        "the reason names the key and the types: {reason}"
+    );
+    let registered: bool = redis::cmd("SISMEMBER")
+        .arg(redstream::client::delayed::REGISTRY)
+        .arg(late)
+        .query(&mut server.conn())
+        .unwrap();
+    assert!(!registered, "nothing of the refused message written");
+    let held: bool = redis::cmd("EXISTS")
+        .arg(redstream::client::delayed::fields_key(late))
+        .query(&mut server.conn())
+        .unwrap();
+    assert!(!held, "nothing held");
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
 /// Redis itself refusing one key — a stream whose ids are exhausted refuses every XADD — is that
 /// message's problem: it is dead-lettered naming the key and Redis's error, and the messages after it
 /// in the same batch commit at once (they are not held back behind it, batch after batch).

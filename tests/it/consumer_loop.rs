@@ -70,6 +70,7 @@ impl Handler for Gated {
             Outcome::Success(vec![Reply {
                 stream: OUT.into(),
                 fields: msg.fields.clone(),
+                due: None,
             }])
         })
     }

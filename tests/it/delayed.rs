@@ -150,3 +150,97 @@ fn delayed_messages_arrive_at_their_time_once_through_a_kill_and_a_redis_restart
     drop(b);
     drop(a);
 }
+
+const ASKS: &str = "nova:task:delayed:asks";
+
+/// Delayed replies from a handler (`publish-delayed`; the echo example's `_delay_ms`) are committed
+/// with the ack — nothing stays pending, nothing reaches the stream before its time, each is held
+/// under the name of its effect (`<cause>#<index>`) — and arrive at their time, once each, through a
+/// kill -9 of a daemon that committed them and a Redis restart (with its data), with two daemons in
+/// the group moving them side by side.
+#[test]
+fn delayed_replies_from_a_handler_arrive_once_at_their_time_through_a_kill_and_a_redis_restart() {
+    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let echo = crate::util::root().join("handlers/build/echo.wasm");
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[[consumers]]\nstream = \"{ASKS}\"\ngroup = \"g\"\nstart = \"0\"\nhandler = \"echo\"\n\
+             [[handlers]]\nname = \"echo\"\nfile = \"{}\"\nroles = [\"task_write\"]\n",
+            echo.display()
+        ),
+    );
+    let mut a = Daemon::running(&toml, &[]);
+    let b = Daemon::running(&toml, &[]);
+    let asked: Vec<(String, &str)> = [
+        ("1", "3000"),
+        ("2", "3000"),
+        ("3", "4000"),
+        ("4", "4000"),
+        ("5", "6000"),
+        ("6", "6000"),
+    ]
+    .into_iter()
+    .map(|(n, delay)| {
+        let id = server.xadd(
+            ASKS,
+            &[("n", n), ("_delay_ms", delay), ("_reply_to", TARGET)],
+        );
+        (id, n)
+    })
+    .collect();
+    let due = wait_for("six held", Duration::from_secs(10), || {
+        let held = held(&server);
+        (held.len() == 6).then_some(held)
+    });
+    assert_eq!(server.pending(ASKS, "g"), 0, "acked with the commit");
+    assert_eq!(server.xlen(TARGET), 0, "nothing before its time");
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(redstream::client::delayed::due_key(TARGET))
+        .arg(0)
+        .arg(-1)
+        .query(&mut server.conn())
+        .unwrap();
+    for (id, _) in &asked {
+        assert!(
+            members.contains(&format!("{ASKS}/{id}#0")),
+            "{id} held under its effect's name: {members:?}"
+        );
+    }
+    a.kill9();
+    server.restart();
+    a = Daemon::running(&toml, &[]);
+    let back = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    wait_for("all six", Duration::from_secs(20), || {
+        (server.xlen(TARGET) >= 6).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let entries = server.entries(TARGET);
+    assert_eq!(entries.len(), 6, "each once: {entries:?}");
+    for (id, n) in &asked {
+        let e = entries
+            .iter()
+            .find(|e| e.fields.get_str("in_reply_to") == Some(id.as_str()))
+            .unwrap_or_else(|| panic!("no reply to {id}"));
+        assert_eq!(e.fields.get_str("n"), Some(*n));
+        assert_eq!(
+            e.fields.get_str("_cause"),
+            Some(format!("{ASKS}/{id}").as_str())
+        );
+        let arrived: u64 = e.id.split('-').next().unwrap().parse().unwrap();
+        // Due while the daemons or Redis were down: as soon as they are back.
+        let due = due[*n];
+        let bound = due.max(back) + 1000;
+        assert!(
+            arrived >= due && arrived <= bound,
+            "n={n}: due at {due}, arrived at {arrived} ({} ms late)",
+            arrived as i64 - due as i64
+        );
+    }
+    assert!(held(&server).is_empty());
+    drop(b);
+    drop(a);
+}

@@ -3,7 +3,7 @@
 reasons as the Rust echo (handlers/examples/echo), checked by the parity test."""
 
 from componentize_py_types import Err
-from wit_world.imports import host
+from wit_world.imports import host, types
 
 import wit_world
 import redstream
@@ -22,7 +22,13 @@ class WitWorld(wit_world.WitWorld):
         if to is None:
             raise redstream.reject("no _reply_to field and no reply_to configured")
         fields = [("in_reply_to", msg.id.encode())] + redstream.user_fields(msg)
+        delay = redstream.text(msg, "_delay_ms")
+        if delay is not None and (not delay.isascii() or not delay.isdigit()):
+            raise redstream.reject(f"_delay_ms is not a number: {delay}")
         try:
-            host.publish(to, fields)
+            if delay is None:
+                host.publish(to, fields)
+            else:
+                host.publish_delayed(to, fields, types.Due_After(int(delay)))
         except Err as e:
             raise redstream.reject(f"cannot reply to {to}: {e.value.value}")

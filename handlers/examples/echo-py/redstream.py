@@ -1,5 +1,5 @@
 """Helpers for RedStream handlers in Python, built with componentize-py against
-redstream:handler@0.1.1 (wit/handler.wit). `redstream handler new --lang python` copies this file.
+redstream:handler@0.1.2 (wit/handler.wit). `redstream handler new --lang python` copies this file.
 
 What `handle` does decides what happens to the message: returning commits the replies it sent with
 the ack; `raise retry(why)` leaves it pending for another try (up to the consumer's max_deliveries);
@@ -107,10 +107,18 @@ class Reply:
     def json(self, name, value):
         return self.text(name, _json.dumps(value, separators=(",", ":")))
 
-    def send(self, stream):
+    def send(self, stream, after_ms=None, at_ms=None):
         """Buffers the reply for `stream`. A refused publish (wrong stream, missing role, too large)
-        rejects the message, naming why; catch it to decide otherwise."""
+        rejects the message, naming why; catch it to decide otherwise. With `after_ms` (milliseconds
+        after the message's commit) or `at_ms` (milliseconds since the Unix epoch) the reply is
+        delayed: held in Redis with the ack and moved to its stream at that time, once (at most a year
+        ahead)."""
         try:
-            host.publish(stream, self.fields)
+            if after_ms is not None:
+                host.publish_delayed(stream, self.fields, types.Due_After(max(0, int(after_ms))))
+            elif at_ms is not None:
+                host.publish_delayed(stream, self.fields, types.Due_At(max(0, int(at_ms))))
+            else:
+                host.publish(stream, self.fields)
         except Err as e:
             raise reject(f"reply refused: {_describe(e.value)}")

@@ -47,8 +47,8 @@ pub mod bindings {
     });
 }
 
-pub use bindings::redstream::handler::host::{config, log, publish};
-pub use bindings::redstream::handler::types::{HandlerError, Level, Message, PublishError, Sender};
+pub use bindings::redstream::handler::host::{config, log, publish, publish_delayed};
+pub use bindings::redstream::handler::types::{Due, HandlerError, Level, Message, PublishError, Sender};
 pub use bindings::{Guest, export_handler};
 
 /// Why a field could not be read; `?` turns it into a [`HandlerError::Reject`] (a message that lacks
@@ -185,6 +185,19 @@ impl Reply {
     /// Buffers the reply for `stream`; RedStream checks the handler's roles now and writes it at commit.
     pub fn send(self, stream: &str) -> Result<(), PublishError> {
         publish(stream, &self.fields)
+    }
+
+    /// Like [`Reply::send`], but the reply appears on `stream` `after` the message's commit (at most a
+    /// year): committed with the ack, held in Redis, moved to its stream at its time, once.
+    pub fn send_after(self, stream: &str, after: std::time::Duration) -> Result<(), PublishError> {
+        let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        publish_delayed(stream, &self.fields, Due::After(ms))
+    }
+
+    /// Like [`Reply::send_after`], at a time given in milliseconds since the Unix epoch (a time past
+    /// is due at once).
+    pub fn send_at(self, stream: &str, unix_ms: u64) -> Result<(), PublishError> {
+        publish_delayed(stream, &self.fields, Due::At(unix_ms))
     }
 }
 

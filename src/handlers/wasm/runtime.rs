@@ -273,7 +273,7 @@ impl Runtime {
 }
 
 /// The version of the `redstream:handler` WIT package this daemon speaks.
-pub const WIT_VERSION: &str = "0.1.1";
+pub const WIT_VERSION: &str = "0.1.2";
 
 /// Components built against any version of this series link (later ones only add to it).
 const WIT_SERIES: &str = "0.1.";

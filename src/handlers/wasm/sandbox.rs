@@ -21,7 +21,7 @@ use crate::auth::{Op, Roles};
 
 use crate::model::envelope::Fields;
 use crate::model::limits::{FIELD_OVERHEAD, ReplyLimit};
-use crate::model::message::{Message, Outcome, Reply, Sender};
+use crate::model::message::{Due, Message, Outcome, Reply, Sender};
 use crate::model::naming::Naming;
 
 /// Log lines one message may write through `log` (more are counted and dropped).
@@ -252,11 +252,13 @@ impl Host {
 
 impl types::Host for Host {}
 
-impl host::Host for Host {
-    fn publish(
+impl Host {
+    /// Checks and buffers a reply (`publish` and `publish-delayed`).
+    fn buffer(
         &mut self,
         stream: String,
         fields: Vec<(String, Vec<u8>)>,
+        due: Option<Due>,
     ) -> Result<(), types::PublishError> {
         let domain = match self.meta.naming.domain_of(&stream) {
             Ok(d) => d,
@@ -302,8 +304,42 @@ impl host::Host for Host {
                     .map(|(n, v)| (n.into_bytes(), v))
                     .collect::<Vec<_>>(),
             ),
+            due,
         });
         Ok(())
+    }
+}
+
+impl host::Host for Host {
+    fn publish(
+        &mut self,
+        stream: String,
+        fields: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), types::PublishError> {
+        self.buffer(stream, fields, None)
+    }
+
+    fn publish_delayed(
+        &mut self,
+        stream: String,
+        fields: Vec<(String, Vec<u8>)>,
+        due: types::Due,
+    ) -> Result<(), types::PublishError> {
+        let due = match due {
+            types::Due::After(ms) => Due::In(ms),
+            types::Due::At(ms) => Due::At(ms),
+        };
+        let ahead = match due {
+            Due::In(ms) => ms,
+            Due::At(ms) => ms.saturating_sub(crate::model::envelope::now_ms()),
+        };
+        if ahead > Due::MAX_AHEAD_MS {
+            return Err(types::PublishError::TooLarge(format!(
+                "a delayed reply may be due at most 366 days ahead; this one is due in {} days",
+                ahead / (24 * 3600 * 1000)
+            )));
+        }
+        self.buffer(stream, fields, Some(due))
     }
 
     fn log(&mut self, level: types::Level, text: String) {

@@ -14,8 +14,14 @@ export function handle(msg) {
   if (to === undefined) throw reject('no _reply_to field and no reply_to configured');
   const reply = new Reply().text('in_reply_to', msg.id);
   for (const [name, value] of userFields(msg)) reply.bytes(name, value);
+  const delay = text(msg, '_delay_ms');
+  let afterMs;
+  if (delay !== undefined) {
+    afterMs = /^[0-9]+$/.test(delay) ? Number(delay) : NaN;
+    if (!Number.isSafeInteger(afterMs)) throw reject(`_delay_ms is not a number: ${delay}`);
+  }
   try {
-    reply.send(to);
+    reply.send(to, { afterMs });
   } catch (e) {
     throw reject(`cannot reply to ${to}: ${e.refusal ? e.refusal.val : e.val}`);
   }

@@ -1,6 +1,7 @@
 //! `echo`: replies to the stream named in the message's `_reply_to` field — or, without one, to the
 //! handler's configured `reply_to` — with the message's own fields and `in_reply_to` = its id. A
-//! message with `retry_after_ms` asks to be retried that much later instead (`retry-after`).
+//! message with `retry_after_ms` asks to be retried that much later instead (`retry-after`); one with
+//! `_delay_ms` is answered that much after its commit (a delayed reply).
 
 use redstream_guest::{Guest, HandlerError, Message, PublishError, Reply, export_handler};
 
@@ -25,7 +26,17 @@ impl Guest for Echo {
         for (name, value) in msg.user_fields() {
             reply = reply.bytes(name, value);
         }
-        reply.send(&to).map_err(|e| match e {
+        let sent = match msg.text("_delay_ms") {
+            Some(delay) => {
+                let ms: u64 = Some(delay)
+                    .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|d| d.parse().ok())
+                    .ok_or_else(|| HandlerError::Reject(format!("_delay_ms is not a number: {delay}")))?;
+                reply.send_after(&to, std::time::Duration::from_millis(ms))
+            }
+            None => reply.send(&to),
+        };
+        sent.map_err(|e| match e {
             // The sender named a stream we may not write: that message will never work.
             PublishError::InvalidStream(why) | PublishError::Denied(why) | PublishError::TooLarge(why) => {
                 HandlerError::Reject(format!("cannot reply to {to}: {why}"))
