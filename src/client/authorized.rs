@@ -363,7 +363,8 @@ impl Client {
     }
 
     /// Records when the retry of `id`, pending for `consumer`, is due: in `wait` by Redis's clock
-    /// ([`super::recover::SCHEDULE`]). Whether it was still ours to schedule.
+    /// ([`super::recover::SCHEDULE`]); `held`: the delivery count seen, given back by one. Whether it
+    /// was still ours to schedule. Safe to send again.
     pub async fn schedule_retry(
         &self,
         stream: &str,
@@ -371,7 +372,7 @@ impl Client {
         consumer: &str,
         id: &str,
         wait: Duration,
-        held: bool,
+        held: Option<u64>,
     ) -> Result<bool> {
         self.authorize(Op::Claim, stream)?;
         let cmd = super::recover::schedule_command(

@@ -108,17 +108,20 @@ end
 return {{s, entries, counts, r[1], r[3] or {}}}
 "#;
 
-/// KEYS[1] stream; ARGV group, consumer, id, wait (ms), the group's scheduled retries, `1` to give
-/// the delivery back. Records when the entry's retry is due — by Redis's clock, so daemons on hosts
-/// whose clocks differ agree — if the entry is still pending for this consumer (else someone else has
-/// it: nothing to schedule). A message held back by an open breaker never reached its handler: its
-/// delivery count goes back down by one (the claim at its time counts it again), so holding spends
-/// no delivery however often it happens.
+/// KEYS[1] stream; ARGV group, consumer, id, wait (ms), the group's scheduled retries, and — to give
+/// the delivery back — the delivery count the daemon saw (else empty). Records when the entry's retry
+/// is due — by Redis's clock, so daemons on hosts whose clocks differ agree — if the entry is still
+/// pending for this consumer (else someone else has it: nothing to schedule). A message held back by
+/// an open breaker never reached its handler: its delivery count goes back down by one (the claim at
+/// its time counts it again), so holding spends no delivery however often it happens. Only from the
+/// count the daemon saw: the call may be sent again when its answer was lost, and must not lower the
+/// count twice.
 pub const SCHEDULE: &str = r#"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])[1]
 if not p then return 0 end
-if ARGV[6] == '1' and p[4] > 0 then
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'RETRYCOUNT', p[4] - 1, 'JUSTID')
+local seen = tonumber(ARGV[6])
+if seen and seen > 0 and p[4] == seen then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'RETRYCOUNT', seen - 1, 'JUSTID')
 end
 local t = redis.call('TIME')
 local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
@@ -172,14 +175,14 @@ pub fn command(stream: &str, group: &str, consumer: &str, after: &str, count: u6
 }
 
 /// The call recording that `id`'s retry is due in `wait` (`held`: it did not run, its delivery is
-/// given back).
+/// given back — from this count, the one its daemon saw).
 pub fn schedule_command(
     stream: &str,
     group: &str,
     consumer: &str,
     id: &str,
     wait_ms: u64,
-    held: bool,
+    held: Option<u64>,
 ) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(SCHEDULE)
@@ -190,6 +193,6 @@ pub fn schedule_command(
         .arg(id)
         .arg(wait_ms)
         .arg(due_key(stream, group))
-        .arg(if held { "1" } else { "0" });
+        .arg(held.map_or_else(String::new, |n| n.to_string()));
     cmd
 }

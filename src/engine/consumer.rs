@@ -669,14 +669,16 @@ impl Consumer {
             .and_then(|g| g.spec.retry.as_ref())
             .or(self.cfg.retry.as_ref())?;
         let wait = schedule.after(msg.deliveries, random_unit());
-        self.schedule(&msg.id, wait, false);
+        self.schedule(&msg.id, wait, None);
         Some(wait)
     }
 
     /// Records in Redis when `id` is due again (on a task of its own: the loop goes on); `held`: it
-    /// did not run, and its delivery is given back. Should that fail, the message is claimed as one
-    /// without a schedule is: once it has idled `claim_min_idle`.
-    fn schedule(&self, id: &str, wait: Duration, held: bool) {
+    /// did not run, and its delivery (the count given) is given back. A call Redis did not answer is
+    /// sent again a few times over about three seconds (it is safe to repeat): a connection lost at
+    /// that instant must not leave the message without its time. Should every try fail, the message
+    /// is claimed as one without a schedule is: once it has idled `claim_min_idle`.
+    fn schedule(&self, id: &str, wait: Duration, held: Option<u64>) {
         let client = self.client.clone();
         let (stream, group, consumer) = (
             self.cfg.stream.clone(),
@@ -685,17 +687,27 @@ impl Consumer {
         );
         let id = id.to_owned();
         let task = async move {
-            match client
-                .schedule_retry(&stream, &group, &consumer, &id, wait, held)
-                .await
-            {
-                Ok(true) => tracing::debug!(id, ?wait, held, "retry scheduled"),
-                Ok(false) => tracing::debug!(id, "not ours any more: no retry to schedule"),
-                Err(e) => tracing::warn!(
-                    id,
-                    error = %e,
-                    "cannot schedule the retry; the message is retried once it has idled claim_min_idle"
-                ),
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match client
+                    .schedule_retry(&stream, &group, &consumer, &id, wait, held)
+                    .await
+                {
+                    Ok(true) => tracing::debug!(id, ?wait, ?held, "retry scheduled"),
+                    Ok(false) => tracing::debug!(id, "not ours any more: no retry to schedule"),
+                    Err(e) if e.is_transient() && pause <= Duration::from_millis(1600) => {
+                        tracing::debug!(id, error = %e, "cannot schedule the retry yet; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause *= 2;
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(
+                        id,
+                        error = %e,
+                        "cannot schedule the retry; the message is retried once it has idled claim_min_idle"
+                    ),
+                }
+                break;
             }
         };
         tokio::spawn(tracing::Instrument::in_current_span(task));
@@ -722,7 +734,7 @@ impl Consumer {
             {
                 let wait = breaker.hold_for(until, random_unit());
                 st.events.held(&job.msg, job.handler.name(), wait);
-                self.schedule(&job.msg.id, wait, true);
+                self.schedule(&job.msg.id, wait, Some(job.msg.deliveries));
                 st.flight.ran(job.msg, None, job.handler.name().into());
                 continue;
             }
@@ -787,13 +799,13 @@ impl Consumer {
                             .breaker
                             .as_ref()
                             .map_or(Duration::ZERO, |b| b.hold_for(until, random_unit()));
-                        self.schedule(&msg.id, wait, true);
+                        self.schedule(&msg.id, wait, Some(msg.deliveries));
                         Some(wait)
                     }
                     // The handler said when: that, instead of the schedule's step.
                     _ => match retry_after {
                         Some(after) => {
-                            self.schedule(&msg.id, after, false);
+                            self.schedule(&msg.id, after, None);
                             Some(after)
                         }
                         None => self.schedule_retry(&msg, &handler),

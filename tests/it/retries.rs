@@ -318,3 +318,61 @@ fn a_handlers_own_retry_schedule_takes_precedence_over_its_consumers() {
     assert_eq!(letters()[1], source(&patient));
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// A retry whose schedule Redis refuses at that instant (here out of memory: every write refused) is
+/// recorded once Redis takes writes again, not left without a time: the message runs again at its
+/// step, not only after `claim_min_idle` (30 s here).
+#[test]
+fn a_schedule_redis_refused_for_a_moment_is_recorded_when_it_takes_writes_again() {
+    let server = RedisServer::start();
+    let toml = daemon_toml(
+        &server.url(),
+        &format!(
+            "[[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"0\"\nblock = \"200ms\"\n\
+             claim_min_idle = \"30s\"\nclaim_interval = \"100ms\"\nhandler_timeout = \"5s\"\n\
+             max_deliveries = 5\nhandler = \"faults\"\n\
+             retry = {{ backoff = [\"200ms\"], jitter = \"0%\" }}\n\
+             faults = {{ reply_to = \"{OUT}\", fail_deliveries = 1 }}\n"
+        ),
+    );
+    let mut d = Daemon::running(&toml, &[]);
+    // The handler takes a second, then fails its first delivery: Redis is out of memory by then.
+    let id = server.xadd(IN, &[("faults_sleep_ms", "1000")]);
+    wait_for("the first delivery", Duration::from_secs(10), || {
+        (deliveries(&server).get(&id) == Some(&1)).then_some(())
+    });
+    let mut c = server.conn();
+    let set = |c: &mut redis::Connection, v: &str| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(v)
+            .query(c)
+            .unwrap();
+    };
+    set(&mut c, "1");
+    assert!(d.wait_log(
+        "handler failed; the message stays pending",
+        Duration::from_secs(10)
+    ));
+    std::thread::sleep(Duration::from_millis(400));
+    let due: u64 = redis::cmd("ZCARD")
+        .arg(redstream::client::recover::due_key(IN, "g"))
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(
+        due, 0,
+        "the schedule was refused while Redis was out of memory"
+    );
+    set(&mut c, "0");
+    wait_for(
+        "the reply at the retry's step",
+        Duration::from_secs(10),
+        || (server.xlen(OUT) == 1).then_some(()),
+    );
+    assert_eq!(
+        server.entries(OUT)[0].fields.get_str("faults_sleep_ms"),
+        Some("1000")
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
