@@ -11,6 +11,7 @@ import json as _json
 
 from componentize_py_types import Err
 from wit_world.imports import host, types
+from wit_world.imports import state as _state
 
 
 def retry(why, after_ms=None):
@@ -69,6 +70,44 @@ def json(msg, name):
 def user_fields(msg):
     """Fields whose names do not start with `_` (the envelope's and routing's do), as (name, bytes)."""
     return [(n, v) for n, v in msg.fields if not n.startswith("_")]
+
+
+def _state_call(f):
+    try:
+        return f()
+    except Err as e:
+        if isinstance(e.value, _state.StateError_Unavailable):
+            raise retry(f"state unavailable: {e.value.value}")
+        raise reject(f"state refused: {e.value.value}")
+
+
+def state_get(key):
+    """The value (bytes) of `key` in the handler's own state (the namespace its config names), or
+    None. Sees the call's own earlier writes; a value that cannot be read retries the message."""
+    return _state_call(lambda: _state.get(key))
+
+
+def state_text(key):
+    """The value of `key` as text, or None when absent or not UTF-8."""
+    v = state_get(key)
+    if v is None:
+        return None
+    try:
+        return bytes(v).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def state_set(key, value, ttl_ms=None):
+    """Sets `key` to `value` (str or bytes) at commit, atomically with the ack and the replies; kept
+    `ttl_ms` after the commit when given. A refused write rejects the message."""
+    data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    _state_call(lambda: _state.set(key, data, None if ttl_ms is None else max(1, int(ttl_ms))))
+
+
+def state_remove(key):
+    """Removes `key` at commit."""
+    _state_call(lambda: _state.remove(key))
 
 
 def config(key):

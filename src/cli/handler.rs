@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use figment::Figment;
@@ -22,7 +23,7 @@ use crate::auth::Roles;
 use crate::config;
 use crate::handlers::wasm::{Runtime, RuntimeSettings, WasmHandler, WasmSpec};
 use crate::model::envelope::Fields;
-use crate::model::message::{Due, Message, Outcome};
+use crate::model::message::{Due, Message, Outcome, ReplyKind};
 use crate::model::naming::Naming;
 
 type Result<T = ()> = std::result::Result<T, Failure>;
@@ -100,6 +101,7 @@ fn bare_spec(name: String, file: PathBuf) -> WasmSpec {
         reuse: None,
         require_sender_token: false,
         config: BTreeMap::new(),
+        state: None,
     }
 }
 
@@ -174,8 +176,48 @@ fn project_spec(dir: &Path) -> Result<WasmSpec> {
     Ok(spec)
 }
 
-/// A runtime of its own for one handler (one worker; the default artifact cache).
-fn local_handler(spec: &WasmSpec) -> Result<(Runtime, WasmHandler)> {
+/// The state a local call reads: what a case gives (keys without the namespace), in memory.
+#[derive(Debug, Default)]
+struct LocalState {
+    namespace: String,
+    values: std::sync::Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+impl LocalState {
+    /// Replaces the state with `given` (a case's `state`: text values, or JSON for others).
+    fn reset(&self, given: &serde_json::Map<String, Value>) {
+        let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        values.clear();
+        for (k, v) in given {
+            let bytes = match v {
+                Value::String(s) => s.clone().into_bytes(),
+                other => other.to_string().into_bytes(),
+            };
+            values.insert(format!("{}:{k}", self.namespace), bytes);
+        }
+    }
+}
+
+impl crate::model::message::StateReader for LocalState {
+    fn get(&self, key: &str, _within: Duration) -> std::result::Result<Option<Vec<u8>>, String> {
+        let values = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(values.get(key).cloned())
+    }
+}
+
+/// The namespace of a local call's state: the entry's, else one for local calls.
+const LOCAL_STATE: &str = "nova:local:handler:state";
+
+/// A runtime of its own for one handler (one worker; the default artifact cache). Its state is kept
+/// in memory ([`LocalState`]), under the entry's namespace or a local one.
+fn local_handler(spec: &WasmSpec) -> Result<(Runtime, WasmHandler, Arc<LocalState>)> {
+    let mut spec = spec.clone();
+    let namespace = spec.state.get_or_insert_with(|| LOCAL_STATE.into()).clone();
+    let state = Arc::new(LocalState {
+        namespace,
+        ..LocalState::default()
+    });
+    let spec = &spec;
     let settings = RuntimeSettings {
         cache_dir: crate::handlers::wasm::default_cache_dir(),
         workers: 1,
@@ -186,11 +228,12 @@ fn local_handler(spec: &WasmSpec) -> Result<(Runtime, WasmHandler)> {
     };
     let runtime = Runtime::new(&settings, std::sync::Arc::new(Naming::default()))
         .map_err(|m| Failure::new(Exit::Failure, m))?;
+    runtime.read_state_with(state.clone());
     // A first call after a build compiles the component: say so on stderr, not in silence.
     let handler = runtime
         .load_reporting(spec, &|line| eprintln!("redstream: {line}"))
         .map_err(|m| Failure::new(Exit::Config, m))?;
-    Ok((runtime, handler))
+    Ok((runtime, handler, state))
 }
 
 /// A message from a JSON object of fields (objects and arrays become JSON text, as on publish).
@@ -230,10 +273,11 @@ fn replies_json(outcome: &Outcome) -> Vec<Value> {
     match outcome {
         Outcome::Success(replies) => replies
             .iter()
+            .filter(|r| !r.kind.is_state())
             .map(|r| {
                 let mut v = r.fields.to_json();
                 v["stream"] = Value::String(r.stream.clone());
-                match r.due {
+                match r.kind.due() {
                     Some(Due::In(ms)) => v["delay_ms"] = ms.into(),
                     Some(Due::At(ms)) => v["at_ms"] = ms.into(),
                     None => {}
@@ -243,6 +287,38 @@ fn replies_json(outcome: &Outcome) -> Vec<Value> {
             .collect(),
         _ => Vec::new(),
     }
+}
+
+/// The changes of state of a success, in order: `{"key", "value", "ttl_ms"?}` (a value that is not
+/// UTF-8 base64-encoded in `binary` instead) or `{"key", "removed": true}`.
+fn state_json(outcome: &Outcome) -> Vec<Value> {
+    let Outcome::Success(replies) = outcome else {
+        return Vec::new();
+    };
+    replies
+        .iter()
+        .filter_map(|r| match r.kind {
+            ReplyKind::StateSet { ttl_ms } => {
+                let mut v = json!({"key": r.stream});
+                let value = r.fields.iter().next().map_or(&[][..], |(_, v)| v);
+                match std::str::from_utf8(value) {
+                    Ok(text) => v["value"] = text.into(),
+                    Err(_) => {
+                        use base64::Engine as _;
+                        v["binary"] = base64::engine::general_purpose::STANDARD
+                            .encode(value)
+                            .into();
+                    }
+                }
+                if let Some(ms) = ttl_ms {
+                    v["ttl_ms"] = ms.into();
+                }
+                Some(v)
+            }
+            ReplyKind::StateRemove => Some(json!({"key": r.stream, "removed": true})),
+            _ => None,
+        })
+        .collect()
 }
 
 fn outcome_json(outcome: &Outcome, elapsed: Duration, output: Vec<(&str, String)>) -> Value {
@@ -257,6 +333,10 @@ fn outcome_json(outcome: &Outcome, elapsed: Duration, output: Vec<(&str, String)
     });
     if let (Some(ms), Some(o)) = (retry_after_ms(outcome), out.as_object_mut()) {
         o.insert("retry_after_ms".into(), ms.into());
+    }
+    let state = state_json(outcome);
+    if let (false, Some(o)) = (state.is_empty(), out.as_object_mut()) {
+        o.insert("state".into(), state.into());
     }
     out
 }
@@ -286,7 +366,7 @@ fn bench(config_file: Option<&Path>, call: &LocalCall, n: u32) -> Result {
         "instance", "calls", "µs per call", "calls/s"
     );
     for (label, reuse) in [("fresh", None), ("reused", Some(u64::MAX))] {
-        let (_runtime, handler) = local_handler(&WasmSpec {
+        let (_runtime, handler, _) = local_handler(&WasmSpec {
             reuse,
             ..base.clone()
         })?;
@@ -330,6 +410,9 @@ struct Case {
     id: String,
     #[serde(default = "one")]
     deliveries: u64,
+    /// The handler's state before the call: key (without its namespace) → value (text, or JSON).
+    #[serde(default)]
+    state: serde_json::Map<String, Value>,
     expect: Expect,
 }
 
@@ -346,6 +429,8 @@ struct Expect {
     reason_contains: Option<String>,
     /// A retry the handler timed itself (`retry-after`), in ms.
     retry_after_ms: Option<u64>,
+    /// The state after a success, for the keys named: value (text, or JSON), or null for none.
+    state: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Debug, Deserialize, PartialEq)]
@@ -442,6 +527,60 @@ fn mismatch(expect: &Expect, outcome: &Outcome) -> Option<String> {
     None
 }
 
+/// What is wrong with the state after a call, given the state before and what a case expects: each
+/// key it names holds that value (null: none) once the call's changes are applied.
+fn state_mismatch(
+    state: &LocalState,
+    before: &serde_json::Map<String, Value>,
+    expect: &Expect,
+    outcome: &Outcome,
+) -> Option<String> {
+    let want = expect.state.as_ref()?;
+    state.reset(before);
+    let mut after = state
+        .values
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Outcome::Success(replies) = outcome {
+        for r in replies {
+            match r.kind {
+                ReplyKind::StateSet { .. } => {
+                    let value = r
+                        .fields
+                        .iter()
+                        .next()
+                        .map_or(Vec::new(), |(_, v)| v.to_vec());
+                    after.insert(r.stream.clone(), value);
+                }
+                ReplyKind::StateRemove => {
+                    after.remove(&r.stream);
+                }
+                _ => {}
+            }
+        }
+    }
+    for (k, v) in want {
+        let key = format!("{}:{k}", state.namespace);
+        let got = after
+            .get(&key)
+            .map(|b| String::from_utf8_lossy(b).into_owned());
+        let expected = match v {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        };
+        if got != expected {
+            return Some(format!(
+                "expected state {k} = {}, got {}",
+                expected.map_or("none".into(), |e| format!("{e:?}")),
+                got.map_or("none".into(), |g| format!("{g:?}"))
+            ));
+        }
+    }
+    None
+}
+
 /// Whether `got` is the reply `want` describes: its stream, and every field the case names (text or
 /// binary) with that value; with `exact`, no other field either.
 fn reply_matches(want: &ExpectedReply, got: &ExpectedReply, exact: bool) -> bool {
@@ -506,7 +645,7 @@ pub(super) fn test(config_file: Option<&Path>, args: &HandlerArgs, cases: Option
         ));
     }
     let spec = spec(config_file, args)?;
-    let (_runtime, handler) = local_handler(&spec)?;
+    let (_runtime, handler, state) = local_handler(&spec)?;
     println!(
         "testing {} ({}) with {}",
         spec.name,
@@ -517,10 +656,13 @@ pub(super) fn test(config_file: Option<&Path>, args: &HandlerArgs, cases: Option
     for (line, case) in &cases {
         let name = case.name.clone().unwrap_or_else(|| format!("line {line}"));
         let msg = message(&case.message, &case.stream, &case.id, case.deliveries)?;
+        state.reset(&case.state);
         let started = Instant::now();
         let (outcome, output) = handler.call_recorded(&msg, None);
         let took = started.elapsed().as_micros();
-        match mismatch(&case.expect, &outcome) {
+        let wrong = mismatch(&case.expect, &outcome)
+            .or_else(|| state_mismatch(&state, &case.state, &case.expect, &outcome));
+        match wrong {
             None => println!("ok      {name} ({took} µs)"),
             Some(why) => {
                 failed += 1;
@@ -546,7 +688,7 @@ pub fn run(config_file: Option<&Path>, cmd: HandlerCommand) -> Result {
     match cmd {
         HandlerCommand::Run(call) => {
             let spec = spec(config_file, &call.target)?;
-            let (_runtime, handler) = local_handler(&spec)?;
+            let (_runtime, handler, _) = local_handler(&spec)?;
             let msg = call_message(&call)?;
             let started = Instant::now();
             let (outcome, output) = handler.call_recorded(&msg, None);

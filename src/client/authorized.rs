@@ -188,6 +188,14 @@ impl Client {
         self.redis.query(&cmd, Ctx::new("EVAL", stream)).await
     }
 
+    /// The value of a handler's state key (its `state.get`; what handlers may read is checked against
+    /// their roles with the config).
+    pub async fn state_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key);
+        self.redis.query(&cmd, Ctx::new("GET", key)).await
+    }
+
     /// The streams that may hold delayed messages.
     pub async fn delayed_streams(&self) -> Result<Vec<String>> {
         let mut cmd = redis::cmd("SMEMBERS");

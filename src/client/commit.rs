@@ -16,7 +16,7 @@ use crate::auth::signature;
 use crate::model::dead_letter as dlq;
 use crate::model::decided::{Committed, Effect, Finished};
 use crate::model::envelope::{self, Fields};
-use crate::model::message::{Message, Once, Reply};
+use crate::model::message::{Message, Once, Reply, ReplyKind};
 
 /// The most values one XADD in the script may take: Lua's `unpack` stops near 8,000 (the script
 /// checks the same bound and refuses a larger write before anything is written).
@@ -78,7 +78,8 @@ pub struct CommitCall(pub(super) Cmd);
 /// 4 a delayed reply held beside its stream (its key is the target stream, its values the due set,
 /// the fields hash, its member — `<cause>#<index>` —, its due time and its whole entry encoded,
 /// envelope included; [`super::delayed`]), 5 a delayed reply to the outbox (as 3, with its due time
-/// after the index, written as `_outbox_due`). What the batch shares — the envelope's time and
+/// after the index, written as `_outbox_due`), 6 a handler's state key set (its value and its time
+/// to live in ms, empty for none), 7 a state key deleted (no values). What the batch shares — the envelope's time and
 /// source, the cause's prefix — travels once.
 ///
 /// Returns per message: 1 committed, 0 not ours, 2 not tried, or `{code, key, detail}`: -1 the ACL
@@ -87,8 +88,8 @@ pub struct CommitCall(pub(super) Cmd);
 /// memory, read-only…: `detail`; nothing of the message written, the batch's later writers not
 /// tried), -6 Redis refused the write to this key (e.g. its ids are exhausted: `detail`; nothing of
 /// the message written, the others go on), -5 a later write of the message failed after earlier ones
-/// were made (`detail`; the message is acked), -8 a key holding delayed replies holds another type
-/// (`detail`: `<its type>/<the type needed>`).
+/// were made (`detail`; the message is acked), -8 a key holding delayed replies, or a state key,
+/// holds another type (`detail`: `<its type>/<the type needed>`).
 ///
 /// Scripts are atomic but never rolled back, so the script runs in two passes. The first, before
 /// anything is written, decides every message's fate from the checks: that the entry is still
@@ -166,6 +167,18 @@ local function held_refusal(dk, fk)
   checked[dk] = r
   return r
 end
+-- A state key: SET and DEL allowed, a string or nothing. False when it is, else the refusal.
+local function state_refusal(key)
+  local r = false
+  if not redis.acl_check_cmd('SET', key, 'v') or not redis.acl_check_cmd('DEL', key) then
+    r = {-1, key, ''}
+  else
+    local kind = redis.call('TYPE', key)['ok']
+    if kind ~= 'string' and kind ~= 'none' then r = {-8, key, kind .. '/string'} end
+  end
+  checked[key] = r
+  return r
+end
 -- A signature's use marker (a string key holding the owning entry): nil when this message may
 -- take it, else the refusal; -7 when another entry took effect with the same signature.
 local owners = {}
@@ -207,7 +220,9 @@ for m = 1, n do
         verdict = {-3, key, tostring(count + OVERHEAD)}
       else
         local r = checked[key]
-        if r == nil then r = refusal(key) end
+        if r == nil then
+          if kind == 6 or kind == 7 then r = state_refusal(key) else r = refusal(key) end
+        end
         if not r and kind == 4 then
           r = checked[ARGV[a]]
           if r == nil then r = held_refusal(ARGV[a], ARGV[a + 1]) end
@@ -252,6 +267,14 @@ for m = 1, n do
         r = redis.pcall('SADD', REGISTRY, key)
         if not (type(r) == 'table' and r.err) then r = redis.pcall('HSET', ARGV[a + 1], ARGV[a + 2], ARGV[a + 4]) end
         if not (type(r) == 'table' and r.err) then r = redis.pcall('ZADD', ARGV[a], ARGV[a + 3], ARGV[a + 2]) end
+      elseif kind == 6 then
+        if ARGV[a + 1] == '' then
+          r = redis.pcall('SET', key, ARGV[a])
+        else
+          r = redis.pcall('SET', key, ARGV[a], 'PX', ARGV[a + 1])
+        end
+      elseif kind == 7 then
+        r = redis.pcall('DEL', key)
       elseif kind == 5 then
         r = redis.pcall('XADD', key, '*', '_outbox_target', ARGV[a], '_outbox_reply', ARGV[a + 1],
           '_outbox_due', ARGV[a + 2], '_timestamp', ts, '_source', source, '_trace_id', ARGV[a + 3],
@@ -327,11 +350,15 @@ impl Committer {
     /// outbox (3), held beside its stream when delayed (4) — or, delayed on a cluster, to the outbox
     /// whatever its slot (5): the registry of streams holding delayed messages is a key of its own
     /// slot, which only the relay can write.
+    /// A change of state goes to its key (6 set, 7 delete): on a cluster, `check` has made sure the
+    /// handler's namespace is in the slot of every stream routed to it.
     fn route<'a>(&'a self, r: &'a Reply) -> (&'a str, u8) {
-        match (&self.cluster, r.due) {
-            (Some((_, outbox)), Some(_)) => (outbox, 5),
-            (_, Some(_)) => (&r.stream, 4),
-            (_, None) => match self.place(&r.stream) {
+        match (&self.cluster, r.kind) {
+            (_, ReplyKind::StateSet { .. }) => (&r.stream, 6),
+            (_, ReplyKind::StateRemove) => (&r.stream, 7),
+            (Some((_, outbox)), ReplyKind::Delayed(_)) => (outbox, 5),
+            (_, ReplyKind::Delayed(_)) => (&r.stream, 4),
+            (_, ReplyKind::Now) => match self.place(&r.stream) {
                 (key, true) => (key, 3),
                 (key, false) => (key, 1),
             },
@@ -414,6 +441,9 @@ impl Committer {
                         3 => reply_values(r) + 2,
                         5 => reply_values(r) + 3,
                         4 => HELD_VALUES,
+                        // The value and its time to live (empty for none).
+                        6 => 2,
+                        7 => 0,
                         _ => reply_values(r),
                     },
                 );
@@ -471,7 +501,16 @@ impl Committer {
                 Effect::Replies(replies) => {
                     for (i, r) in replies.iter().enumerate() {
                         let kind = self.route(r).1;
-                        let due = r.due.map(|d| d.at(now_ms));
+                        if let ReplyKind::StateSet { ttl_ms } = r.kind {
+                            let value = r.fields.iter().next().map_or(&[][..], |(_, v)| v);
+                            cmd.arg(value)
+                                .arg(ttl_ms.map_or_else(String::new, |ms| ms.to_string()));
+                            continue;
+                        }
+                        if kind == 7 {
+                            continue;
+                        }
+                        let due = r.kind.due().map(|d| d.at(now_ms));
                         if let (4, Some(due)) = (kind, due) {
                             self.held_args(&mut cmd, &f.msg, r, i, due, &now);
                             continue;
@@ -696,9 +735,12 @@ fn verdict(v: Value) -> Result<Committed, String> {
                 Value::Int(-7) => Ok(Committed::Replayed(detail)),
                 Value::Int(-8) => {
                     let (kind, want) = detail.split_once('/').unwrap_or((&detail, "?"));
-                    Ok(Committed::Refused(format!(
-                        "{key}, where delayed replies are held, is a {kind}, not a {want}"
-                    )))
+                    Ok(Committed::Refused(match want {
+                        "string" => format!("the state key {key} is a {kind}, not a string"),
+                        _ => format!(
+                            "{key}, where delayed replies are held, is a {kind}, not a {want}"
+                        ),
+                    }))
                 }
                 Value::Int(-5) => Ok(Committed::Partial(format!("XADD to {key}: {detail}"))),
                 ref other => Err(format!("unexpected verdict code {other:?}")),

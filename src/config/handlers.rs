@@ -134,6 +134,29 @@ pub(super) fn handlers(
             &h.require_sender_token,
             "true or false",
         );
+        let state = h.state.as_ref().and_then(|ns| {
+            c.parse(
+                &p("state"),
+                ns,
+                "a key namespace named like a stream (nova:{domain}:{entity}:{function})",
+                |s| {
+                    // Its own namespace, which it alone writes: the right to write the domain.
+                    let domain = naming.domain_of(s).map_err(|e| e.to_string())?;
+                    if !roles.allows(Op::Publish, domain) {
+                        return Err(format!(
+                            "the handler's roles ({roles}) do not allow its state under {s}: that needs \
+                             role {} or admin",
+                            crate::auth::Roles::needed(Op::Publish, domain)
+                        ));
+                    }
+                    Ok(s.to_owned())
+                },
+            )
+        });
+        if h.state.is_some() && state.is_none() {
+            // Reported above; the entry is not built without its state.
+            continue;
+        }
         let mut config = BTreeMap::new();
         for (k, v) in &h.config {
             if let Some(v) = c.get(&p(&format!("config.{k}")), v, "a string") {
@@ -159,6 +182,7 @@ pub(super) fn handlers(
                 reuse: reuse.map(|()| u64::from(limit.max(1))),
                 require_sender_token: require,
                 config,
+                state,
             });
         }
     }

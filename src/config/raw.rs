@@ -388,6 +388,8 @@ pub struct RawHandler {
     pub config: std::collections::BTreeMap<String, Loose<String>>,
     /// A circuit breaker: stop calling the handler while most of its calls fail.
     pub breaker: Option<RawBreaker>,
+    /// The namespace of the handler's state keys (`nova:{domain}:{entity}:{function}`).
+    pub state: Option<Loose<String>>,
     /// At most this many calls per second/minute/hour (`"200/s"`), across every daemon.
     pub rate: Option<Loose<String>>,
     /// This handler's retry schedule, in place of its consumers' `retry`.
@@ -419,6 +421,7 @@ impl Default for RawHandler {
             require_sender_token: Loose::ok(false),
             config: Default::default(),
             breaker: None,
+            state: None,
             rate: None,
             retry: None,
             faults: None,

@@ -20,6 +20,41 @@ use crate::client::{RedisSettings, TlsFiles};
 use crate::logging::LogSettings;
 use crate::model::naming::{NameKind, Naming, validate_name};
 
+/// On a Redis Cluster a handler's state is committed by the commit script of every stream routed to
+/// it, which touches only keys of that stream's slot: its namespace must be in each such slot.
+fn state_in_source_slots(
+    c: &mut Checker<'_>,
+    handlers: &[crate::handlers::wasm::WasmSpec],
+    consumers: &[crate::engine::ConsumerSettings],
+) {
+    use crate::client::slot;
+    use crate::engine::HandlerSpec;
+    use crate::engine::router::Action;
+    for (i, h) in handlers.iter().enumerate() {
+        let Some(ns) = &h.state else { continue };
+        for (k, cfg) in consumers.iter().enumerate() {
+            let routed = matches!(&cfg.handler, Some(HandlerSpec::Wasm(n)) if *n == h.name)
+                || cfg
+                    .routes
+                    .iter()
+                    .any(|r| matches!(&r.action, Action::Handler(n) if *n == h.name));
+            if routed && slot::of(ns) != slot::of(&cfg.stream) {
+                c.problem(
+                    &format!("handlers[{i}].state"),
+                    format!(
+                        "on a Redis Cluster a handler's state must be in the hash slot of every stream \
+                         routed to it: {ns} is in slot {}, consumers[{k}].stream {} in slot {}; give both \
+                         the same hash tag (e.g. nova:memory:{{tasks}}:router and nova:task:{{tasks}}:in)",
+                        slot::of(ns),
+                        cfg.stream,
+                        slot::of(&cfg.stream)
+                    ),
+                );
+            }
+        }
+    }
+}
+
 /// Builds settings from the raw config, or returns every problem found.
 pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings> {
     // Naming first: roles are checked against its domains.
@@ -147,6 +182,9 @@ pub(super) fn settings(raw: &RawConfig, c: &mut Checker<'_>) -> Option<Settings>
         }
     }
     super::lint::lint(c, &naming, &handlers, &routes, &consumers, &own_routes);
+    if !raw.redis.cluster.is_empty() {
+        state_in_source_slots(c, &handlers, &consumers);
+    }
     Some(Settings {
         retention_interval: retention_interval?,
         retention,

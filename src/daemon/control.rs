@@ -24,7 +24,7 @@ use crate::config::HeartbeatSettings;
 use crate::engine::Stats;
 use crate::health::Health;
 use crate::model::envelope::{self, Fields};
-use crate::model::message::{BoxFuture, Handler, Message, Outcome, Reply};
+use crate::model::message::{BoxFuture, Handler, Message, Outcome, Reply, ReplyKind};
 use crate::shutdown::Shutdown;
 
 /// What the daemon reports about itself.
@@ -315,7 +315,7 @@ impl Handler for Control {
                     Outcome::Success(vec![Reply {
                         stream: self.reply_to.clone(),
                         fields,
-                        due: None,
+                        kind: ReplyKind::Now,
                     }])
                 }
                 "reload_config" => self.obey(Command::Reload),

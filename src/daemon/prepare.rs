@@ -25,6 +25,45 @@ pub struct Prepared {
     pub routers: Vec<Arc<Router>>,
 }
 
+/// Where the daemon's handlers read their state: Redis, through the daemon's client, waited for on the
+/// handler's worker thread within what is left of the call's time.
+pub struct RedisState {
+    client: crate::client::Client,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for RedisState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedisState")
+    }
+}
+
+impl crate::model::message::StateReader for RedisState {
+    fn get(&self, key: &str, within: std::time::Duration) -> Result<Option<Vec<u8>>, String> {
+        self.runtime.block_on(async {
+            match tokio::time::timeout(within, self.client.state_get(key)).await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(e)) => Err(format!("cannot read {key}: {e}")),
+                Err(_) => Err(format!(
+                    "no answer from Redis for {key} within the call's time"
+                )),
+            }
+        })
+    }
+}
+
+impl Prepared {
+    /// Lets its handlers read their state through `client` (called on the daemon's runtime).
+    pub fn read_state_with(&self, client: &crate::client::Client) {
+        if let Some(rt) = &self.runtime {
+            rt.read_state_with(Arc::new(RedisState {
+                client: client.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            }));
+        }
+    }
+}
+
 /// Compiles every handler and resolves every route. A handler that does not compile or link is a
 /// config error naming its key path.
 pub fn prepare(settings: &Settings) -> Result<Prepared, ConfigError> {

@@ -85,6 +85,8 @@ impl Daemon {
 
     /// Applies a config that [`Daemon::begin_reload`] read and prepared.
     async fn reload(&mut self, new: Settings, prepared: Prepared) {
+        // A new runtime's handlers read their state as the old ones did, before any message reaches them.
+        prepared.read_state_with(&self.client);
         self.note_restart_needed(&new);
         let wanted: HashMap<Key, (ConsumerSettings, Arc<Router>)> = new
             .consumers

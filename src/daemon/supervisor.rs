@@ -54,6 +54,7 @@ pub async fn run(settings: Settings, prepared: Prepared) -> Result<Stopped, RunE
             true => RunError::Unavailable(e),
             false => RunError::Failed(e),
         })?;
+    prepared.read_state_with(&client);
     let (stop_trigger, stop) = shutdown::channel();
     let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
     let health = Arc::new(Health::default());

@@ -324,7 +324,7 @@ impl Flight {
 mod tests {
     use super::*;
     use crate::model::Fields;
-    use crate::model::message::{BoxFuture, Outcome, Reply};
+    use crate::model::message::{BoxFuture, Outcome, Reply, ReplyKind};
 
     struct Nop;
     impl Handler for Nop {
@@ -365,7 +365,7 @@ mod tests {
         Some(Effect::Replies(vec![Reply {
             stream: "nova:task:t:out".into(),
             fields: Fields::default(),
-            due: None,
+            kind: ReplyKind::Now,
         }]))
     }
 
@@ -478,7 +478,7 @@ mod tests {
                 fields: (0..n)
                     .map(|i| (format!("f{i}"), vec![b'x'; 4096]))
                     .collect(),
-                due: None,
+                kind: ReplyKind::Now,
             }]))
         };
         let mut f = Flight::new(100, None);

@@ -115,7 +115,8 @@ pub fn decide<E: Display>(
         Outcome::Success(replies) => {
             // WASM handlers are checked (roles and `[limits]`) at publish time too: this is the last
             // line, for every handler kind.
-            for r in &replies {
+            // Changes of state were checked against the handler's roles with its config.
+            for r in replies.iter().filter(|r| !r.kind.is_state()) {
                 if let Err(e) = may_publish(&r.stream) {
                     return Ok(Effect::DeadLetter(format!("reply refused: {e}")));
                 }
@@ -302,7 +303,7 @@ pub fn isolate(mut batch: Vec<Finished>, refusal: &impl Display) -> Isolated {
 mod tests {
     use super::*;
     use crate::model::envelope::Fields;
-    use crate::model::message::Reply;
+    use crate::model::message::{Reply, ReplyKind};
 
     fn finished(effect: Effect, signed: bool) -> Finished {
         let sender = signed.then(|| {
@@ -336,7 +337,7 @@ mod tests {
         Reply {
             stream: "nova:task:m:out".into(),
             fields: f,
-            due: None,
+            kind: ReplyKind::Now,
         }
     }
 

@@ -3,7 +3,7 @@
 //!
 //! Owns only these implementations of [`Handler`]; the seam itself is [`crate::model::message`]'s.
 
-use crate::model::message::{BoxFuture, Handler, Message, Outcome, Reply};
+use crate::model::message::{BoxFuture, Handler, Message, Outcome, Reply, ReplyKind};
 
 /// `drop`: acknowledge and do nothing — for streams whose messages only need consuming.
 pub struct Drop;
@@ -33,7 +33,7 @@ impl Handler for Forward {
         let reply = Reply {
             stream: self.to.clone(),
             fields: msg.fields.clone(),
-            due: None,
+            kind: ReplyKind::Now,
         };
         Box::pin(async move { Outcome::Success(vec![reply]) })
     }
@@ -73,6 +73,12 @@ impl Handler for Faults {
         Box::pin(async move {
             let call = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
             let started = crate::model::envelope::now_us();
+            // A message may ask to be seen in the handler (`faults_announce`): tests that must act
+            // while a call runs wait for this line, not for the entry to be pending in Redis (which it
+            // is as soon as Redis answered the read, before the loop has it).
+            if msg.fields.get("faults_announce").is_some() {
+                tracing::info!(message_id = %msg.id, "faults: handling the message");
+            }
             if !self.sleep.is_zero() {
                 tokio::time::sleep(self.sleep).await;
             }
@@ -124,7 +130,9 @@ impl Handler for Faults {
                 .fields
                 .get_str("faults_delay_ms")
                 .and_then(|v| v.parse().ok())
-                .map(crate::model::message::Due::In);
+                .map_or(ReplyKind::Now, |ms| {
+                    ReplyKind::Delayed(crate::model::message::Due::In(ms))
+                });
             let replies = to
                 .iter()
                 .map(|to| {
@@ -134,7 +142,7 @@ impl Handler for Faults {
                     Reply {
                         stream: to.clone(),
                         fields,
-                        due,
+                        kind: due,
                     }
                 })
                 .collect();

@@ -136,7 +136,7 @@ impl ReplyLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::message::Reply;
+    use crate::model::message::{Reply, ReplyKind};
 
     #[test]
     fn entries_are_measured_by_fields_and_bytes() {
@@ -168,7 +168,7 @@ mod tests {
         let bomb = Reply {
             stream: "nova:task:x:out".into(),
             fields: (0..70_000).map(|_| ("", "")).collect(),
-            due: None,
+            kind: ReplyKind::Now,
         };
         let err = limit.check(&[bomb]).unwrap_err();
         assert!(err.contains("limits.reply_bytes"), "{err}");
@@ -176,7 +176,7 @@ mod tests {
             Reply {
                 stream: "nova:task:x:out".into(),
                 fields: Fields::new(),
-                due: None,
+                kind: ReplyKind::Now,
             };
             11
         ];

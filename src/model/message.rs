@@ -47,15 +47,45 @@ pub struct Once {
     pub until_ms: u64,
 }
 
-/// A reply a handler wants published. The engine stamps the envelope (`_timestamp`, `_source`,
-/// `_trace_id` inherited from the message unless set, `_cause`) at commit.
+/// One write a handler's call commits with the ack of its message: a reply it wants published — the
+/// engine stamps the envelope (`_timestamp`, `_source`, `_trace_id` inherited from the message unless
+/// set, `_cause`) at commit — or a change to its state ([`ReplyKind::StateSet`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
+    /// The stream — or, for a change of state, the state key.
     pub stream: String,
+    /// The reply's fields; a state value is the value of its one field.
     pub fields: Fields,
-    /// A delayed reply: committed with the ack, it appears on its stream at this time
-    /// ([`crate::client::delayed`]).
-    pub due: Option<Due>,
+    pub kind: ReplyKind,
+}
+
+/// How a [`Reply`] is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// Published on its stream with the commit.
+    Now,
+    /// Committed with the ack, it appears on its stream at this time ([`crate::client::delayed`]).
+    Delayed(Due),
+    /// The handler's state key `stream` set to the value of the one field, expiring after this many
+    /// ms when given.
+    StateSet { ttl_ms: Option<u64> },
+    /// The handler's state key `stream` removed.
+    StateRemove,
+}
+
+impl ReplyKind {
+    /// When a delayed reply is due.
+    pub fn due(self) -> Option<Due> {
+        match self {
+            ReplyKind::Delayed(due) => Some(due),
+            _ => None,
+        }
+    }
+
+    /// Whether it is a change of state, not a message.
+    pub fn is_state(self) -> bool {
+        matches!(self, ReplyKind::StateSet { .. } | ReplyKind::StateRemove)
+    }
 }
 
 impl Reply {
@@ -64,10 +94,20 @@ impl Reply {
         Reply {
             stream: stream.into(),
             fields,
-            due: None,
+            kind: ReplyKind::Now,
         }
     }
 }
+
+/// Reads a handler's state where it is kept (Redis, for the daemon) for `state.get`. Called on a
+/// handler's worker thread: it may block, at most `within`.
+pub trait StateReader: Send + Sync + std::fmt::Debug {
+    fn get(&self, key: &str, within: std::time::Duration) -> Result<Option<Vec<u8>>, String>;
+}
+
+/// Where a runtime's handlers read their state: set once the process has it (the daemon, when it
+/// has connected; `handler run`, from the case's state).
+pub type StateSlot = std::sync::OnceLock<Arc<dyn StateReader>>;
 
 /// When a delayed message is due.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -467,3 +467,50 @@ fn consumers_need_permissions_for_everything_they_will_do() {
         "defaults: the caps the pace adapts within"
     );
 }
+
+/// A handler's `state` namespace is named like a stream, needs the right to write its domain, and on
+/// a Redis Cluster must share the hash slot of every stream routed to the handler.
+#[test]
+fn handler_state_needs_its_domain_and_on_a_cluster_its_sources_slot() {
+    let file = crate::util::root().join("handlers/build/counter.wasm");
+    let config = |stream: &str, state: &str| {
+        with_consumers(&format!(
+            "[[consumers]]\nstream = \"{stream}\"\ngroup = \"g\"\nhandler = \"c\"\n\
+             [[handlers]]\nname = \"c\"\nfile = \"{}\"\nroles = [\"task_write\"]\nstate = \"{state}\"\n",
+            file.display()
+        ))
+    };
+    let cluster =
+        |toml: String| toml.replace("[redis]", "[redis]\ncluster = [\"redis://127.0.0.1:1\"]");
+    for (toml, says) in [
+        (
+            config("nova:task:t:in", "nova:memory:router:state"),
+            "that needs role memory_write or admin",
+        ),
+        (config("nova:task:t:in", "counts"), "\"counts\""),
+        (
+            cluster(config("nova:task:{t}:in", "nova:task:{other}:state")),
+            "must be in the hash slot of every stream routed to it: nova:task:{other}:state is in slot",
+        ),
+    ] {
+        let p = problems(&toml);
+        assert!(
+            p.iter()
+                .any(|p| p.path == "handlers[0].state" && p.to_string().contains(says)),
+            "handlers[0].state ({says}) missing from {p:#?}"
+        );
+    }
+    for (toml, state) in [
+        (
+            config("nova:task:t:in", "nova:task:counter:state"),
+            "nova:task:counter:state",
+        ),
+        (
+            cluster(config("nova:task:{t}:in", "nova:task:{t}:state")),
+            "nova:task:{t}:state",
+        ),
+    ] {
+        let s = crate::util::settings_from(&toml).unwrap();
+        assert_eq!(s.handlers[0].state.as_deref(), Some(state));
+    }
+}

@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use redstream::engine::router::{Router, Unmatched};
 use redstream::engine::{Consumer, ConsumerSettings, Stats};
 use redstream::health::Health;
-use redstream::model::message::{BoxFuture, Handler, Message, Outcome, Reply};
+use redstream::model::message::{BoxFuture, Handler, Message, Outcome, Reply, ReplyKind};
 use redstream::shutdown::{self, Trigger};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -70,7 +70,7 @@ impl Handler for Gated {
             Outcome::Success(vec![Reply {
                 stream: OUT.into(),
                 fields: msg.fields.clone(),
-                due: None,
+                kind: ReplyKind::Now,
             }])
         })
     }

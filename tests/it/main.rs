@@ -70,3 +70,6 @@ mod retries;
 
 // Delayed messages.
 mod delayed;
+
+// Handlers' state, committed with the ack.
+mod state;

@@ -22,6 +22,12 @@ class WitWorld(wit_world.WitWorld):
         if to is None:
             raise redstream.reject("no _reply_to field and no reply_to configured")
         fields = [("in_reply_to", msg.id.encode())] + redstream.user_fields(msg)
+        count_key = redstream.text(msg, "_count")
+        if count_key is not None:
+            before = redstream.state_text(count_key)
+            n = (int(before) if before and before.isascii() and before.isdigit() else 0) + 1
+            redstream.state_set(count_key, str(n))
+            fields.append(("count", str(n).encode()))
         delay = redstream.text(msg, "_delay_ms")
         if delay is not None and (not delay.isascii() or not delay.isdigit()):
             raise redstream.reject(f"_delay_ms is not a number: {delay}")

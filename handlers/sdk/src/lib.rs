@@ -201,6 +201,36 @@ impl Reply {
     }
 }
 
+/// The handler's own state: small values under keys of the namespace its `[[handlers]]` entry names
+/// (`state = "nova:memory:router:state"`). [`state::get`] sees the call's own earlier writes;
+/// [`state::set`] and [`state::remove`] are buffered like replies and committed with them, atomically
+/// with the ack — a message whose commit did not happen changed nothing, one that ran twice changed
+/// the state once. `?` on a [`state::StateError`] retries the message when the value could not be
+/// read, and rejects it otherwise.
+pub mod state {
+    pub use crate::bindings::redstream::handler::state::{StateError, get, remove, set};
+
+    /// The value of `key` as text (none when absent or not UTF-8).
+    pub fn get_text(key: &str) -> Result<Option<String>, StateError> {
+        Ok(get(key)?.and_then(|v| String::from_utf8(v).ok()))
+    }
+
+    /// Sets `key` to `value`, kept `ttl` after the commit when given.
+    pub fn set_text(key: &str, value: &str, ttl: Option<std::time::Duration>) -> Result<(), StateError> {
+        set(key, value.as_bytes(), ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)))
+    }
+}
+
+impl From<state::StateError> for HandlerError {
+    fn from(e: state::StateError) -> Self {
+        match e {
+            state::StateError::Unavailable(why) => HandlerError::Retry(format!("state unavailable: {why}")),
+            state::StateError::NotConfigured(why) => HandlerError::Reject(format!("no state: {why}")),
+            state::StateError::TooLarge(why) => HandlerError::Reject(format!("state refused: {why}")),
+        }
+    }
+}
+
 /// Logs at info level through RedStream's log.
 pub fn info(text: &str) {
     log(Level::Info, text);

@@ -5,8 +5,9 @@
 //! cache of compiled artifacts (keyed by the module's SHA-256 and the engine's compatibility hash, so a
 //! restart does not recompile), the linker (our `host` interface plus WASI preview 2 with every
 //! capability denied — a component importing anything else is refused with the import's name), and
-//! the worker threads that run calls with the synchronous API (replies are buffered, so host calls never
-//! wait for Redis; the sync API measured faster than the async one). One call's sandbox is
+//! the worker threads that run calls with the synchronous API (replies and changes of state are
+//! buffered, so only `state.get` waits for Redis, holding its worker for one GET; the sync API
+//! measured faster than the async one). One call's sandbox is
 //! [`sandbox`]'s business; which handler a message goes to is the router's.
 //!
 //! - [`runtime`]: the engine, loading handlers, and [`WasmHandler`] itself.

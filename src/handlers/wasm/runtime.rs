@@ -23,7 +23,7 @@ use super::sandbox::{self, Host, Meta};
 use crate::auth::Roles;
 use crate::model::ReplyLimit;
 use crate::model::message::{
-    BatchDone, BatchHandler, BoxFuture, Handler, Message, Outcome, Sender,
+    BatchDone, BatchHandler, BoxFuture, Handler, Message, Outcome, Sender, StateReader, StateSlot,
 };
 use crate::model::naming::Naming;
 
@@ -60,6 +60,8 @@ pub struct WasmSpec {
     pub reuse: Option<u64>,
     pub require_sender_token: bool,
     pub config: BTreeMap<String, String>,
+    /// The namespace of its state keys (`state` in its entry), if it keeps state.
+    pub state: Option<String>,
 }
 
 /// The engine, the linker and the workers; handlers are loaded from it.
@@ -72,6 +74,8 @@ pub struct Runtime {
     cache_dir: Option<PathBuf>,
     pool: Pool,
     ticker: Arc<Ticker>,
+    /// Where handlers keeping state read it.
+    state_reader: Arc<StateSlot>,
 }
 
 /// Stops the epoch ticker thread once the runtime and every handler loaded from it are gone: a handler
@@ -145,7 +149,14 @@ impl Runtime {
             cache_dir: s.cache_dir.clone(),
             pool,
             ticker: Arc::new(Ticker(stop)),
+            state_reader: Arc::new(StateSlot::new()),
         })
+    }
+
+    /// Where handlers loaded from this runtime (before or after) read their state; the first call
+    /// decides.
+    pub fn read_state_with(&self, reader: Arc<dyn StateReader>) {
+        let _ = self.state_reader.set(reader);
     }
 
     /// Whether handlers configured with `s` fit this engine and pool: a reload keeps the runtime (and
@@ -211,6 +222,7 @@ impl Runtime {
                     memory: spec.memory,
                     timeout: spec.timeout,
                     replies: self.settings.reply_limit,
+                    state: spec.state.clone().map(|ns| (ns, self.state_reader.clone())),
                 }),
                 pre,
                 engine: self.engine.clone(),

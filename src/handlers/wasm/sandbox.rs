@@ -15,13 +15,13 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::redstream::handler::{host, types};
+use super::bindings::redstream::handler::{host, state, types};
 use super::output::Capture;
 use crate::auth::{Op, Roles};
 
 use crate::model::envelope::Fields;
 use crate::model::limits::{FIELD_OVERHEAD, ReplyLimit};
-use crate::model::message::{Due, Message, Outcome, Reply, Sender};
+use crate::model::message::{Due, Message, Outcome, Reply, ReplyKind, Sender, StateSlot};
 use crate::model::naming::Naming;
 
 /// Log lines one message may write through `log` (more are counted and dropped).
@@ -42,6 +42,8 @@ pub struct Meta {
     pub timeout: Duration,
     /// What one call may publish.
     pub replies: ReplyLimit,
+    /// Its state's key namespace, and where it is read.
+    pub state: Option<(String, Arc<StateSlot>)>,
 }
 
 /// The store's limits, remembering the most memory an instance asked for (for the peak-memory metric).
@@ -117,6 +119,8 @@ pub struct Host {
     stderr: Capture,
     /// `retry-after` of this call, if it asked.
     retry_after: Option<u64>,
+    /// When the call began, for what is left of its time.
+    started: std::time::Instant,
     /// When set (a local `handler run`), what the guest wrote and logged, as (where, text), besides
     /// the daemon's log.
     pub transcript: Option<Vec<(&'static str, String)>>,
@@ -172,6 +176,7 @@ impl Host {
             stdout,
             stderr,
             retry_after: None,
+            started: std::time::Instant::now(),
             transcript: None,
         }
     }
@@ -190,6 +195,7 @@ impl Host {
         self.log_dropped = 0;
         self.denied = 0;
         self.retry_after = None;
+        self.started = std::time::Instant::now();
         self.stderr_text.clear();
     }
 
@@ -258,7 +264,7 @@ impl Host {
         &mut self,
         stream: String,
         fields: Vec<(String, Vec<u8>)>,
-        due: Option<Due>,
+        kind: ReplyKind,
     ) -> Result<(), types::PublishError> {
         let domain = match self.meta.naming.domain_of(&stream) {
             Ok(d) => d,
@@ -304,9 +310,111 @@ impl Host {
                     .map(|(n, v)| (n.into_bytes(), v))
                     .collect::<Vec<_>>(),
             ),
-            due,
+            kind,
         });
         Ok(())
+    }
+
+    /// The full key of state `key`, or why there is none.
+    fn state_key(&self, key: &str) -> Result<String, state::StateError> {
+        let Some((namespace, _)) = &self.meta.state else {
+            return Err(state::StateError::NotConfigured(format!(
+                "handler {} keeps no state: give its [[handlers]] entry a `state` namespace",
+                self.meta.name
+            )));
+        };
+        if key.is_empty() || key.len() > MAX_STATE_KEY {
+            return Err(state::StateError::TooLarge(format!(
+                "a state key has 1 to {MAX_STATE_KEY} bytes; this one has {}",
+                key.len()
+            )));
+        }
+        Ok(format!("{namespace}:{key}"))
+    }
+
+    /// Buffers a change of state, within the call's reply limits.
+    fn change(
+        &mut self,
+        key: String,
+        value: Option<Vec<u8>>,
+        kind: ReplyKind,
+    ) -> Result<(), state::StateError> {
+        let value_len = value.as_ref().map_or(0, Vec::len);
+        let limit = &self.meta.replies;
+        let size = key.len() + value_len + FIELD_OVERHEAD;
+        if self.outbox.len() >= limit.replies || self.outbox_bytes + size > limit.bytes {
+            return Err(state::StateError::TooLarge(format!(
+                "a message may make at most {} replies and changes of state (limits.replies) of {} \
+                 bytes in all (limits.reply_bytes)",
+                limit.replies, limit.bytes
+            )));
+        }
+        self.outbox_bytes += size;
+        let fields = match value {
+            Some(v) => Fields::from(vec![(b"value".to_vec(), v)]),
+            None => Fields::new(),
+        };
+        self.outbox.push(Reply {
+            stream: key,
+            fields,
+            kind,
+        });
+        Ok(())
+    }
+}
+
+/// The longest state key a handler may use (its namespace comes on top).
+pub const MAX_STATE_KEY: usize = 512;
+
+impl state::Host for Host {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, state::StateError> {
+        let key = self.state_key(&key)?;
+        // The call's own writes first, the latest winning.
+        if let Some(r) = self
+            .outbox
+            .iter()
+            .rev()
+            .find(|r| r.kind.is_state() && r.stream == key)
+        {
+            return Ok(match r.kind {
+                ReplyKind::StateSet { .. } => r.fields.iter().next().map(|(_, v)| v.to_vec()),
+                _ => None,
+            });
+        }
+        let Some((_, slot)) = &self.meta.state else {
+            return Ok(None);
+        };
+        let Some(reader) = slot.get() else {
+            return Err(state::StateError::Unavailable(
+                "no state store in this process".into(),
+            ));
+        };
+        // Within what is left of the call's time: the deadline counts the wait.
+        let left = self.meta.timeout.saturating_sub(self.started.elapsed());
+        reader
+            .get(&key, left)
+            .map_err(state::StateError::Unavailable)
+    }
+
+    fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<(), state::StateError> {
+        let key = self.state_key(&key)?;
+        self.change(
+            key,
+            Some(value),
+            ReplyKind::StateSet {
+                ttl_ms: ttl_ms.map(|ms| ms.max(1)),
+            },
+        )
+    }
+
+    fn remove(&mut self, key: String) -> Result<(), state::StateError> {
+        let key = self.state_key(&key)?;
+        self.change(key, None, ReplyKind::StateRemove)
     }
 }
 
@@ -316,7 +424,7 @@ impl host::Host for Host {
         stream: String,
         fields: Vec<(String, Vec<u8>)>,
     ) -> Result<(), types::PublishError> {
-        self.buffer(stream, fields, None)
+        self.buffer(stream, fields, ReplyKind::Now)
     }
 
     fn publish_delayed(
@@ -339,7 +447,7 @@ impl host::Host for Host {
                 ahead / (24 * 3600 * 1000)
             )));
         }
-        self.buffer(stream, fields, Some(due))
+        self.buffer(stream, fields, ReplyKind::Delayed(due))
     }
 
     fn log(&mut self, level: types::Level, text: String) {

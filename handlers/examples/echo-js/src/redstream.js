@@ -12,6 +12,11 @@ import {
   config as hostConfig,
   retryAfter as hostRetryAfter,
 } from 'redstream:handler/host@0.1.2';
+import {
+  get as stateGet,
+  set as stateSet,
+  remove as stateRemove,
+} from 'redstream:handler/state@0.1.2';
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder('utf-8', { fatal: true });
@@ -83,6 +88,46 @@ export function json(msg, name) {
 export function userFields(msg) {
   return msg.fields.filter(([n]) => !n.startsWith('_'));
 }
+
+function callState(f) {
+  try {
+    return f();
+  } catch (e) {
+    const p = e.payload ?? e;
+    if (p && p.tag === 'unavailable') throw retry(`state unavailable: ${p.val}`);
+    throw reject(`state refused: ${p && p.tag ? `${p.tag}: ${p.val}` : String(p)}`);
+  }
+}
+
+/** The handler's own state, under the namespace its config names (`state` of its [[handlers]]
+ * entry): `get` sees the call's own earlier writes; `set` and `remove` are committed with the replies,
+ * atomically with the ack (a message that ran twice changes the state once). A value that cannot be
+ * read retries the message; a refused write rejects it. */
+export const state = {
+  /** The value of `key` (a Uint8Array), or undefined. */
+  get(key) {
+    return callState(() => stateGet(key));
+  },
+  /** The value of `key` as text, or undefined when absent or not UTF-8. */
+  text(key) {
+    const v = this.get(key);
+    if (v === undefined) return undefined;
+    try {
+      return decoder.decode(v);
+    } catch {
+      return undefined;
+    }
+  },
+  /** Sets `key` to `value` (text or bytes) at commit, kept `ttlMs` after it when given. */
+  set(key, value, { ttlMs } = {}) {
+    const bytes = typeof value === 'string' ? encoder.encode(value) : Uint8Array.from(value);
+    callState(() => stateSet(key, bytes, ttlMs === undefined ? undefined : ms(ttlMs)));
+  },
+  /** Removes `key` at commit. */
+  remove(key) {
+    callState(() => stateRemove(key));
+  },
+};
 
 /** A value of the handler's `config` table, or undefined. */
 export function config(key) {

@@ -1,9 +1,10 @@
 //! `echo`: replies to the stream named in the message's `_reply_to` field — or, without one, to the
 //! handler's configured `reply_to` — with the message's own fields and `in_reply_to` = its id. A
 //! message with `retry_after_ms` asks to be retried that much later instead (`retry-after`); one with
-//! `_delay_ms` is answered that much after its commit (a delayed reply).
+//! `_delay_ms` is answered that much after its commit (a delayed reply); one with `_count` adds one to
+//! that key of its state and replies with the new `count`.
 
-use redstream_guest::{Guest, HandlerError, Message, PublishError, Reply, export_handler};
+use redstream_guest::{Guest, HandlerError, Message, PublishError, Reply, export_handler, state};
 
 struct Echo;
 
@@ -25,6 +26,12 @@ impl Guest for Echo {
         let mut reply = Reply::new().text("in_reply_to", &msg.id);
         for (name, value) in msg.user_fields() {
             reply = reply.bytes(name, value);
+        }
+        if let Some(key) = msg.text("_count") {
+            let before = state::get_text(key)?.filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()));
+            let n = before.and_then(|t| t.parse::<u64>().ok()).unwrap_or(0) + 1;
+            state::set_text(key, &n.to_string(), None)?;
+            reply = reply.text("count", &n.to_string());
         }
         let sent = match msg.text("_delay_ms") {
             Some(delay) => {
