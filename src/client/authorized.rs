@@ -177,14 +177,19 @@ impl Client {
     ) -> Result<u64> {
         self.authorize(Op::Publish, stream)?;
         fields.stamp(&self.identity.subject, envelope::now_ms());
-        let mut register = redis::cmd("SADD");
-        register.arg(super::delayed::REGISTRY).arg(stream);
-        let _: i64 = self
-            .redis
-            .query(&register, Ctx::new("SADD", super::delayed::REGISTRY))
-            .await?;
+        let cluster = self.is_cluster();
+        if cluster {
+            // The registry lives in a slot of its own: named first (a name without messages is
+            // harmless). On one Redis the hold script names it itself.
+            let mut register = redis::cmd("SADD");
+            register.arg(super::delayed::REGISTRY).arg(stream);
+            let _: i64 = self
+                .redis
+                .query(&register, Ctx::new("SADD", super::delayed::REGISTRY))
+                .await?;
+        }
         let id = uuid::Uuid::new_v4().to_string();
-        let cmd = super::delayed::hold_command(stream, &id, due, &fields);
+        let cmd = super::delayed::hold_command(stream, &id, due, &fields, cluster);
         self.redis.query(&cmd, Ctx::new("EVAL", stream)).await
     }
 
@@ -222,7 +227,7 @@ impl Client {
     /// many it moved, how many are left, and when the next is due.
     pub async fn move_delayed(&self, stream: &str, count: u64) -> Result<(u64, u64, Option<u64>)> {
         self.authorize(Op::Publish, stream)?;
-        let cmd = super::delayed::move_command(stream, count);
+        let cmd = super::delayed::move_command(stream, count, self.is_cluster());
         let (moved, left, next): (u64, u64, i64) =
             self.redis.query(&cmd, Ctx::new("EVAL", stream)).await?;
         Ok((moved, left, u64::try_from(next).ok()))

@@ -79,7 +79,9 @@ pub struct CommitCall(pub(super) Cmd);
 /// the fields hash, its member — `<cause>#<index>` —, its due time and its whole entry encoded,
 /// envelope included; [`super::delayed`]), 5 a delayed reply to the outbox (as 3, with its due time
 /// after the index, written as `_outbox_due`), 6 a handler's state key set (its value and its time
-/// to live in ms, empty for none), 7 a state key deleted (no values). What the batch shares — the envelope's time and
+/// to live in ms, empty for none), 7 a state key deleted (no values), 8 a state key the handler read
+/// (not a write: `1` and the SHA-1 of the value it read, or `0` for none; checked before anything is
+/// written). What the batch shares — the envelope's time and
 /// source, the cause's prefix — travels once.
 ///
 /// Returns per message: 1 committed, 0 not ours, 2 not tried, or `{code, key, detail}`: -1 the ACL
@@ -89,7 +91,8 @@ pub struct CommitCall(pub(super) Cmd);
 /// tried), -6 Redis refused the write to this key (e.g. its ids are exhausted: `detail`; nothing of
 /// the message written, the others go on), -5 a later write of the message failed after earlier ones
 /// were made (`detail`; the message is acked), -8 a key holding delayed replies, or a state key,
-/// holds another type (`detail`: `<its type>/<the type needed>`).
+/// holds another type (`detail`: `<its type>/<the type needed>`), -9 a state key the handler read
+/// changed since (or an earlier message of the batch writes it): nothing written, run it again.
 ///
 /// Scripts are atomic but never rolled back, so the script runs in two passes. The first, before
 /// anything is written, decides every message's fate from the checks: that the entry is still
@@ -167,6 +170,8 @@ local function held_refusal(dk, fk)
   checked[dk] = r
   return r
 end
+-- State keys written by messages of this batch whose verdict is to commit.
+local touched = {}
 -- A state key: SET and DEL allowed, a string or nothing. False when it is, else the refusal.
 local function state_refusal(key)
   local r = false
@@ -207,22 +212,44 @@ for m = 1, n do
   local writes, verdict = hi * 256 + lo, 1
   if writes > 0 and not mine[ARGV[a]] then verdict = 0 end
   a, l = a + 1, l + 2
-  local marks
+  local marks, states
   for w = 1, writes do
     local k1, k2, c1, c2, kind = byte(layout, l, l + 4)
     local key, count = KEYS[k1 * 256 + k2], c1 * 256 + c2
     if verdict == 1 then
-      if kind == 2 then
+      if count + OVERHEAD > MAX_VALUES then
+        verdict = {-3, key, tostring(count + OVERHEAD)}
+      elseif kind == 1 or kind == 3 then
+        -- A reply (the common case, first).
+        local r = checked[key]
+        if r == nil then r = refusal(key) end
+        verdict = r or 1
+      elseif kind == 2 then
         marks = marks or {}
         marks[#marks + 1] = {key, ARGV[a]}
         verdict = replayed(key, ARGV[a]) or 1
-      elseif count + OVERHEAD > MAX_VALUES then
-        verdict = {-3, key, tostring(count + OVERHEAD)}
-      else
+      elseif kind >= 6 then
+        -- A state key: written (6, 7) or read (8). A read must be unchanged since, and not written
+        -- by an earlier message of this batch (whose writes come in the second pass), or the
+        -- message runs again.
         local r = checked[key]
-        if r == nil then
-          if kind == 6 or kind == 7 then r = state_refusal(key) else r = refusal(key) end
+        if r == nil then r = state_refusal(key) end
+        if r then
+          verdict = r
+        elseif kind == 8 then
+          local now = redis.call('GET', key)
+          if touched[key] or (ARGV[a] == '1') ~= (now ~= false)
+              or (now and redis.sha1hex(now) ~= ARGV[a + 1]) then
+            verdict = {-9, key, ''}
+          end
+        else
+          states = states or {}
+          states[#states + 1] = key
         end
+      else
+        -- A dead letter (0), a delayed reply held (4) or sent to the outbox (5).
+        local r = checked[key]
+        if r == nil then r = refusal(key) end
         if not r and kind == 4 then
           r = checked[ARGV[a]]
           if r == nil then r = held_refusal(ARGV[a], ARGV[a + 1]) end
@@ -234,6 +261,9 @@ for m = 1, n do
   end
   if marks and verdict == 1 then
     for _, mark in ipairs(marks) do owners[mark[1]] = mark[2] end
+  end
+  if states and verdict == 1 then
+    for _, key in ipairs(states) do touched[key] = true end
   end
   verdicts[m] = verdict
 end
@@ -275,6 +305,8 @@ for m = 1, n do
         end
       elseif kind == 7 then
         r = redis.pcall('DEL', key)
+      elseif kind == 8 then
+        r = 1
       elseif kind == 5 then
         r = redis.pcall('XADD', key, '*', '_outbox_target', ARGV[a], '_outbox_reply', ARGV[a + 1],
           '_outbox_due', ARGV[a + 2], '_timestamp', ts, '_source', source, '_trace_id', ARGV[a + 3],
@@ -356,6 +388,7 @@ impl Committer {
         match (&self.cluster, r.kind) {
             (_, ReplyKind::StateSet { .. }) => (&r.stream, 6),
             (_, ReplyKind::StateRemove) => (&r.stream, 7),
+            (_, ReplyKind::StateRead { .. }) => (&r.stream, 8),
             (Some((_, outbox)), ReplyKind::Delayed(_)) => (outbox, 5),
             (_, ReplyKind::Delayed(_)) => (&r.stream, 4),
             (_, ReplyKind::Now) => match self.place(&r.stream) {
@@ -444,6 +477,8 @@ impl Committer {
                         // The value and its time to live (empty for none).
                         6 => 2,
                         7 => 0,
+                        // Whether a value was read, and its SHA-1.
+                        8 => 2,
                         _ => reply_values(r),
                     },
                 );
@@ -505,6 +540,12 @@ impl Committer {
                             let value = r.fields.iter().next().map_or(&[][..], |(_, v)| v);
                             cmd.arg(value)
                                 .arg(ttl_ms.map_or_else(String::new, |ms| ms.to_string()));
+                            continue;
+                        }
+                        if let ReplyKind::StateRead { found } = r.kind {
+                            let value = r.fields.iter().next().map_or(&[][..], |(_, v)| v);
+                            cmd.arg(if found { "1" } else { "0" })
+                                .arg(sha1_smol::Sha1::from(value).digest().to_string());
                             continue;
                         }
                         if kind == 7 {
@@ -733,6 +774,7 @@ fn verdict(v: Value) -> Result<Committed, String> {
                     "Redis refused the write to {key}: {detail}"
                 ))),
                 Value::Int(-7) => Ok(Committed::Replayed(detail)),
+                Value::Int(-9) => Ok(Committed::Conflict(key)),
                 Value::Int(-8) => {
                     let (kind, want) = detail.split_once('/').unwrap_or((&detail, "?"));
                     Ok(Committed::Refused(match want {
@@ -778,6 +820,15 @@ mod tests {
         ] {
             assert!(SOURCE.contains(&format!("'{name}'")), "{name}");
         }
+    }
+
+    #[test]
+    fn a_read_is_checked_by_the_sha1_lua_computes() {
+        // redis.sha1hex("abc"): lowercase hex, as the host sends it.
+        assert_eq!(
+            sha1_smol::Sha1::from(&b"abc"[..]).digest().to_string(),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
     }
 
     #[test]

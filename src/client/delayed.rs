@@ -5,7 +5,10 @@
 //! message's own id, score: when it is due, ms by Redis's clock) and a hash
 //! `redstream:delayed:{<stream>}:fields` (the same id → its fields, encoded as netstrings so any bytes
 //! survive). [`HOLD`] writes both at once. The set `redstream:delayed` names the streams that may hold
-//! any, for the daemons to find them (written first: a name without messages is harmless).
+//! any, for the daemons to find them (written first: a name without messages is harmless). On one
+//! Redis the registry is written by the same scripts — [`HOLD`] adds the stream, [`MOVE`] removes it
+//! once nothing is held for it, so it does not grow with every stream that ever held one; on a
+//! cluster it is a key of its own slot, added to before any hold and never shrunk.
 //!
 //! A daemon moves due messages with [`MOVE`]: XADD to the stream, and removal from the set and the
 //! hash, in one script — so a message is moved once, whoever moves it and however often daemons crash
@@ -31,7 +34,8 @@ pub fn fields_key(stream: &str) -> String {
 
 /// KEYS[1] the stream (it routes the call to its slot's node); ARGV the message's id, the wait (ms, from
 /// Redis's clock) or `@` and the due time (ms since the epoch), its encoded fields, the due set, the
-/// fields hash. Those two are arguments, not keys: while their slot migrates, Redis refuses a script
+/// fields hash, and the registry (empty on a cluster, where the caller adds to it first). Those keys
+/// are arguments, not declared keys: while their slot migrates, Redis refuses a script
 /// whose declared keys are not all on one side (TRYAGAIN), which they seldom are (they exist only
 /// while something is held); undeclared, they are used where the stream is (the same slot).
 /// Returns when it is due.
@@ -43,13 +47,15 @@ else
   local t = redis.call('TIME')
   due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
 end
+if ARGV[6] ~= '' then redis.call('SADD', ARGV[6], KEYS[1]) end
 redis.call('HSET', ARGV[5], ARGV[1], ARGV[3])
 redis.call('ZADD', ARGV[4], due, ARGV[1])
 return due
 "#;
 
-/// KEYS[1] the stream; ARGV how many to move at most, the due set, the fields hash (see [`HOLD`]).
-/// Moves the messages whose time has come, oldest first. Returns {moved, left, next due or -1}.
+/// KEYS[1] the stream; ARGV how many to move at most, the due set, the fields hash, the registry
+/// (empty on a cluster; see [`HOLD`]). Moves the messages whose time has come, oldest first, and
+/// takes the stream off the registry when nothing is left. Returns {moved, left, next due or -1}.
 pub const MOVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -73,7 +79,9 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', dk, id)
 end
 local next = redis.call('ZRANGE', dk, 0, 0, 'WITHSCORES')
-return {moved, redis.call('ZCARD', dk), tonumber(next[2]) or -1}
+local left = redis.call('ZCARD', dk)
+if left == 0 and ARGV[4] ~= '' then redis.call('SREM', ARGV[4], KEYS[1]) end
+return {moved, left, tonumber(next[2]) or -1}
 "#;
 
 /// Fields as netstrings (`<len>:<bytes>,` for each name and value): what [`MOVE`] takes apart.
@@ -92,8 +100,9 @@ pub fn encode(fields: &Fields) -> Vec<u8> {
 
 pub use crate::model::message::Due;
 
-/// The [`HOLD`] call for a message of `fields` to `stream`, known by `id`.
-pub fn hold_command(stream: &str, id: &str, due: Due, fields: &Fields) -> Cmd {
+/// The [`HOLD`] call for a message of `fields` to `stream`, known by `id` (`cluster`: the registry is
+/// not the script's to write).
+pub fn hold_command(stream: &str, id: &str, due: Due, fields: &Fields, cluster: bool) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(HOLD).arg(1).arg(stream).arg(id);
     match due {
@@ -102,19 +111,22 @@ pub fn hold_command(stream: &str, id: &str, due: Due, fields: &Fields) -> Cmd {
     };
     cmd.arg(encode(fields))
         .arg(due_key(stream))
-        .arg(fields_key(stream));
+        .arg(fields_key(stream))
+        .arg(if cluster { "" } else { REGISTRY });
     cmd
 }
 
-/// The [`MOVE`] call for `stream`, moving at most `count`.
-pub fn move_command(stream: &str, count: u64) -> Cmd {
+/// The [`MOVE`] call for `stream`, moving at most `count` (`cluster`: the registry is not the script's
+/// to write).
+pub fn move_command(stream: &str, count: u64, cluster: bool) -> Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(MOVE)
         .arg(1)
         .arg(stream)
         .arg(count)
         .arg(due_key(stream))
-        .arg(fields_key(stream));
+        .arg(fields_key(stream))
+        .arg(if cluster { "" } else { REGISTRY });
     cmd
 }
 

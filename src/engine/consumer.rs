@@ -513,6 +513,18 @@ impl Consumer {
                     st.flight.recommit(vec![f]);
                     again = true;
                 }
+                Settle::Rerun(f, key) => {
+                    st.events.rerun(&f, &key);
+                    let router = self.router.load();
+                    match router.select(&f.msg) {
+                        super::router::Selection::Run { handler, .. } => st.flight.rerun(Job {
+                            msg: f.msg,
+                            handler: handler.clone(),
+                        }),
+                        // Routed elsewhere by a reload meanwhile: it stays pending, claimed later.
+                        _ => st.flight.committed(&f.msg.id),
+                    }
+                }
             }
         }
         if !again {

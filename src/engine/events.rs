@@ -153,6 +153,13 @@ impl Events {
         }
     }
 
+    /// Nothing of a message was written: a state key its handler read and wrote on changed since; it
+    /// runs again. (Messages contending for a key: expected now and then, so not a warning.)
+    pub fn rerun(&mut self, f: &Finished, key: &str) {
+        debug!(message_id = %f.msg.id, handler = %f.handler, key = %key, "the state this message's handler read changed before its commit; running it again");
+        metrics::global().error("state_conflict");
+    }
+
     /// Nothing of a message was written; it goes to the dead-letter stream in the next commit.
     pub fn redo(&mut self, f: &Finished, why: &Redo) {
         let (id, handler) = (&f.msg.id, &f.handler);

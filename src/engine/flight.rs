@@ -287,6 +287,13 @@ impl Flight {
         self.isolated.push_front(batch);
     }
 
+    /// A message whose commit wrote nothing because the state it read changed: it runs again, still
+    /// in flight.
+    pub fn rerun(&mut self, job: Job) {
+        self.release(&job.msg.id);
+        self.enqueue(job);
+    }
+
     /// A commit's verdict for `id` is known: the entry leaves flight.
     pub fn committed(&mut self, id: &str) {
         self.release(id);

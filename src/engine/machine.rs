@@ -196,6 +196,9 @@ pub enum Settle {
     /// Nothing of it was written: commit it again after a backoff (with Redis's refusal, if it was
     /// refused rather than not tried).
     Again(Finished, Option<String>),
+    /// Nothing of it was written, and the state its handler read has changed (the key named): run
+    /// its handler again, on the state as it is now.
+    Rerun(Finished, String),
 }
 
 /// What the commit's `verdict` means for `f`.
@@ -234,6 +237,7 @@ pub fn settle(verdict: Committed, f: Finished) -> Settle {
         }
         (Committed::Failed(e), _) => return Settle::Again(f, Some(e)),
         (Committed::NotTried, _) => return Settle::Again(f, None),
+        (Committed::Conflict(key), _) => return Settle::Rerun(f, key),
     };
     Settle::Done(f, fate)
 }
@@ -362,6 +366,7 @@ mod tests {
             ("not tried", Committed::NotTried),
             ("replayed", Committed::Replayed("s/0-1".into())),
             ("partial", Committed::Partial("XADD".into())),
+            ("conflict", Committed::Conflict("ns:k".into())),
         ];
         let expected = |verdict: &str, effect: &str| -> &'static str {
             match (verdict, effect) {
@@ -375,6 +380,7 @@ mod tests {
                 ("replayed", _) => "redo: replayed",
                 ("failed", _) => "again: refused",
                 ("not tried", _) => "again",
+                ("conflict", _) => "rerun",
                 _ => unreachable!(),
             }
         };
@@ -417,6 +423,11 @@ mod tests {
                             } else {
                                 "again"
                             }
+                        }
+                        Settle::Rerun(f, key) => {
+                            assert_eq!(key, "ns:k");
+                            assert_eq!(f.msg.sender.is_some(), signed, "the signer stays");
+                            "rerun"
                         }
                     };
                     assert_eq!(got, expected(v, e), "{v} × {e} (signed: {signed})");

@@ -57,6 +57,9 @@ pub enum Committed {
     /// Some of its writes were made, then one failed. It was acked all the same, so that no retry
     /// can write the first ones twice; its effects are incomplete.
     Partial(String),
+    /// A state key its handler read and then wrote on changed since (another message's commit):
+    /// nothing of it was written, it is still pending and ours — run it again.
+    Conflict(String),
 }
 
 impl Finished {

@@ -71,6 +71,10 @@ pub enum ReplyKind {
     StateSet { ttl_ms: Option<u64> },
     /// The handler's state key `stream` removed.
     StateRemove,
+    /// Not a write: the handler read state key `stream` — its value the one field, or none when
+    /// `found` is false — and wrote state in the same call, so its commit holds only while the key
+    /// still holds what it read (else the message runs again).
+    StateRead { found: bool },
 }
 
 impl ReplyKind {
@@ -84,7 +88,10 @@ impl ReplyKind {
 
     /// Whether it is a change of state, not a message.
     pub fn is_state(self) -> bool {
-        matches!(self, ReplyKind::StateSet { .. } | ReplyKind::StateRemove)
+        matches!(
+            self,
+            ReplyKind::StateSet { .. } | ReplyKind::StateRemove | ReplyKind::StateRead { .. }
+        )
     }
 }
 

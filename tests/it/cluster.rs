@@ -847,3 +847,61 @@ fn retry_schedules_and_delayed_messages_work_on_every_master() {
     );
     stop_all(&mut daemons);
 }
+
+/// Handler state on a cluster: each of three streams (one per master) goes to a counter whose state
+/// namespace shares the stream's hash tag, replying across slots; the changes of state are written by
+/// the commit script on that master with the ack, once per message, whichever of two daemons runs it.
+#[test]
+fn handler_state_is_committed_in_the_slot_of_its_stream_on_every_master() {
+    let cluster = Cluster::start();
+    let pairs = pairs(false);
+    let counter = crate::util::root().join("handlers/build/counter.wasm");
+    let mut tables = String::new();
+    for (i, (input, out)) in pairs.iter().enumerate() {
+        let tag = input.split(['{', '}']).nth(1).unwrap();
+        tables.push_str(&format!(
+            "[[consumers]]\nstream = \"{input}\"\ngroup = \"g\"\nstart = \"0\"\nblock = \"500ms\"\n\
+             handler = \"counter{i}\"\n\
+             [[handlers]]\nname = \"counter{i}\"\nfile = \"{}\"\nroles = [\"task_write\"]\n\
+             state = \"nova:task:{{{tag}}}:state\"\nconfig = {{ reply_to = \"{out}\" }}\n",
+            counter.display()
+        ));
+    }
+    let mut daemons: Vec<Daemon> = (0..2)
+        .map(|i| Daemon::running(&toml(&cluster, i, &tables), &[]))
+        .collect();
+    for (input, _) in &pairs {
+        let mut conn = cluster.node(cluster.master_of(input));
+        for n in 0..10 {
+            let _: String = redis::cmd("XADD")
+                .arg(input)
+                .arg("*")
+                .arg("k")
+                .arg(if n % 2 == 0 { "even" } else { "odd" })
+                .query(&mut conn)
+                .unwrap();
+        }
+    }
+    for (input, out) in &pairs {
+        wait_for("ten replies", Duration::from_secs(30), || {
+            (cluster.xlen(out) >= 10 && cluster.pending(input, "g") == 0).then_some(())
+        });
+        let tag = input.split(['{', '}']).nth(1).unwrap();
+        for k in ["even", "odd"] {
+            let count: Option<String> = redis::cmd("GET")
+                .arg(format!("nova:task:{{{tag}}}:state:count:{k}"))
+                .query(&mut cluster.conn())
+                .unwrap();
+            assert_eq!(count.as_deref(), Some("5"), "{input}: {k}");
+        }
+        let mut counts: Vec<String> = cluster
+            .entries(out)
+            .into_iter()
+            .filter(|e| e.get("k").map(String::as_str) == Some("even"))
+            .map(|e| e["count"].clone())
+            .collect();
+        counts.sort();
+        assert_eq!(counts, ["1", "2", "3", "4", "5"], "{out}: each count once");
+    }
+    stop_all(&mut daemons);
+}

@@ -66,6 +66,15 @@ fn held(server: &RedisServer) -> HashMap<String, u64> {
         .collect()
 }
 
+/// Whether the registry of streams holding delayed messages names TARGET.
+fn registered(server: &RedisServer) -> bool {
+    redis::cmd("SISMEMBER")
+        .arg(redstream::client::delayed::REGISTRY)
+        .arg(TARGET)
+        .query(&mut server.conn())
+        .unwrap()
+}
+
 #[test]
 fn delayed_messages_arrive_at_their_time_once_through_a_kill_and_a_redis_restart() {
     let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
@@ -88,6 +97,7 @@ fn delayed_messages_arrive_at_their_time_once_through_a_kill_and_a_redis_restart
         );
     }
     publish(&config, &["--at", &at, "n=6"]);
+    assert!(registered(&server));
     let due = held(&server);
     assert_eq!(due.len(), 6, "{due:?}");
     assert_eq!(server.xlen(TARGET), 0, "nothing before its time");
@@ -147,6 +157,10 @@ fn delayed_messages_arrive_at_their_time_once_through_a_kill_and_a_redis_restart
         .as_millis() as u64;
     assert!(due["6"] <= now_ms);
     assert!(held(&server).is_empty());
+    assert!(
+        !registered(&server),
+        "nothing held: the stream is off the registry"
+    );
     drop(b);
     drop(a);
 }
@@ -241,6 +255,10 @@ fn delayed_replies_from_a_handler_arrive_once_at_their_time_through_a_kill_and_a
         );
     }
     assert!(held(&server).is_empty());
+    assert!(
+        !registered(&server),
+        "nothing held: the stream is off the registry"
+    );
     drop(b);
     drop(a);
 }

@@ -121,6 +121,8 @@ pub struct Host {
     retry_after: Option<u64>,
     /// When the call began, for what is left of its time.
     started: std::time::Instant,
+    /// State keys this call read from Redis, each with what it read first.
+    reads: Vec<(String, Option<Vec<u8>>)>,
     /// When set (a local `handler run`), what the guest wrote and logged, as (where, text), besides
     /// the daemon's log.
     pub transcript: Option<Vec<(&'static str, String)>>,
@@ -177,6 +179,7 @@ impl Host {
             stderr,
             retry_after: None,
             started: std::time::Instant::now(),
+            reads: Vec::new(),
             transcript: None,
         }
     }
@@ -196,6 +199,7 @@ impl Host {
         self.denied = 0;
         self.retry_after = None;
         self.started = std::time::Instant::now();
+        self.reads.clear();
         self.stderr_text.clear();
     }
 
@@ -252,7 +256,24 @@ impl Host {
         if seen > peak.get() {
             peak.set(seen);
         }
-        std::mem::take(&mut self.outbox)
+        let mut out = std::mem::take(&mut self.outbox);
+        // A call that wrote state commits only if what it read is still there: the reads go along
+        // as checks (a call that only read commits on what it saw).
+        if out.iter().any(|r| r.kind.is_state()) {
+            for (key, value) in self.reads.drain(..) {
+                out.push(Reply {
+                    stream: key,
+                    kind: ReplyKind::StateRead {
+                        found: value.is_some(),
+                    },
+                    fields: match value {
+                        Some(v) => Fields::from(vec![(b"value".to_vec(), v)]),
+                        None => Fields::new(),
+                    },
+                });
+            }
+        }
+        out
     }
 }
 
@@ -391,9 +412,13 @@ impl state::Host for Host {
         };
         // Within what is left of the call's time: the deadline counts the wait.
         let left = self.meta.timeout.saturating_sub(self.started.elapsed());
-        reader
+        let value = reader
             .get(&key, left)
-            .map_err(state::StateError::Unavailable)
+            .map_err(state::StateError::Unavailable)?;
+        if !self.reads.iter().any(|(k, _)| *k == key) {
+            self.reads.push((key, value.clone()));
+        }
+        Ok(value)
     }
 
     fn set(

@@ -7,7 +7,11 @@
 //!
 //! A snapshot carries the task as JSON in its `task` field, with at least `id` and `status`. A snapshot
 //! that is not valid JSON, or has no id, is rejected (dead-lettered) — it would never succeed.
+//!
+//! With a `state` namespace in its config, it keeps the last revision of each task (`revision:<id>`,
+//! committed with the ack): a snapshot no newer than that — a late or repeated copy — emits nothing.
 
+use redstream_guest::state::{self, StateError};
 use redstream_guest::{Guest, HandlerError, Message, Reply, export_handler};
 use serde_json::Value;
 
@@ -25,6 +29,21 @@ impl Guest for TaskRouter {
         };
         let status = task["status"].as_str().unwrap_or("unknown");
         let revision = task["revision"].as_u64().unwrap_or(1);
+        let key = format!("revision:{id}");
+        match state::get_text(&key) {
+            Ok(seen) => {
+                if let Some(seen) = seen.and_then(|s| s.parse::<u64>().ok())
+                    && revision <= seen
+                {
+                    redstream_guest::info(&format!("task {id}: revision {revision} is not newer than {seen}; no event"));
+                    return Ok(());
+                }
+                state::set_text(&key, &revision.to_string(), None)?;
+            }
+            // Without state it emits an event for every snapshot.
+            Err(StateError::NotConfigured(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
         let event = match status {
             "done" | "completed" | "closed" => "task_completed",
             _ if revision <= 1 => "task_created",
