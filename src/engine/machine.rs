@@ -204,7 +204,9 @@ pub enum Settle {
 /// What the commit's `verdict` means for `f`.
 pub fn settle(verdict: Committed, f: Finished) -> Settle {
     let fate = match (verdict, &f.effect) {
-        (Committed::Yes, Effect::Replies(r)) => Fate::Committed { replies: r.len() },
+        (Committed::Yes, Effect::Replies(r)) => Fate::Committed {
+            replies: r.iter().filter(|r| !r.kind.is_state()).count(),
+        },
         (Committed::Yes, Effect::DeadLetter(reason)) => Fate::DeadLettered(reason.clone()),
         (Committed::Yes, Effect::TooLarge(size)) => Fate::TooLarge(*size),
         (Committed::Yes, Effect::Vanished) => Fate::Vanished,
