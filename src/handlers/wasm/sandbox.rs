@@ -402,10 +402,14 @@ impl state::Host for Host {
                 _ => None,
             });
         }
-        let Some((_, slot)) = &self.meta.state else {
-            return Ok(None);
-        };
-        let Some(reader) = slot.get() else {
+        // A key read before in this call: the same value again (one round trip per key, and what
+        // the commit checks is what the call saw).
+        if let Some((_, value)) = self.reads.iter().find(|(k, _)| *k == key) {
+            return Ok(value.clone());
+        }
+        // `state_key` succeeded, so the handler has a namespace and a slot.
+        let reader = self.meta.state.as_ref().and_then(|(_, slot)| slot.get());
+        let Some(reader) = reader else {
             return Err(state::StateError::Unavailable(
                 "no state store in this process".into(),
             ));
@@ -415,9 +419,7 @@ impl state::Host for Host {
         let value = reader
             .get(&key, left)
             .map_err(state::StateError::Unavailable)?;
-        if !self.reads.iter().any(|(k, _)| *k == key) {
-            self.reads.push((key, value.clone()));
-        }
+        self.reads.push((key, value.clone()));
         Ok(value)
     }
 
