@@ -89,6 +89,10 @@ pub struct Metrics {
     /// Calls that waited for a permit of their handler's rate limit.
     pub rate_waited: Family<HandlerLabels, Counter>,
     pub publish_denied: Family<HandlerLabels, Counter>,
+    /// Handlers' outbound HTTP requests, by allow-list entry and outcome.
+    pub http_requests: Family<HttpLabels, Counter>,
+    /// Time to an outbound response's head (or to its failure), by allow-list entry.
+    pub http_seconds: HistogramFamily<HttpHostLabels>,
     /// Times a loop got Redis back after losing it.
     pub reconnects: Counter,
     /// Redis outages this daemon got over: loops getting Redis back within 30 s of each other count
@@ -199,6 +203,22 @@ impl HandlerTimer {
     }
 }
 
+/// An outbound HTTP request of a handler: the allow-list entry it matched (empty when refused) and how
+/// it ended (`2xx`…`5xx`, `denied`, `timeout`, `error`, `too_large`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub handler: String,
+    pub host: String,
+    pub outcome: String,
+}
+
+/// An allowed outbound request's handler and allow-list entry.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpHostLabels {
+    pub handler: String,
+    pub host: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayLabels {
     pub stream: String,
@@ -231,6 +251,8 @@ impl Metrics {
             breaker_held: Family::default(),
             rate_waited: Family::default(),
             publish_denied: Family::default(),
+            http_requests: Family::default(),
+            http_seconds: Family::new_with_constructor(latency_histogram),
             reconnects: Counter::default(),
             outages: Counter::default(),
             data_loss: Family::default(),
@@ -309,6 +331,16 @@ impl Metrics {
             "publish_denied",
             "Handler publishes refused by their roles",
             m.publish_denied.clone(),
+        );
+        registry.register(
+            "handler_http_requests",
+            "Outbound HTTP requests of handlers, by allow-list entry and outcome (status class, denied, timeout, error, too_large)",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "handler_http_duration_seconds",
+            "Time from an outbound request to its response head, by handler and allow-list entry",
+            m.http_seconds.clone(),
         );
         registry.register(
             "redis_reconnects",

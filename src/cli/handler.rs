@@ -102,6 +102,7 @@ fn bare_spec(name: String, file: PathBuf) -> WasmSpec {
         require_sender_token: false,
         config: BTreeMap::new(),
         state: None,
+        outbound: None,
     }
 }
 
@@ -224,6 +225,7 @@ fn local_handler(spec: &WasmSpec) -> Result<(Runtime, WasmHandler, Arc<LocalStat
         max_stack: 512 * 1024,
         max_memory: spec.memory,
         reused: usize::from(spec.reuse.is_some()),
+        concurrent: spec.outbound.as_ref().map_or(0, |o| o.concurrency),
         reply_limit: crate::model::ReplyLimit::default(),
     };
     let runtime = Runtime::new(&settings, std::sync::Arc::new(Naming::default()))

@@ -116,6 +116,10 @@ fn files(lang: &str) -> Vec<(&'static str, &'static str)> {
                 "sdk/src/lib.rs",
                 include_str!("../../handlers/sdk/src/lib.rs"),
             ),
+            (
+                "sdk/src/http.rs",
+                include_str!("../../handlers/sdk/src/http.rs"),
+            ),
             ("sdk/wit/handler.wit", WIT),
         ],
         "js" => vec![

@@ -14,7 +14,7 @@ use super::settings::DaemonIdentity;
 use crate::auth::Op;
 use crate::engine::guard::{BreakerSpec, GuardSpec, RateSpec};
 use crate::engine::router::{Action, Predicates, RouteSpec, StreamPattern};
-use crate::handlers::wasm::{RuntimeSettings, WasmSpec};
+use crate::handlers::wasm::{Origin, Outbound, RuntimeSettings, WasmSpec};
 use crate::model::ReplyLimit;
 use crate::model::naming::Naming;
 
@@ -157,6 +157,11 @@ pub(super) fn handlers(
             // Reported above; the entry is not built without its state.
             continue;
         }
+        let outbound = outbound(h, &p, timeout, c);
+        if h.allowed_outbound_hosts.is_some() && outbound.is_none() {
+            // Reported in `outbound`; not built without what it was granted.
+            continue;
+        }
         let mut config = BTreeMap::new();
         for (k, v) in &h.config {
             if let Some(v) = c.get(&p(&format!("config.{k}")), v, "a string") {
@@ -183,10 +188,89 @@ pub(super) fn handlers(
                 require_sender_token: require,
                 config,
                 state,
+                outbound,
             });
         }
     }
     out
+}
+
+/// Calls of one handler in flight at once when it is granted outbound HTTP, unless its entry says.
+pub const DEFAULT_CONCURRENCY: u32 = 32;
+
+/// A handler's outbound HTTP grant: `allowed_outbound_hosts` and its limits. None when it has none
+/// (the limits alone are then a problem: they would do nothing), or when any of it is wrong.
+fn outbound(
+    h: &super::raw::RawHandler,
+    p: &dyn Fn(&str) -> String,
+    timeout: Option<Duration>,
+    c: &mut Checker<'_>,
+) -> Option<Outbound> {
+    let Some(hosts) = &h.allowed_outbound_hosts else {
+        for (key, set) in [
+            ("http_timeout", h.http_timeout.is_some()),
+            ("http_max_response", h.http_max_response.is_some()),
+            ("concurrency", h.concurrency.is_some()),
+        ] {
+            if set {
+                c.problem(
+                    &p(key),
+                    "applies only to a handler granted outbound HTTP: give it allowed_outbound_hosts too",
+                );
+            }
+        }
+        return None;
+    };
+    let before = c.problems.len();
+    let mut allowed = Vec::new();
+    for (i, v) in hosts.iter().enumerate() {
+        if let Some(origin) = c.parse(
+            &p(&format!("allowed_outbound_hosts[{i}]")),
+            v,
+            "an origin like \"https://api.example.com\" or \"http://127.0.0.1:8080\"",
+            Origin::parse,
+        ) {
+            allowed.push(origin);
+        }
+    }
+    if hosts.is_empty() {
+        c.problem(
+            &p("allowed_outbound_hosts"),
+            "empty: name the origins the handler may call, or leave the key out",
+        );
+    }
+    let request_timeout = match &h.http_timeout {
+        Some(v) => c.positive_duration(&p("http_timeout"), v),
+        // A request may take the whole call.
+        None => timeout,
+    };
+    let max_response = match &h.http_max_response {
+        Some(v) => c.parse(
+            &p("http_max_response"),
+            v,
+            "a size like \"1MiB\"",
+            parse_size,
+        ),
+        None => Some(1 << 20),
+    };
+    let concurrency = match &h.concurrency {
+        Some(v) => c.get(&p("concurrency"), v, "a positive integer"),
+        None => Some(DEFAULT_CONCURRENCY),
+    };
+    if let Some(n) = concurrency
+        && !(1..=1024).contains(&n)
+    {
+        c.problem(&p("concurrency"), format!("{n} is outside 1..1024"));
+    }
+    if c.problems.len() > before {
+        return None;
+    }
+    Some(Outbound {
+        allowed,
+        timeout: request_timeout?,
+        max_response: u64::try_from(max_response?).unwrap_or(u64::MAX),
+        concurrency: concurrency? as usize,
+    })
 }
 
 #[cfg(feature = "fault-injection")]
@@ -366,6 +450,11 @@ pub(super) fn wasm_settings(
         max_stack,
         max_memory: handlers.iter().map(|h| h.memory).max().unwrap_or(64 << 20),
         reused: handlers.iter().filter(|h| h.reuse.is_some()).count(),
+        concurrent: handlers
+            .iter()
+            .filter_map(|h| h.outbound.as_ref())
+            .map(|o| o.concurrency)
+            .sum(),
         reply_limit,
     })
 }

@@ -390,6 +390,15 @@ pub struct RawHandler {
     pub breaker: Option<RawBreaker>,
     /// The namespace of the handler's state keys (`nova:{domain}:{entity}:{function}`).
     pub state: Option<Loose<String>>,
+    /// Origins (`https://host[:port]`) the handler may send HTTP requests to; its calls then run
+    /// asynchronously.
+    pub allowed_outbound_hosts: Option<Vec<Loose<String>>>,
+    /// One outbound request's time limit (within the call's deadline).
+    pub http_timeout: Option<Loose<String>>,
+    /// The largest outbound response body.
+    pub http_max_response: Option<Loose<String>>,
+    /// Calls in flight at once (handlers granted outbound HTTP).
+    pub concurrency: Option<Loose<u32>>,
     /// At most this many calls per second/minute/hour (`"200/s"`), across every daemon.
     pub rate: Option<Loose<String>>,
     /// This handler's retry schedule, in place of its consumers' `retry`.
@@ -422,6 +431,10 @@ impl Default for RawHandler {
             config: Default::default(),
             breaker: None,
             state: None,
+            allowed_outbound_hosts: None,
+            http_timeout: None,
+            http_max_response: None,
+            concurrency: None,
             rate: None,
             retry: None,
             faults: None,

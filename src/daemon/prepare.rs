@@ -40,15 +40,30 @@ impl std::fmt::Debug for RedisState {
 
 impl crate::model::message::StateReader for RedisState {
     fn get(&self, key: &str, within: std::time::Duration) -> Result<Option<Vec<u8>>, String> {
-        self.runtime.block_on(async {
-            match tokio::time::timeout(within, self.client.state_get(key)).await {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(e)) => Err(format!("cannot read {key}: {e}")),
-                Err(_) => Err(format!(
-                    "no answer from Redis for {key} within the call's time"
-                )),
-            }
-        })
+        self.runtime.block_on(read_state(&self.client, key, within))
+    }
+
+    fn get_owned(
+        &self,
+        key: String,
+        within: std::time::Duration,
+    ) -> crate::model::message::BoxFuture<'static, Result<Option<Vec<u8>>, String>> {
+        let client = self.client.clone();
+        Box::pin(async move { read_state(&client, &key, within).await })
+    }
+}
+
+async fn read_state(
+    client: &crate::client::Client,
+    key: &str,
+    within: std::time::Duration,
+) -> Result<Option<Vec<u8>>, String> {
+    match tokio::time::timeout(within, client.state_get(key)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("cannot read {key}: {e}")),
+        Err(_) => Err(format!(
+            "no answer from Redis for {key} within the call's time"
+        )),
     }
 }
 

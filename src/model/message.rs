@@ -106,10 +106,20 @@ impl Reply {
     }
 }
 
-/// Reads a handler's state where it is kept (Redis, for the daemon) for `state.get`. Called on a
-/// handler's worker thread: it may block, at most `within`.
+/// Reads a handler's state where it is kept (Redis, for the daemon) for `state.get`. `get` is called
+/// on a handler's worker thread and may block, at most `within`; `get_owned` by a call that runs
+/// asynchronously (it must not block: the default suits a store in memory).
 pub trait StateReader: Send + Sync + std::fmt::Debug {
     fn get(&self, key: &str, within: std::time::Duration) -> Result<Option<Vec<u8>>, String>;
+
+    fn get_owned(
+        &self,
+        key: String,
+        within: std::time::Duration,
+    ) -> BoxFuture<'static, Result<Option<Vec<u8>>, String>> {
+        let found = self.get(&key, within);
+        Box::pin(std::future::ready(found))
+    }
 }
 
 /// Where a runtime's handlers read their state: set once the process has it (the daemon, when it

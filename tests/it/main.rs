@@ -73,3 +73,5 @@ mod delayed;
 
 // Handlers' state, committed with the ack.
 mod state;
+// Outbound HTTP from handlers: the allow-list, limits, idempotency keys, calls as tasks.
+mod outbound;

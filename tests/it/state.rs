@@ -213,3 +213,30 @@ fn messages_of_one_key_side_by_side_lose_no_update() {
     assert_eq!(a.stop(Duration::from_secs(10)), 0);
     assert_eq!(b.stop(Duration::from_secs(10)), 0);
 }
+
+/// The same counter run as tasks (granted outbound HTTP it does not use): its reads await Redis without
+/// a thread, sixteen calls of one key at once, and the read check still loses no update.
+#[test]
+fn a_handler_run_as_tasks_reads_state_without_a_thread_and_loses_no_update() {
+    let server = RedisServer::start();
+    let config = toml(&server, "a", 2000).replace(
+        "state = \"",
+        "allowed_outbound_hosts = [\"http://127.0.0.1:9\"]\nconcurrency = 16\nstate = \"",
+    );
+    assert!(config.contains("concurrency = 16"), "{config}");
+    let mut d = Daemon::running(&config, &[]);
+    for _ in 0..20 {
+        server.xadd(IN, &[("k", "hot")]);
+    }
+    wait_for("twenty replies", Duration::from_secs(30), || {
+        (replies(&server, "hot").len() >= 20 && server.pending(IN, "g") == 0).then_some(())
+    });
+    assert_eq!(count(&server, "hot").as_deref(), Some("20"));
+    let mut counts: Vec<u64> = replies(&server, "hot")
+        .into_iter()
+        .map(|(c, _)| c.parse().unwrap())
+        .collect();
+    counts.sort();
+    assert_eq!(counts, (1..=20).collect::<Vec<u64>>(), "each count once");
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}

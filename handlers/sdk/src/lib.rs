@@ -36,6 +36,9 @@
 
 use std::fmt;
 
+#[cfg(feature = "http")]
+pub mod http;
+
 /// The generated bindings of `handlers/wit`.
 pub mod bindings {
     wit_bindgen::generate!({

@@ -13,6 +13,7 @@
 //! - [`runtime`]: the engine, loading handlers, and [`WasmHandler`] itself.
 //! - [`cache`]: compiled artifacts on disk, trusted only when they are provably this process's own.
 //! - [`sandbox`]: one call's store — limits, deadline, the `host` interface, buffered replies.
+//! - [`outbound`]: outbound HTTP for handlers granted it — the allow-list, keys, limits, metrics.
 //! - [`output`]: the guest's stdout/stderr, captured for the log.
 //! - [`crash`]: a guest's panic or uncaught exception in one line, for the reason of its trap.
 //! - [`pool`]: the worker threads.
@@ -21,9 +22,11 @@
 pub mod bindings;
 mod cache;
 mod crash;
+pub mod outbound;
 mod output;
 mod pool;
 pub mod runtime;
 pub mod sandbox;
 
+pub use outbound::{Origin, Outbound};
 pub use runtime::{Runtime, RuntimeSettings, TICK, WasmHandler, WasmSpec, default_cache_dir};

@@ -16,8 +16,9 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
-use super::bindings;
+use super::bindings::{self, asynchronous};
 use super::cache::Cache;
+use super::outbound::Outbound;
 use super::pool::{Job, Pool, Retirer};
 use super::sandbox::{self, Host, Meta};
 use crate::auth::Roles;
@@ -43,6 +44,8 @@ pub struct RuntimeSettings {
     pub max_memory: usize,
     /// Handlers configured with instance reuse (each keeps one warm instance per worker).
     pub reused: usize,
+    /// Calls of asynchronous handlers (granted outbound HTTP) in flight at once, summed over them.
+    pub concurrent: usize,
     /// What one message's handler may publish (`[limits]`).
     pub reply_limit: ReplyLimit,
 }
@@ -62,6 +65,8 @@ pub struct WasmSpec {
     pub config: BTreeMap<String, String>,
     /// The namespace of its state keys (`state` in its entry), if it keeps state.
     pub state: Option<String>,
+    /// What it may reach over HTTP, if anything; such a handler's calls run asynchronously.
+    pub outbound: Option<Outbound>,
 }
 
 /// The engine, the linker and the workers; handlers are loaded from it.
@@ -70,6 +75,8 @@ pub struct Runtime {
     settings: RuntimeSettings,
     engine: Engine,
     linker: Linker<Host>,
+    /// For handlers granted outbound HTTP: WASI and `wasi:http` with async host functions.
+    async_linker: Linker<Host>,
     naming: Arc<Naming>,
     cache_dir: Option<PathBuf>,
     pool: Pool,
@@ -94,7 +101,8 @@ impl Runtime {
         // At most one fresh instance per worker is live at once, plus the warm ones of reused handlers —
         // twice over, for a reload: the replaced handlers' instances are retired once their last
         // message is done, while the new ones warm up beside them.
-        let instances = (workers * (1 + 2 * s.reused) + 2) as u32;
+        // Asynchronous calls hold an instance each while they wait: their concurrency, twice over.
+        let instances = (workers * (1 + 2 * s.reused) + 2 + 2 * s.concurrent) as u32;
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
             .total_core_instances(instances * 16)
@@ -118,6 +126,8 @@ impl Runtime {
             .wasm_component_model(true)
             .epoch_interruption(true)
             .max_wasm_stack(s.max_stack)
+            // An asynchronous call runs on a fiber stack of its own: the wasm stack and room above.
+            .async_stack_size(s.max_stack + HOST_STACK)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine =
             Engine::new(&config).map_err(|e| format!("cannot configure wasmtime: {e:#}"))?;
@@ -125,6 +135,13 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| format!("cannot link WASI: {e:#}"))?;
         bindings::Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |h| h)
+            .map_err(|e| format!("cannot link the host interface: {e:#}"))?;
+        let mut async_linker = Linker::<Host>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut async_linker)
+            .map_err(|e| format!("cannot link WASI: {e:#}"))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut async_linker)
+            .map_err(|e| format!("cannot link wasi:http: {e:#}"))?;
+        asynchronous::Handler::add_to_linker::<_, HasSelf<_>>(&mut async_linker, |h| h)
             .map_err(|e| format!("cannot link the host interface: {e:#}"))?;
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -139,12 +156,13 @@ impl Runtime {
             })
             .map_err(|e| format!("cannot start the epoch ticker: {e}"))?;
         // Guests run on the workers' native stacks: leave room above the wasm stack bound.
-        let pool = Pool::new(workers, s.max_stack + 4 * 1024 * 1024, retire_warm)
+        let pool = Pool::new(workers, s.max_stack + HOST_STACK, retire_warm)
             .map_err(|e| format!("cannot start workers: {e}"))?;
         Ok(Runtime {
             settings: s.clone(),
             engine,
             linker,
+            async_linker,
             naming,
             cache_dir: s.cache_dir.clone(),
             pool,
@@ -167,6 +185,7 @@ impl Runtime {
             && s.max_stack == have.max_stack
             && s.max_memory <= have.max_memory
             && s.reused <= have.reused
+            && s.concurrent <= have.concurrent
             && s.cache_dir == have.cache_dir
     }
 
@@ -195,20 +214,31 @@ impl Runtime {
                 .map(|h| format!("; {h}"))
                 .unwrap_or_default()
         };
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+        let linker = match spec.outbound {
+            Some(_) => &self.async_linker,
+            None => &self.linker,
+        };
+        let pre = linker.instantiate_pre(&component).map_err(|e| {
             format!(
-                "{} cannot be linked: {e:#} (handlers may import only redstream:handler/host and WASI, which is denied){}",
+                "{} cannot be linked: {e:#} (handlers may import only redstream:handler/host and WASI, which is denied, and wasi:http when granted allowed_outbound_hosts){}",
                 spec.file.display(),
                 hint(&component)
             )
         })?;
-        let pre = bindings::HandlerPre::new(pre).map_err(|e| {
+        let not_handler = |e: wasmtime::Error| {
             format!(
                 "{} is not a RedStream handler (it must export `handle` of redstream:handler@{WIT_VERSION}): {e:#}{}",
                 spec.file.display(),
                 hint(&component)
             )
-        })?;
+        };
+        let pre = match &spec.outbound {
+            None => Pre::Sync(bindings::HandlerPre::new(pre).map_err(not_handler)?),
+            Some(o) => Pre::Async {
+                pre: asynchronous::HandlerPre::new(pre).map_err(not_handler)?,
+                permits: tokio::sync::Semaphore::new(o.concurrency.max(1)),
+            },
+        };
         static IDS: AtomicU64 = AtomicU64::new(1);
         Ok(WasmHandler {
             inner: Arc::new(Inner {
@@ -223,6 +253,7 @@ impl Runtime {
                     timeout: spec.timeout,
                     replies: self.settings.reply_limit,
                     state: spec.state.clone().map(|ns| (ns, self.state_reader.clone())),
+                    outbound: spec.outbound.clone().map(Arc::new),
                 }),
                 pre,
                 engine: self.engine.clone(),
@@ -284,6 +315,9 @@ impl Runtime {
     }
 }
 
+/// Native stack above a guest's wasm stack bound, for the host functions it calls.
+const HOST_STACK: usize = 4 * 1024 * 1024;
+
 /// The version of the `redstream:handler` WIT package this daemon speaks.
 pub const WIT_VERSION: &str = "0.1.2";
 
@@ -329,8 +363,9 @@ fn diagnose(engine: &Engine, component: &Component) -> Option<String> {
     }
     if names.iter().any(|n| n.starts_with("wasi:http/")) {
         return Some(
-            "it imports wasi:http, which handlers may not use: componentize-js adds it by default, \
-             build with `-d http -d fetch-event`"
+            "it imports wasi:http, which only a handler granted `allowed_outbound_hosts` may use: grant \
+             the hosts it calls in its [[handlers]] entry, or (componentize-js adds wasi:http by \
+             default) build with `-d http -d fetch-event`"
                 .into(),
         );
     }
@@ -355,13 +390,24 @@ struct Inner {
     /// Keeps the epoch ticking for this handler's deadlines.
     _ticker: Arc<Ticker>,
     meta: Arc<Meta>,
-    pre: bindings::HandlerPre<Host>,
+    pre: Pre,
     engine: Engine,
     /// The deadline in epoch ticks.
     ticks: u64,
     reuse: Option<u64>,
     /// Distinguishes handlers in the workers' warm-instance caches.
     id: u64,
+}
+
+/// How a handler's calls run.
+enum Pre {
+    /// On the worker threads, with the synchronous API.
+    Sync(bindings::HandlerPre<Host>),
+    /// As tasks awaiting their host calls (outbound HTTP, state reads), at most `permits` at once.
+    Async {
+        pre: asynchronous::HandlerPre<Host>,
+        permits: tokio::sync::Semaphore,
+    },
 }
 
 /// A loaded handler. Cheap to clone.
@@ -409,13 +455,16 @@ impl Inner {
         store: &mut Store<Host>,
         warm: &mut HashMap<u64, Warm>,
     ) -> wasmtime::Result<bindings::Handler> {
-        match self.pre.instantiate(&mut *store) {
+        let Pre::Sync(pre) = &self.pre else {
+            wasmtime::bail!("an asynchronous handler's instance was asked for on a worker thread");
+        };
+        match pre.instantiate(&mut *store) {
             Ok(bindings) => Ok(bindings),
             Err(e) if warm.is_empty() => Err(e),
             Err(e) => {
                 tracing::warn!(handler = %self.meta.name, error = %e, warm = warm.len(), "could not instantiate; dropping this worker's warm instances and trying again");
                 warm.clear();
-                self.pre.instantiate(store)
+                pre.instantiate(store)
             }
         }
     }
@@ -432,6 +481,9 @@ impl Inner {
         &self,
         msg: &bindings::redstream::handler::types::Message,
     ) -> (Outcome, Vec<(&'static str, String)>) {
+        if let Pre::Async { .. } = self.pre {
+            return here(self.call_async(msg, true));
+        }
         let mut store = self.new_store();
         store.data_mut().transcript = Some(Vec::new());
         store.data_mut().begin(msg);
@@ -446,8 +498,58 @@ impl Inner {
         )
     }
 
+    /// One call of an asynchronous handler, once one of its permits is free: instantiated and run
+    /// as a task, yielding at every epoch tick, its waits (HTTP, state reads) holding no thread, the
+    /// whole within its deadline. With `record`, what the guest wrote and logged too.
+    async fn call_async(
+        &self,
+        msg: &bindings::redstream::handler::types::Message,
+        record: bool,
+    ) -> (Outcome, Vec<(&'static str, String)>) {
+        let Pre::Async { pre, permits } = &self.pre else {
+            return (
+                Outcome::Retry("a synchronous handler was called as a task".into()),
+                Vec::new(),
+            );
+        };
+        // The semaphore is never closed.
+        let _permit = permits.acquire().await;
+        let mut store = self.new_store();
+        if record {
+            store.data_mut().transcript = Some(Vec::new());
+        }
+        store.data_mut().begin(msg);
+        let timeout = self.meta.timeout;
+        let deadline = std::time::Instant::now() + timeout;
+        store.epoch_deadline_callback(move |_| {
+            Ok(if std::time::Instant::now() >= deadline {
+                wasmtime::UpdateDeadline::Interrupt
+            } else {
+                wasmtime::UpdateDeadline::Yield(1)
+            })
+        });
+        store.set_epoch_deadline(1);
+        let call = async {
+            let bindings = pre.instantiate_async(&mut store).await?;
+            bindings.call_handle(&mut store, msg).await
+        };
+        // A guest waiting on the host runs no wasm, so no tick interrupts it: the clock does.
+        let result = match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(wasmtime::Trap::Interrupt.into()),
+        };
+        let outcome = sandbox::outcome(result, &mut store);
+        (
+            outcome,
+            store.data_mut().transcript.take().unwrap_or_default(),
+        )
+    }
+
     /// Runs one call on this thread.
     fn call(&self, msg: &bindings::redstream::handler::types::Message) -> Outcome {
+        if let Pre::Async { .. } = self.pre {
+            return here(self.call_async(msg, false)).0;
+        }
         match self.reuse {
             None => {
                 let mut store = self.new_store();
@@ -503,6 +605,15 @@ impl Inner {
     }
 }
 
+/// Runs an asynchronous call to its end on this thread (a local `handler run`, outside any runtime).
+fn here<T>(call: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime")
+        .block_on(call)
+}
+
 impl WasmHandler {
     pub fn name(&self) -> &str {
         &self.inner.meta.name
@@ -529,12 +640,15 @@ impl WasmHandler {
         }
     }
 
-    /// One call on a worker thread.
+    /// One call on a worker thread, or as a task for an asynchronous handler.
     pub async fn call(&self, msg: &Message, sender: Option<&Sender>) -> Outcome {
         let m = match sandbox::wit_message(msg, sender) {
             Ok(m) => m,
             Err(reason) => return Outcome::Reject(reason),
         };
+        if let Pre::Async { .. } = self.inner.pre {
+            return self.inner.call_async(&m, false).await.0;
+        }
         let inner = self.inner.clone();
         match self.pool.run(move || inner.call(&m)).await {
             Some(outcome) => outcome,
@@ -554,8 +668,12 @@ impl Handler for WasmHandler {
         Box::pin(self.call(msg, msg.sender.as_deref()))
     }
 
+    /// Calls on worker threads take batches; asynchronous ones run one task per message.
     fn batch(&self) -> Option<&dyn BatchHandler> {
-        Some(self)
+        match self.inner.pre {
+            Pre::Sync(_) => Some(self),
+            Pre::Async { .. } => None,
+        }
     }
 }
 

@@ -14,8 +14,10 @@ use std::time::Duration;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::redstream::handler::{host, state, types};
+use super::outbound::{Hooks, Outbound};
 use super::output::Capture;
 use crate::auth::{Op, Roles};
 
@@ -44,6 +46,8 @@ pub struct Meta {
     pub replies: ReplyLimit,
     /// Its state's key namespace, and where it is read.
     pub state: Option<(String, Arc<StateSlot>)>,
+    /// What it may reach over HTTP (its calls then run asynchronously).
+    pub outbound: Option<Arc<Outbound>>,
 }
 
 /// The store's limits, remembering the most memory an instance asked for (for the peak-memory metric).
@@ -100,6 +104,11 @@ impl wasmtime::ResourceLimiter for Limits {
 pub struct Host {
     wasi: WasiCtx,
     table: ResourceTable,
+    http: WasiHttpCtx,
+    /// Checks, keys and times the call's outbound requests: for handlers granted any (the others do
+    /// not link wasi:http, and would be refused everything).
+    hooks: Option<Hooks>,
+    refuse_all: super::outbound::RefuseAll,
     pub limits: Limits,
     meta: Arc<Meta>,
     /// Replies buffered by this call.
@@ -137,6 +146,19 @@ impl WasiView for Host {
     }
 }
 
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: match &mut self.hooks {
+                Some(hooks) => hooks,
+                None => &mut self.refuse_all,
+            },
+        }
+    }
+}
+
 impl Host {
     pub fn new(meta: Arc<Meta>) -> Self {
         let stdout = Capture::new(MAX_STDIO);
@@ -165,6 +187,12 @@ impl Host {
         Host {
             wasi,
             table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            hooks: meta
+                .outbound
+                .clone()
+                .map(|outbound| Hooks::new(&meta.name, outbound)),
+            refuse_all: super::outbound::RefuseAll,
             limits,
             meta,
             outbox: Vec::new(),
@@ -199,6 +227,9 @@ impl Host {
         self.denied = 0;
         self.retry_after = None;
         self.started = std::time::Instant::now();
+        if let Some(hooks) = &mut self.hooks {
+            hooks.begin(&msg.stream, &msg.id, self.started + self.meta.timeout);
+        }
         self.reads.clear();
         self.stderr_text.clear();
     }
@@ -387,9 +418,21 @@ impl Host {
 /// The longest state key a handler may use (its namespace comes on top).
 pub const MAX_STATE_KEY: usize = 512;
 
-impl state::Host for Host {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, state::StateError> {
-        let key = self.state_key(&key)?;
+/// Where a state read is answered from.
+enum Lookup {
+    /// The call's own write or earlier read.
+    Known(Option<Vec<u8>>),
+    /// Redis, through this reader, within this much time.
+    Fetch(
+        String,
+        Arc<dyn crate::model::message::StateReader>,
+        Duration,
+    ),
+}
+
+impl Host {
+    fn lookup(&self, key: &str) -> Result<Lookup, state::StateError> {
+        let key = self.state_key(key)?;
         // The call's own writes first, the latest winning.
         if let Some(r) = self
             .outbox
@@ -397,15 +440,15 @@ impl state::Host for Host {
             .rev()
             .find(|r| r.kind.is_state() && r.stream == key)
         {
-            return Ok(match r.kind {
+            return Ok(Lookup::Known(match r.kind {
                 ReplyKind::StateSet { .. } => r.fields.iter().next().map(|(_, v)| v.to_vec()),
                 _ => None,
-            });
+            }));
         }
         // A key read before in this call: the same value again (one round trip per key, and what
         // the commit checks is what the call saw).
         if let Some((_, value)) = self.reads.iter().find(|(k, _)| *k == key) {
-            return Ok(value.clone());
+            return Ok(Lookup::Known(value.clone()));
         }
         // `state_key` succeeded, so the handler has a namespace and a slot.
         let reader = self.meta.state.as_ref().and_then(|(_, slot)| slot.get());
@@ -416,11 +459,41 @@ impl state::Host for Host {
         };
         // Within what is left of the call's time: the deadline counts the wait.
         let left = self.meta.timeout.saturating_sub(self.started.elapsed());
-        let value = reader
-            .get(&key, left)
-            .map_err(state::StateError::Unavailable)?;
+        Ok(Lookup::Fetch(key, reader.clone(), left))
+    }
+
+    /// Records what a read from Redis found (the commit checks it is still so).
+    fn read(
+        &mut self,
+        key: String,
+        found: Result<Option<Vec<u8>>, String>,
+    ) -> Result<Option<Vec<u8>>, state::StateError> {
+        let value = found.map_err(state::StateError::Unavailable)?;
         self.reads.push((key, value.clone()));
         Ok(value)
+    }
+
+    /// `state.get` of a call that runs asynchronously: the read awaits Redis without a thread.
+    pub async fn get_async(&mut self, key: String) -> Result<Option<Vec<u8>>, state::StateError> {
+        match self.lookup(&key)? {
+            Lookup::Known(value) => Ok(value),
+            Lookup::Fetch(key, reader, left) => {
+                let found = reader.get_owned(key.clone(), left).await;
+                self.read(key, found)
+            }
+        }
+    }
+}
+
+impl state::Host for Host {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, state::StateError> {
+        match self.lookup(&key)? {
+            Lookup::Known(value) => Ok(value),
+            Lookup::Fetch(key, reader, left) => {
+                let found = reader.get(&key, left);
+                self.read(key, found)
+            }
+        }
     }
 
     fn set(
@@ -442,6 +515,38 @@ impl state::Host for Host {
     fn remove(&mut self, key: String) -> Result<(), state::StateError> {
         let key = self.state_key(&key)?;
         self.change(key, None, ReplyKind::StateRemove)
+    }
+}
+
+/// The `state` interface of a call run as a task: `get` awaits Redis; the rest is the same.
+impl super::bindings::asynchronous::redstream::handler::state::Host for Host {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, AsyncStateError> {
+        self.get_async(key).await.map_err(AsyncStateError::from)
+    }
+
+    fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<(), AsyncStateError> {
+        state::Host::set(self, key, value, ttl_ms).map_err(AsyncStateError::from)
+    }
+
+    fn remove(&mut self, key: String) -> Result<(), AsyncStateError> {
+        state::Host::remove(self, key).map_err(AsyncStateError::from)
+    }
+}
+
+use super::bindings::asynchronous::redstream::handler::state::StateError as AsyncStateError;
+
+impl From<state::StateError> for AsyncStateError {
+    fn from(e: state::StateError) -> Self {
+        match e {
+            state::StateError::NotConfigured(s) => AsyncStateError::NotConfigured(s),
+            state::StateError::TooLarge(s) => AsyncStateError::TooLarge(s),
+            state::StateError::Unavailable(s) => AsyncStateError::Unavailable(s),
+        }
     }
 }
 

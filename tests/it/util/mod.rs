@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod daemon;
+pub mod http_server;
 pub mod redis_server;
 
 use std::path::PathBuf;
