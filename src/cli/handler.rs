@@ -206,12 +206,98 @@ impl crate::model::message::StateReader for LocalState {
     }
 }
 
+/// A case's HTTP stubs, answering a local call's granted requests in place of the network, and the
+/// requests the call made.
+#[derive(Debug, Default)]
+struct LocalHttp {
+    stubs: std::sync::Mutex<Vec<Stub>>,
+    made: std::sync::Mutex<Vec<Value>>,
+}
+
+/// One stubbed response of a case (`"http": [...]`): for requests to `url` (and `method`, if given).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stub {
+    url: String,
+    method: Option<String>,
+    #[serde(default = "ok_status")]
+    status: u16,
+    /// Text, or JSON for anything else.
+    #[serde(default)]
+    body: Value,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+fn ok_status() -> u16 {
+    200
+}
+
+/// Text as itself; other JSON as its text; null as nothing.
+fn json_bytes(v: &Value) -> Vec<u8> {
+    match v {
+        Value::Null => Vec::new(),
+        Value::String(s) => s.clone().into_bytes(),
+        other => other.to_string().into_bytes(),
+    }
+}
+
+impl LocalHttp {
+    fn reset(&self, stubs: &[Stub]) {
+        *self.stubs.lock().unwrap_or_else(|p| p.into_inner()) = stubs.to_vec();
+        self.made.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn made(&self) -> Vec<Value> {
+        self.made.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl crate::handlers::wasm::outbound::Responder for LocalHttp {
+    fn respond(
+        &self,
+        method: &str,
+        url: &str,
+        body: Vec<u8>,
+    ) -> std::result::Result<crate::handlers::wasm::outbound::Made, String> {
+        self.made
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(json!({"method": method, "url": url, "body": String::from_utf8_lossy(&body)}));
+        let stubs = self.stubs.lock().unwrap_or_else(|p| p.into_inner());
+        let stub = stubs.iter().find(|s| {
+            s.url == url
+                && s.method
+                    .as_deref()
+                    .is_none_or(|m| m.eq_ignore_ascii_case(method))
+        });
+        match stub {
+            Some(s) => Ok((
+                s.status,
+                s.headers.clone().into_iter().collect(),
+                json_bytes(&s.body),
+            )),
+            None => Err(format!(
+                "no stub for {method} {url} in this case's \"http\" (a local test never calls out)"
+            )),
+        }
+    }
+}
+
 /// The namespace of a local call's state: the entry's, else one for local calls.
 const LOCAL_STATE: &str = "nova:local:handler:state";
 
 /// A runtime of its own for one handler (one worker; the default artifact cache). Its state is kept
 /// in memory ([`LocalState`]), under the entry's namespace or a local one.
 fn local_handler(spec: &WasmSpec) -> Result<(Runtime, WasmHandler, Arc<LocalState>)> {
+    local_handler_with(spec, None)
+}
+
+/// [`local_handler`], its outbound requests answered by `http` instead of the network when given.
+fn local_handler_with(
+    spec: &WasmSpec,
+    http: Option<Arc<LocalHttp>>,
+) -> Result<(Runtime, WasmHandler, Arc<LocalState>)> {
     let mut spec = spec.clone();
     let namespace = spec.state.get_or_insert_with(|| LOCAL_STATE.into()).clone();
     let state = Arc::new(LocalState {
@@ -231,6 +317,9 @@ fn local_handler(spec: &WasmSpec) -> Result<(Runtime, WasmHandler, Arc<LocalStat
     let runtime = Runtime::new(&settings, std::sync::Arc::new(Naming::default()))
         .map_err(|m| Failure::new(Exit::Failure, m))?;
     runtime.read_state_with(state.clone());
+    if let Some(http) = http {
+        runtime.answer_http_with(http);
+    }
     // A first call after a build compiles the component: say so on stderr, not in silence.
     let handler = runtime
         .load_reporting(spec, &|line| eprintln!("redstream: {line}"))
@@ -415,6 +504,10 @@ struct Case {
     /// The handler's state before the call: key (without its namespace) → value (text, or JSON).
     #[serde(default)]
     state: serde_json::Map<String, Value>,
+    /// Responses to the call's outbound requests (the handler's allow-list still applies; a request
+    /// without a stub fails).
+    #[serde(default)]
+    http: Vec<Stub>,
     expect: Expect,
 }
 
@@ -433,6 +526,49 @@ struct Expect {
     retry_after_ms: Option<u64>,
     /// The state after a success, for the keys named: value (text, or JSON), or null for none.
     state: Option<serde_json::Map<String, Value>>,
+    /// The outbound requests the call made, in order: each `url`, and its `method` and `body` when
+    /// named.
+    requests: Option<Vec<ExpectedRequest>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectedRequest {
+    url: String,
+    method: Option<String>,
+    /// Text, or JSON compared as JSON.
+    body: Option<Value>,
+}
+
+/// What is wrong with the requests a call made, given what a case expects.
+fn requests_mismatch(expect: &Expect, made: &[Value]) -> Option<String> {
+    let want = expect.requests.as_ref()?;
+    let fits = |w: &ExpectedRequest, m: &Value| {
+        let body = m["body"].as_str().unwrap_or("");
+        m["url"] == w.url.as_str()
+            && w.method.as_deref().is_none_or(|x| {
+                m["method"]
+                    .as_str()
+                    .is_some_and(|g| g.eq_ignore_ascii_case(x))
+            })
+            && match &w.body {
+                None => true,
+                Some(Value::String(s)) => body == s,
+                Some(v) => serde_json::from_str::<Value>(body).is_ok_and(|b| &b == v),
+            }
+    };
+    let ok = want.len() == made.len() && want.iter().zip(made).all(|(w, m)| fits(w, m));
+    (!ok).then(|| {
+        let shown: Vec<Value> = want
+            .iter()
+            .map(|w| json!({"url": w.url, "method": w.method, "body": w.body}))
+            .collect();
+        format!(
+            "requests differ\n      expected {}\n      got      {}",
+            serde_json::to_string(&shown).unwrap_or_default(),
+            serde_json::to_string(made).unwrap_or_default()
+        )
+    })
 }
 
 #[derive(Debug, Deserialize, PartialEq)]
@@ -647,7 +783,8 @@ pub(super) fn test(config_file: Option<&Path>, args: &HandlerArgs, cases: Option
         ));
     }
     let spec = spec(config_file, args)?;
-    let (_runtime, handler, state) = local_handler(&spec)?;
+    let http = Arc::new(LocalHttp::default());
+    let (_runtime, handler, state) = local_handler_with(&spec, Some(http.clone()))?;
     println!(
         "testing {} ({}) with {}",
         spec.name,
@@ -659,11 +796,13 @@ pub(super) fn test(config_file: Option<&Path>, args: &HandlerArgs, cases: Option
         let name = case.name.clone().unwrap_or_else(|| format!("line {line}"));
         let msg = message(&case.message, &case.stream, &case.id, case.deliveries)?;
         state.reset(&case.state);
+        http.reset(&case.http);
         let started = Instant::now();
         let (outcome, output) = handler.call_recorded(&msg, None);
         let took = started.elapsed().as_micros();
         let wrong = mismatch(&case.expect, &outcome)
-            .or_else(|| state_mismatch(&state, &case.state, &case.expect, &outcome));
+            .or_else(|| state_mismatch(&state, &case.state, &case.expect, &outcome))
+            .or_else(|| requests_mismatch(&case.expect, &http.made()));
         match wrong {
             None => println!("ok      {name} ({took} µs)"),
             Some(why) => {

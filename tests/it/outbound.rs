@@ -14,19 +14,27 @@ const IN: &str = "nova:task:caller:in";
 const OUT: &str = "nova:task:caller:out";
 const DLQ: &str = "nova:task:caller:in-dlq";
 
-/// The caller fixture on IN granted `allowed`, with `extra` lines in its `[[handlers]]` entry and
-/// `consumer` lines in its consumer's.
+/// The caller fixture on IN granted `allowed` (nothing, when empty), with `extra` lines in its
+/// `[[handlers]]` entry and `consumer` lines in its consumer's.
 fn toml(server: &RedisServer, allowed: &[String], extra: &str, consumer: &str) -> String {
-    let allowed: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
+    let allowed = match allowed {
+        [] => String::new(),
+        some => format!(
+            "allowed_outbound_hosts = [{}]\n",
+            some.iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     daemon_toml(
         &server.url(),
         &format!(
             "[[consumers]]\nstream = \"{IN}\"\ngroup = \"g\"\nstart = \"0\"\nblock = \"200ms\"\n\
              handler = \"caller\"\n{consumer}\n\
              [[handlers]]\nname = \"caller\"\nfile = \"{}\"\nroles = [\"task_write\"]\n\
-             allowed_outbound_hosts = [{}]\nconfig = {{ reply_to = \"{OUT}\" }}\n{extra}\n",
+             {allowed}config = {{ reply_to = \"{OUT}\" }}\n{extra}\n",
             root().join("handlers/build/caller.wasm").display(),
-            allowed.join(", ")
         ),
     )
 }
@@ -237,8 +245,38 @@ fn calls_waiting_on_http_hold_no_worker_and_keep_to_their_concurrency() {
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
 
+/// A component importing wasi:http but granted no origin loads (as componentize-js builds do, and
+/// task-router without a webhook), and each of its requests is refused, with a WARN.
 #[test]
-fn a_component_importing_http_needs_a_grant_and_grants_are_checked() {
+fn a_handler_granted_nothing_is_refused_every_request() {
+    let server = RedisServer::start();
+    let web = HttpServer::start();
+    let mut d = Daemon::running(&toml(&server, &[], "", ""), &[]);
+    server.xadd(
+        IN,
+        &[
+            ("k", "none"),
+            ("url", &web.url("/ok")),
+            ("on_error", "reject"),
+        ],
+    );
+    let reason = dead_reason(&server, "none");
+    assert!(
+        reason.contains("not in the handler's allowed_outbound_hosts"),
+        "{reason}"
+    );
+    assert!(web.seen().is_empty());
+    assert!(replies(&server, "none").is_empty());
+    assert!(
+        d.count_log("outbound request refused") >= 1,
+        "{:?}",
+        d.logs()
+    );
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn outbound_grants_are_checked() {
     let server = RedisServer::start();
     let bad = |extra: &str, hosts: &str| {
         let config = daemon_toml(
@@ -263,12 +301,9 @@ fn a_component_importing_http_needs_a_grant_and_grants_are_checked() {
         );
         (out.status.code(), text)
     };
+    // Granted nothing: it loads (its requests are refused at run time).
     let (code, err) = bad("", "");
-    assert_eq!(code, Some(78), "{err}");
-    assert!(
-        err.contains("wasi:http") && err.contains("allowed_outbound_hosts"),
-        "{err}"
-    );
+    assert_eq!(code, Some(0), "{err}");
     let (code, err) = bad(
         "",
         "allowed_outbound_hosts = [\"api.example.com\", \"https://x/y\"]\n",
@@ -296,4 +331,67 @@ fn a_component_importing_http_needs_a_grant_and_grants_are_checked() {
         "allowed_outbound_hosts = [\"https://api.example.com:*\", \"http://*.internal\"]\n",
     );
     assert_eq!(code, Some(0), "{err}");
+}
+
+/// `handler test` cases stub the responses of a handler's requests and expect the requests it made:
+/// task-router posts a completed task to its webhook (a 2xx commits the event, a 503 retries), posts
+/// nothing for an open one, and a request no stub answers fails the call.
+#[test]
+fn handler_test_cases_stub_http_and_expect_the_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = "https://hooks.example.com/task-completed";
+    let config = dir.path().join("redstream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[handlers]]\nname = \"task-router\"\nfile = \"{}\"\nroles = [\"task_write\"]\n\
+             allowed_outbound_hosts = [\"https://hooks.example.com\"]\n\
+             config = {{ webhook = \"{hook}\" }}\n",
+            root().join("handlers/build/task-router.wasm").display()
+        ),
+    )
+    .unwrap();
+    let cases = dir.path().join("cases.jsonl");
+    let done = r#"{"task": "{\"id\":\"t1\",\"status\":\"done\",\"revision\":3}"}"#;
+    let open = r#"{"task": "{\"id\":\"t2\",\"status\":\"open\"}"}"#;
+    let good = [
+        format!(
+            r#"{{"name": "posted", "message": {done}, "http": [{{"url": "{hook}", "method": "POST", "status": 204}}], "expect": {{"outcome": "success", "replies": [{{"stream": "nova:task:boomerang:events", "fields": {{"type": "task_completed"}}}}], "requests": [{{"url": "{hook}", "method": "POST", "body": {{"type": "task_completed", "task_id": "t1", "revision": 3}}}}]}}}}"#
+        ),
+        format!(
+            r#"{{"name": "the webhook is down", "message": {done}, "http": [{{"url": "{hook}", "status": 503}}], "expect": {{"outcome": "retry", "reason_contains": "answered 503"}}}}"#
+        ),
+        format!(
+            r#"{{"name": "nothing to post", "message": {open}, "expect": {{"outcome": "success", "requests": []}}}}"#
+        ),
+        format!(
+            r#"{{"name": "no stub", "message": {done}, "expect": {{"outcome": "retry", "reason_contains": "no stub for POST {hook}"}}}}"#
+        ),
+    ];
+    let run = |lines: &[String]| {
+        std::fs::write(&cases, lines.join("\n")).unwrap();
+        let out = std::process::Command::new(crate::util::bin())
+            .arg("--config")
+            .arg(&config)
+            .args(["handler", "test", "--handler", "task-router", "--cases"])
+            .arg(&cases)
+            .env_remove("REDSTREAM_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = run(&good);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("4 of 4 cases passed"), "{out}");
+    // A request the case does not expect is a failure, naming what was made.
+    let wrong = format!(
+        r#"{{"name": "wrong", "message": {done}, "http": [{{"url": "{hook}"}}], "expect": {{"outcome": "success", "requests": []}}}}"#
+    );
+    let (code, out) = run(&[wrong]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("requests differ"), "{out}");
 }

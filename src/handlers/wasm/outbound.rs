@@ -11,11 +11,11 @@
 //! again sends its requests again, with the same keys (docs/design.md, "Handlers").
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
 /// The header carrying a request's idempotency key.
@@ -149,10 +149,23 @@ impl Outbound {
     }
 }
 
+/// A response made up in place of the network: status, headers, body.
+pub type Made = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// Answers granted requests in place of the network (a local `handler test` case's stubs): given the
+/// method, the URL and the body, the response, or why there is none.
+pub trait Responder: Send + Sync + fmt::Debug {
+    fn respond(&self, method: &str, url: &str, body: Vec<u8>) -> Result<Made, String>;
+}
+
+/// Where a runtime's handlers get stub responses, once set (never, in the daemon).
+pub type ResponderSlot = OnceLock<Arc<dyn Responder>>;
+
 /// The send hook of one call: refuses what the allow-list does not grant, keys and times the rest.
 pub struct Hooks {
     handler: Arc<str>,
     outbound: Arc<Outbound>,
+    responder: Arc<ResponderSlot>,
     /// `handler:stream:id`, the message's cause; each request adds its number in the call.
     cause: String,
     requests: u32,
@@ -160,14 +173,31 @@ pub struct Hooks {
 }
 
 impl Hooks {
-    pub fn new(handler: &str, outbound: Arc<Outbound>) -> Hooks {
+    pub fn new(handler: &str, outbound: Arc<Outbound>, responder: Arc<ResponderSlot>) -> Hooks {
         Hooks {
             handler: handler.into(),
             outbound,
+            responder,
             cause: String::new(),
             requests: 0,
             deadline: Instant::now(),
         }
+    }
+
+    /// The hook of a handler granted no origin, in the call of message `id`: every request refused.
+    pub fn refusing(handler: &str, id: &str) -> Hooks {
+        let mut hooks = Hooks::new(
+            handler,
+            Arc::new(Outbound {
+                allowed: Vec::new(),
+                timeout: Duration::ZERO,
+                max_response: 0,
+                concurrency: 1,
+            }),
+            Arc::new(ResponderSlot::new()),
+        );
+        hooks.cause = format!("redstream:{handler}:{id}");
+        hooks
     }
 
     /// Readies the hook for a call of the message `stream`/`id` that must end by `deadline`.
@@ -175,21 +205,6 @@ impl Hooks {
         self.cause = format!("redstream:{}:{stream}:{id}", self.handler);
         self.requests = 0;
         self.deadline = deadline;
-    }
-}
-
-/// The send hook of a store whose handler is granted nothing: every request refused. (Such a handler
-/// does not link wasi:http at all; this stands in where a hook must be given.)
-pub struct RefuseAll;
-
-impl WasiHttpHooks for RefuseAll {
-    fn send_request(
-        &mut self,
-        _request: http::Request<WasiBody>,
-        _options: Option<RequestOptions>,
-        _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
-    ) -> Sent {
-        Box::new(async { Err(HttpError::HttpRequestDenied) })
     }
 }
 
@@ -255,6 +270,35 @@ impl WasiHttpHooks for Hooks {
             handler: self.handler.to_string(),
             host: origin.to_string(),
         };
+        if let Some(responder) = self.responder.get().cloned() {
+            return Box::new(async move {
+                let method = request.method().to_string();
+                let url = request.uri().to_string();
+                let body = match request.into_body().collect().await {
+                    Ok(body) => body.to_bytes().to_vec(),
+                    Err(e) => return Err(e),
+                };
+                let (status, headers, body) = responder
+                    .respond(&method, &url, body)
+                    .map_err(|why| HttpError::InternalError(Some(why)))?;
+                let mut response = http::Response::builder().status(status);
+                for (name, value) in &headers {
+                    response = response.header(name, value);
+                }
+                let body = Full::new(bytes::Bytes::from(body))
+                    .map_err(|never| match never {})
+                    .boxed_unsync();
+                let response = response
+                    .body(body)
+                    .map_err(|e| HttpError::InternalError(Some(format!("stub response: {e}"))))?;
+                count(&labels.handler, &labels.host, "stub");
+                Ok((
+                    response,
+                    Box::new(async { Ok(()) })
+                        as Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+                ))
+            });
+        }
         Box::new(async move {
             let started = Instant::now();
             let sent = tokio::time::timeout(

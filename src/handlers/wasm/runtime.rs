@@ -83,6 +83,8 @@ pub struct Runtime {
     ticker: Arc<Ticker>,
     /// Where handlers keeping state read it.
     state_reader: Arc<StateSlot>,
+    /// Stub responses for outbound requests, when a local test sets them.
+    responder: Arc<super::outbound::ResponderSlot>,
 }
 
 /// Stops the epoch ticker thread once the runtime and every handler loaded from it are gone: a handler
@@ -134,6 +136,10 @@ impl Runtime {
         let mut linker = Linker::<Host>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| format!("cannot link WASI: {e:#}"))?;
+        // A component may import wasi:http without being granted any origin (componentize-js adds
+        // it; an example calls out only when configured to): it links, and every request is refused.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
+            .map_err(|e| format!("cannot link wasi:http: {e:#}"))?;
         bindings::Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |h| h)
             .map_err(|e| format!("cannot link the host interface: {e:#}"))?;
         let mut async_linker = Linker::<Host>::new(&engine);
@@ -168,6 +174,7 @@ impl Runtime {
             pool,
             ticker: Arc::new(Ticker(stop)),
             state_reader: Arc::new(StateSlot::new()),
+            responder: Arc::new(super::outbound::ResponderSlot::new()),
         })
     }
 
@@ -175,6 +182,12 @@ impl Runtime {
     /// decides.
     pub fn read_state_with(&self, reader: Arc<dyn StateReader>) {
         let _ = self.state_reader.set(reader);
+    }
+
+    /// Answers the outbound requests of handlers loaded from this runtime with `responder` instead of
+    /// the network (a local `handler test`; the allow-list still applies). The first call decides.
+    pub fn answer_http_with(&self, responder: Arc<dyn super::outbound::Responder>) {
+        let _ = self.responder.set(responder);
     }
 
     /// Whether handlers configured with `s` fit this engine and pool: a reload keeps the runtime (and
@@ -220,7 +233,7 @@ impl Runtime {
         };
         let pre = linker.instantiate_pre(&component).map_err(|e| {
             format!(
-                "{} cannot be linked: {e:#} (handlers may import only redstream:handler/host and WASI, which is denied, and wasi:http when granted allowed_outbound_hosts){}",
+                "{} cannot be linked: {e:#} (handlers may import only redstream:handler, WASI, which is denied, and wasi:http, which reaches only the origins of allowed_outbound_hosts){}",
                 spec.file.display(),
                 hint(&component)
             )
@@ -254,6 +267,7 @@ impl Runtime {
                     replies: self.settings.reply_limit,
                     state: spec.state.clone().map(|ns| (ns, self.state_reader.clone())),
                     outbound: spec.outbound.clone().map(Arc::new),
+                    responder: self.responder.clone(),
                 }),
                 pre,
                 engine: self.engine.clone(),
@@ -360,14 +374,6 @@ fn diagnose(engine: &Engine, component: &Component) -> Option<String> {
             "it was built against redstream:handler@{version} ({other}), and this daemon speaks \
              redstream:handler@{WIT_VERSION}: rebuild it against this release's handlers/wit"
         ));
-    }
-    if names.iter().any(|n| n.starts_with("wasi:http/")) {
-        return Some(
-            "it imports wasi:http, which only a handler granted `allowed_outbound_hosts` may use: grant \
-             the hosts it calls in its [[handlers]] entry, or (componentize-js adds wasi:http by \
-             default) build with `-d http -d fetch-event`"
-                .into(),
-        );
     }
     None
 }

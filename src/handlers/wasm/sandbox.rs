@@ -48,6 +48,8 @@ pub struct Meta {
     pub state: Option<(String, Arc<StateSlot>)>,
     /// What it may reach over HTTP (its calls then run asynchronously).
     pub outbound: Option<Arc<Outbound>>,
+    /// Stub responses in place of the network (local `handler test`), when set.
+    pub responder: Arc<super::outbound::ResponderSlot>,
 }
 
 /// The store's limits, remembering the most memory an instance asked for (for the peak-memory metric).
@@ -105,10 +107,9 @@ pub struct Host {
     wasi: WasiCtx,
     table: ResourceTable,
     http: WasiHttpCtx,
-    /// Checks, keys and times the call's outbound requests: for handlers granted any (the others do
-    /// not link wasi:http, and would be refused everything).
+    /// Checks, keys and times the call's outbound requests (a handler granted nothing gets one that
+    /// refuses every request, when it first makes one).
     hooks: Option<Hooks>,
-    refuse_all: super::outbound::RefuseAll,
     pub limits: Limits,
     meta: Arc<Meta>,
     /// Replies buffered by this call.
@@ -151,10 +152,10 @@ impl WasiHttpView for Host {
         WasiHttpCtxView {
             ctx: &mut self.http,
             table: &mut self.table,
-            hooks: match &mut self.hooks {
-                Some(hooks) => hooks,
-                None => &mut self.refuse_all,
-            },
+            // A handler granted nothing gets a hook that refuses everything, made when first asked.
+            hooks: self
+                .hooks
+                .get_or_insert_with(|| Hooks::refusing(&self.meta.name, &self.msg_id)),
         }
     }
 }
@@ -191,8 +192,7 @@ impl Host {
             hooks: meta
                 .outbound
                 .clone()
-                .map(|outbound| Hooks::new(&meta.name, outbound)),
-            refuse_all: super::outbound::RefuseAll,
+                .map(|outbound| Hooks::new(&meta.name, outbound, meta.responder.clone())),
             limits,
             meta,
             outbox: Vec::new(),

@@ -10,7 +10,13 @@
 //!
 //! With a `state` namespace in its config, it keeps the last revision of each task (`revision:<id>`,
 //! committed with the ack): a snapshot no newer than that — a late or repeated copy — emits nothing.
+//!
+//! With a `webhook` URL in its config (and that origin in its `allowed_outbound_hosts`), it POSTs
+//! `{"type":"task_completed","task_id":…,"revision":…}` there for each completed task before its event
+//! is committed; an answer other than 2xx, or none, retries the message (the webhook then sees the same
+//! `Idempotency-Key` again and can drop the repeat).
 
+use redstream_guest::http::Request;
 use redstream_guest::state::{self, StateError};
 use redstream_guest::{Guest, HandlerError, Message, Reply, export_handler};
 use serde_json::Value;
@@ -49,6 +55,18 @@ impl Guest for TaskRouter {
             _ if revision <= 1 => "task_created",
             _ => "task_updated",
         };
+        if event == "task_completed"
+            && let Some(url) = redstream_guest::config("webhook")
+        {
+            let body = serde_json::json!({"type": event, "task_id": id, "revision": revision});
+            let res = Request::post(&url)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()?;
+            if !res.ok() {
+                return Err(HandlerError::retry(format!("the webhook {url} answered {}", res.status)));
+            }
+        }
         let to = redstream_guest::config("events").unwrap_or_else(|| "nova:task:boomerang:events".into());
         Reply::new()
             .text("type", event)
