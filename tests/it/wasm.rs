@@ -628,19 +628,14 @@ fn check_compiles_every_handler_caches_it_and_refuses_foreign_imports() {
         "{out}"
     );
 
-    // Errors that say what to do: a core module, another version of the handler WIT, and wasi:http
-    // (which componentize-js adds by default).
+    // Errors that say what to do: a core module, another version of the handler WIT. (wasi:http, which
+    // componentize-js adds by default, links: requests are refused unless granted, tests/it/outbound.rs.)
     for (name, text, says) in [
         ("core", "(module)", "build for wasm32-wasip2"),
         (
             "newer",
             r#"(component (import "redstream:handler/host@0.2.0" (instance)))"#,
             "built against redstream:handler@0.2.0",
-        ),
-        (
-            "js",
-            r#"(component (import "wasi:http/types@0.2.3" (instance)))"#,
-            "-d http -d fetch-event",
         ),
     ] {
         let file = files.path().join(format!("{name}.wasm"));
