@@ -162,6 +162,14 @@ pub(super) fn handlers(
             // Reported in `outbound`; not built without what it was granted.
             continue;
         }
+        if outbound.is_some() && reuse.flatten().is_some() {
+            c.problem(
+                &p("instance"),
+                "\"reuse\" does not apply to a handler granted outbound HTTP: its calls run as tasks, \
+                 each in a fresh instance",
+            );
+            continue;
+        }
         let mut config = BTreeMap::new();
         for (k, v) in &h.config {
             if let Some(v) = c.get(&p(&format!("config.{k}")), v, "a string") {

@@ -317,6 +317,12 @@ fn outbound_grants_are_checked() {
         err.contains("handlers[0].allowed_outbound_hosts[1]"),
         "{err}"
     );
+    let (code, err) = bad(
+        "instance = \"reuse\"\n",
+        "allowed_outbound_hosts = [\"https://api.example.com\"]\n",
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("handlers[0].instance"), "{err}");
     let (code, err) = bad("concurrency = 8\n", "");
     assert_eq!(code, Some(78), "{err}");
     assert!(err.contains("handlers[0].concurrency"), "{err}");

@@ -252,7 +252,8 @@ impl WasiHttpHooks for Hooks {
         };
         self.requests += 1;
         if !request.headers().contains_key(&IDEMPOTENCY_KEY)
-            && let Ok(key) = HeaderValue::from_str(&format!("{}:{}", self.cause, self.requests))
+            // Names are free of control characters; anything beyond ASCII goes as it is (obs-text).
+            && let Ok(key) = HeaderValue::from_bytes(format!("{}:{}", self.cause, self.requests).as_bytes())
         {
             request.headers_mut().insert(IDEMPOTENCY_KEY, key);
         }

@@ -143,9 +143,11 @@ fn serve(conn: TcpStream, s: &Shared) {
         "/redirect" => respond(302, &[("location", &param("to").unwrap_or_default())], b""),
         _ => respond(404, &[], b"not found"),
     };
+    // Done before the answer leaves: the client cannot start its next request while this one
+    // still counts.
+    s.in_flight.fetch_sub(1, Ordering::SeqCst);
     let _ = conn.write_all(&response);
     let _ = conn.flush();
-    s.in_flight.fetch_sub(1, Ordering::SeqCst);
 }
 
 fn respond(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
