@@ -91,6 +91,8 @@ impl Calls {
         );
         tokio::spawn(
             async move {
+                // Its turn first: waiting for it is neither the call's time nor an attempt.
+                let _turn = handler.admit().await;
                 let started = std::time::Instant::now();
                 let call = tokio::time::timeout(timeout, handler.handle(&msg));
                 let outcome = match AssertUnwindSafe(call).catch_unwind().await {

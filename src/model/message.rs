@@ -170,12 +170,22 @@ pub trait Handler: Send + Sync + 'static {
     fn name(&self) -> &str;
     fn handle<'a>(&'a self, msg: &'a Message) -> BoxFuture<'a, Outcome>;
 
+    /// Waits until the handler may start one more call, and returns what holds that place until it is
+    /// dropped (a handler whose calls run as tasks has a `concurrency`). The wait is not part of the
+    /// call: no deadline runs and no attempt is counted while a message waits for its turn.
+    fn admit(&self) -> BoxFuture<'static, Admission> {
+        Box::pin(std::future::ready(None))
+    }
+
     /// Handlers whose calls run on worker threads can take many messages in one hand-off. Without
     /// this, messages are handed over one by one through [`Handler::handle`].
     fn batch(&self) -> Option<&dyn BatchHandler> {
         None
     }
 }
+
+/// A handler's place for one call, held until dropped (None: the handler takes any number).
+pub type Admission = Option<Box<dyn Send>>;
 
 /// One message's result from a batch: the message (handed back), its outcome, and the call's duration.
 pub type Handled = (Message, Outcome, std::time::Duration);

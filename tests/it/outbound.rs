@@ -401,3 +401,48 @@ fn handler_test_cases_stub_http_and_expect_the_requests() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("requests differ"), "{out}");
 }
+
+/// Waiting for a turn is neither the call's time nor an attempt: 24 messages each waiting 400 ms on the
+/// server go through a handler with `concurrency = 2` under a consumer `handler_timeout` of 1.5 s and
+/// `max_deliveries = 1`. The last waits ~4.8 s for its turn; none times out, none is dead-lettered.
+#[test]
+fn waiting_for_a_turn_is_neither_the_calls_time_nor_an_attempt() {
+    let server = RedisServer::start();
+    let web = HttpServer::start();
+    let config = toml(
+        &server,
+        &[format!("http://127.0.0.1:{}", web.port)],
+        "timeout = \"1s\"\nconcurrency = 2",
+        "handler_timeout = \"1500ms\"\nclaim_min_idle = \"30s\"\nmax_deliveries = 1",
+    );
+    let mut d = Daemon::running(&config, &[]);
+    let url = web.url("/slow?ms=400");
+    for i in 0..24 {
+        server.xadd(IN, &[("k", &i.to_string()), ("url", &url)]);
+    }
+    wait_for("every reply", Duration::from_secs(40), || {
+        let done = server
+            .entries(OUT)
+            .iter()
+            .filter(|e| e.fields.get_str("status") == Some("200"))
+            .count();
+        (done == 24 || server.xlen(DLQ) > 0).then_some(())
+    });
+    let dead: Vec<String> = server
+        .entries(DLQ)
+        .iter()
+        .map(|e| e.fields.get_str("_dlq_reason").unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        dead.is_empty(),
+        "{} dead-lettered: {:?}",
+        dead.len(),
+        dead.first()
+    );
+    assert!(web.most_at_once() <= 2, "{}", web.most_at_once());
+    assert_eq!(web.seen().len(), 24, "each message ran once");
+    wait_for("nothing pending", Duration::from_secs(10), || {
+        (server.pending(IN, "g") == 0).then_some(())
+    });
+    assert_eq!(d.stop(Duration::from_secs(10)), 0);
+}

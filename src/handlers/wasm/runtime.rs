@@ -24,7 +24,8 @@ use super::sandbox::{self, Host, Meta};
 use crate::auth::Roles;
 use crate::model::ReplyLimit;
 use crate::model::message::{
-    BatchDone, BatchHandler, BoxFuture, Handler, Message, Outcome, Sender, StateReader, StateSlot,
+    Admission, BatchDone, BatchHandler, BoxFuture, Handler, Message, Outcome, Sender, StateReader,
+    StateSlot,
 };
 use crate::model::naming::Naming;
 
@@ -249,7 +250,7 @@ impl Runtime {
             None => Pre::Sync(bindings::HandlerPre::new(pre).map_err(not_handler)?),
             Some(o) => Pre::Async {
                 pre: asynchronous::HandlerPre::new(pre).map_err(not_handler)?,
-                permits: tokio::sync::Semaphore::new(o.concurrency.max(1)),
+                permits: Arc::new(tokio::sync::Semaphore::new(o.concurrency.max(1))),
             },
         };
         static IDS: AtomicU64 = AtomicU64::new(1);
@@ -412,7 +413,8 @@ enum Pre {
     /// As tasks awaiting their host calls (outbound HTTP, state reads), at most `permits` at once.
     Async {
         pre: asynchronous::HandlerPre<Host>,
-        permits: tokio::sync::Semaphore,
+        /// Taken by [`Handler::admit`] before a call starts.
+        permits: Arc<tokio::sync::Semaphore>,
     },
 }
 
@@ -504,22 +506,20 @@ impl Inner {
         )
     }
 
-    /// One call of an asynchronous handler, once one of its permits is free: instantiated and run
-    /// as a task, yielding at every epoch tick, its waits (HTTP, state reads) holding no thread, the
-    /// whole within its deadline. With `record`, what the guest wrote and logged too.
+    /// One call of an asynchronous handler (admitted by its permits, [`Handler::admit`]): instantiated
+    /// and run as a task, yielding at every epoch tick, its waits (HTTP, state reads) holding no thread,
+    /// the whole within its deadline. With `record`, what the guest wrote and logged too.
     async fn call_async(
         &self,
         msg: &bindings::redstream::handler::types::Message,
         record: bool,
     ) -> (Outcome, Vec<(&'static str, String)>) {
-        let Pre::Async { pre, permits } = &self.pre else {
+        let Pre::Async { pre, .. } = &self.pre else {
             return (
                 Outcome::Retry("a synchronous handler was called as a task".into()),
                 Vec::new(),
             );
         };
-        // The semaphore is never closed.
-        let _permit = permits.acquire().await;
         let mut store = self.new_store();
         if record {
             store.data_mut().transcript = Some(Vec::new());
@@ -672,6 +672,21 @@ impl Handler for WasmHandler {
 
     fn handle<'a>(&'a self, msg: &'a Message) -> BoxFuture<'a, Outcome> {
         Box::pin(self.call(msg, msg.sender.as_deref()))
+    }
+
+    /// A handler running as tasks takes at most `concurrency` calls at once.
+    fn admit(&self) -> BoxFuture<'static, Admission> {
+        match &self.inner.pre {
+            Pre::Sync(_) => Box::pin(std::future::ready(None)),
+            Pre::Async { permits, .. } => {
+                let permits = permits.clone();
+                Box::pin(async move {
+                    // The semaphore is never closed.
+                    let permit = permits.acquire_owned().await.ok()?;
+                    Some(Box::new(permit) as Box<dyn Send>)
+                })
+            }
+        }
     }
 
     /// Calls on worker threads take batches; asynchronous ones run one task per message.
