@@ -189,6 +189,23 @@ fn handler_test_cases_give_state_before_and_expect_it_after() {
     );
 }
 
+/// Twenty messages of key `hot` go to the counter; they count to twenty, each count replied once.
+fn count_twenty_of_one_key(server: &RedisServer) {
+    for _ in 0..20 {
+        server.xadd(IN, &[("k", "hot")]);
+    }
+    wait_for("twenty replies", Duration::from_secs(30), || {
+        (replies(server, "hot").len() >= 20 && server.pending(IN, "g") == 0).then_some(())
+    });
+    assert_eq!(count(server, "hot").as_deref(), Some("20"));
+    let mut counts: Vec<u64> = replies(server, "hot")
+        .into_iter()
+        .map(|(c, _)| c.parse().unwrap())
+        .collect();
+    counts.sort();
+    assert_eq!(counts, (1..=20).collect::<Vec<u64>>(), "each count once");
+}
+
 /// Messages of one key run side by side — several in flight in each of two daemons — each read the
 /// count and write it plus one. A commit whose read changed meanwhile writes nothing and its message
 /// runs again, so no increment is lost: twenty messages count to twenty, each count replied once.
@@ -197,19 +214,7 @@ fn messages_of_one_key_side_by_side_lose_no_update() {
     let server = RedisServer::start();
     let mut a = Daemon::running(&toml(&server, "a", 2000), &[]);
     let mut b = Daemon::running(&toml(&server, "b", 2000), &[]);
-    for _ in 0..20 {
-        server.xadd(IN, &[("k", "hot")]);
-    }
-    wait_for("twenty replies", Duration::from_secs(30), || {
-        (replies(&server, "hot").len() >= 20 && server.pending(IN, "g") == 0).then_some(())
-    });
-    assert_eq!(count(&server, "hot").as_deref(), Some("20"));
-    let mut counts: Vec<u64> = replies(&server, "hot")
-        .into_iter()
-        .map(|(c, _)| c.parse().unwrap())
-        .collect();
-    counts.sort();
-    assert_eq!(counts, (1..=20).collect::<Vec<u64>>(), "each count once");
+    count_twenty_of_one_key(&server);
     assert_eq!(a.stop(Duration::from_secs(10)), 0);
     assert_eq!(b.stop(Duration::from_secs(10)), 0);
 }
@@ -225,18 +230,6 @@ fn a_handler_run_as_tasks_reads_state_without_a_thread_and_loses_no_update() {
     );
     assert!(config.contains("concurrency = 16"), "{config}");
     let mut d = Daemon::running(&config, &[]);
-    for _ in 0..20 {
-        server.xadd(IN, &[("k", "hot")]);
-    }
-    wait_for("twenty replies", Duration::from_secs(30), || {
-        (replies(&server, "hot").len() >= 20 && server.pending(IN, "g") == 0).then_some(())
-    });
-    assert_eq!(count(&server, "hot").as_deref(), Some("20"));
-    let mut counts: Vec<u64> = replies(&server, "hot")
-        .into_iter()
-        .map(|(c, _)| c.parse().unwrap())
-        .collect();
-    counts.sort();
-    assert_eq!(counts, (1..=20).collect::<Vec<u64>>(), "each count once");
+    count_twenty_of_one_key(&server);
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }

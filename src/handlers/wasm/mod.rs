@@ -3,11 +3,12 @@
 //! Owns the wasmtime side of the handler contract (docs/design.md, "Handlers"): the engine (component model, epoch interruption with one ticker
 //! thread, a bounded wasm stack, the pooling allocator sized to what can be live at once), the on-disk
 //! cache of compiled artifacts (keyed by the module's SHA-256 and the engine's compatibility hash, so a
-//! restart does not recompile), the linker (our `host` interface plus WASI preview 2 with every
-//! capability denied — a component importing anything else is refused with the import's name), and
-//! the worker threads that run calls with the synchronous API (replies and changes of state are
-//! buffered, so only `state.get` waits for Redis, holding its worker for one GET; the sync API
-//! measured faster than the async one). One call's sandbox is
+//! restart does not recompile), the linkers (our `host` and `state` interfaces, WASI preview 2 with every
+//! capability denied, and `wasi:http` reaching only what `allowed_outbound_hosts` grants — a component
+//! importing anything else is refused with the import's name), and the worker threads that run calls
+//! with the synchronous API (replies and changes of state are buffered, so only `state.get` waits for
+//! Redis, holding its worker for one GET; the sync API measured faster than the async one). Handlers
+//! granted outbound HTTP run their calls as tasks instead ([`runtime`]). One call's sandbox is
 //! [`sandbox`]'s business; which handler a message goes to is the router's.
 //!
 //! - [`runtime`]: the engine, loading handlers, and [`WasmHandler`] itself.

@@ -357,7 +357,7 @@ fn not_a_component(bytes: &[u8]) -> Option<String> {
 }
 
 /// What to do about a component that does not link as a handler, when its imports and exports say:
-/// another version of the handler WIT, or `wasi:http` (which componentize-js adds unless told not to).
+/// another version of the handler WIT.
 fn diagnose(engine: &Engine, component: &Component) -> Option<String> {
     let ty = component.component_type();
     let names: Vec<String> = ty
