@@ -33,14 +33,28 @@ export function reject(why) {
   return { tag: 'reject', val: String(why) };
 }
 
-/** `handle` with the error convention applied: other exceptions become retries naming them. */
+/** `handle` with the error convention applied: other exceptions become retries naming them. `fn` may
+ * be `async` (to `await fetch(...)`, for a handler granted `allowed_outbound_hosts`): the call then
+ * ends when its promise settles, and a rejection counts as a throw. */
 export function handler(fn) {
+  const outcome = (e) => {
+    if (e && (e.tag === 'retry' || e.tag === 'reject')) return e;
+    return retry(e instanceof Error ? `${e.name}: ${e.message}` : String(e));
+  };
   return (msg) => {
+    let out;
     try {
-      fn(msg);
+      out = fn(msg);
     } catch (e) {
-      if (e && (e.tag === 'retry' || e.tag === 'reject')) throw e;
-      throw retry(e instanceof Error ? `${e.name}: ${e.message}` : String(e));
+      throw outcome(e);
+    }
+    if (out && typeof out.then === 'function') {
+      return out.then(
+        () => undefined,
+        (e) => {
+          throw outcome(e);
+        },
+      );
     }
   };
 }

@@ -8,7 +8,9 @@
 //! exchanges the author's API key for a token (`.redstream-dev/env`, for `redstream publish` in another
 //! terminal). Then each change of the project's sources rebuilds it, runs cases.jsonl and copies the new
 //! component in — the daemon's watch reloads it exactly as in production — and every entry added to the
-//! handler's streams is printed, with the daemon's log (the handler's own log lines among it). Ctrl-C
+//! handler's streams is printed, with the daemon's log (the handler's own log lines among it). The
+//! hosts cases.jsonl stubs are served on loopback (`super::stub`), and the entry's config URLs on them
+//! pointed there in the deployed drop-in ([`redirect`]). Ctrl-C
 //! (or SIGTERM) stops the daemon with a drain, then the redis-server, and nothing else: both are this
 //! command's children, stopped by their pids (and killed with it should it be killed).
 //!
@@ -187,7 +189,13 @@ pub fn dev(path: &Path, redis: Option<&str>, send: bool) -> Result {
     };
     let api_key = crate::auth::apikey::generate().map_err(|m| Failure::new(Exit::Failure, m))?;
     let config = work.join("redstream.toml");
-    deploy(&dir, &project, &work)?;
+    let mut stubs =
+        super::stub::StubServer::start(&dir).map_err(io("cannot start the HTTP stubs"))?;
+    let served = stubs
+        .serve_stubbed()
+        .map_err(io("cannot listen for the HTTP stubs"))?
+        .clone();
+    let mut redirected = deploy(&dir, &project, &work, &served)?;
     let settings = write_config(&project, &work, &url, &api_key)?;
 
     let exe = std::env::current_exe().map_err(io("cannot find this program"))?;
@@ -225,6 +233,7 @@ pub fn dev(path: &Path, redis: Option<&str>, send: bool) -> Result {
         daemon_pid,
         &env_file,
         first.as_ref(),
+        &redirected,
     );
     if let Err(failed) = cases {
         println!("dev: {failed}; deployed anyway");
@@ -280,8 +289,19 @@ pub fn dev(path: &Path, redis: Option<&str>, send: bool) -> Result {
                 let cases = run_cases(&dir)
                     .err()
                     .map(|f| format!(" ({f}: deployed anyway)"));
-                match deploy(&dir, &project, &work) {
-                    Ok(()) => {
+                let served = match stubs.serve_stubbed() {
+                    Ok(served) => served.clone(),
+                    Err(e) => {
+                        println!("dev: cannot listen for the HTTP stubs: {e}");
+                        continue;
+                    }
+                };
+                match deploy(&dir, &project, &work, &served) {
+                    Ok(now) => {
+                        if now != redirected {
+                            print_redirected(&now);
+                            redirected = now;
+                        }
                         println!(
                             "dev: deployed{}; the daemon reloads it",
                             cases.unwrap_or_default()
@@ -520,15 +540,23 @@ fn write_private(path: &Path, text: &str) -> Result {
 }
 
 /// Copies the built component into the handlers directory (by rename, so the daemon never compiles a
-/// half-written file) and the project's handler.toml to its drop-in when it changed.
-fn deploy(dir: &Path, project: &Project, work: &Path) -> Result {
+/// half-written file) and the project's handler.toml to its drop-in when it changed — with its config
+/// URLs on a stubbed origin pointed at the stub listeners (see [`redirect`]). What was pointed where.
+fn deploy(
+    dir: &Path,
+    project: &Project,
+    work: &Path,
+    stubs: &BTreeMap<String, u16>,
+) -> Result<Vec<String>> {
     let dropin = work
         .join("redstream.d")
         .join(format!("50-{}.toml", project.name));
     let entry = std::fs::read(dir.join("handler.toml")).map_err(io("handler.toml"))?;
-    if std::fs::read(&dropin).ok().as_deref() != Some(&entry[..]) {
+    let (text, redirected) = redirect(&String::from_utf8_lossy(&entry), stubs);
+    let text = text.map_or(entry.clone(), String::into_bytes);
+    if std::fs::read(&dropin).ok().as_deref() != Some(&text[..]) {
         let tmp = work.join("redstream.d").join(".entry.tmp");
-        std::fs::write(&tmp, &entry).map_err(io(tmp.display()))?;
+        std::fs::write(&tmp, &text).map_err(io(tmp.display()))?;
         std::fs::rename(&tmp, &dropin).map_err(io(dropin.display()))?;
     }
     let built = dir.join(&project.component);
@@ -538,7 +566,68 @@ fn deploy(dir: &Path, project: &Project, work: &Path) -> Result {
         std::fs::copy(&built, &tmp).map_err(io(tmp.display()))?;
         std::fs::rename(&tmp, &to).map_err(io(to.display()))?;
     }
-    Ok(())
+    Ok(redirected)
+}
+
+/// A handler.toml with each `[[handlers]]` entry's config URLs on a stubbed origin — one the entry's
+/// `allowed_outbound_hosts` grants, so that production would send it — pointed at the origin's stub
+/// listener, which the entry is granted too; and what was pointed where. None when nothing was (the
+/// text deploys as written), or the text is not TOML (the daemon reports it, with its line).
+fn redirect(entry: &str, stubs: &BTreeMap<String, u16>) -> (Option<String>, Vec<String>) {
+    use crate::handlers::wasm::outbound::Origin;
+    let mut redirected = Vec::new();
+    let Ok(mut table) = entry.parse::<toml::Table>() else {
+        return (None, redirected);
+    };
+    let Some(toml::Value::Array(handlers)) = table.get_mut("handlers") else {
+        return (None, redirected);
+    };
+    for (i, handler) in handlers.iter_mut().enumerate() {
+        let Some(handler) = handler.as_table_mut() else {
+            continue;
+        };
+        let granted: Vec<Origin> = handler
+            .get("allowed_outbound_hosts")
+            .and_then(toml::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|o| Origin::parse(o.as_str()?).ok())
+            .collect();
+        let mut grant = Vec::new();
+        if let Some(toml::Value::Table(config)) = handler.get_mut("config") {
+            for (key, value) in config.iter_mut() {
+                let Some(url) = value.as_str() else { continue };
+                let Some((stubbed, port)) =
+                    super::stub::origin_of(url).and_then(|o| Some((o, stubs.get(o)?)))
+                else {
+                    continue;
+                };
+                if !granted.iter().any(|o| o.grants(url)) {
+                    continue;
+                }
+                let origin = format!("http://127.0.0.1:{port}");
+                let to = format!("{origin}{}", &url[stubbed.len()..]);
+                redirected.push(format!("handlers[{i}].config.{key} {url} -> {to}"));
+                *value = toml::Value::String(to);
+                if !grant.contains(&origin) {
+                    grant.push(origin);
+                }
+            }
+        }
+        if let Some(toml::Value::Array(allowed)) = handler.get_mut("allowed_outbound_hosts") {
+            allowed.extend(grant.into_iter().map(toml::Value::String));
+        }
+    }
+    if redirected.is_empty() {
+        return (None, redirected);
+    }
+    let text = toml::to_string(&table).ok().map(|t| {
+        format!(
+            "# The project's handler.toml as `redstream handler dev` deploys it: config URLs on an origin\n\
+             # that cases.jsonl stubs point at the stub listeners.\n{t}"
+        )
+    });
+    (text, redirected)
 }
 
 /// The `file` of each `[[handlers]]` entry of a handler.toml that is a bare file name (one the dev
@@ -663,6 +752,7 @@ fn banner(
     daemon_pid: u32,
     env_file: &Path,
     first: Option<&(String, serde_json::Map<String, Value>)>,
+    redirected: &[String],
 ) {
     let redis = match redis {
         Some(c) => format!("{url} (private redis-server, pid {})", c.id()),
@@ -685,7 +775,16 @@ fn banner(
             shell_word(&Value::Object(message.clone()).to_string())
         );
     }
+    print_redirected(redirected);
     println!("  watching the project: a change rebuilds, tests and redeploys; Ctrl-C stops\n");
+}
+
+/// Where the handler's requests to stubbed origins go now (cases.jsonl's `"http"` answers them).
+fn print_redirected(redirected: &[String]) {
+    for (i, line) in redirected.iter().enumerate() {
+        let head = if i == 0 { "  stubs   " } else { "          " };
+        println!("{head} {line} (answered from cases.jsonl \"http\")");
+    }
 }
 
 /// The stream patterns to print entries of: those of the domains the handler's entry touches, but

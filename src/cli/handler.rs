@@ -217,8 +217,8 @@ struct LocalHttp {
 /// One stubbed response of a case (`"http": [...]`): for requests to `url` (and `method`, if given).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Stub {
-    url: String,
+pub(super) struct Stub {
+    pub(super) url: String,
     method: Option<String>,
     #[serde(default = "ok_status")]
     status: u16,
@@ -227,6 +227,46 @@ struct Stub {
     body: Value,
     #[serde(default)]
     headers: BTreeMap<String, String>,
+}
+
+impl Stub {
+    fn answers(&self, method: &str, url: &str) -> bool {
+        self.url == url
+            && self
+                .method
+                .as_deref()
+                .is_none_or(|m| m.eq_ignore_ascii_case(method))
+    }
+
+    /// The first of `stubs` that answers `method` `url`, as a response.
+    pub(super) fn find(
+        stubs: &[Stub],
+        method: &str,
+        url: &str,
+    ) -> Option<crate::handlers::wasm::outbound::Made> {
+        stubs.iter().find(|s| s.answers(method, url)).map(|s| {
+            (
+                s.status,
+                s.headers.clone().into_iter().collect(),
+                json_bytes(&s.body),
+            )
+        })
+    }
+
+    /// Every stub of every case in a project's cases.jsonl, in order (lines that are not cases, or
+    /// give no stubs, add none): what `handler dev` serves.
+    pub(super) fn of_project(dir: &Path) -> Vec<Stub> {
+        #[derive(Deserialize)]
+        struct Stubs {
+            #[serde(default)]
+            http: Vec<Stub>,
+        }
+        let text = std::fs::read_to_string(dir.join("cases.jsonl")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Stubs>(l).ok())
+            .flat_map(|c| c.http)
+            .collect()
+    }
 }
 
 fn ok_status() -> u16 {
@@ -265,18 +305,8 @@ impl crate::handlers::wasm::outbound::Responder for LocalHttp {
             .unwrap_or_else(|p| p.into_inner())
             .push(json!({"method": method, "url": url, "body": String::from_utf8_lossy(&body)}));
         let stubs = self.stubs.lock().unwrap_or_else(|p| p.into_inner());
-        let stub = stubs.iter().find(|s| {
-            s.url == url
-                && s.method
-                    .as_deref()
-                    .is_none_or(|m| m.eq_ignore_ascii_case(method))
-        });
-        match stub {
-            Some(s) => Ok((
-                s.status,
-                s.headers.clone().into_iter().collect(),
-                json_bytes(&s.body),
-            )),
+        match Stub::find(&stubs, method, url) {
+            Some(made) => Ok(made),
             None => Err(format!(
                 "no stub for {method} {url} in this case's \"http\" (a local test never calls out)"
             )),

@@ -9,6 +9,7 @@ mod dev;
 mod handler;
 mod scaffold;
 mod status;
+mod stub;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -2,6 +2,7 @@
 //! warnings for configs that run but do not do what their author meant, `wasm.watch`, and the
 //! `redstream handler new / build / test / run --config --handler` commands.
 
+use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -1006,7 +1007,8 @@ fn handler_dev_runs_a_new_project_in_a_local_pipeline_and_follows_its_changes() 
     let (code, out, err) = redstream(&["handler", "new", "greeter", "--lang", "rust", "--dir", at]);
     assert_eq!(code, Some(0), "{out}{err}");
     let project = dir.path().join("greeter");
-    let (mut dev, out, err) = spawn_dev(&project, true);
+    let (dev, out, err) = spawn_dev(&project, true);
+    let dev = std::cell::RefCell::new(dev);
     let shown = || {
         format!(
             "{}\n--- stderr\n{}",
@@ -1026,6 +1028,9 @@ fn handler_dev_runs_a_new_project_in_a_local_pipeline_and_follows_its_changes() 
                 "timed out waiting for {what}:\n{}",
                 shown()
             );
+            if let Some(status) = dev.borrow_mut().try_wait().unwrap() {
+                panic!("handler dev exited ({status}) before {what}:\n{}", shown());
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     };
@@ -1102,7 +1107,63 @@ fn handler_dev_runs_a_new_project_in_a_local_pipeline_and_follows_its_changes() 
         shown()
     );
 
+    // The handler calls a webhook its config names, on an origin it is granted; a case stubs that
+    // origin. The loop serves the stub on loopback, points the config URL there (and grants it), and
+    // prints each request; the handler sees the stub's answer.
+    let edit = |file: &str, from: &str, to: &str| {
+        let path = project.join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{file} has no {from:?}:\n{text}");
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+    };
+    edit(
+        "Cargo.toml",
+        r#"path = "sdk" }"#,
+        r#"path = "sdk", features = ["http"] }"#,
+    );
+    edit(
+        "handler.toml",
+        "config = { reply_to",
+        "allowed_outbound_hosts = [\"https://hooks.example.com\"]\n\
+         config = { hook = \"https://hooks.example.com/greeted?by=greeter\", reply_to",
+    );
+    let mut cases = std::fs::OpenOptions::new()
+        .append(true)
+        .open(project.join("cases.jsonl"))
+        .unwrap();
+    writeln!(
+        cases,
+        r#"{{"name": "tells the hook", "message": {{"greet": "hook"}}, "http": [{{"url": "https://hooks.example.com/greeted?by=greeter", "method": "POST", "status": 202, "body": "noted"}}], "expect": {{"outcome": "success"}}}}"#
+    )
+    .unwrap();
+    drop(cases);
+    edit(
+        "src/lib.rs",
+        "        Reply::new()\n            .text(\"greeting\", &format!(\"hi, {who}\"))",
+        "        let hook = redstream_guest::config(\"hook\").unwrap_or_default();\n\
+         let told = redstream_guest::http::Request::post(&hook).body(who.as_bytes()).send()?;\n\
+         Reply::new()\n            .text(\"hook\", &format!(\"{} {}\", told.status, told.text()))\n\
+         .text(\"greeting\", &format!(\"hi, {who}\"))",
+    );
+    let o = seen(
+        "the stubbed webhook's answer",
+        Duration::from_secs(300),
+        &|o| {
+            o.lines().any(|l| {
+                l.starts_with("nova:task:greeter:replies ") && l.contains(r#""hook":"202 noted""#)
+            })
+        },
+    );
+    assert!(
+        o.contains("stubs    handlers[0].config.hook https://hooks.example.com/greeted?by=greeter -> http://127.0.0.1:")
+            && o.contains("dev: http POST https://hooks.example.com/greeted?by=greeter (3 bytes, Idempotency-Key redstream:greeter:nova:task:greeter:requests:")
+            && o.contains("stub answered 202"),
+        "{}",
+        shown()
+    );
+
     // Ctrl-C: everything it started stops, and it exits 0.
+    let mut dev = dev.into_inner();
     let _ = Command::new("kill")
         .args(["-INT", &dev.id().to_string()])
         .status();

@@ -446,3 +446,99 @@ fn waiting_for_a_turn_is_neither_the_calls_time_nor_an_attempt() {
     });
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
 }
+
+/// `redstream ARGS…`: exit code, stdout, stderr.
+fn redstream(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(crate::util::bin())
+        .args(args)
+        .env_remove("REDSTREAM_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A JavaScript handler made by `handler new --lang js` uses `fetch` once its entry grants the origin:
+/// an `async` handle awaits it, reaches the granted server with an idempotency key and gets its
+/// answer; a request to an origin not granted — a POST whose body the refusal must read away, else
+/// StarlingMonkey aborts the call instead of rejecting — rejects fetch's promise, which the handler
+/// catches; and a rejection it does not catch is the outcome it carries.
+#[test]
+fn a_javascript_handler_fetches_from_a_granted_origin() {
+    let web = HttpServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().to_str().unwrap();
+    let (code, out, err) = redstream(&["handler", "new", "fetcher", "--lang", "js", "--dir", at]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let project = dir.path().join("fetcher");
+    let p = project.to_str().unwrap();
+    std::fs::write(
+        project.join("src/handler.js"),
+        r#"import { handler, requireText, config, reject, Reply } from './redstream.js';
+
+export const handle = handler(async (msg) => {
+  const url = requireText(msg, 'url');
+  const body = requireText(msg, 'body');
+  let res;
+  try {
+    res = await fetch(url, { method: 'POST', body });
+  } catch (e) {
+    throw reject(`fetch ${url}: ${e}`);
+  }
+  new Reply().text('answer', `${res.status} ${await res.text()}`).send(config('reply_to'));
+});
+"#,
+    )
+    .unwrap();
+    let entry = project.join("handler.toml");
+    let text = std::fs::read_to_string(&entry).unwrap();
+    let granted = text
+        .replace("instance = \"reuse\"", "instance = \"fresh\"")
+        .replace(
+            "config = {",
+            &format!(
+                "allowed_outbound_hosts = [\"http://127.0.0.1:{}\"]\nconfig = {{",
+                web.port
+            ),
+        );
+    assert_ne!(granted, text);
+    std::fs::write(&entry, granted).unwrap();
+    let (code, out, err) = redstream(&["handler", "build", p]);
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    let run = |message: serde_json::Value| {
+        redstream(&["handler", "run", p, "--message", &message.to_string()])
+    };
+    let (code, out, err) = run(serde_json::json!({"url": web.url("/ok"), "body": "hi"}));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(r#""answer":"200 hello""#), "{out}");
+    let seen = web.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!((&*seen[0].method, &*seen[0].path), ("POST", "/ok"));
+    assert_eq!(seen[0].body, b"hi");
+    let key = seen[0].idempotency_key.clone().unwrap_or_default();
+    assert!(
+        key.starts_with("redstream:fetcher:") && key.ends_with(":1"),
+        "{key}"
+    );
+
+    let (code, out, err) = run(serde_json::json!({"url": "http://127.0.0.1:1/x", "body": "hi"}));
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains(r#""outcome":"reject""#)
+            && out.contains("fetch http://127.0.0.1:1/x: TypeError"),
+        "{out}{err}"
+    );
+    assert!(err.contains("outbound request refused"), "{err}");
+    assert_eq!(web.seen().len(), 1);
+
+    let (code, out, err) = run(serde_json::json!({"url": web.url("/ok")}));
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains(r#""outcome":"reject""#) && out.contains("no `body` field"),
+        "{out}{err}"
+    );
+}

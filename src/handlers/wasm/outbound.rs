@@ -101,6 +101,22 @@ impl Origin {
                     .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
             }
     }
+
+    /// Whether a request to `url` is within this entry (a URL that does not parse is not).
+    pub fn grants(&self, url: &str) -> bool {
+        url.parse::<http::Uri>().is_ok_and(|uri| {
+            let (https, host, port) = target(&uri);
+            uri.scheme().is_some() && self.allows(https, &host, port)
+        })
+    }
+}
+
+/// Where a request goes: https or not, the host (lowercase), the port (the scheme's by default).
+fn target(uri: &http::Uri) -> (bool, String, u16) {
+    let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+    let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    (https, host, port)
 }
 
 impl fmt::Display for Origin {
@@ -239,16 +255,19 @@ impl WasiHttpHooks for Hooks {
         options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
     ) -> Sent {
-        let uri = request.uri();
-        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let host = uri.host().unwrap_or_default().to_ascii_lowercase();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let (https, host, port) = target(request.uri());
         let outbound = &self.outbound;
         let Some(origin) = outbound.allowed(https, &host, port) else {
             let scheme = if https { "https" } else { "http" };
             tracing::warn!(handler = %self.handler, cause = %self.cause, origin = %format!("{scheme}://{host}:{port}"), "outbound request refused: not in the handler's allowed_outbound_hosts");
             count(&self.handler, "", "denied");
-            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+            return Box::new(async move {
+                // Read the body away first (keeping none of it): a guest still writing it would
+                // see its stream break, which StarlingMonkey (JavaScript's fetch) cannot catch.
+                let mut body = request.into_body();
+                while let Some(Ok(_)) = body.frame().await {}
+                Err(HttpError::HttpRequestDenied)
+            });
         };
         self.requests += 1;
         if !request.headers().contains_key(&IDEMPOTENCY_KEY)
