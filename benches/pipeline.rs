@@ -5,6 +5,11 @@
 //!                             BENCH_CASES=cd to measure only those cases, k for the cluster table,
 //!                             l for the latency table; BENCH_SHAPES=2f,5f,4k)
 //!
+//! Where the machine has two cores or more, redis-server runs on the first and everything measured
+//! (the daemon, this process's raw loops) on the second, so that neither side's scheduling moves the
+//! other's numbers (BENCH_PIN=0: no pinning). Each case's spread — half the range of its rounds, over
+//! its median — is printed beside it, and the largest as the run's resolution.
+//!
 //! Cases, interleaved and repeated so machine noise hits all of them; medians are reported:
 //!   a  raw redis-rs loop: XREADGROUP COUNT 500, then one XACK per batch
 //!   p  the same loop in Python (redis-py + hiredis), when BENCH_PYTHON names an interpreter
@@ -46,6 +51,52 @@ fn now_us() -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Pinning: redis-server on one core, what is measured on another.
+
+/// (redis-server's core, the measured side's core), when the machine has two and BENCH_PIN is not 0.
+fn cores() -> Option<(usize, usize)> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (env_or("BENCH_PIN", 1) != 0 && n >= 2).then_some((0, 1))
+}
+
+/// Binds the calling thread (pid 0) or process `pid` to `cpu`.
+fn bind(pid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes within it (cpu < CPU_SETSIZE).
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A redis-server command, bound to redis-server's core when pinning.
+fn redis_server() -> Command {
+    let mut cmd = Command::new("redis-server");
+    if let Some((cpu, _)) = cores() {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: sched_setaffinity is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || bind(0, cpu));
+        }
+    }
+    cmd
+}
+
+/// Half the range of `v` over its median: how far apart the rounds of a case were.
+fn spread(v: &[f64]) -> f64 {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    let m = median(v.to_vec());
+    if m > 0.0 { (hi - lo) / 2.0 / m } else { 0.0 }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // A private redis-server.
 
 struct Server {
@@ -62,7 +113,7 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new("redis-server")
+        let child = redis_server()
             .args([
                 "--port",
                 &port.to_string(),
@@ -842,7 +893,7 @@ impl ClusterNodes {
             let (port, bus) = (free_port(), free_port());
             let d = dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&d).unwrap();
-            let child = Command::new("redis-server")
+            let child = redis_server()
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args([
                     "--cluster-enabled",
@@ -931,6 +982,35 @@ impl ClusterNodes {
 
     fn cpu_us(&self) -> u64 {
         self.nodes.iter().map(|n| cpu_us(n.id())).sum()
+    }
+
+    /// INFO commandstats summed over the nodes: command → (calls, µs).
+    fn commandstats(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
+        let mut all = std::collections::BTreeMap::new();
+        for p in &self.ports {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut self.node(*p))
+                .unwrap_or_default();
+            for line in info.lines() {
+                let Some((name, rest)) = line
+                    .strip_prefix("cmdstat_")
+                    .and_then(|l| l.split_once(':'))
+                else {
+                    continue;
+                };
+                let field = |k: &str| {
+                    rest.split(',')
+                        .find_map(|f| f.strip_prefix(k))
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(0.0) as u64
+                };
+                let e = all.entry(name.to_owned()).or_insert((0, 0));
+                e.0 += field("calls=");
+                e.1 += field("usec=");
+            }
+        }
+        all
     }
 }
 
@@ -1037,6 +1117,7 @@ fn cluster_drain(masters: usize, daemons: usize, cross: bool, handler: &Path, n:
             .query(&mut c)
             .unwrap();
     }
+    let begin = (cluster.cpu_us(), Instant::now());
     let ds: Vec<Daemon> = (0..daemons)
         .map(|i| cluster_daemon(&cluster, handler, &streams, i))
         .collect();
@@ -1051,33 +1132,41 @@ fn cluster_drain(masters: usize, daemons: usize, cross: bool, handler: &Path, n:
             .map(|(out, c)| redis::cmd("XLEN").arg(&*out).query::<u64>(c).unwrap_or(0))
             .sum()
     };
-    // Measured between 10 % and 90 % of the replies: the daemons start one after another, and the
-    // first may be well under way before the last is ready.
-    let (low, high) = (n as u64 / 10, n as u64 * 9 / 10);
-    let mut from = None;
-    // A run too short to be seen between 10 and 90 % (BENCH_QUICK) is measured from here.
-    let begin = (0, cpu(&ds), cluster.cpu_us(), Instant::now());
-    let sample = loop {
-        let done = replies();
-        if from.is_none() && done >= low {
-            from = Some((done, cpu(&ds), cluster.cpu_us(), Instant::now()));
-        }
-        if done >= high {
-            let (done0, cpu0, redis0, t0) = from.filter(|f| f.0 < done).unwrap_or(begin);
-            let msgs = (done - done0) as f64;
-            break Sample {
-                rate: msgs / t0.elapsed().as_secs_f64(),
-                cpu_us_per_msg: (cpu(&ds) - cpu0) as f64 / msgs,
-                redis_us_per_msg: (cluster.cpu_us() - redis0) as f64 / msgs,
-                rss: ds.iter().map(|d| peak_rss(d.pid())).max().unwrap_or(0),
-            };
-        }
-        std::thread::sleep(Duration::from_millis(2));
+    // Measured from when the last daemon is ready to the last reply: the daemons start one after
+    // another, and the first is under way before the last is ready. (Not between 10 % and 90 % of
+    // the replies: a commit of a large batch can carry the count across both in one poll.) A run
+    // done before that (BENCH_QUICK) is measured from before the first daemon started.
+    let (done0, cpu0, redis0, t0) = (replies(), cpu(&ds), cluster.cpu_us(), Instant::now());
+    let (done0, cpu0, redis0, t0) = if done0 < n as u64 / 2 {
+        (done0, cpu0, redis0, t0)
+    } else {
+        (0, 0, begin.0, begin.1)
     };
     while replies() < n as u64 {
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     }
+    let msgs = (n as u64 - done0) as f64;
+    let sample = Sample {
+        rate: msgs / t0.elapsed().as_secs_f64(),
+        cpu_us_per_msg: (cpu(&ds) - cpu0) as f64 / msgs,
+        redis_us_per_msg: (cluster.cpu_us() - redis0) as f64 / msgs,
+        rss: ds.iter().map(|d| peak_rss(d.pid())).max().unwrap_or(0),
+    };
     assert_eq!(replies(), n as u64, "one reply per message");
+    if env_or("BENCH_COMMANDSTATS", 0) != 0 {
+        // Where the servers' time went, over the whole run (loading the messages included).
+        let mut stats: Vec<(String, (u64, u64))> = cluster.commandstats().into_iter().collect();
+        stats.sort_by_key(|(_, (_, us))| std::cmp::Reverse(*us));
+        let per = |x: u64| x as f64 / n as f64;
+        let line: Vec<String> = stats
+            .iter()
+            .take(10)
+            .map(|(c, (calls, us))| {
+                format!("{c} {:.2} µs/msg ({:.3} calls/msg)", per(*us), per(*calls))
+            })
+            .collect();
+        eprintln!("commandstats (cross={cross}): {}", line.join("; "));
+    }
     for d in ds {
         d.stop();
     }
@@ -1105,6 +1194,16 @@ fn main() {
         handler.display()
     );
 
+    // This thread runs the raw loops, and the daemons it starts inherit its core.
+    match cores() {
+        Some((redis, measured)) => {
+            bind(0, measured).expect("sched_setaffinity");
+            eprintln!(
+                "pinned: redis-server on cpu {redis}, daemons and raw loops on cpu {measured}"
+            );
+        }
+        None => eprintln!("not pinned (one core, or BENCH_PIN=0)"),
+    }
     let server = Server::start();
     // b, c and d run three times: with the consumer's default settings (the bare letter), and tuned
     // small (-) and large (+); "default / tuned" compares the first with the better of the others.
@@ -1210,14 +1309,16 @@ fn main() {
     };
     let rate = |shape: Shape, case: &str| med(shape, case, |s| s.rate);
     let has = |shape: Shape, case: &str| samples.contains_key(&(shape, case));
+    // The largest spread of any case: a difference smaller than it is not resolved by this run.
+    let mut worst: f64 = 0.0;
     for &shape in shapes.iter().filter(|_| !cases.is_empty()) {
         println!();
         println!("{} ({} messages per case)", shape.name(), per_shape(shape));
         println!();
         println!(
-            "| case | what | msgs/s | ratio | CPU µs/msg | redis-server CPU µs/msg | peak RSS MiB |"
+            "| case | what | msgs/s | spread | ratio | CPU µs/msg | redis-server CPU µs/msg | peak RSS MiB |"
         );
-        println!("|---|---|---:|---:|---:|---:|---:|");
+        println!("|---|---|---:|---:|---:|---:|---:|---:|");
         for &(case, what) in &cases {
             let base = if case.starts_with('d') { "e" } else { "a" };
             let ratio = if case == "a" || case == "e" {
@@ -1227,9 +1328,12 @@ fn main() {
             } else {
                 "—".to_string()
             };
+            let rates: Vec<f64> = samples[&(shape, case)].iter().map(|s| s.rate).collect();
+            worst = worst.max(spread(&rates));
             println!(
-                "| {case} | {what} | {:.0} | {ratio} | {:.2} | {:.2} | {:.1} |",
+                "| {case} | {what} | {:.0} | ±{:.1} % | {ratio} | {:.2} | {:.2} | {:.1} |",
                 rate(shape, case),
+                spread(&rates) * 100.0,
                 med(shape, case, |s| s.cpu_us_per_msg),
                 med(shape, case, |s| s.redis_us_per_msg),
                 med(shape, case, |s| s.rss as f64) / (1024.0 * 1024.0)
@@ -1264,6 +1368,18 @@ fn main() {
                 pairs.join(", ")
             );
         }
+    }
+    if !cases.is_empty() {
+        println!();
+        println!(
+            "resolution: ±{:.1} % (the largest spread of a case over {repeats} rounds; {})",
+            worst * 100.0,
+            if cores().is_some() {
+                "pinned"
+            } else {
+                "not pinned"
+            }
+        );
     }
     let two = Shape::Two;
     if partial {
@@ -1324,12 +1440,18 @@ fn main() {
 
 /// The cluster table (BENCH_CASES=k runs it alone).
 fn cluster_cases(handler: &Path, n: usize, repeats: usize) {
-    let cluster_cases: [(&str, usize, usize, bool); 3] = [
+    let cluster_cases: [(&str, usize, usize, bool); 4] = [
         (
             "1 master, 1 daemon, replies in the source's slot",
             1,
             1,
             false,
+        ),
+        (
+            "1 master, 1 daemon, every reply to another slot (outbox)",
+            1,
+            1,
+            true,
         ),
         (
             "3 masters, 3 daemons, replies in the source's slot",
@@ -1358,16 +1480,29 @@ fn cluster_cases(handler: &Path, n: usize, repeats: usize) {
     }
     println!();
     println!(
-        "| echo on a Redis Cluster | msgs/s | daemons' CPU µs/msg | redis-servers' CPU µs/msg |"
+        "| echo on a Redis Cluster | msgs/s | daemons' CPU µs/msg | redis-servers' CPU µs/msg | its spread |"
     );
-    println!("|---|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|");
+    let mut redis_cpu = Vec::new();
     for ((what, ..), got) in cluster_cases.iter().zip(&cluster_samples) {
         let med = |f: fn(&Sample) -> f64| median(got.iter().map(f).collect());
+        let cpu: Vec<f64> = got.iter().map(|s| s.redis_us_per_msg).collect();
         println!(
-            "| {what} | {:.0} | {:.2} | {:.2} |",
+            "| {what} | {:.0} | {:.2} | {:.2} | ±{:.1} % |",
             med(|s| s.rate),
             med(|s| s.cpu_us_per_msg),
-            med(|s| s.redis_us_per_msg)
+            med(|s| s.redis_us_per_msg),
+            spread(&cpu) * 100.0
         );
+        redis_cpu.push(cpu);
     }
+    // Round by round (the two cases ran a minute apart at most), then the median of the ratios.
+    let ratio =
+        |cross: &[f64], same: &[f64]| median(cross.iter().zip(same).map(|(c, s)| c / s).collect());
+    println!();
+    println!(
+        "redis-servers' CPU per message, replies across slots / in the source's slot: {:.2} on 1 master, {:.2} on 3 (target ≤ 1.5)",
+        ratio(&redis_cpu[1], &redis_cpu[0]),
+        ratio(&redis_cpu[3], &redis_cpu[2])
+    );
 }

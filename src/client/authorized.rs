@@ -89,6 +89,8 @@ pub struct Client {
     redis: Redis,
     naming: Arc<Naming>,
     identity: Arc<Identity>,
+    /// What the relay last learnt of a slot's master (see `outbox::Masters`), shared by clones.
+    pub(super) masters: super::outbox::Masters,
 }
 
 impl Client {
@@ -103,6 +105,7 @@ impl Client {
             redis: Redis::open(settings)?,
             naming,
             identity: Arc::new(identity),
+            masters: super::outbox::Masters::default(),
         })
     }
 

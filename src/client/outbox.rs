@@ -21,11 +21,15 @@
 //! 3. [`SETTLE`], on the outbox's node: XACK and XDEL the entries that are still pending for this
 //!    relay consumer — an entry claimed away meanwhile is left to its new owner.
 //!
+//! Both scripts travel as EVALSHA ([`Cached`]): a node that does not know one (restarted, failed over,
+//! SCRIPT FLUSH) answers NOSCRIPT, is sent SCRIPT LOAD and asked again.
+//!
 //! Records are kept `keep` after their delivery (the next delivery to the target removes older ones),
 //! long enough for a message whose commit was lost to run again. A crash after 1 leaves the entry
 //! pending with its record: whoever claims it finds the record, writes nothing, and settles it. Only
 //! an effect made again more than `keep` after its first delivery could be written twice.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::Value;
@@ -146,6 +150,70 @@ for c = 1, #settled, 1000 do
 end
 return settled
 "#;
+
+/// A script sent by its hash: Redis hashes an EVAL's whole text on every call (a relay's DELIVER is
+/// 3 KB) and the text crosses the network each time; EVALSHA sends 40 bytes.
+pub struct Cached {
+    source: &'static str,
+    sha: LazyLock<String>,
+}
+
+impl Cached {
+    const fn new(source: &'static str, sha: fn() -> String) -> Cached {
+        Cached {
+            source,
+            sha: LazyLock::new(sha),
+        }
+    }
+
+    /// EVALSHA of this script with `numkeys` (the caller adds keys and arguments).
+    fn cmd(&self, numkeys: usize) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&*self.sha).arg(numkeys);
+        cmd
+    }
+}
+
+pub static DELIVER_SCRIPT: Cached = Cached::new(DELIVER, || {
+    redis::Script::new(DELIVER).get_hash().to_owned()
+});
+pub static SETTLE_SCRIPT: Cached =
+    Cached::new(SETTLE, || redis::Script::new(SETTLE).get_hash().to_owned());
+
+/// How long the relay trusts what CLUSTER NODES said of a target's master (its id and replica count):
+/// the command is the dearest of a pass, and the answer changes only with the cluster's shape.
+/// Trusting it is safe: a master that changed meanwhile answers CLUSTER MYID with another id, which
+/// counts as "not on a replica yet" (the entries stay pending) and forgets what was known; only a
+/// replica added within this time to a master known to have none is waited for a pass late.
+pub const MASTERS_FOR: Duration = Duration::from_secs(1);
+
+/// When CLUSTER NODES was asked, the id of the slot's master then, its replicas.
+type Known = (std::time::Instant, String, usize);
+
+/// Per slot, what CLUSTER NODES said of its master ([`Known`]).
+#[derive(Clone, Debug, Default)]
+pub struct Masters(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u16, Known>>>);
+
+impl Masters {
+    fn known(&self, slot: u16) -> Option<(String, usize)> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&slot)
+            .filter(|(at, ..)| at.elapsed() < MASTERS_FOR)
+            .map(|(_, id, n)| (id.clone(), *n))
+    }
+
+    fn learnt(&self, slot: u16, id: &str, replicas: usize) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(slot, (std::time::Instant::now(), id.to_owned(), replicas));
+    }
+
+    fn forget(&self, slot: u16) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&slot);
+    }
+}
 
 /// What one [`Client::relay`] did.
 #[derive(Debug, Default)]
@@ -318,10 +386,8 @@ impl Client {
                     .await?;
             }
             let seen = seen_of(target);
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(DELIVER)
-                .arg(2)
-                .arg(target)
+            let mut cmd = DELIVER_SCRIPT.cmd(2);
+            cmd.arg(target)
                 .arg(&seen)
                 .arg(deadline_ms)
                 .arg(keep.as_millis() as u64)
@@ -341,14 +407,13 @@ impl Client {
                 };
             }
             let verdicts = match self
-                .redis()
-                .query_value(&cmd, Ctx::new("EVAL", target))
+                .eval_cached(&DELIVER_SCRIPT, &cmd, Ctx::new("EVALSHA", target))
                 .await
             {
                 Ok(Value::Array(v)) => v,
                 Ok(other) => {
                     return Err(Error::Protocol {
-                        command: "EVAL",
+                        command: "EVALSHA",
                         key: target.clone(),
                         detail: format!("the relay's delivery answered {other:?}"),
                     });
@@ -402,7 +467,8 @@ impl Client {
     /// Whether what this connection wrote on `key`'s master has reached a replica (WAIT 1, at most
     /// [`REPLICA_WAIT`]) — or the cluster knows no replica of that master, or this is one node.
     /// Replicas are counted from CLUSTER NODES whatever their state: one whose link is cut may still
-    /// be promoted with what it has. WAIT travels behind CLUSTER MYID on the master's connection: an
+    /// be promoted with what it has (asked again after [`MASTERS_FOR`], or when the master changed).
+    /// WAIT travels behind CLUSTER MYID on the master's connection: an
     /// answer from another node (the crate's fallback when it has no connection to that master) proves
     /// nothing, and counts as not yet.
     async fn replicated(&self, key: &str) -> Result<bool> {
@@ -410,19 +476,27 @@ impl Client {
             return Ok(true);
         }
         let ctx = || Ctx::new("WAIT", key);
-        let mut ask = redis::pipe();
-        ask.cmd("CLUSTER").arg("NODES");
-        let nodes = self
-            .redis()
-            .query_pipe_at_master_of(key, ask, ctx())
-            .await?;
-        let nodes = nodes
-            .into_iter()
-            .next()
-            .and_then(decode::string)
-            .unwrap_or_default();
-        let Some((master, replicas)) = slot::master_of(&nodes, slot::of(key)) else {
-            return Ok(false);
+        let slot = slot::of(key);
+        let (master, replicas) = match self.masters.known(slot) {
+            Some(known) => known,
+            None => {
+                let mut ask = redis::pipe();
+                ask.cmd("CLUSTER").arg("NODES");
+                let nodes = self
+                    .redis()
+                    .query_pipe_at_master_of(key, ask, ctx())
+                    .await?;
+                let nodes = nodes
+                    .into_iter()
+                    .next()
+                    .and_then(decode::string)
+                    .unwrap_or_default();
+                let Some((master, replicas)) = slot::master_of(&nodes, slot) else {
+                    return Ok(false);
+                };
+                self.masters.learnt(slot, &master, replicas);
+                (master, replicas)
+            }
         };
         if replicas == 0 {
             return Ok(true);
@@ -436,9 +510,31 @@ impl Client {
             .await?;
         let (Some(id), Some(acked)) = (got.first().cloned().and_then(decode::string), got.get(1))
         else {
+            self.masters.forget(slot);
             return Ok(false);
         };
-        Ok(id == master && decode::int(acked).is_some_and(|n| n >= 1))
+        if id != master {
+            self.masters.forget(slot);
+            return Ok(false);
+        }
+        Ok(decode::int(acked).is_some_and(|n| n >= 1))
+    }
+
+    /// Sends `cmd`, an EVALSHA of `script`; where the node does not know the script (NOSCRIPT), loads
+    /// it there and sends `cmd` again. A script runs whole or not at all, and NOSCRIPT means it did
+    /// not run: the second send is the first run.
+    async fn eval_cached(&self, script: &Cached, cmd: &redis::Cmd, ctx: Ctx<'_>) -> Result<Value> {
+        match self.redis().query_value(cmd, ctx).await {
+            Err(Error::Redis { source, .. }) if source.code() == Some("NOSCRIPT") => {
+                let mut load = redis::cmd("SCRIPT");
+                load.arg("LOAD").arg(script.source);
+                self.redis()
+                    .query_value(&load, Ctx::new("SCRIPT LOAD", ctx.key))
+                    .await?;
+                self.redis().query_value(cmd, ctx).await
+            }
+            other => other,
+        }
     }
 
     /// [`SETTLE`] of `done` (ids of `entries`, which hold them in order) on `outbox`.
@@ -452,10 +548,8 @@ impl Client {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(Vec::new());
         };
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(SETTLE)
-            .arg(1)
-            .arg(outbox)
+        let mut cmd = SETTLE_SCRIPT.cmd(1);
+        cmd.arg(outbox)
             .arg(GROUP)
             .arg(consumer)
             .arg(&first.id)
@@ -465,12 +559,15 @@ impl Client {
             cmd.arg(*id);
         }
         let value = self
-            .redis()
-            .query_value(&cmd, Ctx::new("EVAL", outbox).group(GROUP))
+            .eval_cached(
+                &SETTLE_SCRIPT,
+                &cmd,
+                Ctx::new("EVALSHA", outbox).group(GROUP),
+            )
             .await?;
         let Value::Array(ids) = value else {
             return Err(Error::Protocol {
-                command: "EVAL",
+                command: "EVALSHA",
                 key: outbox.to_owned(),
                 detail: format!("the relay's settle answered {value:?}"),
             });

@@ -641,6 +641,12 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
             .unwrap();
         assert_eq!((crashed.delivered, crashed.settled), (3, 0));
         assert_eq!(server.xlen(target), 3);
+        // Redis forgets the relay's scripts (a restart, a promoted replica, SCRIPT FLUSH): the
+        // next EVALSHA meets NOSCRIPT, loads the script and runs it.
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query(&mut server.conn())
+            .unwrap();
         // The owner relays them again: nothing written twice, all settled; the records stay (for a
         // message that runs again, below).
         let again = client
