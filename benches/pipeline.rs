@@ -5,10 +5,10 @@
 //!                             BENCH_CASES=cd to measure only those cases, k for the cluster table,
 //!                             l for the latency table; BENCH_SHAPES=2f,5f,4k)
 //!
-//! Where the machine has two cores or more, redis-server runs on the first and everything measured
-//! (the daemon, this process's raw loops) on the second, so that neither side's scheduling moves the
-//! other's numbers (BENCH_PIN=0: no pinning). Each case's spread — half the range of its rounds, over
-//! its median — is printed beside it, and the largest as the run's resolution.
+//! BENCH_PIN=1 (on a machine with two cores or more) runs redis-server on the first core and
+//! everything measured (the daemon, this process's raw loops) on the second. Each case's spread —
+//! half the range of its rounds, over its median — is printed beside its rate and beside its ratio
+//! to its base (taken round by round), and the largest of each as the run's resolution.
 //!
 //! Cases, interleaved and repeated so machine noise hits all of them; medians are reported:
 //!   a  raw redis-rs loop: XREADGROUP COUNT 500, then one XACK per batch
@@ -54,9 +54,13 @@ fn now_us() -> u64 {
 // Pinning: redis-server on one core, what is measured on another.
 
 /// (redis-server's core, the measured side's core), when the machine has two and BENCH_PIN is not 0.
+/// Decided once, before this thread is bound: after that, it sees one core.
 fn cores() -> Option<(usize, usize)> {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (env_or("BENCH_PIN", 1) != 0 && n >= 2).then_some((0, 1))
+    static CORES: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (env_or("BENCH_PIN", 0) != 0 && n >= 2).then_some((0, 1))
+    })
 }
 
 /// Binds the calling thread (pid 0) or process `pid` to `cpu`.
@@ -1202,7 +1206,7 @@ fn main() {
                 "pinned: redis-server on cpu {redis}, daemons and raw loops on cpu {measured}"
             );
         }
-        None => eprintln!("not pinned (one core, or BENCH_PIN=0)"),
+        None => eprintln!("not pinned (BENCH_PIN=1 pins, on two cores or more)"),
     }
     let server = Server::start();
     // b, c and d run three times: with the consumer's default settings (the bare letter), and tuned
@@ -1309,8 +1313,10 @@ fn main() {
     };
     let rate = |shape: Shape, case: &str| med(shape, case, |s| s.rate);
     let has = |shape: Shape, case: &str| samples.contains_key(&(shape, case));
-    // The largest spread of any case: a difference smaller than it is not resolved by this run.
+    // The largest spread of any case, and of any case's ratio to its base: a difference smaller
+    // than it is not resolved by this run.
     let mut worst: f64 = 0.0;
+    let mut worst_ratio: f64 = 0.0;
     for &shape in shapes.iter().filter(|_| !cases.is_empty()) {
         println!();
         println!("{} ({} messages per case)", shape.name(), per_shape(shape));
@@ -1321,10 +1327,22 @@ fn main() {
         println!("|---|---|---:|---:|---:|---:|---:|---:|");
         for &(case, what) in &cases {
             let base = if case.starts_with('d') { "e" } else { "a" };
+            // Against the base of the same round (they ran a minute apart at most, so the machine's
+            // drift between rounds cancels): the median of the rounds' ratios, and their spread.
             let ratio = if case == "a" || case == "e" {
                 "1.00 (base)".to_string()
             } else if has(shape, base) {
-                format!("{:.2}", rate(shape, case) / rate(shape, base))
+                let paired: Vec<f64> = samples[&(shape, case)]
+                    .iter()
+                    .zip(&samples[&(shape, base)])
+                    .map(|(c, b)| c.rate / b.rate)
+                    .collect();
+                worst_ratio = worst_ratio.max(spread(&paired));
+                format!(
+                    "{:.2} ±{:.1} %",
+                    median(paired.clone()),
+                    spread(&paired) * 100.0
+                )
             } else {
                 "—".to_string()
             };
@@ -1372,8 +1390,10 @@ fn main() {
     if !cases.is_empty() {
         println!();
         println!(
-            "resolution: ±{:.1} % (the largest spread of a case over {repeats} rounds; {})",
+            "resolution: ratios ±{:.1} %, rates ±{:.1} % per round — the largest spread (half the range over the median) of a case's ratio to its base taken round by round, and of its rate, over {repeats} rounds; a median of {repeats} is good to about ±{:.1} % ({})",
+            worst_ratio * 100.0,
             worst * 100.0,
+            worst_ratio * 100.0 / (repeats as f64).sqrt(),
             if cores().is_some() {
                 "pinned"
             } else {
