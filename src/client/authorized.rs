@@ -89,8 +89,8 @@ pub struct Client {
     redis: Redis,
     naming: Arc<Naming>,
     identity: Arc<Identity>,
-    /// What the relay last learnt of a slot's master (see `outbox::Masters`), shared by clones.
-    pub(super) masters: super::outbox::Masters,
+    /// What the relay last learnt of a slot's master (see `slot::Masters`), shared by clones.
+    pub(super) masters: super::slot::Masters,
 }
 
 impl Client {
@@ -105,7 +105,7 @@ impl Client {
             redis: Redis::open(settings)?,
             naming,
             identity: Arc::new(identity),
-            masters: super::outbox::Masters::default(),
+            masters: super::slot::Masters::default(),
         })
     }
 

@@ -180,41 +180,6 @@ pub static DELIVER_SCRIPT: Cached = Cached::new(DELIVER, || {
 pub static SETTLE_SCRIPT: Cached =
     Cached::new(SETTLE, || redis::Script::new(SETTLE).get_hash().to_owned());
 
-/// How long the relay trusts what CLUSTER NODES said of a target's master (its id and replica count):
-/// the command is the dearest of a pass, and the answer changes only with the cluster's shape.
-/// Trusting it is safe: a master that changed meanwhile answers CLUSTER MYID with another id, which
-/// counts as "not on a replica yet" (the entries stay pending) and forgets what was known; only a
-/// replica added within this time to a master known to have none is waited for a pass late.
-pub const MASTERS_FOR: Duration = Duration::from_secs(1);
-
-/// When CLUSTER NODES was asked, the id of the slot's master then, its replicas.
-type Known = (std::time::Instant, String, usize);
-
-/// Per slot, what CLUSTER NODES said of its master ([`Known`]).
-#[derive(Clone, Debug, Default)]
-pub struct Masters(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u16, Known>>>);
-
-impl Masters {
-    fn known(&self, slot: u16) -> Option<(String, usize)> {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&slot)
-            .filter(|(at, ..)| at.elapsed() < MASTERS_FOR)
-            .map(|(_, id, n)| (id.clone(), *n))
-    }
-
-    fn learnt(&self, slot: u16, id: &str, replicas: usize) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(slot, (std::time::Instant::now(), id.to_owned(), replicas));
-    }
-
-    fn forget(&self, slot: u16) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&slot);
-    }
-}
-
 /// What one [`Client::relay`] did.
 #[derive(Debug, Default)]
 pub struct Relayed {
@@ -467,7 +432,7 @@ impl Client {
     /// Whether what this connection wrote on `key`'s master has reached a replica (WAIT 1, at most
     /// [`REPLICA_WAIT`]) — or the cluster knows no replica of that master, or this is one node.
     /// Replicas are counted from CLUSTER NODES whatever their state: one whose link is cut may still
-    /// be promoted with what it has (asked again after [`MASTERS_FOR`], or when the master changed).
+    /// be promoted with what it has (asked again after [`slot::MASTERS_FOR`], or when the master changed).
     /// WAIT travels behind CLUSTER MYID on the master's connection: an
     /// answer from another node (the crate's fallback when it has no connection to that master) proves
     /// nothing, and counts as not yet.

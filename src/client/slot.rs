@@ -4,7 +4,8 @@
 //! CRC16 of its hash tag (the text between the first `{` and the next `}`, when not empty) or of the
 //! whole key, modulo 16384. The commit script may only touch keys of its source stream's slot, so
 //! every key RedStream derives from a stream — its outbox, a signature's use marker, a dead-letter
-//! stream's dedupe record — is built here to share that stream's slot.
+//! stream's dedupe record — is built here to share that stream's slot. Also what the relay last
+//! learnt of a slot's master from CLUSTER NODES ([`Masters`], trusted for [`MASTERS_FOR`]).
 
 use redis::Value;
 
@@ -134,6 +135,41 @@ pub fn redirect(error: &redis::RedisError) -> Option<(bool, String, u16)> {
     let addr = detail.split_whitespace().nth(1)?;
     let (host, port) = addr.rsplit_once(':')?;
     Some((ask, host.to_owned(), port.parse().ok()?))
+}
+
+/// How long the relay trusts what CLUSTER NODES said of a target's master (its id and replica count):
+/// the command is the dearest of a pass, and the answer changes only with the cluster's shape.
+/// Trusting it is safe: a master that changed meanwhile answers CLUSTER MYID with another id, which
+/// counts as "not on a replica yet" (the entries stay pending) and forgets what was known; only a
+/// replica added within this time to a master known to have none is waited for a pass late.
+pub const MASTERS_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When CLUSTER NODES was asked, the id of the slot's master then, its replicas.
+type Known = (std::time::Instant, String, usize);
+
+/// Per slot, what CLUSTER NODES said of its master ([`Known`]).
+#[derive(Clone, Debug, Default)]
+pub struct Masters(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u16, Known>>>);
+
+impl Masters {
+    pub(super) fn known(&self, slot: u16) -> Option<(String, usize)> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&slot)
+            .filter(|(at, ..)| at.elapsed() < MASTERS_FOR)
+            .map(|(_, id, n)| (id.clone(), *n))
+    }
+
+    pub(super) fn learnt(&self, slot: u16, id: &str, replicas: usize) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(slot, (std::time::Instant::now(), id.to_owned(), replicas));
+    }
+
+    pub(super) fn forget(&self, slot: u16) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&slot);
+    }
 }
 
 #[cfg(test)]

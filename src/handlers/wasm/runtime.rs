@@ -132,6 +132,11 @@ impl Runtime {
             // An asynchronous call runs on a fiber stack of its own: the wasm stack and room above.
             .async_stack_size(s.max_stack + HOST_STACK)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        // A profiling aid: REDSTREAM_WASM_PERFMAP=1 writes /tmp/perf-<pid>.map, so that `perf
+        // report` names the guests' functions (docs/performance.md, "Handlers in each language").
+        if std::env::var_os("REDSTREAM_WASM_PERFMAP").is_some_and(|v| v == "1") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine =
             Engine::new(&config).map_err(|e| format!("cannot configure wasmtime: {e:#}"))?;
         let mut linker = Linker::<Host>::new(&engine);
