@@ -29,7 +29,7 @@
 //! pending with its record: whoever claims it finds the record, writes nothing, and settles it. Only
 //! an effect made again more than `keep` after its first delivery could be written twice.
 
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use redis::Value;
@@ -155,30 +155,31 @@ return settled
 /// 3 KB) and the text crosses the network each time; EVALSHA sends 40 bytes.
 pub struct Cached {
     source: &'static str,
-    sha: LazyLock<String>,
+    /// Its SHA-1, made on first use.
+    sha: OnceLock<String>,
 }
 
 impl Cached {
-    const fn new(source: &'static str, sha: fn() -> String) -> Cached {
+    const fn new(source: &'static str) -> Cached {
         Cached {
             source,
-            sha: LazyLock::new(sha),
+            sha: OnceLock::new(),
         }
     }
 
     /// EVALSHA of this script with `numkeys` (the caller adds keys and arguments).
     fn cmd(&self, numkeys: usize) -> redis::Cmd {
+        let sha = self
+            .sha
+            .get_or_init(|| redis::Script::new(self.source).get_hash().to_owned());
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&*self.sha).arg(numkeys);
+        cmd.arg(sha).arg(numkeys);
         cmd
     }
 }
 
-pub static DELIVER_SCRIPT: Cached = Cached::new(DELIVER, || {
-    redis::Script::new(DELIVER).get_hash().to_owned()
-});
-pub static SETTLE_SCRIPT: Cached =
-    Cached::new(SETTLE, || redis::Script::new(SETTLE).get_hash().to_owned());
+pub static DELIVER_SCRIPT: Cached = Cached::new(DELIVER);
+pub static SETTLE_SCRIPT: Cached = Cached::new(SETTLE);
 
 /// What one [`Client::relay`] did.
 #[derive(Debug, Default)]

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use redstream::config;
 
-use crate::util::{Daemon, RedisServer, bin, config_toml, daemon_toml, root, settings_from};
+use crate::util::{
+    Daemon, RedisServer, bin, config_toml, daemon_toml, redstream, root, settings_from,
+};
 
 fn echo_wasm() -> std::path::PathBuf {
     root().join("handlers/build/echo.wasm")
@@ -543,19 +545,6 @@ fn watch_loads_a_handler_whichever_of_its_files_arrives_first() {
     write(&dropins.join("20-second.toml"), &dropin("second"));
     answers("second");
     assert_eq!(d.stop(Duration::from_secs(20)), 0);
-}
-
-fn redstream(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(bin())
-        .args(args)
-        .env_remove("REDSTREAM_CONFIG")
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// From nothing to a tested handler in each language, with only `handler new`, `handler build` and

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::exported;
 use crate::util::http_server::HttpServer;
-use crate::util::{Daemon, RedisServer, daemon_toml, root, wait_for, with_metrics};
+use crate::util::{Daemon, RedisServer, daemon_toml, redstream, root, wait_for, with_metrics};
 
 const IN: &str = "nova:task:caller:in";
 const OUT: &str = "nova:task:caller:out";
@@ -445,20 +445,6 @@ fn waiting_for_a_turn_is_neither_the_calls_time_nor_an_attempt() {
         (server.pending(IN, "g") == 0).then_some(())
     });
     assert_eq!(d.stop(Duration::from_secs(10)), 0);
-}
-
-/// `redstream ARGS…`: exit code, stdout, stderr.
-fn redstream(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(crate::util::bin())
-        .args(args)
-        .env_remove("REDSTREAM_CONFIG")
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// A JavaScript handler made by `handler new --lang js` uses `fetch` once its entry grants the origin:
