@@ -1,5 +1,8 @@
-// Helpers for RedStream handlers in JavaScript, built with componentize-js against
-// redstream:handler@0.1.2 (wit/handler.wit). `redstream handler new --lang js` copies this file.
+// Helpers for RedStream handlers in JavaScript, built against redstream:handler@0.1.2
+// (wit/handler.wit) with either engine `redstream handler new --lang js` offers: QuickJS
+// (componentize-qjs, the default: small and fast per call) or StarlingMonkey (componentize-js: `fetch`
+// and `async` handlers, about ten times the cost per call). This file works under both; the project's
+// package.json says which builds it. `redstream handler new --lang js` copies this file.
 //
 // What a handler returns decides what happens to the message: returning normally commits the replies
 // it sent with the ack; `throw retry(why)` leaves it pending for another try (up to the consumer's
@@ -18,13 +21,53 @@ import {
   remove as stateRemove,
 } from 'redstream:handler/state@0.1.2';
 
-const encoder = new TextEncoder();
-const decoder = new TextDecoder('utf-8', { fatal: true });
+// StarlingMonkey has TextEncoder and TextDecoder; QuickJS has neither, but its URI functions convert
+// UTF-8 natively, and decodeURIComponent refuses what is not UTF-8 (as a fatal TextDecoder does).
+const encoder = typeof TextEncoder === 'function' ? new TextEncoder() : undefined;
+const decoder =
+  typeof TextDecoder === 'function' ? new TextDecoder('utf-8', { fatal: true }) : undefined;
+
+/** `s` as UTF-8 bytes (a lone surrogate becomes U+FFFD, as TextEncoder makes it). */
+function utf8(s) {
+  if (encoder) return encoder.encode(s);
+  let binary;
+  try {
+    binary = unescape(encodeURIComponent(s));
+  } catch {
+    binary = unescape(encodeURIComponent(s.toWellFormed()));
+  }
+  const out = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) out[i] = binary.charCodeAt(i);
+  return out;
+}
+
+/** UTF-8 `bytes` as a string; throws when they are not UTF-8. */
+function fromUtf8(bytes) {
+  if (decoder) return decoder.decode(bytes);
+  let binary = '';
+  // In slices: apply() takes its arguments on the stack.
+  for (let i = 0; i < bytes.length; i += 8192) {
+    binary += String.fromCharCode.apply(null, bytes.subarray(i, i + 8192));
+  }
+  return /^[\x00-\x7f]*$/.test(binary) ? binary : decodeURIComponent(escape(binary));
+}
+
+// QuickJS has no console: its lines go to RedStream's log, as StarlingMonkey's go to its output.
+if (typeof console === 'undefined') {
+  const line = (level) => (...args) => hostLog(level, args.map(String).join(' '));
+  globalThis.console = {
+    log: line('info'),
+    info: line('info'),
+    debug: line('debug'),
+    warn: line('warn'),
+    error: line('error'),
+  };
+}
 
 /** Try again later: at the consumer's next retry step, or `afterMs` milliseconds from now when given.
  * Throw it: `throw retry('database is down')`, `throw retry('rate limited', { afterMs: 30000 })`. */
 export function retry(why, { afterMs } = {}) {
-  if (afterMs !== undefined) hostRetryAfter(BigInt(Math.max(0, Math.round(afterMs))));
+  if (afterMs !== undefined) hostRetryAfter(ms(afterMs));
   return { tag: 'retry', val: String(why) };
 }
 
@@ -33,9 +76,15 @@ export function reject(why) {
   return { tag: 'reject', val: String(why) };
 }
 
+// StarlingMonkey settles a call's promise before the call ends; QuickJS (built with --sync) returns
+// at the first `await`, before the rest runs. Only StarlingMonkey has `fetch`.
+const ASYNC_CALLS = typeof fetch === 'function';
+
 /** `handle` with the error convention applied: other exceptions become retries naming them. `fn` may
- * be `async` (to `await fetch(...)`, for a handler granted `allowed_outbound_hosts`): the call then
- * ends when its promise settles, and a rejection counts as a throw. */
+ * be `async` (to `await fetch(...)`, for a handler granted `allowed_outbound_hosts`) under the
+ * StarlingMonkey engine: the call then ends when its promise settles, and a rejection counts as a
+ * throw. Under QuickJS an `async` handler is rejected, naming the engine it needs: its work after the
+ * first `await` would never run. */
 export function handler(fn) {
   const outcome = (e) => {
     if (e && (e.tag === 'retry' || e.tag === 'reject')) return e;
@@ -49,6 +98,13 @@ export function handler(fn) {
       throw outcome(e);
     }
     if (out && typeof out.then === 'function') {
+      if (!ASYNC_CALLS) {
+        throw reject(
+          'handle returned a promise (an async handler): build it with the StarlingMonkey engine ' +
+            '(componentize-js; `redstream handler new NAME --lang js --engine starlingmonkey`), ' +
+            'QuickJS ends the call at its first await',
+        );
+      }
       return out.then(
         () => undefined,
         (e) => {
@@ -61,7 +117,9 @@ export function handler(fn) {
 
 /** The raw value (Uint8Array) of the first field called `name`, or undefined. */
 export function field(msg, name) {
-  for (const [n, v] of msg.fields) if (n === name) return v;
+  // Indexed, not `for (const [n, v] of …)`: QuickJS interprets the iterator protocol step by step.
+  const fields = msg.fields;
+  for (let i = 0; i < fields.length; i++) if (fields[i][0] === name) return fields[i][1];
   return undefined;
 }
 
@@ -70,7 +128,7 @@ export function text(msg, name) {
   const v = field(msg, name);
   if (v === undefined) return undefined;
   try {
-    return decoder.decode(v);
+    return fromUtf8(v);
   } catch {
     return undefined;
   }
@@ -81,7 +139,7 @@ export function requireText(msg, name) {
   const v = field(msg, name);
   if (v === undefined) throw reject(`no \`${name}\` field`);
   try {
-    return decoder.decode(v);
+    return fromUtf8(v);
   } catch {
     throw reject(`field \`${name}\` is not UTF-8 text`);
   }
@@ -100,7 +158,10 @@ export function json(msg, name) {
 
 /** Fields whose names do not start with `_` (the envelope's and routing's do), as [name, bytes]. */
 export function userFields(msg) {
-  return msg.fields.filter(([n]) => !n.startsWith('_'));
+  const fields = msg.fields;
+  const out = [];
+  for (let i = 0; i < fields.length; i++) if (fields[i][0][0] !== '_') out.push(fields[i]);
+  return out;
 }
 
 function callState(f) {
@@ -120,22 +181,22 @@ function callState(f) {
 export const state = {
   /** The value of `key` (a Uint8Array), or undefined. */
   get(key) {
-    return callState(() => stateGet(key));
+    return callState(() => stateGet(key)) ?? undefined;
   },
   /** The value of `key` as text, or undefined when absent or not UTF-8. */
   text(key) {
     const v = this.get(key);
     if (v === undefined) return undefined;
     try {
-      return decoder.decode(v);
+      return fromUtf8(v);
     } catch {
       return undefined;
     }
   },
   /** Sets `key` to `value` (text or bytes) at commit, kept `ttlMs` after it when given. */
   set(key, value, { ttlMs } = {}) {
-    const bytes = typeof value === 'string' ? encoder.encode(value) : Uint8Array.from(value);
-    callState(() => stateSet(key, bytes, ttlMs === undefined ? undefined : ms(ttlMs)));
+    const bytes = typeof value === 'string' ? utf8(value) : Uint8Array.from(value);
+    callState(() => stateSet(key, bytes, ttlMs === undefined ? null : ms(ttlMs)));
   },
   /** Removes `key` at commit. */
   remove(key) {
@@ -145,7 +206,7 @@ export const state = {
 
 /** A value of the handler's `config` table, or undefined. */
 export function config(key) {
-  return hostConfig(key);
+  return hostConfig(key) ?? undefined;
 }
 
 /** Lines in RedStream's log (at most 50 per message). */
@@ -157,7 +218,7 @@ export const log = {
 };
 
 function ms(n) {
-  return BigInt(Math.max(0, Math.round(Number(n))));
+  return Math.max(0, Math.round(Number(n)));
 }
 
 function describe(p) {
@@ -171,7 +232,7 @@ export class Reply {
     this.fields = [];
   }
   text(name, value) {
-    this.fields.push([name, encoder.encode(String(value))]);
+    this.fields.push([name, utf8(String(value))]);
     return this;
   }
   bytes(name, value) {

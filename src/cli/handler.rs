@@ -871,9 +871,12 @@ pub fn run(config_file: Option<&Path>, cmd: HandlerCommand) -> Result {
         }
         HandlerCommand::Bench { call, n } => bench(config_file, &call, n),
         HandlerCommand::Test { target, cases } => test(config_file, &target, cases.as_deref()),
-        HandlerCommand::New { name, lang, dir } => {
-            super::scaffold::new(&name, &lang, dir.as_deref())
-        }
+        HandlerCommand::New {
+            name,
+            lang,
+            engine,
+            dir,
+        } => super::scaffold::new(&name, &lang, engine.as_deref(), dir.as_deref()),
         HandlerCommand::Build { path } => super::scaffold::build(&path),
         // cli::main runs it with cli::dev (which runs the cases through this module).
         HandlerCommand::Dev { .. } => Err(Failure::new(

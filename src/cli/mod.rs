@@ -288,15 +288,20 @@ pub enum HandlerCommand {
     /// example test (cases.jsonl), a config entry to deploy it (handler.toml) and a README.
     #[command(
         after_help = "Example:\n  redstream handler new greeter --lang rust\n  \
-        redstream handler build greeter && redstream handler test greeter"
+        redstream handler build greeter && redstream handler test greeter\n  \
+        redstream handler new fetcher --lang js --engine starlingmonkey"
     )]
     New {
         /// The handler's name: lowercase letters, digits and -, starting with a letter.
         name: String,
-        /// rust (cargo, wasm32-wasip2), js (componentize-js, from npm) or python (componentize-py,
-        /// from PyPI).
+        /// rust (cargo, wasm32-wasip2), js (componentize-qjs or componentize-js, from npm) or python
+        /// (componentize-py, from PyPI).
         #[arg(long, value_parser = ["rust", "js", "python"])]
         lang: String,
+        /// For js: quickjs (componentize-qjs; small, about 50 µs a call) or starlingmonkey
+        /// (componentize-js; `fetch` and `async` handlers, about ten times the cost a call).
+        #[arg(long, value_parser = ["quickjs", "starlingmonkey"])]
+        engine: Option<String>,
         /// Where to create the project directory NAME (default: the current directory).
         #[arg(long, value_name = "PATH")]
         dir: Option<PathBuf>,

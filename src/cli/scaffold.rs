@@ -3,9 +3,14 @@
 //!
 //! A project carries everything it needs to build away from this repository: the WIT contract, the
 //! SDK of this release (the Rust crate vendored as a path dependency pinned to its version; the JS and
-//! Python helper modules), a pinned toolchain (componentize-js in package.json, componentize-py in
-//! requirements.txt), and `redstream-handler.toml`, which tells `build` and `test` its language and
-//! where its component goes.
+//! Python helper modules), a pinned toolchain (componentize-qjs or componentize-js in package.json,
+//! componentize-py in requirements.txt), and `redstream-handler.toml`, which tells `build` and `test`
+//! its language and where its component goes.
+//!
+//! JavaScript has two engines. QuickJS (componentize-qjs, the default) lifts a message in compiled
+//! code and starts small: about 50 µs a reused call and 200 µs a fresh one on the echo handler.
+//! StarlingMonkey (componentize-js) brings `fetch` and runs `async` handlers to the end, at about ten
+//! times that (docs/performance.md, "Handlers in each language"). The SDK works under both.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -64,8 +69,9 @@ impl Project {
 
 const WIT: &str = include_str!("../../handlers/wit/handler.wit");
 
-/// (path in the project, template) of every file a project of `lang` starts with.
-fn files(lang: &str) -> Vec<(&'static str, &'static str)> {
+/// (path in the project, template) of every file a project of `lang` (and JavaScript `engine`)
+/// starts with.
+fn files(lang: &str, engine: Engine) -> Vec<(&'static str, &'static str)> {
     let mut out = vec![
         (
             "redstream-handler.toml",
@@ -125,7 +131,12 @@ fn files(lang: &str) -> Vec<(&'static str, &'static str)> {
         "js" => vec![
             (
                 "package.json",
-                include_str!("../../handlers/scaffold/js/package.json"),
+                match engine {
+                    Engine::QuickJs => include_str!("../../handlers/scaffold/js/package.json"),
+                    Engine::StarlingMonkey => {
+                        include_str!("../../handlers/scaffold/js/package-starlingmonkey.json")
+                    }
+                },
             ),
             (
                 "src/handler.js",
@@ -164,7 +175,14 @@ struct Words {
     instance: &'static str,
 }
 
-fn words(lang: &str) -> Words {
+/// The engine a JavaScript project builds with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    QuickJs,
+    StarlingMonkey,
+}
+
+fn words(lang: &str, engine: Engine) -> Words {
     match lang {
         "rust" => Words {
             language: "Rust",
@@ -174,9 +192,17 @@ fn words(lang: &str) -> Words {
             reject: "returns `Err(HandlerError::reject(why))`, or `?` on a missing field or a refused reply",
             instance: "fresh",
         },
-        "js" => Words {
-            language: "JavaScript",
+        "js" if engine == Engine::StarlingMonkey => Words {
+            language: "JavaScript (StarlingMonkey: `fetch` and `async` handlers)",
             needs: "Node.js 18 or newer with npm; the first build installs the pinned componentize-js into node_modules (about 30 s)",
+            edit: "`src/handler.js`; the helpers (`requireText`, `json`, `Reply`, `retry`, `reject`) are documented in `src/redstream.js`",
+            retry: "throws `retry(why)` (or any other exception, inside `handler(...)`)",
+            reject: "throws `reject(why)`, or a helper does (a missing field, a refused reply)",
+            instance: "reuse",
+        },
+        "js" => Words {
+            language: "JavaScript (QuickJS; for `fetch` or an `async` handler, make the project with `--engine starlingmonkey`)",
+            needs: "Node.js 18 or newer with npm; the first build installs the pinned componentize-qjs into node_modules",
             edit: "`src/handler.js`; the helpers (`requireText`, `json`, `Reply`, `retry`, `reject`) are documented in `src/redstream.js`",
             retry: "throws `retry(why)` (or any other exception, inside `handler(...)`)",
             reject: "throws `reject(why)`, or a helper does (a missing field, a refused reply)",
@@ -201,8 +227,19 @@ fn valid_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
-/// `redstream handler new NAME --lang LANG [--dir PATH]`.
-pub fn new(name: &str, lang: &str, dir: Option<&Path>) -> Result {
+/// `redstream handler new NAME --lang LANG [--engine ENGINE] [--dir PATH]`.
+pub fn new(name: &str, lang: &str, engine: Option<&str>, dir: Option<&Path>) -> Result {
+    let engine = match (lang, engine) {
+        ("js", None | Some("quickjs")) => Engine::QuickJs,
+        ("js", Some(_)) => Engine::StarlingMonkey,
+        (_, None) => Engine::QuickJs,
+        (_, Some(e)) => {
+            return Err(Failure::new(
+                Exit::Failure,
+                format!("--engine {e} is for --lang js; a {lang} handler has one toolchain"),
+            ));
+        }
+    };
     if !valid_name(name) {
         return Err(Failure::new(
             Exit::Failure,
@@ -224,7 +261,7 @@ pub fn new(name: &str, lang: &str, dir: Option<&Path>) -> Result {
             ),
         ));
     }
-    let w = words(lang);
+    let w = words(lang, engine);
     let crate_name = name.replace('-', "_");
     let fill = |t: &str| {
         t.replace("{{name}}", name)
@@ -238,7 +275,7 @@ pub fn new(name: &str, lang: &str, dir: Option<&Path>) -> Result {
             .replace("{{instance}}", w.instance)
     };
     let mut written = Vec::new();
-    for (rel, template) in files(lang) {
+    for (rel, template) in files(lang, engine) {
         let path = root.join(rel);
         let fail = |e: std::io::Error| {
             Failure::new(
@@ -458,8 +495,15 @@ fn build_js(dir: &Path) -> Result {
             format!("npm is not installed: {NODE}"),
         ));
     }
-    if !dir.join("node_modules/.bin/componentize-js").exists() {
-        eprintln!("redstream: installing the pinned componentize-js into node_modules (once)");
+    // The project's package.json names its engine's toolchain.
+    let manifest = std::fs::read_to_string(dir.join("package.json")).unwrap_or_default();
+    let tool = if manifest.contains("\"componentize-qjs\"") {
+        "componentize-qjs"
+    } else {
+        "componentize-js"
+    };
+    if !dir.join("node_modules/.bin").join(tool).exists() {
+        eprintln!("redstream: installing the pinned {tool} into node_modules (once)");
         step(
             dir,
             Path::new("npm"),
@@ -467,7 +511,7 @@ fn build_js(dir: &Path) -> Result {
             NODE,
         )?;
     }
-    // componentize-js names no file or line for a syntax error; node does.
+    // The toolchains name no file or line for a syntax error; node does.
     syntax(dir, Path::new("node"), &["--check"], &sources(dir, "js"))?;
     step(dir, Path::new("npm"), &["run", "--silent", "build"], NODE)
 }

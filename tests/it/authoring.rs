@@ -676,6 +676,16 @@ fn echo_parity_across_languages() {
         let (code, out, err) = redstream(&["handler", "build", copy.to_str().unwrap()]);
         assert_eq!(code, Some(0), "{out}{err}");
         components.push(copy.join(format!("dist/echo-{lang}.wasm")));
+        if lang == "js" {
+            // The same source and SDK under the other engine (QuickJS above, StarlingMonkey here).
+            let built = Command::new("npm")
+                .args(["run", "--silent", "build:starlingmonkey"])
+                .current_dir(&copy)
+                .output()
+                .unwrap();
+            assert!(built.status.success(), "{built:?}");
+            components.push(copy.join("dist/echo-js-starlingmonkey.wasm"));
+        }
     }
     let cases = root().join("handlers/examples/echo/cases.jsonl");
     // Same file name, so the handler's name in denial reasons is the same too.
@@ -700,7 +710,7 @@ fn echo_parity_across_languages() {
             "task_write",
         ]);
         assert_eq!(code, Some(0), "{}: {out}{err}", c.display());
-        assert!(out.contains("9 of 9 cases passed"), "{out}");
+        assert!(out.contains("10 of 10 cases passed"), "{out}");
     }
     for line in std::fs::read_to_string(&cases).unwrap().lines() {
         let case: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -724,8 +734,12 @@ fn echo_parity_across_languages() {
                 serde_json::Value::Object(v.clone())
             })
             .collect();
-        assert_eq!(outputs[0], outputs[1], "rust vs js for {message}");
-        assert_eq!(outputs[0], outputs[2], "rust vs python for {message}");
+        for (i, lang) in ["js (QuickJS)", "js (StarlingMonkey)", "python"]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(outputs[0], outputs[i + 1], "rust vs {lang} for {message}");
+        }
     }
 }
 
@@ -1177,4 +1191,83 @@ fn handler_dev_runs_a_new_project_in_a_local_pipeline_and_follows_its_changes() 
     crate::util::wait_for("its children to be gone", Duration::from_secs(10), || {
         (!alive(redis_pid) && !alive(daemon_pid)).then_some(())
     });
+}
+
+/// A JavaScript project builds with QuickJS unless it asks for StarlingMonkey. QuickJS ends a call at
+/// its first `await`, so an `async` handler there is rejected, naming the engine it needs — never
+/// acked with the work after the `await` undone. `--engine` belongs to JavaScript only.
+#[test]
+fn an_async_javascript_handler_under_quickjs_is_rejected_not_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().to_str().unwrap();
+    let (code, out, err) = redstream(&["handler", "new", "later", "--lang", "js", "--dir", at]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let project = dir.path().join("later");
+    let manifest = std::fs::read_to_string(project.join("package.json")).unwrap();
+    assert!(manifest.contains("\"componentize-qjs\""), "{manifest}");
+    std::fs::write(
+        project.join("src/handler.js"),
+        r#"import { handler, Reply, config } from './redstream.js';
+
+export const handle = handler(async (msg) => {
+  new Reply().text('before', 'await').send(config('reply_to'));
+  await Promise.resolve();
+  new Reply().text('after', 'await').send(config('reply_to'));
+});
+"#,
+    )
+    .unwrap();
+    let p = project.to_str().unwrap();
+    let (code, out, err) = redstream(&["handler", "build", p]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = redstream(&["handler", "run", p, "--message", r#"{"greet":"you"}"#]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    let run: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(run["outcome"], "reject", "{out}");
+    assert!(
+        run["reason"]
+            .as_str()
+            .unwrap()
+            .contains("--engine starlingmonkey"),
+        "{out}"
+    );
+    assert_eq!(run["replies"], serde_json::json!([]), "{out}");
+
+    let (code, _, err) = redstream(&[
+        "handler", "new", "oxide", "--lang", "rust", "--engine", "quickjs", "--dir", at,
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--engine quickjs is for --lang js"), "{err}");
+}
+
+/// QuickJS has no TextEncoder or TextDecoder; the JS SDK's own UTF-8 conversion must agree with them
+/// (checked here under Node, with the native ones as the reference): the same bytes for every string,
+/// a lone surrogate included, and the same refusal of bytes that are not UTF-8.
+#[test]
+fn the_javascript_sdk_converts_utf8_as_text_encoder_does() {
+    let script = r#"
+const src = require('fs').readFileSync(process.argv[1], 'utf8');
+const body = src.slice(src.indexOf('function utf8(s)'), src.indexOf('// QuickJS has no console'));
+const encoder = undefined, decoder = undefined;
+const { utf8, fromUtf8 } = new Function('encoder', 'decoder', body + 'return { utf8, fromUtf8 };')(encoder, decoder);
+const te = new TextEncoder(), td = new TextDecoder('utf-8', { fatal: true });
+const bad = [];
+for (const s of ['', 'abc', 'héllo ✓', '😀 x', '%41+&=', 'a\ud800b', '\u0000z', 'é'.repeat(20000)]) {
+  const b = te.encode(s);
+  if (!Buffer.from(utf8(s)).equals(Buffer.from(b))) bad.push(`utf8 ${JSON.stringify(s).slice(0, 20)}`);
+  if (fromUtf8(b) !== td.decode(b)) bad.push(`fromUtf8 ${JSON.stringify(s).slice(0, 20)}`);
+}
+for (const bytes of [[0xff], [0xc0, 0x80], [0xed, 0xa0, 0x80], [0xe2, 0x82], [0xf4, 0x90, 0x80, 0x80], [0x61, 0x80]]) {
+  try { fromUtf8(new Uint8Array(bytes)); bad.push(`accepted ${bytes}`); } catch {}
+}
+console.log(bad.length ? bad.join('\n') : 'agree');
+"#;
+    let sdk = root().join("handlers/sdk-js/redstream.js");
+    let out = Command::new("node")
+        .args(["-e", script, sdk.to_str().unwrap()])
+        .output()
+        .expect("node (the JavaScript handler tests need Node.js)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text.trim(), "agree", "{text}");
 }

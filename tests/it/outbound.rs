@@ -457,7 +457,17 @@ fn a_javascript_handler_fetches_from_a_granted_origin() {
     let web = HttpServer::start();
     let dir = tempfile::tempdir().unwrap();
     let at = dir.path().to_str().unwrap();
-    let (code, out, err) = redstream(&["handler", "new", "fetcher", "--lang", "js", "--dir", at]);
+    let (code, out, err) = redstream(&[
+        "handler",
+        "new",
+        "fetcher",
+        "--lang",
+        "js",
+        "--engine",
+        "starlingmonkey",
+        "--dir",
+        at,
+    ]);
     assert_eq!(code, Some(0), "{out}{err}");
     let project = dir.path().join("fetcher");
     let p = project.to_str().unwrap();
