@@ -1195,7 +1195,8 @@ fn handler_dev_runs_a_new_project_in_a_local_pipeline_and_follows_its_changes() 
 
 /// A JavaScript project builds with QuickJS unless it asks for StarlingMonkey. QuickJS ends a call at
 /// its first `await`, so an `async` handler there is rejected, naming the engine it needs — never
-/// acked with the work after the `await` undone. `--engine` belongs to JavaScript only.
+/// acked with the work after the `await` undone; `console` writes to the log. `--engine` belongs to
+/// JavaScript only.
 #[test]
 fn an_async_javascript_handler_under_quickjs_is_rejected_not_acked() {
     let dir = tempfile::tempdir().unwrap();
@@ -1232,6 +1233,32 @@ export const handle = handler(async (msg) => {
         "{out}"
     );
     assert_eq!(run["replies"], serde_json::json!([]), "{out}");
+
+    // QuickJS has no console of its own: the SDK gives it one that writes to RedStream's log.
+    std::fs::write(
+        project.join("src/handler.js"),
+        r#"import { handler } from './redstream.js';
+
+export const handle = handler((msg) => {
+  console.log('seen', msg.id, 42);
+  console.warn('careful');
+});
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = redstream(&["handler", "build", p]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = redstream(&["handler", "run", p, "--message", r#"{"greet":"you"}"#]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let run: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        run["output"],
+        serde_json::json!([
+            {"at": "log:info", "text": "seen 0-1 42"},
+            {"at": "log:warn", "text": "careful"},
+        ]),
+        "{out}"
+    );
 
     let (code, _, err) = redstream(&[
         "handler", "new", "oxide", "--lang", "rust", "--engine", "quickjs", "--dir", at,

@@ -357,8 +357,8 @@ fn not_a_component(bytes: &[u8]) -> Option<String> {
     match bytes.get(4..8) {
         Some([1, 0, 0, 0]) => Some(
             "this is a core WebAssembly module, not a component: build for wasm32-wasip2 \
-             (`cargo build --release --target wasm32-wasip2`), or componentize it (componentize-js, \
-             componentize-py, `wasm-tools component new`)"
+             (`cargo build --release --target wasm32-wasip2`), or componentize it (componentize-qjs, \
+             componentize-js, componentize-py, `wasm-tools component new`)"
                 .into(),
         ),
         _ => None,
