@@ -911,3 +911,87 @@ fn handler_state_is_committed_in_the_slot_of_its_stream_on_every_master() {
     }
     stop_all(&mut daemons);
 }
+
+/// Calls of `command` (as INFO commandstats names it, e.g. `cluster|nodes`) on every master.
+fn calls(cluster: &Cluster, command: &str) -> u64 {
+    let prefix = format!("cmdstat_{command}:calls=");
+    cluster
+        .masters()
+        .into_iter()
+        .map(|port| {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut cluster.node(port))
+                .expect("INFO commandstats");
+            info.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|rest| rest.split(',').next()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// The relay learns a target slot's master and replicas from CLUSTER NODES at most once a second
+/// per slot and daemon (`slot::MASTERS_FOR`), not on every pass: replies cross slots until the relays
+/// have waited for a replica (one WAIT per pass and target) four times as often as that bound allows
+/// CLUSTER NODES, and CLUSTER NODES stays within the bound for the time it took.
+#[test]
+fn the_relay_asks_cluster_nodes_at_most_once_a_second_per_slot() {
+    let cluster = Cluster::start();
+    let pairs = pairs(false);
+    let mut daemons = start_daemons(&cluster, &pairs);
+    // The clock starts first: every ask counted falls inside the time measured. A relay's asks of one
+    // slot reach Redis at least a second apart, so there are at most ⌊secs⌋ + 1 of them.
+    let started = std::time::Instant::now();
+    let (nodes_before, waits_before) = (calls(&cluster, "cluster|nodes"), calls(&cluster, "wait"));
+    let bound = |secs: f64| (daemons.len() * pairs.len()) as f64 * (secs + 1.0);
+    let mut conns: Vec<redis::Connection> = pairs
+        .iter()
+        .map(|(input, _)| cluster.node(cluster.master_of(input)))
+        .collect();
+    let mut sent = vec![0u64; pairs.len()];
+    loop {
+        // Small batches, no WAIT of our own: every pass of a relay is a WAIT the count sees.
+        for (k, (input, _)) in pairs.iter().enumerate() {
+            for _ in 0..3 {
+                let _: String = redis::cmd("XADD")
+                    .arg(input)
+                    .arg("*")
+                    .arg("n")
+                    .arg(sent[k])
+                    .query(&mut conns[k])
+                    .expect("XADD on the input's master");
+                sent[k] += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        let secs = started.elapsed().as_secs_f64();
+        let waits = calls(&cluster, "wait") - waits_before;
+        if waits as f64 >= 4.0 * bound(secs) {
+            break;
+        }
+        assert!(
+            secs < 60.0,
+            "the relays waited for replicas only {waits} times in {secs:.0} s"
+        );
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let nodes = calls(&cluster, "cluster|nodes") - nodes_before;
+    let waits = calls(&cluster, "wait") - waits_before;
+    println!(
+        "in {secs:.1} s: {waits} WAITs, {nodes} CLUSTER NODES (bound {:.0})",
+        bound(secs)
+    );
+    assert!(
+        nodes as f64 <= bound(secs),
+        "CLUSTER NODES asked {nodes} times in {secs:.1} s by {} daemons for {} target slots",
+        daemons.len(),
+        pairs.len()
+    );
+    for (k, (_, out)) in pairs.iter().enumerate() {
+        wait_for("every reply", Duration::from_secs(60), || {
+            (cluster.xlen(out) >= sent[k]).then_some(())
+        });
+    }
+    stop_all(&mut daemons);
+}
