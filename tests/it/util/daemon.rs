@@ -81,14 +81,30 @@ impl Daemon {
         Daemon::running_wrapped(toml, env, &[])
     }
 
-    /// [`Daemon::running`] through a wrapper, as [`Daemon::start_wrapped`].
+    /// [`Daemon::running`] through a wrapper, as [`Daemon::start_wrapped`]. A daemon that exits
+    /// instead fails the test at once, with its log, rather than when the wait runs out.
     pub fn running_wrapped(toml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
-        let d = Daemon::start_wrapped(toml, env, wrapper);
-        assert!(
-            d.wait_log("redstream running", Duration::from_secs(20)),
-            "daemon did not start:\n{}",
-            d.logs().join("\n")
-        );
+        let mut d = Daemon::start_wrapped(toml, env, wrapper);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while d.count_log("redstream running") == 0 {
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                d.child = None;
+                // Its stderr has ended: every line it wrote is in the log now.
+                if let Some(r) = d.reader.take() {
+                    let _ = r.join();
+                }
+                panic!(
+                    "daemon exited ({status}) before it was running:\n{}",
+                    d.logs().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start:\n{}",
+                d.logs().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         d
     }
 
