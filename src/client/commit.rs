@@ -23,7 +23,7 @@ use crate::model::message::{Message, Once, Reply, ReplyKind};
 pub const MAX_WRITE_VALUES: usize = 7900;
 
 /// The most arguments the script adds around one write's values: XADD's key and id and the
-/// envelope pairs it writes itself (`_outbox_target`, `_outbox_reply`, `_outbox_due`, `_timestamp`,
+/// envelope pairs it writes itself (`_outbox_to`, `_outbox_reply`, `_outbox_due`, `_timestamp`,
 /// `_source`, `_trace_id`, `_cause`).
 const WRITE_OVERHEAD: usize = 16;
 
@@ -32,8 +32,18 @@ const WRITE_OVERHEAD: usize = 16;
 const _: () =
     assert!(2 * (crate::model::limits::MAX_FIELDS + 10) + WRITE_OVERHEAD <= MAX_WRITE_VALUES);
 
-/// The first field of an outbox entry: the stream its entry goes to ([`super::outbox`]).
+/// The first field of an outbox entry whose fields follow as they are: a dead letter, or a reply
+/// committed by a daemon before replies were packed ([`super::outbox`]). Its value is the stream the
+/// entry goes to.
 pub const OUTBOX_TARGET: &str = "_outbox_target";
+/// The first field of a packed outbox reply: the stream it goes to. A name of its own, so that a relay
+/// of an older version, which knows only [`OUTBOX_TARGET`], leaves such an entry pending for a relay
+/// that can unpack it rather than deliver the packed field as the reply.
+pub const OUTBOX_TO: &str = "_outbox_to";
+/// The last field of a packed outbox reply: the reply's own fields, encoded as
+/// [`super::delayed::encode`] does. One value instead of two per field: the commit script and the
+/// relay's read each handle the reply's fields once, not field by field.
+pub const OUTBOX_FIELDS: &str = "_outbox_fields";
 /// The second field of an outbox reply: its index among its message's replies ([`super::outbox`]).
 pub const OUTBOX_REPLY: &str = "_outbox_reply";
 /// The third field of a delayed reply in the outbox: when it is due, ms since the epoch.
@@ -71,9 +81,10 @@ pub struct CommitCall(pub(super) Cmd);
 /// parses numbers from text: per message its write count, then per write the key index, the number
 /// of values it takes from ARGV, and one byte for its kind: 1 a reply (its `_trace_id` value, then
 /// its own field pairs; the script writes `_timestamp`, `_source`, `_trace_id` and `_cause` =
-/// `<source stream>/<id>` first), 3 a reply to the outbox (the same after the target's name and the
-/// reply's index among the message's replies, written as `_outbox_target` and `_outbox_reply`: the
-/// relay's dedupe names the effect by cause and index), 0 an entry complete as given (dead letters), 2 a signed message's use
+/// `<source stream>/<id>` first), 3 a reply to the outbox (the target's name and the reply's index
+/// among the message's replies, written as `_outbox_to` and `_outbox_reply` — the relay's dedupe names
+/// the effect by cause and index —, then the `_trace_id` value and `_outbox_fields` with the reply's
+/// own fields packed: the envelope is written as for kind 1), 0 an entry complete as given (dead letters), 2 a signed message's use
 /// marker (the owning entry and its relative expiry: SET NX PX; always the message's first write),
 /// 4 a delayed reply held beside its stream (its key is the target stream, its values the due set,
 /// the fields hash, its member — `<cause>#<index>` —, its due time and its whole entry encoded,
@@ -286,7 +297,7 @@ for m = 1, n do
         r = redis.pcall('XADD', key, '*', '_timestamp', ts, '_source', source, '_trace_id', ARGV[a],
           '_cause', cause .. id, unpack(ARGV, a + 1, last))
       elseif kind == 3 then
-        r = redis.pcall('XADD', key, '*', '_outbox_target', ARGV[a], '_outbox_reply', ARGV[a + 1],
+        r = redis.pcall('XADD', key, '*', '_outbox_to', ARGV[a], '_outbox_reply', ARGV[a + 1],
           '_timestamp', ts, '_source', source, '_trace_id', ARGV[a + 2], '_cause', cause .. id,
           unpack(ARGV, a + 3, last))
       elseif kind == 2 then
@@ -308,7 +319,7 @@ for m = 1, n do
       elseif kind == 8 then
         r = 1
       elseif kind == 5 then
-        r = redis.pcall('XADD', key, '*', '_outbox_target', ARGV[a], '_outbox_reply', ARGV[a + 1],
+        r = redis.pcall('XADD', key, '*', '_outbox_to', ARGV[a], '_outbox_reply', ARGV[a + 1],
           '_outbox_due', ARGV[a + 2], '_timestamp', ts, '_source', source, '_trace_id', ARGV[a + 3],
           '_cause', cause .. id, unpack(ARGV, a + 4, last))
       else
@@ -470,9 +481,9 @@ impl Committer {
                     layout,
                     match kind {
                         // Through the outbox: the target's name and the reply's index come first
-                        // (and a delayed one's due time).
-                        3 => reply_values(r) + 2,
-                        5 => reply_values(r) + 3,
+                        // (and a delayed one's due time), then the packed reply.
+                        3 => PACKED_VALUES + 2,
+                        5 => PACKED_VALUES + 3,
                         4 => HELD_VALUES,
                         // The value and its time to live (empty for none).
                         6 => 2,
@@ -562,7 +573,11 @@ impl Committer {
                         if let (5, Some(due)) = (kind, due) {
                             cmd.arg(due);
                         }
-                        self.reply_args(&mut cmd, &f.msg, r);
+                        if kind == 3 || kind == 5 {
+                            self.packed_args(&mut cmd, &f.msg, r);
+                        } else {
+                            self.reply_args(&mut cmd, &f.msg, r);
+                        }
                     }
                 }
                 Effect::DeadLetter(_) | Effect::TooLarge(_) => {
@@ -605,6 +620,20 @@ impl Committer {
                 cmd.arg(name).arg(value);
             }
         }
+    }
+
+    /// A reply's values for the script on its way through the outbox ([`PACKED_VALUES`]): its
+    /// `_trace_id`, then [`OUTBOX_FIELDS`] and its fields without the envelope, packed.
+    fn packed_args(&self, cmd: &mut Cmd, msg: &Message, reply: &Reply) {
+        let mut own = Fields::with_capacity(reply.fields.len());
+        for (name, value) in reply.fields.iter() {
+            if envelope_field(name).is_none() {
+                own.push(name.to_vec(), value.to_vec());
+            }
+        }
+        cmd.arg(trace_of(msg, reply).as_ref())
+            .arg(OUTBOX_FIELDS)
+            .arg(super::delayed::encode(&own));
     }
 
     /// A delayed reply's values for the script ([`HELD_VALUES`]): its due set, fields hash, member
@@ -711,6 +740,10 @@ fn envelope_field(name: &[u8]) -> Option<&'static str> {
     .find(|e| e.as_bytes() == name)
 }
 
+/// How many values [`Committer::packed_args`] passes for a reply: its trace id, the packed fields'
+/// name and their value.
+const PACKED_VALUES: usize = 3;
+
 /// How many values [`Committer::reply_args`] passes for `reply`: the trace id, then its own field
 /// pairs without the envelope.
 fn reply_values(reply: &Reply) -> usize {
@@ -810,7 +843,7 @@ mod tests {
             super::super::delayed::REGISTRY
         )));
         for name in [
-            OUTBOX_TARGET,
+            OUTBOX_TO,
             OUTBOX_REPLY,
             OUTBOX_DUE,
             envelope::TIMESTAMP,

@@ -98,6 +98,38 @@ pub fn encode(fields: &Fields) -> Vec<u8> {
     out
 }
 
+/// The fields [`encode`] made, or why `bytes` are not such an encoding (a name without its value
+/// included).
+pub fn decode(bytes: &[u8]) -> Result<Fields, String> {
+    let mut parts = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let colon = rest
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or("a length without its colon")?;
+        let len: usize = std::str::from_utf8(&rest[..colon])
+            .ok()
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|t| t.parse().ok())
+            .ok_or("a length that is not a number")?;
+        let body = &rest[colon + 1..];
+        if body.len() <= len || body[len] != b',' {
+            return Err(format!("a part of {len} bytes runs past the end"));
+        }
+        parts.push(&body[..len]);
+        rest = &body[len + 1..];
+    }
+    if parts.len() % 2 == 1 {
+        return Err("a name without its value".into());
+    }
+    let mut fields = Fields::with_capacity(parts.len() / 2);
+    for pair in parts.chunks_exact(2) {
+        fields.push(pair[0].to_vec(), pair[1].to_vec());
+    }
+    Ok(fields)
+}
+
 pub use crate::model::message::Due;
 
 /// The [`HOLD`] call for a message of `fields` to `stream`, known by `id` (`cluster`: the registry is
@@ -142,6 +174,34 @@ mod tests {
         ]
         .into();
         assert_eq!(encode(&fields), b"1:a,5:x:y,z,0:,3:\x00\xff:,".to_vec());
+    }
+
+    #[test]
+    fn netstrings_decode_to_the_fields_they_encode_and_refuse_anything_else() {
+        let fields: Fields = vec![
+            (b"a".to_vec(), b"x:y,z".to_vec()),
+            (b"".to_vec(), vec![0, 255, b':']),
+            (b"12:3,".to_vec(), b"".to_vec()),
+        ]
+        .into();
+        let back = decode(&encode(&fields)).unwrap();
+        assert_eq!(
+            back.iter().collect::<Vec<_>>(),
+            fields.iter().collect::<Vec<_>>()
+        );
+        assert_eq!(decode(b"").unwrap().len(), 0);
+        for bad in [
+            &b"1:a,"[..],
+            b"1:a,2:b,",
+            b"1:a",
+            b"x:a,1:b,",
+            b"-1:a,1:b,",
+            b":a,1:b,",
+            b"1:ab1:b,",
+            b"99999999999999999999999:a,",
+        ] {
+            assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

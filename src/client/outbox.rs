@@ -3,8 +3,11 @@
 //! Owns the path that keeps a reply effectively-once when its stream lives in another slot than its
 //! source (docs/design.md, "Redis Cluster"). The commit script can only touch keys of the source's
 //! slot, so such a reply is written, atomically with the ack, to the source's *outbox* — a stream in
-//! the source's slot ([`outbox_of`]) — as `_outbox_target <stream>`, `_outbox_reply <index>` followed
-//! by the reply's fields. A relay ([`crate::engine::relay`]) reads the outbox as group [`GROUP`] and
+//! the source's slot ([`outbox_of`]) — as `_outbox_to <stream>`, `_outbox_reply <index>`, the
+//! envelope, and `_outbox_fields` holding the reply's own fields packed in one value (a dead letter,
+//! and a reply an older daemon committed, as `_outbox_target <stream>` followed by its fields: both
+//! are relayed). Packed, the commit script and the relay's read handle a reply's fields once, not
+//! field by field (docs/performance.md, "Redis Cluster"). A relay ([`crate::engine::relay`]) reads the outbox as group [`GROUP`] and
 //! moves each entry on in three steps, each safe to repeat:
 //! 1. [`DELIVER`], on the target's node: unless the target's *seen* set ([`seen_of`], in the target's
 //!    slot) records this effect, XADD the reply and record it — one script, so a reply and its record
@@ -48,7 +51,9 @@ use crate::model::envelope::{self, Entry, Fields};
 /// The consumer group relays read outboxes with.
 pub const GROUP: &str = "redstream-relay";
 
-pub use super::commit::{OUTBOX_DUE, OUTBOX_REPLY, OUTBOX_TARGET as TARGET, outbox_of};
+pub use super::commit::{
+    OUTBOX_DUE, OUTBOX_FIELDS, OUTBOX_REPLY, OUTBOX_TARGET as TARGET, OUTBOX_TO, outbox_of,
+};
 
 /// How long a relay waits for a replica to take its deliveries before it leaves them to a later pass.
 pub const REPLICA_WAIT: Duration = Duration::from_secs(1);
@@ -205,14 +210,19 @@ type Outgoing<'a> = (&'a str, Fields, String, Option<String>);
 /// An outbox entry split into its target, the fields to write there, the name of its effect for the
 /// dedupe record — `<cause>#<reply index>` for a reply, `<_dlq_source>#dead-letter` for a dead
 /// letter, else (an entry of an older version) `<outbox>/<entry id>` — and, for a delayed reply, its
-/// due time.
-fn split(entry: &Entry, outbox: &str) -> Option<(String, Fields, String, Option<String>)> {
+/// due time. A packed reply ([`OUTBOX_TO`]) has its [`OUTBOX_FIELDS`] unpacked in its place; an
+/// entry that is neither kind, or whose packed fields do not decode, is refused, saying why.
+fn split(entry: &Entry, outbox: &str) -> Result<(String, Fields, String, Option<String>), String> {
+    let not_ours =
+        || format!("not a relay entry: its first field is neither {TARGET} nor {OUTBOX_TO}");
     let mut fields = entry.fields.iter().peekable();
-    let (name, target) = fields.next()?;
-    if name != TARGET.as_bytes() {
-        return None;
+    let (name, target) = fields.next().ok_or_else(not_ours)?;
+    let packed = name == OUTBOX_TO.as_bytes();
+    if name != TARGET.as_bytes() && !packed {
+        return Err(not_ours());
     }
-    let target = String::from_utf8(target.to_vec()).ok()?;
+    let target = String::from_utf8(target.to_vec())
+        .map_err(|_| "not a relay entry: its target is not UTF-8".to_owned())?;
     let reply = fields
         .next_if(|(n, _)| *n == OUTBOX_REPLY.as_bytes())
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
@@ -224,8 +234,23 @@ fn split(entry: &Entry, outbox: &str) -> Option<(String, Fields, String, Option<
         None => None,
     };
     let mut rest = Fields::with_capacity(entry.fields.len());
+    let mut own = None;
     for (n, v) in fields {
+        if packed && n == OUTBOX_FIELDS.as_bytes() {
+            // The commit writes it last: after the envelope, where a handler's field of that name
+            // would be packed inside it.
+            own = Some(v);
+            break;
+        }
         rest.push(n.to_vec(), v.to_vec());
+    }
+    if packed {
+        let own = own.ok_or_else(|| format!("a packed reply without its {OUTBOX_FIELDS}"))?;
+        let own = super::delayed::decode(own)
+            .map_err(|why| format!("its {OUTBOX_FIELDS} do not decode: {why}"))?;
+        for (n, v) in own.iter() {
+            rest.push(n.to_vec(), v.to_vec());
+        }
     }
     let effect = match (
         reply,
@@ -236,7 +261,7 @@ fn split(entry: &Entry, outbox: &str) -> Option<(String, Fields, String, Option<
         (None, _, Some(source)) => format!("{source}#dead-letter"),
         _ => format!("{outbox}/{}", entry.id),
     };
-    Some((target, rest, effect, due))
+    Ok((target, rest, effect, due))
 }
 
 /// The relay's side of the outbox: reading, claiming, delivering, settling.
@@ -327,12 +352,12 @@ impl Client {
         // Per target, in first-seen order: its entries.
         let mut targets: Vec<(String, Vec<Outgoing>)> = Vec::new();
         for e in entries {
-            let Some((target, fields, effect, due)) = split(e, &outbox) else {
-                report.refused.push((
-                    e.id.clone(),
-                    format!("not a relay entry: its first field is not {TARGET}"),
-                ));
-                continue;
+            let (target, fields, effect, due) = match split(e, &outbox) {
+                Ok(split) => split,
+                Err(why) => {
+                    report.refused.push((e.id.clone(), why));
+                    continue;
+                }
             };
             match targets.iter_mut().find(|(t, _)| *t == target) {
                 Some((_, list)) => list.push((&e.id, fields, effect, due)),
@@ -629,7 +654,52 @@ mod tests {
                 },
                 "box"
             )
-            .is_none()
+            .is_err()
         );
+    }
+
+    #[test]
+    fn a_packed_reply_unpacks_after_its_envelope() {
+        let mut own = Fields::new();
+        own.push("k", "v");
+        own.push(OUTBOX_FIELDS, "a handler's own field of that name");
+        own.push("bin", vec![0u8, 255, b',']);
+        let mut packed = Fields::new();
+        packed.push(OUTBOX_TO, "nova:task:{b}:out");
+        packed.push(OUTBOX_REPLY, "1");
+        packed.push(OUTBOX_DUE, "1700000000000");
+        packed.push("_timestamp", "1");
+        packed.push("_cause", "nova:task:{a}:in/5-0");
+        packed.push(OUTBOX_FIELDS, super::super::delayed::encode(&own));
+        let entry = |fields| Entry {
+            id: "3-0".into(),
+            fields,
+        };
+        let (target, rest, effect, due) = split(&entry(packed.clone()), "box").unwrap();
+        assert_eq!(target, "nova:task:{b}:out");
+        assert_eq!(effect, "nova:task:{a}:in/5-0#1");
+        assert_eq!(due.as_deref(), Some("1700000000000"));
+        assert_eq!(
+            rest.iter().collect::<Vec<_>>(),
+            vec![
+                (&b"_timestamp"[..], &b"1"[..]),
+                (b"_cause", b"nova:task:{a}:in/5-0"),
+                (b"k", b"v"),
+                (b"_outbox_fields", b"a handler's own field of that name"),
+                (b"bin", &[0u8, 255, b','][..]),
+            ]
+        );
+        // Refused, saying why, rather than delivered half-made.
+        let mut torn = Fields::new();
+        torn.push(OUTBOX_TO, "nova:task:{b}:out");
+        torn.push("_cause", "nova:task:{a}:in/5-0");
+        torn.push(OUTBOX_FIELDS, "3:k,");
+        let why = split(&entry(torn), "box").unwrap_err();
+        assert!(why.contains("do not decode"), "{why}");
+        let mut bare = Fields::new();
+        bare.push(OUTBOX_TO, "nova:task:{b}:out");
+        bare.push("k", "v");
+        let why = split(&entry(bare), "box").unwrap_err();
+        assert!(why.contains("without its _outbox_fields"), "{why}");
     }
 }

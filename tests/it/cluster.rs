@@ -85,6 +85,21 @@ pub(crate) fn publish(cluster: &Cluster, stream: &str, n: usize) -> Vec<String> 
 fn assert_exactly_once(cluster: &Cluster, input: &str, out: &str, ids: &[String]) {
     let mut seen: HashMap<String, usize> = HashMap::new();
     for e in cluster.entries(out) {
+        // The reply as the handler made it, with its envelope: nothing of the outbox's own (a packed
+        // reply arrives unpacked).
+        assert!(
+            [
+                "n",
+                "faults_started_us",
+                "_timestamp",
+                "_source",
+                "_trace_id"
+            ]
+            .iter()
+            .all(|f| e.contains_key(*f))
+                && !e.keys().any(|k| k.starts_with("_outbox")),
+            "{out}: {e:?}"
+        );
         let cause = e.get("_cause").expect("every reply has _cause");
         let id = cause
             .strip_prefix(&format!("{input}/"))
