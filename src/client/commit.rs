@@ -569,11 +569,9 @@ impl Committer {
                         }
                         if kind == 3 || kind == 5 {
                             cmd.arg(&r.stream).arg(i);
-                        }
-                        if let (5, Some(due)) = (kind, due) {
-                            cmd.arg(due);
-                        }
-                        if kind == 3 || kind == 5 {
+                            if let (5, Some(due)) = (kind, due) {
+                                cmd.arg(due);
+                            }
                             self.packed_args(&mut cmd, &f.msg, r);
                         } else {
                             self.reply_args(&mut cmd, &f.msg, r);
@@ -615,25 +613,17 @@ impl Committer {
     /// script writes that). [`reply_values`] of them.
     fn reply_args(&self, cmd: &mut Cmd, msg: &Message, reply: &Reply) {
         cmd.arg(trace_of(msg, reply).as_ref());
-        for (name, value) in reply.fields.iter() {
-            if envelope_field(name).is_none() {
-                cmd.arg(name).arg(value);
-            }
+        for (name, value) in own_fields(reply) {
+            cmd.arg(name).arg(value);
         }
     }
 
     /// A reply's values for the script on its way through the outbox ([`PACKED_VALUES`]): its
     /// `_trace_id`, then [`OUTBOX_FIELDS`] and its fields without the envelope, packed.
     fn packed_args(&self, cmd: &mut Cmd, msg: &Message, reply: &Reply) {
-        let mut own = Fields::with_capacity(reply.fields.len());
-        for (name, value) in reply.fields.iter() {
-            if envelope_field(name).is_none() {
-                own.push(name.to_vec(), value.to_vec());
-            }
-        }
         cmd.arg(trace_of(msg, reply).as_ref())
             .arg(OUTBOX_FIELDS)
-            .arg(super::delayed::encode(&own));
+            .arg(super::delayed::encode(own_fields(reply)));
     }
 
     /// A delayed reply's values for the script ([`HELD_VALUES`]): its due set, fields hash, member
@@ -649,21 +639,18 @@ impl Committer {
         now: &str,
     ) {
         let cause = format!("{}/{}", self.stream, msg.id);
-        let mut entry = Fields::with_capacity(reply.fields.len() + 4);
+        let mut entry = Fields::with_capacity(4);
         entry.push(envelope::TIMESTAMP, now);
         entry.push(envelope::SOURCE, self.source.as_str());
         entry.push(envelope::TRACE_ID, trace_of(msg, reply).into_owned());
         entry.push(envelope::CAUSE, cause.as_str());
-        for (name, value) in reply.fields.iter() {
-            if envelope_field(name).is_none() {
-                entry.push(name.to_vec(), value.to_vec());
-            }
-        }
         cmd.arg(super::delayed::due_key(&reply.stream))
             .arg(super::delayed::fields_key(&reply.stream))
             .arg(format!("{cause}#{index}"))
             .arg(due)
-            .arg(super::delayed::encode(&entry));
+            .arg(super::delayed::encode(
+                entry.iter().chain(own_fields(reply)),
+            ));
     }
 
     /// A dead letter's fields but `_dlq_timestamp` (which goes last, with the batch's time): the
@@ -744,14 +731,18 @@ fn envelope_field(name: &[u8]) -> Option<&'static str> {
 /// name and their value.
 const PACKED_VALUES: usize = 3;
 
-/// How many values [`Committer::reply_args`] passes for `reply`: the trace id, then its own field
-/// pairs without the envelope.
-fn reply_values(reply: &Reply) -> usize {
-    1 + 2 * reply
+/// A reply's own fields: all but the envelope, which the commit writes itself.
+fn own_fields(reply: &Reply) -> impl Iterator<Item = (&[u8], &[u8])> {
+    reply
         .fields
         .iter()
         .filter(|(n, _)| envelope_field(n).is_none())
-        .count()
+}
+
+/// How many values [`Committer::reply_args`] passes for `reply`: the trace id, then its own field
+/// pairs.
+fn reply_values(reply: &Reply) -> usize {
+    1 + 2 * own_fields(reply).count()
 }
 
 /// Where the use of signature `jti` by `group` of `stream` is recorded: a string holding

@@ -85,9 +85,9 @@ return {moved, left, tonumber(next[2]) or -1}
 "#;
 
 /// Fields as netstrings (`<len>:<bytes>,` for each name and value): what [`MOVE`] takes apart.
-pub fn encode(fields: &Fields) -> Vec<u8> {
+pub fn encode<'a>(fields: impl IntoIterator<Item = Pair<'a>>) -> Vec<u8> {
     let mut out = Vec::new();
-    for (name, value) in fields.iter() {
+    for (name, value) in fields {
         for part in [name, value] {
             out.extend_from_slice(part.len().to_string().as_bytes());
             out.push(b':');
@@ -98,9 +98,12 @@ pub fn encode(fields: &Fields) -> Vec<u8> {
     out
 }
 
-/// The fields [`encode`] made, or why `bytes` are not such an encoding (a name without its value
-/// included).
-pub fn decode(bytes: &[u8]) -> Result<Fields, String> {
+/// A field's name and value, borrowed.
+pub type Pair<'a> = (&'a [u8], &'a [u8]);
+
+/// The pairs [`encode`] made, borrowed from `bytes`, or why `bytes` are not such an encoding (a name
+/// without its value included).
+pub fn decode(bytes: &[u8]) -> Result<Vec<Pair<'_>>, String> {
     let mut parts = Vec::new();
     let mut rest = bytes;
     while !rest.is_empty() {
@@ -123,11 +126,7 @@ pub fn decode(bytes: &[u8]) -> Result<Fields, String> {
     if parts.len() % 2 == 1 {
         return Err("a name without its value".into());
     }
-    let mut fields = Fields::with_capacity(parts.len() / 2);
-    for pair in parts.chunks_exact(2) {
-        fields.push(pair[0].to_vec(), pair[1].to_vec());
-    }
-    Ok(fields)
+    Ok(parts.chunks_exact(2).map(|p| (p[0], p[1])).collect())
 }
 
 pub use crate::model::message::Due;
@@ -141,7 +140,7 @@ pub fn hold_command(stream: &str, id: &str, due: Due, fields: &Fields, cluster: 
         Due::In(ms) => cmd.arg(ms),
         Due::At(ms) => cmd.arg(format!("@{ms}")),
     };
-    cmd.arg(encode(fields))
+    cmd.arg(encode(fields.iter()))
         .arg(due_key(stream))
         .arg(fields_key(stream))
         .arg(if cluster { "" } else { REGISTRY });
@@ -173,7 +172,10 @@ mod tests {
             (b"".to_vec(), vec![0, 255, b':']),
         ]
         .into();
-        assert_eq!(encode(&fields), b"1:a,5:x:y,z,0:,3:\x00\xff:,".to_vec());
+        assert_eq!(
+            encode(fields.iter()),
+            b"1:a,5:x:y,z,0:,3:\x00\xff:,".to_vec()
+        );
     }
 
     #[test]
@@ -184,11 +186,8 @@ mod tests {
             (b"12:3,".to_vec(), b"".to_vec()),
         ]
         .into();
-        let back = decode(&encode(&fields)).unwrap();
-        assert_eq!(
-            back.iter().collect::<Vec<_>>(),
-            fields.iter().collect::<Vec<_>>()
-        );
+        let packed = encode(fields.iter());
+        assert_eq!(decode(&packed).unwrap(), fields.iter().collect::<Vec<_>>());
         assert_eq!(decode(b"").unwrap().len(), 0);
         for bad in [
             &b"1:a,"[..],

@@ -248,8 +248,8 @@ fn split(entry: &Entry, outbox: &str) -> Result<(String, Fields, String, Option<
         let own = own.ok_or_else(|| format!("a packed reply without its {OUTBOX_FIELDS}"))?;
         let own = super::delayed::decode(own)
             .map_err(|why| format!("its {OUTBOX_FIELDS} do not decode: {why}"))?;
-        for (n, v) in own.iter() {
-            rest.push(n.to_vec(), v.to_vec());
+        for (n, v) in own {
+            rest.push(n, v);
         }
     }
     let effect = match (
@@ -387,7 +387,10 @@ impl Client {
             for (_, fields, effect, due) in list {
                 cmd.arg(effect);
                 match due {
-                    Some(due) => cmd.arg(due).arg(1).arg(super::delayed::encode(fields)),
+                    Some(due) => cmd
+                        .arg(due)
+                        .arg(1)
+                        .arg(super::delayed::encode(fields.iter())),
                     None => {
                         cmd.arg("").arg(2 * fields.len());
                         for (n, v) in fields.iter() {
@@ -670,7 +673,7 @@ mod tests {
         packed.push(OUTBOX_DUE, "1700000000000");
         packed.push("_timestamp", "1");
         packed.push("_cause", "nova:task:{a}:in/5-0");
-        packed.push(OUTBOX_FIELDS, super::super::delayed::encode(&own));
+        packed.push(OUTBOX_FIELDS, super::super::delayed::encode(own.iter()));
         let entry = |fields| Entry {
             id: "3-0".into(),
             fields,
