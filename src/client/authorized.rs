@@ -688,7 +688,7 @@ impl Client {
             consumer,
             &self.identity.subject,
             dead_letter,
-            self.redis.is_cluster(),
+            self.redis.is_cluster().then(|| self.redis.slot_map()),
         ))
     }
 

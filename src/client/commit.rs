@@ -40,9 +40,10 @@ pub const OUTBOX_TARGET: &str = "_outbox_target";
 /// of an older version, which knows only [`OUTBOX_TARGET`], leaves such an entry pending for a relay
 /// that can unpack it rather than deliver the packed field as the reply.
 pub const OUTBOX_TO: &str = "_outbox_to";
-/// The last field of a packed outbox reply: the reply's own fields, encoded as
+/// The last field of a packed outbox reply: the reply, its envelope then its own fields, encoded as
 /// [`super::delayed::encode`] does. One value instead of two per field: the commit script and the
-/// relay's read each handle the reply's fields once, not field by field.
+/// relay's read each handle the reply once, not field by field. (Replies committed before the
+/// envelope was packed too carry it as fields before this one; the relay takes both.)
 pub const OUTBOX_FIELDS: &str = "_outbox_fields";
 /// The second field of an outbox reply: its index among its message's replies ([`super::outbox`]).
 pub const OUTBOX_REPLY: &str = "_outbox_reply";
@@ -64,8 +65,10 @@ pub struct Committer {
     /// `_source` of replies: the daemon's identity.
     source: String,
     dead_letter: String,
-    /// On a cluster: the source's slot and its outbox, where writes to other slots go.
-    cluster: Option<(u16, String)>,
+    /// On a cluster: the source's slot, its outbox (where writes to other slots go), and which node
+    /// served each slot when last asked (replies to a slot of the source's own node may be written
+    /// in place: kind 9).
+    cluster: Option<(u16, String, Arc<slot::SlotMap>)>,
 }
 
 /// One commit, built by [`Committer::command`]: the script call, or a plain XACK when nothing is
@@ -83,13 +86,17 @@ pub struct CommitCall(pub(super) Cmd);
 /// its own field pairs; the script writes `_timestamp`, `_source`, `_trace_id` and `_cause` =
 /// `<source stream>/<id>` first), 3 a reply to the outbox (the target's name and the reply's index
 /// among the message's replies, written as `_outbox_to` and `_outbox_reply` — the relay's dedupe names
-/// the effect by cause and index —, then the `_trace_id` value and `_outbox_fields` with the reply's
-/// own fields packed: the envelope is written as for kind 1), 0 an entry complete as given (dead letters), 2 a signed message's use
+/// the effect by cause and index —, then `_outbox_fields` and the reply packed: the envelope kind 1
+/// writes, then its own fields), 0 an entry complete as given (dead letters), 2 a signed message's use
 /// marker (the owning entry and its relative expiry: SET NX PX; always the message's first write),
 /// 4 a delayed reply held beside its stream (its key is the target stream, its values the due set,
 /// the fields hash, its member — `<cause>#<index>` —, its due time and its whole entry encoded,
 /// envelope included; [`super::delayed`]), 5 a delayed reply to the outbox (as 3, with its due time
-/// after the index, written as `_outbox_due`), 6 a handler's state key set (its value and its time
+/// after the index, written as `_outbox_due`), 9 a reply to another slot that the source's node
+/// served when last asked (its key is the outbox; its values the target's name and the reply's index,
+/// then kind 1's: written to the target as kind 1 if the node serves it — the script may touch a key
+/// of another slot on its own node — and the outbox holds nothing that it could overtake, else to the
+/// outbox as `_outbox_target`, `_outbox_reply`, the envelope and the fields), 6 a handler's state key set (its value and its time
 /// to live in ms, empty for none), 7 a state key deleted (no values), 8 a state key the handler read
 /// (not a write: `1` and the SHA-1 of the value it read, or `0` for none; checked before anything is
 /// written). What the batch shares — the envelope's time and
@@ -214,6 +221,31 @@ local function replayed(key, owner)
   if prior and prior ~= owner then return {-7, key, prior} end
   return nil
 end
+-- A key of another slot (kind 9's target): false when this node serves it and a write may go
+-- there, 'elsewhere' when it does not (Redis refuses a script a key of another node: the reply
+-- goes through the outbox), else the refusal — as for a reply in the source's slot.
+local function here(key)
+  local r = 'elsewhere'
+  local kind = redis.pcall('TYPE', key)
+  if not kind['err'] then
+    if not redis.acl_check_cmd('XADD', key, '*', 'f', 'v') then
+      r = {-1, key, ''}
+    elseif kind['ok'] ~= 'stream' and kind['ok'] ~= 'none' then
+      r = {-2, key, kind['ok']}
+    else
+      r = false
+    end
+  end
+  checked[key] = r
+  return r
+end
+-- Whether an outbox holds nothing: a reply is written in place (kind 9) only then, or it could
+-- overtake replies of earlier messages still waiting there. False once this call writes to it.
+local empty = {}
+local function empty_outbox(key)
+  if empty[key] == nil then empty[key] = redis.call('XLEN', key) == 0 end
+  return empty[key]
+end
 -- Pass 1, before anything is written: every message's verdict from the checks. (Both passes walk
 -- the arguments the same way; nothing per message is kept but the verdict.)
 local verdicts = {}
@@ -234,6 +266,17 @@ for m = 1, n do
         -- A reply (the common case, first).
         local r = checked[key]
         if r == nil then r = refusal(key) end
+        verdict = r or 1
+      elseif kind == 9 then
+        -- A reply to another slot, in place if this node serves it, else (or if the outbox holds
+        -- something) through the outbox: both must be able to take it.
+        local r = checked[key]
+        if r == nil then r = refusal(key) end
+        if not r then
+          r = checked[ARGV[a]]
+          if r == nil then r = here(ARGV[a]) end
+          if r == 'elsewhere' then r = false end
+        end
         verdict = r or 1
       elseif kind == 2 then
         marks = marks or {}
@@ -296,10 +339,22 @@ for m = 1, n do
       if kind == 1 then
         r = redis.pcall('XADD', key, '*', '_timestamp', ts, '_source', source, '_trace_id', ARGV[a],
           '_cause', cause .. id, unpack(ARGV, a + 1, last))
+      elseif kind == 9 then
+        local target = ARGV[a]
+        if checked[target] == false and empty_outbox(key) then
+          r = redis.pcall('XADD', target, '*', '_timestamp', ts, '_source', source, '_trace_id',
+            ARGV[a + 2], '_cause', cause .. id, unpack(ARGV, a + 3, last))
+        else
+          -- As every outbox entry was before replies were packed: the relay takes it as it is.
+          r = redis.pcall('XADD', key, '*', '_outbox_target', target, '_outbox_reply', ARGV[a + 1],
+            '_timestamp', ts, '_source', source, '_trace_id', ARGV[a + 2], '_cause', cause .. id,
+            unpack(ARGV, a + 3, last))
+          empty[key] = false
+        end
       elseif kind == 3 then
         r = redis.pcall('XADD', key, '*', '_outbox_to', ARGV[a], '_outbox_reply', ARGV[a + 1],
-          '_timestamp', ts, '_source', source, '_trace_id', ARGV[a + 2], '_cause', cause .. id,
-          unpack(ARGV, a + 3, last))
+          unpack(ARGV, a + 2, last))
+        empty[key] = false
       elseif kind == 2 then
         r = redis.pcall('SET', key, ARGV[a], 'NX', 'PX', ARGV[a + 1])
       elseif kind == 4 then
@@ -320,10 +375,11 @@ for m = 1, n do
         r = 1
       elseif kind == 5 then
         r = redis.pcall('XADD', key, '*', '_outbox_to', ARGV[a], '_outbox_reply', ARGV[a + 1],
-          '_outbox_due', ARGV[a + 2], '_timestamp', ts, '_source', source, '_trace_id', ARGV[a + 3],
-          '_cause', cause .. id, unpack(ARGV, a + 4, last))
+          '_outbox_due', ARGV[a + 2], unpack(ARGV, a + 3, last))
+        empty[key] = false
       else
         r = redis.pcall('XADD', key, '*', unpack(ARGV, a, last))
+        empty[key] = false
       end
       if type(r) == 'table' and r.err then
         if w > 1 then
@@ -368,10 +424,10 @@ impl Committer {
         consumer: &str,
         source: &str,
         dead_letter: &str,
-        cluster: bool,
+        cluster: Option<Arc<slot::SlotMap>>,
     ) -> Committer {
         Committer {
-            cluster: cluster.then(|| (slot::of(&stream), outbox_of(&stream))),
+            cluster: cluster.map(|map| (slot::of(&stream), outbox_of(&stream), map)),
             stream,
             group: group.to_owned(),
             consumer: consumer.to_owned(),
@@ -384,15 +440,17 @@ impl Committer {
     /// another slot than the source, the source's outbox.
     pub fn place<'a>(&'a self, key: &'a str) -> (&'a str, bool) {
         match &self.cluster {
-            Some((source, outbox)) if slot::of(key) != *source => (outbox, true),
+            Some((source, outbox, _)) if slot::of(key) != *source => (outbox, true),
             _ => (key, false),
         }
     }
 
     /// Where a reply is written and as what kind of write (see [`SOURCE`]): to its stream (1), to the
-    /// outbox (3), held beside its stream when delayed (4) — or, delayed on a cluster, to the outbox
-    /// whatever its slot (5): the registry of streams holding delayed messages is a key of its own
-    /// slot, which only the relay can write.
+    /// outbox (3) — or, when the source's node served the stream's slot when last asked, to the
+    /// stream if the node still does and the outbox is empty, else to the outbox (9) —, held beside
+    /// its stream when delayed (4) — or, delayed on a cluster, to the outbox whatever its slot (5):
+    /// the registry of streams holding delayed messages is a key of its own slot, which only the
+    /// relay can write.
     /// A change of state goes to its key (6 set, 7 delete): on a cluster, `check` has made sure the
     /// handler's namespace is in the slot of every stream routed to it.
     fn route<'a>(&'a self, r: &'a Reply) -> (&'a str, u8) {
@@ -400,12 +458,16 @@ impl Committer {
             (_, ReplyKind::StateSet { .. }) => (&r.stream, 6),
             (_, ReplyKind::StateRemove) => (&r.stream, 7),
             (_, ReplyKind::StateRead { .. }) => (&r.stream, 8),
-            (Some((_, outbox)), ReplyKind::Delayed(_)) => (outbox, 5),
+            (Some((_, outbox, _)), ReplyKind::Delayed(_)) => (outbox, 5),
             (_, ReplyKind::Delayed(_)) => (&r.stream, 4),
-            (_, ReplyKind::Now) => match self.place(&r.stream) {
-                (key, true) => (key, 3),
-                (key, false) => (key, 1),
-            },
+            (Some((source, outbox, map)), ReplyKind::Now) if slot::of(&r.stream) != *source => {
+                if map.same_node(*source, slot::of(&r.stream)) {
+                    (outbox, 9)
+                } else {
+                    (outbox, 3)
+                }
+            }
+            (_, ReplyKind::Now) => (&r.stream, 1),
         }
     }
 
@@ -483,6 +545,8 @@ impl Committer {
                         // Through the outbox: the target's name and the reply's index come first
                         // (and a delayed one's due time), then the packed reply.
                         3 => PACKED_VALUES + 2,
+                        // The target's name and the reply's index, then the reply as kind 1's.
+                        9 => reply_values(r) + 2,
                         5 => PACKED_VALUES + 3,
                         4 => HELD_VALUES,
                         // The value and its time to live (empty for none).
@@ -572,7 +636,10 @@ impl Committer {
                             if let (5, Some(due)) = (kind, due) {
                                 cmd.arg(due);
                             }
-                            self.packed_args(&mut cmd, &f.msg, r);
+                            self.packed_args(&mut cmd, &f.msg, r, &now);
+                        } else if kind == 9 {
+                            cmd.arg(&r.stream).arg(i);
+                            self.reply_args(&mut cmd, &f.msg, r);
                         } else {
                             self.reply_args(&mut cmd, &f.msg, r);
                         }
@@ -618,12 +685,26 @@ impl Committer {
         }
     }
 
-    /// A reply's values for the script on its way through the outbox ([`PACKED_VALUES`]): its
-    /// `_trace_id`, then [`OUTBOX_FIELDS`] and its fields without the envelope, packed.
-    fn packed_args(&self, cmd: &mut Cmd, msg: &Message, reply: &Reply) {
-        cmd.arg(trace_of(msg, reply).as_ref())
-            .arg(OUTBOX_FIELDS)
-            .arg(super::delayed::encode(own_fields(reply)));
+    /// A reply's values for the script on its way through the outbox ([`PACKED_VALUES`]):
+    /// [`OUTBOX_FIELDS`] and the reply packed, its envelope first ([`Committer::envelope`]) — the
+    /// script and the relay's read handle one value, where the reply written in place takes two per
+    /// field.
+    fn packed_args(&self, cmd: &mut Cmd, msg: &Message, reply: &Reply, now: &str) {
+        let envelope = self.envelope(msg, reply, now);
+        cmd.arg(OUTBOX_FIELDS).arg(super::delayed::encode(
+            envelope.iter().chain(own_fields(reply)),
+        ));
+    }
+
+    /// The envelope the script writes before a reply's own fields (kind 1), for a reply written
+    /// packed: `_timestamp`, `_source`, `_trace_id`, `_cause` = `<source stream>/<id>`.
+    fn envelope(&self, msg: &Message, reply: &Reply, now: &str) -> Fields {
+        let mut entry = Fields::with_capacity(4);
+        entry.push(envelope::TIMESTAMP, now);
+        entry.push(envelope::SOURCE, self.source.as_str());
+        entry.push(envelope::TRACE_ID, trace_of(msg, reply).into_owned());
+        entry.push(envelope::CAUSE, format!("{}/{}", self.stream, msg.id));
+        entry
     }
 
     /// A delayed reply's values for the script ([`HELD_VALUES`]): its due set, fields hash, member
@@ -638,15 +719,10 @@ impl Committer {
         due: u64,
         now: &str,
     ) {
-        let cause = format!("{}/{}", self.stream, msg.id);
-        let mut entry = Fields::with_capacity(4);
-        entry.push(envelope::TIMESTAMP, now);
-        entry.push(envelope::SOURCE, self.source.as_str());
-        entry.push(envelope::TRACE_ID, trace_of(msg, reply).into_owned());
-        entry.push(envelope::CAUSE, cause.as_str());
+        let entry = self.envelope(msg, reply, now);
         cmd.arg(super::delayed::due_key(&reply.stream))
             .arg(super::delayed::fields_key(&reply.stream))
-            .arg(format!("{cause}#{index}"))
+            .arg(format!("{}/{}#{index}", self.stream, msg.id))
             .arg(due)
             .arg(super::delayed::encode(
                 entry.iter().chain(own_fields(reply)),
@@ -727,9 +803,9 @@ fn envelope_field(name: &[u8]) -> Option<&'static str> {
     .find(|e| e.as_bytes() == name)
 }
 
-/// How many values [`Committer::packed_args`] passes for a reply: its trace id, the packed fields'
-/// name and their value.
-const PACKED_VALUES: usize = 3;
+/// How many values [`Committer::packed_args`] passes for a reply: the packed fields' name and
+/// their value.
+const PACKED_VALUES: usize = 2;
 
 /// A reply's own fields: all but the envelope, which the commit writes itself.
 fn own_fields(reply: &Reply) -> impl Iterator<Item = (&[u8], &[u8])> {

@@ -229,6 +229,8 @@ struct Shared {
     addr: String,
     /// The ACL user, for errors.
     user: String,
+    /// What CLUSTER SLOTS said last (a cluster's readers ask it).
+    slot_map: Arc<super::slot::SlotMap>,
 }
 
 /// Opens a connection with `settings` and PINGs until Redis answers or `wait` has passed — for
@@ -357,6 +359,7 @@ impl Redis {
             settings,
             addr,
             user,
+            slot_map: Arc::default(),
         });
         let timeout = shared.settings.command_timeout;
         let link = Self::link(&shared, timeout)?;
@@ -415,6 +418,11 @@ impl Redis {
         }
     }
 
+    /// What CLUSTER SLOTS said when a reader last asked (empty before; see [`super::slot::SlotMap`]).
+    pub fn slot_map(&self) -> Arc<super::slot::SlotMap> {
+        self.shared.slot_map.clone()
+    }
+
     /// Whether this is a Redis Cluster connection.
     pub fn is_cluster(&self) -> bool {
         matches!(self.shared.backend, Backend::Cluster { .. })
@@ -447,6 +455,7 @@ impl Redis {
                 let map = self
                     .query_value(redis::cmd("CLUSTER").arg("SLOTS"), ctx)
                     .await?;
+                self.shared.slot_map.learn(&map, &self.seed_host());
                 let (host, port) =
                     super::slot::owner(&map, slot, &self.seed_host()).ok_or_else(|| {
                         Error::Protocol {

@@ -3,14 +3,15 @@
 //! Owns the path that keeps a reply effectively-once when its stream lives in another slot than its
 //! source (docs/design.md, "Redis Cluster"). The commit script can only touch keys of the source's
 //! slot, so such a reply is written, atomically with the ack, to the source's *outbox* — a stream in
-//! the source's slot ([`outbox_of`]) — as `_outbox_to <stream>`, `_outbox_reply <index>`, the
-//! envelope, and `_outbox_fields` holding the reply's own fields packed in one value (a dead letter,
+//! the source's slot ([`outbox_of`]) — as `_outbox_to <stream>`, `_outbox_reply <index>`, and
+//! `_outbox_fields` holding the reply, envelope and own fields, packed in one value (a dead letter,
 //! and a reply an older daemon committed, as `_outbox_target <stream>` followed by its fields: both
-//! are relayed). Packed, the commit script and the relay's read handle a reply's fields once, not
+//! are relayed; so is a reply of the version that packed only its own fields, its envelope before
+//! `_outbox_fields`). Packed, the commit script and the relay's read handle a reply once, not
 //! field by field (docs/performance.md, "Redis Cluster"). A relay ([`crate::engine::relay`]) reads the outbox as group [`GROUP`] and
 //! moves each entry on in three steps, each safe to repeat:
-//! 1. [`DELIVER`], on the target's node: unless the target's *seen* set ([`seen_of`], in the target's
-//!    slot) records this effect, XADD the reply and record it — one script, so a reply and its record
+//! 1. [`DELIVER`], on the target's node: unless the target's records ([`seen_prefix`], in the
+//!    target's slot) hold this effect, XADD the reply and record it — one script, so a reply and its record
 //!    exist together or not at all. The record names the effect, not the outbox entry: `<cause>#<index>`
 //!    (the source entry and the reply's place among its replies; a dead letter by its `_dlq_source`).
 //!    A message that runs again because its commit was lost with its master (a failover that lost
@@ -21,14 +22,16 @@
 //!    the entry stays pending, and the next pass (a claim after `claim_min_idle`) delivers it again
 //!    (the record makes that write nothing while the master lives, and writes it anew on a promoted
 //!    replica that never got it);
-//! 3. [`SETTLE`], on the outbox's node: XACK and XDEL the entries that are still pending for this
-//!    relay consumer — an entry claimed away meanwhile is left to its new owner.
+//! 3. [`SETTLE`], on the outbox's node: XACK the entries delivered (or found delivered) before the
+//!    deadline and on a replica — whoever holds one by then: a relay that claimed it meanwhile finds
+//!    its record and writes nothing — and remove what the group no longer holds from the outbox
+//!    (XTRIM MINID below the lowest pending id, XDEL above it).
 //!
 //! Both scripts travel as EVALSHA ([`Cached`]): a node that does not know one (restarted, failed over,
 //! SCRIPT FLUSH) answers NOSCRIPT, is sent SCRIPT LOAD and asked again.
 //!
-//! Records are kept `keep` after their delivery (the next delivery to the target removes older ones),
-//! long enough for a message whose commit was lost to run again. A crash after 1 leaves the entry
+//! Records are kept at least `keep` after their delivery, at most twice that ([`seen_prefix`]), long
+//! enough for a message whose commit was lost to run again. A crash after 1 leaves the entry
 //! pending with its record: whoever claims it finds the record, writes nothing, and settles it. Only
 //! an effect made again more than `keep` after its first delivery could be written twice.
 
@@ -47,6 +50,7 @@ use super::slot;
 use crate::auth::Op;
 use crate::model::dead_letter as dlq;
 use crate::model::envelope::{self, Entry, Fields};
+use crate::model::id::StreamId;
 
 /// The consumer group relays read outboxes with.
 pub const GROUP: &str = "redstream-relay";
@@ -58,16 +62,29 @@ pub use super::commit::{
 /// How long a relay waits for a replica to take its deliveries before it leaves them to a later pass.
 pub const REPLICA_WAIT: Duration = Duration::from_secs(1);
 
-/// The record of outbox entries delivered to `target` and not yet settled: a sorted set in
-/// `target`'s slot, scored by delivery time.
+/// The records of deliveries to `target` made before they were kept in [`seen_prefix`]'s sets: a
+/// sorted set in `target`'s slot, scored by delivery time. Still consulted, and written beside the
+/// sets, while it exists — that is, while a relay of an older version may still be running — so that
+/// no relay, old or new, misses a record the other made.
 pub fn seen_of(target: &str) -> String {
     slot::beside(target, "redstream:seen:", "")
 }
 
-/// KEYS[1] the target stream, KEYS[2] its seen set. ARGV[1] the relay's deadline (ms), ARGV[2] how
-/// long a record is kept (ms), ARGV[3] and ARGV[4] the target's delayed set and fields hash
-/// ([`super::delayed`]; arguments, not keys, as there), then per entry: its dedupe id, its due time
-/// (empty unless it is a delayed reply), its value count, its values — its fields, or for a delayed
+/// The records of deliveries to `target`: `<this prefix><n>`, a set per period of `keep` (its
+/// number `n` counted from the epoch by Redis's clock), in `target`'s slot. A delivery is recorded in
+/// its period's set and looked for in that one and the one before, so a record is found for at least
+/// `keep` after its delivery, and each set expires at the end of the period after its own. A set
+/// takes a member with one hash insert, where the sorted set before took a skip-list insertion
+/// among members of equal score compared as strings (1.3 µs of Redis time per reply crossing slots).
+pub fn seen_prefix(target: &str) -> String {
+    slot::beside(target, "redstream:seen:", ":")
+}
+
+/// KEYS[1] the target stream, KEYS[2] its records of an older version ([`seen_of`]). ARGV[1] the
+/// relay's deadline (ms), ARGV[2] how long a record is kept (ms), ARGV[3] and ARGV[4] the target's
+/// delayed set and fields hash ([`super::delayed`]; arguments, not keys, as there), ARGV[5] the
+/// prefix of its record sets ([`seen_prefix`]), then per entry: its dedupe id, its due time (empty
+/// unless it is a delayed reply), its value count, its values — its fields, or for a delayed
 /// reply its entry encoded, held under the dedupe id until its time. Returns per entry 1 written, 0
 /// already delivered (written before, not again), or an error text (not written; the rest of the
 /// batch is not tried when Redis refuses for a reason of the whole server).
@@ -77,10 +94,17 @@ pub fn seen_of(target: &str) -> String {
 /// passes before. A delivery arriving after it — a paused process, a retransmitted request — writes
 /// nothing, so it can never follow another relay's delivery and settling. The time is Redis's.
 ///
-/// The XADD is the script's first write, so Redis's out-of-memory refusal can only come there, before
-/// anything of the entry is written; the ZADD after it is never refused.
+/// The record (SADD) is an entry's first write, so Redis's out-of-memory refusal can only come
+/// there, before anything of the entry is written; a write after it that fails anyway (a key changed
+/// type since the checks cannot, within the script) takes the record back.
+///
+/// Every call that recorded or found a delivery writes (a record set's expiry), even when it found
+/// only deliveries made before: WAIT counts the writes of the connection that asks, so the relay's
+/// WAIT then covers this connection's offset, which includes those earlier deliveries — a delivery
+/// another relay made while the replica lagged is not settled on this relay's word before a replica
+/// has it. (The sorted set of records before was given its expiry on every call, which did the same.)
 pub const DELIVER: &str = r#"
-local target, seen = KEYS[1], KEYS[2]
+local target, legacy = KEYS[1], KEYS[2]
 local deadline, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -92,68 +116,123 @@ if kind ~= 'stream' and kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. target .. ' holds a ' .. kind .. ', not a stream')
 end
 local dk, fk = ARGV[3], ARGV[4]
-for _, k in ipairs({{seen, 'zset'}, {dk, 'zset'}, {fk, 'hash'}}) do
+-- This period's record set and the one before.
+local period = math.floor(now / keep)
+local seen = ARGV[5] .. string.format('%.0f', period)
+local before = ARGV[5] .. string.format('%.0f', period - 1)
+for _, k in ipairs({{seen, 'set'}, {before, 'set'}, {legacy, 'zset'}, {dk, 'zset'}, {fk, 'hash'}}) do
   local kind = redis.call('TYPE', k[1])['ok']
   if kind ~= k[2] and kind ~= 'none' then
     return redis.error_reply('WRONGTYPE ' .. k[1] .. ' holds a ' .. kind .. ', not a ' .. k[2])
   end
 end
-local out, a, stop = {}, 5, false
+local looked = redis.call('EXISTS', before) == 1
+local old = redis.call('EXISTS', legacy) == 1
+local out, a, stop, recorded, found = {}, 6, false, false, false
 while a <= #ARGV do
   local id, due, values = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   local last = a + 2 + values
   if stop then
     out[#out + 1] = 'not tried'
-  elseif redis.call('ZSCORE', seen, id) then
-    out[#out + 1] = 0
   else
-    local r
-    if due == '' then
-      r = redis.pcall('XADD', target, '*', unpack(ARGV, a + 3, last))
-    else
-      -- Held until its time: the fields first, then the due time that makes it live (after the
-      -- first write Redis refuses none for memory).
-      r = redis.pcall('HSET', fk, id, ARGV[a + 3])
-      if not (type(r) == 'table' and r['err']) then r = redis.pcall('ZADD', dk, due, id) end
+    -- The record first: SADD both asks whether the effect was delivered in this period and records
+    -- it, and as the entry's first write it is the only one Redis may refuse for memory. A write
+    -- after it that fails takes the record back.
+    local r = 0
+    if not ((looked and redis.call('SISMEMBER', before, id) == 1)
+        or (old and redis.call('ZSCORE', legacy, id))) then
+      r = redis.pcall('SADD', seen, id)
     end
-    if type(r) == 'table' and r['err'] then
-      out[#out + 1] = r['err']
-      for _, code in ipairs({'OOM', 'MISCONF', 'READONLY', 'NOREPLICAS', 'BUSY', 'LOADING', 'MASTERDOWN'}) do
-        if string.find(r['err'], '^' .. code) then stop = true end
-      end
+    if r == 0 then
+      out[#out + 1] = 0
+      found = true
     else
-      redis.call('ZADD', seen, now, id)
-      out[#out + 1] = 1
+      if not (type(r) == 'table' and r['err']) then
+        if due == '' then
+          r = redis.pcall('XADD', target, '*', unpack(ARGV, a + 3, last))
+        else
+          -- Held until its time: the fields first, then the due time that makes it live.
+          r = redis.pcall('HSET', fk, id, ARGV[a + 3])
+          if not (type(r) == 'table' and r['err']) then
+            r = redis.pcall('ZADD', dk, due, id)
+            if type(r) == 'table' and r['err'] then redis.call('HDEL', fk, id) end
+          end
+        end
+        if type(r) == 'table' and r['err'] then
+          redis.call('SREM', seen, id)
+        else
+          recorded = true
+          if old then redis.call('ZADD', legacy, now, id) end
+        end
+      end
+      if type(r) == 'table' and r['err'] then
+        out[#out + 1] = r['err']
+        for _, code in ipairs({'OOM', 'MISCONF', 'READONLY', 'NOREPLICAS', 'BUSY', 'LOADING', 'MASTERDOWN'}) do
+          if string.find(r['err'], '^' .. code) then stop = true end
+        end
+      else
+        out[#out + 1] = 1
+      end
     end
   end
   a = last + 1
 end
-if redis.call('EXISTS', seen) == 1 then
-  -- Records older than `keep` are crash leftovers: their entries were settled or are long stuck.
-  redis.call('ZREMRANGEBYSCORE', seen, '-inf', now - keep)
-  redis.call('PEXPIRE', seen, keep)
+if recorded or (found and redis.call('EXISTS', seen) == 1) then
+  -- Found for this period and the next, then gone.
+  redis.call('PEXPIREAT', seen, string.format('%.0f', (period + 2) * keep))
+elseif found and looked then
+  redis.call('PEXPIREAT', before, string.format('%.0f', (period + 1) * keep))
+elseif found then
+  redis.call('PEXPIRE', legacy, keep)
 end
+-- (Also when nothing was written: WAIT counts the writes of the connection that asks, up to its
+-- last command that wrote anything, so a call that only found deliveries made before — by
+-- another relay, perhaps not on a replica yet — must write something for the relay's WAIT to cover
+-- them. Setting a record set's expiry again is that write.)
 return out
 "#;
 
-/// KEYS[1] an outbox. ARGV: the group, the consumer, the first and last id, a count bound, then the
-/// ids to settle. XACKs and XDELs those of them still pending for this consumer; returns them.
+/// KEYS[1] an outbox. ARGV[1] the relay group, then the ids to settle, ascending. XACKs them, then
+/// removes from the outbox every entry the group no longer holds below the lowest id still pending
+/// (XTRIM MINID: whole nodes of the stream at a time) and deletes the ids at or above it (XDEL). Returns
+/// how many entries it removed.
+///
+/// An entry below the group's lowest pending id was delivered to the group (reads go in id order) and
+/// is not pending, so it was acked — and only a settling, after its delivery, acks one (or the
+/// relay's forgetting of an id whose entry is gone). With nothing pending, everything up to the
+/// highest id settled here was delivered. One script, so an entry is never left acked and in the
+/// outbox (which nothing would remove) nor removed and pending.
 pub const SETTLE: &str = r#"
-local outbox, group, consumer = KEYS[1], ARGV[1], ARGV[2]
-local mine = {}
-for _, p in ipairs(redis.call('XPENDING', outbox, group, ARGV[3], ARGV[4], tonumber(ARGV[5]), consumer)) do
-  mine[p[1]] = true
+local outbox, group = KEYS[1], ARGV[1]
+local n = #ARGV
+for c = 2, n, 1000 do
+  redis.call('XACK', outbox, group, unpack(ARGV, c, math.min(c + 999, n)))
 end
-local settled = {}
-for i = 6, #ARGV do
-  if mine[ARGV[i]] then settled[#settled + 1] = ARGV[i] end
+-- Ids compared as Redis orders them: milliseconds, then sequence (decimal, no leading zeros).
+local function parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return ms, seq
 end
-for c = 1, #settled, 1000 do
-  local part = {unpack(settled, c, math.min(c + 999, #settled))}
-  redis.call('XACK', outbox, group, unpack(part))
-  redis.call('XDEL', outbox, unpack(part))
+local function less(a, b)
+  local am, as = parts(a)
+  local bm, bs = parts(b)
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
 end
-return settled
+local pending = redis.call('XPENDING', outbox, group)
+local cut = ARGV[n]
+if pending[1] > 0 and less(pending[2], cut) then cut = pending[2] end
+local removed = redis.call('XTRIM', outbox, 'MINID', cut)
+local rest = {}
+for i = 2, n do
+  if not less(ARGV[i], cut) then rest[#rest + 1] = ARGV[i] end
+end
+for c = 1, #rest, 1000 do
+  removed = removed + redis.call('XDEL', outbox, unpack(rest, c, math.min(c + 999, #rest)))
+end
+return removed
 "#;
 
 /// A script sent by its hash: Redis hashes an EVAL's whole text on every call (a relay's DELIVER is
@@ -193,8 +272,10 @@ pub struct Relayed {
     pub delivered: usize,
     /// Entries delivered before (a crash or a claim between delivery and settling): not written again.
     pub repeated: usize,
-    /// Entries settled: acked and deleted from the outbox.
+    /// Entries settled: deleted from the outbox (and acked).
     pub settled: usize,
+    /// Entries delivered (or found delivered) whose targets' replicas took them: to be settled.
+    pub ready: Vec<String>,
     /// Entries delivered whose target's replica has not confirmed them yet: left pending, delivered
     /// again (or found recorded) by a later pass.
     pub unreplicated: usize,
@@ -334,14 +415,33 @@ impl Client {
         })
     }
 
-    /// Moves `entries` of `source`'s outbox (in id order, pending for `consumer`) to their streams
-    /// and settles them (see the module's three steps). `deadline_ms` (Unix ms) is when this relay's
-    /// hold on them ends (see [`DELIVER`]); `keep` bounds how long a delivery's record outlives a
-    /// crash. Entries left pending are reported, never dropped.
+    /// Moves `entries` of `source`'s outbox (in id order, pending for this relay) to their streams
+    /// and settles them (see the module's three steps): [`Client::deliver`], then the settling of
+    /// what it made ready.
     pub async fn relay(
         &self,
         source: &str,
-        consumer: &str,
+        entries: &[Entry],
+        deadline_ms: u64,
+        keep: Duration,
+    ) -> Result<Relayed> {
+        let mut report = self.deliver(source, entries, deadline_ms, keep).await?;
+        if !report.ready.is_empty() {
+            let ready: Vec<&str> = report.ready.iter().map(String::as_str).collect();
+            report.settled = self.settle(&outbox_of(source), &ready).await?;
+        }
+        Ok(report)
+    }
+
+    /// The first two steps: delivers `entries` of `source`'s outbox to their streams and waits for a
+    /// replica of each target to take them; what may be settled then is reported in
+    /// [`Relayed::ready`] (nothing is settled here: a relay that stops after this is one that crashed
+    /// between delivering and settling). `deadline_ms` (Unix ms) is when this relay's hold on the
+    /// entries ends (see [`DELIVER`]); `keep` bounds how long a delivery's record outlives a crash.
+    /// Entries left pending are reported, never dropped.
+    pub async fn deliver(
+        &self,
+        source: &str,
         entries: &[Entry],
         deadline_ms: u64,
         keep: Duration,
@@ -364,7 +464,6 @@ impl Client {
                 None => targets.push((target, vec![(&e.id, fields, effect, due)])),
             }
         }
-        let mut done: Vec<&str> = Vec::new();
         for (target, list) in &targets {
             if list.iter().any(|(_, _, _, due)| due.is_some()) {
                 // Delayed replies: the daemons' movers must find the stream among those holding
@@ -376,14 +475,14 @@ impl Client {
                     .query(&register, Ctx::new("SADD", super::delayed::REGISTRY))
                     .await?;
             }
-            let seen = seen_of(target);
             let mut cmd = DELIVER_SCRIPT.cmd(2);
             cmd.arg(target)
-                .arg(&seen)
+                .arg(seen_of(target))
                 .arg(deadline_ms)
-                .arg(keep.as_millis() as u64)
+                .arg(keep.as_millis().max(1) as u64)
                 .arg(super::delayed::due_key(target))
-                .arg(super::delayed::fields_key(target));
+                .arg(super::delayed::fields_key(target))
+                .arg(seen_prefix(target));
             for (_, fields, effect, due) in list {
                 cmd.arg(effect);
                 match due {
@@ -445,16 +544,13 @@ impl Client {
                 continue;
             }
             if self.replicated(target).await? {
-                done.extend(delivered);
+                report
+                    .ready
+                    .extend(delivered.into_iter().map(str::to_owned));
             } else {
                 report.unreplicated += delivered.len();
             }
         }
-        if done.is_empty() {
-            return Ok(report);
-        }
-        let settled = self.settle(&outbox, consumer, entries, &done).await?;
-        report.settled = settled.len();
         Ok(report)
     }
 
@@ -531,25 +627,19 @@ impl Client {
         }
     }
 
-    /// [`SETTLE`] of `done` (ids of `entries`, which hold them in order) on `outbox`.
-    async fn settle(
-        &self,
-        outbox: &str,
-        consumer: &str,
-        entries: &[Entry],
-        done: &[&str],
-    ) -> Result<Vec<String>> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-            return Ok(Vec::new());
-        };
+    /// [`SETTLE`] of `done` on `outbox`: only entries this relay delivered (or found delivered)
+    /// before its deadline, and whose delivery reached a replica — whoever holds them now: a relay
+    /// that claimed one meanwhile finds its record, writes nothing, and its own settling finds
+    /// nothing left. Returns how many entries left the outbox.
+    async fn settle(&self, outbox: &str, done: &[&str]) -> Result<usize> {
+        let mut ids: Vec<(StreamId, &str)> = done
+            .iter()
+            .map(|id| (StreamId::parse(id).unwrap_or(StreamId::MIN), *id))
+            .collect();
+        ids.sort_unstable();
         let mut cmd = SETTLE_SCRIPT.cmd(1);
-        cmd.arg(outbox)
-            .arg(GROUP)
-            .arg(consumer)
-            .arg(&first.id)
-            .arg(&last.id)
-            .arg(entries.len() + 16);
-        for id in done {
+        cmd.arg(outbox).arg(GROUP);
+        for (_, id) in &ids {
             cmd.arg(*id);
         }
         let value = self
@@ -559,14 +649,23 @@ impl Client {
                 Ctx::new("EVALSHA", outbox).group(GROUP),
             )
             .await?;
-        let Value::Array(ids) = value else {
-            return Err(Error::Protocol {
-                command: "EVALSHA",
-                key: outbox.to_owned(),
-                detail: format!("the relay's settle answered {value:?}"),
-            });
-        };
-        Ok(ids.into_iter().filter_map(decode::string).collect())
+        Ok(decode::int(&value).unwrap_or(0) as usize)
+    }
+
+    /// XACK of ids pending in `source`'s outbox whose entries are gone (deleted or trimmed by hand
+    /// while pending): nothing is left to deliver.
+    pub async fn outbox_forget(&self, source: &str, ids: &[String]) -> Result<()> {
+        self.authorize(Op::Ack, source)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let outbox = outbox_of(source);
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&outbox).arg(GROUP).arg(ids);
+        self.redis()
+            .query_value(&cmd, Ctx::new("XACK", &outbox).group(GROUP))
+            .await?;
+        Ok(())
     }
 }
 
@@ -579,6 +678,7 @@ mod tests {
         for s in ["nova:task:{boomerang}:tasks", "nova:task:boomerang:tasks"] {
             assert_eq!(slot::of(&outbox_of(s)), slot::of(s));
             assert_eq!(slot::of(&seen_of(s)), slot::of(s));
+            assert_eq!(slot::of(&format!("{}12345", seen_prefix(s))), slot::of(s));
         }
         assert_eq!(
             outbox_of("nova:task:{boomerang}:tasks"),
@@ -691,6 +791,26 @@ mod tests {
                 (b"_outbox_fields", b"a handler's own field of that name"),
                 (b"bin", &[0u8, 255, b','][..]),
             ]
+        );
+        // As committed now: the envelope packed too, nothing but the outbox's own fields outside.
+        let mut whole = Fields::new();
+        whole.push("_timestamp", "1");
+        whole.push("_cause", "nova:task:{a}:in/5-0");
+        let whole = super::super::delayed::encode(whole.iter().chain(own.iter()));
+        let mut packed = Fields::new();
+        packed.push(OUTBOX_TO, "nova:task:{b}:out");
+        packed.push(OUTBOX_REPLY, "2");
+        packed.push(OUTBOX_FIELDS, whole);
+        let (target, rest2, effect, due) = split(&entry(packed), "box").unwrap();
+        assert_eq!(target, "nova:task:{b}:out");
+        assert_eq!(
+            effect, "nova:task:{a}:in/5-0#2",
+            "the cause is found inside"
+        );
+        assert_eq!(due, None);
+        assert_eq!(
+            rest2.iter().collect::<Vec<_>>(),
+            rest.iter().collect::<Vec<_>>()
         );
         // Refused, saying why, rather than delivered half-made.
         let mut torn = Fields::new();

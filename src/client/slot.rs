@@ -89,10 +89,7 @@ pub fn masters(map: &Value, asked: &str) -> Vec<(String, u16)> {
 }
 
 /// (first slot, last slot, master) of each range in a CLUSTER SLOTS reply.
-fn ranges<'a>(
-    map: &'a Value,
-    asked: &'a str,
-) -> impl Iterator<Item = (u16, u16, (String, u16))> + 'a {
+fn ranges<'a>(map: &'a Value, asked: &'a str) -> impl Iterator<Item = Range> + 'a {
     let items = match map {
         Value::Array(items) => items.as_slice(),
         _ => &[],
@@ -172,9 +169,65 @@ impl Masters {
     }
 }
 
+/// Which master served each slot when CLUSTER SLOTS was last asked (by a reader finding its node):
+/// the committer's guess whether a reply to another slot can be written on the source's own node
+/// ([`super::commit`], kind 9). Only a guess — the commit script checks whether the node serves the
+/// key and sends the reply through the outbox when it does not — so an old map costs speed, never
+/// correctness. Empty (every slot elsewhere) until learnt.
+#[derive(Debug, Default)]
+pub struct SlotMap(std::sync::RwLock<Vec<Range>>);
+
+/// First slot, last slot, and the master (host, port) serving them.
+type Range = (u16, u16, (String, u16));
+
+impl SlotMap {
+    /// Takes what a CLUSTER SLOTS reply says (`asked` as in [`owner`]).
+    pub(super) fn learn(&self, map: &Value, asked: &str) {
+        let ranges: Vec<_> = ranges(map, asked).collect();
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = ranges;
+    }
+
+    /// Whether slots `a` and `b` were served by the same master, as far as this map knows.
+    pub fn same_node(&self, a: u16, b: u16) -> bool {
+        let ranges = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let node = |slot: u16| {
+            ranges
+                .iter()
+                .find(|(start, end, _)| *start <= slot && slot <= *end)
+                .map(|(_, _, node)| node)
+        };
+        matches!((node(a), node(b)), (Some(x), Some(y)) if x == y)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_slot_map_knows_neighbours_and_nothing_before_it_learns() {
+        let map = SlotMap::default();
+        assert!(!map.same_node(1, 2), "unknown: not neighbours");
+        let node = |port: i64| {
+            Value::Array(vec![
+                Value::BulkString(b"127.0.0.1".to_vec()),
+                Value::Int(port),
+            ])
+        };
+        let range =
+            |a: i64, b: i64, port| Value::Array(vec![Value::Int(a), Value::Int(b), node(port)]);
+        map.learn(
+            &Value::Array(vec![
+                range(0, 5460, 7001),
+                range(5461, 10922, 7002),
+                range(10923, 16383, 7001),
+            ]),
+            "127.0.0.1",
+        );
+        assert!(map.same_node(50, 3000));
+        assert!(map.same_node(50, 16000), "two ranges of one master");
+        assert!(!map.same_node(50, 6000));
+    }
 
     #[test]
     fn replicas_are_counted_whatever_their_state() {

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::backoff::Backoff;
 use crate::client::{Client, ReadFrom, Result};
 use crate::model::envelope::Entry;
+use crate::model::id::StreamId;
 use crate::shutdown::Shutdown;
 
 /// How a relay runs.
@@ -81,11 +82,19 @@ async fn pass(
     loop {
         let asked = deadline(s);
         let got = reader.read(ReadFrom::Pending(&after), count, None).await?;
-        let Some(last) = got.entries.last() else {
+        // Ids whose entries are gone (deleted or trimmed by hand while pending): nothing to deliver.
+        client.outbox_forget(&s.source, &got.deleted).await?;
+        let last = [got.entries.last().map(|e| &e.id), got.deleted.last()]
+            .into_iter()
+            .flatten()
+            .max_by_key(|id| StreamId::parse(id).unwrap_or(StreamId::MIN));
+        let Some(last) = last else {
             break;
         };
-        after = last.id.clone();
-        relay(client, s, &got.entries, asked).await?;
+        after = last.clone();
+        if !got.entries.is_empty() {
+            relay(client, s, &got.entries, asked).await?;
+        }
     }
     if backoff.failures() > 0 {
         info!(stream = %s.source, "outbox relay running again");
@@ -145,9 +154,7 @@ fn deadline(s: &RelaySettings) -> u64 {
 }
 
 async fn relay(client: &Client, s: &RelaySettings, entries: &[Entry], deadline: u64) -> Result<()> {
-    let done = client
-        .relay(&s.source, &s.consumer, entries, deadline, s.keep)
-        .await?;
+    let done = client.relay(&s.source, entries, deadline, s.keep).await?;
     let m = crate::metrics::global();
     let count = |outcome: &str, n: usize| {
         if n > 0 {

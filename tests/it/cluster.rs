@@ -322,6 +322,161 @@ fn replies_crossing_slots_go_through_the_outbox_exactly_once_under_sigkill() {
     );
 }
 
+/// A delivery another relay made while the target's replica was paused is not settled on the word
+/// of a relay that only finds its record: both wait for a replica to have it, and the finding
+/// settles once it does.
+#[test]
+fn a_delivery_found_made_before_is_settled_only_once_a_replica_has_it() {
+    let mut cluster = Cluster::start();
+    let source = format!("nova:task:{{{}}}:in", tag_for_slot_near(5600));
+    let target = format!("nova:task:{{{}}}:out", tag_for_slot_near(100));
+    let master = cluster.master_of(&target);
+    assert_ne!(cluster.master_of(&source), master);
+    let settings = crate::util::settings_from(&toml(&cluster, 0, "")).expect("valid");
+    let connect = || {
+        redstream::client::Client::connect(
+            settings.redis.clone(),
+            settings.naming.clone(),
+            settings.identity.clone().unwrap().identity,
+        )
+        .unwrap()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Two relays, each on a connection of its own (as each relay runs).
+    let (first, second) = rt.block_on(async {
+        let own = |c: redstream::client::Client| c.dedicated(outbox::REPLICA_WAIT).unwrap();
+        (own(connect()), own(connect()))
+    });
+    let entries = rt.block_on(async {
+        first.outbox_group(&source).await.unwrap();
+        let _: String = redis::cmd("XADD")
+            .arg(outbox::outbox_of(&source))
+            .arg("*")
+            .arg(outbox::TARGET)
+            .arg(&target)
+            .arg(outbox::OUTBOX_REPLY)
+            .arg("0")
+            .arg("_cause")
+            .arg("x/1")
+            .query(&mut cluster.conn())
+            .unwrap();
+        read_outbox(&first, &source, "alpha", 10).await
+    });
+    let far = redstream::model::envelope::now_ms() + 60_000;
+    let keep = Duration::from_secs(3600);
+    // The replica paused, its link kept: the master still counts it, with its last acknowledged
+    // offset — so a WAIT covers exactly the writes of the connection that asks.
+    let replica = cluster.replica_of(master);
+    cluster.pause(replica);
+    let (made, found) = rt.block_on(async {
+        let made = first.deliver(&source, &entries, far, keep).await.unwrap();
+        let found = second.deliver(&source, &entries, far, keep).await.unwrap();
+        (made, found)
+    });
+    cluster.resume(replica);
+    assert_eq!((made.delivered, made.ready.len()), (1, 0), "{made:?}");
+    assert_eq!(
+        (found.repeated, found.ready.len(), found.unreplicated),
+        (1, 0, 1),
+        "found, and not settled before a replica has it: {found:?}"
+    );
+    // Once the replica has caught up, the same finding settles it.
+    wait_for("the replica to catch up", Duration::from_secs(30), || {
+        let found = rt
+            .block_on(second.deliver(&source, &entries, far, keep))
+            .unwrap();
+        (found.ready.len() == 1).then_some(())
+    });
+}
+
+/// How many entries were ever added to `stream` (XINFO STREAM's entries-added; 0 for none).
+fn added(cluster: &Cluster, stream: &str) -> u64 {
+    let info: redis::RedisResult<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(stream)
+        .query(&mut cluster.conn());
+    info.ok()
+        .and_then(|m| m.get("entries-added").cloned())
+        .and_then(|v| redis::from_redis_value::<u64>(v).ok())
+        .unwrap_or(0)
+}
+
+/// A reply to another slot of its source's own node is committed in place, with the ack — unless
+/// the source's outbox holds something (the reply could overtake replies waiting there), or the
+/// node no longer serves that slot (moved since the daemon last asked): then it goes through the
+/// outbox. Every reply arrives exactly once whichever way it went.
+#[test]
+fn a_reply_to_a_slot_of_its_own_node_is_committed_in_place_while_the_outbox_is_empty() {
+    let cluster = Cluster::start();
+    // Both on the first master (slots 0-5460); the reshard below moves its lowest slots, the
+    // target's among them, and not the source's.
+    let source = format!("nova:task:{{{}}}:in", tag_for_slot_near(3000));
+    let target = format!("nova:task:{{{}}}:out", tag_for_slot_near(50));
+    assert_eq!(cluster.master_of(&source), cluster.master_of(&target));
+    let pairs = vec![(source.clone(), target.clone())];
+    let outbox = outbox::outbox_of(&source);
+    let mut daemon = Daemon::running(&toml(&cluster, 0, &consumers(&pairs)), &[]);
+    let mut ids: Vec<Vec<String>> = vec![Vec::new()];
+    publish_all(&cluster, &pairs, &mut ids, 100);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(30));
+    assert_eq!(
+        added(&cluster, &outbox),
+        0,
+        "written in place, not through the outbox"
+    );
+
+    // An entry the relay cannot deliver (its target holds a string) keeps the outbox from emptying:
+    // replies go through it, behind it.
+    let stuck = format!("nova:task:{{{}}}:stuck", tag_for_slot_near(9000));
+    let _: () = redis::cmd("SET")
+        .arg(&stuck)
+        .arg("x")
+        .query(&mut cluster.conn())
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&outbox)
+        .arg("*")
+        .arg(outbox::TARGET)
+        .arg(&stuck)
+        .arg("n")
+        .arg("stuck")
+        .query(&mut cluster.conn())
+        .unwrap();
+    publish_all(&cluster, &pairs, &mut ids, 50);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(30));
+    assert_eq!(
+        added(&cluster, &outbox),
+        51,
+        "through the outbox while it held an entry"
+    );
+
+    // Once that entry is delivered (its target is a stream again), replies go in place again.
+    let _: () = redis::cmd("DEL")
+        .arg(&stuck)
+        .query(&mut cluster.conn())
+        .unwrap();
+    wait_for("the stuck entry delivered", Duration::from_secs(30), || {
+        (cluster.xlen(&outbox) == 0 && cluster.xlen(&stuck) == 1).then_some(())
+    });
+    publish_all(&cluster, &pairs, &mut ids, 50);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(30));
+    assert_eq!(added(&cluster, &outbox), 51, "in place again");
+
+    // The target's slot moves to another master; the daemon, whose source did not move, still
+    // believes them neighbours: the script finds the key elsewhere and uses the outbox.
+    let to = cluster.reshard_from_master_of(&target, 200);
+    assert_eq!(cluster.master_of(&target), to, "the target's slot moved");
+    assert_ne!(cluster.master_of(&source), to, "the source's did not");
+    publish_all(&cluster, &pairs, &mut ids, 50);
+    settle(&cluster, &pairs, &ids, Duration::from_secs(30));
+    assert_eq!(
+        added(&cluster, &outbox),
+        101,
+        "through the outbox to the other node"
+    );
+    judge(&cluster, &pairs, &ids, std::slice::from_mut(&mut daemon));
+}
+
 /// A failover that loses the last writes of a reply's target: its replica is cut off (paused, its
 /// replication link killed) while replies crossing slots are relayed to the master, which is then
 /// killed — its replica promoted without those replies. The relay settles nothing a replica does not
@@ -648,13 +803,16 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
         assert_eq!(got.entries.len(), 3);
         let far = redstream::model::envelope::now_ms() + 60_000;
         let keep = Duration::from_secs(3600);
-        // A relay that does not own the entries delivers them but settles none: "alpha crashed after
-        // delivering" as seen by the one who claims them next.
+        // A relay that delivers and stops before settling: "alpha crashed after delivering" as seen
+        // by the one who relays them next.
         let crashed = client
-            .relay(source, "nobody", &got.entries, far, keep)
+            .deliver(source, &got.entries, far, keep)
             .await
             .unwrap();
-        assert_eq!((crashed.delivered, crashed.settled), (3, 0));
+        assert_eq!(
+            (crashed.delivered, crashed.settled, crashed.ready.len()),
+            (3, 0, 3)
+        );
         assert_eq!(server.xlen(target), 3);
         // Redis forgets the relay's scripts (a restart, a promoted replica, SCRIPT FLUSH): the
         // next EVALSHA meets NOSCRIPT, loads the script and runs it.
@@ -664,18 +822,15 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
             .unwrap();
         // The owner relays them again: nothing written twice, all settled; the records stay (for a
         // message that runs again, below).
-        let again = client
-            .relay(source, "alpha", &got.entries, far, keep)
-            .await
-            .unwrap();
+        let again = client.relay(source, &got.entries, far, keep).await.unwrap();
         assert_eq!((again.delivered, again.repeated, again.settled), (0, 3, 3));
         assert_eq!(server.xlen(target), 3, "no second write");
         assert_eq!(server.xlen(&box_), 0, "settled entries are deleted");
-        let seen: u64 = redis::cmd("ZCARD")
-            .arg(outbox::seen_of(target))
-            .query(&mut server.conn())
-            .unwrap();
-        assert_eq!(seen, 3, "the records outlive the settling");
+        assert_eq!(
+            records(&server, target),
+            3,
+            "the records outlive the settling"
+        );
 
         // A message whose commit was lost with its master runs again: its commit makes new outbox
         // entries for the same effects (same cause, same reply index). Nothing is written twice; a
@@ -696,10 +851,7 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
             .read(redstream::client::ReadFrom::New, 10, None)
             .await
             .unwrap();
-        let first = client
-            .relay(source, "alpha", &got.entries, far, keep)
-            .await
-            .unwrap();
+        let first = client.relay(source, &got.entries, far, keep).await.unwrap();
         assert_eq!((first.delivered, first.settled), (1, 1));
         rerun("again", "nova:task:{relay}:in/7-0", "0");
         rerun("second reply", "nova:task:{relay}:in/7-0", "1");
@@ -708,10 +860,7 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
             .read(redstream::client::ReadFrom::New, 10, None)
             .await
             .unwrap();
-        let again = client
-            .relay(source, "alpha", &got.entries, far, keep)
-            .await
-            .unwrap();
+        let again = client.relay(source, &got.entries, far, keep).await.unwrap();
         assert_eq!((again.delivered, again.repeated, again.settled), (2, 1, 3));
         let written: Vec<String> = server
             .entries(target)
@@ -735,9 +884,7 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
             .await
             .unwrap();
         let past = redstream::model::envelope::now_ms() - 1;
-        let late = client
-            .relay(source, "alpha", &got.entries, past, keep)
-            .await;
+        let late = client.relay(source, &got.entries, past, keep).await;
         assert!(late.is_err(), "a stalled relay is refused: {late:?}");
         assert_eq!(server.xlen(target), 6, "nothing written");
         assert_eq!(server.pending(&box_, outbox::GROUP), 1, "still pending");
@@ -755,14 +902,213 @@ fn the_relay_never_writes_an_outbox_entry_twice() {
             .read(redstream::client::ReadFrom::New, 10, None)
             .await
             .unwrap();
-        let refused = client
-            .relay(source, "beta", &got.entries, far, keep)
-            .await
-            .unwrap();
+        let refused = client.relay(source, &got.entries, far, keep).await.unwrap();
         assert_eq!(refused.refused.len(), 1, "{refused:?}");
         assert!(refused.refused[0].1.contains("WRONGTYPE"), "{refused:?}");
         assert_eq!(server.pending(&box_, outbox::GROUP), 2);
     });
+}
+
+/// Up to `count` new entries of `source`'s outbox, read as relay consumer `consumer`.
+async fn read_outbox(
+    client: &redstream::client::Client,
+    source: &str,
+    consumer: &str,
+    count: u64,
+) -> Vec<redstream::model::envelope::Entry> {
+    let mut reader = client
+        .outbox_reader(source, consumer, Duration::from_secs(1))
+        .unwrap();
+    reader
+        .read(redstream::client::ReadFrom::New, count, None)
+        .await
+        .unwrap()
+        .entries
+}
+
+/// How many delivery records `target`'s record sets hold.
+fn records(server: &RedisServer, target: &str) -> u64 {
+    let mut conn = server.conn();
+    let sets: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", outbox::seen_prefix(target)))
+        .query(&mut conn)
+        .unwrap();
+    sets.iter()
+        .map(|k| redis::cmd("SCARD").arg(k).query::<u64>(&mut conn).unwrap())
+        .sum()
+}
+
+/// A delivery's record is found for at least `keep`: in the period after its own too (records are
+/// kept in a set per period of `keep`), and not after the end of that. Records of an older version
+/// (a sorted set) are found while they exist, and new deliveries are recorded there too, for a relay
+/// of that version still running.
+#[test]
+fn a_delivery_record_is_found_for_at_least_keep_and_old_records_count() {
+    let server = RedisServer::start();
+    let source = "nova:task:{period}:in";
+    let target = "nova:task:{elsewhere}:out";
+    let box_ = outbox::outbox_of(source);
+    let keep = Duration::from_secs(2);
+    let keep_ms = keep.as_millis() as u64;
+    let redis_ms = || -> u64 {
+        let (s, us): (u64, u64) = redis::cmd("TIME").query(&mut server.conn()).unwrap();
+        s * 1000 + us / 1000
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = admin(&server);
+        client.outbox_group(source).await.unwrap();
+        // Relays one new entry of effect `cause`#0 and says what became of it.
+        let relay_one = async |cause: &str| {
+            server.xadd(
+                &box_,
+                &[
+                    (outbox::TARGET, target),
+                    (outbox::OUTBOX_REPLY, "0"),
+                    ("_cause", cause),
+                ],
+            );
+            let got = read_outbox(&client, source, "alpha", 10).await;
+            let far = redstream::model::envelope::now_ms() + 60_000;
+            let done = client.relay(source, &got, far, keep).await.unwrap();
+            (done.delivered, done.repeated)
+        };
+        // Delivered within one period (else tried again with another effect), then again in the
+        // next period: found.
+        let mut attempt = 0;
+        let period = loop {
+            attempt += 1;
+            let before = redis_ms() / keep_ms;
+            assert_eq!(relay_one(&format!("x/{attempt}")).await, (1, 0));
+            if redis_ms() / keep_ms == before {
+                break before;
+            }
+        };
+        let cause = format!("x/{attempt}");
+        while redis_ms() / keep_ms == period {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(relay_one(&cause).await, (0, 1), "found in the next period");
+        // Past the end of the next period the record is gone: the same effect is written again.
+        while redis_ms() / keep_ms <= period + 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            relay_one(&cause).await,
+            (1, 0),
+            "forgotten after the next period"
+        );
+
+        // A record of the older version's sorted set counts; a new delivery is recorded there too
+        // while it exists.
+        let _: () = redis::cmd("ZADD")
+            .arg(outbox::seen_of(target))
+            .arg(redis_ms())
+            .arg("old/1#0")
+            .query(&mut server.conn())
+            .unwrap();
+        assert_eq!(relay_one("old").await, (1, 0), "another effect");
+        assert_eq!(relay_one("old/1").await, (0, 1), "the old record counts");
+        let also: Option<f64> = redis::cmd("ZSCORE")
+            .arg(outbox::seen_of(target))
+            .arg("old#0")
+            .query(&mut server.conn())
+            .unwrap();
+        assert!(also.is_some(), "recorded for an older relay too");
+    });
+}
+
+/// Settling removes from the outbox what the group no longer holds, and nothing another relay still
+/// holds: a relay that settles entries read after another relay's pending ones deletes its own and
+/// leaves those; once they are settled too, the outbox is empty.
+#[test]
+fn settling_never_removes_an_entry_another_relay_still_holds() {
+    let server = RedisServer::start();
+    let source = "nova:task:{trim}:in";
+    let target = "nova:task:{elsewhere}:out";
+    let box_ = outbox::outbox_of(source);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = admin(&server);
+        client.outbox_group(source).await.unwrap();
+        for n in 0..5 {
+            server.xadd(&box_, &[(outbox::TARGET, target), ("n", &n.to_string())]);
+        }
+        let alpha = read_outbox(&client, source, "alpha", 2).await;
+        let beta = read_outbox(&client, source, "beta", 3).await;
+        let far = redstream::model::envelope::now_ms() + 60_000;
+        let keep = Duration::from_secs(3600);
+        let done = client.relay(source, &beta, far, keep).await.unwrap();
+        assert_eq!((done.delivered, done.settled), (3, 3));
+        let left: Vec<String> = server
+            .entries(&box_)
+            .iter()
+            .map(|e| e.fields.get_str("n").unwrap().to_owned())
+            .collect();
+        assert_eq!(left, ["0", "1"], "alpha's pending entries stay");
+        assert_eq!(server.pending(&box_, outbox::GROUP), 2);
+        let done = client.relay(source, &alpha, far, keep).await.unwrap();
+        assert_eq!((done.delivered, done.settled), (2, 2));
+        assert_eq!(server.xlen(&box_), 0);
+        assert_eq!(server.pending(&box_, outbox::GROUP), 0);
+        assert_eq!(server.xlen(target), 5);
+    });
+}
+
+/// Ids pending in an outbox whose entries are gone (deleted by hand, or trimmed): the relay's next
+/// start acks them and relays the pending entries after them (it once stopped at the first read of
+/// its pending entries that held none, leaving the rest to a claim).
+#[test]
+fn a_relay_acks_pending_ids_whose_entries_are_gone_and_relays_the_rest() {
+    let server = RedisServer::start();
+    let source = "nova:task:{gone}:in";
+    let target = "nova:task:{elsewhere}:out";
+    let box_ = outbox::outbox_of(source);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_runtime = rt.enter();
+    let client = admin(&server);
+    rt.block_on(async {
+        client.outbox_group(source).await.unwrap();
+        let ids: Vec<String> = (0..4)
+            .map(|n| server.xadd(&box_, &[(outbox::TARGET, target), ("n", &n.to_string())]))
+            .collect();
+        assert_eq!(read_outbox(&client, source, "alpha", 10).await.len(), 4);
+        let _: u64 = redis::cmd("XDEL")
+            .arg(&box_)
+            .arg(&ids[..3])
+            .query(&mut server.conn())
+            .unwrap();
+    });
+    assert_eq!(server.pending(&box_, outbox::GROUP), 4);
+    let (stop, stopped) = redstream::shutdown::channel();
+    let relay = rt.spawn(redstream::engine::relay::run(
+        client,
+        redstream::engine::relay::RelaySettings {
+            source: source.into(),
+            consumer: "alpha".into(),
+            // Two per read: the first read of its pending entries holds none.
+            batch_size: 2,
+            block: Duration::from_millis(100),
+            // No claim within the test: only the start's own pending read can do it.
+            claim_min_idle: Duration::from_secs(600),
+            claim_interval: Duration::from_secs(600),
+            keep: Duration::from_secs(3600),
+            retry_min: Duration::from_millis(50),
+            retry_max: Duration::from_millis(500),
+        },
+        stopped,
+    ));
+    wait_for("the outbox settled", Duration::from_secs(10), || {
+        (server.pending(&box_, outbox::GROUP) == 0 && server.xlen(&box_) == 0).then_some(())
+    });
+    stop.trigger();
+    rt.block_on(relay).unwrap();
+    let written: Vec<String> = server
+        .entries(target)
+        .iter()
+        .map(|e| e.fields.get_str("n").unwrap().to_owned())
+        .collect();
+    assert_eq!(written, ["3"], "only the entry that was left is delivered");
 }
 
 /// Retry schedules and delayed messages on a cluster: their keys live in each stream's slot, so every

@@ -905,7 +905,7 @@ impl ClusterFault {
 /// exactly one reply per input it holds, nothing pending, every outbox settled. Err says what broke.
 fn run_cluster(seed: u64, steps: usize, without: &BTreeSet<usize>) -> Result<(), String> {
     use crate::cluster::{consumers, pairs, publish, publish_all, toml};
-    use crate::util::cluster::Cluster;
+    use crate::util::cluster::{Cluster, tag_for_slot_near};
 
     let mut rng = fastrand::Rng::with_seed(seed);
     let schedule: Vec<(usize, ClusterFault)> = (0..steps)
@@ -924,7 +924,14 @@ fn run_cluster(seed: u64, steps: usize, without: &BTreeSet<usize>) -> Result<(),
     let shown = format!("cluster seed {seed}: {schedule:?} without {without:?}");
     println!("nemesis {shown}");
     let mut cluster = Cluster::start();
-    let pairs = pairs(false);
+    // Three pairs whose replies cross to another master, and a fourth whose reply stream is in
+    // another slot of its input's master (written in place while the outbox is empty) — until a
+    // reshard of that master's lowest slots moves the reply stream away under the daemons.
+    let mut pairs = pairs(false);
+    pairs.push((
+        format!("nova:task:{{{}}}:in", tag_for_slot_near(3000)),
+        format!("nova:task:{{{}}}:out", tag_for_slot_near(50)),
+    ));
     let config = |cluster: &Cluster, i: usize| toml(cluster, i, &consumers(&pairs));
     let state = tempfile::tempdir().unwrap();
     let dirs: Vec<String> = (0..2)
@@ -934,7 +941,7 @@ fn run_cluster(seed: u64, steps: usize, without: &BTreeSet<usize>) -> Result<(),
     let mut daemons: Vec<Daemon> = (0..2)
         .map(|i| Daemon::running(&config(&cluster, i), &env(i)))
         .collect();
-    let mut ids: Vec<Vec<String>> = vec![Vec::new(); 3];
+    let mut ids: Vec<Vec<String>> = vec![Vec::new(); pairs.len()];
     let mut rounds = 0;
     for (index, (n, fault)) in schedule.iter().enumerate() {
         publish_all(&cluster, &pairs, &mut ids, *n);
