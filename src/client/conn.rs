@@ -455,14 +455,13 @@ impl Redis {
                 let map = self
                     .query_value(redis::cmd("CLUSTER").arg("SLOTS"), ctx)
                     .await?;
-                self.shared.slot_map.learn(&map, &self.seed_host());
+                let asked = self.seed_host();
+                self.shared.slot_map.learn(&map, &asked);
                 let (host, port) =
-                    super::slot::owner(&map, slot, &self.seed_host()).ok_or_else(|| {
-                        Error::Protocol {
-                            command: "CLUSTER SLOTS",
-                            key: key.to_owned(),
-                            detail: format!("no master serves slot {slot} now"),
-                        }
+                    super::slot::owner(&map, slot, &asked).ok_or_else(|| Error::Protocol {
+                        command: "CLUSTER SLOTS",
+                        key: key.to_owned(),
+                        detail: format!("no master serves slot {slot} now"),
                     })?;
                 Ok(Some(self.cluster_target(login, host, port)))
             }
